@@ -1,0 +1,91 @@
+//! The error type every API shares, with stable numeric codes.
+//!
+//! Codes follow the Centrifugo client/server protocol table so that its SDKs and server API
+//! clients understand them; HTTP status mapping lives in the server crate.
+
+use crate::store::StoreError;
+
+/// Stable, machine-readable error codes (the Centrifugo protocol table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum ErrorCode {
+    Internal = 100,
+    Unauthorized = 101,
+    UnknownChannel = 102,
+    PermissionDenied = 103,
+    MethodNotFound = 104,
+    AlreadySubscribed = 105,
+    LimitExceeded = 106,
+    BadRequest = 107,
+    NotAvailable = 108,
+    TokenExpired = 109,
+    Expired = 110,
+    TooManyRequests = 111,
+    UnrecoverablePosition = 112,
+}
+
+impl ErrorCode {
+    pub fn as_u32(self) -> u32 {
+        self as u32
+    }
+
+    /// The protocol's canonical message for the code.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Internal => "internal server error",
+            Self::Unauthorized => "unauthorized",
+            Self::UnknownChannel => "unknown channel",
+            Self::PermissionDenied => "permission denied",
+            Self::MethodNotFound => "method not found",
+            Self::AlreadySubscribed => "already subscribed",
+            Self::LimitExceeded => "limit exceeded",
+            Self::BadRequest => "bad request",
+            Self::NotAvailable => "not available",
+            Self::TokenExpired => "token expired",
+            Self::Expired => "expired",
+            Self::TooManyRequests => "too many requests",
+            Self::UnrecoverablePosition => "unrecoverable position",
+        }
+    }
+}
+
+/// An error with a stable code and a human-readable detail.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{} ({}): {detail}", code.message(), code.as_u32())]
+pub struct HeraldError {
+    pub code: ErrorCode,
+    pub detail: String,
+}
+
+impl HeraldError {
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Self { code, detail: detail.into() }
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, detail)
+    }
+
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, detail)
+    }
+
+    /// `"<canonical message>: <detail>"`, or just the canonical message when there is no detail.
+    pub fn message(&self) -> String {
+        if self.detail.is_empty() {
+            self.code.message().to_owned()
+        } else {
+            format!("{}: {}", self.code.message(), self.detail)
+        }
+    }
+}
+
+impl From<StoreError> for HeraldError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::UnrecoverablePosition(detail) => Self::new(ErrorCode::UnrecoverablePosition, detail),
+            StoreError::Unavailable(detail) => Self::new(ErrorCode::Internal, format!("history store unavailable: {detail}")),
+            StoreError::Backend(detail) => Self::new(ErrorCode::Internal, format!("history store error: {detail}")),
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The ordered queue between "stored" and "delivered".
+//!
+//! History backends hand every stored publication to a [`FanoutFeed`] (it is their
+//! [`CommitListener`]); publications that skip history enter the same queue. One task drains
+//! the queue into the broker, so each channel's events reach subscribers in the order they
+//! were stored, and never before they were stored.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::publication::{ChannelEvent, PublicationEvent};
+use crate::store::CommitListener;
+
+/// The sending side: cheap to clone, never blocks.
+#[derive(Clone, Debug)]
+pub struct FanoutFeed {
+    tx: mpsc::UnboundedSender<ChannelEvent>,
+}
+
+/// The receiving side, drained by the node's fan-out task.
+#[derive(Debug)]
+pub struct FanoutQueue {
+    pub(crate) rx: mpsc::UnboundedReceiver<ChannelEvent>,
+}
+
+/// A connected feed and queue.
+pub fn channel() -> (FanoutFeed, FanoutQueue) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (FanoutFeed { tx }, FanoutQueue { rx })
+}
+
+impl FanoutFeed {
+    /// Queues an event; silently dropped only if the node has shut down.
+    pub fn push(&self, event: ChannelEvent) {
+        let _ = self.tx.send(event);
+    }
+}
+
+impl CommitListener for FanoutFeed {
+    fn committed(&self, event: Arc<PublicationEvent>) {
+        self.push(ChannelEvent::Publication(event));
+    }
+}

@@ -1,0 +1,204 @@
+//! The hub: in-process fan-out from channels to local subscribers.
+//!
+//! The registry is sharded by channel so that subscribes and broadcasts on different
+//! channels do not contend. Delivery is a non-blocking call into each subscriber (which
+//! queues the event for its connection); a subscriber that reports itself closed is removed.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::RwLock;
+
+use crate::publication::ChannelEvent;
+
+pub type SubscriberId = u64;
+
+/// What happened to one delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the subscriber.
+    Queued,
+    /// Not queued (e.g. the subscriber is over its budget and will be disconnected).
+    Dropped,
+    /// The subscriber is gone; the hub removes it.
+    Closed,
+}
+
+/// Something that receives channel events without blocking.
+pub trait Subscriber: Send + Sync + 'static {
+    fn deliver(&self, event: &ChannelEvent) -> Delivery;
+}
+
+type Subscribers = Vec<(SubscriberId, Arc<dyn Subscriber>)>;
+
+const SHARDS: usize = 64;
+
+/// Local subscriptions by channel.
+pub struct Hub {
+    shards: Box<[RwLock<HashMap<Arc<str>, Subscribers>>]>,
+    hasher: RandomState,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("channels", &self.num_channels()).finish()
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counts from one broadcast.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BroadcastOutcome {
+    pub queued: usize,
+    pub dropped: usize,
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn shard(&self, channel: &str) -> &RwLock<HashMap<Arc<str>, Subscribers>> {
+        let index = (self.hasher.hash_one(channel) as usize) % SHARDS;
+        &self.shards[index]
+    }
+
+    /// Adds a subscriber; returns its id and whether it is the channel's first local one.
+    pub fn subscribe(&self, channel: &Arc<str>, subscriber: Arc<dyn Subscriber>) -> (SubscriberId, bool) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut shard = self.shard(channel).write();
+        let subs = shard.entry(channel.clone()).or_default();
+        subs.push((id, subscriber));
+        (id, subs.len() == 1)
+    }
+
+    /// Removes a subscriber; returns true if the channel has no local subscribers left.
+    pub fn unsubscribe(&self, channel: &str, id: SubscriberId) -> bool {
+        let mut shard = self.shard(channel).write();
+        let Some(subs) = shard.get_mut(channel) else { return false };
+        subs.retain(|(sid, _)| *sid != id);
+        if subs.is_empty() {
+            shard.remove(channel);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Delivers `event` to every local subscriber of its channel.
+    pub fn broadcast(&self, event: &ChannelEvent) -> BroadcastOutcome {
+        let channel = event.channel();
+        let mut outcome = BroadcastOutcome::default();
+        let mut closed = Vec::new();
+        {
+            let shard = self.shard(channel).read();
+            let Some(subs) = shard.get(&**channel) else { return outcome };
+            for (id, sub) in subs {
+                match sub.deliver(event) {
+                    Delivery::Queued => outcome.queued += 1,
+                    Delivery::Dropped => outcome.dropped += 1,
+                    Delivery::Closed => closed.push(*id),
+                }
+            }
+        }
+        for id in closed {
+            self.unsubscribe(channel, id);
+        }
+        outcome
+    }
+
+    /// Number of local subscribers of `channel`.
+    pub fn num_subscribers(&self, channel: &str) -> usize {
+        self.shard(channel).read().get(channel).map_or(0, Vec::len)
+    }
+
+    /// Channels with local subscribers, with their subscriber counts.
+    pub fn channels(&self) -> Vec<(Arc<str>, usize)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            out.extend(shard.read().iter().map(|(name, subs)| (name.clone(), subs.len())));
+        }
+        out
+    }
+
+    pub fn num_channels(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    pub fn num_subscriptions(&self) -> usize {
+        self.shards.iter().map(|s| s.read().values().map(Vec::len).sum::<usize>()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publication::{ClientInfo, ChannelEvent};
+    use parking_lot::Mutex;
+
+    struct Recorder {
+        seen: Mutex<Vec<String>>,
+        answer: Delivery,
+    }
+
+    impl Subscriber for Recorder {
+        fn deliver(&self, event: &ChannelEvent) -> Delivery {
+            self.seen.lock().push(event.channel().to_string());
+            self.answer
+        }
+    }
+
+    fn join(channel: &str) -> ChannelEvent {
+        ChannelEvent::Join {
+            channel: Arc::from(channel),
+            info: Arc::new(ClientInfo { client: "c".into(), user: "u".into(), conn_info: None, chan_info: None }),
+        }
+    }
+
+    #[test]
+    fn delivers_only_to_the_channel_and_removes_closed() {
+        let hub = Hub::new();
+        let a = Arc::new(Recorder { seen: Mutex::new(vec![]), answer: Delivery::Queued });
+        let gone = Arc::new(Recorder { seen: Mutex::new(vec![]), answer: Delivery::Closed });
+        let ch_a: Arc<str> = Arc::from("a");
+        let (_, first) = hub.subscribe(&ch_a, a.clone());
+        assert!(first);
+        let (_, first) = hub.subscribe(&ch_a, gone.clone());
+        assert!(!first);
+        hub.subscribe(&Arc::from("b"), Arc::new(Recorder { seen: Mutex::new(vec![]), answer: Delivery::Queued }));
+
+        let outcome = hub.broadcast(&join("a"));
+        assert_eq!(outcome.queued, 1);
+        assert_eq!(a.seen.lock().len(), 1);
+        assert_eq!(gone.seen.lock().len(), 1);
+        assert_eq!(hub.num_subscribers("a"), 1, "closed subscriber removed");
+        hub.broadcast(&join("a"));
+        assert_eq!(gone.seen.lock().len(), 1);
+        assert_eq!(hub.num_channels(), 2);
+        assert_eq!(hub.num_subscriptions(), 2);
+    }
+
+    #[test]
+    fn last_unsubscribe_drops_the_channel() {
+        let hub = Hub::new();
+        let ch: Arc<str> = Arc::from("x");
+        let sub = Arc::new(Recorder { seen: Mutex::new(vec![]), answer: Delivery::Queued });
+        let (id1, _) = hub.subscribe(&ch, sub.clone());
+        let (id2, _) = hub.subscribe(&ch, sub);
+        assert!(!hub.unsubscribe("x", id1));
+        assert!(hub.unsubscribe("x", id2));
+        assert_eq!(hub.num_channels(), 0);
+    }
+}

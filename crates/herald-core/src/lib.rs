@@ -1,0 +1,36 @@
+//! Herald's domain, with no network I/O.
+//!
+//! Owns: channel names and namespace rules, publications and stream positions, the error
+//! codes every API shares, the in-process hub that fans publications out to local
+//! subscribers, the [`Node`] facade (publish, history, presence, channels) and the small
+//! port traits backends implement ([`HistoryStore`], [`Broker`], [`PresenceStore`]) with
+//! in-memory implementations and a conformance suite every backend must pass.
+//!
+//! May touch: nothing outside the process. Backends and transports live in other crates and
+//! depend on this one, never the other way round.
+
+pub mod broker;
+pub mod channel;
+pub mod conformance;
+pub mod duration;
+pub mod error;
+pub mod fanout;
+pub mod hub;
+pub mod idempotency;
+pub mod memory;
+pub mod namespace;
+pub mod node;
+pub mod presence;
+pub mod publication;
+pub mod store;
+pub mod time;
+
+pub use broker::Broker;
+pub use channel::{ChannelName, ChannelRules};
+pub use error::{ErrorCode, HeraldError};
+pub use hub::{Delivery, Hub, Subscriber, SubscriberId};
+pub use namespace::{NamespaceOptions, Namespaces};
+pub use node::{Node, NodeConfig, PublishRequest, PublishResult};
+pub use presence::{PresenceStats, PresenceStore};
+pub use publication::{ChannelEvent, ClientInfo, Payload, Publication, PublicationEvent, StreamPosition};
+pub use store::{AppendRequest, Appended, CommitListener, HistoryPage, HistoryQuery, HistoryStore, Retention, StoreError};

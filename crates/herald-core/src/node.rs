@@ -1,0 +1,511 @@
+//! The node facade: the one entry point transports and APIs use to publish, read history and
+//! presence, list channels and subscribe local subscribers.
+//!
+//! It applies channel and namespace rules, routes publications through history (or straight
+//! to fan-out when history is off), and owns the fan-out task that drains the ordered queue
+//! into the broker. It holds no transport or storage specifics.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+
+use crate::broker::Broker;
+use crate::channel::{ChannelName, ChannelRules};
+use crate::error::{ErrorCode, HeraldError};
+use crate::fanout::{FanoutFeed, FanoutQueue};
+use crate::hub::{Hub, Subscriber, SubscriberId};
+use crate::idempotency::IdempotencyWindow;
+use crate::namespace::{NamespaceOptions, Namespaces};
+use crate::presence::{PresenceStats, PresenceStore};
+use crate::publication::{ChannelEvent, ClientInfo, Payload, Publication, PublicationEvent, StreamPosition};
+use crate::store::{AppendRequest, HistoryPage, HistoryQuery, HistoryStore, Retention};
+use crate::time::now_ms;
+
+/// Node-wide settings.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Human-readable node name (shown by `info`).
+    pub name: String,
+    pub channel_rules: ChannelRules,
+    pub namespaces: Namespaces,
+    /// Largest accepted publication payload in bytes.
+    pub max_publication_size: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: "herald".into(),
+            channel_rules: ChannelRules::default(),
+            namespaces: Namespaces::default(),
+            max_publication_size: 64 * 1024,
+        }
+    }
+}
+
+/// The ports a node runs on.
+pub struct Backends {
+    pub history: Arc<dyn HistoryStore>,
+    pub presence: Arc<dyn PresenceStore>,
+    pub broker: Arc<dyn Broker>,
+}
+
+/// A publish as the node sees it, whatever API it came from.
+#[derive(Clone, Debug)]
+pub struct PublishRequest {
+    pub channel: String,
+    pub data: Payload,
+    pub tags: BTreeMap<String, String>,
+    pub skip_history: bool,
+    pub idempotency_key: Option<String>,
+    pub info: Option<Arc<ClientInfo>>,
+}
+
+impl PublishRequest {
+    pub fn new(channel: impl Into<String>, data: Payload) -> Self {
+        Self {
+            channel: channel.into(),
+            data,
+            tags: BTreeMap::new(),
+            skip_history: false,
+            idempotency_key: None,
+            info: None,
+        }
+    }
+}
+
+/// Where a publication landed; `position` is `None` when it was not stored in history.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublishResult {
+    pub position: Option<StreamPosition>,
+    /// The idempotency key was seen before: nothing was published this time.
+    pub duplicate: bool,
+}
+
+/// Counters exported as metrics.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    pub publications: AtomicU64,
+    pub duplicate_publications: AtomicU64,
+    pub history_writes: AtomicU64,
+    pub deliveries: AtomicU64,
+    pub dropped_deliveries: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// A snapshot for the `info` API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub uid: String,
+    pub name: String,
+    pub version: String,
+    pub num_channels: u64,
+    pub num_subscriptions: u64,
+    pub uptime: Duration,
+}
+
+struct Inner {
+    uid: String,
+    config: NodeConfig,
+    backends: Backends,
+    hub: Arc<Hub>,
+    feed: FanoutFeed,
+    unstored_idempotency: Mutex<IdempotencyWindow<()>>,
+    stats: Arc<NodeStats>,
+    started: Instant,
+    fanout_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The node facade; cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("uid", &self.inner.uid).field("name", &self.inner.config.name).finish()
+    }
+}
+
+impl Node {
+    /// Builds a node and starts its fan-out task. `feed` must be the listener the history
+    /// backend was built with, `queue` its other end. Needs a Tokio runtime.
+    pub fn new(config: NodeConfig, backends: Backends, hub: Arc<Hub>, feed: FanoutFeed, queue: FanoutQueue) -> Self {
+        let stats = Arc::new(NodeStats::default());
+        let fanout_task = tokio::spawn(run_fanout(queue, backends.broker.clone(), stats.clone()));
+        Self {
+            inner: Arc::new(Inner {
+                uid: uuid::Uuid::new_v4().to_string(),
+                config,
+                backends,
+                hub,
+                feed,
+                unstored_idempotency: Mutex::new(IdempotencyWindow::new(crate::memory::IDEMPOTENCY_CAPACITY)),
+                stats,
+                started: Instant::now(),
+                fanout_task: Mutex::new(Some(fanout_task)),
+            }),
+        }
+    }
+
+    /// A node with in-memory history, presence and broker.
+    pub fn in_memory(config: NodeConfig) -> Self {
+        let hub = Arc::new(Hub::new());
+        let (feed, queue) = crate::fanout::channel();
+        let backends = Backends {
+            history: Arc::new(crate::memory::MemoryHistoryStore::new(Arc::new(feed.clone()))),
+            presence: Arc::new(crate::memory::MemoryPresenceStore::new()),
+            broker: Arc::new(crate::broker::LocalBroker::new(hub.clone())),
+        };
+        Self::new(config, backends, hub, feed, queue)
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    pub fn stats(&self) -> &Arc<NodeStats> {
+        &self.inner.stats
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.inner.hub
+    }
+
+    /// Validates a channel name and resolves its namespace options.
+    pub fn resolve(&self, channel: &str) -> Result<(ChannelName, Arc<NamespaceOptions>), HeraldError> {
+        let name = ChannelName::parse(channel, &self.inner.config.channel_rules)?;
+        let options = self.inner.config.namespaces.resolve(&name)?.clone();
+        Ok((name, options))
+    }
+
+    fn count_error<T>(&self, result: Result<T, HeraldError>) -> Result<T, HeraldError> {
+        if result.is_err() {
+            self.inner.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Publishes to one channel: stored in history first (when enabled), then fanned out.
+    pub async fn publish(&self, request: PublishRequest) -> Result<PublishResult, HeraldError> {
+        let result = self.publish_inner(request).await;
+        self.count_error(result)
+    }
+
+    async fn publish_inner(&self, request: PublishRequest) -> Result<PublishResult, HeraldError> {
+        let (channel, options) = self.resolve(&request.channel)?;
+        let max = self.inner.config.max_publication_size;
+        if request.data.len() > max {
+            return Err(HeraldError::new(
+                ErrorCode::LimitExceeded,
+                format!("publication data is {} bytes; the limit is {max}", request.data.len()),
+            ));
+        }
+        if let Some(key) = &request.idempotency_key
+            && key.len() > 256
+        {
+            return Err(HeraldError::bad_request("idempotency_key is longer than 256 bytes"));
+        }
+        let publication = Publication {
+            offset: 0,
+            time_ms: now_ms(),
+            data: request.data,
+            tags: request.tags,
+            info: request.info,
+        };
+        let window = options.idempotency_window.as_duration();
+        let stats = &self.inner.stats;
+        if options.history_enabled() && !request.skip_history {
+            let appended = self
+                .inner
+                .backends
+                .history
+                .append(AppendRequest {
+                    channel: channel.as_arc().clone(),
+                    publication,
+                    retention: Retention { size: options.history_size, ttl: options.history_ttl.as_duration() },
+                    idempotency: request.idempotency_key.map(|key| (key, window)),
+                })
+                .await?;
+            if appended.duplicate {
+                stats.duplicate_publications.fetch_add(1, Ordering::Relaxed);
+            } else {
+                stats.publications.fetch_add(1, Ordering::Relaxed);
+                stats.history_writes.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(PublishResult { position: Some(appended.position), duplicate: appended.duplicate });
+        }
+        if let Some(key) = &request.idempotency_key {
+            let now = now_ms();
+            let mut seen = self.inner.unstored_idempotency.lock();
+            if seen.get(channel.as_str(), key, now).is_some() {
+                stats.duplicate_publications.fetch_add(1, Ordering::Relaxed);
+                return Ok(PublishResult { position: None, duplicate: true });
+            }
+            let deadline = now.saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+            seen.insert(channel.as_str(), key, (), deadline);
+        }
+        stats.publications.fetch_add(1, Ordering::Relaxed);
+        let event = PublicationEvent::new(channel.as_arc().clone(), Arc::from(""), publication);
+        self.inner.feed.push(ChannelEvent::Publication(Arc::new(event)));
+        Ok(PublishResult { position: None, duplicate: false })
+    }
+
+    /// Reads history; `not available` if the namespace keeps none.
+    pub async fn history(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, HeraldError> {
+        let result = async {
+            let (channel, options) = self.resolve(channel)?;
+            if !options.history_enabled() {
+                return Err(HeraldError::new(ErrorCode::NotAvailable, "history is disabled for this namespace"));
+            }
+            if query.reverse && query.since.as_ref().is_some_and(|s| s.offset == 0) {
+                return Err(HeraldError::bad_request("reverse history needs a since offset above 0"));
+            }
+            Ok(self.inner.backends.history.read(channel.as_str(), query).await?)
+        }
+        .await;
+        self.count_error(result)
+    }
+
+    /// Deletes a channel's stored publications (its offset and epoch stay).
+    pub async fn remove_history(&self, channel: &str) -> Result<(), HeraldError> {
+        let result = async {
+            let (channel, options) = self.resolve(channel)?;
+            if !options.history_enabled() {
+                return Err(HeraldError::new(ErrorCode::NotAvailable, "history is disabled for this namespace"));
+            }
+            Ok(self.inner.backends.history.remove(channel.as_str()).await?)
+        }
+        .await;
+        self.count_error(result)
+    }
+
+    async fn presence_channel(&self, channel: &str) -> Result<ChannelName, HeraldError> {
+        let (channel, options) = self.resolve(channel)?;
+        if !options.presence {
+            return Err(HeraldError::new(ErrorCode::NotAvailable, "presence is disabled for this namespace"));
+        }
+        Ok(channel)
+    }
+
+    /// Who is in a channel; `not available` if the namespace tracks no presence.
+    pub async fn presence(&self, channel: &str) -> Result<HashMap<String, ClientInfo>, HeraldError> {
+        let result = async {
+            let channel = self.presence_channel(channel).await?;
+            self.inner
+                .backends
+                .presence
+                .get(channel.as_str())
+                .await
+                .map_err(|e| HeraldError::internal(e.to_string()))
+        }
+        .await;
+        self.count_error(result)
+    }
+
+    pub async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, HeraldError> {
+        let result = async {
+            let channel = self.presence_channel(channel).await?;
+            self.inner
+                .backends
+                .presence
+                .stats(channel.as_str())
+                .await
+                .map_err(|e| HeraldError::internal(e.to_string()))
+        }
+        .await;
+        self.count_error(result)
+    }
+
+    /// Channels with local subscribers whose names match `pattern` (`*` matches any run of
+    /// characters), with subscriber counts.
+    pub fn channels(&self, pattern: Option<&str>) -> Vec<(Arc<str>, usize)> {
+        let mut channels = self.inner.hub.channels();
+        if let Some(pattern) = pattern.filter(|p| !p.is_empty()) {
+            channels.retain(|(name, _)| glob_match(pattern, name));
+        }
+        channels.sort();
+        channels
+    }
+
+    /// Adds a local subscriber to a validated channel.
+    pub async fn subscribe(&self, channel: &ChannelName, subscriber: Arc<dyn Subscriber>) -> Result<SubscriberId, HeraldError> {
+        let (id, first) = self.inner.hub.subscribe(channel.as_arc(), subscriber);
+        if first && let Err(err) = self.inner.backends.broker.subscribe(channel.as_str()).await {
+            self.inner.hub.unsubscribe(channel.as_str(), id);
+            return Err(HeraldError::internal(err.to_string()));
+        }
+        Ok(id)
+    }
+
+    pub async fn unsubscribe(&self, channel: &str, id: SubscriberId) {
+        if self.inner.hub.unsubscribe(channel, id)
+            && let Err(err) = self.inner.backends.broker.unsubscribe(channel).await
+        {
+            tracing::warn!(channel, error = %err, "broker unsubscribe failed");
+        }
+    }
+
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo {
+            uid: self.inner.uid.clone(),
+            name: self.inner.config.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            num_channels: self.inner.hub.num_channels() as u64,
+            num_subscriptions: self.inner.hub.num_subscriptions() as u64,
+            uptime: self.inner.started.elapsed(),
+        }
+    }
+
+    /// Flushes history and stops the fan-out task once the queue is drained.
+    pub async fn shutdown(&self) -> Result<(), HeraldError> {
+        self.inner.backends.history.flush().await?;
+        let task = self.inner.fanout_task.lock().take();
+        if let Some(task) = task {
+            task.abort();
+        }
+        Ok(())
+    }
+}
+
+async fn run_fanout(mut queue: FanoutQueue, broker: Arc<dyn Broker>, stats: Arc<NodeStats>) {
+    let mut batch = Vec::with_capacity(256);
+    while queue.rx.recv_many(&mut batch, 256).await > 0 {
+        for event in batch.drain(..) {
+            match broker.publish(event).await {
+                Ok(outcome) => {
+                    stats.deliveries.fetch_add(outcome.queued as u64, Ordering::Relaxed);
+                    stats.dropped_deliveries.fetch_add(outcome.dropped as u64, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %err, "fan-out through the broker failed");
+                }
+            }
+        }
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Delivery;
+    use crate::namespace::NamedNamespace;
+    use bytes::Bytes;
+    use tokio::sync::mpsc;
+
+    struct Forward(mpsc::UnboundedSender<u64>);
+    impl Subscriber for Forward {
+        fn deliver(&self, event: &ChannelEvent) -> Delivery {
+            if let ChannelEvent::Publication(p) = event {
+                let _ = self.0.send(p.publication.offset);
+            }
+            Delivery::Queued
+        }
+    }
+
+    fn node() -> Node {
+        let no_history = NamespaceOptions { history_size: 0, ..NamespaceOptions::default() };
+        let presence = NamespaceOptions { presence: true, ..NamespaceOptions::default() };
+        let namespaces = Namespaces::new(
+            NamespaceOptions::default(),
+            vec![
+                NamedNamespace { name: "live".into(), options: no_history },
+                NamedNamespace { name: "room".into(), options: presence },
+            ],
+        )
+        .expect("namespaces");
+        Node::in_memory(NodeConfig { namespaces, max_publication_size: 16, ..NodeConfig::default() })
+    }
+
+    fn json(text: &'static str) -> Payload {
+        Payload::Json(Bytes::from_static(text.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn publishes_in_order_to_subscribers_after_history() {
+        let node = node();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (channel, _) = node.resolve("news").expect("valid");
+        node.subscribe(&channel, Arc::new(Forward(tx))).await.expect("subscribe");
+        for expected in 1..=50 {
+            let result = node.publish(PublishRequest::new("news", json("{}"))).await.expect("publish");
+            assert_eq!(result.position.map(|p| p.offset), Some(expected));
+        }
+        for expected in 1..=50 {
+            assert_eq!(rx.recv().await, Some(expected));
+        }
+        let page = node.history("news", HistoryQuery::default()).await.expect("history");
+        assert_eq!(page.publications.len(), 50);
+        assert_eq!(node.stats().deliveries.load(Ordering::Relaxed), 50);
+    }
+
+    #[tokio::test]
+    async fn rejects_oversized_unknown_and_disabled() {
+        let node = node();
+        let big = node.publish(PublishRequest::new("news", json("\"01234567890123456789\""))).await;
+        assert_eq!(big.expect_err("too big").code, ErrorCode::LimitExceeded);
+        let unknown = node.publish(PublishRequest::new("nope:x", json("1"))).await;
+        assert_eq!(unknown.expect_err("unknown").code, ErrorCode::UnknownChannel);
+        let history = node.history("live:x", HistoryQuery::default()).await;
+        assert_eq!(history.expect_err("disabled").code, ErrorCode::NotAvailable);
+        let presence = node.presence("news").await;
+        assert_eq!(presence.expect_err("disabled").code, ErrorCode::NotAvailable);
+        assert!(node.presence("room:1").await.expect("enabled").is_empty());
+        let reverse = HistoryQuery { since: Some(StreamPosition::new(0, "")), reverse: true, ..Default::default() };
+        assert_eq!(node.history("news", reverse).await.expect_err("bad").code, ErrorCode::BadRequest);
+    }
+
+    #[tokio::test]
+    async fn idempotency_without_history_publishes_once() {
+        let node = node();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (channel, _) = node.resolve("live:x").expect("valid");
+        node.subscribe(&channel, Arc::new(Forward(tx))).await.expect("subscribe");
+        let mut request = PublishRequest::new("live:x", json("1"));
+        request.idempotency_key = Some("k".into());
+        assert!(!node.publish(request.clone()).await.expect("first").duplicate);
+        assert!(node.publish(request).await.expect("second").duplicate);
+        assert_eq!(rx.recv().await, Some(0));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "duplicate must not be delivered");
+    }
+
+    #[test]
+    fn glob_patterns() {
+        assert!(glob_match("chat:*", "chat:1"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("a*c*e", "abcde"));
+        assert!(!glob_match("chat:*", "news"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exactly"));
+    }
+}
