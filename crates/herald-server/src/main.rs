@@ -1,1 +1,399 @@
-fn main(){}
+//! The `herald` command line: `serve`, `publish`, `history`, `genconfig`, `token`,
+//! `check-config`, `version`. Builds everything from config through the library and is the
+//! only place that uses `anyhow`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use herald_client::{Client, HistoryOptions, PublishOptions};
+use herald_server::app::{AppState, serve};
+use herald_server::auth::ApiKeys;
+use herald_server::config::{CliOverrides, Config, Engine, LogFormat};
+use herald_server::secrets::{GeneratedSecrets, random_secret};
+use herald_server::token::{ConnectionClaims, mint};
+
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about = "Herald: real-time messaging and push gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// TOML config file (default: none; HERALD_* variables still apply).
+    #[arg(long, short = 'c', env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data folder (embedded database and generated secrets).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node (embedded SQLite in ./herald-data unless configured otherwise).
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Address to listen on, e.g. 127.0.0.1:8000 (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Keep everything in memory: nothing survives a restart.
+        #[arg(long)]
+        memory: bool,
+    },
+    /// Publish DATA (JSON; a bare word is sent as a JSON string) to CHANNEL.
+    Publish {
+        channel: String,
+        data: String,
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Publish only if this key was not used in the namespace's idempotency window.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Deliver without storing in history.
+        #[arg(long)]
+        skip_history: bool,
+    },
+    /// Print a channel's history, one JSON publication per line.
+    History {
+        channel: String,
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Most publications to print (negative: all retained).
+        #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+        limit: i64,
+        /// Only publications after this offset.
+        #[arg(long)]
+        since: Option<u64>,
+        /// The epoch `--since` belongs to (checked when given).
+        #[arg(long, default_value = "")]
+        epoch: String,
+        /// Newest first.
+        #[arg(long)]
+        reverse: bool,
+    },
+    /// Write a config file with fresh random secrets.
+    Genconfig {
+        /// Where to write it.
+        #[arg(long, short = 'o', default_value = "herald.toml")]
+        output: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Mint a connection token (HS256 JWT) with the configured secret.
+    Token {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// User id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Channels to subscribe server-side (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// Lifetime, e.g. 1h or 30m (0: never expires).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+    /// Validate a config file and exit.
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Server URL (default: from the config's server.listen).
+    #[arg(long)]
+    url: Option<String>,
+    /// API key (default: the config's first api.keys entry, or the data folder's generated key).
+    #[arg(long)]
+    api_key: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config, listen, memory } => {
+            let overrides = CliOverrides {
+                listen,
+                data_dir: config.data_dir.clone(),
+                engine: memory.then_some(Engine::Memory),
+                api_key: None,
+            };
+            let config = Config::load(config.config.as_deref(), &overrides)?;
+            runtime()?.block_on(serve_command(config))
+        }
+        Command::Publish { channel, data, client, idempotency_key, skip_history } => {
+            let (client, _) = client_from(&client)?;
+            let data = parse_data(&data);
+            let options = PublishOptions { idempotency_key, skip_history, ..PublishOptions::default() };
+            let result = runtime()?.block_on(client.publish(&channel, &data, &options))?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History { channel, client, limit, since, epoch, reverse } => {
+            let (client, _) = client_from(&client)?;
+            let options = HistoryOptions { limit, since: since.map(|offset| (offset, epoch)), reverse };
+            let page = runtime()?.block_on(client.history(&channel, &options))?;
+            for publication in &page.publications {
+                println!("{}", serde_json::to_string(publication)?);
+            }
+            eprintln!("stream at offset {} epoch {}", page.offset, page.epoch);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Genconfig { output, force } => {
+            genconfig(&output, force)?;
+            println!("wrote {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { config, user, channels, ttl } => {
+            let loaded = load_config(&config)?;
+            let secret = if loaded.token.hmac_secret.is_empty() {
+                GeneratedSecrets::load(&loaded.storage.data_dir)?.map(|s| s.hmac_secret).unwrap_or_default()
+            } else {
+                loaded.token.hmac_secret.clone()
+            };
+            let ttl = herald_core::duration::parse_duration(&ttl).map_err(anyhow::Error::msg)?;
+            let now = herald_core::time::now_ms() / 1000;
+            let exp = (!ttl.is_zero()).then(|| now + ttl.as_secs());
+            let token = mint(&secret, &ConnectionClaims { sub: user, iat: now, exp, channels })?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => {
+            let path = config.config.clone();
+            load_config(&config)?;
+            match path {
+                Some(path) => println!("{}: ok", path.display()),
+                None => println!("defaults and environment: ok"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Version => {
+            println!("herald {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the Tokio runtime")
+}
+
+fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    let overrides = CliOverrides { data_dir: args.data_dir.clone(), ..CliOverrides::default() };
+    Ok(Config::load(args.config.as_deref(), &overrides)?)
+}
+
+/// JSON if it parses, otherwise the text as a JSON string (so `herald publish news hello` works).
+fn parse_data(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_owned()))
+}
+
+fn client_from(args: &ClientArgs) -> anyhow::Result<(Client, Config)> {
+    let config = load_config(&args.config)?;
+    let url = args.url.clone().unwrap_or_else(|| {
+        let mut addr = config.server.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    });
+    let key = match &args.api_key {
+        Some(key) => key.clone(),
+        None => match config.api.keys.first() {
+            Some(key) => key.clone(),
+            None => GeneratedSecrets::load(&config.storage.data_dir)?
+                .map(|s| s.api_key)
+                .with_context(|| {
+                    format!(
+                        "no API key: pass --api-key, set api.keys in the config, or run `herald serve` in this folder first (it writes {})",
+                        config.storage.data_dir.join(herald_server::secrets::SECRETS_FILE).display()
+                    )
+                })?,
+        },
+    };
+    Ok((Client::new(&url, &key)?, config))
+}
+
+fn genconfig(output: &Path, force: bool) -> anyhow::Result<()> {
+    if output.exists() && !force {
+        bail!("{} exists; pass --force to overwrite", output.display());
+    }
+    let text = format!(
+        r#"# Herald configuration. Every key is documented in docs/configuration.md.
+# Environment variables override it: HERALD_SERVER__LISTEN=0.0.0.0:8000, …
+
+[server]
+listen = "127.0.0.1:8000"
+name = "herald"
+max_publication_size = 65536
+
+[api]
+# Keys for the server API (X-API-Key or "Authorization: apikey <key>").
+keys = ["{api_key}"]
+
+[token]
+# Signs connection tokens (`herald token --user alice`).
+hmac_secret = "{hmac}"
+
+[storage]
+engine = "sqlite"      # or "memory"
+data_dir = "herald-data"
+sync = "normal"        # "full": fsync every commit (survives power loss)
+
+[log]
+format = "text"        # or "json"
+level = "info"
+
+# The default namespace (channels without "name:").
+[namespace]
+history_size = 1000
+history_ttl = "24h"
+
+# A named namespace: channels "chat:…".
+[[namespaces]]
+name = "chat"
+history_size = 100
+history_ttl = "1h"
+presence = true
+join_leave = true
+"#,
+        api_key = random_secret(32),
+        hmac = random_secret(48),
+    );
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    use std::io::Write;
+    let mut file = options.open(output).with_context(|| format!("cannot write {}", output.display()))?;
+    file.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", output.display()))?;
+    Ok(())
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .with_context(|| format!("invalid log.level {:?}", config.log.level))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot initialise logging: {e}"))
+}
+
+async fn serve_command(mut config: Config) -> anyhow::Result<ExitCode> {
+    init_logging(&config)?;
+    let generated = match config.storage.engine {
+        _ if !config.api.keys.is_empty() && !config.token.hmac_secret.is_empty() => None,
+        Engine::Sqlite => Some(GeneratedSecrets::load_or_create(&config.storage.data_dir)?),
+        Engine::Memory => Some(GeneratedSecrets::generate()),
+    };
+    let key_source = if config.api.keys.is_empty() {
+        let secrets = generated.as_ref().context("generated secrets missing")?;
+        config.api.keys.push(secrets.api_key.clone());
+        Some(secrets.api_key.clone())
+    } else {
+        None
+    };
+    if config.token.hmac_secret.is_empty()
+        && let Some(secrets) = &generated
+    {
+        config.token.hmac_secret = secrets.hmac_secret.clone();
+    }
+    let node = herald_server::build::build_node(&config)?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    let api_keys = ApiKeys::new(config.api.keys.iter().map(String::as_str));
+    let storage = match config.storage.engine {
+        Engine::Sqlite => format!("sqlite in {} (sync={:?})", config.storage.data_dir.display(), config.storage.sync).to_lowercase(),
+        Engine::Memory => "memory (nothing survives a restart)".to_owned(),
+    };
+    println!("Herald {} listening on http://{addr}", env!("CARGO_PKG_VERSION"));
+    println!("  storage: {storage}");
+    match &key_source {
+        Some(key) => {
+            println!("  API key: {key}");
+            println!(
+                "  try:     curl -X POST http://{addr}/api/publish -H 'X-API-Key: {key}' -d '{{\"channel\":\"news\",\"data\":{{\"text\":\"hello\"}}}}'"
+            );
+        }
+        None => println!("  API key: from configuration"),
+    }
+    tracing::info!(%addr, "herald started");
+    let shutdown_timeout = config.server.shutdown_timeout.as_duration();
+    let state = Arc::new(AppState::new(node.clone(), config, api_keys));
+    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state, async move {
+        let _ = signal_rx.await;
+    }));
+    let signal = wait_for_signal().await?;
+    tracing::info!(signal, "shutting down: no new connections, finishing in-flight requests");
+    let _ = signal_tx.send(());
+    match tokio::time::timeout(shutdown_timeout, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(err))) => tracing::warn!(error = %err, "server stopped with an error"),
+        Ok(Err(err)) => tracing::warn!(error = %err, "server task failed"),
+        Err(_) => tracing::warn!(?shutdown_timeout, "in-flight requests did not finish in time; closing them"),
+    }
+    match tokio::time::timeout(Duration::from_secs(5).max(shutdown_timeout), node.shutdown()).await {
+        Ok(Ok(())) => tracing::info!("history flushed; bye"),
+        Ok(Err(err)) => {
+            tracing::error!(error = %err, "flushing history failed");
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(_) => {
+            tracing::error!("flushing history timed out");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            _ = int.recv() => Ok("SIGINT"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.context("cannot watch Ctrl-C")?;
+        Ok("Ctrl-C")
+    }
+}

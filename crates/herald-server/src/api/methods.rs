@@ -1,0 +1,172 @@
+//! One function per server API method, shared by the single-method endpoints and `batch`.
+//! Each decodes its parameters, calls the node facade and encodes its result.
+
+use std::collections::BTreeMap;
+
+use axum::http::StatusCode;
+use herald_core::error::{ErrorCode, HeraldError};
+use herald_core::node::Node;
+use herald_core::store::HistoryQuery;
+use herald_core::PublishRequest;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+
+use super::ApiError;
+use super::types::*;
+
+const METHODS: &[&str] =
+    &["publish", "broadcast", "history", "history_remove", "presence", "presence_stats", "channels", "info"];
+
+pub fn is_known(method: &str) -> bool {
+    METHODS.contains(&method)
+}
+
+fn parse<T: DeserializeOwned>(params: &RawValue) -> Result<T, ApiError> {
+    serde_json::from_str(params.get()).map_err(|e| ApiError::bad_json(&e))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Box<RawValue>, ApiError> {
+    serde_json::value::to_raw_value(value)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string()))
+}
+
+fn node_err(error: HeraldError) -> ApiError {
+    ApiError::from_node(error)
+}
+
+fn require_channel(channel: &str) -> Result<(), ApiError> {
+    if channel.is_empty() {
+        return Err(node_err(HeraldError::bad_request("channel is required")));
+    }
+    Ok(())
+}
+
+/// Runs `method` with `params`; the result is the method's result object.
+pub async fn call(node: &Node, method: &str, params: &RawValue) -> Result<Box<RawValue>, ApiError> {
+    match method {
+        "publish" => publish(node, parse(params)?).await,
+        "broadcast" => broadcast(node, parse(params)?).await,
+        "history" => history(node, parse(params)?).await,
+        "history_remove" => {
+            let params: ChannelParams = parse(params)?;
+            require_channel(&params.channel)?;
+            node.remove_history(&params.channel).await.map_err(node_err)?;
+            encode(&EmptyResult {})
+        }
+        "presence" => {
+            let params: ChannelParams = parse(params)?;
+            require_channel(&params.channel)?;
+            let presence = node.presence(&params.channel).await.map_err(node_err)?;
+            encode(&PresenceResult { presence })
+        }
+        "presence_stats" => {
+            let params: ChannelParams = parse(params)?;
+            require_channel(&params.channel)?;
+            let stats = node.presence_stats(&params.channel).await.map_err(node_err)?;
+            encode(&PresenceStatsResult::from(stats))
+        }
+        "channels" => {
+            let params: ChannelsParams = parse(params)?;
+            let channels: BTreeMap<String, ChannelInfo> = node
+                .channels(params.pattern.as_deref())
+                .into_iter()
+                .map(|(name, count)| (name.to_string(), ChannelInfo { num_clients: count as u64 }))
+                .collect();
+            encode(&ChannelsResult { channels })
+        }
+        "info" => {
+            let _: EmptyParams = parse(params)?;
+            encode(&InfoResult { nodes: vec![NodeResult::from(node.info())] })
+        }
+        other => Err(ApiError::new(StatusCode::NOT_FOUND, ErrorCode::MethodNotFound, format!("no API method {other:?}"))),
+    }
+}
+
+async fn publish(node: &Node, params: PublishParams) -> Result<Box<RawValue>, ApiError> {
+    require_channel(&params.channel)?;
+    let data = payload(params.data, params.b64data).map_err(|e| node_err(HeraldError::bad_request(e)))?;
+    let request = PublishRequest {
+        channel: params.channel,
+        data,
+        tags: params.tags,
+        skip_history: params.skip_history,
+        idempotency_key: params.idempotency_key.filter(|k| !k.is_empty()),
+        info: None,
+    };
+    let result = node.publish(request).await.map_err(node_err)?;
+    encode(&PublishResult::from(result))
+}
+
+#[derive(Serialize)]
+struct BroadcastReply {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<PublishResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<super::ErrorBody>,
+}
+
+#[derive(Serialize)]
+struct BroadcastResult {
+    responses: Vec<BroadcastReply>,
+}
+
+/// Most channels in one broadcast.
+pub const MAX_BROADCAST_CHANNELS: usize = 10_000;
+
+async fn broadcast(node: &Node, params: BroadcastParams) -> Result<Box<RawValue>, ApiError> {
+    if params.channels.is_empty() {
+        return Err(node_err(HeraldError::bad_request("channels is required")));
+    }
+    if params.channels.len() > MAX_BROADCAST_CHANNELS {
+        return Err(node_err(HeraldError::new(
+            ErrorCode::LimitExceeded,
+            format!("a broadcast reaches at most {MAX_BROADCAST_CHANNELS} channels"),
+        )));
+    }
+    let data = payload(params.data, params.b64data).map_err(|e| node_err(HeraldError::bad_request(e)))?;
+    let idempotency_key = params.idempotency_key.filter(|k| !k.is_empty());
+    let publishes = params.channels.into_iter().map(|channel| {
+        let request = PublishRequest {
+            channel,
+            data: data.clone(),
+            tags: params.tags.clone(),
+            skip_history: params.skip_history,
+            idempotency_key: idempotency_key.clone(),
+            info: None,
+        };
+        async move {
+            if request.channel.is_empty() {
+                return Err(HeraldError::bad_request("channel is required"));
+            }
+            node.publish(request).await
+        }
+    });
+    let responses = futures::future::join_all(publishes)
+        .await
+        .into_iter()
+        .map(|outcome| match outcome {
+            Ok(result) => BroadcastReply { result: Some(PublishResult::from(result)), error: None },
+            Err(err) => BroadcastReply { result: None, error: Some(super::ErrorBody::from(&err)) },
+        })
+        .collect();
+    encode(&BroadcastResult { responses })
+}
+
+/// Most publications returned by one history call.
+pub const MAX_HISTORY_LIMIT: usize = 10_000;
+
+async fn history(node: &Node, params: HistoryParams) -> Result<Box<RawValue>, ApiError> {
+    require_channel(&params.channel)?;
+    let limit = match usize::try_from(params.limit) {
+        Ok(n) => Some(n.min(MAX_HISTORY_LIMIT)),
+        Err(_) => Some(MAX_HISTORY_LIMIT),
+    };
+    let query = HistoryQuery { since: params.since, limit, reverse: params.reverse };
+    let page = node.history(&params.channel, query).await.map_err(node_err)?;
+    encode(&HistoryResult {
+        publications: page.publications.into_iter().map(ApiPublication::from).collect(),
+        offset: page.position.offset,
+        epoch: page.position.epoch,
+    })
+}

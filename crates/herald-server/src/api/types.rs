@@ -1,0 +1,263 @@
+//! Wire types of the server HTTP API (the shape of Centrifugo's server API, so that `cent`
+//! and `cent.js` work unchanged). Requests reject unknown fields so that a typo such as
+//! `skip_hisotry` is an error instead of a silently different publish.
+
+use std::collections::{BTreeMap, HashMap};
+
+use base64::Engine as _;
+use herald_core::node::NodeInfo;
+use herald_core::presence::PresenceStats;
+use herald_core::publication::{ClientInfo, Payload, Publication, StreamPosition};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+/// Keeps `"data": null` distinct from an absent `data`.
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(deserializer).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishParams {
+    #[serde(default)]
+    pub channel: String,
+    #[serde(default, deserialize_with = "present")]
+    pub data: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub b64data: Option<String>,
+    #[serde(default)]
+    pub skip_history: bool,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Accepted for compatibility; delta compression is not implemented, so it has no effect.
+    #[serde(default)]
+    pub delta: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BroadcastParams {
+    #[serde(default)]
+    pub channels: Vec<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub data: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub b64data: Option<String>,
+    #[serde(default)]
+    pub skip_history: bool,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub delta: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryParams {
+    #[serde(default)]
+    pub channel: String,
+    /// 0: position only; negative: everything retained; N: at most N.
+    #[serde(default)]
+    pub limit: i64,
+    #[serde(default)]
+    pub since: Option<StreamPosition>,
+    #[serde(default)]
+    pub reverse: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelParams {
+    #[serde(default)]
+    pub channel: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelsParams {
+    #[serde(default)]
+    pub pattern: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyParams {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchParams {
+    /// Each command is an object with one key: the method name, holding its parameters.
+    pub commands: Vec<HashMap<String, Box<RawValue>>>,
+    #[serde(default)]
+    pub parallel: bool,
+}
+
+/// Turns `data` / `b64data` into a payload; `b64data` wins when both are set.
+pub fn payload(data: Option<Box<RawValue>>, b64data: Option<String>) -> Result<Payload, String> {
+    if let Some(encoded) = b64data.filter(|s| !s.is_empty()) {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_bytes())
+            .map_err(|e| format!("b64data is not valid base64: {e}"))?;
+        return Ok(Payload::Binary(bytes.into()));
+    }
+    match data {
+        Some(raw) => Ok(Payload::Json(bytes::Bytes::from(String::from(Box::<str>::from(raw))))),
+        None => Err("data or b64data is required".into()),
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PublishResult {
+    #[serde(skip_serializing_if = "is_zero")]
+    pub offset: u64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub epoch: String,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+impl From<herald_core::PublishResult> for PublishResult {
+    fn from(result: herald_core::PublishResult) -> Self {
+        let position = result.position.unwrap_or_default();
+        Self { offset: position.offset, epoch: position.epoch }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApiPublication {
+    /// JSON data verbatim; `null` for binary data (then in `b64data`).
+    pub data: Box<RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64data: Option<String>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub offset: u64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info: Option<ClientInfo>,
+    /// Milliseconds since the Unix epoch when the node accepted the publication.
+    pub time: u64,
+}
+
+fn null() -> Box<RawValue> {
+    RawValue::from_string("null".into()).expect("null is valid JSON")
+}
+
+impl From<Publication> for ApiPublication {
+    fn from(publication: Publication) -> Self {
+        let (data, b64data) = match publication.data {
+            Payload::Json(bytes) => {
+                let raw = String::from_utf8(bytes.to_vec()).ok().and_then(|text| RawValue::from_string(text).ok());
+                (raw.unwrap_or_else(null), None)
+            }
+            Payload::Binary(bytes) => (null(), Some(base64::engine::general_purpose::STANDARD.encode(&bytes))),
+        };
+        Self {
+            data,
+            b64data,
+            offset: publication.offset,
+            tags: publication.tags,
+            info: publication.info.map(|info| (*info).clone()),
+            time: publication.time_ms,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct HistoryResult {
+    pub publications: Vec<ApiPublication>,
+    pub offset: u64,
+    pub epoch: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PresenceResult {
+    pub presence: HashMap<String, ClientInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PresenceStatsResult {
+    pub num_clients: u64,
+    pub num_users: u64,
+}
+
+impl From<PresenceStats> for PresenceStatsResult {
+    fn from(stats: PresenceStats) -> Self {
+        Self { num_clients: stats.num_clients, num_users: stats.num_users }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChannelInfo {
+    pub num_clients: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChannelsResult {
+    pub channels: BTreeMap<String, ChannelInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeResult {
+    pub uid: String,
+    pub name: String,
+    pub version: String,
+    pub num_clients: u64,
+    pub num_users: u64,
+    pub num_channels: u64,
+    pub num_subs: u64,
+    pub uptime: u64,
+}
+
+impl From<NodeInfo> for NodeResult {
+    fn from(info: NodeInfo) -> Self {
+        Self {
+            uid: info.uid,
+            name: info.name,
+            version: info.version,
+            num_clients: 0,
+            num_users: 0,
+            num_channels: info.num_channels,
+            num_subs: info.num_subscriptions,
+            uptime: info.uptime.as_secs(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct InfoResult {
+    pub nodes: Vec<NodeResult>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EmptyResult {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_keeps_null_and_prefers_b64() {
+        let params: PublishParams = serde_json::from_str(r#"{"channel":"a","data":null}"#).expect("parse");
+        assert_eq!(payload(params.data, params.b64data), Ok(Payload::Json("null".into())));
+        let params: PublishParams = serde_json::from_str(r#"{"channel":"a"}"#).expect("parse");
+        assert!(payload(params.data, params.b64data).is_err());
+        let params: PublishParams =
+            serde_json::from_str(r#"{"channel":"a","data":{"x":1},"b64data":"AAE="}"#).expect("parse");
+        assert_eq!(payload(params.data, params.b64data), Ok(Payload::Binary(vec![0u8, 1].into())));
+        assert!(payload(None, Some("!!".into())).is_err());
+    }
+
+    #[test]
+    fn rejects_unknown_fields() {
+        let err = serde_json::from_str::<PublishParams>(r#"{"channel":"a","data":1,"skip_hisotry":true}"#)
+            .expect_err("typo");
+        assert!(err.to_string().contains("skip_hisotry"));
+    }
+}

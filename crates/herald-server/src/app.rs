@@ -1,0 +1,101 @@
+//! The HTTP application: routes, shared state and the serve loop with graceful shutdown.
+//!
+//! Routes: `/health` (process is up), `/ready` (accepting work), `/metrics` (Prometheus),
+//! `/api/openapi.json`, and `POST /api/{method}` (see [`crate::api`]).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use herald_core::Node;
+use tokio::net::TcpListener;
+
+use crate::auth::ApiKeys;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Everything a request handler may use.
+#[derive(Debug)]
+pub struct AppState {
+    pub node: Node,
+    pub config: Config,
+    pub api_keys: ApiKeys,
+    pub metrics: Metrics,
+    /// False before start-up completes and once shutdown begins.
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(node: Node, config: Config, api_keys: ApiKeys) -> Self {
+        Self { node, config, api_keys, metrics: Metrics::new(), ready: AtomicBool::new(true) }
+    }
+}
+
+/// The OpenAPI document of the server API (also at `docs/openapi.json`).
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let timeout = state.config.server.request_timeout.as_duration();
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/{method}", post(crate::api::handle).fallback(method_not_allowed))
+        .fallback(not_found)
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .with_state(state)
+}
+
+async fn health() -> Response {
+    crate::api::json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        crate::api::json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+    } else {
+        crate::api::json_response(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "shutting down"}))
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let info = state.node.info();
+    let body = state.metrics.render(state.node.stats(), 0, info.num_channels);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    crate::api::ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        herald_core::ErrorCode::BadRequest,
+        "the server API accepts POST only",
+    )
+    .into_response()
+}
+
+async fn not_found() -> Response {
+    crate::api::ApiError::new(StatusCode::NOT_FOUND, herald_core::ErrorCode::MethodNotFound, "no such route")
+        .into_response()
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let app = router(state.clone());
+    let state_for_shutdown = state.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            state_for_shutdown.ready.store(false, Ordering::Relaxed);
+        })
+        .await
+}

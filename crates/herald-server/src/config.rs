@@ -1,0 +1,293 @@
+//! Server configuration: one TOML file, `HERALD_*` environment variables and CLI flags,
+//! merged by figment in that order (later wins). Unknown keys are rejected with a message that
+//! names the key and where it came from.
+//!
+//! Owns the config schema and its validation; building objects from it happens in
+//! [`crate::build`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use herald_core::channel::ChannelRules;
+use herald_core::duration::HumanDuration;
+use herald_core::namespace::{NamedNamespace, NamespaceOptions, Namespaces};
+use serde::{Deserialize, Serialize};
+
+/// Environment variables under this prefix are config; `__` separates nesting levels
+/// (`HERALD_SERVER__LISTEN`).
+pub const ENV_PREFIX: &str = "HERALD_";
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub api: ApiConfig,
+    pub token: TokenConfig,
+    pub storage: StorageConfig,
+    pub log: LogConfig,
+    pub channels: ChannelRules,
+    /// Options of the default namespace (channels without `ns:`).
+    pub namespace: NamespaceOptions,
+    /// Named namespaces.
+    pub namespaces: Vec<NamedNamespace>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the HTTP listener.
+    pub listen: SocketAddr,
+    /// Node name shown by `/api/info`.
+    pub name: String,
+    /// Largest request body the HTTP API accepts.
+    pub max_body_size: usize,
+    /// Largest publication payload in bytes.
+    pub max_publication_size: usize,
+    /// How long a graceful shutdown may take before in-flight requests are cut.
+    pub shutdown_timeout: HumanDuration,
+    /// Slowest a client may be to send request headers and body.
+    pub request_timeout: HumanDuration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            name: "herald".into(),
+            max_body_size: 1024 * 1024,
+            max_publication_size: 64 * 1024,
+            shutdown_timeout: HumanDuration::from_secs(10),
+            request_timeout: HumanDuration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Keys accepted by the server API (`X-API-Key` or `Authorization: apikey <key>`).
+    pub keys: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// HMAC secret that signs and verifies connection tokens (HS256).
+    pub hmac_secret: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    #[default]
+    Sqlite,
+    Memory,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// fsync on every commit: nothing acknowledged is lost, even on power loss.
+    Full,
+    /// fsync at checkpoints: nothing acknowledged is lost on a process crash; the last
+    /// commits may be lost on power loss or an OS crash.
+    #[default]
+    Normal,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub engine: Engine,
+    /// Folder for the embedded database (and generated secrets when there is no config file).
+    pub data_dir: PathBuf,
+    pub sync: SyncPolicy,
+    /// Most publications committed in one transaction.
+    pub max_batch: usize,
+    /// Read connections for history queries.
+    pub readers: usize,
+    /// How often expired publications are deleted.
+    pub prune_interval: HumanDuration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            engine: Engine::Sqlite,
+            data_dir: PathBuf::from("herald-data"),
+            sync: SyncPolicy::Normal,
+            max_batch: 1024,
+            readers: 2,
+            prune_interval: HumanDuration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `herald=debug,tower_http=info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+/// Config failures, with messages meant for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(err: figment::Error) -> Self {
+        // figment names the key and its source ("for key `server.lisen` in herald.toml").
+        let messages: Vec<String> = err.into_iter().map(|e| e.to_string()).collect();
+        ConfigError::Invalid(messages.join("; "))
+    }
+}
+
+/// Settings given on the command line; `None` leaves the file/env value alone.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CliOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<Engine>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+}
+
+impl Config {
+    /// Loads `file` (if given), then `HERALD_*` environment variables, then `cli`.
+    pub fn load(file: Option<&Path>, cli: &CliOverrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Missing(path.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(env_provider());
+        let mut overrides = Figment::new();
+        if let Some(listen) = cli.listen {
+            overrides = overrides.merge(Serialized::default("server.listen", listen));
+        }
+        if let Some(dir) = &cli.data_dir {
+            overrides = overrides.merge(Serialized::default("storage.data_dir", dir));
+        }
+        if let Some(engine) = cli.engine {
+            overrides = overrides.merge(Serialized::default("storage.engine", engine));
+        }
+        if let Some(key) = &cli.api_key {
+            overrides = overrides.merge(Serialized::default("api.keys", vec![key.clone()]));
+        }
+        let config: Config = figment.merge(overrides).extract()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks rules serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_publication_size == 0 {
+            return Err(ConfigError::Invalid("server.max_publication_size must be above 0".into()));
+        }
+        if self.server.max_body_size < self.server.max_publication_size {
+            return Err(ConfigError::Invalid(format!(
+                "server.max_body_size ({}) must be at least server.max_publication_size ({})",
+                self.server.max_body_size, self.server.max_publication_size
+            )));
+        }
+        if self.api.keys.iter().any(|k| k.len() < 16) {
+            return Err(ConfigError::Invalid("every api.keys entry must be at least 16 characters".into()));
+        }
+        if !self.token.hmac_secret.is_empty() && self.token.hmac_secret.len() < 32 {
+            return Err(ConfigError::Invalid("token.hmac_secret must be at least 32 characters".into()));
+        }
+        if self.storage.max_batch == 0 || self.storage.readers == 0 {
+            return Err(ConfigError::Invalid("storage.max_batch and storage.readers must be above 0".into()));
+        }
+        self.namespaces()?;
+        Ok(())
+    }
+
+    pub fn namespaces(&self) -> Result<Namespaces, ConfigError> {
+        Namespaces::new(self.namespace.clone(), self.namespaces.clone())
+            .map_err(|e| ConfigError::Invalid(e.detail))
+    }
+}
+
+/// `HERALD_SERVER__LISTEN=…` → `server.listen`. `HERALD_CONFIG` (the config path) and
+/// `HERALD_TEST_*` (test-suite settings) are not config keys.
+fn env_provider() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .split("__")
+        .filter(|key| {
+            let key = key.as_str();
+            key != "config" && !key.starts_with("test_")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp file");
+        std::fs::write(file.path(), text).expect("write");
+        file
+    }
+
+    #[test]
+    fn file_then_cli_override() {
+        let file = write(
+            "[server]\nlisten = \"127.0.0.1:9000\"\n[[namespaces]]\nname = \"chat\"\npresence = true\n",
+        );
+        let cli = CliOverrides { listen: Some("127.0.0.1:9100".parse().expect("addr")), ..Default::default() };
+        let config = Config::load(Some(file.path()), &cli).expect("load");
+        assert_eq!(config.server.listen.port(), 9100);
+        assert_eq!(config.namespaces[0].name, "chat");
+        assert!(config.namespaces[0].options.presence);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let file = write("[server]\nlisen = \"127.0.0.1:9000\"\n");
+        let err = Config::load(Some(file.path()), &CliOverrides::default()).expect_err("unknown key");
+        let text = err.to_string();
+        assert!(text.contains("lisen"), "{text}");
+        assert!(text.contains(&file.path().display().to_string()), "{text}");
+    }
+
+    #[test]
+    fn unknown_namespace_option_is_rejected() {
+        let file = write("[[namespaces]]\nname = \"chat\"\nhistroy_size = 5\n");
+        let err = Config::load(Some(file.path()), &CliOverrides::default()).expect_err("typo");
+        assert!(err.to_string().contains("histroy_size"), "{err}");
+    }
+
+    #[test]
+    fn short_secrets_are_rejected() {
+        let file = write("[api]\nkeys = [\"short\"]\n");
+        assert!(Config::load(Some(file.path()), &CliOverrides::default()).is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! Starts in-process servers on 127.0.0.1:0 for the API tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use herald_server::app::{AppState, serve};
+use herald_server::auth::ApiKeys;
+use herald_server::config::{Config, Engine};
+use serde_json::Value;
+
+pub const API_KEY: &str = "test-api-key-0123456789";
+
+pub struct TestServer {
+    pub url: String,
+    pub http: reqwest::Client,
+    pub state: Arc<AppState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    pub data_dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A config with a small publication limit and a few namespaces.
+pub fn test_config(engine: Engine) -> Config {
+    let text = r#"
+        [server]
+        max_publication_size = 1024
+        max_body_size = 4096
+        [api]
+        keys = ["test-api-key-0123456789"]
+        [namespace]
+        history_size = 100
+        history_ttl = "1h"
+        [[namespaces]]
+        name = "room"
+        presence = true
+        [[namespaces]]
+        name = "live"
+        history_size = 0
+    "#;
+    let mut config: Config = toml::from_str(text).expect("test config");
+    config.storage.engine = engine;
+    config
+}
+
+impl TestServer {
+    pub async fn start(engine: Engine) -> Self {
+        let mut config = test_config(engine);
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        config.storage.data_dir = data_dir.path().to_owned();
+        Self::start_with(config, Some(data_dir)).await
+    }
+
+    pub async fn start_with(config: Config, data_dir: Option<tempfile::TempDir>) -> Self {
+        let node = herald_server::build::build_node(&config).expect("build node");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let keys = ApiKeys::new(config.api.keys.iter().map(String::as_str));
+        let state = Arc::new(AppState::new(node, config, keys));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, state.clone(), async move {
+            let _ = rx.await;
+        }));
+        Self { url, http: reqwest::Client::new(), state, shutdown: Some(tx), data_dir }
+    }
+
+    /// POSTs raw `body` to `/api/{method}` with the test key; returns status and JSON body.
+    pub async fn raw(&self, method: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}/api/{method}", self.url))
+            .header("X-API-Key", API_KEY)
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body {text:?} (HTTP {status})"));
+        (status, json)
+    }
+
+    pub async fn call(&self, method: &str, params: Value) -> (u16, Value) {
+        self.raw(method, params.to_string()).await
+    }
+
+    /// Calls a method that must succeed and returns its `result`.
+    pub async fn ok(&self, method: &str, params: Value) -> Value {
+        let (status, body) = self.call(method, params).await;
+        assert_eq!(status, 200, "{method}: {body}");
+        assert!(body.get("error").is_none(), "{method}: {body}");
+        body["result"].clone()
+    }
+
+    /// Calls a method that must fail with `code` and returns the error object.
+    pub async fn err(&self, method: &str, params: Value, status: u16, code: u64) -> Value {
+        let (got_status, body) = self.call(method, params).await;
+        assert_eq!(got_status, status, "{method}: {body}");
+        assert_eq!(body["error"]["code"], code, "{method}: {body}");
+        assert!(body["error"]["message"].is_string(), "{method}: {body}");
+        body["error"].clone()
+    }
+}
