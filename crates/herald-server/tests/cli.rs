@@ -1,0 +1,161 @@
+//! The `herald` binary end to end: the no-config quick start, the CLI commands, restart
+//! persistence, graceful shutdown and start-up errors.
+
+#[path = "common/process.rs"]
+mod process;
+
+use std::time::Duration;
+
+use process::{ServerProcess, run};
+use serde_json::{Value, json};
+
+const SIGTERM: i32 = 15;
+const SIGINT: i32 = 2;
+
+fn api_key_from_banner(banner: &[String]) -> String {
+    banner
+        .iter()
+        .find_map(|line| line.trim().strip_prefix("API key: "))
+        .expect("banner shows the API key")
+        .trim()
+        .to_owned()
+}
+
+async fn post(url: &str, key: &str, method: &str, body: Value) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/api/{method}"))
+        .header("X-API-Key", key)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 200);
+    response.json().await.expect("json")
+}
+
+#[tokio::test]
+async fn quick_start_without_config_persists_across_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = ServerProcess::start(&["--listen", "127.0.0.1:0"], dir.path());
+    let key = api_key_from_banner(&server.banner);
+    assert!(server.banner.iter().any(|l| l.contains("curl -X POST") && l.contains(&key)), "{:?}", server.banner);
+    assert!(dir.path().join("herald-data/secrets.toml").exists(), "secrets kept in ./herald-data");
+
+    // Anonymous publishing is refused.
+    let anonymous = reqwest::Client::new()
+        .post(format!("{}/api/publish", server.url))
+        .json(&json!({"channel": "news", "data": 1}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(anonymous.status().as_u16(), 401);
+
+    // The CLI finds the server and key from the same folder.
+    let url = server.url.clone();
+    for n in 1..=3 {
+        let (code, stdout, stderr) = run(&["publish", "news", &format!("{{\"n\":{n}}}"), "--url", &url], dir.path());
+        assert_eq!(code, 0, "publish failed: {stderr}");
+        let result: Value = serde_json::from_str(stdout.trim()).expect("publish prints JSON");
+        assert_eq!(result["offset"], n);
+    }
+    let (code, stdout, _) = run(&["publish", "news", "hello", "--url", &url], dir.path());
+    assert_eq!(code, 0);
+    assert!(stdout.contains("\"offset\":4"));
+
+    server.signal(SIGTERM);
+    assert_eq!(server.wait(Duration::from_secs(10)), Some(0), "graceful shutdown exits 0");
+
+    let server = ServerProcess::start(&["--listen", "127.0.0.1:0"], dir.path());
+    assert_eq!(api_key_from_banner(&server.banner), key, "the generated key is reused");
+    let (code, stdout, stderr) = run(&["history", "news", "--url", &server.url], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["data"], json!({"n": 1}));
+    assert_eq!(lines[3]["data"], json!("hello"));
+    let next = post(&server.url, &key, "publish", json!({"channel": "news", "data": 5})).await;
+    assert_eq!(next["result"]["offset"], 5, "offsets continue after restart");
+}
+
+#[tokio::test]
+async fn memory_mode_and_sigint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = ServerProcess::start(&["--memory", "--listen", "127.0.0.1:0"], dir.path());
+    let key = api_key_from_banner(&server.banner);
+    assert!(server.banner.iter().any(|l| l.contains("memory")));
+    assert!(!dir.path().join("herald-data").exists(), "--memory writes nothing");
+    let result = post(&server.url, &key, "publish", json!({"channel": "a", "data": 1})).await;
+    assert_eq!(result["result"]["offset"], 1);
+    server.signal(SIGINT);
+    assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn unwritable_data_dir_fails_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"not a folder").expect("write");
+    let data_dir = blocker.join("data");
+    let data_dir = data_dir.to_str().expect("utf-8 path");
+    let (code, stdout, stderr) = run(&["serve", "--data-dir", data_dir, "--listen", "127.0.0.1:0"], dir.path());
+    assert_ne!(code, 0, "must not start: {stdout}");
+    assert!(stderr.contains(data_dir), "error names the folder: {stderr}");
+    assert!(!stdout.contains("listening"), "{stdout}");
+}
+
+#[test]
+fn genconfig_check_config_and_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (code, _, stderr) = run(&["genconfig", "-o", "herald.toml"], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    let text = std::fs::read_to_string(dir.path().join("herald.toml")).expect("config written");
+    let (code, _, _) = run(&["genconfig", "-o", "herald.toml"], dir.path());
+    assert_ne!(code, 0, "refuses to overwrite");
+    let (_, _, _) = run(&["genconfig", "-o", "other.toml"], dir.path());
+    let other = std::fs::read_to_string(dir.path().join("other.toml")).expect("second config");
+    assert_ne!(text, other, "secrets are fresh each time");
+
+    let (code, stdout, stderr) = run(&["check-config", "--config", "herald.toml"], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ok"));
+
+    std::fs::write(dir.path().join("bad.toml"), "[server]\nlisen = \"x\"\n").expect("write");
+    let (code, _, stderr) = run(&["check-config", "--config", "bad.toml"], dir.path());
+    assert_ne!(code, 0);
+    assert!(stderr.contains("lisen") && stderr.contains("bad.toml"), "{stderr}");
+
+    let (code, stdout, stderr) = run(&["token", "--config", "herald.toml", "--user", "alice", "--channels", "a,b", "--ttl", "1h"], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    let token = stdout.trim();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let secret = text
+        .lines()
+        .find_map(|l| l.strip_prefix("hmac_secret = "))
+        .expect("secret in config")
+        .trim_matches('"');
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    let claims = jsonwebtoken::decode::<Value>(token, &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()), &validation)
+        .expect("token verifies with the configured secret")
+        .claims;
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["channels"], json!(["a", "b"]));
+
+    let (code, stdout, _) = run(&["version"], dir.path());
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("herald "));
+}
+
+#[test]
+fn environment_overrides_and_unknown_env_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = std::process::Command::new(process::herald_bin())
+        .args(["check-config"])
+        .env("HERALD_SERVER__LISEN", "x")
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("lisen") && stderr.contains("HERALD_"), "names key and source: {stderr}");
+}
