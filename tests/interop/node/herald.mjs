@@ -1,0 +1,153 @@
+// Runs a real `herald serve` process for the Node interop tests.
+//
+// The binary is $HERALD_BIN, or <repo>/target/debug/herald ($CARGO_TARGET_DIR/debug/herald when
+// set). Each server gets a temp config with a random API key, SQLite storage in a temp data dir
+// and `--listen 127.0.0.1:0`; the URL comes from the stdout line
+// `Herald <version> listening on http://127.0.0.1:PORT`. stop() sends SIGTERM and requires a
+// graceful exit (code 0) within 10 seconds.
+
+import { spawn } from 'node:child_process';
+import { randomInt } from 'node:crypto';
+import { existsSync, mkdtempSync, openSync, closeSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+const STARTUP_TIMEOUT_MS = 30_000;
+const SHUTDOWN_TIMEOUT_MS = 10_000;
+
+// Never leave a server behind if the test process exits early.
+const running = new Set();
+process.on('exit', () => {
+  for (const child of running) child.kill('SIGKILL');
+});
+
+export function heraldBin() {
+  if (process.env.HERALD_BIN) return process.env.HERALD_BIN;
+  const target = path.resolve(REPO, process.env.CARGO_TARGET_DIR || 'target');
+  return path.join(target, 'debug', 'herald');
+}
+
+// The test environment minus HERALD_* variables: herald reads every HERALD_* variable as a
+// config key and refuses unknown ones (HERALD_BIN would stop it from starting), and the config
+// file alone should decide how the server under test runs.
+function serverEnv() {
+  const env = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith('HERALD_')));
+  env.NO_COLOR = '1'; // plain-text logs in the captured stderr
+  return env;
+}
+
+export function randomToken(length) {
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
+  let out = '';
+  for (let i = 0; i < length; i++) out += alphabet[randomInt(alphabet.length)];
+  return out;
+}
+
+function configText(apiKey, dataDir) {
+  return `[api]
+keys = ["${apiKey}"]
+
+[token]
+hmac_secret = "${randomToken(48)}"
+
+[storage]
+engine = "sqlite"
+data_dir = ${JSON.stringify(dataDir)}
+
+[namespace]
+history_size = 1000
+history_ttl = "1h"
+
+[[namespaces]]
+name = "room"
+presence = true
+history_size = 100
+history_ttl = "1h"
+`;
+}
+
+/** Starts a server on a fresh temp dir; resolves to {url, apiUrl, apiKey, stop()}. */
+export async function startHerald() {
+  const bin = heraldBin();
+  if (!existsSync(bin)) {
+    throw new Error(`herald binary not found at ${bin}: run \`cargo build -p herald-server --bin herald\` or set HERALD_BIN`);
+  }
+  const root = mkdtempSync(path.join(tmpdir(), 'herald-node-'));
+  const apiKey = randomToken(32);
+  const config = path.join(root, 'herald.toml');
+  writeFileSync(config, configText(apiKey, path.join(root, 'data')));
+  const logPath = path.join(root, 'herald.log');
+  const logFd = openSync(logPath, 'a');
+
+  const child = spawn(bin, ['serve', '--config', config, '--listen', '127.0.0.1:0'], {
+    cwd: root,
+    env: serverEnv(),
+    stdio: ['ignore', 'pipe', logFd],
+  });
+  closeSync(logFd);
+  running.add(child);
+  const exited = new Promise((resolve) => child.on('exit', (code, signal) => {
+    running.delete(child);
+    resolve({ code, signal });
+  }));
+  const stdout = [];
+  const diagnostics = () => {
+    let stderr = '';
+    try { stderr = readFileSync(logPath, 'utf8').slice(-8000); } catch { /* gone */ }
+    return `\n--- herald stdout ---\n${stdout.join('\n')}\n--- herald stderr (${logPath}) ---\n${stderr}`;
+  };
+
+  const url = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`herald did not print its URL within ${STARTUP_TIMEOUT_MS} ms${diagnostics()}`));
+    }, STARTUP_TIMEOUT_MS);
+    const lines = createInterface({ input: child.stdout });
+    let found = false;
+    lines.on('line', (line) => {
+      stdout.push(line);
+      const match = /listening on (http:\/\/\S+)/.exec(line);
+      if (match && !found) {
+        found = true;
+        clearTimeout(timer);
+        resolve(match[1].replace(/\/$/, ''));
+      }
+    });
+    exited.then(({ code, signal }) => {
+      if (!found) {
+        clearTimeout(timer);
+        reject(new Error(`herald exited (code ${code}, signal ${signal}) before listening${diagnostics()}`));
+      }
+    });
+  });
+
+  let stopped = false;
+  return {
+    url,
+    apiUrl: `${url}/api`,
+    apiKey,
+    /** SIGTERM; resolves to the exit code, rejects unless it is 0 within 10 s. */
+    async stop() {
+      if (stopped) return 0;
+      stopped = true;
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      let timer;
+      const timeout = new Promise((resolve) => { timer = setTimeout(() => resolve(null), SHUTDOWN_TIMEOUT_MS); });
+      const result = await Promise.race([exited, timeout]);
+      clearTimeout(timer);
+      if (result === null) {
+        child.kill('SIGKILL');
+        await exited;
+        throw new Error(`herald did not exit within ${SHUTDOWN_TIMEOUT_MS} ms of SIGTERM${diagnostics()}`);
+      }
+      if (result.code !== 0) {
+        throw new Error(`herald exited with code ${result.code} (signal ${result.signal}) after SIGTERM, expected 0${diagnostics()}`);
+      }
+      rmSync(root, { recursive: true, force: true });
+      return result.code;
+    },
+  };
+}
