@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 
 /// Where a channel's stream is: the last offset and the epoch it belongs to.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamPosition {
     #[serde(default)]
     pub offset: u64,

@@ -47,7 +47,7 @@ pub struct ServerConfig {
     pub max_publication_size: usize,
     /// How long a graceful shutdown may take before in-flight requests are cut.
     pub shutdown_timeout: HumanDuration,
-    /// Slowest a client may be to send request headers and body.
+    /// Longest a server API request may take, from reading its body to the response (408 after).
     pub request_timeout: HumanDuration,
 }
 
@@ -242,7 +242,8 @@ fn env_provider() -> Env {
     Env::prefixed(ENV_PREFIX)
         .split("__")
         .filter(|key| {
-            let key = key.as_str();
+            // figment hands the key over with its original case.
+            let key = key.as_str().to_ascii_lowercase();
             key != "config" && !key.starts_with("test_")
         })
 }

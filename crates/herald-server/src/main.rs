@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct ConfigArgs {
-    /// TOML config file (default: none; HERALD_* variables still apply).
+    /// TOML config file (default: ./herald.toml if it exists; HERALD_* variables apply on top).
     #[arg(long, short = 'c', env = "HERALD_CONFIG")]
     config: Option<PathBuf>,
     /// Data folder (embedded database and generated secrets).
@@ -142,7 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine: memory.then_some(Engine::Memory),
                 api_key: None,
             };
-            let config = Config::load(config.config.as_deref(), &overrides)?;
+            let config = Config::load(config_path(&config).as_deref(), &overrides)?;
             runtime()?.block_on(serve_command(config))
         }
         Command::Publish { channel, data, client, idempotency_key, skip_history } => {
@@ -183,7 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
-            let path = config.config.clone();
+            let path = config_path(&config);
             load_config(&config)?;
             match path {
                 Some(path) => println!("{}: ok", path.display()),
@@ -202,9 +202,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the Tokio runtime")
 }
 
+/// The config file to read: `--config`/`HERALD_CONFIG`, else `./herald.toml` if it exists.
+fn config_path(args: &ConfigArgs) -> Option<PathBuf> {
+    args.config.clone().or_else(|| {
+        let default = PathBuf::from(DEFAULT_CONFIG_FILE);
+        default.is_file().then_some(default)
+    })
+}
+
+const DEFAULT_CONFIG_FILE: &str = "herald.toml";
+
 fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
     let overrides = CliOverrides { data_dir: args.data_dir.clone(), ..CliOverrides::default() };
-    Ok(Config::load(args.config.as_deref(), &overrides)?)
+    Ok(Config::load(config_path(args).as_deref(), &overrides)?)
 }
 
 /// JSON if it parses, otherwise the text as a JSON string (so `herald publish news hello` works).

@@ -159,3 +159,28 @@ fn environment_overrides_and_unknown_env_keys() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("lisen") && stderr.contains("HERALD_"), "names key and source: {stderr}");
 }
+
+#[test]
+fn config_path_and_test_variables_are_not_config_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("custom.toml"), "[server]\nname = \"from-file\"\n").expect("write");
+    let output = std::process::Command::new(process::herald_bin())
+        .args(["check-config"])
+        .env("HERALD_CONFIG", "custom.toml")
+        .env("HERALD_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("custom.toml: ok"));
+}
+
+#[test]
+fn herald_toml_in_the_working_folder_is_picked_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("herald.toml"), "[server]\nlisen = 1\n").expect("write");
+    let (code, _, stderr) = run(&["check-config"], dir.path());
+    assert_ne!(code, 0, "the broken ./herald.toml must be read");
+    assert!(stderr.contains("lisen"), "{stderr}");
+}

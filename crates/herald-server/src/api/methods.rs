@@ -83,9 +83,23 @@ pub async fn call(node: &Node, method: &str, params: &RawValue) -> Result<Box<Ra
     }
 }
 
+/// Decodes `data`/`b64data` and applies the publication size limit (413 when over it).
+fn checked_payload(
+    node: &Node,
+    data: Option<Box<RawValue>>,
+    b64data: Option<String>,
+) -> Result<herald_core::Payload, ApiError> {
+    let payload = payload(data, b64data).map_err(|e| node_err(HeraldError::bad_request(e)))?;
+    let limit = node.config().max_publication_size;
+    if payload.len() > limit {
+        return Err(ApiError::payload_too_large(payload.len(), limit));
+    }
+    Ok(payload)
+}
+
 async fn publish(node: &Node, params: PublishParams) -> Result<Box<RawValue>, ApiError> {
     require_channel(&params.channel)?;
-    let data = payload(params.data, params.b64data).map_err(|e| node_err(HeraldError::bad_request(e)))?;
+    let data = checked_payload(node, params.data, params.b64data)?;
     let request = PublishRequest {
         channel: params.channel,
         data,
@@ -124,7 +138,7 @@ async fn broadcast(node: &Node, params: BroadcastParams) -> Result<Box<RawValue>
             format!("a broadcast reaches at most {MAX_BROADCAST_CHANNELS} channels"),
         )));
     }
-    let data = payload(params.data, params.b64data).map_err(|e| node_err(HeraldError::bad_request(e)))?;
+    let data = checked_payload(node, params.data, params.b64data)?;
     let idempotency_key = params.idempotency_key.filter(|k| !k.is_empty());
     let publishes = params.channels.into_iter().map(|channel| {
         let request = PublishRequest {

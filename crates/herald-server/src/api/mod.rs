@@ -38,10 +38,18 @@ impl ApiError {
         Self { status, error: HeraldError::new(code, detail) }
     }
 
-    /// API-level errors keep HTTP 200, except a payload over the limit (413).
+    /// API-level errors keep HTTP 200 (what Centrifugo's clients expect).
     pub fn from_node(error: HeraldError) -> Self {
-        let status = if error.code == ErrorCode::LimitExceeded { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::OK };
-        Self { status, error }
+        Self { status: StatusCode::OK, error }
+    }
+
+    /// Publication data over `server.max_publication_size`: 413, like an oversized body.
+    pub fn payload_too_large(size: usize, limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::LimitExceeded,
+            format!("publication data is {size} bytes; the limit is {limit}"),
+        )
     }
 
     pub fn bad_json(err: &serde_json::Error) -> Self {
