@@ -1,0 +1,516 @@
+//! The single writer thread: group commit, retention, idempotency and the periodic prune.
+//!
+//! Owns: the write connection, the cache of each channel's top offset and epoch, and the
+//! order in which publications are stored and handed to the [`CommitListener`].
+//!
+//! May touch: the database through its one connection, the listener (after commit only) and
+//! the reply channels of the commands it receives. It never blocks an async worker: callers
+//! send a [`Command`] and await a oneshot.
+//!
+//! Why one thread: SQLite allows one writer at a time anyway, and funnelling every write
+//! through one owner lets many publications share one transaction (one fsync under
+//! `synchronous=FULL`, one WAL append under `NORMAL`), keeps offsets contiguous without
+//! locks, and lets stream tops live in memory instead of being re-read on every append.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use herald_core::publication::{PublicationEvent, StreamPosition};
+use herald_core::store::{AppendRequest, Appended, CommitListener, StoreError};
+use herald_core::time::now_ms;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::codec::{encode_extras, millis, to_i64, to_u64};
+
+/// Most channels whose top/epoch the writer keeps in memory. Past it the cache is emptied
+/// and refilled lazily, so millions of short-lived channels cannot grow memory unbounded.
+const STREAM_CACHE_CAPACITY: usize = 100_000;
+
+/// Most rows one prune step deletes per table, so a large expiry wave is spread over several
+/// short transactions with appends in between instead of one long stall.
+const PRUNE_CHUNK: i64 = 10_000;
+
+/// Work for the writer thread.
+pub enum Command {
+    Append {
+        request: AppendRequest,
+        reply: oneshot::Sender<Result<Appended, StoreError>>,
+    },
+    Remove {
+        channel: Box<str>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Completed once everything queued before it is committed.
+    Flush {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Commit what is queued before it, then stop.
+    Shutdown,
+}
+
+impl Command {
+    fn into_reply(self) -> Option<Reply> {
+        match self {
+            Self::Append { reply, .. } => Some(Reply::Append {
+                reply,
+                result: Err(StoreError::Backend("not applied".to_owned())),
+            }),
+            Self::Remove { reply, .. } | Self::Flush { reply } => Some(Reply::Done { reply }),
+            Self::Shutdown => None,
+        }
+    }
+}
+
+/// A caller waiting for the batch its command is in.
+enum Reply {
+    Append {
+        reply: oneshot::Sender<Result<Appended, StoreError>>,
+        result: Result<Appended, StoreError>,
+    },
+    Done {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl Reply {
+    // A send fails only when the caller stopped waiting (its future was dropped); the
+    // command took effect all the same, so there is nobody left to tell.
+    fn complete(self) {
+        match self {
+            Self::Append { reply, result } => {
+                let _ = reply.send(result);
+            }
+            Self::Done { reply } => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    fn fail(self, message: &str) {
+        let error = StoreError::Backend(message.to_owned());
+        match self {
+            Self::Append { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Done { reply } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+/// A channel's stream as the database has it (or will, once the open batch commits).
+struct StreamMeta {
+    /// Row id in `streams`; `None` until the channel's first append creates the row.
+    id: Option<i64>,
+    top: u64,
+    epoch: Arc<str>,
+    /// Offsets up to here are known to be deleted by size retention, so a batch that would
+    /// trim nothing new skips the DELETE.
+    trimmed: u64,
+}
+
+/// What one batch produced, kept apart from the writer so a failed batch can be undone.
+#[derive(Default)]
+struct Batch {
+    replies: Vec<Reply>,
+    /// Stored publications, in the order they were assigned offsets.
+    events: Vec<PublicationEvent>,
+    /// Channels appended to in this batch, with the retention size of their last request.
+    touched: HashMap<Arc<str>, u32>,
+    /// Idempotency keys stored in this batch, which the database cannot see until commit.
+    keys: HashMap<(Arc<str>, String), StreamPosition>,
+}
+
+/// The state the writer thread owns.
+pub struct Writer {
+    conn: Connection,
+    listener: Arc<dyn CommitListener>,
+    default_epoch: Arc<str>,
+    streams: HashMap<Arc<str>, StreamMeta>,
+    max_batch: usize,
+    prune_interval: Duration,
+}
+
+impl Writer {
+    pub fn new(
+        conn: Connection,
+        listener: Arc<dyn CommitListener>,
+        default_epoch: Arc<str>,
+        max_batch: usize,
+        prune_interval: Duration,
+    ) -> Self {
+        Self {
+            conn,
+            listener,
+            default_epoch,
+            streams: HashMap::new(),
+            max_batch,
+            prune_interval,
+        }
+    }
+
+    /// The thread's body: batch, commit, notify; prune when due. Returns on
+    /// [`Command::Shutdown`] or when every sender is gone, after committing what came before.
+    pub fn run(mut self, commands: Receiver<Command>) {
+        let mut batch: Vec<Command> = Vec::with_capacity(self.max_batch);
+        let mut next_prune = Instant::now() + self.prune_interval;
+        loop {
+            let mut stop = false;
+            // Waking at the prune deadline even when idle is what makes TTL pruning happen
+            // on a quiet server.
+            match commands.recv_timeout(next_prune.saturating_duration_since(Instant::now())) {
+                Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => stop = true,
+                Ok(command) => {
+                    batch.push(command);
+                    // Group commit: everything that queued up while the previous batch was
+                    // committing goes into this one.
+                    while batch.len() < self.max_batch {
+                        match commands.try_recv() {
+                            Ok(Command::Shutdown) => {
+                                stop = true;
+                                break;
+                            }
+                            Ok(command) => batch.push(command),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if !batch.is_empty() {
+                self.run_batch(&mut batch);
+            }
+            if stop {
+                break;
+            }
+            if Instant::now() >= next_prune {
+                let more = self.prune();
+                // A full chunk means more is expired: continue right after the next batch.
+                next_prune = if more {
+                    Instant::now()
+                } else {
+                    Instant::now() + self.prune_interval
+                };
+            }
+        }
+        // Commands queued after Shutdown are dropped with the receiver; their callers see
+        // the store as closed.
+        tracing::debug!("sqlite history writer stopped");
+    }
+
+    fn run_batch(&mut self, batch: &mut Vec<Command>) {
+        if self.streams.len() > STREAM_CACHE_CAPACITY {
+            self.streams.clear();
+        }
+        let now = now_ms();
+        let mut work = Batch::default();
+        let mut commands = batch.drain(..);
+        match self.apply(&mut commands, &mut work, now) {
+            Ok(()) => {
+                // After commit, in offset order: fan-out never runs ahead of history.
+                for event in work.events {
+                    let event = Arc::new(event);
+                    let listener = &self.listener;
+                    if catch_unwind(AssertUnwindSafe(|| listener.committed(event))).is_err() {
+                        // A broken listener must not take history down with it.
+                        tracing::error!("history commit listener panicked");
+                    }
+                }
+                for reply in work.replies {
+                    reply.complete();
+                }
+            }
+            Err(error) => {
+                if !self.conn.is_autocommit() {
+                    // If even the rollback fails, the next BEGIN reports the problem.
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                // The cached tops of these channels counted publications that were rolled
+                // back; forget them so they are re-read and offsets stay contiguous.
+                for channel in work.touched.keys() {
+                    self.streams.remove(channel);
+                }
+                let message = format!("sqlite write failed: {error}");
+                tracing::error!(error = %error, commands = work.replies.len(), "sqlite history batch failed");
+                for reply in work.replies {
+                    reply.fail(&message);
+                }
+                for reply in commands.filter_map(Command::into_reply) {
+                    reply.fail(&message);
+                }
+            }
+        }
+    }
+
+    /// Applies commands in one transaction and commits it. On error the transaction is left
+    /// open for the caller to roll back, and `commands` holds those not yet applied.
+    fn apply(
+        &mut self,
+        commands: &mut impl Iterator<Item = Command>,
+        work: &mut Batch,
+        now: u64,
+    ) -> rusqlite::Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        for command in commands.by_ref() {
+            match command {
+                Command::Append { request, reply } => {
+                    // Both outcomes queue the reply, so a database failure still answers
+                    // this caller (with the batch's error) instead of dropping it.
+                    let outcome = self.append(request, work, now);
+                    let (result, failure) = match outcome {
+                        Ok(result) => (result, None),
+                        Err(error) => (Err(StoreError::Backend(error.to_string())), Some(error)),
+                    };
+                    work.replies.push(Reply::Append { reply, result });
+                    if let Some(error) = failure {
+                        return Err(error);
+                    }
+                }
+                Command::Remove { channel, reply } => {
+                    work.replies.push(Reply::Done { reply });
+                    // In command order, so appends queued after the remove survive it.
+                    let id = match self.streams.get(&*channel) {
+                        Some(meta) => meta.id,
+                        None => load_meta(&self.conn, &channel, &self.default_epoch)?.id,
+                    };
+                    if let Some(id) = id {
+                        self.conn
+                            .prepare_cached("DELETE FROM publications WHERE stream = ?1")?
+                            .execute(params![id])?;
+                    }
+                }
+                Command::Flush { reply } => work.replies.push(Reply::Done { reply }),
+                Command::Shutdown => {}
+            }
+        }
+        self.finish_streams(work)?;
+        self.conn.execute_batch("COMMIT")
+    }
+
+    /// Assigns the next offset and stores one publication, unless its idempotency key was
+    /// seen. The outer error is the database's (fails the batch); the inner one is this
+    /// request's alone.
+    fn append(
+        &mut self,
+        request: AppendRequest,
+        work: &mut Batch,
+        now: u64,
+    ) -> rusqlite::Result<Result<Appended, StoreError>> {
+        let AppendRequest {
+            channel,
+            mut publication,
+            retention,
+            idempotency,
+        } = request;
+        let extras = match encode_extras(&publication) {
+            Ok(extras) => extras,
+            Err(error) => {
+                return Ok(Err(StoreError::Backend(format!(
+                    "cannot encode publication: {error}"
+                ))));
+            }
+        };
+        if let Some((key, _)) = &idempotency
+            && let Some(position) = self.seen_key(work, &channel, key, now)?
+        {
+            return Ok(Ok(Appended {
+                position,
+                duplicate: true,
+            }));
+        }
+
+        // Recorded before the cached top changes, so a failure below resets this channel.
+        work.touched.insert(channel.clone(), retention.size);
+        let meta = match self.streams.entry(channel.clone()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                entry.insert(load_meta(&self.conn, &channel, &self.default_epoch)?)
+            }
+        };
+        let stream = match meta.id {
+            Some(id) => id,
+            None => {
+                // The top is written once per batch in `finish_streams`; the row is created
+                // now because its id keys the publication.
+                self.conn
+                    .prepare_cached("INSERT INTO streams (channel, top, epoch) VALUES (?1, 0, ?2)")?
+                    .execute(params![&*channel, &*meta.epoch])?;
+                let id = self.conn.last_insert_rowid();
+                meta.id = Some(id);
+                id
+            }
+        };
+        let offset = meta.top + 1;
+        let expires = now.saturating_add(millis(retention.ttl));
+        let data = publication.data.bytes();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO publications (stream, seq, time_ms, expires_ms, is_binary, data, tags, info)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                stream,
+                to_i64(offset),
+                to_i64(publication.time_ms),
+                to_i64(expires),
+                publication.data.is_binary(),
+                &data[..],
+                extras.tags,
+                extras.info,
+            ])?;
+        meta.top = offset;
+        let epoch = meta.epoch.clone();
+        let position = StreamPosition::new(offset, &*epoch);
+
+        if let Some((key, window)) = idempotency {
+            let until = now.saturating_add(millis(window));
+            self.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO idempotency (channel, key, seq, epoch, expires_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    &*channel,
+                    &key,
+                    to_i64(offset),
+                    &*epoch,
+                    to_i64(until)
+                ])?;
+            work.keys.insert((channel.clone(), key), position.clone());
+        }
+
+        publication.offset = offset;
+        work.events
+            .push(PublicationEvent::new(channel, epoch, publication));
+        Ok(Ok(Appended {
+            position,
+            duplicate: false,
+        }))
+    }
+
+    /// The first result for `key` on `channel`, if it is still inside its window: from this
+    /// batch (not yet visible in the database) or from the database.
+    fn seen_key(
+        &self,
+        work: &Batch,
+        channel: &Arc<str>,
+        key: &str,
+        now: u64,
+    ) -> rusqlite::Result<Option<StreamPosition>> {
+        if let Some(position) = work.keys.get(&(channel.clone(), key.to_owned())) {
+            return Ok(Some(position.clone()));
+        }
+        self.conn
+            .prepare_cached("SELECT seq, epoch FROM idempotency WHERE channel = ?1 AND key = ?2 AND expires_ms > ?3")?
+            .query_row(params![&**channel, key, to_i64(now)], |row| {
+                Ok(StreamPosition::new(to_u64(row.get(0)?), row.get::<_, String>(1)?))
+            })
+            .optional()
+    }
+
+    /// Once per channel per batch: persist the new top and apply size retention.
+    fn finish_streams(&mut self, work: &Batch) -> rusqlite::Result<()> {
+        let mut update = self
+            .conn
+            .prepare_cached("UPDATE streams SET top = ?2 WHERE id = ?1")?;
+        let mut trim = self
+            .conn
+            .prepare_cached("DELETE FROM publications WHERE stream = ?1 AND seq <= ?2")?;
+        for (channel, size) in &work.touched {
+            let meta = self
+                .streams
+                .get_mut(channel)
+                .expect("a channel appended to in this batch has cached meta");
+            let id = meta.id.expect("a channel appended to has a streams row");
+            update.execute(params![id, to_i64(meta.top)])?;
+            let cut = meta.top.saturating_sub(u64::from(*size));
+            if cut > meta.trimmed {
+                trim.execute(params![id, to_i64(cut)])?;
+                meta.trimmed = cut;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes one chunk of expired publications and idempotency keys in its own short
+    /// transaction. Returns whether a chunk was full (more may be waiting).
+    fn prune(&mut self) -> bool {
+        let now = to_i64(now_ms());
+        let conn = &self.conn;
+        let result = (|| -> rusqlite::Result<bool> {
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            let publications = conn
+                .prepare_cached(
+                    "DELETE FROM publications WHERE id IN
+                     (SELECT id FROM publications WHERE expires_ms <= ?1 LIMIT ?2)",
+                )?
+                .execute(params![now, PRUNE_CHUNK])?;
+            let keys = conn
+                .prepare_cached(
+                    "DELETE FROM idempotency WHERE (channel, key) IN
+                     (SELECT channel, key FROM idempotency WHERE expires_ms <= ?1 LIMIT ?2)",
+                )?
+                .execute(params![now, PRUNE_CHUNK])?;
+            conn.execute_batch("COMMIT")?;
+            if publications > 0 || keys > 0 {
+                tracing::debug!(publications, keys, "pruned expired history");
+            }
+            let full = |n: usize| i64::try_from(n).is_ok_and(|n| n >= PRUNE_CHUNK);
+            Ok(full(publications) || full(keys))
+        })();
+        match result {
+            Ok(more) => more,
+            Err(error) => {
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                // Expired rows are already invisible to reads; the next prune retries.
+                tracing::warn!(error = %error, "pruning expired sqlite history failed");
+                false
+            }
+        }
+    }
+}
+
+/// A channel's top and epoch from the database; a channel never appended to is at offset 0
+/// in the store-wide default epoch (the same answer readers give for it).
+fn load_meta(
+    conn: &Connection,
+    channel: &str,
+    default_epoch: &Arc<str>,
+) -> rusqlite::Result<StreamMeta> {
+    let row: Option<(i64, i64, String)> = conn
+        .prepare_cached("SELECT id, top, epoch FROM streams WHERE channel = ?1")?
+        .query_row(params![channel], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    Ok(match row {
+        Some((id, top, epoch)) => {
+            // Most streams share the default epoch; sharing the Arc saves an allocation each.
+            let epoch = if *epoch == **default_epoch {
+                default_epoch.clone()
+            } else {
+                Arc::from(epoch)
+            };
+            StreamMeta {
+                id: Some(id),
+                top: to_u64(top),
+                epoch,
+                trimmed: 0,
+            }
+        }
+        None => StreamMeta {
+            id: None,
+            top: 0,
+            epoch: default_epoch.clone(),
+            trimmed: 0,
+        },
+    })
+}

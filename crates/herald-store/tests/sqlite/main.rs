@@ -1,0 +1,6 @@
+//! Integration tests of the SQLite history store, in one test binary so the helpers in
+//! `common` are shared without dead-code noise.
+
+mod common;
+mod conformance;
+mod durability;
