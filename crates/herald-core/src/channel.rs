@@ -58,14 +58,20 @@ impl ChannelName {
             )));
         }
         if let Some(bad) = name.bytes().find(|b| !is_allowed_char(*b)) {
-            let shown = if bad.is_ascii_graphic() { format!("{:?}", bad as char) } else { format!("byte 0x{bad:02x}") };
+            let shown = if bad.is_ascii_graphic() {
+                format!("{:?}", bad as char)
+            } else {
+                format!("byte 0x{bad:02x}")
+            };
             return Err(HeraldError::bad_request(format!(
                 "channel name contains {shown}; allowed are ASCII letters, digits and {ALLOWED_PUNCTUATION}"
             )));
         }
         let namespace_len = name.find(NAMESPACE_BOUNDARY);
         if namespace_len == Some(0) {
-            return Err(HeraldError::bad_request("channel namespace before ':' is empty"));
+            return Err(HeraldError::bad_request(
+                "channel namespace before ':' is empty",
+            ));
         }
         let users_start = name.rfind(USER_BOUNDARY).map(|i| i + 1);
         if let Some(start) = users_start {
@@ -76,7 +82,11 @@ impl ChannelName {
                 ));
             }
         }
-        Ok(Self { full: Arc::from(name), namespace_len, users_start })
+        Ok(Self {
+            full: Arc::from(name),
+            namespace_len,
+            users_start,
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -94,7 +104,8 @@ impl ChannelName {
 
     /// Users allowed to subscribe to a user-limited channel; `None` if not user-limited.
     pub fn allowed_users(&self) -> Option<impl Iterator<Item = &str>> {
-        self.users_start.map(|start| self.full[start..].split(USER_SEPARATOR))
+        self.users_start
+            .map(|start| self.full[start..].split(USER_SEPARATOR))
     }
 
     /// True if `user` may subscribe as far as the `#` rule goes.
@@ -141,7 +152,17 @@ mod tests {
     #[test]
     fn rejects_bad_names_with_bad_request() {
         let too_long = "a".repeat(256);
-        for bad in ["", ":x", "has space", "emoji\u{1F600}", "tab\t", "inbox:#", "dm:#a,,b", "x*", too_long.as_str()] {
+        for bad in [
+            "",
+            ":x",
+            "has space",
+            "emoji\u{1F600}",
+            "tab\t",
+            "inbox:#",
+            "dm:#a,,b",
+            "x*",
+            too_long.as_str(),
+        ] {
             let err = parse(bad).expect_err(bad);
             assert_eq!(err.code, ErrorCode::BadRequest, "{bad:?}");
         }

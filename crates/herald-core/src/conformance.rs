@@ -13,7 +13,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::publication::{ClientInfo, Payload, Publication, PublicationEvent, StreamPosition};
-use crate::store::{AppendRequest, CommitListener, HistoryQuery, HistoryStore, Retention, StoreError};
+use crate::store::{
+    AppendRequest, CommitListener, HistoryQuery, HistoryStore, Retention, StoreError,
+};
 
 /// Records what a store hands to its listener.
 #[derive(Debug, Default)]
@@ -23,11 +25,16 @@ pub struct RecordingListener {
 
 impl CommitListener for RecordingListener {
     fn committed(&self, event: Arc<PublicationEvent>) {
-        self.events.lock().push((event.channel.to_string(), event.publication.offset));
+        self.events
+            .lock()
+            .push((event.channel.to_string(), event.publication.offset));
     }
 }
 
-const KEEP: Retention = Retention { size: 1000, ttl: Duration::from_secs(3600) };
+const KEEP: Retention = Retention {
+    size: 1000,
+    ttl: Duration::from_secs(3600),
+};
 
 fn publication(data: &str) -> Publication {
     Publication {
@@ -40,16 +47,37 @@ fn publication(data: &str) -> Publication {
 }
 
 fn request(channel: &str, data: &str, retention: Retention) -> AppendRequest {
-    AppendRequest { channel: Arc::from(channel), publication: publication(data), retention, idempotency: None }
+    AppendRequest {
+        channel: Arc::from(channel),
+        publication: publication(data),
+        retention,
+        idempotency: None,
+    }
 }
 
-async fn append(store: &dyn HistoryStore, channel: &str, data: &str, retention: Retention) -> StreamPosition {
-    store.append(request(channel, data, retention)).await.expect("append must succeed").position
+async fn append(
+    store: &dyn HistoryStore,
+    channel: &str,
+    data: &str,
+    retention: Retention,
+) -> StreamPosition {
+    store
+        .append(request(channel, data, retention))
+        .await
+        .expect("append must succeed")
+        .position
 }
 
-async fn read(store: &dyn HistoryStore, channel: &str, query: HistoryQuery) -> (Vec<u64>, StreamPosition) {
+async fn read(
+    store: &dyn HistoryStore,
+    channel: &str,
+    query: HistoryQuery,
+) -> (Vec<u64>, StreamPosition) {
     let page = store.read(channel, query).await.expect("read must succeed");
-    (page.publications.iter().map(|p| p.offset).collect(), page.position)
+    (
+        page.publications.iter().map(|p| p.offset).collect(),
+        page.position,
+    )
 }
 
 fn all() -> HistoryQuery {
@@ -64,7 +92,9 @@ where
 {
     let fresh = || async {
         let listener = Arc::new(RecordingListener::default());
-        let store = factory(listener.clone()).await.expect("factory must build a store");
+        let store = factory(listener.clone())
+            .await
+            .expect("factory must build a store");
         (store, listener)
     };
 
@@ -74,16 +104,32 @@ where
         let mut tasks = Vec::new();
         for i in 0..200 {
             let store = store.clone();
-            tasks.push(tokio::spawn(async move { append(&*store, "c:a", &format!("{i}"), KEEP).await.offset }));
+            tasks.push(tokio::spawn(async move {
+                append(&*store, "c:a", &format!("{i}"), KEEP).await.offset
+            }));
         }
         let mut offsets = Vec::new();
         for task in tasks {
             offsets.push(task.await.expect("task"));
         }
         offsets.sort_unstable();
-        assert_eq!(offsets, (1..=200).collect::<Vec<_>>(), "offsets must be contiguous from 1");
-        let seen: Vec<u64> = listener.events.lock().iter().filter(|(c, _)| c == "c:a").map(|(_, o)| *o).collect();
-        assert_eq!(seen, (1..=200).collect::<Vec<_>>(), "listener must see offsets in order, once each");
+        assert_eq!(
+            offsets,
+            (1..=200).collect::<Vec<_>>(),
+            "offsets must be contiguous from 1"
+        );
+        let seen: Vec<u64> = listener
+            .events
+            .lock()
+            .iter()
+            .filter(|(c, _)| c == "c:a")
+            .map(|(_, o)| *o)
+            .collect();
+        assert_eq!(
+            seen,
+            (1..=200).collect::<Vec<_>>(),
+            "listener must see offsets in order, once each"
+        );
         let other = append(&*store, "c:b", "x", KEEP).await;
         assert_eq!(other.offset, 1, "channels have independent offsets");
     }
@@ -93,20 +139,35 @@ where
         let (store, _) = fresh().await;
         let (_, empty) = read(&*store, "e", all()).await;
         assert_eq!(empty.offset, 0, "an unknown channel is at offset 0");
-        assert!(!empty.epoch.is_empty(), "an unknown channel still has an epoch");
+        assert!(
+            !empty.epoch.is_empty(),
+            "an unknown channel still has an epoch"
+        );
         let (_, again) = read(&*store, "e", all()).await;
-        assert_eq!(empty.epoch, again.epoch, "reading must not change the epoch");
+        assert_eq!(
+            empty.epoch, again.epoch,
+            "reading must not change the epoch"
+        );
         let first = append(&*store, "e", "1", KEEP).await;
-        assert_eq!(first.epoch, empty.epoch, "the first append keeps the epoch readers saw");
+        assert_eq!(
+            first.epoch, empty.epoch,
+            "the first append keeps the epoch readers saw"
+        );
         let (other_store, _) = fresh().await;
         let (_, other) = read(&*other_store, "e", all()).await;
-        assert_ne!(other.epoch, first.epoch, "a reset stream must report a new epoch");
+        assert_ne!(
+            other.epoch, first.epoch,
+            "a reset stream must report a new epoch"
+        );
     }
 
     // Retention by size.
     {
         let (store, _) = fresh().await;
-        let small = Retention { size: 3, ttl: Duration::from_secs(3600) };
+        let small = Retention {
+            size: 3,
+            ttl: Duration::from_secs(3600),
+        };
         for i in 0..10 {
             append(&*store, "s", &format!("{i}"), small).await;
         }
@@ -118,16 +179,26 @@ where
     // Retention by TTL: expired publications disappear, the offset stays.
     {
         let (store, _) = fresh().await;
-        let short = Retention { size: 100, ttl: Duration::from_millis(300) };
+        let short = Retention {
+            size: 100,
+            ttl: Duration::from_millis(300),
+        };
         for i in 0..3 {
             append(&*store, "t", &format!("{i}"), short).await;
         }
         assert_eq!(read(&*store, "t", all()).await.0.len(), 3);
         tokio::time::sleep(Duration::from_millis(450)).await;
         let (offsets, top) = read(&*store, "t", all()).await;
-        assert!(offsets.is_empty(), "TTL must expire publications, got {offsets:?}");
+        assert!(
+            offsets.is_empty(),
+            "TTL must expire publications, got {offsets:?}"
+        );
         assert_eq!(top.offset, 3, "expiry keeps the top offset");
-        assert_eq!(append(&*store, "t", "next", short).await.offset, 4, "offsets continue after expiry");
+        assert_eq!(
+            append(&*store, "t", "next", short).await.offset,
+            4,
+            "offsets continue after expiry"
+        );
     }
 
     // Paging forwards and backwards from a position.
@@ -138,27 +209,67 @@ where
         }
         let (_, top) = read(&*store, "p", all()).await;
         let at = |offset: u64| Some(StreamPosition::new(offset, top.epoch.clone()));
-        let q = |since, limit, reverse| HistoryQuery { since, limit, reverse };
-        assert_eq!(read(&*store, "p", q(None, Some(3), false)).await.0, vec![1, 2, 3]);
-        assert_eq!(read(&*store, "p", q(None, Some(3), true)).await.0, vec![10, 9, 8]);
-        assert_eq!(read(&*store, "p", q(at(4), Some(3), false)).await.0, vec![5, 6, 7]);
-        assert_eq!(read(&*store, "p", q(at(4), None, true)).await.0, vec![3, 2, 1]);
-        assert_eq!(read(&*store, "p", q(at(10), None, false)).await.0, Vec::<u64>::new());
-        assert_eq!(read(&*store, "p", q(None, Some(0), false)).await.0, Vec::<u64>::new(), "limit 0 = position only");
+        let q = |since, limit, reverse| HistoryQuery {
+            since,
+            limit,
+            reverse,
+        };
+        assert_eq!(
+            read(&*store, "p", q(None, Some(3), false)).await.0,
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            read(&*store, "p", q(None, Some(3), true)).await.0,
+            vec![10, 9, 8]
+        );
+        assert_eq!(
+            read(&*store, "p", q(at(4), Some(3), false)).await.0,
+            vec![5, 6, 7]
+        );
+        assert_eq!(
+            read(&*store, "p", q(at(4), None, true)).await.0,
+            vec![3, 2, 1]
+        );
+        assert_eq!(
+            read(&*store, "p", q(at(10), None, false)).await.0,
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            read(&*store, "p", q(None, Some(0), false)).await.0,
+            Vec::<u64>::new(),
+            "limit 0 = position only"
+        );
         let no_epoch = Some(StreamPosition::new(8, ""));
-        assert_eq!(read(&*store, "p", q(no_epoch, None, false)).await.0, vec![9, 10], "empty epoch is not checked");
+        assert_eq!(
+            read(&*store, "p", q(no_epoch, None, false)).await.0,
+            vec![9, 10],
+            "empty epoch is not checked"
+        );
 
-        let page = store.read("p", q(at(0), Some(1), false)).await.expect("read");
+        let page = store
+            .read("p", q(at(0), Some(1), false))
+            .await
+            .expect("read");
         let first = &page.publications[0];
-        assert_eq!(first.data, Payload::Json(Bytes::from_static(b"0")), "data round-trips");
+        assert_eq!(
+            first.data,
+            Payload::Json(Bytes::from_static(b"0")),
+            "data round-trips"
+        );
 
         let stale = Some(StreamPosition::new(4, "not-the-epoch"));
         assert!(
-            matches!(store.read("p", q(stale, None, false)).await, Err(StoreError::UnrecoverablePosition(_))),
+            matches!(
+                store.read("p", q(stale, None, false)).await,
+                Err(StoreError::UnrecoverablePosition(_))
+            ),
             "a stale epoch is unrecoverable"
         );
         assert!(
-            matches!(store.read("p", q(at(11), None, false)).await, Err(StoreError::UnrecoverablePosition(_))),
+            matches!(
+                store.read("p", q(at(11), None, false)).await,
+                Err(StoreError::UnrecoverablePosition(_))
+            ),
             "an offset from the future is unrecoverable"
         );
     }
@@ -173,10 +284,24 @@ where
         let first = store.append(keyed("i", "k1", 400)).await.expect("append");
         assert!(!first.duplicate);
         let again = store.append(keyed("i", "k1", 400)).await.expect("append");
-        assert!(again.duplicate, "a repeated key inside the window is a duplicate");
-        assert_eq!(again.position, first.position, "a duplicate returns the first result");
-        assert_eq!(read(&*store, "i", all()).await.0, vec![1], "a duplicate stores nothing");
-        assert_eq!(listener.events.lock().len(), 1, "a duplicate is not fanned out");
+        assert!(
+            again.duplicate,
+            "a repeated key inside the window is a duplicate"
+        );
+        assert_eq!(
+            again.position, first.position,
+            "a duplicate returns the first result"
+        );
+        assert_eq!(
+            read(&*store, "i", all()).await.0,
+            vec![1],
+            "a duplicate stores nothing"
+        );
+        assert_eq!(
+            listener.events.lock().len(),
+            1,
+            "a duplicate is not fanned out"
+        );
         let elsewhere = store.append(keyed("j", "k1", 400)).await.expect("append");
         assert!(!elsewhere.duplicate, "keys are per channel");
         tokio::time::sleep(Duration::from_millis(550)).await;
@@ -203,11 +328,17 @@ where
             ..publication("null")
         };
         let first = store
-            .append(AppendRequest { publication: binary, ..request("r", "", KEEP) })
+            .append(AppendRequest {
+                publication: binary,
+                ..request("r", "", KEEP)
+            })
             .await
             .expect("append");
         let page = store.read("r", all()).await.expect("read");
-        assert_eq!(page.publications[0].data, Payload::Binary(Bytes::from_static(&[0, 159, 146, 150])));
+        assert_eq!(
+            page.publications[0].data,
+            Payload::Binary(Bytes::from_static(&[0, 159, 146, 150]))
+        );
         assert_eq!(page.publications[0].tags, tags);
         assert_eq!(page.publications[0].info.as_deref(), Some(&info));
         store.remove("r").await.expect("remove");

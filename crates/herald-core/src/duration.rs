@@ -30,10 +30,14 @@ impl HumanDuration {
 /// Parses `"250ms"`, `"10s"`, `"5m"`, `"2h"`, `"7d"` or `"42"` (seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     if digits.is_empty() {
-        return Err(format!("invalid duration {text:?}: expected a number followed by ms, s, m, h or d"));
+        return Err(format!(
+            "invalid duration {text:?}: expected a number followed by ms, s, m, h or d"
+        ));
     }
     let value: u64 = digits
         .parse()
@@ -44,7 +48,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        other => return Err(format!("invalid duration {text:?}: unknown unit {other:?} (use ms, s, m, h or d)")),
+        other => {
+            return Err(format!(
+                "invalid duration {text:?}: unknown unit {other:?} (use ms, s, m, h or d)"
+            ));
+        }
     };
     value
         .checked_mul(millis_per_unit)
@@ -55,13 +63,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 86_400_000 == 0 && ms > 0 {
+        if ms.is_multiple_of(86_400_000) && ms > 0 {
             write!(f, "{}d", ms / 86_400_000)
-        } else if ms % 3_600_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(3_600_000) && ms > 0 {
             write!(f, "{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
             write!(f, "{}m", ms / 60_000)
-        } else if ms % 1_000 == 0 {
+        } else if ms.is_multiple_of(1_000) {
             write!(f, "{}s", ms / 1_000)
         } else {
             write!(f, "{ms}ms")

@@ -59,7 +59,10 @@ pub struct HeraldError {
 
 impl HeraldError {
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
-        Self { code, detail: detail.into() }
+        Self {
+            code,
+            detail: detail.into(),
+        }
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
@@ -83,9 +86,17 @@ impl HeraldError {
 impl From<StoreError> for HeraldError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::UnrecoverablePosition(detail) => Self::new(ErrorCode::UnrecoverablePosition, detail),
-            StoreError::Unavailable(detail) => Self::new(ErrorCode::Internal, format!("history store unavailable: {detail}")),
-            StoreError::Backend(detail) => Self::new(ErrorCode::Internal, format!("history store error: {detail}")),
+            StoreError::UnrecoverablePosition(detail) => {
+                Self::new(ErrorCode::UnrecoverablePosition, detail)
+            }
+            StoreError::Unavailable(detail) => Self::new(
+                ErrorCode::Internal,
+                format!("history store unavailable: {detail}"),
+            ),
+            StoreError::Backend(detail) => Self::new(
+                ErrorCode::Internal,
+                format!("history store error: {detail}"),
+            ),
         }
     }
 }

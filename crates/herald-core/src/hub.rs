@@ -32,19 +32,22 @@ pub trait Subscriber: Send + Sync + 'static {
 }
 
 type Subscribers = Vec<(SubscriberId, Arc<dyn Subscriber>)>;
+type Shard = RwLock<HashMap<Arc<str>, Subscribers>>;
 
 const SHARDS: usize = 64;
 
 /// Local subscriptions by channel.
 pub struct Hub {
-    shards: Box<[RwLock<HashMap<Arc<str>, Subscribers>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
     next_id: AtomicU64,
 }
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub").field("channels", &self.num_channels()).finish()
+        f.debug_struct("Hub")
+            .field("channels", &self.num_channels())
+            .finish()
     }
 }
 
@@ -70,13 +73,17 @@ impl Hub {
         }
     }
 
-    fn shard(&self, channel: &str) -> &RwLock<HashMap<Arc<str>, Subscribers>> {
+    fn shard(&self, channel: &str) -> &Shard {
         let index = (self.hasher.hash_one(channel) as usize) % SHARDS;
         &self.shards[index]
     }
 
     /// Adds a subscriber; returns its id and whether it is the channel's first local one.
-    pub fn subscribe(&self, channel: &Arc<str>, subscriber: Arc<dyn Subscriber>) -> (SubscriberId, bool) {
+    pub fn subscribe(
+        &self,
+        channel: &Arc<str>,
+        subscriber: Arc<dyn Subscriber>,
+    ) -> (SubscriberId, bool) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut shard = self.shard(channel).write();
         let subs = shard.entry(channel.clone()).or_default();
@@ -87,7 +94,9 @@ impl Hub {
     /// Removes a subscriber; returns true if the channel has no local subscribers left.
     pub fn unsubscribe(&self, channel: &str, id: SubscriberId) -> bool {
         let mut shard = self.shard(channel).write();
-        let Some(subs) = shard.get_mut(channel) else { return false };
+        let Some(subs) = shard.get_mut(channel) else {
+            return false;
+        };
         subs.retain(|(sid, _)| *sid != id);
         if subs.is_empty() {
             shard.remove(channel);
@@ -104,7 +113,9 @@ impl Hub {
         let mut closed = Vec::new();
         {
             let shard = self.shard(channel).read();
-            let Some(subs) = shard.get(&**channel) else { return outcome };
+            let Some(subs) = shard.get(&**channel) else {
+                return outcome;
+            };
             for (id, sub) in subs {
                 match sub.deliver(event) {
                     Delivery::Queued => outcome.queued += 1,
@@ -128,7 +139,12 @@ impl Hub {
     pub fn channels(&self) -> Vec<(Arc<str>, usize)> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
-            out.extend(shard.read().iter().map(|(name, subs)| (name.clone(), subs.len())));
+            out.extend(
+                shard
+                    .read()
+                    .iter()
+                    .map(|(name, subs)| (name.clone(), subs.len())),
+            );
         }
         out
     }
@@ -138,14 +154,17 @@ impl Hub {
     }
 
     pub fn num_subscriptions(&self) -> usize {
-        self.shards.iter().map(|s| s.read().values().map(Vec::len).sum::<usize>()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.read().values().map(Vec::len).sum::<usize>())
+            .sum()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publication::{ClientInfo, ChannelEvent};
+    use crate::publication::{ChannelEvent, ClientInfo};
     use parking_lot::Mutex;
 
     struct Recorder {
@@ -163,21 +182,38 @@ mod tests {
     fn join(channel: &str) -> ChannelEvent {
         ChannelEvent::Join {
             channel: Arc::from(channel),
-            info: Arc::new(ClientInfo { client: "c".into(), user: "u".into(), conn_info: None, chan_info: None }),
+            info: Arc::new(ClientInfo {
+                client: "c".into(),
+                user: "u".into(),
+                conn_info: None,
+                chan_info: None,
+            }),
         }
     }
 
     #[test]
     fn delivers_only_to_the_channel_and_removes_closed() {
         let hub = Hub::new();
-        let a = Arc::new(Recorder { seen: Mutex::new(vec![]), answer: Delivery::Queued });
-        let gone = Arc::new(Recorder { seen: Mutex::new(vec![]), answer: Delivery::Closed });
+        let a = Arc::new(Recorder {
+            seen: Mutex::new(vec![]),
+            answer: Delivery::Queued,
+        });
+        let gone = Arc::new(Recorder {
+            seen: Mutex::new(vec![]),
+            answer: Delivery::Closed,
+        });
         let ch_a: Arc<str> = Arc::from("a");
         let (_, first) = hub.subscribe(&ch_a, a.clone());
         assert!(first);
         let (_, first) = hub.subscribe(&ch_a, gone.clone());
         assert!(!first);
-        hub.subscribe(&Arc::from("b"), Arc::new(Recorder { seen: Mutex::new(vec![]), answer: Delivery::Queued }));
+        hub.subscribe(
+            &Arc::from("b"),
+            Arc::new(Recorder {
+                seen: Mutex::new(vec![]),
+                answer: Delivery::Queued,
+            }),
+        );
 
         let outcome = hub.broadcast(&join("a"));
         assert_eq!(outcome.queued, 1);
@@ -194,7 +230,10 @@ mod tests {
     fn last_unsubscribe_drops_the_channel() {
         let hub = Hub::new();
         let ch: Arc<str> = Arc::from("x");
-        let sub = Arc::new(Recorder { seen: Mutex::new(vec![]), answer: Delivery::Queued });
+        let sub = Arc::new(Recorder {
+            seen: Mutex::new(vec![]),
+            answer: Delivery::Queued,
+        });
         let (id1, _) = hub.subscribe(&ch, sub.clone());
         let (id2, _) = hub.subscribe(&ch, sub);
         assert!(!hub.unsubscribe("x", id1));

@@ -18,7 +18,11 @@ pub struct IdempotencyWindow<V = Option<StreamPosition>> {
 
 impl<V: Clone> IdempotencyWindow<V> {
     pub fn new(capacity: usize) -> Self {
-        Self { entries: HashMap::new(), order: VecDeque::new(), capacity: capacity.max(1) }
+        Self {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
     }
 
     /// The remembered result for `key` on `channel`, if still inside its window at `now_ms`.

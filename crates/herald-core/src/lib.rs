@@ -32,5 +32,10 @@ pub use hub::{Delivery, Hub, Subscriber, SubscriberId};
 pub use namespace::{NamespaceOptions, Namespaces};
 pub use node::{Node, NodeConfig, PublishRequest, PublishResult};
 pub use presence::{PresenceStats, PresenceStore};
-pub use publication::{ChannelEvent, ClientInfo, Payload, Publication, PublicationEvent, StreamPosition};
-pub use store::{AppendRequest, Appended, CommitListener, HistoryPage, HistoryQuery, HistoryStore, Retention, StoreError};
+pub use publication::{
+    ChannelEvent, ClientInfo, Payload, Publication, PublicationEvent, StreamPosition,
+};
+pub use store::{
+    AppendRequest, Appended, CommitListener, HistoryPage, HistoryQuery, HistoryStore, Retention,
+    StoreError,
+};

@@ -12,8 +12,8 @@ use crate::idempotency::IdempotencyWindow;
 use crate::presence::{PresenceError, PresenceStats, PresenceStore};
 use crate::publication::{ClientInfo, Publication, PublicationEvent, StreamPosition, new_epoch};
 use crate::store::{
-    AppendRequest, Appended, CommitListener, HistoryPage, HistoryQuery, HistoryStore, StoreError, check_since,
-    select_range,
+    AppendRequest, Appended, CommitListener, HistoryPage, HistoryQuery, HistoryStore, StoreError,
+    check_since, select_range,
 };
 use crate::time::now_ms;
 
@@ -26,7 +26,11 @@ struct Stream {
 
 impl Stream {
     fn drop_expired(&mut self, now: u64) {
-        while self.retained.front().is_some_and(|(_, expires)| *expires <= now) {
+        while self
+            .retained
+            .front()
+            .is_some_and(|(_, expires)| *expires <= now)
+        {
             self.retained.pop_front();
         }
     }
@@ -47,7 +51,9 @@ pub struct MemoryHistoryStore {
 
 impl std::fmt::Debug for MemoryHistoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryHistoryStore").field("epoch", &self.epoch).finish()
+        f.debug_struct("MemoryHistoryStore")
+            .field("epoch", &self.epoch)
+            .finish()
     }
 }
 
@@ -76,31 +82,49 @@ impl HistoryStore for MemoryHistoryStore {
         if let Some((key, _)) = &request.idempotency
             && let Some(position) = state.idempotency.get(&request.channel, key, now)
         {
-            return Ok(Appended { position, duplicate: true });
+            return Ok(Appended {
+                position,
+                duplicate: true,
+            });
         }
-        let stream = state.streams.entry(request.channel.clone()).or_insert_with(|| Stream {
-            epoch: self.epoch.clone(),
-            top: 0,
-            retained: VecDeque::new(),
-        });
+        let stream = state
+            .streams
+            .entry(request.channel.clone())
+            .or_insert_with(|| Stream {
+                epoch: self.epoch.clone(),
+                top: 0,
+                retained: VecDeque::new(),
+            });
         stream.top += 1;
         let mut publication = request.publication;
         publication.offset = stream.top;
         let ttl_ms = u64::try_from(request.retention.ttl.as_millis()).unwrap_or(u64::MAX);
-        stream.retained.push_back((publication.clone(), now.saturating_add(ttl_ms)));
+        stream
+            .retained
+            .push_back((publication.clone(), now.saturating_add(ttl_ms)));
         while stream.retained.len() > request.retention.size as usize {
             stream.retained.pop_front();
         }
         stream.drop_expired(now);
         let position = StreamPosition::new(stream.top, &*stream.epoch);
         if let Some((key, window)) = &request.idempotency {
-            let deadline = now.saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
-            state.idempotency.insert(&request.channel, key, position.clone(), deadline);
+            let deadline =
+                now.saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+            state
+                .idempotency
+                .insert(&request.channel, key, position.clone(), deadline);
         }
         // Under the lock, so listeners see each channel's publications in offset order.
         let epoch = stream.epoch.clone();
-        self.listener.committed(Arc::new(PublicationEvent::new(request.channel, epoch, publication)));
-        Ok(Appended { position, duplicate: false })
+        self.listener.committed(Arc::new(PublicationEvent::new(
+            request.channel,
+            epoch,
+            publication,
+        )));
+        Ok(Appended {
+            position,
+            duplicate: false,
+        })
     }
 
     async fn read(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError> {
@@ -111,14 +135,20 @@ impl HistoryStore for MemoryHistoryStore {
             if let Some(since) = &query.since {
                 check_since(since, &top)?;
             }
-            return Ok(HistoryPage { publications: Vec::new(), position: top });
+            return Ok(HistoryPage {
+                publications: Vec::new(),
+                position: top,
+            });
         };
         stream.drop_expired(now);
         let top = StreamPosition::new(stream.top, &*stream.epoch);
         if let Some(since) = &query.since {
             check_since(since, &top)?;
         }
-        let first = stream.retained.front().map_or(stream.top + 1, |(p, _)| p.offset);
+        let first = stream
+            .retained
+            .front()
+            .map_or(stream.top + 1, |(p, _)| p.offset);
         let mut publications = Vec::new();
         if let Some((from, to)) = select_range(&query, first, stream.top) {
             let start = (from - first) as usize;
@@ -128,7 +158,10 @@ impl HistoryStore for MemoryHistoryStore {
                 publications.reverse();
             }
         }
-        Ok(HistoryPage { publications, position: top })
+        Ok(HistoryPage {
+            publications,
+            position: top,
+        })
     }
 
     async fn remove(&self, channel: &str) -> Result<(), StoreError> {
@@ -158,7 +191,11 @@ impl MemoryPresenceStore {
 #[async_trait]
 impl PresenceStore for MemoryPresenceStore {
     async fn add(&self, channel: &str, info: ClientInfo) -> Result<(), PresenceError> {
-        self.channels.lock().entry(channel.to_owned()).or_default().insert(info.client.clone(), info);
+        self.channels
+            .lock()
+            .entry(channel.to_owned())
+            .or_default()
+            .insert(info.client.clone(), info);
         Ok(())
     }
 
@@ -174,14 +211,24 @@ impl PresenceStore for MemoryPresenceStore {
     }
 
     async fn get(&self, channel: &str) -> Result<HashMap<String, ClientInfo>, PresenceError> {
-        Ok(self.channels.lock().get(channel).cloned().unwrap_or_default())
+        Ok(self
+            .channels
+            .lock()
+            .get(channel)
+            .cloned()
+            .unwrap_or_default())
     }
 
     async fn stats(&self, channel: &str) -> Result<PresenceStats, PresenceError> {
         let channels = self.channels.lock();
-        let Some(clients) = channels.get(channel) else { return Ok(PresenceStats::default()) };
+        let Some(clients) = channels.get(channel) else {
+            return Ok(PresenceStats::default());
+        };
         let users: HashSet<&str> = clients.values().map(|c| c.user.as_str()).collect();
-        Ok(PresenceStats { num_clients: clients.len() as u64, num_users: users.len() as u64 })
+        Ok(PresenceStats {
+            num_clients: clients.len() as u64,
+            num_users: users.len() as u64,
+        })
     }
 }
 
@@ -210,11 +257,20 @@ mod tests {
         store.add("ch", info("c1", "alice")).await.expect("add");
         store.add("ch", info("c2", "alice")).await.expect("add");
         store.add("ch", info("c3", "bob")).await.expect("add");
-        assert_eq!(store.stats("ch").await.expect("stats"), PresenceStats { num_clients: 3, num_users: 2 });
+        assert_eq!(
+            store.stats("ch").await.expect("stats"),
+            PresenceStats {
+                num_clients: 3,
+                num_users: 2
+            }
+        );
         store.remove("ch", "c1").await.expect("remove");
         assert_eq!(store.get("ch").await.expect("get").len(), 2);
         store.remove("ch", "c2").await.expect("remove");
         store.remove("ch", "c3").await.expect("remove");
-        assert_eq!(store.stats("ch").await.expect("stats"), PresenceStats::default());
+        assert_eq!(
+            store.stats("ch").await.expect("stats"),
+            PresenceStats::default()
+        );
     }
 }

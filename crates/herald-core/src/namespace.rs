@@ -80,7 +80,10 @@ impl Namespaces {
         let mut map = HashMap::with_capacity(named.len());
         for ns in named {
             let valid = !ns.name.is_empty()
-                && ns.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                && ns
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
             if !valid {
                 return Err(HeraldError::bad_request(format!(
                     "namespace name {:?} must be non-empty and use only letters, digits, '_' and '-'",
@@ -88,10 +91,16 @@ impl Namespaces {
                 )));
             }
             if map.insert(ns.name.clone(), Arc::new(ns.options)).is_some() {
-                return Err(HeraldError::bad_request(format!("namespace {:?} is configured twice", ns.name)));
+                return Err(HeraldError::bad_request(format!(
+                    "namespace {:?} is configured twice",
+                    ns.name
+                )));
             }
         }
-        Ok(Self { default: Arc::new(default), named: map })
+        Ok(Self {
+            default: Arc::new(default),
+            named: map,
+        })
     }
 
     /// Options for `channel`, or `unknown channel` if its namespace is not configured.
@@ -99,7 +108,10 @@ impl Namespaces {
         match channel.namespace() {
             None => Ok(&self.default),
             Some(ns) => self.named.get(ns).ok_or_else(|| {
-                HeraldError::new(ErrorCode::UnknownChannel, format!("namespace {ns:?} is not configured"))
+                HeraldError::new(
+                    ErrorCode::UnknownChannel,
+                    format!("namespace {ns:?} is not configured"),
+                )
             }),
         }
     }
@@ -116,10 +128,16 @@ mod tests {
 
     #[test]
     fn resolves_default_named_and_unknown() {
-        let chat = NamespaceOptions { presence: true, ..NamespaceOptions::default() };
+        let chat = NamespaceOptions {
+            presence: true,
+            ..NamespaceOptions::default()
+        };
         let namespaces = Namespaces::new(
             NamespaceOptions::default(),
-            vec![NamedNamespace { name: "chat".into(), options: chat.clone() }],
+            vec![NamedNamespace {
+                name: "chat".into(),
+                options: chat.clone(),
+            }],
         )
         .expect("valid");
         let rules = ChannelRules::default();
@@ -129,12 +147,18 @@ mod tests {
         };
         assert_eq!(resolve("news"), Ok(NamespaceOptions::default()));
         assert_eq!(resolve("chat:1"), Ok(chat));
-        assert_eq!(resolve("nope:1").expect_err("unknown").code, ErrorCode::UnknownChannel);
+        assert_eq!(
+            resolve("nope:1").expect_err("unknown").code,
+            ErrorCode::UnknownChannel
+        );
     }
 
     #[test]
     fn rejects_duplicate_and_bad_names() {
-        let ns = |name: &str| NamedNamespace { name: name.into(), options: NamespaceOptions::default() };
+        let ns = |name: &str| NamedNamespace {
+            name: name.into(),
+            options: NamespaceOptions::default(),
+        };
         assert!(Namespaces::new(NamespaceOptions::default(), vec![ns("a"), ns("a")]).is_err());
         assert!(Namespaces::new(NamespaceOptions::default(), vec![ns("a:b")]).is_err());
         assert!(Namespaces::new(NamespaceOptions::default(), vec![ns("")]).is_err());

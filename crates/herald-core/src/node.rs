@@ -21,7 +21,9 @@ use crate::hub::{Hub, Subscriber, SubscriberId};
 use crate::idempotency::IdempotencyWindow;
 use crate::namespace::{NamespaceOptions, Namespaces};
 use crate::presence::{PresenceStats, PresenceStore};
-use crate::publication::{ChannelEvent, ClientInfo, Payload, Publication, PublicationEvent, StreamPosition};
+use crate::publication::{
+    ChannelEvent, ClientInfo, Payload, Publication, PublicationEvent, StreamPosition,
+};
 use crate::store::{AppendRequest, HistoryPage, HistoryQuery, HistoryStore, Retention};
 use crate::time::now_ms;
 
@@ -128,14 +130,23 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("uid", &self.inner.uid).field("name", &self.inner.config.name).finish()
+        f.debug_struct("Node")
+            .field("uid", &self.inner.uid)
+            .field("name", &self.inner.config.name)
+            .finish()
     }
 }
 
 impl Node {
     /// Builds a node and starts its fan-out task. `feed` must be the listener the history
     /// backend was built with, `queue` its other end. Needs a Tokio runtime.
-    pub fn new(config: NodeConfig, backends: Backends, hub: Arc<Hub>, feed: FanoutFeed, queue: FanoutQueue) -> Self {
+    pub fn new(
+        config: NodeConfig,
+        backends: Backends,
+        hub: Arc<Hub>,
+        feed: FanoutFeed,
+        queue: FanoutQueue,
+    ) -> Self {
         let stats = Arc::new(NodeStats::default());
         let fanout_task = tokio::spawn(run_fanout(queue, backends.broker.clone(), stats.clone()));
         Self {
@@ -145,7 +156,9 @@ impl Node {
                 backends,
                 hub,
                 feed,
-                unstored_idempotency: Mutex::new(IdempotencyWindow::new(crate::memory::IDEMPOTENCY_CAPACITY)),
+                unstored_idempotency: Mutex::new(IdempotencyWindow::new(
+                    crate::memory::IDEMPOTENCY_CAPACITY,
+                )),
                 stats,
                 started: Instant::now(),
                 fanout_task: Mutex::new(Some(fanout_task)),
@@ -158,7 +171,9 @@ impl Node {
         let hub = Arc::new(Hub::new());
         let (feed, queue) = crate::fanout::channel();
         let backends = Backends {
-            history: Arc::new(crate::memory::MemoryHistoryStore::new(Arc::new(feed.clone()))),
+            history: Arc::new(crate::memory::MemoryHistoryStore::new(Arc::new(
+                feed.clone(),
+            ))),
             presence: Arc::new(crate::memory::MemoryPresenceStore::new()),
             broker: Arc::new(crate::broker::LocalBroker::new(hub.clone())),
         };
@@ -178,7 +193,10 @@ impl Node {
     }
 
     /// Validates a channel name and resolves its namespace options.
-    pub fn resolve(&self, channel: &str) -> Result<(ChannelName, Arc<NamespaceOptions>), HeraldError> {
+    pub fn resolve(
+        &self,
+        channel: &str,
+    ) -> Result<(ChannelName, Arc<NamespaceOptions>), HeraldError> {
         let name = ChannelName::parse(channel, &self.inner.config.channel_rules)?;
         let options = self.inner.config.namespaces.resolve(&name)?.clone();
         Ok((name, options))
@@ -203,13 +221,18 @@ impl Node {
         if request.data.len() > max {
             return Err(HeraldError::new(
                 ErrorCode::LimitExceeded,
-                format!("publication data is {} bytes; the limit is {max}", request.data.len()),
+                format!(
+                    "publication data is {} bytes; the limit is {max}",
+                    request.data.len()
+                ),
             ));
         }
         if let Some(key) = &request.idempotency_key
             && key.len() > 256
         {
-            return Err(HeraldError::bad_request("idempotency_key is longer than 256 bytes"));
+            return Err(HeraldError::bad_request(
+                "idempotency_key is longer than 256 bytes",
+            ));
         }
         let publication = Publication {
             offset: 0,
@@ -228,7 +251,10 @@ impl Node {
                 .append(AppendRequest {
                     channel: channel.as_arc().clone(),
                     publication,
-                    retention: Retention { size: options.history_size, ttl: options.history_ttl.as_duration() },
+                    retention: Retention {
+                        size: options.history_size,
+                        ttl: options.history_ttl.as_duration(),
+                    },
                     idempotency: request.idempotency_key.map(|key| (key, window)),
                 })
                 .await?;
@@ -238,35 +264,61 @@ impl Node {
                 stats.publications.fetch_add(1, Ordering::Relaxed);
                 stats.history_writes.fetch_add(1, Ordering::Relaxed);
             }
-            return Ok(PublishResult { position: Some(appended.position), duplicate: appended.duplicate });
+            return Ok(PublishResult {
+                position: Some(appended.position),
+                duplicate: appended.duplicate,
+            });
         }
         if let Some(key) = &request.idempotency_key {
             let now = now_ms();
             let mut seen = self.inner.unstored_idempotency.lock();
             if seen.get(channel.as_str(), key, now).is_some() {
                 stats.duplicate_publications.fetch_add(1, Ordering::Relaxed);
-                return Ok(PublishResult { position: None, duplicate: true });
+                return Ok(PublishResult {
+                    position: None,
+                    duplicate: true,
+                });
             }
-            let deadline = now.saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+            let deadline =
+                now.saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
             seen.insert(channel.as_str(), key, (), deadline);
         }
         stats.publications.fetch_add(1, Ordering::Relaxed);
         let event = PublicationEvent::new(channel.as_arc().clone(), Arc::from(""), publication);
-        self.inner.feed.push(ChannelEvent::Publication(Arc::new(event)));
-        Ok(PublishResult { position: None, duplicate: false })
+        self.inner
+            .feed
+            .push(ChannelEvent::Publication(Arc::new(event)));
+        Ok(PublishResult {
+            position: None,
+            duplicate: false,
+        })
     }
 
     /// Reads history; `not available` if the namespace keeps none.
-    pub async fn history(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, HeraldError> {
+    pub async fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, HeraldError> {
         let result = async {
             let (channel, options) = self.resolve(channel)?;
             if !options.history_enabled() {
-                return Err(HeraldError::new(ErrorCode::NotAvailable, "history is disabled for this namespace"));
+                return Err(HeraldError::new(
+                    ErrorCode::NotAvailable,
+                    "history is disabled for this namespace",
+                ));
             }
             if query.reverse && query.since.as_ref().is_some_and(|s| s.offset == 0) {
-                return Err(HeraldError::bad_request("reverse history needs a since offset above 0"));
+                return Err(HeraldError::bad_request(
+                    "reverse history needs a since offset above 0",
+                ));
             }
-            Ok(self.inner.backends.history.read(channel.as_str(), query).await?)
+            Ok(self
+                .inner
+                .backends
+                .history
+                .read(channel.as_str(), query)
+                .await?)
         }
         .await;
         self.count_error(result)
@@ -277,7 +329,10 @@ impl Node {
         let result = async {
             let (channel, options) = self.resolve(channel)?;
             if !options.history_enabled() {
-                return Err(HeraldError::new(ErrorCode::NotAvailable, "history is disabled for this namespace"));
+                return Err(HeraldError::new(
+                    ErrorCode::NotAvailable,
+                    "history is disabled for this namespace",
+                ));
             }
             Ok(self.inner.backends.history.remove(channel.as_str()).await?)
         }
@@ -288,13 +343,19 @@ impl Node {
     async fn presence_channel(&self, channel: &str) -> Result<ChannelName, HeraldError> {
         let (channel, options) = self.resolve(channel)?;
         if !options.presence {
-            return Err(HeraldError::new(ErrorCode::NotAvailable, "presence is disabled for this namespace"));
+            return Err(HeraldError::new(
+                ErrorCode::NotAvailable,
+                "presence is disabled for this namespace",
+            ));
         }
         Ok(channel)
     }
 
     /// Who is in a channel; `not available` if the namespace tracks no presence.
-    pub async fn presence(&self, channel: &str) -> Result<HashMap<String, ClientInfo>, HeraldError> {
+    pub async fn presence(
+        &self,
+        channel: &str,
+    ) -> Result<HashMap<String, ClientInfo>, HeraldError> {
         let result = async {
             let channel = self.presence_channel(channel).await?;
             self.inner
@@ -334,7 +395,11 @@ impl Node {
     }
 
     /// Adds a local subscriber to a validated channel.
-    pub async fn subscribe(&self, channel: &ChannelName, subscriber: Arc<dyn Subscriber>) -> Result<SubscriberId, HeraldError> {
+    pub async fn subscribe(
+        &self,
+        channel: &ChannelName,
+        subscriber: Arc<dyn Subscriber>,
+    ) -> Result<SubscriberId, HeraldError> {
         let (id, first) = self.inner.hub.subscribe(channel.as_arc(), subscriber);
         if first && let Err(err) = self.inner.backends.broker.subscribe(channel.as_str()).await {
             self.inner.hub.unsubscribe(channel.as_str(), id);
@@ -379,8 +444,12 @@ async fn run_fanout(mut queue: FanoutQueue, broker: Arc<dyn Broker>, stats: Arc<
         for event in batch.drain(..) {
             match broker.publish(event).await {
                 Ok(outcome) => {
-                    stats.deliveries.fetch_add(outcome.queued as u64, Ordering::Relaxed);
-                    stats.dropped_deliveries.fetch_add(outcome.dropped as u64, Ordering::Relaxed);
+                    stats
+                        .deliveries
+                        .fetch_add(outcome.queued as u64, Ordering::Relaxed);
+                    stats
+                        .dropped_deliveries
+                        .fetch_add(outcome.dropped as u64, Ordering::Relaxed);
                 }
                 Err(err) => {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -433,17 +502,33 @@ mod tests {
     }
 
     fn node() -> Node {
-        let no_history = NamespaceOptions { history_size: 0, ..NamespaceOptions::default() };
-        let presence = NamespaceOptions { presence: true, ..NamespaceOptions::default() };
+        let no_history = NamespaceOptions {
+            history_size: 0,
+            ..NamespaceOptions::default()
+        };
+        let presence = NamespaceOptions {
+            presence: true,
+            ..NamespaceOptions::default()
+        };
         let namespaces = Namespaces::new(
             NamespaceOptions::default(),
             vec![
-                NamedNamespace { name: "live".into(), options: no_history },
-                NamedNamespace { name: "room".into(), options: presence },
+                NamedNamespace {
+                    name: "live".into(),
+                    options: no_history,
+                },
+                NamedNamespace {
+                    name: "room".into(),
+                    options: presence,
+                },
             ],
         )
         .expect("namespaces");
-        Node::in_memory(NodeConfig { namespaces, max_publication_size: 16, ..NodeConfig::default() })
+        Node::in_memory(NodeConfig {
+            namespaces,
+            max_publication_size: 16,
+            ..NodeConfig::default()
+        })
     }
 
     fn json(text: &'static str) -> Payload {
@@ -455,15 +540,23 @@ mod tests {
         let node = node();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (channel, _) = node.resolve("news").expect("valid");
-        node.subscribe(&channel, Arc::new(Forward(tx))).await.expect("subscribe");
+        node.subscribe(&channel, Arc::new(Forward(tx)))
+            .await
+            .expect("subscribe");
         for expected in 1..=50 {
-            let result = node.publish(PublishRequest::new("news", json("{}"))).await.expect("publish");
+            let result = node
+                .publish(PublishRequest::new("news", json("{}")))
+                .await
+                .expect("publish");
             assert_eq!(result.position.map(|p| p.offset), Some(expected));
         }
         for expected in 1..=50 {
             assert_eq!(rx.recv().await, Some(expected));
         }
-        let page = node.history("news", HistoryQuery::default()).await.expect("history");
+        let page = node
+            .history("news", HistoryQuery::default())
+            .await
+            .expect("history");
         assert_eq!(page.publications.len(), 50);
         assert_eq!(node.stats().deliveries.load(Ordering::Relaxed), 50);
     }
@@ -471,17 +564,35 @@ mod tests {
     #[tokio::test]
     async fn rejects_oversized_unknown_and_disabled() {
         let node = node();
-        let big = node.publish(PublishRequest::new("news", json("\"01234567890123456789\""))).await;
+        let big = node
+            .publish(PublishRequest::new(
+                "news",
+                json("\"01234567890123456789\""),
+            ))
+            .await;
         assert_eq!(big.expect_err("too big").code, ErrorCode::LimitExceeded);
         let unknown = node.publish(PublishRequest::new("nope:x", json("1"))).await;
-        assert_eq!(unknown.expect_err("unknown").code, ErrorCode::UnknownChannel);
+        assert_eq!(
+            unknown.expect_err("unknown").code,
+            ErrorCode::UnknownChannel
+        );
         let history = node.history("live:x", HistoryQuery::default()).await;
         assert_eq!(history.expect_err("disabled").code, ErrorCode::NotAvailable);
         let presence = node.presence("news").await;
-        assert_eq!(presence.expect_err("disabled").code, ErrorCode::NotAvailable);
+        assert_eq!(
+            presence.expect_err("disabled").code,
+            ErrorCode::NotAvailable
+        );
         assert!(node.presence("room:1").await.expect("enabled").is_empty());
-        let reverse = HistoryQuery { since: Some(StreamPosition::new(0, "")), reverse: true, ..Default::default() };
-        assert_eq!(node.history("news", reverse).await.expect_err("bad").code, ErrorCode::BadRequest);
+        let reverse = HistoryQuery {
+            since: Some(StreamPosition::new(0, "")),
+            reverse: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            node.history("news", reverse).await.expect_err("bad").code,
+            ErrorCode::BadRequest
+        );
     }
 
     #[tokio::test]
@@ -489,10 +600,18 @@ mod tests {
         let node = node();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (channel, _) = node.resolve("live:x").expect("valid");
-        node.subscribe(&channel, Arc::new(Forward(tx))).await.expect("subscribe");
+        node.subscribe(&channel, Arc::new(Forward(tx)))
+            .await
+            .expect("subscribe");
         let mut request = PublishRequest::new("live:x", json("1"));
         request.idempotency_key = Some("k".into());
-        assert!(!node.publish(request.clone()).await.expect("first").duplicate);
+        assert!(
+            !node
+                .publish(request.clone())
+                .await
+                .expect("first")
+                .duplicate
+        );
         assert!(node.publish(request).await.expect("second").duplicate);
         assert_eq!(rx.recv().await, Some(0));
         tokio::time::sleep(Duration::from_millis(50)).await;

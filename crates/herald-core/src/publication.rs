@@ -23,7 +23,10 @@ pub struct StreamPosition {
 
 impl StreamPosition {
     pub fn new(offset: u64, epoch: impl Into<String>) -> Self {
-        Self { offset, epoch: epoch.into() }
+        Self {
+            offset,
+            epoch: epoch.into(),
+        }
     }
 }
 
@@ -107,7 +110,12 @@ pub struct PublicationEvent {
 
 impl PublicationEvent {
     pub fn new(channel: Arc<str>, epoch: Arc<str>, publication: Publication) -> Self {
-        Self { channel, epoch, publication, encoded: Default::default() }
+        Self {
+            channel,
+            epoch,
+            publication,
+            encoded: Default::default(),
+        }
     }
 
     /// The encoding in `slot`, computed by `encode` the first time any subscriber asks.
@@ -123,8 +131,14 @@ impl PublicationEvent {
 #[derive(Clone, Debug)]
 pub enum ChannelEvent {
     Publication(Arc<PublicationEvent>),
-    Join { channel: Arc<str>, info: Arc<ClientInfo> },
-    Leave { channel: Arc<str>, info: Arc<ClientInfo> },
+    Join {
+        channel: Arc<str>,
+        info: Arc<ClientInfo>,
+    },
+    Leave {
+        channel: Arc<str>,
+        info: Arc<ClientInfo>,
+    },
 }
 
 impl ChannelEvent {
@@ -140,7 +154,11 @@ impl ChannelEvent {
 pub fn new_epoch() -> String {
     use rand::Rng;
     use rand::distr::Alphanumeric;
-    rand::rng().sample_iter(&Alphanumeric).take(8).map(char::from).collect()
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(8)
+        .map(char::from)
+        .collect()
 }
 
 #[cfg(test)]

@@ -158,7 +158,11 @@ mod tests {
     use super::*;
 
     fn q(since: Option<u64>, limit: Option<usize>, reverse: bool) -> HistoryQuery {
-        HistoryQuery { since: since.map(|o| StreamPosition::new(o, "")), limit, reverse }
+        HistoryQuery {
+            since: since.map(|o| StreamPosition::new(o, "")),
+            limit,
+            reverse,
+        }
     }
 
     #[test]
@@ -167,10 +171,16 @@ mod tests {
         assert_eq!(select_range(&q(None, None, false), 5, 10), Some((5, 10)));
         assert_eq!(select_range(&q(None, Some(2), false), 5, 10), Some((5, 6)));
         assert_eq!(select_range(&q(None, Some(2), true), 5, 10), Some((9, 10)));
-        assert_eq!(select_range(&q(Some(7), Some(2), false), 5, 10), Some((8, 9)));
+        assert_eq!(
+            select_range(&q(Some(7), Some(2), false), 5, 10),
+            Some((8, 9))
+        );
         assert_eq!(select_range(&q(Some(1), None, false), 5, 10), Some((5, 10)));
         assert_eq!(select_range(&q(Some(10), None, false), 5, 10), None);
-        assert_eq!(select_range(&q(Some(7), Some(10), true), 5, 10), Some((5, 6)));
+        assert_eq!(
+            select_range(&q(Some(7), Some(10), true), 5, 10),
+            Some((5, 6))
+        );
         assert_eq!(select_range(&q(Some(5), None, true), 5, 10), None);
         assert_eq!(select_range(&q(Some(0), None, true), 5, 10), None);
         assert_eq!(select_range(&q(None, Some(0), false), 5, 10), None);

@@ -32,7 +32,13 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(node: Node, config: Config, api_keys: ApiKeys) -> Self {
-        Self { node, config, api_keys, metrics: Metrics::new(), ready: AtomicBool::new(true) }
+        Self {
+            node,
+            config,
+            api_keys,
+            metrics: Metrics::new(),
+            ready: AtomicBool::new(true),
+        }
     }
 }
 
@@ -46,9 +52,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/openapi.json", get(openapi))
-        .route("/api/{method}", post(crate::api::handle).fallback(method_not_allowed))
+        .route(
+            "/api/{method}",
+            post(crate::api::handle).fallback(method_not_allowed),
+        )
         .fallback(not_found)
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .with_state(state)
 }
 
@@ -60,13 +72,18 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.load(Ordering::Relaxed) {
         crate::api::json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
     } else {
-        crate::api::json_response(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "shutting down"}))
+        crate::api::json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "shutting down"}),
+        )
     }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let info = state.node.info();
-    let body = state.metrics.render(state.node.stats(), 0, info.num_channels);
+    let body = state
+        .metrics
+        .render(state.node.stats(), 0, info.num_channels);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -84,12 +101,20 @@ async fn method_not_allowed() -> Response {
 }
 
 async fn not_found() -> Response {
-    crate::api::ApiError::new(StatusCode::NOT_FOUND, herald_core::ErrorCode::MethodNotFound, "no such route")
-        .into_response()
+    crate::api::ApiError::new(
+        StatusCode::NOT_FOUND,
+        herald_core::ErrorCode::MethodNotFound,
+        "no such route",
+    )
+    .into_response()
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let app = router(state.clone());
     let state_for_shutdown = state.clone();
     axum::serve(listener, app)

@@ -16,7 +16,9 @@ fn digest(key: &str) -> [u8; 32] {
 
 impl ApiKeys {
     pub fn new<'a>(keys: impl IntoIterator<Item = &'a str>) -> Self {
-        Self { digests: keys.into_iter().map(digest).collect() }
+        Self {
+            digests: keys.into_iter().map(digest).collect(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -52,19 +52,10 @@ fn open_sqlite(
     config: &Config,
     listener: Arc<dyn herald_core::CommitListener>,
 ) -> Result<Arc<dyn HistoryStore>, BuildError> {
-    use herald_store::sqlite::{SqliteConfig, SqliteHistoryStore, SyncPolicy};
-    let storage = &config.storage;
-    let sqlite = SqliteConfig {
-        data_dir: storage.data_dir.clone(),
-        sync: match storage.sync {
-            crate::config::SyncPolicy::Full => SyncPolicy::Full,
-            crate::config::SyncPolicy::Normal => SyncPolicy::Normal,
-        },
-        max_batch: storage.max_batch,
-        readers: storage.readers,
-        prune_interval: storage.prune_interval.as_duration(),
-    };
-    let store = SqliteHistoryStore::open(&sqlite, listener).map_err(|e| BuildError::Store(e.to_string()))?;
+    use herald_store::sqlite::SqliteHistoryStore;
+    let sqlite = config.sqlite();
+    let store = SqliteHistoryStore::open(&sqlite, listener)
+        .map_err(|e| BuildError::Store(e.to_string()))?;
     Ok(Arc::new(store))
 }
 

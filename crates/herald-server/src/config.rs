@@ -143,7 +143,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Text, level: "info".into() }
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
     }
 }
 
@@ -209,7 +212,9 @@ impl Config {
     /// Checks rules serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.max_publication_size == 0 {
-            return Err(ConfigError::Invalid("server.max_publication_size must be above 0".into()));
+            return Err(ConfigError::Invalid(
+                "server.max_publication_size must be above 0".into(),
+            ));
         }
         if self.server.max_body_size < self.server.max_publication_size {
             return Err(ConfigError::Invalid(format!(
@@ -218,16 +223,45 @@ impl Config {
             )));
         }
         if self.api.keys.iter().any(|k| k.len() < 16) {
-            return Err(ConfigError::Invalid("every api.keys entry must be at least 16 characters".into()));
+            return Err(ConfigError::Invalid(
+                "every api.keys entry must be at least 16 characters".into(),
+            ));
         }
         if !self.token.hmac_secret.is_empty() && self.token.hmac_secret.len() < 32 {
-            return Err(ConfigError::Invalid("token.hmac_secret must be at least 32 characters".into()));
+            return Err(ConfigError::Invalid(
+                "token.hmac_secret must be at least 32 characters".into(),
+            ));
         }
         if self.storage.max_batch == 0 || self.storage.readers == 0 {
-            return Err(ConfigError::Invalid("storage.max_batch and storage.readers must be above 0".into()));
+            return Err(ConfigError::Invalid(
+                "storage.max_batch and storage.readers must be above 0".into(),
+            ));
+        }
+        #[cfg(feature = "sqlite")]
+        if self.storage.engine == Engine::Sqlite {
+            self.sqlite()
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("storage: {e}")))?;
         }
         self.namespaces()?;
         Ok(())
+    }
+
+    /// The embedded store's settings, from `[storage]`.
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite(&self) -> herald_store::sqlite::SqliteConfig {
+        use herald_store::sqlite::{SqliteConfig, SyncPolicy as StoreSync};
+        let storage = &self.storage;
+        SqliteConfig {
+            data_dir: storage.data_dir.clone(),
+            sync: match storage.sync {
+                SyncPolicy::Full => StoreSync::Full,
+                SyncPolicy::Normal => StoreSync::Normal,
+            },
+            max_batch: storage.max_batch,
+            readers: storage.readers,
+            prune_interval: storage.prune_interval.as_duration(),
+        }
     }
 
     pub fn namespaces(&self) -> Result<Namespaces, ConfigError> {
@@ -239,13 +273,11 @@ impl Config {
 /// `HERALD_SERVER__LISTEN=…` → `server.listen`. `HERALD_CONFIG` (the config path) and
 /// `HERALD_TEST_*` (test-suite settings) are not config keys.
 fn env_provider() -> Env {
-    Env::prefixed(ENV_PREFIX)
-        .split("__")
-        .filter(|key| {
-            // figment hands the key over with its original case.
-            let key = key.as_str().to_ascii_lowercase();
-            key != "config" && !key.starts_with("test_")
-        })
+    Env::prefixed(ENV_PREFIX).split("__").filter(|key| {
+        // figment hands the key over with its original case.
+        let key = key.as_str().to_ascii_lowercase();
+        key != "config" && !key.starts_with("test_")
+    })
 }
 
 #[cfg(test)]
@@ -253,7 +285,10 @@ mod tests {
     use super::*;
 
     fn write(text: &str) -> tempfile::NamedTempFile {
-        let file = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp file");
+        let file = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("temp file");
         std::fs::write(file.path(), text).expect("write");
         file
     }
@@ -263,7 +298,10 @@ mod tests {
         let file = write(
             "[server]\nlisten = \"127.0.0.1:9000\"\n[[namespaces]]\nname = \"chat\"\npresence = true\n",
         );
-        let cli = CliOverrides { listen: Some("127.0.0.1:9100".parse().expect("addr")), ..Default::default() };
+        let cli = CliOverrides {
+            listen: Some("127.0.0.1:9100".parse().expect("addr")),
+            ..Default::default()
+        };
         let config = Config::load(Some(file.path()), &cli).expect("load");
         assert_eq!(config.server.listen.port(), 9100);
         assert_eq!(config.namespaces[0].name, "chat");
@@ -273,7 +311,8 @@ mod tests {
     #[test]
     fn unknown_key_names_key_and_file() {
         let file = write("[server]\nlisen = \"127.0.0.1:9000\"\n");
-        let err = Config::load(Some(file.path()), &CliOverrides::default()).expect_err("unknown key");
+        let err =
+            Config::load(Some(file.path()), &CliOverrides::default()).expect_err("unknown key");
         let text = err.to_string();
         assert!(text.contains("lisen"), "{text}");
         assert!(text.contains(&file.path().display().to_string()), "{text}");

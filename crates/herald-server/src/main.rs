@@ -18,7 +18,11 @@ use herald_server::secrets::{GeneratedSecrets, random_secret};
 use herald_server::token::{ConnectionClaims, mint};
 
 #[derive(Debug, Parser)]
-#[command(name = "herald", version, about = "Herald: real-time messaging and push gateway")]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald: real-time messaging and push gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -135,7 +139,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { config, listen, memory } => {
+        Command::Serve {
+            config,
+            listen,
+            memory,
+        } => {
             let overrides = CliOverrides {
                 listen,
                 data_dir: config.data_dir.clone(),
@@ -145,17 +153,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(config_path(&config).as_deref(), &overrides)?;
             runtime()?.block_on(serve_command(config))
         }
-        Command::Publish { channel, data, client, idempotency_key, skip_history } => {
+        Command::Publish {
+            channel,
+            data,
+            client,
+            idempotency_key,
+            skip_history,
+        } => {
             let (client, _) = client_from(&client)?;
             let data = parse_data(&data);
-            let options = PublishOptions { idempotency_key, skip_history, ..PublishOptions::default() };
+            let options = PublishOptions {
+                idempotency_key,
+                skip_history,
+                ..PublishOptions::default()
+            };
             let result = runtime()?.block_on(client.publish(&channel, &data, &options))?;
             println!("{}", serde_json::to_string(&result)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::History { channel, client, limit, since, epoch, reverse } => {
+        Command::History {
+            channel,
+            client,
+            limit,
+            since,
+            epoch,
+            reverse,
+        } => {
             let (client, _) = client_from(&client)?;
-            let options = HistoryOptions { limit, since: since.map(|offset| (offset, epoch)), reverse };
+            let options = HistoryOptions {
+                limit,
+                since: since.map(|offset| (offset, epoch)),
+                reverse,
+            };
             let page = runtime()?.block_on(client.history(&channel, &options))?;
             for publication in &page.publications {
                 println!("{}", serde_json::to_string(publication)?);
@@ -168,17 +197,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("wrote {}", output.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token { config, user, channels, ttl } => {
+        Command::Token {
+            config,
+            user,
+            channels,
+            ttl,
+        } => {
             let loaded = load_config(&config)?;
             let secret = if loaded.token.hmac_secret.is_empty() {
-                GeneratedSecrets::load(&loaded.storage.data_dir)?.map(|s| s.hmac_secret).unwrap_or_default()
+                GeneratedSecrets::load(&loaded.storage.data_dir)?
+                    .map(|s| s.hmac_secret)
+                    .unwrap_or_default()
             } else {
                 loaded.token.hmac_secret.clone()
             };
             let ttl = herald_core::duration::parse_duration(&ttl).map_err(anyhow::Error::msg)?;
             let now = herald_core::time::now_ms() / 1000;
             let exp = (!ttl.is_zero()).then(|| now + ttl.as_secs());
-            let token = mint(&secret, &ConnectionClaims { sub: user, iat: now, exp, channels })?;
+            let token = mint(
+                &secret,
+                &ConnectionClaims {
+                    sub: user,
+                    iat: now,
+                    exp,
+                    channels,
+                },
+            )?;
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }
@@ -199,7 +243,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the Tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the Tokio runtime")
 }
 
 /// The config file to read: `--config`/`HERALD_CONFIG`, else `./herald.toml` if it exists.
@@ -213,7 +260,10 @@ fn config_path(args: &ConfigArgs) -> Option<PathBuf> {
 const DEFAULT_CONFIG_FILE: &str = "herald.toml";
 
 fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
-    let overrides = CliOverrides { data_dir: args.data_dir.clone(), ..CliOverrides::default() };
+    let overrides = CliOverrides {
+        data_dir: args.data_dir.clone(),
+        ..CliOverrides::default()
+    };
     Ok(Config::load(config_path(args).as_deref(), &overrides)?)
 }
 
@@ -302,8 +352,11 @@ join_leave = true
         options.mode(0o600);
     }
     use std::io::Write;
-    let mut file = options.open(output).with_context(|| format!("cannot write {}", output.display()))?;
-    file.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", output.display()))?;
+    let mut file = options
+        .open(output)
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", output.display()))?;
     Ok(())
 }
 
@@ -312,7 +365,9 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .with_context(|| format!("invalid log.level {:?}", config.log.level))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -346,10 +401,18 @@ async fn serve_command(mut config: Config) -> anyhow::Result<ExitCode> {
     let addr = listener.local_addr()?;
     let api_keys = ApiKeys::new(config.api.keys.iter().map(String::as_str));
     let storage = match config.storage.engine {
-        Engine::Sqlite => format!("sqlite in {} (sync={:?})", config.storage.data_dir.display(), config.storage.sync).to_lowercase(),
+        Engine::Sqlite => format!(
+            "sqlite in {} (sync={:?})",
+            config.storage.data_dir.display(),
+            config.storage.sync
+        )
+        .to_lowercase(),
         Engine::Memory => "memory (nothing survives a restart)".to_owned(),
     };
-    println!("Herald {} listening on http://{addr}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "Herald {} listening on http://{addr}",
+        env!("CARGO_PKG_VERSION")
+    );
     println!("  storage: {storage}");
     match &key_source {
         Some(key) => {
@@ -368,15 +431,26 @@ async fn serve_command(mut config: Config) -> anyhow::Result<ExitCode> {
         let _ = signal_rx.await;
     }));
     let signal = wait_for_signal().await?;
-    tracing::info!(signal, "shutting down: no new connections, finishing in-flight requests");
+    tracing::info!(
+        signal,
+        "shutting down: no new connections, finishing in-flight requests"
+    );
     let _ = signal_tx.send(());
     match tokio::time::timeout(shutdown_timeout, server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(err))) => tracing::warn!(error = %err, "server stopped with an error"),
         Ok(Err(err)) => tracing::warn!(error = %err, "server task failed"),
-        Err(_) => tracing::warn!(?shutdown_timeout, "in-flight requests did not finish in time; closing them"),
+        Err(_) => tracing::warn!(
+            ?shutdown_timeout,
+            "in-flight requests did not finish in time; closing them"
+        ),
     }
-    match tokio::time::timeout(Duration::from_secs(5).max(shutdown_timeout), node.shutdown()).await {
+    match tokio::time::timeout(
+        Duration::from_secs(5).max(shutdown_timeout),
+        node.shutdown(),
+    )
+    .await
+    {
         Ok(Ok(())) => tracing::info!("history flushed; bye"),
         Ok(Err(err)) => {
             tracing::error!(error = %err, "flushing history failed");
@@ -403,7 +477,9 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
     }
     #[cfg(not(unix))]
     {
-        tokio::signal::ctrl_c().await.context("cannot watch Ctrl-C")?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot watch Ctrl-C")?;
         Ok("Ctrl-C")
     }
 }

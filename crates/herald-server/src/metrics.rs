@@ -33,34 +33,50 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+        let buckets = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ];
         let builder = PrometheusBuilder::new();
         // Setting buckets only fails for an empty list.
-        let builder = builder.set_buckets(&buckets).unwrap_or_else(|_| PrometheusBuilder::new());
+        let builder = builder
+            .set_buckets(&buckets)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         Self { recorder, handle }
     }
 
     fn counter(&self, name: &'static str, labels: Vec<Label>) -> metrics::Counter {
-        self.recorder.register_counter(&Key::from_parts(name, labels), &METADATA)
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
     }
 
     fn gauge(&self, name: &'static str) -> metrics::Gauge {
-        self.recorder.register_gauge(&Key::from_name(name), &METADATA)
+        self.recorder
+            .register_gauge(&Key::from_name(name), &METADATA)
     }
 
     /// Counts one API request and its latency.
     pub fn api_request(&self, method: &str, status: u16, elapsed: Duration) {
-        let method = if crate::api::methods::is_known(method) || method == "batch" { method.to_owned() } else { "unknown".into() };
+        let method = if crate::api::methods::is_known(method) || method == "batch" {
+            method.to_owned()
+        } else {
+            "unknown".into()
+        };
         self.counter(
             "herald_api_requests_total",
-            vec![Label::new("method", method.clone()), Label::new("status", status.to_string())],
+            vec![
+                Label::new("method", method.clone()),
+                Label::new("status", status.to_string()),
+            ],
         )
         .increment(1);
         self.recorder
             .register_histogram(
-                &Key::from_parts("herald_api_request_duration_seconds", vec![Label::new("method", method)]),
+                &Key::from_parts(
+                    "herald_api_request_duration_seconds",
+                    vec![Label::new("method", method)],
+                ),
                 &METADATA,
             )
             .record(elapsed.as_secs_f64());
@@ -69,12 +85,18 @@ impl Metrics {
     /// The Prometheus text exposition, with node counters brought up to date.
     pub fn render(&self, stats: &Arc<NodeStats>, connections: u64, channels: u64) -> String {
         let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-        self.counter("herald_publications_total", vec![]).absolute(load(&stats.publications));
-        self.counter("herald_duplicate_publications_total", vec![]).absolute(load(&stats.duplicate_publications));
-        self.counter("herald_history_writes_total", vec![]).absolute(load(&stats.history_writes));
-        self.counter("herald_fanout_deliveries_total", vec![]).absolute(load(&stats.deliveries));
-        self.counter("herald_fanout_dropped_total", vec![]).absolute(load(&stats.dropped_deliveries));
-        self.counter("herald_errors_total", vec![]).absolute(load(&stats.errors));
+        self.counter("herald_publications_total", vec![])
+            .absolute(load(&stats.publications));
+        self.counter("herald_duplicate_publications_total", vec![])
+            .absolute(load(&stats.duplicate_publications));
+        self.counter("herald_history_writes_total", vec![])
+            .absolute(load(&stats.history_writes));
+        self.counter("herald_fanout_deliveries_total", vec![])
+            .absolute(load(&stats.deliveries));
+        self.counter("herald_fanout_dropped_total", vec![])
+            .absolute(load(&stats.dropped_deliveries));
+        self.counter("herald_errors_total", vec![])
+            .absolute(load(&stats.errors));
         self.gauge("herald_connections").set(connections as f64);
         self.gauge("herald_channels").set(channels as f64);
         self.handle.render()

@@ -21,19 +21,29 @@ pub struct GeneratedSecrets {
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
     #[error("cannot use data directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("secrets file {path} is invalid: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
 /// A random alphanumeric string of `len` characters.
 pub fn random_secret(len: usize) -> String {
-    rand::rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
 }
 
 impl GeneratedSecrets {
     pub fn generate() -> Self {
-        Self { api_key: random_secret(32), hmac_secret: random_secret(48) }
+        Self {
+            api_key: random_secret(32),
+            hmac_secret: random_secret(48),
+        }
     }
 
     /// Reads `<dir>/secrets.toml` if it exists.
@@ -42,7 +52,10 @@ impl GeneratedSecrets {
         match fs::read_to_string(&path) {
             Ok(text) => toml::from_str(&text)
                 .map(Some)
-                .map_err(|e| SecretsError::Invalid { path, message: e.to_string() }),
+                .map_err(|e| SecretsError::Invalid {
+                    path,
+                    message: e.to_string(),
+                }),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(SecretsError::Io { path, source }),
         }
@@ -53,10 +66,16 @@ impl GeneratedSecrets {
         if let Some(existing) = Self::load(dir)? {
             return Ok(existing);
         }
-        fs::create_dir_all(dir).map_err(|source| SecretsError::Io { path: dir.to_owned(), source })?;
+        fs::create_dir_all(dir).map_err(|source| SecretsError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
         let secrets = Self::generate();
         let path = dir.join(SECRETS_FILE);
-        let text = toml::to_string(&secrets).map_err(|e| SecretsError::Invalid { path: path.clone(), message: e.to_string() })?;
+        let text = toml::to_string(&secrets).map_err(|e| SecretsError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let mut options = fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
@@ -64,9 +83,17 @@ impl GeneratedSecrets {
             use std::os::unix::fs::OpenOptionsExt;
             options.mode(0o600);
         }
-        let mut file = options.open(&path).map_err(|source| SecretsError::Io { path: path.clone(), source })?;
-        file.write_all(text.as_bytes()).map_err(|source| SecretsError::Io { path: path.clone(), source })?;
-        file.sync_all().map_err(|source| SecretsError::Io { path, source })?;
+        let mut file = options.open(&path).map_err(|source| SecretsError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        file.write_all(text.as_bytes())
+            .map_err(|source| SecretsError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        file.sync_all()
+            .map_err(|source| SecretsError::Io { path, source })?;
         Ok(secrets)
     }
 }
@@ -85,7 +112,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.path().join(SECRETS_FILE)).expect("meta").permissions().mode();
+            let mode = fs::metadata(dir.path().join(SECRETS_FILE))
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

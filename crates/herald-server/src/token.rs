@@ -15,7 +15,9 @@ pub struct ConnectionClaims {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("no token secret: set token.hmac_secret in the config (or run `herald serve` once to generate one)")]
+    #[error(
+        "no token secret: set token.hmac_secret in the config (or run `herald serve` once to generate one)"
+    )]
     NoSecret,
     #[error("could not sign token: {0}")]
     Sign(#[from] jsonwebtoken::errors::Error),
@@ -26,7 +28,11 @@ pub fn mint(secret: &str, claims: &ConnectionClaims) -> Result<String, TokenErro
         return Err(TokenError::NoSecret);
     }
     let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-    Ok(jsonwebtoken::encode(&header, claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))?)
+    Ok(jsonwebtoken::encode(
+        &header,
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
 }
 
 #[cfg(test)]
@@ -36,7 +42,12 @@ mod tests {
     #[test]
     fn minted_token_verifies_with_the_same_secret_only() {
         let secret = "0123456789abcdef0123456789abcdef";
-        let claims = ConnectionClaims { sub: "alice".into(), iat: 1, exp: Some(4_000_000_000), channels: vec!["news".into()] };
+        let claims = ConnectionClaims {
+            sub: "alice".into(),
+            iat: 1,
+            exp: Some(4_000_000_000),
+            channels: vec!["news".into()],
+        };
         let token = mint(secret, &claims).expect("mint");
         let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
         validation.set_required_spec_claims(&["exp"]);

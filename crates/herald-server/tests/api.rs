@@ -8,39 +8,68 @@ use serde_json::json;
 
 async fn publish_history_round_trip(engine: Engine) {
     let server = TestServer::start(engine).await;
-    let first = server.ok("publish", json!({"channel": "news", "data": {"n": 1}, "tags": {"k": "v"}})).await;
+    let first = server
+        .ok(
+            "publish",
+            json!({"channel": "news", "data": {"n": 1}, "tags": {"k": "v"}}),
+        )
+        .await;
     assert_eq!(first["offset"], 1);
     let epoch = first["epoch"].as_str().expect("epoch").to_owned();
     for n in 2..=5 {
-        let result = server.ok("publish", json!({"channel": "news", "data": {"n": n}})).await;
+        let result = server
+            .ok("publish", json!({"channel": "news", "data": {"n": n}}))
+            .await;
         assert_eq!(result["offset"], n);
         assert_eq!(result["epoch"], epoch.as_str());
     }
-    let history = server.ok("history", json!({"channel": "news", "limit": -1})).await;
+    let history = server
+        .ok("history", json!({"channel": "news", "limit": -1}))
+        .await;
     let publications = history["publications"].as_array().expect("array");
-    let ns: Vec<i64> = publications.iter().map(|p| p["data"]["n"].as_i64().expect("n")).collect();
+    let ns: Vec<i64> = publications
+        .iter()
+        .map(|p| p["data"]["n"].as_i64().expect("n"))
+        .collect();
     assert_eq!(ns, vec![1, 2, 3, 4, 5]);
     assert_eq!(publications[0]["tags"]["k"], "v");
     assert_eq!(history["offset"], 5);
     assert_eq!(history["epoch"], epoch.as_str());
 
     let page = server
-        .ok("history", json!({"channel": "news", "limit": 2, "since": {"offset": 2, "epoch": epoch}}))
+        .ok(
+            "history",
+            json!({"channel": "news", "limit": 2, "since": {"offset": 2, "epoch": epoch}}),
+        )
         .await;
-    let offsets: Vec<u64> = page["publications"].as_array().expect("array").iter().map(|p| p["offset"].as_u64().expect("offset")).collect();
+    let offsets: Vec<u64> = page["publications"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|p| p["offset"].as_u64().expect("offset"))
+        .collect();
     assert_eq!(offsets, vec![3, 4]);
     let back = server
         .ok("history", json!({"channel": "news", "limit": 2, "reverse": true, "since": {"offset": 4, "epoch": epoch}}))
         .await;
-    let offsets: Vec<u64> = back["publications"].as_array().expect("array").iter().map(|p| p["offset"].as_u64().expect("offset")).collect();
+    let offsets: Vec<u64> = back["publications"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|p| p["offset"].as_u64().expect("offset"))
+        .collect();
     assert_eq!(offsets, vec![3, 2]);
 
     let position_only = server.ok("history", json!({"channel": "news"})).await;
     assert_eq!(position_only["publications"], json!([]));
     assert_eq!(position_only["offset"], 5);
 
-    server.ok("history_remove", json!({"channel": "news"})).await;
-    let removed = server.ok("history", json!({"channel": "news", "limit": -1})).await;
+    server
+        .ok("history_remove", json!({"channel": "news"}))
+        .await;
+    let removed = server
+        .ok("history", json!({"channel": "news", "limit": -1}))
+        .await;
     assert_eq!(removed["publications"], json!([]));
     assert_eq!(removed["offset"], 5, "remove keeps the offset");
 }
@@ -62,38 +91,67 @@ async fn idempotency_key_publishes_once() {
     let first = server.ok("publish", params.clone()).await;
     let again = server.ok("publish", params).await;
     assert_eq!(first, again);
-    let history = server.ok("history", json!({"channel": "orders", "limit": -1})).await;
+    let history = server
+        .ok("history", json!({"channel": "orders", "limit": -1}))
+        .await;
     assert_eq!(history["publications"].as_array().expect("array").len(), 1);
 }
 
 #[tokio::test]
 async fn binary_payloads_skip_history_and_no_history_namespaces() {
     let server = TestServer::start(Engine::Memory).await;
-    let result = server.ok("publish", json!({"channel": "bin", "b64data": "AAEC/w=="})).await;
+    let result = server
+        .ok("publish", json!({"channel": "bin", "b64data": "AAEC/w=="}))
+        .await;
     assert_eq!(result["offset"], 1);
-    let history = server.ok("history", json!({"channel": "bin", "limit": 1})).await;
+    let history = server
+        .ok("history", json!({"channel": "bin", "limit": 1}))
+        .await;
     assert_eq!(history["publications"][0]["b64data"], "AAEC/w==");
     assert!(history["publications"][0]["data"].is_null());
 
-    let skipped = server.ok("publish", json!({"channel": "bin", "data": 1, "skip_history": true})).await;
+    let skipped = server
+        .ok(
+            "publish",
+            json!({"channel": "bin", "data": 1, "skip_history": true}),
+        )
+        .await;
     assert_eq!(skipped, json!({}), "skip_history returns no position");
-    let live = server.ok("publish", json!({"channel": "live:x", "data": 1})).await;
+    let live = server
+        .ok("publish", json!({"channel": "live:x", "data": 1}))
+        .await;
     assert_eq!(live, json!({}));
-    server.err("history", json!({"channel": "live:x"}), 200, 108).await;
-    server.err("publish", json!({"channel": "bin", "b64data": "***"}), 200, 107).await;
+    server
+        .err("history", json!({"channel": "live:x"}), 200, 108)
+        .await;
+    server
+        .err(
+            "publish",
+            json!({"channel": "bin", "b64data": "***"}),
+            200,
+            107,
+        )
+        .await;
 }
 
 #[tokio::test]
 async fn broadcast_reports_per_channel() {
     let server = TestServer::start(Engine::Memory).await;
-    let result = server.ok("broadcast", json!({"channels": ["a", "b", "nope:c", ""], "data": {"x": 1}})).await;
+    let result = server
+        .ok(
+            "broadcast",
+            json!({"channels": ["a", "b", "nope:c", ""], "data": {"x": 1}}),
+        )
+        .await;
     let responses = result["responses"].as_array().expect("responses");
     assert_eq!(responses.len(), 4);
     assert_eq!(responses[0]["result"]["offset"], 1);
     assert_eq!(responses[1]["result"]["offset"], 1);
     assert_eq!(responses[2]["error"]["code"], 102);
     assert_eq!(responses[3]["error"]["code"], 107);
-    server.err("broadcast", json!({"channels": [], "data": 1}), 200, 107).await;
+    server
+        .err("broadcast", json!({"channels": [], "data": 1}), 200, 107)
+        .await;
 }
 
 #[tokio::test]
@@ -116,11 +174,25 @@ async fn batch_runs_commands_in_order() {
     let replies = body["replies"].as_array().expect("replies");
     assert_eq!(replies[0]["publish"]["offset"], 1);
     assert_eq!(replies[1]["publish"]["offset"], 2);
-    assert_eq!(replies[2]["history"]["publications"].as_array().expect("array").len(), 2);
-    assert_eq!(replies[3]["presence_stats"], json!({"num_clients": 0, "num_users": 0}));
+    assert_eq!(
+        replies[2]["history"]["publications"]
+            .as_array()
+            .expect("array")
+            .len(),
+        2
+    );
+    assert_eq!(
+        replies[3]["presence_stats"],
+        json!({"num_clients": 0, "num_users": 0})
+    );
     assert_eq!(replies[4]["error"]["code"], 104);
     assert_eq!(replies[5]["error"]["code"], 107);
-    let (_, parallel) = server.call("batch", json!({"commands": [{"info": {}}, {"channels": {}}], "parallel": true})).await;
+    let (_, parallel) = server
+        .call(
+            "batch",
+            json!({"commands": [{"info": {}}, {"channels": {}}], "parallel": true}),
+        )
+        .await;
     assert_eq!(parallel["replies"][1]["channels"], json!({"channels": {}}));
     let (_, empty) = server.call("batch", json!({"commands": []})).await;
     assert_eq!(empty, json!({"replies": []}));
@@ -129,15 +201,34 @@ async fn batch_runs_commands_in_order() {
 #[tokio::test]
 async fn presence_channels_and_info_shapes() {
     let server = TestServer::start(Engine::Memory).await;
-    assert_eq!(server.ok("presence", json!({"channel": "room:1"})).await, json!({"presence": {}}));
-    assert_eq!(server.ok("presence_stats", json!({"channel": "room:1"})).await, json!({"num_clients": 0, "num_users": 0}));
-    server.err("presence", json!({"channel": "news"}), 200, 108).await;
-    assert_eq!(server.ok("channels", json!({"pattern": "room:*"})).await, json!({"channels": {}}));
+    assert_eq!(
+        server.ok("presence", json!({"channel": "room:1"})).await,
+        json!({"presence": {}})
+    );
+    assert_eq!(
+        server
+            .ok("presence_stats", json!({"channel": "room:1"}))
+            .await,
+        json!({"num_clients": 0, "num_users": 0})
+    );
+    server
+        .err("presence", json!({"channel": "news"}), 200, 108)
+        .await;
+    assert_eq!(
+        server.ok("channels", json!({"pattern": "room:*"})).await,
+        json!({"channels": {}})
+    );
     let info = server.ok("info", json!({})).await;
     let node = &info["nodes"][0];
     assert!(node["uid"].as_str().is_some_and(|s| !s.is_empty()));
     assert_eq!(node["name"], "herald");
-    for field in ["num_clients", "num_users", "num_channels", "num_subs", "uptime"] {
+    for field in [
+        "num_clients",
+        "num_users",
+        "num_channels",
+        "num_subs",
+        "uptime",
+    ] {
         assert!(node[field].is_u64(), "{field} in {node}");
     }
     let (status, _) = server.raw("info", "").await;
@@ -148,39 +239,115 @@ async fn presence_channels_and_info_shapes() {
 async fn bad_input_gets_clear_errors() {
     let server = TestServer::start(Engine::Memory).await;
     // Malformed JSON and unknown fields: 400 with a JSON body.
-    let (status, body) = server.raw("publish", "{\"channel\": \"a\", \"data\": ").await;
+    let (status, body) = server
+        .raw("publish", "{\"channel\": \"a\", \"data\": ")
+        .await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], 107);
-    let (status, body) = server.call("publish", json!({"channel": "a", "data": 1, "skip_hisotry": true})).await;
+    let (status, body) = server
+        .call(
+            "publish",
+            json!({"channel": "a", "data": 1, "skip_hisotry": true}),
+        )
+        .await;
     assert_eq!(status, 400);
-    assert!(body["error"]["detail"].as_str().expect("detail").contains("skip_hisotry"));
-    let (status, _) = server.call("publish", json!({"channel": 5, "data": 1})).await;
+    assert!(
+        body["error"]["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("skip_hisotry")
+    );
+    let (status, _) = server
+        .call("publish", json!({"channel": 5, "data": 1}))
+        .await;
     assert_eq!(status, 400, "wrong type");
     // Channel names.
-    server.err("publish", json!({"channel": "a".repeat(256), "data": 1}), 200, 107).await;
-    server.err("publish", json!({"channel": "has space", "data": 1}), 200, 107).await;
-    server.err("publish", json!({"channel": "", "data": 1}), 200, 107).await;
-    server.err("publish", json!({"channel": "unknown:x", "data": 1}), 200, 102).await;
-    server.err("publish", json!({"channel": "a"}), 200, 107).await;
+    server
+        .err(
+            "publish",
+            json!({"channel": "a".repeat(256), "data": 1}),
+            200,
+            107,
+        )
+        .await;
+    server
+        .err(
+            "publish",
+            json!({"channel": "has space", "data": 1}),
+            200,
+            107,
+        )
+        .await;
+    server
+        .err("publish", json!({"channel": "", "data": 1}), 200, 107)
+        .await;
+    server
+        .err(
+            "publish",
+            json!({"channel": "unknown:x", "data": 1}),
+            200,
+            102,
+        )
+        .await;
+    server
+        .err("publish", json!({"channel": "a"}), 200, 107)
+        .await;
     // Payload and body limits: 413 with a JSON body, nothing stored.
     let big = "x".repeat(2000);
-    server.err("publish", json!({"channel": "a", "data": big}), 413, 106).await;
+    server
+        .err("publish", json!({"channel": "a", "data": big}), 413, 106)
+        .await;
     let huge = "y".repeat(10_000);
-    server.err("publish", json!({"channel": "a", "data": huge}), 413, 106).await;
-    let history = server.ok("history", json!({"channel": "a", "limit": -1})).await;
-    assert_eq!(history["publications"], json!([]), "rejected publishes store nothing");
+    server
+        .err("publish", json!({"channel": "a", "data": huge}), 413, 106)
+        .await;
+    let history = server
+        .ok("history", json!({"channel": "a", "limit": -1}))
+        .await;
+    assert_eq!(
+        history["publications"],
+        json!([]),
+        "rejected publishes store nothing"
+    );
     // Impossible positions.
-    server.ok("publish", json!({"channel": "h", "data": 1})).await;
-    server.err("history", json!({"channel": "h", "limit": 10, "since": {"offset": 1, "epoch": "stale"}}), 200, 112).await;
-    let future = server.err("history", json!({"channel": "h", "limit": 10, "since": {"offset": 99, "epoch": ""}}), 200, 112).await;
+    server
+        .ok("publish", json!({"channel": "h", "data": 1}))
+        .await;
+    server
+        .err(
+            "history",
+            json!({"channel": "h", "limit": 10, "since": {"offset": 1, "epoch": "stale"}}),
+            200,
+            112,
+        )
+        .await;
+    let future = server
+        .err(
+            "history",
+            json!({"channel": "h", "limit": 10, "since": {"offset": 99, "epoch": ""}}),
+            200,
+            112,
+        )
+        .await;
     assert!(future["detail"].as_str().expect("detail").contains("ahead"));
     server.err("history", json!({"channel": "h", "limit": 10, "reverse": true, "since": {"offset": 0, "epoch": ""}}), 200, 107).await;
-    let (status, _) = server.call("history", json!({"channel": "h", "since": {"offset": -1, "epoch": ""}})).await;
+    let (status, _) = server
+        .call(
+            "history",
+            json!({"channel": "h", "since": {"offset": -1, "epoch": ""}}),
+        )
+        .await;
     assert_eq!(status, 400, "negative offset");
     // Unknown method and wrong HTTP method.
     let (status, body) = server.call("nope", json!({})).await;
     assert_eq!((status, body["error"]["code"].as_u64()), (404, Some(104)));
-    let response = server.http.get(format!("{}/api/publish", server.url)).header("X-API-Key", API_KEY).send().await.expect("get");
+    let response = server
+        .http
+        .get(format!("{}/api/publish", server.url))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .expect("get");
     assert_eq!(response.status().as_u16(), 405);
 }
 
@@ -189,33 +356,109 @@ async fn api_key_is_required() {
     let server = TestServer::start(Engine::Memory).await;
     let url = format!("{}/api/publish", server.url);
     let body = json!({"channel": "a", "data": 1}).to_string();
-    let missing = server.http.post(&url).body(body.clone()).send().await.expect("send");
+    let missing = server
+        .http
+        .post(&url)
+        .body(body.clone())
+        .send()
+        .await
+        .expect("send");
     assert_eq!(missing.status().as_u16(), 401);
     let json: serde_json::Value = missing.json().await.expect("json body");
     assert_eq!(json["error"]["code"], 101);
-    let wrong = server.http.post(&url).header("X-API-Key", "wrong-key-wrong-key").body(body.clone()).send().await.expect("send");
+    let wrong = server
+        .http
+        .post(&url)
+        .header("X-API-Key", "wrong-key-wrong-key")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("send");
     assert_eq!(wrong.status().as_u16(), 401);
-    let scheme = server.http.post(&url).header("Authorization", format!("apikey {API_KEY}")).body(body.clone()).send().await.expect("send");
+    let scheme = server
+        .http
+        .post(&url)
+        .header("Authorization", format!("apikey {API_KEY}"))
+        .body(body.clone())
+        .send()
+        .await
+        .expect("send");
     assert_eq!(scheme.status().as_u16(), 200);
-    let bearer = server.http.post(&url).header("Authorization", format!("Bearer {API_KEY}")).body(body).send().await.expect("send");
-    assert_eq!(bearer.status().as_u16(), 401, "only the apikey scheme carries API keys");
-    let history = server.ok("history", json!({"channel": "a", "limit": -1})).await;
-    assert_eq!(history["publications"].as_array().expect("array").len(), 1, "only the authorised publish landed");
+    let bearer = server
+        .http
+        .post(&url)
+        .header("Authorization", format!("Bearer {API_KEY}"))
+        .body(body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        bearer.status().as_u16(),
+        401,
+        "only the apikey scheme carries API keys"
+    );
+    let history = server
+        .ok("history", json!({"channel": "a", "limit": -1}))
+        .await;
+    assert_eq!(
+        history["publications"].as_array().expect("array").len(),
+        1,
+        "only the authorised publish landed"
+    );
 }
 
 #[tokio::test]
 async fn operations_endpoints() {
     let server = TestServer::start(Engine::Memory).await;
-    server.ok("publish", json!({"channel": "m", "data": 1})).await;
-    let health = server.http.get(format!("{}/health", server.url)).send().await.expect("health");
+    server
+        .ok("publish", json!({"channel": "m", "data": 1}))
+        .await;
+    let health = server
+        .http
+        .get(format!("{}/health", server.url))
+        .send()
+        .await
+        .expect("health");
     assert_eq!(health.status().as_u16(), 200);
-    let ready = server.http.get(format!("{}/ready", server.url)).send().await.expect("ready");
+    let ready = server
+        .http
+        .get(format!("{}/ready", server.url))
+        .send()
+        .await
+        .expect("ready");
     assert_eq!(ready.status().as_u16(), 200);
-    let metrics = server.http.get(format!("{}/metrics", server.url)).send().await.expect("metrics").text().await.expect("text");
+    let metrics = server
+        .http
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
     assert!(metrics.contains("herald_publications_total 1"), "{metrics}");
-    assert!(metrics.contains("herald_history_writes_total 1"), "{metrics}");
-    assert!(metrics.contains("herald_api_requests_total{method=\"publish\",status=\"200\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("herald_history_writes_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("herald_api_requests_total{method=\"publish\",status=\"200\"} 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("herald_connections"), "{metrics}");
-    let openapi: serde_json::Value = server.http.get(format!("{}/api/openapi.json", server.url)).send().await.expect("openapi").json().await.expect("json");
-    assert!(openapi["openapi"].as_str().expect("version").starts_with("3."));
+    let openapi: serde_json::Value = server
+        .http
+        .get(format!("{}/api/openapi.json", server.url))
+        .send()
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        openapi["openapi"]
+            .as_str()
+            .expect("version")
+            .starts_with("3.")
+    );
 }

@@ -1,12 +1,11 @@
 //! The `herald` binary end to end: the no-config quick start, the CLI commands, restart
 //! persistence, graceful shutdown and start-up errors.
 
-#[path = "common/process.rs"]
-mod process;
+mod common;
 
 use std::time::Duration;
 
-use process::{ServerProcess, run};
+use common::process::{ServerProcess, run};
 use serde_json::{Value, json};
 
 const SIGTERM: i32 = 15;
@@ -38,8 +37,18 @@ async fn quick_start_without_config_persists_across_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = ServerProcess::start(&["--listen", "127.0.0.1:0"], dir.path());
     let key = api_key_from_banner(&server.banner);
-    assert!(server.banner.iter().any(|l| l.contains("curl -X POST") && l.contains(&key)), "{:?}", server.banner);
-    assert!(dir.path().join("herald-data/secrets.toml").exists(), "secrets kept in ./herald-data");
+    assert!(
+        server
+            .banner
+            .iter()
+            .any(|l| l.contains("curl -X POST") && l.contains(&key)),
+        "{:?}",
+        server.banner
+    );
+    assert!(
+        dir.path().join("herald-data/secrets.toml").exists(),
+        "secrets kept in ./herald-data"
+    );
 
     // Anonymous publishing is refused.
     let anonymous = reqwest::Client::new()
@@ -53,7 +62,10 @@ async fn quick_start_without_config_persists_across_restart() {
     // The CLI finds the server and key from the same folder.
     let url = server.url.clone();
     for n in 1..=3 {
-        let (code, stdout, stderr) = run(&["publish", "news", &format!("{{\"n\":{n}}}"), "--url", &url], dir.path());
+        let (code, stdout, stderr) = run(
+            &["publish", "news", &format!("{{\"n\":{n}}}"), "--url", &url],
+            dir.path(),
+        );
         assert_eq!(code, 0, "publish failed: {stderr}");
         let result: Value = serde_json::from_str(stdout.trim()).expect("publish prints JSON");
         assert_eq!(result["offset"], n);
@@ -63,18 +75,38 @@ async fn quick_start_without_config_persists_across_restart() {
     assert!(stdout.contains("\"offset\":4"));
 
     server.signal(SIGTERM);
-    assert_eq!(server.wait(Duration::from_secs(10)), Some(0), "graceful shutdown exits 0");
+    assert_eq!(
+        server.wait(Duration::from_secs(10)),
+        Some(0),
+        "graceful shutdown exits 0"
+    );
 
     let server = ServerProcess::start(&["--listen", "127.0.0.1:0"], dir.path());
-    assert_eq!(api_key_from_banner(&server.banner), key, "the generated key is reused");
+    assert_eq!(
+        api_key_from_banner(&server.banner),
+        key,
+        "the generated key is reused"
+    );
     let (code, stdout, stderr) = run(&["history", "news", "--url", &server.url], dir.path());
     assert_eq!(code, 0, "{stderr}");
-    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
     assert_eq!(lines.len(), 4);
     assert_eq!(lines[0]["data"], json!({"n": 1}));
     assert_eq!(lines[3]["data"], json!("hello"));
-    let next = post(&server.url, &key, "publish", json!({"channel": "news", "data": 5})).await;
-    assert_eq!(next["result"]["offset"], 5, "offsets continue after restart");
+    let next = post(
+        &server.url,
+        &key,
+        "publish",
+        json!({"channel": "news", "data": 5}),
+    )
+    .await;
+    assert_eq!(
+        next["result"]["offset"], 5,
+        "offsets continue after restart"
+    );
 }
 
 #[tokio::test]
@@ -83,8 +115,17 @@ async fn memory_mode_and_sigint() {
     let mut server = ServerProcess::start(&["--memory", "--listen", "127.0.0.1:0"], dir.path());
     let key = api_key_from_banner(&server.banner);
     assert!(server.banner.iter().any(|l| l.contains("memory")));
-    assert!(!dir.path().join("herald-data").exists(), "--memory writes nothing");
-    let result = post(&server.url, &key, "publish", json!({"channel": "a", "data": 1})).await;
+    assert!(
+        !dir.path().join("herald-data").exists(),
+        "--memory writes nothing"
+    );
+    let result = post(
+        &server.url,
+        &key,
+        "publish",
+        json!({"channel": "a", "data": 1}),
+    )
+    .await;
     assert_eq!(result["result"]["offset"], 1);
     server.signal(SIGINT);
     assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
@@ -97,9 +138,15 @@ fn unwritable_data_dir_fails_clearly() {
     std::fs::write(&blocker, b"not a folder").expect("write");
     let data_dir = blocker.join("data");
     let data_dir = data_dir.to_str().expect("utf-8 path");
-    let (code, stdout, stderr) = run(&["serve", "--data-dir", data_dir, "--listen", "127.0.0.1:0"], dir.path());
+    let (code, stdout, stderr) = run(
+        &["serve", "--data-dir", data_dir, "--listen", "127.0.0.1:0"],
+        dir.path(),
+    );
     assert_ne!(code, 0, "must not start: {stdout}");
-    assert!(stderr.contains(data_dir), "error names the folder: {stderr}");
+    assert!(
+        stderr.contains(data_dir),
+        "error names the folder: {stderr}"
+    );
     assert!(!stdout.contains("listening"), "{stdout}");
 }
 
@@ -122,9 +169,25 @@ fn genconfig_check_config_and_token() {
     std::fs::write(dir.path().join("bad.toml"), "[server]\nlisen = \"x\"\n").expect("write");
     let (code, _, stderr) = run(&["check-config", "--config", "bad.toml"], dir.path());
     assert_ne!(code, 0);
-    assert!(stderr.contains("lisen") && stderr.contains("bad.toml"), "{stderr}");
+    assert!(
+        stderr.contains("lisen") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
 
-    let (code, stdout, stderr) = run(&["token", "--config", "herald.toml", "--user", "alice", "--channels", "a,b", "--ttl", "1h"], dir.path());
+    let (code, stdout, stderr) = run(
+        &[
+            "token",
+            "--config",
+            "herald.toml",
+            "--user",
+            "alice",
+            "--channels",
+            "a,b",
+            "--ttl",
+            "1h",
+        ],
+        dir.path(),
+    );
     assert_eq!(code, 0, "{stderr}");
     let token = stdout.trim();
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
@@ -135,9 +198,13 @@ fn genconfig_check_config_and_token() {
         .trim_matches('"');
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
     validation.set_required_spec_claims(&["exp", "sub"]);
-    let claims = jsonwebtoken::decode::<Value>(token, &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()), &validation)
-        .expect("token verifies with the configured secret")
-        .claims;
+    let claims = jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .expect("token verifies with the configured secret")
+    .claims;
     assert_eq!(claims["sub"], "alice");
     assert_eq!(claims["channels"], json!(["a", "b"]));
 
@@ -149,7 +216,7 @@ fn genconfig_check_config_and_token() {
 #[test]
 fn environment_overrides_and_unknown_env_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let output = std::process::Command::new(process::herald_bin())
+    let output = std::process::Command::new(common::process::herald_bin())
         .args(["check-config"])
         .env("HERALD_SERVER__LISEN", "x")
         .current_dir(dir.path())
@@ -157,14 +224,21 @@ fn environment_overrides_and_unknown_env_keys() {
         .expect("run");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("lisen") && stderr.contains("HERALD_"), "names key and source: {stderr}");
+    assert!(
+        stderr.contains("lisen") && stderr.contains("HERALD_"),
+        "names key and source: {stderr}"
+    );
 }
 
 #[test]
 fn config_path_and_test_variables_are_not_config_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("custom.toml"), "[server]\nname = \"from-file\"\n").expect("write");
-    let output = std::process::Command::new(process::herald_bin())
+    std::fs::write(
+        dir.path().join("custom.toml"),
+        "[server]\nname = \"from-file\"\n",
+    )
+    .expect("write");
+    let output = std::process::Command::new(common::process::herald_bin())
         .args(["check-config"])
         .env("HERALD_CONFIG", "custom.toml")
         .env("HERALD_TEST_REDIS_URL", "redis://127.0.0.1:6379")

@@ -1,14 +1,13 @@
 //! Durability under SIGKILL: every publish that got a success response is in history after a
 //! restart, in order, with contiguous offsets and the same epoch (guarantees 1 and 2).
 
-#[path = "common/process.rs"]
-mod process;
+mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use process::ServerProcess;
+use common::process::ServerProcess;
 use serde_json::{Value, json};
 
 const SIGKILL: i32 = 9;
@@ -29,7 +28,11 @@ fn write_config(dir: &std::path::Path, sync: &str) -> String {
 /// (channel, offset, epoch, payload id) for each acknowledged publish.
 type Acked = Vec<(String, u64, String, u64)>;
 
-async fn publish_until_killed(url: String, publisher: usize, acked: Arc<parking_lot::Mutex<Acked>>) {
+async fn publish_until_killed(
+    url: String,
+    publisher: usize,
+    acked: Arc<parking_lot::Mutex<Acked>>,
+) {
     let http = reqwest::Client::new();
     for seq in 0u64.. {
         let channel = format!("crash-{}", (publisher + seq as usize) % CHANNELS);
@@ -41,9 +44,12 @@ async fn publish_until_killed(url: String, publisher: usize, acked: Arc<parking_
             .send()
             .await;
         let Ok(response) = response else { return };
-        let Ok(body) = response.json::<Value>().await else { return };
+        let Ok(body) = response.json::<Value>().await else {
+            return;
+        };
         let result = &body["result"];
-        let (Some(offset), Some(epoch)) = (result["offset"].as_u64(), result["epoch"].as_str()) else {
+        let (Some(offset), Some(epoch)) = (result["offset"].as_u64(), result["epoch"].as_str())
+        else {
             panic!("publish failed before the kill: {body}");
         };
         acked.lock().push((channel, offset, epoch.to_owned(), id));
@@ -53,7 +59,10 @@ async fn publish_until_killed(url: String, publisher: usize, acked: Arc<parking_
 async fn crash_round(sync: &str, round: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), sync);
-    let server = ServerProcess::start(&["--config", &config, "--listen", "127.0.0.1:0"], dir.path());
+    let server = ServerProcess::start(
+        &["--config", &config, "--listen", "127.0.0.1:0"],
+        dir.path(),
+    );
     let acked = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let tasks: Vec<_> = (0..PUBLISHERS)
         .map(|p| tokio::spawn(publish_until_killed(server.url.clone(), p, acked.clone())))
@@ -61,7 +70,11 @@ async fn crash_round(sync: &str, round: usize) {
     // Kill mid-burst once a good number of publishes have been acknowledged.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while acked.lock().len() < 2000 + round * 500 {
-        assert!(std::time::Instant::now() < deadline, "publishing too slow: {} acked", acked.lock().len());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publishing too slow: {} acked",
+            acked.lock().len()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     server.signal(SIGKILL);
@@ -71,7 +84,10 @@ async fn crash_round(sync: &str, round: usize) {
     drop(server);
     let acked = acked.lock().clone();
 
-    let server = ServerProcess::start(&["--config", &config, "--listen", "127.0.0.1:0"], dir.path());
+    let server = ServerProcess::start(
+        &["--config", &config, "--listen", "127.0.0.1:0"],
+        dir.path(),
+    );
     let http = reqwest::Client::new();
     let mut stored: HashMap<String, (String, Vec<(u64, u64)>)> = HashMap::new();
     for c in 0..CHANNELS {
@@ -91,21 +107,46 @@ async fn crash_round(sync: &str, round: usize) {
             .as_array()
             .expect("publications")
             .iter()
-            .map(|p| (p["offset"].as_u64().expect("offset"), p["data"]["id"].as_u64().expect("id")))
+            .map(|p| {
+                (
+                    p["offset"].as_u64().expect("offset"),
+                    p["data"]["id"].as_u64().expect("id"),
+                )
+            })
             .collect();
         let offsets: Vec<u64> = publications.iter().map(|(o, _)| *o).collect();
         let expected: Vec<u64> = (1..=offsets.len() as u64).collect();
-        assert_eq!(offsets, expected, "{channel}: offsets must be contiguous from 1 after a crash");
-        assert_eq!(result["offset"].as_u64(), offsets.last().copied().or(Some(0)), "{channel}: top matches history");
-        stored.insert(channel, (result["epoch"].as_str().expect("epoch").to_owned(), publications));
+        assert_eq!(
+            offsets, expected,
+            "{channel}: offsets must be contiguous from 1 after a crash"
+        );
+        assert_eq!(
+            result["offset"].as_u64(),
+            offsets.last().copied().or(Some(0)),
+            "{channel}: top matches history"
+        );
+        stored.insert(
+            channel,
+            (
+                result["epoch"].as_str().expect("epoch").to_owned(),
+                publications,
+            ),
+        );
     }
     for (channel, offset, epoch, id) in &acked {
         let (stored_epoch, publications) = &stored[channel];
         assert_eq!(stored_epoch, epoch, "{channel}: epoch survives the crash");
         let found = publications.get((*offset - 1) as usize);
-        assert_eq!(found, Some(&(*offset, *id)), "{channel}: acknowledged publish {id} at offset {offset} is lost or moved");
+        assert_eq!(
+            found,
+            Some(&(*offset, *id)),
+            "{channel}: acknowledged publish {id} at offset {offset} is lost or moved"
+        );
     }
-    eprintln!("sync={sync} round {round}: {} acknowledged publishes all present", acked.len());
+    eprintln!(
+        "sync={sync} round {round}: {} acknowledged publishes all present",
+        acked.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

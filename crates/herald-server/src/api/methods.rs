@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use axum::http::StatusCode;
+use herald_core::PublishRequest;
 use herald_core::error::{ErrorCode, HeraldError};
 use herald_core::node::Node;
 use herald_core::store::HistoryQuery;
-use herald_core::PublishRequest;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -15,8 +15,16 @@ use serde_json::value::RawValue;
 use super::ApiError;
 use super::types::*;
 
-const METHODS: &[&str] =
-    &["publish", "broadcast", "history", "history_remove", "presence", "presence_stats", "channels", "info"];
+const METHODS: &[&str] = &[
+    "publish",
+    "broadcast",
+    "history",
+    "history_remove",
+    "presence",
+    "presence_stats",
+    "channels",
+    "info",
+];
 
 pub fn is_known(method: &str) -> bool {
     METHODS.contains(&method)
@@ -27,8 +35,13 @@ fn parse<T: DeserializeOwned>(params: &RawValue) -> Result<T, ApiError> {
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Box<RawValue>, ApiError> {
-    serde_json::value::to_raw_value(value)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string()))
+    serde_json::value::to_raw_value(value).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            e.to_string(),
+        )
+    })
 }
 
 fn node_err(error: HeraldError) -> ApiError {
@@ -51,7 +64,9 @@ pub async fn call(node: &Node, method: &str, params: &RawValue) -> Result<Box<Ra
         "history_remove" => {
             let params: ChannelParams = parse(params)?;
             require_channel(&params.channel)?;
-            node.remove_history(&params.channel).await.map_err(node_err)?;
+            node.remove_history(&params.channel)
+                .await
+                .map_err(node_err)?;
             encode(&EmptyResult {})
         }
         "presence" => {
@@ -63,7 +78,10 @@ pub async fn call(node: &Node, method: &str, params: &RawValue) -> Result<Box<Ra
         "presence_stats" => {
             let params: ChannelParams = parse(params)?;
             require_channel(&params.channel)?;
-            let stats = node.presence_stats(&params.channel).await.map_err(node_err)?;
+            let stats = node
+                .presence_stats(&params.channel)
+                .await
+                .map_err(node_err)?;
             encode(&PresenceStatsResult::from(stats))
         }
         "channels" => {
@@ -71,15 +89,28 @@ pub async fn call(node: &Node, method: &str, params: &RawValue) -> Result<Box<Ra
             let channels: BTreeMap<String, ChannelInfo> = node
                 .channels(params.pattern.as_deref())
                 .into_iter()
-                .map(|(name, count)| (name.to_string(), ChannelInfo { num_clients: count as u64 }))
+                .map(|(name, count)| {
+                    (
+                        name.to_string(),
+                        ChannelInfo {
+                            num_clients: count as u64,
+                        },
+                    )
+                })
                 .collect();
             encode(&ChannelsResult { channels })
         }
         "info" => {
             let _: EmptyParams = parse(params)?;
-            encode(&InfoResult { nodes: vec![NodeResult::from(node.info())] })
+            encode(&InfoResult {
+                nodes: vec![NodeResult::from(node.info())],
+            })
         }
-        other => Err(ApiError::new(StatusCode::NOT_FOUND, ErrorCode::MethodNotFound, format!("no API method {other:?}"))),
+        other => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotFound,
+            format!("no API method {other:?}"),
+        )),
     }
 }
 
@@ -160,8 +191,14 @@ async fn broadcast(node: &Node, params: BroadcastParams) -> Result<Box<RawValue>
         .await
         .into_iter()
         .map(|outcome| match outcome {
-            Ok(result) => BroadcastReply { result: Some(PublishResult::from(result)), error: None },
-            Err(err) => BroadcastReply { result: None, error: Some(super::ErrorBody::from(&err)) },
+            Ok(result) => BroadcastReply {
+                result: Some(PublishResult::from(result)),
+                error: None,
+            },
+            Err(err) => BroadcastReply {
+                result: None,
+                error: Some(super::ErrorBody::from(&err)),
+            },
         })
         .collect();
     encode(&BroadcastResult { responses })
@@ -176,10 +213,21 @@ async fn history(node: &Node, params: HistoryParams) -> Result<Box<RawValue>, Ap
         Ok(n) => Some(n.min(MAX_HISTORY_LIMIT)),
         Err(_) => Some(MAX_HISTORY_LIMIT),
     };
-    let query = HistoryQuery { since: params.since, limit, reverse: params.reverse };
-    let page = node.history(&params.channel, query).await.map_err(node_err)?;
+    let query = HistoryQuery {
+        since: params.since,
+        limit,
+        reverse: params.reverse,
+    };
+    let page = node
+        .history(&params.channel, query)
+        .await
+        .map_err(node_err)?;
     encode(&HistoryResult {
-        publications: page.publications.into_iter().map(ApiPublication::from).collect(),
+        publications: page
+            .publications
+            .into_iter()
+            .map(ApiPublication::from)
+            .collect(),
         offset: page.position.offset,
         epoch: page.position.epoch,
     })

@@ -35,12 +35,18 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: ErrorCode, detail: impl Into<String>) -> Self {
-        Self { status, error: HeraldError::new(code, detail) }
+        Self {
+            status,
+            error: HeraldError::new(code, detail),
+        }
     }
 
     /// API-level errors keep HTTP 200 (what Centrifugo's clients expect).
     pub fn from_node(error: HeraldError) -> Self {
-        Self { status: StatusCode::OK, error }
+        Self {
+            status: StatusCode::OK,
+            error,
+        }
     }
 
     /// Publication data over `server.max_publication_size`: 413, like an oversized body.
@@ -53,7 +59,11 @@ impl ApiError {
     }
 
     pub fn bad_json(err: &serde_json::Error) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("malformed JSON: {err}"))
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            format!("malformed JSON: {err}"),
+        )
     }
 }
 
@@ -68,7 +78,11 @@ pub struct ErrorBody {
 
 impl From<&HeraldError> for ErrorBody {
     fn from(error: &HeraldError) -> Self {
-        Self { code: error.code.as_u32(), message: error.code.message(), detail: error.detail.clone() }
+        Self {
+            code: error.code.as_u32(),
+            message: error.code.message(),
+            detail: error.detail.clone(),
+        }
     }
 }
 
@@ -100,7 +114,10 @@ fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&
     if let Some(value) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(value.trim());
     }
-    if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let mut parts = value.trim().splitn(2, ' ');
         if let (Some(scheme), Some(key)) = (parts.next(), parts.next())
             && scheme.eq_ignore_ascii_case("apikey")
@@ -108,7 +125,9 @@ fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&
             return Some(key.trim());
         }
     }
-    query?.split('&').find_map(|pair| pair.strip_prefix("api_key="))
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("api_key="))
 }
 
 pub fn authorize(keys: &ApiKeys, headers: &HeaderMap, query: Option<&str>) -> Result<(), ApiError> {
@@ -119,7 +138,11 @@ pub fn authorize(keys: &ApiKeys, headers: &HeaderMap, query: Option<&str>) -> Re
             "missing API key: send X-API-Key or Authorization: apikey <key>",
         )),
         Some(key) if keys.verify(key) => Ok(()),
-        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "invalid API key")),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "invalid API key",
+        )),
     }
 }
 
@@ -135,7 +158,11 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
                 format!("request body is larger than {limit} bytes"),
             )
         } else {
-            ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("could not read body: {err}"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                format!("could not read body: {err}"),
+            )
         }
     })
 }
@@ -154,7 +181,9 @@ pub async fn handle(
         Ok(response) => response,
         Err(err) => err.into_response(),
     };
-    state.metrics.api_request(&method, response.status().as_u16(), started.elapsed());
+    state
+        .metrics
+        .api_request(&method, response.status().as_u16(), started.elapsed());
     response
 }
 
@@ -167,10 +196,18 @@ async fn handle_inner(
 ) -> Result<Response, ApiError> {
     authorize(&state.api_keys, headers, query)?;
     if !methods::is_known(method) && method != "batch" {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, ErrorCode::MethodNotFound, format!("no API method {method:?}")));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotFound,
+            format!("no API method {method:?}"),
+        ));
     }
     let body = read_body(body, state.config.server.max_body_size).await?;
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &body };
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &body
+    };
     if method == "batch" {
         return batch(state, body).await;
     }
@@ -197,7 +234,8 @@ fn raw_envelope(key: &str, raw: &RawValue) -> Response {
 pub const MAX_BATCH_COMMANDS: usize = 1000;
 
 async fn batch(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
-    let params: types::BatchParams = serde_json::from_slice(body).map_err(|e| ApiError::bad_json(&e))?;
+    let params: types::BatchParams =
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_json(&e))?;
     if params.commands.len() > MAX_BATCH_COMMANDS {
         return Err(ApiError::new(
             StatusCode::OK,
@@ -207,19 +245,21 @@ async fn batch(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     }
     let run = |command: std::collections::HashMap<String, Box<RawValue>>| async move {
         let mut entries = command.into_iter();
-        let reply = match (entries.next(), entries.next()) {
+        match (entries.next(), entries.next()) {
             (Some((method, params)), None) if method != "batch" && methods::is_known(&method) => {
                 match methods::call(&state.node, &method, &params).await {
                     Ok(result) => Ok((method, result)),
                     Err(err) => Err(err.error),
                 }
             }
-            (Some((method, _)), None) => {
-                Err(HeraldError::new(ErrorCode::MethodNotFound, format!("no API method {method:?}")))
-            }
-            _ => Err(HeraldError::bad_request("each batch command is an object with exactly one method key")),
-        };
-        reply
+            (Some((method, _)), None) => Err(HeraldError::new(
+                ErrorCode::MethodNotFound,
+                format!("no API method {method:?}"),
+            )),
+            _ => Err(HeraldError::bad_request(
+                "each batch command is an object with exactly one method key",
+            )),
+        }
     };
     let replies: Vec<_> = if params.parallel {
         futures::future::join_all(params.commands.into_iter().map(run)).await
@@ -246,8 +286,13 @@ async fn batch(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
             }
             Err(error) => {
                 let body = ErrorBody::from(error);
-                let encoded = serde_json::to_vec(&ErrorEnvelope { error: &body })
-                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string()))?;
+                let encoded = serde_json::to_vec(&ErrorEnvelope { error: &body }).map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        ErrorCode::Internal,
+                        e.to_string(),
+                    )
+                })?;
                 out.extend_from_slice(&encoded);
             }
         }
@@ -257,5 +302,11 @@ async fn batch(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(out))
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, e.to_string()))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                e.to_string(),
+            )
+        })
 }

@@ -105,7 +105,9 @@ pub fn payload(data: Option<Box<RawValue>>, b64data: Option<String>) -> Result<P
         return Ok(Payload::Binary(bytes.into()));
     }
     match data {
-        Some(raw) => Ok(Payload::Json(bytes::Bytes::from(String::from(Box::<str>::from(raw))))),
+        Some(raw) => Ok(Payload::Json(bytes::Bytes::from(String::from(
+            Box::<str>::from(raw),
+        )))),
         None => Err("data or b64data is required".into()),
     }
 }
@@ -125,7 +127,10 @@ fn is_zero(value: &u64) -> bool {
 impl From<herald_core::PublishResult> for PublishResult {
     fn from(result: herald_core::PublishResult) -> Self {
         let position = result.position.unwrap_or_default();
-        Self { offset: position.offset, epoch: position.epoch }
+        Self {
+            offset: position.offset,
+            epoch: position.epoch,
+        }
     }
 }
 
@@ -153,10 +158,15 @@ impl From<Publication> for ApiPublication {
     fn from(publication: Publication) -> Self {
         let (data, b64data) = match publication.data {
             Payload::Json(bytes) => {
-                let raw = String::from_utf8(bytes.to_vec()).ok().and_then(|text| RawValue::from_string(text).ok());
+                let raw = String::from_utf8(bytes.to_vec())
+                    .ok()
+                    .and_then(|text| RawValue::from_string(text).ok());
                 (raw.unwrap_or_else(null), None)
             }
-            Payload::Binary(bytes) => (null(), Some(base64::engine::general_purpose::STANDARD.encode(&bytes))),
+            Payload::Binary(bytes) => (
+                null(),
+                Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
+            ),
         };
         Self {
             data,
@@ -189,7 +199,10 @@ pub struct PresenceStatsResult {
 
 impl From<PresenceStats> for PresenceStatsResult {
     fn from(stats: PresenceStats) -> Self {
-        Self { num_clients: stats.num_clients, num_users: stats.num_users }
+        Self {
+            num_clients: stats.num_clients,
+            num_users: stats.num_users,
+        }
     }
 }
 
@@ -244,20 +257,30 @@ mod tests {
 
     #[test]
     fn payload_keeps_null_and_prefers_b64() {
-        let params: PublishParams = serde_json::from_str(r#"{"channel":"a","data":null}"#).expect("parse");
-        assert_eq!(payload(params.data, params.b64data), Ok(Payload::Json("null".into())));
+        let params: PublishParams =
+            serde_json::from_str(r#"{"channel":"a","data":null}"#).expect("parse");
+        assert_eq!(
+            payload(params.data, params.b64data),
+            Ok(Payload::Json("null".into()))
+        );
         let params: PublishParams = serde_json::from_str(r#"{"channel":"a"}"#).expect("parse");
         assert!(payload(params.data, params.b64data).is_err());
         let params: PublishParams =
-            serde_json::from_str(r#"{"channel":"a","data":{"x":1},"b64data":"AAE="}"#).expect("parse");
-        assert_eq!(payload(params.data, params.b64data), Ok(Payload::Binary(vec![0u8, 1].into())));
+            serde_json::from_str(r#"{"channel":"a","data":{"x":1},"b64data":"AAE="}"#)
+                .expect("parse");
+        assert_eq!(
+            payload(params.data, params.b64data),
+            Ok(Payload::Binary(vec![0u8, 1].into()))
+        );
         assert!(payload(None, Some("!!".into())).is_err());
     }
 
     #[test]
     fn rejects_unknown_fields() {
-        let err = serde_json::from_str::<PublishParams>(r#"{"channel":"a","data":1,"skip_hisotry":true}"#)
-            .expect_err("typo");
+        let err = serde_json::from_str::<PublishParams>(
+            r#"{"channel":"a","data":1,"skip_hisotry":true}"#,
+        )
+        .expect_err("typo");
         assert!(err.to_string().contains("skip_hisotry"));
     }
 }

@@ -1,5 +1,8 @@
-//! Starts in-process servers on 127.0.0.1:0 for the API tests.
+//! Shared test helpers: in-process servers on 127.0.0.1:0 (this file) and the real binary
+//! ([`process`]). Each test binary uses a different subset, hence the dead-code allowance.
 #![allow(dead_code)]
+
+pub mod process;
 
 use std::sync::Arc;
 
@@ -59,7 +62,9 @@ impl TestServer {
 
     pub async fn start_with(config: Config, data_dir: Option<tempfile::TempDir>) -> Self {
         let node = herald_server::build::build_node(&config).expect("build node");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let keys = ApiKeys::new(config.api.keys.iter().map(String::as_str));
         let state = Arc::new(AppState::new(node, config, keys));
@@ -67,7 +72,13 @@ impl TestServer {
         tokio::spawn(serve(listener, state.clone(), async move {
             let _ = rx.await;
         }));
-        Self { url, http: reqwest::Client::new(), state, shutdown: Some(tx), data_dir }
+        Self {
+            url,
+            http: reqwest::Client::new(),
+            state,
+            shutdown: Some(tx),
+            data_dir,
+        }
     }
 
     /// POSTs raw `body` to `/api/{method}` with the test key; returns status and JSON body.
@@ -83,7 +94,8 @@ impl TestServer {
             .expect("request");
         let status = response.status().as_u16();
         let text = response.text().await.expect("body");
-        let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body {text:?} (HTTP {status})"));
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("non-JSON body {text:?} (HTTP {status})"));
         (status, json)
     }
 

@@ -47,12 +47,25 @@ impl ServerProcess {
                 Ok(line) => line,
                 Err(_) => {
                     let status = child.try_wait().ok().flatten();
-                    panic!("herald did not print its listening line (exit status {status:?}); got {banner:?}");
+                    panic!(
+                        "herald did not print its listening line (exit status {status:?}); got {banner:?}"
+                    );
                 }
             };
             banner.push(line.clone());
             if let Some(pos) = line.find("listening on ") {
                 let url = line[pos + "listening on ".len()..].trim().to_owned();
+                // The indented banner lines (storage, API key, curl line) follow at once.
+                while let Ok(more) = rx.recv_timeout(Duration::from_millis(500)) {
+                    let indented = more.starts_with("  ");
+                    banner.push(more);
+                    if banner.last().is_some_and(|l| {
+                        l.trim_start().starts_with("try:") || l.contains("from configuration")
+                    }) || !indented
+                    {
+                        break;
+                    }
+                }
                 // Keep draining stdout so the server never blocks on a full pipe.
                 std::thread::spawn(move || while rx.recv().is_ok() {});
                 return Self { child, url, banner };
@@ -81,7 +94,10 @@ impl ServerProcess {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "herald did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "herald did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
