@@ -258,3 +258,30 @@ fn herald_toml_in_the_working_folder_is_picked_up() {
     assert_ne!(code, 0, "the broken ./herald.toml must be read");
     assert!(stderr.contains("lisen"), "{stderr}");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(common::process::herald_bin())
+        .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+        .env("HERALD_LOG__FORMAT", "json")
+        .env("HERALD_LOG__LEVEL", "info")
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let first = BufReader::new(stderr)
+        .lines()
+        .next()
+        .expect("a log line")
+        .expect("utf-8");
+    let _ = child.kill();
+    let _ = child.wait();
+    let line: Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("not JSON ({e}): {first}"));
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert_eq!(line["fields"]["message"], "herald started", "{line}");
+}
