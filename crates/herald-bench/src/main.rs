@@ -1,2 +1,122 @@
-//! placeholder
-fn main(){}
+//! `herald-bench`: load generators for Herald, one subcommand per scenario.
+//!
+//! Owns the command line, CPU pinning and the runtime the scenario runs on. Scenarios live in
+//! their own modules and only talk to a server over the network.
+
+mod publish;
+mod rawhttp;
+mod summary;
+mod sysstat;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "herald-bench", version, about = "Load generator for Herald")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Sustained publishes over the HTTP server API (`POST /api/publish`).
+    Publish(publish::PublishArgs),
+    /// Print the Markdown table header used by `summarize`.
+    SummaryHeader,
+    /// Turn JSON lines from several `publish --json` runs into one Markdown table row.
+    Summarize(summary::SummarizeArgs),
+}
+
+/// Parses `15s`, `500ms`, `2m`, `1.5s` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?} (try 15s, 500ms, 1m)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} in {text:?} (ms, s, m)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the Tokio runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Publish(args) => {
+            if let Some(cpu) = args.cpu {
+                // Before the runtime exists, so every thread it starts inherits the mask.
+                sysstat::pin_current_thread(cpu)?;
+            }
+            let report = runtime(args.threads)?.block_on(publish::run(&args))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                report.print_text();
+            }
+            Ok(())
+        }
+        Command::SummaryHeader => {
+            println!("{}", summary::HEADER);
+            Ok(())
+        }
+        Command::Summarize(args) => {
+            println!("{}", summary::run(&args)?);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("herald-bench: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+}
