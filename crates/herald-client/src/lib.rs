@@ -16,7 +16,11 @@ pub enum ClientError {
     #[error("server answered HTTP {status}: {body}")]
     Http { status: u16, body: String },
     #[error("server error {code} ({message}){}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
-    Api { code: u32, message: String, detail: String },
+    Api {
+        code: u32,
+        message: String,
+        detail: String,
+    },
     #[error("unexpected response: {0}")]
     Decode(String),
 }
@@ -83,8 +87,14 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ClientError::Url(url.to_owned()));
         }
-        let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
-        Ok(Self { http, base: base.to_owned(), api_key: api_key.to_owned() })
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.to_owned(),
+            api_key: api_key.to_owned(),
+        })
     }
 
     /// Calls `method` with `params` and returns its `result`.
@@ -101,20 +111,35 @@ impl Client {
         let envelope: Envelope = match serde_json::from_slice(&body) {
             Ok(envelope) => envelope,
             Err(_) if !status.is_success() => {
-                return Err(ClientError::Http { status: status.as_u16(), body: String::from_utf8_lossy(&body).into() });
+                return Err(ClientError::Http {
+                    status: status.as_u16(),
+                    body: String::from_utf8_lossy(&body).into(),
+                });
             }
             Err(err) => return Err(ClientError::Decode(err.to_string())),
         };
         if let Some(error) = envelope.error {
-            return Err(ClientError::Api { code: error.code, message: error.message, detail: error.detail });
+            return Err(ClientError::Api {
+                code: error.code,
+                message: error.message,
+                detail: error.detail,
+            });
         }
         if !status.is_success() {
-            return Err(ClientError::Http { status: status.as_u16(), body: String::from_utf8_lossy(&body).into() });
+            return Err(ClientError::Http {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body).into(),
+            });
         }
         Ok(envelope.result.unwrap_or(Value::Null))
     }
 
-    pub async fn publish(&self, channel: &str, data: &Value, options: &PublishOptions) -> Result<PublishResult, ClientError> {
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: &Value,
+        options: &PublishOptions,
+    ) -> Result<PublishResult, ClientError> {
         let mut params = json!({ "channel": channel, "data": data });
         if let Some(key) = &options.idempotency_key {
             params["idempotency_key"] = json!(key);
@@ -129,8 +154,13 @@ impl Client {
         serde_json::from_value(result).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
-    pub async fn history(&self, channel: &str, options: &HistoryOptions) -> Result<HistoryPage, ClientError> {
-        let mut params = json!({ "channel": channel, "limit": options.limit, "reverse": options.reverse });
+    pub async fn history(
+        &self,
+        channel: &str,
+        options: &HistoryOptions,
+    ) -> Result<HistoryPage, ClientError> {
+        let mut params =
+            json!({ "channel": channel, "limit": options.limit, "reverse": options.reverse });
         if let Some((offset, epoch)) = &options.since {
             params["since"] = json!({ "offset": offset, "epoch": epoch });
         }
