@@ -1,0 +1,133 @@
+//! Who a client is and what it may do: credentials from a connection token, the
+//! authenticator port that produces them, and the one permission check every transport uses.
+//!
+//! Owns the decisions only; token cryptography lives behind [`Authenticator`] in the server.
+
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+
+use crate::channel::ChannelName;
+use crate::error::{ErrorCode, HeraldError};
+use crate::namespace::NamespaceOptions;
+
+/// An authenticated (or anonymous) client's identity.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// User id; empty for anonymous.
+    pub user: String,
+    /// Expiry as Unix seconds; `None` never expires.
+    pub expires_at: Option<u64>,
+    /// Connection info shown in presence and join/leave (the token's `info`).
+    pub info: Option<Arc<RawValue>>,
+    /// Channels the client is subscribed to by the server at connect (the token's `channels`).
+    pub channels: Vec<String>,
+}
+
+impl Credentials {
+    pub fn anonymous() -> Self {
+        Self::default()
+    }
+
+    pub fn is_anonymous(&self) -> bool {
+        self.user.is_empty()
+    }
+}
+
+/// Turns a connection token into credentials (JWT verification in the server).
+pub trait Authenticator: Send + Sync + 'static {
+    /// `Err` with `ErrorCode::TokenExpired` for an expired token, `Unauthorized` otherwise.
+    fn authenticate(&self, token: &str) -> Result<Credentials, HeraldError>;
+}
+
+/// What a client asks to do on a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Subscribe,
+    Publish,
+    History,
+    Presence,
+}
+
+/// The permission decision shared by every transport. `subscribed` says whether the client
+/// is subscribed to the channel (needed for history and presence).
+pub fn check(
+    credentials: &Credentials,
+    channel: &ChannelName,
+    options: &NamespaceOptions,
+    action: Action,
+    subscribed: bool,
+) -> Result<(), HeraldError> {
+    let denied = |why: &str| Err(HeraldError::new(ErrorCode::PermissionDenied, why.to_owned()));
+    match action {
+        Action::Subscribe => {
+            if !channel.user_allowed(&credentials.user) {
+                return denied("the channel is limited to other users");
+            }
+            let granted_by_token = credentials.channels.iter().any(|c| c == channel.as_str());
+            if credentials.is_anonymous() && !options.allow_subscribe_for_anonymous && !granted_by_token {
+                return denied("anonymous clients may not subscribe in this namespace");
+            }
+            Ok(())
+        }
+        Action::Publish => {
+            if !options.allow_publish_for_client {
+                return denied("clients may not publish in this namespace");
+            }
+            if credentials.is_anonymous() && !options.allow_subscribe_for_anonymous {
+                return denied("anonymous clients may not publish in this namespace");
+            }
+            Ok(())
+        }
+        Action::History => {
+            if !options.allow_history_for_subscriber || !subscribed {
+                return denied("history is for subscribers, where the namespace allows it");
+            }
+            Ok(())
+        }
+        Action::Presence => {
+            if !options.allow_presence_for_subscriber || !subscribed {
+                return denied("presence is for subscribers, where the namespace allows it");
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::ChannelRules;
+
+    fn channel(name: &str) -> ChannelName {
+        ChannelName::parse(name, &ChannelRules::default()).expect("valid")
+    }
+
+    #[test]
+    fn permission_matrix() {
+        let alice = Credentials { user: "alice".into(), ..Credentials::default() };
+        let anon = Credentials::anonymous();
+        let closed = NamespaceOptions::default();
+        let open = NamespaceOptions {
+            allow_subscribe_for_anonymous: true,
+            allow_publish_for_client: true,
+            allow_history_for_subscriber: true,
+            allow_presence_for_subscriber: true,
+            ..NamespaceOptions::default()
+        };
+        let ok = |r: Result<(), HeraldError>| r.is_ok();
+        assert!(ok(check(&alice, &channel("news"), &closed, Action::Subscribe, false)));
+        assert!(!ok(check(&anon, &channel("news"), &closed, Action::Subscribe, false)));
+        assert!(ok(check(&anon, &channel("news"), &open, Action::Subscribe, false)));
+        assert!(ok(check(&alice, &channel("inbox:#alice"), &closed, Action::Subscribe, false)));
+        assert!(!ok(check(&alice, &channel("inbox:#bob"), &closed, Action::Subscribe, false)));
+        assert!(!ok(check(&anon, &channel("inbox:#bob"), &open, Action::Subscribe, false)));
+        assert!(!ok(check(&alice, &channel("news"), &closed, Action::Publish, true)));
+        assert!(ok(check(&alice, &channel("news"), &open, Action::Publish, false)));
+        assert!(!ok(check(&alice, &channel("news"), &open, Action::History, false)));
+        assert!(ok(check(&alice, &channel("news"), &open, Action::History, true)));
+        assert!(!ok(check(&alice, &channel("news"), &closed, Action::Presence, true)));
+        let granted = Credentials { channels: vec!["news".into()], ..Credentials::anonymous() };
+        assert!(ok(check(&granted, &channel("news"), &closed, Action::Subscribe, false)));
+    }
+}
