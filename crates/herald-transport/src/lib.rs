@@ -1,0 +1,7 @@
+//! Herald's real-time transports: wire formats and connection loops around the core.
+//!
+//! Owns: per-connection outbound queues ([`outbound`]), and one module per transport. A
+//! transport talks to [`herald_core::Node`] (subscribe, recover, publish, history, presence)
+//! and to the core's permission check; it never touches a store.
+
+pub mod outbound;

@@ -1,0 +1,305 @@
+//! A connection's outbound queue: encoded frames waiting for the socket, bounded in bytes.
+//!
+//! Owns the per-connection delivery state: the byte budget (guarantee 5: a subscriber that
+//! falls behind is cut off with the "slow" reason instead of growing memory), per-channel
+//! de-duplication by offset, and the recovery gate that holds live publications back while a
+//! subscription's missed publications are being read, so a resumed stream has no gap and no
+//! repeat. Transports write what [`Outbound::drain`] hands them, several frames per write.
+//!
+//! May touch: nothing but its own state; it is fed by the hub through [`ChannelSink`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use herald_core::hub::{Delivery, Subscriber};
+use herald_core::publication::ChannelEvent;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// Why a connection is being closed by the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client fell behind: its queue went over the byte budget.
+    Slow,
+    /// The server is shutting down.
+    Shutdown,
+    /// Too many live publications arrived while a subscription was recovering.
+    InsufficientState,
+}
+
+/// Encodes channel events into this connection's wire format.
+pub trait EventEncoder: Send + Sync + 'static {
+    /// The bytes for `event`, or `None` to skip it (e.g. join/leave when not wanted).
+    fn encode(&self, event: &ChannelEvent) -> Option<Bytes>;
+}
+
+#[derive(Default)]
+struct ChannelState {
+    /// Live events held back while the subscription recovers.
+    held: Option<Vec<ChannelEvent>>,
+    /// Highest publication offset queued; later duplicates are dropped.
+    last_offset: u64,
+}
+
+struct State {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    closed: Option<CloseReason>,
+    channels: HashMap<Arc<str>, ChannelState>,
+}
+
+/// Most live events held per channel while it recovers.
+pub const MAX_HELD_EVENTS: usize = 10_000;
+
+/// The queue; shared by the hub-facing sinks and the connection's writer.
+pub struct Outbound {
+    state: Mutex<State>,
+    ready: Notify,
+    max_bytes: usize,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.state.lock();
+        f.debug_struct("Outbound").field("frames", &state.frames.len()).field("bytes", &state.bytes).finish()
+    }
+}
+
+impl Outbound {
+    pub fn new(max_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State { frames: VecDeque::new(), bytes: 0, closed: None, channels: HashMap::new() }),
+            ready: Notify::new(),
+            max_bytes,
+        })
+    }
+
+    fn close_locked(&self, state: &mut State, reason: CloseReason) {
+        if state.closed.is_none() {
+            state.closed = Some(reason);
+            state.frames.clear();
+            state.bytes = 0;
+            state.channels.clear();
+        }
+        self.ready.notify_one();
+    }
+
+    fn push_locked(&self, state: &mut State, frame: Bytes) -> bool {
+        if state.closed.is_some() {
+            return false;
+        }
+        if state.bytes + frame.len() > self.max_bytes {
+            self.close_locked(state, CloseReason::Slow);
+            return false;
+        }
+        state.bytes += frame.len();
+        state.frames.push_back(frame);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Queues a frame that is not a channel event (a reply, a ping). False if closed.
+    pub fn push(&self, frame: Bytes) -> bool {
+        let mut state = self.state.lock();
+        self.push_locked(&mut state, frame)
+    }
+
+    /// Closes the queue; the writer sees `reason` once it has drained nothing more.
+    pub fn close(&self, reason: CloseReason) {
+        let mut state = self.state.lock();
+        self.close_locked(&mut state, reason);
+    }
+
+    pub fn closed(&self) -> Option<CloseReason> {
+        self.state.lock().closed
+    }
+
+    /// Starts holding back live events of `channel` (call before subscribing in the hub).
+    pub fn begin_recovery(&self, channel: &Arc<str>) {
+        let mut state = self.state.lock();
+        state.channels.entry(channel.clone()).or_default().held = Some(Vec::new());
+    }
+
+    /// Queues `reply` (which carries the recovered publications up to `last_offset`), then
+    /// every held live event after `last_offset`, and lets live events flow again.
+    pub fn finish_recovery(&self, channel: &Arc<str>, reply: Bytes, last_offset: u64, encoder: &dyn EventEncoder) {
+        let mut state = self.state.lock();
+        let held = match state.channels.get_mut(channel) {
+            Some(entry) => {
+                entry.last_offset = entry.last_offset.max(last_offset);
+                entry.held.take().unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        if !self.push_locked(&mut state, reply) {
+            return;
+        }
+        for event in held {
+            if !self.accept_locked(&mut state, channel, &event) {
+                continue;
+            }
+            if let Some(frame) = encoder.encode(&event)
+                && !self.push_locked(&mut state, frame)
+            {
+                return;
+            }
+        }
+    }
+
+    /// Forgets a channel (after unsubscribe) so a later subscription starts clean.
+    pub fn forget(&self, channel: &str) {
+        self.state.lock().channels.remove(channel);
+    }
+
+    /// Applies de-duplication by offset; true if the event should be queued.
+    fn accept_locked(&self, state: &mut State, channel: &Arc<str>, event: &ChannelEvent) -> bool {
+        let ChannelEvent::Publication(publication) = event else { return true };
+        let offset = publication.publication.offset;
+        if offset == 0 {
+            return true;
+        }
+        let entry = state.channels.entry(channel.clone()).or_default();
+        if offset <= entry.last_offset {
+            return false;
+        }
+        entry.last_offset = offset;
+        true
+    }
+
+    /// Queues a live event for `channel`, or holds it while the channel recovers.
+    pub fn deliver(&self, channel: &Arc<str>, event: &ChannelEvent, encoder: &dyn EventEncoder) -> Delivery {
+        // Encode outside the lock: the first subscriber pays, the rest share the cached bytes.
+        let frame = encoder.encode(event);
+        let mut state = self.state.lock();
+        if state.closed.is_some() {
+            return Delivery::Closed;
+        }
+        if let Some(entry) = state.channels.get_mut(channel)
+            && let Some(held) = entry.held.as_mut()
+        {
+            if held.len() >= MAX_HELD_EVENTS {
+                self.close_locked(&mut state, CloseReason::InsufficientState);
+                return Delivery::Dropped;
+            }
+            held.push(event.clone());
+            return Delivery::Queued;
+        }
+        if !self.accept_locked(&mut state, channel, event) {
+            return Delivery::Queued;
+        }
+        match frame {
+            None => Delivery::Queued,
+            Some(frame) => {
+                if self.push_locked(&mut state, frame) {
+                    Delivery::Queued
+                } else {
+                    Delivery::Dropped
+                }
+            }
+        }
+    }
+
+    /// Waits for frames and moves all queued ones into `out`. Returns the close reason once
+    /// the queue is closed (frames already taken are still to be written).
+    pub async fn drain(&self, out: &mut Vec<Bytes>) -> Result<(), CloseReason> {
+        loop {
+            {
+                let mut state = self.state.lock();
+                if let Some(reason) = state.closed {
+                    return Err(reason);
+                }
+                if !state.frames.is_empty() {
+                    out.extend(state.frames.drain(..));
+                    state.bytes = 0;
+                    return Ok(());
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Bytes waiting to be written.
+    pub fn queued_bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+}
+
+/// The hub-facing subscriber of one connection on one channel.
+pub struct ChannelSink {
+    pub channel: Arc<str>,
+    pub outbound: Arc<Outbound>,
+    pub encoder: Arc<dyn EventEncoder>,
+}
+
+impl Subscriber for ChannelSink {
+    fn deliver(&self, event: &ChannelEvent) -> Delivery {
+        self.outbound.deliver(&self.channel, event, &*self.encoder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_core::publication::{Payload, Publication, PublicationEvent};
+
+    struct Offsets;
+    impl EventEncoder for Offsets {
+        fn encode(&self, event: &ChannelEvent) -> Option<Bytes> {
+            match event {
+                ChannelEvent::Publication(p) => Some(Bytes::from(p.publication.offset.to_string())),
+                _ => None,
+            }
+        }
+    }
+
+    fn publication(channel: &Arc<str>, offset: u64) -> ChannelEvent {
+        ChannelEvent::Publication(Arc::new(PublicationEvent::new(
+            channel.clone(),
+            Arc::from("e"),
+            Publication {
+                offset,
+                time_ms: 0,
+                data: Payload::Json(Bytes::from_static(b"{}")),
+                tags: Default::default(),
+                info: None,
+            },
+        )))
+    }
+
+    async fn drained(outbound: &Outbound) -> Vec<String> {
+        let mut out = Vec::new();
+        outbound.drain(&mut out).await.expect("open");
+        out.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn recovery_gate_has_no_gap_and_no_repeat() {
+        let outbound = Outbound::new(1 << 20);
+        let channel: Arc<str> = Arc::from("c");
+        outbound.begin_recovery(&channel);
+        // Live publications 4..=6 arrive while history (up to 5) is being read.
+        for offset in 4..=6 {
+            assert_eq!(outbound.deliver(&channel, &publication(&channel, offset), &Offsets), Delivery::Queued);
+        }
+        assert_eq!(outbound.queued_bytes(), 0, "held back during recovery");
+        outbound.finish_recovery(&channel, Bytes::from_static(b"reply:3,4,5"), 5, &Offsets);
+        outbound.deliver(&channel, &publication(&channel, 7), &Offsets);
+        outbound.deliver(&channel, &publication(&channel, 7), &Offsets);
+        assert_eq!(drained(&outbound).await, vec!["reply:3,4,5", "6", "7"]);
+    }
+
+    #[tokio::test]
+    async fn over_budget_closes_as_slow() {
+        let outbound = Outbound::new(10);
+        let channel: Arc<str> = Arc::from("c");
+        for offset in 1..=9 {
+            outbound.deliver(&channel, &publication(&channel, offset), &Offsets);
+        }
+        assert_eq!(outbound.deliver(&channel, &publication(&channel, 10), &Offsets), Delivery::Dropped);
+        assert_eq!(outbound.deliver(&channel, &publication(&channel, 11), &Offsets), Delivery::Closed);
+        let mut out = Vec::new();
+        assert_eq!(outbound.drain(&mut out).await, Err(CloseReason::Slow));
+        assert_eq!(outbound.queued_bytes(), 0, "memory released on close");
+    }
+}
