@@ -1,13 +1,22 @@
 //! Measures append throughput of the SQLite history store (not a test; no assertions).
 //!
-//! `cargo run --release -p herald-store --example sqlite_throughput -- [full|normal] [seconds] [producers] [channels] [history size]`
+//! `cargo run --release -p herald-store --example sqlite_throughput -- [full|normal] [seconds] [producers] [channels] [history size] [warm-up seconds] [payload bytes]`
 //!
 //! Defaults mirror `herald-bench publish`: 64 producers with one append in flight each, 100
-//! channels, 100-byte JSON payloads, history size 1000.
+//! channels, ~100-byte JSON payloads, history size 1000. The warm-up (default: long enough
+//! to fill every channel's history once, so size retention is trimming during the measured
+//! window) is not measured. Pin it like the server (`taskset -c 0 …`) to see what one core
+//! does; on a shared machine trust the CPU-per-append figures more than appends per second.
+//!
+//! Prints appends/s, append latency percentiles, CPU per append (writer thread and whole
+//! process), bytes the process wrote to files per append (`/proc/self/io`: `wchar` is what
+//! went through `write` calls, `write_bytes` what reached the page cache as dirty pages),
+//! the largest WAL file seen, and the mean group commit size.
 //!
 //! May touch: a temporary directory, removed at exit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -28,8 +37,8 @@ impl CommitListener for Counter {
 
 /// CPU seconds (user + system) per thread name, from /proc (Linux only; empty elsewhere).
 /// CPU per append is a steadier figure than appends per second on a shared machine.
-fn thread_cpu() -> std::collections::HashMap<String, f64> {
-    let mut totals = std::collections::HashMap::new();
+fn thread_cpu() -> HashMap<String, f64> {
+    let mut totals = HashMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return totals;
     };
@@ -54,21 +63,43 @@ fn thread_cpu() -> std::collections::HashMap<String, f64> {
     totals
 }
 
+/// `wchar` and `write_bytes` from /proc/self/io (zeros where unavailable).
+fn io_written() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("wchar:"), field("write_bytes:"))
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[rank]) / 1000.0
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
     let sync = match args.get(1).map(String::as_str) {
         Some("full") => SyncPolicy::Full,
         _ => SyncPolicy::Normal,
     };
-    let seconds: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
-    let producers: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
-    let channels: usize = args
-        .get(4)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100)
-        .max(1);
-    let size: u32 = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let seconds = arg(2).unwrap_or(5);
+    let producers = arg(3).unwrap_or(64).max(1) as usize;
+    let channels = arg(4).unwrap_or(100).max(1) as usize;
+    let size = u32::try_from(arg(5).unwrap_or(1000)).unwrap_or(u32::MAX);
+    let payload_bytes = arg(7).unwrap_or(100) as usize;
     let dir = tempfile::tempdir()?;
     let counter = Arc::new(Counter::default());
     let config = SqliteConfig {
@@ -77,20 +108,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let store = Arc::new(SqliteHistoryStore::open(&config, counter.clone())?);
     let stop = Arc::new(AtomicBool::new(false));
-    let payload = Bytes::from(format!("{{\"text\":\"{}\"}}", "x".repeat(100)));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let payload = Bytes::from(format!(
+        "{{\"text\":\"{}\"}}",
+        "x".repeat(payload_bytes.saturating_sub(11))
+    ));
     let retention = Retention {
         size,
         ttl: Duration::from_secs(24 * 3600),
     };
-    let cpu_before = thread_cpu();
-    let started = Instant::now();
     let tasks: Vec<_> = (0..producers)
         .map(|i| {
             let store = store.clone();
             let stop = stop.clone();
+            let measuring = measuring.clone();
             let payload = payload.clone();
             let channel: Arc<str> = Arc::from(format!("bench-{}", i % channels));
             tokio::spawn(async move {
+                let mut latencies_us: Vec<u32> = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let request = AppendRequest {
                         channel: channel.clone(),
@@ -104,33 +139,99 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         retention,
                         idempotency: None,
                     };
+                    let started = Instant::now();
                     if let Err(error) = store.append(request).await {
                         eprintln!("append failed: {error}");
-                        return;
+                        break;
+                    }
+                    if measuring.load(Ordering::Relaxed) {
+                        let micros = started.elapsed().as_micros();
+                        latencies_us.push(u32::try_from(micros).unwrap_or(u32::MAX));
                     }
                 }
+                latencies_us
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await?;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let total = counter.0.load(Ordering::Relaxed);
-    let cpu = |name: &str, map: &std::collections::HashMap<String, f64>| {
-        map.get(name).copied().unwrap_or(0.0) - cpu_before.get(name).copied().unwrap_or(0.0)
+
+    // Warm up until every channel's history is full (size retention trimming) or the given
+    // number of seconds.
+    let warmup = match arg(6) {
+        Some(seconds) => Duration::from_secs(seconds),
+        None => {
+            let fill = u64::from(size).saturating_mul(channels.min(producers) as u64);
+            let started = Instant::now();
+            while counter.0.load(Ordering::Relaxed) < fill
+                && started.elapsed() < Duration::from_secs(60)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Duration::ZERO
+        }
     };
+    tokio::time::sleep(warmup).await;
+
+    let wal = config.database_path().with_extension("db-wal");
+    let cpu_before = thread_cpu();
+    let io_before = io_written();
+    let stats_before = store.stats();
+    let appended_before = counter.0.load(Ordering::Relaxed);
+    let started = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    let mut wal_peak = 0;
+    let deadline = started + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        wal_peak = wal_peak.max(file_len(&wal));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    measuring.store(false, Ordering::Relaxed);
+    let total = counter.0.load(Ordering::Relaxed) - appended_before;
+    let elapsed = started.elapsed().as_secs_f64();
     let cpu_after = thread_cpu();
-    let writer = cpu("herald-sqlite-w", &cpu_after);
+    let io_after = io_written();
+    let stats_after = store.stats();
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await?);
+    }
+    latencies.sort_unstable();
+
+    let cpu = |name: &str| {
+        cpu_after.get(name).copied().unwrap_or(0.0) - cpu_before.get(name).copied().unwrap_or(0.0)
+    };
+    let writer = cpu("herald-sqlite-w");
+    let checkpointer = cpu("herald-sqlite-c");
     let all: f64 = cpu_after.values().sum::<f64>() - cpu_before.values().sum::<f64>();
+    let per = |value: f64| value / total.max(1) as f64;
+    let batches = stats_after.batches - stats_before.batches;
+    let commands = stats_after.commands - stats_before.commands;
     println!(
-        "sync={sync:?} producers={producers} channels={channels} size={size}: {total} appends in {elapsed:.1}s = {:.0}/s; \
-         writer cpu {:.1} us/append, process cpu {:.1} us/append",
+        "sync={sync:?} producers={producers} channels={channels} size={size} payload={}B: \
+         {total} appends in {elapsed:.1}s = {:.0}/s",
+        payload.len(),
         total as f64 / elapsed,
-        writer * 1e6 / total as f64,
-        all * 1e6 / total as f64,
+    );
+    println!(
+        "  latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+        percentile(&latencies, 1.0),
+    );
+    println!(
+        "  cpu us/append: writer {:.1}, checkpointer {:.1}, process {:.1}",
+        per(writer * 1e6),
+        per(checkpointer * 1e6),
+        per(all * 1e6),
+    );
+    println!(
+        "  written per append: {:.0} B through write calls, {:.0} B dirtied; WAL peak {:.1} MiB; \
+         mean batch {:.1} commands ({batches} batches)",
+        per((io_after.0 - io_before.0) as f64),
+        per((io_after.1 - io_before.1) as f64),
+        wal_peak as f64 / 1048576.0,
+        commands as f64 / batches.max(1) as f64,
     );
     Ok(())
 }

@@ -15,6 +15,7 @@ mod codec;
 mod config;
 mod reader;
 mod schema;
+mod stats;
 mod writer;
 
 use std::fs::File;
@@ -33,8 +34,10 @@ use tokio::sync::oneshot;
 
 pub use config::{DATABASE_FILE, LOCK_FILE, SqliteConfig, SyncPolicy};
 pub use schema::{OpenError, SCHEMA_VERSION};
+pub use stats::StoreStats;
 
 use reader::ReaderPool;
+use stats::Counters;
 use writer::{Command, Writer};
 
 /// History kept in `<data_dir>/herald.db`, written by one group-committing thread.
@@ -42,6 +45,7 @@ pub struct SqliteHistoryStore {
     commands: mpsc::Sender<Command>,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<ReaderPool>,
+    counters: Arc<Counters>,
     default_epoch: Arc<str>,
     path: PathBuf,
     closed: AtomicBool,
@@ -78,12 +82,14 @@ impl SqliteHistoryStore {
         let path = config.database_path();
         let (conn, default_epoch) = schema::open_writer(&path, config.sync)?;
         let readers = ReaderPool::open(&path, config.readers, default_epoch.clone())?;
+        let counters = Arc::new(Counters::default());
         let writer = Writer::new(
             conn,
             listener,
             default_epoch.clone(),
             config.max_batch,
             config.prune_interval,
+            counters.clone(),
         );
         let (commands, queue) = mpsc::channel();
         let handle = thread::Builder::new()
@@ -100,6 +106,7 @@ impl SqliteHistoryStore {
             commands,
             writer: Mutex::new(Some(handle)),
             readers,
+            counters,
             default_epoch,
             path,
             closed: AtomicBool::new(false),
@@ -115,6 +122,11 @@ impl SqliteHistoryStore {
     /// The epoch of every stream created in this database (fixed when it was created).
     pub fn default_epoch(&self) -> &str {
         &self.default_epoch
+    }
+
+    /// Counters of the work done so far (for benchmarks and diagnostics).
+    pub fn stats(&self) -> StoreStats {
+        self.counters.snapshot()
     }
 
     /// Commits everything queued so far, stops the writer and waits for it. Later appends

@@ -26,6 +26,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::codec::{encode_extras, millis, to_i64, to_u64};
+use super::stats::Counters;
 
 /// Most channels whose top/epoch the writer keeps in memory. Past it the cache is emptied
 /// and refilled lazily, so millions of short-lived channels cannot grow memory unbounded.
@@ -135,6 +136,7 @@ pub struct Writer {
     streams: HashMap<Arc<str>, StreamMeta>,
     max_batch: usize,
     prune_interval: Duration,
+    counters: Arc<Counters>,
 }
 
 impl Writer {
@@ -144,6 +146,7 @@ impl Writer {
         default_epoch: Arc<str>,
         max_batch: usize,
         prune_interval: Duration,
+        counters: Arc<Counters>,
     ) -> Self {
         Self {
             conn,
@@ -152,6 +155,7 @@ impl Writer {
             streams: HashMap::new(),
             max_batch,
             prune_interval,
+            counters,
         }
     }
 
@@ -213,6 +217,7 @@ impl Writer {
         let mut commands = batch.drain(..);
         match self.apply(&mut commands, &mut work, now) {
             Ok(()) => {
+                self.counters.batch(work.replies.len());
                 // After commit, in offset order: fan-out never runs ahead of history.
                 for event in work.events {
                     let event = Arc::new(event);
