@@ -227,11 +227,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!(
         "  written per append: {:.0} B through write calls, {:.0} B dirtied; WAL peak {:.1} MiB; \
-         mean batch {:.1} commands ({batches} batches)",
+         mean batch {:.1} commands ({batches} batches); {} checkpoints, {} WAL restarts",
         per((io_after.0 - io_before.0) as f64),
         per((io_after.1 - io_before.1) as f64),
         wal_peak as f64 / 1048576.0,
         commands as f64 / batches.max(1) as f64,
+        stats_after.checkpoints - stats_before.checkpoints,
+        stats_after.wal_restarts - stats_before.wal_restarts,
     );
     Ok(())
 }

@@ -2,15 +2,16 @@
 //!
 //! Owns: [`SqliteHistoryStore`], the [`HistoryStore`] implementation that wires callers to
 //! the writer thread (appends, removes, flushes) and to the reader pool (reads), and the
-//! store's lifecycle (open, close, drop).
+//! store's lifecycle (open, close, drop) including the checkpointer thread's.
 //!
-//! May touch: the data directory (through `schema`), one OS thread for the writer and tokio's
-//! blocking pool for reads. Async callers never block: they queue a command and await its
-//! reply.
+//! May touch: the data directory (through `schema`), two OS threads (the writer, and the
+//! checkpointer that copies the WAL back into the database file) and tokio's blocking pool
+//! for reads. Async callers never block: they queue a command and await its reply.
 //!
 //! Durability: `append` returns after the transaction holding the publication committed
 //! under the configured [`SyncPolicy`], and the listener sees it only after that commit.
 
+mod checkpoint;
 mod codec;
 mod config;
 mod reader;
@@ -32,10 +33,12 @@ use herald_core::store::{
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+pub use checkpoint::WAL_RESTART_BYTES;
 pub use config::{DATABASE_FILE, LOCK_FILE, SqliteConfig, SyncPolicy};
 pub use schema::{OpenError, SCHEMA_VERSION};
 pub use stats::StoreStats;
 
+use checkpoint::{Checkpointer, Signal, WalControl};
 use reader::ReaderPool;
 use stats::Counters;
 use writer::{Command, Writer};
@@ -44,6 +47,7 @@ use writer::{Command, Writer};
 pub struct SqliteHistoryStore {
     commands: mpsc::Sender<Command>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    checkpointer: Mutex<Option<(mpsc::Sender<Signal>, JoinHandle<()>)>>,
     readers: Arc<ReaderPool>,
     counters: Arc<Counters>,
     default_epoch: Arc<str>,
@@ -83,6 +87,14 @@ impl SqliteHistoryStore {
         let (conn, default_epoch) = schema::open_writer(&path, config.sync)?;
         let readers = ReaderPool::open(&path, config.readers, default_epoch.clone())?;
         let counters = Arc::new(Counters::default());
+        let checkpointer = schema::open_checkpointer(&path, config.sync)?;
+        let (signals, signalled) = mpsc::channel();
+        let control = Arc::new(WalControl::new(schema::wal_path(&path), signals.clone()));
+        let checkpointer = Checkpointer::new(checkpointer, control.clone(), counters.clone());
+        let checkpointer = thread::Builder::new()
+            .name("herald-sqlite-checkpoint".to_owned())
+            .spawn(move || checkpointer.run(signalled))
+            .map_err(OpenError::Thread)?;
         let writer = Writer::new(
             conn,
             listener,
@@ -90,12 +102,21 @@ impl SqliteHistoryStore {
             config.max_batch,
             config.prune_interval,
             counters.clone(),
+            control,
         );
         let (commands, queue) = mpsc::channel();
-        let handle = thread::Builder::new()
+        let handle = match thread::Builder::new()
             .name("herald-sqlite-writer".to_owned())
             .spawn(move || writer.run(queue))
-            .map_err(OpenError::Thread)?;
+        {
+            Ok(handle) => handle,
+            Err(error) => {
+                let _ = signals.send(Signal::Stop { last: None });
+                let _ = checkpointer.join();
+                return Err(OpenError::Thread(error).into());
+            }
+        };
+        let checkpointer = (signals, checkpointer);
         tracing::info!(
             path = %path.display(),
             sync = ?config.sync,
@@ -105,6 +126,7 @@ impl SqliteHistoryStore {
         Ok(Self {
             commands,
             writer: Mutex::new(Some(handle)),
+            checkpointer: Mutex::new(Some(checkpointer)),
             readers,
             counters,
             default_epoch,
@@ -129,11 +151,12 @@ impl SqliteHistoryStore {
         self.counters.snapshot()
     }
 
-    /// Commits everything queued so far, stops the writer and waits for it. Later appends
-    /// fail with [`StoreError::Unavailable`]; reads keep working. Idempotent.
+    /// Commits everything queued so far, stops the writer and waits for it, then copies the
+    /// WAL into the database file and stops the checkpointer. Later appends fail with
+    /// [`StoreError::Unavailable`]; reads keep working. Idempotent.
     ///
-    /// Blocks for at most one batch; from async code prefer `flush().await` first so the
-    /// wait here is short. Dropping the store calls this.
+    /// Blocks for at most one batch and one checkpoint; from async code prefer
+    /// `flush().await` first so the wait here is short. Dropping the store calls this.
     pub fn close(&self) {
         let Some(handle) = self.writer.lock().take() else {
             return;
@@ -141,12 +164,30 @@ impl SqliteHistoryStore {
         self.closed.store(true, Ordering::SeqCst);
         // Fails only if the writer already exited, which is what we want anyway.
         let _ = self.commands.send(Command::Shutdown);
+        let checkpointer = self.checkpointer.lock().take();
         if handle.thread().id() == thread::current().id() {
-            // Dropped from inside the commit listener: the writer stops after this batch.
+            // Dropped from inside the commit listener: the writer stops after the commands
+            // queued before the Shutdown, which it cannot wait for from here. The checkpointer
+            // just stops (a WAL restart the writer may still ask for is skipped); SQLite
+            // checkpoints when the last connection closes.
+            if let Some((signals, _)) = checkpointer {
+                let _ = signals.send(Signal::Stop { last: None });
+            }
             return;
         }
+        // While the writer finishes, the checkpointer keeps running: a writer waiting at the
+        // WAL's hard limit needs it.
         if handle.join().is_err() {
             tracing::error!(path = %self.path.display(), "sqlite history writer panicked");
+        }
+        if let Some((signals, thread)) = checkpointer {
+            // Nothing writes any more: leave the data in the database file and an empty WAL.
+            let _ = signals.send(Signal::Stop {
+                last: Some("TRUNCATE"),
+            });
+            if thread.join().is_err() {
+                tracing::error!(path = %self.path.display(), "sqlite checkpointer panicked");
+            }
         }
     }
 

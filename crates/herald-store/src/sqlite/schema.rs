@@ -8,7 +8,7 @@
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use herald_core::StoreError;
 use herald_core::publication::new_epoch;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+use super::checkpoint::WAL_RESTART_BYTES;
 use super::config::{SqliteConfig, SyncPolicy};
 
 /// The layout this code writes. Bump it (and migrate in [`initialise`]) on any change.
@@ -35,8 +36,13 @@ const WRITER_CACHE_KIB: i64 = 64 * 1024;
 /// Page cache of each reader, in KiB.
 const READER_CACHE_KIB: i64 = 16 * 1024;
 
-/// Size the WAL is truncated to after a checkpoint, so one burst does not leave a huge file.
-const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+/// Size the WAL is truncated to when it restarts, so one burst does not leave a huge file.
+const JOURNAL_SIZE_LIMIT: u64 = WAL_RESTART_BYTES;
+
+/// How long the checkpointer's `RESTART` waits for readers to leave the WAL. The writer is
+/// paused meanwhile, so this is short; if a long read is still going, the WAL is copied back
+/// anyway and restarts on a later commit.
+const CHECKPOINTER_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Page size of new databases. Each page a batch dirties costs one WAL frame of this size;
 /// 1 KiB and 2 KiB pages were measured to write fewer bytes but to cost more CPU per append
@@ -203,9 +209,34 @@ pub fn open_writer(path: &Path, sync: SyncPolicy) -> Result<(Connection, Arc<str
         .map_err(&err)?;
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
         .map_err(&err)?;
+    // Checkpoints run on the checkpointer thread, never inside the writer's COMMIT.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(&err)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     let epoch = initialise(&conn, path)?;
     Ok((conn, epoch))
+}
+
+/// The WAL file SQLite keeps next to the database.
+pub fn wal_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// Opens the checkpointer's connection to an existing database. Its `synchronous` setting
+/// decides how a checkpoint syncs, so it follows the store's policy like the writer's.
+pub fn open_checkpointer(path: &Path, sync: SyncPolicy) -> Result<Connection, OpenError> {
+    let err = database_error(path);
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(&err)?;
+    conn.busy_timeout(CHECKPOINTER_BUSY_TIMEOUT).map_err(&err)?;
+    conn.pragma_update(None, "synchronous", sync.pragma_value())
+        .map_err(&err)?;
+    Ok(conn)
 }
 
 /// Opens one read connection to an existing database.

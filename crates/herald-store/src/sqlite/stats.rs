@@ -2,7 +2,8 @@
 //!
 //! Owns: [`StoreStats`] (a plain snapshot) and the atomic counters behind it.
 //!
-//! May touch: nothing; the writer bumps the counters with relaxed atomics once per batch.
+//! May touch: nothing; the writer and the checkpointer bump the counters with relaxed atomics
+//! (once per batch, once per checkpoint).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,12 +14,18 @@ pub struct StoreStats {
     pub batches: u64,
     /// Commands (appends, removes, flushes) in those transactions.
     pub commands: u64,
+    /// WAL checkpoints run by the checkpointer thread (of any kind).
+    pub checkpoints: u64,
+    /// Times the checkpointer paused the writer to restart an oversized WAL.
+    pub wal_restarts: u64,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     batches: AtomicU64,
     commands: AtomicU64,
+    checkpoints: AtomicU64,
+    wal_restarts: AtomicU64,
 }
 
 impl Counters {
@@ -30,10 +37,20 @@ impl Counters {
         );
     }
 
+    pub(crate) fn checkpoint(&self) {
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn wal_restart(&self) {
+        self.wal_restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self) -> StoreStats {
         StoreStats {
             batches: self.batches.load(Ordering::Relaxed),
             commands: self.commands.load(Ordering::Relaxed),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
+            wal_restarts: self.wal_restarts.load(Ordering::Relaxed),
         }
     }
 }

@@ -11,6 +11,11 @@
 //! through one owner lets many publications share one transaction (one fsync under
 //! `synchronous=FULL`, one WAL append under `NORMAL`), keeps offsets contiguous without
 //! locks, and lets stream tops live in memory instead of being re-read on every append.
+//!
+//! The writer never checkpoints the WAL (its connection has `wal_autocheckpoint=0`), so a
+//! commit never waits for an fsync under `NORMAL`; the checkpointer thread does that work.
+//! Each transaction holds [`WalControl::gate`], which the checkpointer takes to restart the
+//! WAL between two transactions.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -22,9 +27,11 @@ use std::time::{Duration, Instant};
 use herald_core::publication::{PublicationEvent, StreamPosition};
 use herald_core::store::{AppendRequest, Appended, CommitListener, StoreError};
 use herald_core::time::now_ms;
+use parking_lot::MutexGuard;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use super::checkpoint::WalControl;
 use super::codec::{encode_extras, millis, to_i64, to_u64};
 use super::stats::Counters;
 
@@ -137,6 +144,7 @@ pub struct Writer {
     max_batch: usize,
     prune_interval: Duration,
     counters: Arc<Counters>,
+    control: Arc<WalControl>,
 }
 
 impl Writer {
@@ -147,6 +155,7 @@ impl Writer {
         max_batch: usize,
         prune_interval: Duration,
         counters: Arc<Counters>,
+        control: Arc<WalControl>,
     ) -> Self {
         Self {
             conn,
@@ -156,11 +165,13 @@ impl Writer {
             max_batch,
             prune_interval,
             counters,
+            control,
         }
     }
 
-    /// The thread's body: batch, commit, notify; prune when due. Returns on
-    /// [`Command::Shutdown`] or when every sender is gone, after committing what came before.
+    /// The thread's body: batch, commit, notify; prune when due; ask for a WAL restart when
+    /// the WAL is over its bound. Returns on [`Command::Shutdown`] or when every sender is gone, after committing
+    /// what came before.
     pub fn run(mut self, commands: Receiver<Command>) {
         let mut batch: Vec<Command> = Vec::with_capacity(self.max_batch);
         let mut next_prune = Instant::now() + self.prune_interval;
@@ -168,27 +179,32 @@ impl Writer {
             let mut stop = false;
             // Waking at the prune deadline even when idle is what makes TTL pruning happen
             // on a quiet server.
-            match commands.recv_timeout(next_prune.saturating_duration_since(Instant::now())) {
-                Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => stop = true,
-                Ok(command) => {
-                    batch.push(command);
-                    // Group commit: everything that queued up while the previous batch was
-                    // committing goes into this one.
-                    while batch.len() < self.max_batch {
-                        match commands.try_recv() {
-                            Ok(Command::Shutdown) => {
-                                stop = true;
-                                break;
-                            }
-                            Ok(command) => batch.push(command),
-                            Err(_) => break,
-                        }
-                    }
+            let first = commands.recv_timeout(next_prune.saturating_duration_since(Instant::now()));
+            let mut next = match first {
+                Ok(command) => Some(command),
+                Err(RecvTimeoutError::Disconnected) => {
+                    stop = true;
+                    None
                 }
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => None,
+            };
+            // Group commit: everything that queued up while the previous batch was
+            // committing goes into this one.
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Shutdown => {
+                        stop = true;
+                        break;
+                    }
+                    command => batch.push(command),
+                }
+                if batch.len() < self.max_batch {
+                    next = commands.try_recv().ok();
+                }
             }
             if !batch.is_empty() {
                 self.run_batch(&mut batch);
+                self.control.after_batch();
             }
             if stop {
                 break;
@@ -215,7 +231,16 @@ impl Writer {
         let now = now_ms();
         let mut work = Batch::default();
         let mut commands = batch.drain(..);
-        match self.apply(&mut commands, &mut work, now) {
+        let control = self.control.clone();
+        let gate = control.gate.lock();
+        let applied = self.apply(&mut commands, &mut work, now);
+        if applied.is_err() && !self.conn.is_autocommit() {
+            // If even the rollback fails, the next BEGIN reports the problem.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        // Fair: a checkpointer waiting to restart the WAL goes before the next batch.
+        MutexGuard::unlock_fair(gate);
+        match applied {
             Ok(()) => {
                 self.counters.batch(work.replies.len());
                 // After commit, in offset order: fan-out never runs ahead of history.
@@ -232,10 +257,6 @@ impl Writer {
                 }
             }
             Err(error) => {
-                if !self.conn.is_autocommit() {
-                    // If even the rollback fails, the next BEGIN reports the problem.
-                    let _ = self.conn.execute_batch("ROLLBACK");
-                }
                 // The cached tops of these channels counted publications that were rolled
                 // back; forget them so they are re-read and offsets stay contiguous.
                 for channel in work.touched.keys() {
@@ -291,6 +312,7 @@ impl Writer {
                     }
                 }
                 Command::Flush { reply } => work.replies.push(Reply::Done { reply }),
+                // `run` never puts it in a batch.
                 Command::Shutdown => {}
             }
         }
@@ -448,6 +470,7 @@ impl Writer {
     fn prune(&mut self) -> bool {
         let now = to_i64(now_ms());
         let conn = &self.conn;
+        let _gate = self.control.gate.lock();
         let result = (|| -> rusqlite::Result<bool> {
             conn.execute_batch("BEGIN IMMEDIATE")?;
             let publications = conn
