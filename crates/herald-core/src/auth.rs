@@ -3,8 +3,6 @@
 //!
 //! Owns the decisions only; token cryptography lives behind [`Authenticator`] in the server.
 
-use std::sync::Arc;
-
 use serde_json::value::RawValue;
 
 use crate::channel::ChannelName;
@@ -19,7 +17,7 @@ pub struct Credentials {
     /// Expiry as Unix seconds; `None` never expires.
     pub expires_at: Option<u64>,
     /// Connection info shown in presence and join/leave (the token's `info`).
-    pub info: Option<Arc<RawValue>>,
+    pub info: Option<Box<RawValue>>,
     /// Channels the client is subscribed to by the server at connect (the token's `channels`).
     pub channels: Vec<String>,
 }
@@ -58,14 +56,22 @@ pub fn check(
     action: Action,
     subscribed: bool,
 ) -> Result<(), HeraldError> {
-    let denied = |why: &str| Err(HeraldError::new(ErrorCode::PermissionDenied, why.to_owned()));
+    let denied = |why: &str| {
+        Err(HeraldError::new(
+            ErrorCode::PermissionDenied,
+            why.to_owned(),
+        ))
+    };
     match action {
         Action::Subscribe => {
             if !channel.user_allowed(&credentials.user) {
                 return denied("the channel is limited to other users");
             }
             let granted_by_token = credentials.channels.iter().any(|c| c == channel.as_str());
-            if credentials.is_anonymous() && !options.allow_subscribe_for_anonymous && !granted_by_token {
+            if credentials.is_anonymous()
+                && !options.allow_subscribe_for_anonymous
+                && !granted_by_token
+            {
                 return denied("anonymous clients may not subscribe in this namespace");
             }
             Ok(())
@@ -105,7 +111,10 @@ mod tests {
 
     #[test]
     fn permission_matrix() {
-        let alice = Credentials { user: "alice".into(), ..Credentials::default() };
+        let alice = Credentials {
+            user: "alice".into(),
+            ..Credentials::default()
+        };
         let anon = Credentials::anonymous();
         let closed = NamespaceOptions::default();
         let open = NamespaceOptions {
@@ -116,18 +125,93 @@ mod tests {
             ..NamespaceOptions::default()
         };
         let ok = |r: Result<(), HeraldError>| r.is_ok();
-        assert!(ok(check(&alice, &channel("news"), &closed, Action::Subscribe, false)));
-        assert!(!ok(check(&anon, &channel("news"), &closed, Action::Subscribe, false)));
-        assert!(ok(check(&anon, &channel("news"), &open, Action::Subscribe, false)));
-        assert!(ok(check(&alice, &channel("inbox:#alice"), &closed, Action::Subscribe, false)));
-        assert!(!ok(check(&alice, &channel("inbox:#bob"), &closed, Action::Subscribe, false)));
-        assert!(!ok(check(&anon, &channel("inbox:#bob"), &open, Action::Subscribe, false)));
-        assert!(!ok(check(&alice, &channel("news"), &closed, Action::Publish, true)));
-        assert!(ok(check(&alice, &channel("news"), &open, Action::Publish, false)));
-        assert!(!ok(check(&alice, &channel("news"), &open, Action::History, false)));
-        assert!(ok(check(&alice, &channel("news"), &open, Action::History, true)));
-        assert!(!ok(check(&alice, &channel("news"), &closed, Action::Presence, true)));
-        let granted = Credentials { channels: vec!["news".into()], ..Credentials::anonymous() };
-        assert!(ok(check(&granted, &channel("news"), &closed, Action::Subscribe, false)));
+        assert!(ok(check(
+            &alice,
+            &channel("news"),
+            &closed,
+            Action::Subscribe,
+            false
+        )));
+        assert!(!ok(check(
+            &anon,
+            &channel("news"),
+            &closed,
+            Action::Subscribe,
+            false
+        )));
+        assert!(ok(check(
+            &anon,
+            &channel("news"),
+            &open,
+            Action::Subscribe,
+            false
+        )));
+        assert!(ok(check(
+            &alice,
+            &channel("inbox:#alice"),
+            &closed,
+            Action::Subscribe,
+            false
+        )));
+        assert!(!ok(check(
+            &alice,
+            &channel("inbox:#bob"),
+            &closed,
+            Action::Subscribe,
+            false
+        )));
+        assert!(!ok(check(
+            &anon,
+            &channel("inbox:#bob"),
+            &open,
+            Action::Subscribe,
+            false
+        )));
+        assert!(!ok(check(
+            &alice,
+            &channel("news"),
+            &closed,
+            Action::Publish,
+            true
+        )));
+        assert!(ok(check(
+            &alice,
+            &channel("news"),
+            &open,
+            Action::Publish,
+            false
+        )));
+        assert!(!ok(check(
+            &alice,
+            &channel("news"),
+            &open,
+            Action::History,
+            false
+        )));
+        assert!(ok(check(
+            &alice,
+            &channel("news"),
+            &open,
+            Action::History,
+            true
+        )));
+        assert!(!ok(check(
+            &alice,
+            &channel("news"),
+            &closed,
+            Action::Presence,
+            true
+        )));
+        let granted = Credentials {
+            channels: vec!["news".into()],
+            ..Credentials::anonymous()
+        };
+        assert!(ok(check(
+            &granted,
+            &channel("news"),
+            &closed,
+            Action::Subscribe,
+            false
+        )));
     }
 }

@@ -338,10 +338,18 @@ impl Node {
     /// What a client at `since` missed on `channel`: exactly the publications after it, or
     /// `recovered: false` when that cannot be told (another epoch, an offset ahead of the top,
     /// publications already pruned, or more than `max` missed). Never a silent gap.
-    pub async fn recover(&self, channel: &str, since: &StreamPosition, max: usize) -> Result<Recovery, HeraldError> {
+    pub async fn recover(
+        &self,
+        channel: &str,
+        since: &StreamPosition,
+        max: usize,
+    ) -> Result<Recovery, HeraldError> {
         let (name, options) = self.resolve(channel)?;
         if !options.history_enabled() {
-            return Err(HeraldError::new(ErrorCode::NotAvailable, "history is disabled for this namespace"));
+            return Err(HeraldError::new(
+                ErrorCode::NotAvailable,
+                "history is disabled for this namespace",
+            ));
         }
         let query = HistoryQuery {
             since: Some(StreamPosition::new(since.offset, "")),
@@ -351,16 +359,43 @@ impl Node {
         let page = match self.inner.backends.history.read(name.as_str(), query).await {
             Ok(page) => page,
             Err(crate::store::StoreError::UnrecoverablePosition(_)) => {
-                let top = self.inner.backends.history.read(name.as_str(), HistoryQuery { limit: Some(0), ..HistoryQuery::default() }).await?;
-                return Ok(Recovery { publications: Vec::new(), position: top.position, recovered: false });
+                let top = self
+                    .inner
+                    .backends
+                    .history
+                    .read(
+                        name.as_str(),
+                        HistoryQuery {
+                            limit: Some(0),
+                            ..HistoryQuery::default()
+                        },
+                    )
+                    .await?;
+                return Ok(Recovery {
+                    publications: Vec::new(),
+                    position: top.position,
+                    recovered: false,
+                });
             }
             Err(err) => return Err(err.into()),
         };
-        let contiguous = page.publications.first().is_none_or(|p| p.offset == since.offset + 1)
+        let contiguous = page
+            .publications
+            .first()
+            .is_none_or(|p| p.offset == since.offset + 1)
             && page.publications.len() as u64 == page.position.offset.saturating_sub(since.offset);
-        let recovered = since.epoch == page.position.epoch && contiguous && page.publications.len() <= max;
-        let publications = if recovered { page.publications } else { Vec::new() };
-        Ok(Recovery { publications, position: page.position, recovered })
+        let recovered =
+            since.epoch == page.position.epoch && contiguous && page.publications.len() <= max;
+        let publications = if recovered {
+            page.publications
+        } else {
+            Vec::new()
+        };
+        Ok(Recovery {
+            publications,
+            position: page.position,
+            recovered,
+        })
     }
 
     /// Deletes a channel's stored publications (its offset and epoch stay).
@@ -445,6 +480,57 @@ impl Node {
             return Err(HeraldError::internal(err.to_string()));
         }
         Ok(id)
+    }
+
+    /// A client joined `channel`: recorded in presence and announced to subscribers, as the
+    /// namespace asks.
+    pub async fn join(
+        &self,
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        info: Arc<ClientInfo>,
+    ) {
+        if options.presence
+            && let Err(err) = self
+                .inner
+                .backends
+                .presence
+                .add(channel.as_str(), (*info).clone())
+                .await
+        {
+            tracing::warn!(channel = channel.as_str(), error = %err, "presence add failed");
+        }
+        if options.join_leave {
+            self.inner.feed.push(ChannelEvent::Join {
+                channel: channel.as_arc().clone(),
+                info,
+            });
+        }
+    }
+
+    /// A client left `channel` (the counterpart of [`Node::join`]).
+    pub async fn leave(
+        &self,
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        info: Arc<ClientInfo>,
+    ) {
+        if options.presence
+            && let Err(err) = self
+                .inner
+                .backends
+                .presence
+                .remove(channel.as_str(), &info.client)
+                .await
+        {
+            tracing::warn!(channel = channel.as_str(), error = %err, "presence remove failed");
+        }
+        if options.join_leave {
+            self.inner.feed.push(ChannelEvent::Leave {
+                channel: channel.as_arc().clone(),
+                info,
+            });
+        }
     }
 
     pub async fn unsubscribe(&self, channel: &str, id: SubscriberId) {
@@ -659,35 +745,96 @@ mod tests {
 
     #[tokio::test]
     async fn recover_is_exact_or_says_not_recovered() {
-        let small = NamespaceOptions { history_size: 5, ..NamespaceOptions::default() };
-        let namespaces =
-            Namespaces::new(NamespaceOptions::default(), vec![NamedNamespace { name: "small".into(), options: small }])
-                .expect("namespaces");
-        let node = Node::in_memory(NodeConfig { namespaces, ..NodeConfig::default() });
+        let small = NamespaceOptions {
+            history_size: 5,
+            ..NamespaceOptions::default()
+        };
+        let namespaces = Namespaces::new(
+            NamespaceOptions::default(),
+            vec![NamedNamespace {
+                name: "small".into(),
+                options: small,
+            }],
+        )
+        .expect("namespaces");
+        let node = Node::in_memory(NodeConfig {
+            namespaces,
+            ..NodeConfig::default()
+        });
         for _ in 0..10 {
-            node.publish(PublishRequest::new("a", json("1"))).await.expect("publish");
-            node.publish(PublishRequest::new("small:a", json("1"))).await.expect("publish");
+            node.publish(PublishRequest::new("a", json("1")))
+                .await
+                .expect("publish");
+            node.publish(PublishRequest::new("small:a", json("1")))
+                .await
+                .expect("publish");
         }
-        let top = node.history("a", HistoryQuery { limit: Some(0), ..Default::default() }).await.expect("top").position;
+        let top = node
+            .history(
+                "a",
+                HistoryQuery {
+                    limit: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("top")
+            .position;
         let at = |offset| StreamPosition::new(offset, top.epoch.clone());
 
         let exact = node.recover("a", &at(7), 100).await.expect("recover");
         assert!(exact.recovered);
-        assert_eq!(exact.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![8, 9, 10]);
+        assert_eq!(
+            exact
+                .publications
+                .iter()
+                .map(|p| p.offset)
+                .collect::<Vec<_>>(),
+            vec![8, 9, 10]
+        );
         let current = node.recover("a", &at(10), 100).await.expect("recover");
         assert!(current.recovered && current.publications.is_empty());
 
         let too_many = node.recover("a", &at(2), 3).await.expect("recover");
         assert!(!too_many.recovered && too_many.publications.is_empty());
-        let stale = node.recover("a", &StreamPosition::new(7, "other"), 100).await.expect("recover");
+        let stale = node
+            .recover("a", &StreamPosition::new(7, "other"), 100)
+            .await
+            .expect("recover");
         assert!(!stale.recovered);
         let future = node.recover("a", &at(11), 100).await.expect("recover");
         assert!(!future.recovered);
         assert_eq!(future.position.offset, 10);
-        let small_top = node.history("small:a", HistoryQuery { limit: Some(0), ..Default::default() }).await.expect("top");
-        let pruned = node.recover("small:a", &StreamPosition::new(2, small_top.position.epoch.clone()), 100).await.expect("recover");
-        assert!(!pruned.recovered, "publications 3..5 were pruned: a gap must not count as recovered");
-        let kept = node.recover("small:a", &StreamPosition::new(6, small_top.position.epoch), 100).await.expect("recover");
+        let small_top = node
+            .history(
+                "small:a",
+                HistoryQuery {
+                    limit: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("top");
+        let pruned = node
+            .recover(
+                "small:a",
+                &StreamPosition::new(2, small_top.position.epoch.clone()),
+                100,
+            )
+            .await
+            .expect("recover");
+        assert!(
+            !pruned.recovered,
+            "publications 3..5 were pruned: a gap must not count as recovered"
+        );
+        let kept = node
+            .recover(
+                "small:a",
+                &StreamPosition::new(6, small_top.position.epoch),
+                100,
+            )
+            .await
+            .expect("recover");
         assert!(kept.recovered);
         assert_eq!(kept.publications.len(), 4);
     }

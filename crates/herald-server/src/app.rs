@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -15,8 +15,11 @@ use axum::routing::{get, post};
 use herald_core::Node;
 use tokio::net::TcpListener;
 
+use herald_transport::ws::{RealtimeState, websocket_handler};
+
 use crate::auth::ApiKeys;
 use crate::config::Config;
+use crate::jwt::HmacAuthenticator;
 use crate::metrics::Metrics;
 
 /// Everything a request handler may use.
@@ -26,17 +29,26 @@ pub struct AppState {
     pub config: Config,
     pub api_keys: ApiKeys,
     pub metrics: Metrics,
+    /// Real-time connections' shared state.
+    pub realtime: Arc<RealtimeState>,
     /// False before start-up completes and once shutdown begins.
     pub ready: AtomicBool,
 }
 
 impl AppState {
     pub fn new(node: Node, config: Config, api_keys: ApiKeys) -> Self {
+        let realtime = Arc::new(RealtimeState {
+            node: node.clone(),
+            authenticator: Arc::new(HmacAuthenticator::new(&config.token.hmac_secret)),
+            config: config.client.realtime(),
+            connections: AtomicU64::new(0),
+        });
         Self {
             node,
             config,
             api_keys,
             metrics: Metrics::new(),
+            realtime,
             ready: AtomicBool::new(true),
         }
     }
@@ -47,7 +59,10 @@ pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
 pub fn router(state: Arc<AppState>) -> Router {
     let timeout = state.config.server.request_timeout.as_duration();
-    Router::new()
+    let realtime = Router::new()
+        .route("/connection/websocket", get(websocket_handler))
+        .with_state(state.realtime.clone());
+    let api = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -56,12 +71,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/{method}",
             post(crate::api::handle).fallback(method_not_allowed),
         )
-        .fallback(not_found)
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
-        .with_state(state)
+        .with_state(state);
+    // Real-time connections live long: the request timeout applies to the API only.
+    api.merge(realtime).fallback(not_found)
 }
 
 async fn health() -> Response {
@@ -81,9 +97,10 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let info = state.node.info();
+    let connections = state.realtime.connections.load(Ordering::Relaxed);
     let body = state
         .metrics
-        .render(state.node.stats(), 0, info.num_channels);
+        .render(state.node.stats(), connections, info.num_channels);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

@@ -27,6 +27,7 @@ pub struct Config {
     pub token: TokenConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
+    pub client: ClientConfig,
     pub channels: ChannelRules,
     /// Options of the default namespace (channels without `ns:`).
     pub namespace: NamespaceOptions,
@@ -121,6 +122,60 @@ impl Default for StorageConfig {
             max_batch: 1024,
             readers: 2,
             prune_interval: HumanDuration::from_secs(5),
+        }
+    }
+}
+
+/// Real-time client connections (WebSocket and the other transports).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// Connections without a token are accepted as anonymous users. Anonymous users still
+    /// need a namespace with `allow_subscribe_for_anonymous` to subscribe.
+    pub allow_anonymous: bool,
+    /// Server ping interval ("0s" disables pings).
+    pub ping_interval: HumanDuration,
+    /// How long a client may take to answer a ping.
+    pub pong_timeout: HumanDuration,
+    /// Bytes queued for one connection before it is disconnected as slow (code 3008).
+    pub max_queue_bytes: usize,
+    /// Largest incoming WebSocket message.
+    pub max_message_size: usize,
+    /// Most publications one subscribe may recover; beyond it the answer is "not recovered".
+    pub recovery_max_publications: usize,
+    /// Most channels per connection.
+    pub max_subscriptions: usize,
+    /// Time a new connection has to send its connect command.
+    pub connect_timeout: HumanDuration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        let rt = herald_transport::ws::RealtimeConfig::default();
+        Self {
+            allow_anonymous: rt.allow_anonymous,
+            ping_interval: HumanDuration(rt.ping_interval),
+            pong_timeout: HumanDuration(rt.pong_timeout),
+            max_queue_bytes: rt.max_queue_bytes,
+            max_message_size: rt.max_message_size,
+            recovery_max_publications: rt.recovery_max_publications,
+            max_subscriptions: rt.max_subscriptions,
+            connect_timeout: HumanDuration(rt.connect_timeout),
+        }
+    }
+}
+
+impl ClientConfig {
+    pub fn realtime(&self) -> herald_transport::ws::RealtimeConfig {
+        herald_transport::ws::RealtimeConfig {
+            allow_anonymous: self.allow_anonymous,
+            ping_interval: self.ping_interval.as_duration(),
+            pong_timeout: self.pong_timeout.as_duration(),
+            max_queue_bytes: self.max_queue_bytes,
+            max_message_size: self.max_message_size,
+            recovery_max_publications: self.recovery_max_publications,
+            max_subscriptions: self.max_subscriptions,
+            connect_timeout: self.connect_timeout.as_duration(),
         }
     }
 }

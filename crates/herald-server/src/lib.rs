@@ -7,6 +7,7 @@ pub mod app;
 pub mod auth;
 pub mod build;
 pub mod config;
+pub mod jwt;
 pub mod metrics;
 pub mod secrets;
 pub mod token;

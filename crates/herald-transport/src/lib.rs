@@ -5,3 +5,4 @@
 //! and to the core's permission check; it never touches a store.
 
 pub mod outbound;
+pub mod ws;

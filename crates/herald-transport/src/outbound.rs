@@ -17,15 +17,70 @@ use herald_core::publication::ChannelEvent;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-/// Why a connection is being closed by the server.
+/// Why the server closes a connection: a protocol disconnect code and its reason text.
+/// Codes 3000–3499 tell clients to reconnect, 3500–3999 not to (the Centrifugo table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The client fell behind: its queue went over the byte budget.
-    Slow,
-    /// The server is shutting down.
-    Shutdown,
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl CloseReason {
+    pub const SHUTDOWN: Self = Self {
+        code: 3001,
+        reason: "shutdown",
+    };
+    pub const EXPIRED: Self = Self {
+        code: 3005,
+        reason: "connection expired",
+    };
+    /// The client fell behind: its queue went over the byte budget. It recovers on reconnect.
+    pub const SLOW: Self = Self {
+        code: 3008,
+        reason: "slow",
+    };
+    pub const WRITE_ERROR: Self = Self {
+        code: 3009,
+        reason: "write error",
+    };
     /// Too many live publications arrived while a subscription was recovering.
-    InsufficientState,
+    pub const INSUFFICIENT_STATE: Self = Self {
+        code: 3010,
+        reason: "insufficient state",
+    };
+    pub const NO_PONG: Self = Self {
+        code: 3012,
+        reason: "no pong",
+    };
+    pub const INVALID_TOKEN: Self = Self {
+        code: 3500,
+        reason: "invalid token",
+    };
+    pub const BAD_REQUEST: Self = Self {
+        code: 3501,
+        reason: "bad request",
+    };
+    pub const FORCE_DISCONNECT: Self = Self {
+        code: 3503,
+        reason: "force disconnect",
+    };
+    pub const CHANNEL_LIMIT: Self = Self {
+        code: 3505,
+        reason: "channel limit",
+    };
+    pub const PERMISSION_DENIED: Self = Self {
+        code: 3507,
+        reason: "permission denied",
+    };
+    pub const MESSAGE_SIZE_LIMIT: Self = Self {
+        code: 3511,
+        reason: "message size limit exceeded",
+    };
+
+    /// Whether the client should reconnect.
+    pub fn reconnect(self) -> bool {
+        self.code < 3500
+    }
 }
 
 /// Encodes channel events into this connection's wire format.
@@ -62,14 +117,22 @@ pub struct Outbound {
 impl std::fmt::Debug for Outbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = self.state.lock();
-        f.debug_struct("Outbound").field("frames", &state.frames.len()).field("bytes", &state.bytes).finish()
+        f.debug_struct("Outbound")
+            .field("frames", &state.frames.len())
+            .field("bytes", &state.bytes)
+            .finish()
     }
 }
 
 impl Outbound {
     pub fn new(max_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
-            state: Mutex::new(State { frames: VecDeque::new(), bytes: 0, closed: None, channels: HashMap::new() }),
+            state: Mutex::new(State {
+                frames: VecDeque::new(),
+                bytes: 0,
+                closed: None,
+                channels: HashMap::new(),
+            }),
             ready: Notify::new(),
             max_bytes,
         })
@@ -78,8 +141,12 @@ impl Outbound {
     fn close_locked(&self, state: &mut State, reason: CloseReason) {
         if state.closed.is_none() {
             state.closed = Some(reason);
-            state.frames.clear();
-            state.bytes = 0;
+            // A slow client's backlog is what we must free; otherwise queued replies (an
+            // error explaining the disconnect, say) are still written before closing.
+            if reason == CloseReason::SLOW {
+                state.frames.clear();
+                state.bytes = 0;
+            }
             state.channels.clear();
         }
         self.ready.notify_one();
@@ -90,7 +157,7 @@ impl Outbound {
             return false;
         }
         if state.bytes + frame.len() > self.max_bytes {
-            self.close_locked(state, CloseReason::Slow);
+            self.close_locked(state, CloseReason::SLOW);
             return false;
         }
         state.bytes += frame.len();
@@ -123,7 +190,13 @@ impl Outbound {
 
     /// Queues `reply` (which carries the recovered publications up to `last_offset`), then
     /// every held live event after `last_offset`, and lets live events flow again.
-    pub fn finish_recovery(&self, channel: &Arc<str>, reply: Bytes, last_offset: u64, encoder: &dyn EventEncoder) {
+    pub fn finish_recovery(
+        &self,
+        channel: &Arc<str>,
+        reply: Option<Bytes>,
+        last_offset: u64,
+        encoder: &dyn EventEncoder,
+    ) {
         let mut state = self.state.lock();
         let held = match state.channels.get_mut(channel) {
             Some(entry) => {
@@ -132,7 +205,9 @@ impl Outbound {
             }
             None => Vec::new(),
         };
-        if !self.push_locked(&mut state, reply) {
+        if let Some(reply) = reply
+            && !self.push_locked(&mut state, reply)
+        {
             return;
         }
         for event in held {
@@ -154,7 +229,9 @@ impl Outbound {
 
     /// Applies de-duplication by offset; true if the event should be queued.
     fn accept_locked(&self, state: &mut State, channel: &Arc<str>, event: &ChannelEvent) -> bool {
-        let ChannelEvent::Publication(publication) = event else { return true };
+        let ChannelEvent::Publication(publication) = event else {
+            return true;
+        };
         let offset = publication.publication.offset;
         if offset == 0 {
             return true;
@@ -168,7 +245,12 @@ impl Outbound {
     }
 
     /// Queues a live event for `channel`, or holds it while the channel recovers.
-    pub fn deliver(&self, channel: &Arc<str>, event: &ChannelEvent, encoder: &dyn EventEncoder) -> Delivery {
+    pub fn deliver(
+        &self,
+        channel: &Arc<str>,
+        event: &ChannelEvent,
+        encoder: &dyn EventEncoder,
+    ) -> Delivery {
         // Encode outside the lock: the first subscriber pays, the rest share the cached bytes.
         let frame = encoder.encode(event);
         let mut state = self.state.lock();
@@ -179,7 +261,7 @@ impl Outbound {
             && let Some(held) = entry.held.as_mut()
         {
             if held.len() >= MAX_HELD_EVENTS {
-                self.close_locked(&mut state, CloseReason::InsufficientState);
+                self.close_locked(&mut state, CloseReason::INSUFFICIENT_STATE);
                 return Delivery::Dropped;
             }
             held.push(event.clone());
@@ -200,13 +282,15 @@ impl Outbound {
         }
     }
 
-    /// Waits for frames and moves all queued ones into `out`. Returns the close reason once
-    /// the queue is closed (frames already taken are still to be written).
+    /// Waits for frames and moves all queued ones into `out`. Once the queue is closed and
+    /// empty, returns the close reason.
     pub async fn drain(&self, out: &mut Vec<Bytes>) -> Result<(), CloseReason> {
         loop {
             {
                 let mut state = self.state.lock();
-                if let Some(reason) = state.closed {
+                if let Some(reason) = state.closed
+                    && state.frames.is_empty()
+                {
                     return Err(reason);
                 }
                 if !state.frames.is_empty() {
@@ -270,7 +354,9 @@ mod tests {
     async fn drained(outbound: &Outbound) -> Vec<String> {
         let mut out = Vec::new();
         outbound.drain(&mut out).await.expect("open");
-        out.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()
+        out.iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
     }
 
     #[tokio::test]
@@ -280,10 +366,18 @@ mod tests {
         outbound.begin_recovery(&channel);
         // Live publications 4..=6 arrive while history (up to 5) is being read.
         for offset in 4..=6 {
-            assert_eq!(outbound.deliver(&channel, &publication(&channel, offset), &Offsets), Delivery::Queued);
+            assert_eq!(
+                outbound.deliver(&channel, &publication(&channel, offset), &Offsets),
+                Delivery::Queued
+            );
         }
         assert_eq!(outbound.queued_bytes(), 0, "held back during recovery");
-        outbound.finish_recovery(&channel, Bytes::from_static(b"reply:3,4,5"), 5, &Offsets);
+        outbound.finish_recovery(
+            &channel,
+            Some(Bytes::from_static(b"reply:3,4,5")),
+            5,
+            &Offsets,
+        );
         outbound.deliver(&channel, &publication(&channel, 7), &Offsets);
         outbound.deliver(&channel, &publication(&channel, 7), &Offsets);
         assert_eq!(drained(&outbound).await, vec!["reply:3,4,5", "6", "7"]);
@@ -296,10 +390,16 @@ mod tests {
         for offset in 1..=9 {
             outbound.deliver(&channel, &publication(&channel, offset), &Offsets);
         }
-        assert_eq!(outbound.deliver(&channel, &publication(&channel, 10), &Offsets), Delivery::Dropped);
-        assert_eq!(outbound.deliver(&channel, &publication(&channel, 11), &Offsets), Delivery::Closed);
+        assert_eq!(
+            outbound.deliver(&channel, &publication(&channel, 10), &Offsets),
+            Delivery::Dropped
+        );
+        assert_eq!(
+            outbound.deliver(&channel, &publication(&channel, 11), &Offsets),
+            Delivery::Closed
+        );
         let mut out = Vec::new();
-        assert_eq!(outbound.drain(&mut out).await, Err(CloseReason::Slow));
+        assert_eq!(outbound.drain(&mut out).await, Err(CloseReason::SLOW));
         assert_eq!(outbound.queued_bytes(), 0, "memory released on close");
     }
 }

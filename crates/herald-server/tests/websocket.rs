@@ -1,0 +1,493 @@
+//! The Centrifugo-protocol WebSocket endpoint end to end, driven by a raw WebSocket client:
+//! connect, subscribe, live delivery in order, recovery after a disconnect, permissions,
+//! pings, slow consumers and bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use futures::{SinkExt, StreamExt};
+use herald_server::config::{Config, Engine};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "websocket-test-secret-0123456789abcdef";
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn config() -> Config {
+    let mut config = common::test_config(Engine::Memory);
+    config.token.hmac_secret = SECRET.into();
+    config.client.ping_interval = herald_core::duration::HumanDuration::from_secs(1);
+    config.client.pong_timeout = herald_core::duration::HumanDuration::from_secs(1);
+    config.client.max_queue_bytes = 256 * 1024;
+    config.client.max_message_size = 8 * 1024;
+    config.server.max_body_size = 1 << 20;
+    let mut open = herald_core::namespace::NamedNamespace {
+        name: "open".into(),
+        options: herald_core::NamespaceOptions {
+            allow_publish_for_client: true,
+            allow_history_for_subscriber: true,
+            allow_presence_for_subscriber: true,
+            allow_subscribe_for_anonymous: true,
+            presence: true,
+            join_leave: true,
+            ..Default::default()
+        },
+    };
+    open.options.history_size = 100;
+    config.namespaces.push(open);
+    config
+}
+
+fn token(user: &str, exp_in: i64) -> String {
+    let now = herald_core::time::now_ms() as i64 / 1000;
+    let claims = json!({"sub": user, "exp": now + exp_in, "info": {"name": user}});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+struct Client {
+    socket: Socket,
+    /// Messages received but not yet consumed (one frame may carry several).
+    pending: std::collections::VecDeque<Value>,
+    next_id: u32,
+}
+
+impl Client {
+    async fn open(server: &TestServer) -> Self {
+        let url = format!(
+            "{}/connection/websocket",
+            server.url.replace("http://", "ws://")
+        );
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connect");
+        Self {
+            socket,
+            pending: Default::default(),
+            next_id: 1,
+        }
+    }
+
+    async fn connect(server: &TestServer, user: &str) -> Self {
+        let mut client = Self::open(server).await;
+        let reply = client
+            .call("connect", json!({"token": token(user, 3600)}))
+            .await;
+        assert!(
+            reply["connect"]["client"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty()),
+            "{reply}"
+        );
+        client
+    }
+
+    async fn send_raw(&mut self, text: &str) {
+        self.socket.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Next message; pings are answered with pongs and skipped.
+    async fn next(&mut self) -> Value {
+        loop {
+            if let Some(value) = self.pending.pop_front() {
+                if value == json!({}) {
+                    self.send_raw("{}").await;
+                    continue;
+                }
+                return value;
+            }
+            let message = tokio::time::timeout(Duration::from_secs(5), self.socket.next())
+                .await
+                .expect("a message within 5s")
+                .expect("socket open")
+                .expect("no socket error");
+            match message {
+                Message::Text(text) => {
+                    for line in text.as_str().split('\n') {
+                        assert!(!line.is_empty(), "no empty lines in frames: {text:?}");
+                        self.pending
+                            .push_back(serde_json::from_str(line).expect("JSON line"));
+                    }
+                }
+                Message::Close(frame) => panic!("unexpected close: {frame:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut command = json!({"id": id});
+        command[method] = params;
+        self.send_raw(&command.to_string()).await;
+        // Pushes that arrive before the reply are kept, in order, for later reads.
+        let mut stash = Vec::new();
+        let reply = loop {
+            let message = self.next().await;
+            if message["id"] == id {
+                break message;
+            }
+            stash.push(message);
+        };
+        for message in stash.into_iter().rev() {
+            self.pending.push_front(message);
+        }
+        reply
+    }
+
+    /// Waits for the server to close; returns the close code.
+    async fn closed(&mut self) -> u16 {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.socket.next())
+                .await
+                .expect("close within 10s");
+            match message {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    assert!(!frame.reason.is_empty(), "close frames carry a reason");
+                    return u16::from(frame.code);
+                }
+                Some(Ok(Message::Close(None))) | None => panic!("closed without a code"),
+                Some(Ok(_)) => {}
+                Some(Err(err)) => panic!("socket error before close: {err}"),
+            }
+        }
+    }
+
+    /// Keeps reading (and answering pings) for `duration`; messages stay pending.
+    async fn pump(&mut self, duration: Duration) {
+        let until = tokio::time::Instant::now() + duration;
+        while let Ok(message) = tokio::time::timeout_at(until, self.next()).await {
+            self.pending.push_back(message);
+        }
+    }
+
+    async fn publication(&mut self) -> Value {
+        loop {
+            let message = self.next().await;
+            if !message["push"]["pub"].is_null() {
+                return message["push"].clone();
+            }
+        }
+    }
+}
+
+async fn publish(server: &TestServer, channel: &str, n: u64) -> Value {
+    server
+        .ok("publish", json!({"channel": channel, "data": {"n": n}}))
+        .await
+}
+
+#[tokio::test]
+async fn live_delivery_in_order() {
+    let server = TestServer::start_with(config(), None).await;
+    let mut client = Client::connect(&server, "alice").await;
+    let reply = client.call("subscribe", json!({"channel": "news"})).await;
+    assert_eq!(reply["subscribe"]["recoverable"], true, "{reply}");
+    for n in 1..=50 {
+        publish(&server, "news", n).await;
+    }
+    for n in 1..=50 {
+        let push = client.publication().await;
+        assert_eq!(push["channel"], "news");
+        assert_eq!(push["pub"]["data"]["n"], n);
+        assert_eq!(push["pub"]["offset"], n);
+    }
+}
+
+#[tokio::test]
+async fn recovers_exactly_the_missed_publications() {
+    let server = TestServer::start_with(config(), None).await;
+    let mut client = Client::connect(&server, "alice").await;
+    publish(&server, "feed", 1).await;
+    let reply = client.call("subscribe", json!({"channel": "feed"})).await;
+    let epoch = reply["subscribe"]["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    let offset = reply["subscribe"]["offset"].as_u64().expect("offset");
+    assert_eq!(offset, 1);
+    publish(&server, "feed", 2).await;
+    assert_eq!(client.publication().await["pub"]["offset"], 2);
+    drop(client);
+
+    for n in 3..=7 {
+        publish(&server, "feed", n).await;
+    }
+    let mut client = Client::connect(&server, "alice").await;
+    let reply = client
+        .call(
+            "subscribe",
+            json!({"channel": "feed", "recover": true, "offset": 2, "epoch": epoch, "flag": 1}),
+        )
+        .await;
+    let result = &reply["subscribe"];
+    assert_eq!(result["recovered"], true, "{reply}");
+    assert_eq!(result["was_recovering"], true);
+    let offsets: Vec<u64> = result["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| p["offset"].as_u64().expect("offset"))
+        .collect();
+    assert_eq!(offsets, vec![3, 4, 5, 6, 7]);
+    publish(&server, "feed", 8).await;
+    assert_eq!(
+        client.publication().await["pub"]["offset"],
+        8,
+        "live continues after recovery, no repeat"
+    );
+
+    // A stale epoch is answered "not recovered", never a silent gap.
+    let mut other = Client::connect(&server, "bob").await;
+    let reply = other
+        .call(
+            "subscribe",
+            json!({"channel": "feed", "recover": true, "offset": 2, "epoch": "stale"}),
+        )
+        .await;
+    assert_eq!(reply["subscribe"]["was_recovering"], true);
+    assert!(
+        reply["subscribe"]["recovered"].is_null(),
+        "recovered:false is omitted: {reply}"
+    );
+    assert!(reply["subscribe"]["publications"].is_null());
+    // With flag 2 the SDK asks for error 112 instead.
+    let reply = other
+        .call(
+            "subscribe",
+            json!({"channel": "feed2", "recover": true, "offset": 9, "epoch": "stale", "flag": 3}),
+        )
+        .await;
+    assert_eq!(reply["error"]["code"], 112, "{reply}");
+}
+
+#[tokio::test]
+async fn client_publish_history_presence_and_join_leave() {
+    let server = TestServer::start_with(config(), None).await;
+    let mut alice = Client::connect(&server, "alice").await;
+    let mut bob = Client::connect(&server, "bob").await;
+    alice
+        .call("subscribe", json!({"channel": "open:room"}))
+        .await;
+    bob.call("subscribe", json!({"channel": "open:room"})).await;
+    // Each subscriber sees joins, its own included.
+    let join = loop {
+        let message = alice.next().await;
+        if message["push"]["join"]["info"]["user"] == "bob" {
+            break message;
+        }
+        assert_eq!(
+            message["push"]["join"]["info"]["user"], "alice",
+            "{message}"
+        );
+    };
+    assert!(join["push"]["join"]["info"]["client"].is_string());
+    let published = bob
+        .call(
+            "publish",
+            json!({"channel": "open:room", "data": {"text": "hi"}}),
+        )
+        .await;
+    assert!(published["publish"].is_object(), "{published}");
+    let push = alice.publication().await;
+    assert_eq!(push["pub"]["data"]["text"], "hi");
+    assert_eq!(push["pub"]["info"]["user"], "bob");
+    assert_eq!(push["pub"]["info"]["conn_info"]["name"], "bob");
+    let history = alice
+        .call("history", json!({"channel": "open:room", "limit": 10}))
+        .await;
+    assert_eq!(history["history"]["publications"][0]["data"]["text"], "hi");
+    let presence = alice
+        .call("presence", json!({"channel": "open:room"}))
+        .await;
+    assert_eq!(
+        presence["presence"]["presence"]
+            .as_object()
+            .expect("map")
+            .len(),
+        2
+    );
+    let stats = alice
+        .call("presence_stats", json!({"channel": "open:room"}))
+        .await;
+    assert_eq!(
+        stats["presence_stats"],
+        json!({"num_clients": 2, "num_users": 2})
+    );
+    drop(bob);
+    let leave = loop {
+        let message = alice.next().await;
+        if !message["push"]["leave"].is_null() {
+            break message;
+        }
+    };
+    assert_eq!(leave["push"]["leave"]["info"]["user"], "bob");
+    let stats = alice
+        .call("presence_stats", json!({"channel": "open:room"}))
+        .await;
+    assert_eq!(stats["presence_stats"]["num_clients"], 1);
+}
+
+#[tokio::test]
+async fn permissions_are_enforced() {
+    let server = TestServer::start_with(config(), None).await;
+    let mut alice = Client::connect(&server, "alice").await;
+    let denied = alice
+        .call("subscribe", json!({"channel": "inbox:#bob"}))
+        .await;
+    assert!(
+        denied["error"]["code"] == 103 || denied["error"]["code"] == 102,
+        "{denied}"
+    );
+    let mine = alice.call("subscribe", json!({"channel": "#alice"})).await;
+    assert!(mine["subscribe"].is_object(), "{mine}");
+    let twice = alice.call("subscribe", json!({"channel": "#alice"})).await;
+    assert_eq!(twice["error"]["code"], 105);
+    let publish = alice
+        .call("publish", json!({"channel": "news", "data": 1}))
+        .await;
+    assert_eq!(
+        publish["error"]["code"], 103,
+        "clients may not publish in the default namespace"
+    );
+    let history = alice
+        .call("history", json!({"channel": "open:x", "limit": 1}))
+        .await;
+    assert_eq!(
+        history["error"]["code"], 103,
+        "history needs a subscription"
+    );
+    let unknown = alice.call("subscribe", json!({"channel": "nope:x"})).await;
+    assert_eq!(unknown["error"]["code"], 102);
+    let invalid = alice
+        .call("subscribe", json!({"channel": "bad channel"}))
+        .await;
+    assert_eq!(invalid["error"]["code"], 107);
+    let rpc = alice.call("rpc", json!({"method": "x", "data": {}})).await;
+    assert_eq!(rpc["error"]["code"], 108);
+
+    // Anonymous: refused unless configured.
+    let mut anonymous = Client::open(&server).await;
+    anonymous.send_raw(r#"{"id":1,"connect":{}}"#).await;
+    assert_eq!(anonymous.closed().await, 3500);
+}
+
+#[tokio::test]
+async fn bad_input_closes_with_protocol_codes() {
+    let server = TestServer::start_with(config(), None).await;
+    let mut early = Client::open(&server).await;
+    early
+        .send_raw(r#"{"id":1,"subscribe":{"channel":"news"}}"#)
+        .await;
+    assert_eq!(early.closed().await, 3501, "commands before connect");
+
+    let mut garbage = Client::connect(&server, "alice").await;
+    garbage.send_raw("{not json").await;
+    assert_eq!(garbage.closed().await, 3501);
+
+    let mut forged = Client::open(&server).await;
+    forged
+        .send_raw(r#"{"id":1,"connect":{"token":"a.b.c"}}"#)
+        .await;
+    assert_eq!(forged.closed().await, 3500);
+
+    let mut expired = Client::open(&server).await;
+    expired
+        .send_raw(&json!({"id": 1, "connect": {"token": token("alice", -10)}}).to_string())
+        .await;
+    assert_eq!(
+        expired.next().await["error"]["code"],
+        109,
+        "expired tokens get 109 so SDKs refresh"
+    );
+
+    let mut big = Client::connect(&server, "alice").await;
+    let huge = format!(
+        r#"{{"id":2,"publish":{{"channel":"open:x","data":"{}"}}}}"#,
+        "x".repeat(20_000)
+    );
+    let _ = big.socket.send(Message::text(huge)).await;
+    let code = big.closed().await;
+    assert!(
+        code == 3511 || code == 3501,
+        "oversized message closed with {code}"
+    );
+
+    // The server is still fine.
+    let mut ok = Client::connect(&server, "alice").await;
+    assert!(ok.call("subscribe", json!({"channel": "news"})).await["subscribe"].is_object());
+}
+
+#[tokio::test]
+async fn missing_pongs_disconnect_and_pongs_keep_alive() {
+    let server = TestServer::start_with(config(), None).await;
+    let mut silent = Client::connect(&server, "alice").await;
+    // Read without answering pings.
+    let code = loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), silent.socket.next())
+            .await
+            .expect("within 10s");
+        if let Some(Ok(Message::Close(Some(frame)))) = message {
+            break u16::from(frame.code);
+        }
+    };
+    assert_eq!(code, 3012, "no pong");
+
+    let mut polite = Client::connect(&server, "bob").await;
+    polite.call("subscribe", json!({"channel": "news"})).await;
+    polite.pump(Duration::from_millis(3500)).await;
+    publish(&server, "news", 1).await;
+    assert_eq!(
+        polite.publication().await["pub"]["offset"],
+        1,
+        "a client that pongs stays connected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_is_cut_off_as_slow() {
+    let server = TestServer::start_with(config(), None).await;
+    let mut stalled = Client::connect(&server, "alice").await;
+    stalled
+        .call("subscribe", json!({"channel": "firehose"}))
+        .await;
+    // Publish ~12 MB while the client reads nothing: more than the kernel buffers and the
+    // 256 KiB queue budget together.
+    let chunk = "y".repeat(900);
+    for batch in 0..120 {
+        let commands: Vec<Value> = (0..100).map(|i| json!({"publish": {"channel": "firehose", "data": {"i": batch * 100 + i, "pad": chunk}}})).collect();
+        let (status, _) = server.call("batch", json!({"commands": commands})).await;
+        assert_eq!(status, 200);
+    }
+    let dropped = server
+        .state
+        .node
+        .stats()
+        .dropped_deliveries
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        dropped > 0,
+        "deliveries past the budget are dropped, not queued"
+    );
+    // Draining what the kernel buffered eventually reaches the close frame.
+    let code = loop {
+        let message = tokio::time::timeout(Duration::from_secs(20), stalled.socket.next())
+            .await
+            .expect("close within 20s");
+        match message {
+            Some(Ok(Message::Close(Some(frame)))) => break u16::from(frame.code),
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(code, 3008, "slow");
+}

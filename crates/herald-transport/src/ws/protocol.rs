@@ -1,0 +1,350 @@
+//! The JSON encoding of the Centrifugo client protocol v2: commands from clients, replies and
+//! pushes to them. Field names follow `client.proto`; empty fields are omitted, as the
+//! official SDKs expect.
+
+use std::collections::{BTreeMap, HashMap};
+
+use base64::Engine as _;
+use bytes::{BufMut, Bytes, BytesMut};
+use herald_core::publication::{ClientInfo, Payload, Publication, StreamPosition};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// One client command. A command with no method (`{}`) is a pong.
+#[derive(Debug, Default, Deserialize)]
+pub struct Command {
+    #[serde(default)]
+    pub id: u32,
+    pub connect: Option<ConnectRequest>,
+    pub subscribe: Option<SubscribeRequest>,
+    pub unsubscribe: Option<ChannelRequest>,
+    pub publish: Option<PublishRequest>,
+    pub presence: Option<ChannelRequest>,
+    pub presence_stats: Option<ChannelRequest>,
+    pub history: Option<HistoryRequest>,
+    pub ping: Option<serde::de::IgnoredAny>,
+    pub send: Option<SendRequest>,
+    pub rpc: Option<RpcRequest>,
+    pub refresh: Option<RefreshRequest>,
+    pub sub_refresh: Option<SubRefreshRequest>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ConnectRequest {
+    #[serde(default)]
+    pub token: String,
+    pub data: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub subs: HashMap<String, SubscribeRequest>,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub version: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SubscribeRequest {
+    #[serde(default)]
+    pub channel: String,
+    #[serde(default)]
+    pub token: String,
+    #[serde(default)]
+    pub recover: bool,
+    #[serde(default)]
+    pub epoch: String,
+    #[serde(default)]
+    pub offset: u64,
+    pub data: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub positioned: bool,
+    #[serde(default)]
+    pub recoverable: bool,
+    #[serde(default)]
+    pub join_leave: bool,
+    /// SDK capability bits: 1 = channel ids in pushes (ignored; we always send names),
+    /// 2 = answer error 112 instead of `recovered: false`.
+    #[serde(default)]
+    pub flag: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ChannelRequest {
+    #[serde(default)]
+    pub channel: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PublishRequest {
+    #[serde(default)]
+    pub channel: String,
+    pub data: Box<RawValue>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct HistoryRequest {
+    #[serde(default)]
+    pub channel: String,
+    #[serde(default)]
+    pub limit: i32,
+    pub since: Option<StreamPosition>,
+    #[serde(default)]
+    pub reverse: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SendRequest {
+    pub data: Option<Box<RawValue>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RpcRequest {
+    pub data: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub method: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RefreshRequest {
+    #[serde(default)]
+    pub token: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SubRefreshRequest {
+    #[serde(default)]
+    pub channel: String,
+    #[serde(default)]
+    pub token: String,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+fn is_zero_u32(value: &u32) -> bool {
+    *value == 0
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ConnectResult {
+    pub client: String,
+    pub version: String,
+    #[serde(skip_serializing_if = "is_false")]
+    pub expires: bool,
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub ttl: u32,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub subs: BTreeMap<String, Box<RawValue>>,
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub ping: u32,
+    #[serde(skip_serializing_if = "is_false")]
+    pub pong: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub node: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct SubscribeResult {
+    #[serde(skip_serializing_if = "is_false")]
+    pub expires: bool,
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub ttl: u32,
+    #[serde(skip_serializing_if = "is_false")]
+    pub recoverable: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub epoch: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub publications: Vec<WirePublication>,
+    #[serde(skip_serializing_if = "is_false")]
+    pub recovered: bool,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub offset: u64,
+    #[serde(skip_serializing_if = "is_false")]
+    pub positioned: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub was_recovering: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HistoryResult {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub publications: Vec<WirePublication>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub epoch: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub offset: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PresenceResult {
+    pub presence: HashMap<String, ClientInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PresenceStatsResult {
+    pub num_clients: u64,
+    pub num_users: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct RefreshResult {
+    pub client: String,
+    pub version: String,
+    #[serde(skip_serializing_if = "is_false")]
+    pub expires: bool,
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub ttl: u32,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Empty {}
+
+/// A publication as the protocol carries it.
+#[derive(Debug, Serialize)]
+pub struct WirePublication {
+    pub data: Box<RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info: Option<ClientInfo>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub offset: u64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Binary payloads cannot travel in JSON frames verbatim: they go as a base64 JSON string.
+pub fn data_json(payload: &Payload) -> Box<RawValue> {
+    let text = match payload {
+        Payload::Json(bytes) => String::from_utf8(bytes.to_vec()).ok(),
+        Payload::Binary(bytes) => {
+            serde_json::to_string(&base64::engine::general_purpose::STANDARD.encode(bytes)).ok()
+        }
+    };
+    text.and_then(|t| RawValue::from_string(t).ok())
+        .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"))
+}
+
+impl From<&Publication> for WirePublication {
+    fn from(publication: &Publication) -> Self {
+        Self {
+            data: data_json(&publication.data),
+            info: publication.info.as_deref().cloned(),
+            offset: publication.offset,
+            tags: publication.tags.clone(),
+        }
+    }
+}
+
+/// `{"id":N,"<key>":<result>}` as bytes.
+pub fn reply<T: Serialize>(id: u32, key: &str, result: &T) -> Bytes {
+    let mut out = BytesMut::with_capacity(64);
+    out.put_slice(b"{\"id\":");
+    out.put_slice(id.to_string().as_bytes());
+    out.put_slice(b",\"");
+    out.put_slice(key.as_bytes());
+    out.put_slice(b"\":");
+    // Serialising our own result types cannot fail (no maps with non-string keys).
+    let body = serde_json::to_vec(result).unwrap_or_else(|_| b"{}".to_vec());
+    out.put_slice(&body);
+    out.put_u8(b'}');
+    out.freeze()
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorBody<'a> {
+    code: u32,
+    message: &'a str,
+    #[serde(skip_serializing_if = "is_false")]
+    temporary: bool,
+}
+
+/// `{"id":N,"error":{"code":C,"message":M}}`.
+pub fn error_reply(id: u32, error: &herald_core::HeraldError) -> Bytes {
+    let code = error.code;
+    let temporary = matches!(
+        code,
+        herald_core::ErrorCode::Internal | herald_core::ErrorCode::TooManyRequests
+    );
+    let body = ErrorBody {
+        code: code.as_u32(),
+        message: code.message(),
+        temporary,
+    };
+    let text = serde_json::to_string(&body).unwrap_or_default();
+    Bytes::from(format!("{{\"id\":{id},\"error\":{text}}}"))
+}
+
+/// The server's ping: an empty JSON object.
+pub const PING: &[u8] = b"{}";
+
+/// `{"push":{"channel":C,"<kind>":<body>}}`.
+pub fn push<T: Serialize>(channel: &str, kind: &str, body: &T) -> Bytes {
+    #[derive(Serialize)]
+    struct Push<'a, T> {
+        channel: &'a str,
+        #[serde(flatten)]
+        body: HashMap<&'a str, &'a T>,
+    }
+    let mut map = HashMap::with_capacity(1);
+    map.insert(kind, body);
+    let inner = Push { channel, body: map };
+    let text = serde_json::to_string(&inner).unwrap_or_default();
+    Bytes::from(format!("{{\"push\":{text}}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands_and_pong() {
+        let cmd: Command = serde_json::from_str(
+            r#"{"id":3,"subscribe":{"channel":"c","recover":true,"offset":5,"epoch":"e"}}"#,
+        )
+        .expect("parse");
+        assert_eq!(cmd.id, 3);
+        let sub = cmd.subscribe.expect("subscribe");
+        assert!(sub.recover);
+        assert_eq!(sub.offset, 5);
+        let pong: Command = serde_json::from_str("{}").expect("pong");
+        assert!(pong.connect.is_none() && pong.id == 0);
+    }
+
+    #[test]
+    fn encodes_replies_and_pushes() {
+        let reply = reply(
+            1,
+            "subscribe",
+            &SubscribeResult {
+                recoverable: true,
+                epoch: "e".into(),
+                offset: 3,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            &reply[..],
+            br#"{"id":1,"subscribe":{"recoverable":true,"epoch":"e","offset":3}}"#
+        );
+        let push = push(
+            "c",
+            "join",
+            &serde_json::json!({"info": {"client": "x", "user": "u"}}),
+        );
+        assert_eq!(
+            &push[..],
+            br#"{"push":{"channel":"c","join":{"info":{"client":"x","user":"u"}}}}"#
+        );
+        let err = error_reply(
+            2,
+            &herald_core::HeraldError::new(herald_core::ErrorCode::PermissionDenied, "x"),
+        );
+        assert_eq!(
+            &err[..],
+            br#"{"id":2,"error":{"code":103,"message":"permission denied"}}"#
+        );
+    }
+}

@@ -1,0 +1,695 @@
+//! One WebSocket connection speaking the Centrifugo protocol (JSON): connect, subscribe with
+//! recovery, unsubscribe, publish, history, presence, presence_stats, refresh, rpc, send,
+//! server pings with pong checks, and disconnects with the protocol's close codes.
+//!
+//! The connection has two halves: this reader task, which handles commands and owns the
+//! subscriptions, and a writer task that drains the connection's [`Outbound`] queue and writes
+//! everything queued in one frame (newline-separated JSON, as the protocol allows).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use herald_core::auth::{self, Action, Authenticator, Credentials};
+use herald_core::hub::SubscriberId;
+use herald_core::namespace::NamespaceOptions;
+use herald_core::node::PublishRequest as NodePublish;
+use herald_core::publication::{ChannelEvent, ClientInfo, Payload, StreamPosition};
+use herald_core::store::HistoryQuery;
+use herald_core::{ChannelName, ErrorCode, HeraldError, Node};
+
+use super::protocol::{self, Command, SubscribeRequest, SubscribeResult, WirePublication};
+use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Outbound};
+
+/// Real-time settings shared by every connection (`[client]` in config).
+#[derive(Clone, Debug)]
+pub struct RealtimeConfig {
+    /// Connections without a token are allowed (as anonymous users).
+    pub allow_anonymous: bool,
+    /// How often the server pings; 0 disables pings.
+    pub ping_interval: Duration,
+    /// How long after a ping the client's pong may take.
+    pub pong_timeout: Duration,
+    /// Bytes queued for one connection before it is disconnected as slow.
+    pub max_queue_bytes: usize,
+    /// Largest accepted incoming WebSocket message.
+    pub max_message_size: usize,
+    /// Most publications one subscribe may recover; more means "not recovered".
+    pub recovery_max_publications: usize,
+    /// Most channels one connection may subscribe to.
+    pub max_subscriptions: usize,
+    /// Time a client has to send its connect command.
+    pub connect_timeout: Duration,
+}
+
+impl Default for RealtimeConfig {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: false,
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(8),
+            max_queue_bytes: 1024 * 1024,
+            max_message_size: 64 * 1024,
+            recovery_max_publications: 1000,
+            max_subscriptions: 1024,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Shared by every real-time connection.
+pub struct RealtimeState {
+    pub node: Node,
+    pub authenticator: Arc<dyn Authenticator>,
+    pub config: RealtimeConfig,
+    /// Open real-time connections (the `herald_connections` gauge).
+    pub connections: AtomicU64,
+}
+
+impl std::fmt::Debug for RealtimeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RealtimeState")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `GET /connection/websocket`.
+pub async fn websocket_handler(
+    ws: WebSocketUpgrade,
+    State(state): State<Arc<RealtimeState>>,
+) -> Response {
+    let max = state.config.max_message_size;
+    // Small buffers: the defaults (128 KiB each way) would dominate per-connection memory.
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(state.config.max_queue_bytes.max(64 * 1024))
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| run_connection(socket, state))
+}
+
+/// Encodes channel events as protocol pushes; publications are encoded once per event
+/// (encoding slot 0) and shared by every JSON connection.
+pub struct JsonEncoder {
+    join_leave: bool,
+}
+
+/// The encoding slot of JSON protocol pushes.
+pub const JSON_PUSH_SLOT: usize = 0;
+
+impl EventEncoder for JsonEncoder {
+    fn encode(&self, event: &ChannelEvent) -> Option<Bytes> {
+        match event {
+            ChannelEvent::Publication(p) => Some(p.encoded(JSON_PUSH_SLOT, |p| {
+                protocol::push(&p.channel, "pub", &WirePublication::from(&p.publication))
+            })),
+            ChannelEvent::Join { channel, info } if self.join_leave => Some(protocol::push(
+                channel,
+                "join",
+                &serde_json::json!({ "info": &**info }),
+            )),
+            ChannelEvent::Leave { channel, info } if self.join_leave => Some(protocol::push(
+                channel,
+                "leave",
+                &serde_json::json!({ "info": &**info }),
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Subscribe flag: the SDK prefers error 112 to `recovered: false`.
+const FLAG_REJECT_UNRECOVERED: u64 = 2;
+
+struct Subscription {
+    name: ChannelName,
+    options: Arc<NamespaceOptions>,
+    id: SubscriberId,
+}
+
+struct Session {
+    state: Arc<RealtimeState>,
+    outbound: Arc<Outbound>,
+    client_id: String,
+    credentials: Option<Credentials>,
+    info: Option<Arc<ClientInfo>>,
+    subscriptions: HashMap<Arc<str>, Subscription>,
+    pong_deadline: Option<Instant>,
+}
+
+async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>) {
+    state.connections.fetch_add(1, Ordering::Relaxed);
+    let (mut sink, mut stream) = socket.split();
+    let outbound = Outbound::new(state.config.max_queue_bytes);
+    let writer_queue = outbound.clone();
+    let writer = tokio::spawn(async move {
+        let mut frames = Vec::new();
+        loop {
+            frames.clear();
+            match writer_queue.drain(&mut frames).await {
+                Ok(()) => {
+                    if sink
+                        .send(Message::Text(join_frames(&frames)))
+                        .await
+                        .is_err()
+                    {
+                        writer_queue.close(CloseReason::WRITE_ERROR);
+                        return;
+                    }
+                }
+                Err(reason) => {
+                    let frame = CloseFrame {
+                        code: reason.code,
+                        reason: Utf8Bytes::from_static(reason.reason),
+                    };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    let _ = sink.close().await;
+                    return;
+                }
+            }
+        }
+    });
+    let mut session = Session {
+        state: state.clone(),
+        outbound: outbound.clone(),
+        client_id: uuid::Uuid::new_v4().to_string(),
+        credentials: None,
+        info: None,
+        subscriptions: HashMap::new(),
+        pong_deadline: None,
+    };
+    session.read_loop(&mut stream).await;
+    session.cleanup().await;
+    // Give the writer a moment to flush the close frame, then stop it.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    state.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Several queued messages go out as one text frame, one JSON object per line.
+fn join_frames(frames: &[Bytes]) -> Utf8Bytes {
+    let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 1).sum());
+    for (i, frame) in frames.iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"\n");
+        }
+        out.extend_from_slice(frame);
+    }
+    // Every frame is JSON we produced, hence UTF-8.
+    Utf8Bytes::try_from(out.freeze()).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
+}
+
+impl Session {
+    async fn read_loop(&mut self, stream: &mut futures::stream::SplitStream<WebSocket>) {
+        let config = self.state.config.clone();
+        let connect_deadline = Instant::now() + config.connect_timeout;
+        let ping_every = if config.ping_interval.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            config.ping_interval
+        };
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        loop {
+            if self.outbound.closed().is_some() {
+                return;
+            }
+            let tick_at = if self.credentials.is_none() {
+                Some(connect_deadline)
+            } else {
+                self.pong_deadline
+            };
+            let deadline = tick_at.map(tokio::time::Instant::from_std);
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(Ok(Message::Text(text))) => {
+                        if let Err(reason) = self.handle_frame(text.as_str()).await {
+                            self.outbound.close(reason);
+                            return;
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        // Binary frames are the Protobuf encoding, which this endpoint does not speak yet.
+                        self.outbound.close(CloseReason::BAD_REQUEST);
+                        return;
+                    }
+                    Some(Ok(Message::Close(_))) | None => return,
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => {
+                        let reason = if err.to_string().contains("too long") || err.to_string().contains("Space limit") {
+                            CloseReason::MESSAGE_SIZE_LIMIT
+                        } else {
+                            CloseReason::BAD_REQUEST
+                        };
+                        self.outbound.close(reason);
+                        return;
+                    }
+                },
+                _ = ping.tick(), if self.credentials.is_some() && !config.ping_interval.is_zero() => {
+                    self.outbound.push(Bytes::from_static(protocol::PING));
+                    if self.pong_deadline.is_none() {
+                        self.pong_deadline = Some(Instant::now() + config.pong_timeout);
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    let reason = if self.credentials.is_none() { CloseReason::BAD_REQUEST } else { CloseReason::NO_PONG };
+                    self.outbound.close(reason);
+                    return;
+                }
+            }
+            if let Some(expires) = self.credentials.as_ref().and_then(|c| c.expires_at)
+                && herald_core::time::now_ms() / 1000 >= expires
+            {
+                self.outbound.close(CloseReason::EXPIRED);
+                return;
+            }
+        }
+    }
+
+    async fn handle_frame(&mut self, text: &str) -> Result<(), CloseReason> {
+        for line in text.split('\n').filter(|l| !l.trim().is_empty()) {
+            let command: Command =
+                serde_json::from_str(line).map_err(|_| CloseReason::BAD_REQUEST)?;
+            self.handle_command(command).await?;
+        }
+        Ok(())
+    }
+
+    fn reply_err(&self, id: u32, error: &HeraldError) {
+        self.outbound.push(protocol::error_reply(id, error));
+    }
+
+    async fn handle_command(&mut self, command: Command) -> Result<(), CloseReason> {
+        let id = command.id;
+        if let Some(connect) = command.connect {
+            return self.connect(id, connect).await;
+        }
+        if self.credentials.is_none() {
+            // Anything but connect before connect is a protocol violation.
+            return Err(CloseReason::BAD_REQUEST);
+        }
+        if id == 0 {
+            // An empty command is the client's pong (and the only command without an id).
+            self.pong_deadline = None;
+            return Ok(());
+        }
+        if let Some(request) = command.subscribe {
+            if let Err(error) = self.subscribe(id, request).await {
+                self.reply_err(id, &error);
+            }
+        } else if let Some(request) = command.unsubscribe {
+            self.unsubscribe(&request.channel).await;
+            self.outbound
+                .push(protocol::reply(id, "unsubscribe", &protocol::Empty {}));
+        } else if let Some(request) = command.publish {
+            match self.publish(request).await {
+                Ok(()) => self
+                    .outbound
+                    .push(protocol::reply(id, "publish", &protocol::Empty {})),
+                Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
+            };
+        } else if let Some(request) = command.history {
+            match self.history(request).await {
+                Ok(result) => self.outbound.push(protocol::reply(id, "history", &result)),
+                Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
+            };
+        } else if let Some(request) = command.presence {
+            match self.subscribed_for(&request.channel, Action::Presence) {
+                Ok(name) => match self.state.node.presence(name.as_str()).await {
+                    Ok(presence) => self.outbound.push(protocol::reply(
+                        id,
+                        "presence",
+                        &protocol::PresenceResult { presence },
+                    )),
+                    Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
+                },
+                Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
+            };
+        } else if let Some(request) = command.presence_stats {
+            match self.subscribed_for(&request.channel, Action::Presence) {
+                Ok(name) => match self.state.node.presence_stats(name.as_str()).await {
+                    Ok(stats) => self.outbound.push(protocol::reply(
+                        id,
+                        "presence_stats",
+                        &protocol::PresenceStatsResult {
+                            num_clients: stats.num_clients,
+                            num_users: stats.num_users,
+                        },
+                    )),
+                    Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
+                },
+                Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
+            };
+        } else if let Some(request) = command.refresh {
+            match self.state.authenticator.authenticate(&request.token) {
+                Ok(credentials) if credentials.user == self.user() => {
+                    let result = self.refresh_result(&credentials);
+                    self.credentials = Some(credentials);
+                    self.outbound.push(protocol::reply(id, "refresh", &result));
+                }
+                Ok(_) => return Err(CloseReason::INVALID_TOKEN),
+                Err(error) if error.code == ErrorCode::TokenExpired => self.reply_err(id, &error),
+                Err(_) => return Err(CloseReason::INVALID_TOKEN),
+            }
+        } else if command.rpc.is_some() {
+            self.reply_err(
+                id,
+                &HeraldError::new(ErrorCode::NotAvailable, "no RPC backend is configured"),
+            );
+        } else if command.sub_refresh.is_some() {
+            self.reply_err(
+                id,
+                &HeraldError::new(
+                    ErrorCode::NotAvailable,
+                    "subscription tokens are not enabled",
+                ),
+            );
+        } else if command.send.is_some() || command.ping.is_some() {
+            // Async messages have no reply and nowhere to go without an RPC backend.
+        } else {
+            self.reply_err(
+                id,
+                &HeraldError::new(ErrorCode::MethodNotFound, "unknown command"),
+            );
+        }
+        Ok(())
+    }
+
+    fn user(&self) -> &str {
+        self.credentials.as_ref().map_or("", |c| c.user.as_str())
+    }
+
+    fn refresh_result(&self, credentials: &Credentials) -> protocol::RefreshResult {
+        let (expires, ttl) = ttl_of(credentials);
+        protocol::RefreshResult {
+            client: self.client_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            expires,
+            ttl,
+        }
+    }
+
+    async fn connect(
+        &mut self,
+        id: u32,
+        request: protocol::ConnectRequest,
+    ) -> Result<(), CloseReason> {
+        if self.credentials.is_some() {
+            return Err(CloseReason::BAD_REQUEST);
+        }
+        let credentials = if request.token.is_empty() {
+            if !self.state.config.allow_anonymous {
+                self.reply_err(
+                    id,
+                    &HeraldError::new(ErrorCode::Unauthorized, "a connection token is required"),
+                );
+                return Err(CloseReason::INVALID_TOKEN);
+            }
+            Credentials::anonymous()
+        } else {
+            match self.state.authenticator.authenticate(&request.token) {
+                Ok(credentials) => credentials,
+                Err(error) if error.code == ErrorCode::TokenExpired => {
+                    // The SDK refreshes its token and reconnects on this error.
+                    self.reply_err(id, &error);
+                    return Ok(());
+                }
+                Err(_) => return Err(CloseReason::INVALID_TOKEN),
+            }
+        };
+        let (expires, ttl) = ttl_of(&credentials);
+        self.info = Some(Arc::new(ClientInfo {
+            client: self.client_id.clone(),
+            user: credentials.user.clone(),
+            conn_info: credentials.info.clone(),
+            chan_info: None,
+        }));
+        let server_side = credentials.channels.clone();
+        self.credentials = Some(credentials);
+        let config = &self.state.config;
+        let mut result = protocol::ConnectResult {
+            client: self.client_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            expires,
+            ttl,
+            ping: u32::try_from(config.ping_interval.as_secs()).unwrap_or(u32::MAX),
+            pong: !config.ping_interval.is_zero(),
+            ..Default::default()
+        };
+        // Server-side subscriptions from the token, answered inside the connect reply.
+        let mut held = Vec::new();
+        for channel in server_side {
+            let recover = request.subs.get(&channel);
+            let sub = SubscribeRequest {
+                channel: channel.clone(),
+                recover: recover.is_some_and(|r| r.recover),
+                offset: recover.map_or(0, |r| r.offset),
+                epoch: recover.map(|r| r.epoch.clone()).unwrap_or_default(),
+                ..Default::default()
+            };
+            match self.prepare_subscription(&sub).await {
+                Ok((name, sub_result, last)) => {
+                    let raw = serde_json::value::to_raw_value(&sub_result)
+                        .map_err(|_| CloseReason::BAD_REQUEST)?;
+                    result.subs.insert(channel, raw);
+                    held.push((name, last));
+                }
+                Err(error) => {
+                    tracing::debug!(channel, error = %error, "server-side subscription refused");
+                }
+            }
+        }
+        // The connect reply carries every server-side subscription's recovered publications;
+        // each channel's held live events follow it.
+        let mut reply = Some(protocol::reply(id, "connect", &result));
+        for (name, last) in held {
+            let encoder = self.encoder_for(&name);
+            self.outbound
+                .finish_recovery(name.as_arc(), reply.take(), last, &*encoder);
+        }
+        if let Some(reply) = reply {
+            self.outbound.push(reply);
+        }
+        Ok(())
+    }
+
+    fn encoder_for(&self, name: &ChannelName) -> Arc<dyn EventEncoder> {
+        let join_leave = self
+            .subscriptions
+            .get(name.as_str())
+            .is_some_and(|s| s.options.join_leave);
+        Arc::new(JsonEncoder { join_leave })
+    }
+
+    /// Checks, registers and recovers a subscription; the caller queues the reply with
+    /// [`Outbound::finish_recovery`] so that held live events follow it.
+    async fn prepare_subscription(
+        &mut self,
+        request: &SubscribeRequest,
+    ) -> Result<(ChannelName, SubscribeResult, u64), HeraldError> {
+        if request.channel.is_empty() {
+            return Err(HeraldError::bad_request("channel is required"));
+        }
+        let (name, options) = self.state.node.resolve(&request.channel)?;
+        let credentials = self.credentials.clone().unwrap_or_default();
+        auth::check(&credentials, &name, &options, Action::Subscribe, false)?;
+        if self.subscriptions.contains_key(name.as_str()) {
+            return Err(HeraldError::new(ErrorCode::AlreadySubscribed, ""));
+        }
+        if self.subscriptions.len() >= self.state.config.max_subscriptions {
+            return Err(HeraldError::new(
+                ErrorCode::LimitExceeded,
+                "too many subscriptions on this connection",
+            ));
+        }
+        let channel = name.as_arc().clone();
+        self.outbound.begin_recovery(&channel);
+        let sink = Arc::new(ChannelSink {
+            channel: channel.clone(),
+            outbound: self.outbound.clone(),
+            encoder: Arc::new(JsonEncoder {
+                join_leave: options.join_leave,
+            }),
+        });
+        let id = match self.state.node.subscribe(&name, sink).await {
+            Ok(id) => id,
+            Err(error) => {
+                self.outbound.forget(&channel);
+                return Err(error);
+            }
+        };
+        self.subscriptions.insert(
+            channel.clone(),
+            Subscription {
+                name: name.clone(),
+                options: options.clone(),
+                id,
+            },
+        );
+        let mut result = SubscribeResult::default();
+        let mut last = 0;
+        if options.history_enabled() {
+            result.recoverable = true;
+            result.positioned = true;
+            let outcome = if request.recover {
+                result.was_recovering = true;
+                let since = StreamPosition::new(request.offset, request.epoch.clone());
+                self.state
+                    .node
+                    .recover(
+                        name.as_str(),
+                        &since,
+                        self.state.config.recovery_max_publications,
+                    )
+                    .await
+            } else {
+                let query = HistoryQuery {
+                    limit: Some(0),
+                    ..HistoryQuery::default()
+                };
+                self.state
+                    .node
+                    .history(name.as_str(), query)
+                    .await
+                    .map(|page| herald_core::node::Recovery {
+                        publications: Vec::new(),
+                        position: page.position,
+                        recovered: false,
+                    })
+            };
+            let recovery = match outcome {
+                Ok(recovery) => recovery,
+                Err(error) => {
+                    self.unsubscribe(&channel).await;
+                    return Err(error);
+                }
+            };
+            if request.recover && !recovery.recovered && request.flag & FLAG_REJECT_UNRECOVERED != 0
+            {
+                self.unsubscribe(&channel).await;
+                return Err(HeraldError::new(ErrorCode::UnrecoverablePosition, ""));
+            }
+            result.recovered = request.recover && recovery.recovered;
+            result.epoch = recovery.position.epoch.clone();
+            result.offset = recovery.position.offset;
+            last = recovery.position.offset;
+            result.publications = recovery
+                .publications
+                .iter()
+                .map(WirePublication::from)
+                .collect();
+        }
+        if let Some(info) = &self.info {
+            self.state.node.join(&name, &options, info.clone()).await;
+        }
+        Ok((name, result, last))
+    }
+
+    async fn subscribe(&mut self, id: u32, request: SubscribeRequest) -> Result<(), HeraldError> {
+        let (name, result, last) = self.prepare_subscription(&request).await?;
+        let encoder = self.encoder_for(&name);
+        self.outbound.finish_recovery(
+            name.as_arc(),
+            Some(protocol::reply(id, "subscribe", &result)),
+            last,
+            &*encoder,
+        );
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) {
+        if let Some(sub) = self.subscriptions.remove(channel) {
+            self.state.node.unsubscribe(sub.name.as_str(), sub.id).await;
+            self.outbound.forget(channel);
+            if let Some(info) = &self.info {
+                self.state
+                    .node
+                    .leave(&sub.name, &sub.options, info.clone())
+                    .await;
+            }
+        }
+    }
+
+    fn subscribed_for(&self, channel: &str, action: Action) -> Result<ChannelName, HeraldError> {
+        let (name, options) = self.state.node.resolve(channel)?;
+        let credentials = self.credentials.clone().unwrap_or_default();
+        let subscribed = self.subscriptions.contains_key(name.as_str());
+        auth::check(&credentials, &name, &options, action, subscribed)?;
+        Ok(name)
+    }
+
+    async fn publish(&mut self, request: protocol::PublishRequest) -> Result<(), HeraldError> {
+        let (name, options) = self.state.node.resolve(&request.channel)?;
+        let credentials = self.credentials.clone().unwrap_or_default();
+        auth::check(
+            &credentials,
+            &name,
+            &options,
+            Action::Publish,
+            self.subscriptions.contains_key(name.as_str()),
+        )?;
+        let data = Payload::Json(Bytes::from(String::from(Box::<str>::from(request.data))));
+        let mut publish = NodePublish::new(name.as_str(), data);
+        publish.info = self.info.clone();
+        self.state.node.publish(publish).await.map(|_| ())
+    }
+
+    async fn history(
+        &mut self,
+        request: protocol::HistoryRequest,
+    ) -> Result<protocol::HistoryResult, HeraldError> {
+        let name = self.subscribed_for(&request.channel, Action::History)?;
+        let limit = match usize::try_from(request.limit) {
+            Ok(n) => Some(n.min(self.state.config.recovery_max_publications)),
+            Err(_) => Some(self.state.config.recovery_max_publications),
+        };
+        let query = HistoryQuery {
+            since: request.since,
+            limit,
+            reverse: request.reverse,
+        };
+        let page = self.state.node.history(name.as_str(), query).await?;
+        Ok(protocol::HistoryResult {
+            publications: page
+                .publications
+                .iter()
+                .map(WirePublication::from)
+                .collect(),
+            epoch: page.position.epoch,
+            offset: page.position.offset,
+        })
+    }
+
+    async fn cleanup(&mut self) {
+        let channels: Vec<Arc<str>> = self.subscriptions.keys().cloned().collect();
+        for channel in channels {
+            self.unsubscribe(&channel).await;
+        }
+    }
+}
+
+fn ttl_of(credentials: &Credentials) -> (bool, u32) {
+    match credentials.expires_at {
+        Some(at) => {
+            let now = herald_core::time::now_ms() / 1000;
+            (
+                true,
+                u32::try_from(at.saturating_sub(now)).unwrap_or(u32::MAX),
+            )
+        }
+        None => (false, 0),
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
