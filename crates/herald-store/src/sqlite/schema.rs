@@ -19,8 +19,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use super::checkpoint::WAL_RESTART_BYTES;
 use super::config::{SqliteConfig, SyncPolicy};
 
-/// The layout this code writes. Bump it (and migrate in [`initialise`]) on any change.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The layout this code writes. Bump it on any change. There is no migration (nothing with
+/// an older layout was released): a database with another version is refused, never
+/// rewritten.
+///
+/// - 1: publications in insertion order (`id`) with a separate `(stream, seq)` index.
+/// - 2: publications clustered by `(stream, seq)` (`WITHOUT ROWID`).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// How long the writer waits for a lock held by someone else (an operator's `sqlite3` shell)
 /// before failing the batch. Herald itself never holds a competing write lock.
@@ -68,13 +73,14 @@ CREATE TABLE IF NOT EXISTS streams (
     epoch   TEXT NOT NULL
 );
 
--- Rows are kept in insertion order (`id`), so a batch's rows land together on the last
--- pages; the per-stream index is what clusters by channel. Clustering the rows themselves by
--- channel would dirty a full row page per channel per batch instead of a small index page.
--- `seq` is the publication's offset (OFFSET is an SQL keyword). `tags` and `info` are JSON
--- text, NULL when absent, so the common publication costs no JSON parsing on read.
+-- Clustered by stream: a channel's publications are one contiguous run of rows ordered by
+-- offset, so an append writes to its channel's last page, size retention deletes from its
+-- first page, and a history read is one range scan. (Keeping rows in insertion order with a
+-- separate (stream, seq) index, as version 1 did, dirtied a table page and an index page per
+-- append and a random old page of each when trimming.) `seq` is the publication's offset
+-- (OFFSET is an SQL keyword). `tags` and `info` are JSON text, NULL when absent, so the
+-- common publication costs no JSON parsing on read.
 CREATE TABLE IF NOT EXISTS publications (
-    id         INTEGER PRIMARY KEY,
     stream     INTEGER NOT NULL,
     seq        INTEGER NOT NULL,
     time_ms    INTEGER NOT NULL,
@@ -82,10 +88,9 @@ CREATE TABLE IF NOT EXISTS publications (
     is_binary  INTEGER NOT NULL,
     data       BLOB NOT NULL,
     tags       TEXT,
-    info       TEXT
-);
-
-CREATE UNIQUE INDEX IF NOT EXISTS publications_by_stream ON publications (stream, seq);
+    info       TEXT,
+    PRIMARY KEY (stream, seq)
+) WITHOUT ROWID;
 
 -- Lets the periodic prune find expired rows without scanning every stream.
 CREATE INDEX IF NOT EXISTS publications_by_expiry ON publications (expires_ms);
@@ -124,6 +129,14 @@ pub enum OpenError {
         "database {path} has schema version {found}, newer than this herald supports ({supported}); run a newer herald"
     )]
     NewerSchema {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "database {path} has schema version {found}, written by an older development build of herald; this herald uses version {supported} and cannot convert it. Move the data directory away (or delete it) to start with empty history"
+    )]
+    OlderSchema {
         path: String,
         found: u32,
         supported: u32,
@@ -262,17 +275,29 @@ fn initialise(conn: &Connection, path: &Path) -> Result<Arc<str>, OpenError> {
     let shown = || path.display().to_string();
     conn.execute_batch("BEGIN IMMEDIATE").map_err(&err)?;
     let result = (|| {
-        conn.execute_batch(SCHEMA).map_err(&err)?;
-        let version: Option<String> = conn
+        // The version is checked before anything is created, so a database in another
+        // layout is left exactly as it was.
+        let has_meta: bool = conn
             .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'meta')",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(&err)?;
+        let version: Option<String> = if has_meta {
+            conn.query_row(
                 "SELECT value FROM meta WHERE key = 'schema_version'",
                 [],
                 |row| row.get(0),
             )
             .optional()
-            .map_err(&err)?;
+            .map_err(&err)?
+        } else {
+            None
+        };
         match version {
             None => {
+                conn.execute_batch(SCHEMA).map_err(&err)?;
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
                     params![SCHEMA_VERSION.to_string()],
@@ -286,6 +311,13 @@ fn initialise(conn: &Connection, path: &Path) -> Result<Arc<str>, OpenError> {
                 })?;
                 if found > SCHEMA_VERSION {
                     return Err(OpenError::NewerSchema {
+                        path: shown(),
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                if found < SCHEMA_VERSION {
+                    return Err(OpenError::OlderSchema {
                         path: shown(),
                         found,
                         supported: SCHEMA_VERSION,

@@ -475,8 +475,8 @@ impl Writer {
             conn.execute_batch("BEGIN IMMEDIATE")?;
             let publications = conn
                 .prepare_cached(
-                    "DELETE FROM publications WHERE id IN
-                     (SELECT id FROM publications WHERE expires_ms <= ?1 LIMIT ?2)",
+                    "DELETE FROM publications WHERE (stream, seq) IN
+                     (SELECT stream, seq FROM publications WHERE expires_ms <= ?1 LIMIT ?2)",
                 )?
                 .execute(params![now, PRUNE_CHUNK])?;
             let keys = conn
