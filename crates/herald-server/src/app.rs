@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use herald_core::Node;
 use tokio::net::TcpListener;
 
+use herald_transport::sse::sse_handler;
 use herald_transport::ws::{RealtimeState, websocket_handler};
 
 use crate::auth::ApiKeys;
@@ -61,6 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let timeout = state.config.server.request_timeout.as_duration();
     let realtime = Router::new()
         .route("/connection/websocket", get(websocket_handler))
+        .route("/connection/sse", get(sse_handler))
         .with_state(state.realtime.clone());
     let api = Router::new()
         .route("/health", get(health))

@@ -4,5 +4,7 @@
 //! transport talks to [`herald_core::Node`] (subscribe, recover, publish, history, presence)
 //! and to the core's permission check; it never touches a store.
 
+pub mod oneway;
 pub mod outbound;
+pub mod sse;
 pub mod ws;

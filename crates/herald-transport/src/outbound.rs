@@ -83,10 +83,35 @@ impl CloseReason {
     }
 }
 
+/// A stream position a frame moves its channel to (one-way transports put it in their
+/// resume cursor when the frame is written).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FramePosition {
+    pub channel: Arc<str>,
+    pub offset: u64,
+    pub epoch: Arc<str>,
+}
+
+/// Encoded bytes waiting for the socket, and the position they advance to, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub bytes: Bytes,
+    pub position: Option<FramePosition>,
+}
+
+impl From<Bytes> for Frame {
+    fn from(bytes: Bytes) -> Self {
+        Self {
+            bytes,
+            position: None,
+        }
+    }
+}
+
 /// Encodes channel events into this connection's wire format.
 pub trait EventEncoder: Send + Sync + 'static {
-    /// The bytes for `event`, or `None` to skip it (e.g. join/leave when not wanted).
-    fn encode(&self, event: &ChannelEvent) -> Option<Bytes>;
+    /// The frame for `event`, or `None` to skip it (e.g. join/leave when not wanted).
+    fn encode(&self, event: &ChannelEvent) -> Option<Frame>;
 }
 
 #[derive(Default)]
@@ -98,7 +123,7 @@ struct ChannelState {
 }
 
 struct State {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Frame>,
     bytes: usize,
     closed: Option<CloseReason>,
     channels: HashMap<Arc<str>, ChannelState>,
@@ -152,24 +177,24 @@ impl Outbound {
         self.ready.notify_one();
     }
 
-    fn push_locked(&self, state: &mut State, frame: Bytes) -> bool {
+    fn push_locked(&self, state: &mut State, frame: Frame) -> bool {
         if state.closed.is_some() {
             return false;
         }
-        if state.bytes + frame.len() > self.max_bytes {
+        if state.bytes + frame.bytes.len() > self.max_bytes {
             self.close_locked(state, CloseReason::SLOW);
             return false;
         }
-        state.bytes += frame.len();
+        state.bytes += frame.bytes.len();
         state.frames.push_back(frame);
         self.ready.notify_one();
         true
     }
 
     /// Queues a frame that is not a channel event (a reply, a ping). False if closed.
-    pub fn push(&self, frame: Bytes) -> bool {
+    pub fn push(&self, frame: impl Into<Frame>) -> bool {
         let mut state = self.state.lock();
-        self.push_locked(&mut state, frame)
+        self.push_locked(&mut state, frame.into())
     }
 
     /// Closes the queue; the writer sees `reason` once it has drained nothing more.
@@ -193,7 +218,7 @@ impl Outbound {
     pub fn finish_recovery(
         &self,
         channel: &Arc<str>,
-        reply: Option<Bytes>,
+        replies: Vec<Frame>,
         last_offset: u64,
         encoder: &dyn EventEncoder,
     ) {
@@ -205,10 +230,10 @@ impl Outbound {
             }
             None => Vec::new(),
         };
-        if let Some(reply) = reply
-            && !self.push_locked(&mut state, reply)
-        {
-            return;
+        for reply in replies {
+            if !self.push_locked(&mut state, reply) {
+                return;
+            }
         }
         for event in held {
             if !self.accept_locked(&mut state, channel, &event) {
@@ -284,7 +309,7 @@ impl Outbound {
 
     /// Waits for frames and moves all queued ones into `out`. Once the queue is closed and
     /// empty, returns the close reason.
-    pub async fn drain(&self, out: &mut Vec<Bytes>) -> Result<(), CloseReason> {
+    pub async fn drain(&self, out: &mut Vec<Frame>) -> Result<(), CloseReason> {
         loop {
             {
                 let mut state = self.state.lock();
@@ -329,9 +354,11 @@ mod tests {
 
     struct Offsets;
     impl EventEncoder for Offsets {
-        fn encode(&self, event: &ChannelEvent) -> Option<Bytes> {
+        fn encode(&self, event: &ChannelEvent) -> Option<Frame> {
             match event {
-                ChannelEvent::Publication(p) => Some(Bytes::from(p.publication.offset.to_string())),
+                ChannelEvent::Publication(p) => {
+                    Some(Bytes::from(p.publication.offset.to_string()).into())
+                }
                 _ => None,
             }
         }
@@ -355,7 +382,7 @@ mod tests {
         let mut out = Vec::new();
         outbound.drain(&mut out).await.expect("open");
         out.iter()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .map(|f| String::from_utf8_lossy(&f.bytes).into_owned())
             .collect()
     }
 
@@ -374,7 +401,7 @@ mod tests {
         assert_eq!(outbound.queued_bytes(), 0, "held back during recovery");
         outbound.finish_recovery(
             &channel,
-            Some(Bytes::from_static(b"reply:3,4,5")),
+            vec![Bytes::from_static(b"reply:3,4,5").into()],
             5,
             &Offsets,
         );

@@ -25,7 +25,7 @@ use herald_core::store::HistoryQuery;
 use herald_core::{ChannelName, ErrorCode, HeraldError, Node};
 
 use super::protocol::{self, Command, SubscribeRequest, SubscribeResult, WirePublication};
-use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Outbound};
+use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame, Outbound};
 
 /// Real-time settings shared by every connection (`[client]` in config).
 #[derive(Clone, Debug)]
@@ -105,23 +105,20 @@ pub struct JsonEncoder {
 pub const JSON_PUSH_SLOT: usize = 0;
 
 impl EventEncoder for JsonEncoder {
-    fn encode(&self, event: &ChannelEvent) -> Option<Bytes> {
-        match event {
-            ChannelEvent::Publication(p) => Some(p.encoded(JSON_PUSH_SLOT, |p| {
+    fn encode(&self, event: &ChannelEvent) -> Option<Frame> {
+        let bytes = match event {
+            ChannelEvent::Publication(p) => p.encoded(JSON_PUSH_SLOT, |p| {
                 protocol::push(&p.channel, "pub", &WirePublication::from(&p.publication))
-            })),
-            ChannelEvent::Join { channel, info } if self.join_leave => Some(protocol::push(
-                channel,
-                "join",
-                &serde_json::json!({ "info": &**info }),
-            )),
-            ChannelEvent::Leave { channel, info } if self.join_leave => Some(protocol::push(
-                channel,
-                "leave",
-                &serde_json::json!({ "info": &**info }),
-            )),
-            _ => None,
-        }
+            }),
+            ChannelEvent::Join { channel, info } if self.join_leave => {
+                protocol::push(channel, "join", &serde_json::json!({ "info": &**info }))
+            }
+            ChannelEvent::Leave { channel, info } if self.join_leave => {
+                protocol::push(channel, "leave", &serde_json::json!({ "info": &**info }))
+            }
+            _ => return None,
+        };
+        Some(bytes.into())
     }
 }
 
@@ -193,13 +190,13 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>) {
 }
 
 /// Several queued messages go out as one text frame, one JSON object per line.
-fn join_frames(frames: &[Bytes]) -> Utf8Bytes {
-    let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 1).sum());
+fn join_frames(frames: &[Frame]) -> Utf8Bytes {
+    let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.bytes.len() + 1).sum());
     for (i, frame) in frames.iter().enumerate() {
         if i > 0 {
             out.extend_from_slice(b"\n");
         }
-        out.extend_from_slice(frame);
+        out.extend_from_slice(&frame.bytes);
     }
     // Every frame is JSON we produced, hence UTF-8.
     Utf8Bytes::try_from(out.freeze()).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
@@ -470,8 +467,9 @@ impl Session {
         let mut reply = Some(protocol::reply(id, "connect", &result));
         for (name, last) in held {
             let encoder = self.encoder_for(&name);
+            let replies = reply.take().map(Frame::from).into_iter().collect();
             self.outbound
-                .finish_recovery(name.as_arc(), reply.take(), last, &*encoder);
+                .finish_recovery(name.as_arc(), replies, last, &*encoder);
         }
         if let Some(reply) = reply {
             self.outbound.push(reply);
@@ -596,7 +594,7 @@ impl Session {
         let encoder = self.encoder_for(&name);
         self.outbound.finish_recovery(
             name.as_arc(),
-            Some(protocol::reply(id, "subscribe", &result)),
+            vec![protocol::reply(id, "subscribe", &result).into()],
             last,
             &*encoder,
         );

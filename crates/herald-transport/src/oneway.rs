@@ -1,0 +1,380 @@
+//! What the one-way transports (SSE today; HTTP streaming, long-poll and uni-directional
+//! WebSocket next) share: reading the token and channel list from a plain HTTP request, the
+//! resume cursor that encodes a position per channel, and a subscription set that recovers
+//! from a cursor and cleans itself up when the response is dropped.
+//!
+//! The cursor is `offset:epoch` per channel, in the order the channels appear in the URL,
+//! joined by `,` (epochs are alphanumeric, so the separators are unambiguous). A client that
+//! reconnects with the same URL and the last cursor it saw resumes every channel at once.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use herald_core::auth::{self, Action, Credentials};
+use herald_core::hub::SubscriberId;
+use herald_core::namespace::NamespaceOptions;
+use herald_core::publication::{ClientInfo, StreamPosition};
+use herald_core::store::HistoryQuery;
+use herald_core::{ChannelName, ErrorCode, HeraldError, Publication};
+use serde::Serialize;
+
+use crate::outbound::{ChannelSink, EventEncoder, Frame, Outbound};
+use crate::ws::RealtimeState;
+
+/// Most channels one one-way connection may follow.
+pub const MAX_CHANNELS: usize = 64;
+
+/// A JSON error response for a request refused before streaming starts.
+pub fn error_response(status: StatusCode, error: &HeraldError) -> Response {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        code: u32,
+        message: &'a str,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        detail: &'a str,
+    }
+    let body = Body {
+        code: error.code.as_u32(),
+        message: error.code.message(),
+        detail: &error.detail,
+    };
+    let text = serde_json::json!({ "error": body }).to_string();
+    (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+fn status_for(error: &HeraldError) -> StatusCode {
+    match error.code {
+        ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
+        ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorCode::UnknownChannel => StatusCode::NOT_FOUND,
+        ErrorCode::LimitExceeded => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::UnrecoverablePosition | ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The parsed request of a one-way transport.
+#[derive(Debug, Default)]
+pub struct OneWayRequest {
+    pub token: Option<String>,
+    pub channels: Vec<String>,
+    /// A resume cursor from `Last-Event-ID` or `?since=`.
+    pub cursor: Option<String>,
+}
+
+impl OneWayRequest {
+    /// Reads `channel` (repeatable) or `channels=a,b`, `token`, `since` from the query, the
+    /// token also from `Authorization: Bearer` or the `herald_token` cookie, and the cursor
+    /// also from `Last-Event-ID`.
+    pub fn from_parts(query: Option<&str>, headers: &HeaderMap) -> Self {
+        let mut request = Self::default();
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*key {
+                "channel" => request.channels.push(value.into_owned()),
+                "channels" => request.channels.extend(
+                    value
+                        .split(',')
+                        .filter(|c| !c.is_empty())
+                        .map(str::to_owned),
+                ),
+                "token" => request.token = Some(value.into_owned()),
+                "since" => request.cursor = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+        if let Some(bearer) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+        {
+            request.token = Some(bearer.trim().to_owned());
+        }
+        if request.token.is_none()
+            && let Some(cookie) = headers.get(header::COOKIE).and_then(|v| v.to_str().ok())
+        {
+            request.token = cookie
+                .split(';')
+                .filter_map(|pair| pair.trim().split_once('='))
+                .find(|(name, _)| *name == "herald_token")
+                .map(|(_, value)| value.to_owned());
+        }
+        if let Some(last) = headers.get("last-event-id").and_then(|v| v.to_str().ok())
+            && !last.is_empty()
+        {
+            request.cursor = Some(last.to_owned());
+        }
+        request
+    }
+}
+
+/// Parses a cursor for `count` channels.
+pub fn parse_cursor(text: &str, count: usize) -> Result<Vec<StreamPosition>, HeraldError> {
+    let positions: Vec<StreamPosition> = text
+        .split(',')
+        .map(|part| {
+            let (offset, epoch) = part.split_once(':').ok_or(())?;
+            let offset = offset.parse::<u64>().map_err(|_| ())?;
+            if !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(());
+            }
+            Ok(StreamPosition::new(offset, epoch))
+        })
+        .collect::<Result<_, ()>>()
+        .map_err(|_| {
+            HeraldError::bad_request(format!(
+                "malformed resume cursor {text:?}: expected offset:epoch per channel, joined by ','"
+            ))
+        })?;
+    if positions.len() != count {
+        return Err(HeraldError::bad_request(format!(
+            "the resume cursor has {} positions for {count} channels; reconnect with the same channel list",
+            positions.len()
+        )));
+    }
+    Ok(positions)
+}
+
+/// Formats positions as a cursor.
+pub fn format_cursor(positions: &[(Arc<str>, u64, Arc<str>)]) -> String {
+    let mut out = String::with_capacity(positions.len() * 16);
+    for (i, (_, offset, epoch)) in positions.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&offset.to_string());
+        out.push(':');
+        out.push_str(epoch);
+    }
+    out
+}
+
+/// One channel of a one-way connection after it was set up.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelStart {
+    pub offset: u64,
+    pub epoch: String,
+    /// True when the publications missed since the cursor follow; false when they cannot be
+    /// told (the client must refetch state). Absent when the client sent no cursor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+}
+
+struct Registered {
+    name: ChannelName,
+    options: Arc<NamespaceOptions>,
+    id: SubscriberId,
+}
+
+/// Subscriptions of one one-way connection; unsubscribes everything when dropped.
+pub struct OneWaySession {
+    pub state: Arc<RealtimeState>,
+    pub outbound: Arc<Outbound>,
+    pub info: Arc<ClientInfo>,
+    registered: Vec<Registered>,
+}
+
+impl Drop for OneWaySession {
+    fn drop(&mut self) {
+        let node = self.state.node.clone();
+        let info = self.info.clone();
+        let registered = std::mem::take(&mut self.registered);
+        self.state.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for sub in registered {
+                    node.unsubscribe(sub.name.as_str(), sub.id).await;
+                    node.leave(&sub.name, &sub.options, info.clone()).await;
+                }
+            });
+        }
+    }
+}
+
+/// Recoveries waiting for the transport to queue its opening frame first: channel, the
+/// recovered publications' frames, the last recovered offset, the channel's encoder.
+pub type PendingRecovery = (Arc<str>, Vec<Frame>, u64, Arc<dyn EventEncoder>);
+
+/// The outcome of [`OneWaySession::start`]: the session, the starting cursor positions and
+/// each channel's start, in URL order. Live events stay held until [`Started::release`].
+pub struct Started {
+    pub session: OneWaySession,
+    pub positions: Vec<(Arc<str>, u64, Arc<str>)>,
+    pub starts: Vec<(String, ChannelStart)>,
+    pending: Vec<PendingRecovery>,
+}
+
+impl Started {
+    /// Queues each channel's recovered publications, then its held live events, and lets
+    /// live events flow. Call after queueing the transport's opening frame.
+    pub fn release(&mut self) {
+        for (channel, frames, last, encoder) in self.pending.drain(..) {
+            self.session
+                .outbound
+                .finish_recovery(&channel, frames, last, &*encoder);
+        }
+    }
+}
+
+impl OneWaySession {
+    /// Authenticates, checks every channel, subscribes and recovers from the cursor.
+    /// `encode_recovered` turns a recovered publication into a frame. Errors are HTTP
+    /// responses meant to be returned as they are.
+    pub async fn start(
+        state: Arc<RealtimeState>,
+        request: OneWayRequest,
+        encoder: impl Fn(&NamespaceOptions) -> Arc<dyn EventEncoder>,
+        encode_recovered: impl Fn(&Arc<str>, &Arc<str>, &Publication) -> Frame,
+    ) -> Result<Started, Response> {
+        let fail = |error: HeraldError| error_response(status_for(&error), &error);
+        let credentials = match &request.token {
+            Some(token) => state.authenticator.authenticate(token).map_err(fail)?,
+            None if state.config.allow_anonymous => Credentials::anonymous(),
+            None => {
+                return Err(fail(HeraldError::new(
+                    ErrorCode::Unauthorized,
+                    "a token is required: Authorization: Bearer, ?token= or the herald_token cookie",
+                )));
+            }
+        };
+        if request.channels.is_empty() || request.channels.len() > MAX_CHANNELS {
+            return Err(fail(HeraldError::bad_request(format!(
+                "name 1 to {MAX_CHANNELS} channels with ?channel="
+            ))));
+        }
+        let mut checked = Vec::with_capacity(request.channels.len());
+        for channel in &request.channels {
+            let (name, options) = state.node.resolve(channel).map_err(fail)?;
+            auth::check(&credentials, &name, &options, Action::Subscribe, false).map_err(fail)?;
+            if checked.iter().any(|(n, _): &(ChannelName, _)| n == &name) {
+                return Err(fail(HeraldError::bad_request(format!(
+                    "channel {channel:?} is listed twice"
+                ))));
+            }
+            checked.push((name, options));
+        }
+        let since = match &request.cursor {
+            Some(text) => Some(parse_cursor(text, checked.len()).map_err(fail)?),
+            None => None,
+        };
+        state.connections.fetch_add(1, Ordering::Relaxed);
+        let info = Arc::new(ClientInfo {
+            client: uuid::Uuid::new_v4().to_string(),
+            user: credentials.user.clone(),
+            conn_info: credentials.info.clone(),
+            chan_info: None,
+        });
+        let outbound = Outbound::new(state.config.max_queue_bytes);
+        let mut session = OneWaySession {
+            state: state.clone(),
+            outbound: outbound.clone(),
+            info,
+            registered: Vec::new(),
+        };
+        let mut positions = Vec::with_capacity(checked.len());
+        let mut starts = Vec::with_capacity(checked.len());
+        let mut pending = Vec::with_capacity(checked.len());
+        for (index, (name, options)) in checked.into_iter().enumerate() {
+            let channel = name.as_arc().clone();
+            let encoder = encoder(&options);
+            outbound.begin_recovery(&channel);
+            let sink = Arc::new(ChannelSink {
+                channel: channel.clone(),
+                outbound: outbound.clone(),
+                encoder: encoder.clone(),
+            });
+            let id = state.node.subscribe(&name, sink).await.map_err(fail)?;
+            session.registered.push(Registered {
+                name: name.clone(),
+                options: options.clone(),
+                id,
+            });
+            let mut frames = Vec::new();
+            let (start_position, start) = if !options.history_enabled() {
+                (
+                    StreamPosition::default(),
+                    ChannelStart {
+                        offset: 0,
+                        epoch: String::new(),
+                        recovered: None,
+                    },
+                )
+            } else if let Some(since) = since.as_ref().map(|s| &s[index]) {
+                let recovery = state
+                    .node
+                    .recover(name.as_str(), since, state.config.recovery_max_publications)
+                    .await
+                    .map_err(fail)?;
+                let epoch: Arc<str> = Arc::from(recovery.position.epoch.as_str());
+                if recovery.recovered {
+                    frames = recovery
+                        .publications
+                        .iter()
+                        .map(|p| encode_recovered(&channel, &epoch, p))
+                        .collect();
+                    (
+                        since.clone(),
+                        ChannelStart {
+                            offset: since.offset,
+                            epoch: since.epoch.clone(),
+                            recovered: Some(true),
+                        },
+                    )
+                } else {
+                    let top = recovery.position;
+                    (
+                        top.clone(),
+                        ChannelStart {
+                            offset: top.offset,
+                            epoch: top.epoch,
+                            recovered: Some(false),
+                        },
+                    )
+                }
+            } else {
+                let top = state
+                    .node
+                    .history(
+                        name.as_str(),
+                        HistoryQuery {
+                            limit: Some(0),
+                            ..HistoryQuery::default()
+                        },
+                    )
+                    .await
+                    .map_err(fail)?
+                    .position;
+                (
+                    top.clone(),
+                    ChannelStart {
+                        offset: top.offset,
+                        epoch: top.epoch,
+                        recovered: None,
+                    },
+                )
+            };
+            let last = frames
+                .last()
+                .and_then(|f: &Frame| f.position.as_ref().map(|p| p.offset))
+                .unwrap_or(start_position.offset);
+            positions.push((
+                channel.clone(),
+                start_position.offset,
+                Arc::from(start_position.epoch.as_str()),
+            ));
+            starts.push((name.as_str().to_owned(), start));
+            pending.push((channel, frames, last, encoder));
+            state.node.join(&name, &options, session.info.clone()).await;
+        }
+        Ok(Started {
+            session,
+            positions,
+            starts,
+            pending,
+        })
+    }
+}
