@@ -16,6 +16,7 @@ use herald_core::Node;
 use tokio::net::TcpListener;
 
 use herald_transport::sse::sse_handler;
+use herald_transport::stream::stream_handler;
 use herald_transport::ws::{RealtimeState, websocket_handler};
 
 use crate::auth::ApiKeys;
@@ -63,6 +64,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let realtime = Router::new()
         .route("/connection/websocket", get(websocket_handler))
         .route("/connection/sse", get(sse_handler))
+        .route("/connection/stream", get(stream_handler))
         .with_state(state.realtime.clone());
     let api = Router::new()
         .route("/health", get(health))

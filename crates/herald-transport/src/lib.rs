@@ -7,4 +7,5 @@
 pub mod oneway;
 pub mod outbound;
 pub mod sse;
+pub mod stream;
 pub mod ws;

@@ -10,8 +10,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::http::{HeaderMap, StatusCode, header};
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use herald_core::auth::{self, Action, Credentials};
 use herald_core::hub::SubscriberId;
 use herald_core::namespace::NamespaceOptions;
@@ -20,7 +25,7 @@ use herald_core::store::HistoryQuery;
 use herald_core::{ChannelName, ErrorCode, HeraldError, Publication};
 use serde::Serialize;
 
-use crate::outbound::{ChannelSink, EventEncoder, Frame, Outbound};
+use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame, Outbound};
 use crate::ws::RealtimeState;
 
 /// Most channels one one-way connection may follow.
@@ -377,4 +382,73 @@ impl OneWaySession {
             pending,
         })
     }
+}
+
+/// How a one-way stream frames what it writes.
+pub trait Framing: Send + 'static {
+    /// Queued frames as one chunk; `positions` is the connection's cursor, advanced by frames
+    /// that carry a position.
+    fn render(&self, frames: &[Frame], positions: &mut [(Arc<str>, u64, Arc<str>)]) -> Bytes;
+    /// A keep-alive chunk.
+    fn ping(&self) -> Bytes;
+    /// The last chunk, saying why the server ends the stream.
+    fn disconnect(&self, reason: CloseReason) -> Bytes;
+}
+
+struct OneWayStream<F> {
+    session: OneWaySession,
+    positions: Vec<(Arc<str>, u64, Arc<str>)>,
+    ping: tokio::time::Interval,
+    framing: F,
+    done: bool,
+}
+
+impl<F: Framing> OneWayStream<F> {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        let mut frames = Vec::new();
+        let outbound = self.session.outbound.clone();
+        tokio::select! {
+            result = outbound.drain(&mut frames) => match result {
+                Ok(()) => Some(self.framing.render(&frames, &mut self.positions)),
+                Err(reason) => {
+                    self.done = true;
+                    Some(self.framing.disconnect(reason))
+                }
+            },
+            _ = self.ping.tick() => Some(self.framing.ping()),
+        }
+    }
+}
+
+/// A streaming `200` response that writes the session's queue through `framing`, with pings,
+/// until the client goes away (dropping the session unsubscribes it) or the server closes it.
+pub fn streaming_response<F: Framing>(
+    state: &RealtimeState,
+    started: Started,
+    framing: F,
+) -> Response {
+    let ping_every = if state.config.ping_interval.is_zero() {
+        Duration::from_secs(25)
+    } else {
+        state.config.ping_interval
+    };
+    let stream = OneWayStream {
+        session: started.session,
+        positions: started.positions,
+        ping: tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every),
+        framing,
+        done: false,
+    };
+    let body = Body::from_stream(futures::stream::unfold(stream, |mut stream| async move {
+        let chunk = stream.next_chunk().await?;
+        Some((Ok::<Bytes, Infallible>(chunk), stream))
+    }));
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
 }

@@ -8,13 +8,10 @@
 //! `publication`, `join`, `leave`, `disconnect` (last, with the protocol code); comments
 //! (`: ping`) keep the stream alive.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
 use herald_core::Publication;
@@ -22,7 +19,7 @@ use herald_core::namespace::NamespaceOptions;
 use herald_core::publication::ChannelEvent;
 use serde::Serialize;
 
-use crate::oneway::{OneWayRequest, OneWaySession, format_cursor};
+use crate::oneway::{Framing, OneWayRequest, OneWaySession, format_cursor, streaming_response};
 use crate::outbound::{CloseReason, EventEncoder, Frame, FramePosition};
 use crate::ws::RealtimeState;
 use crate::ws::protocol::WirePublication;
@@ -152,83 +149,44 @@ pub async fn sse_handler(
     started.session.outbound.push(opening.freeze());
     started.release();
 
-    let ping_every = if state.config.ping_interval.is_zero() {
-        Duration::from_secs(25)
-    } else {
-        state.config.ping_interval
-    };
-    let stream = SseStream {
-        session: started.session,
-        positions: started.positions,
-        ping: tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every),
-        done: false,
-    };
-    let body = Body::from_stream(futures::stream::unfold(stream, |mut stream| async move {
-        let chunk = stream.next_chunk().await?;
-        Some((Ok::<Bytes, Infallible>(chunk), stream))
-    }));
-    let mut response = Response::new(body);
-    *response.status_mut() = StatusCode::OK;
+    let mut response = streaming_response(&state, started, SseFraming);
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
     );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
 }
 
-struct SseStream {
-    session: OneWaySession,
-    positions: Vec<(Arc<str>, u64, Arc<str>)>,
-    ping: tokio::time::Interval,
-    done: bool,
-}
+/// SSE framing: `id:` lines where a frame moves a stream, comments as pings.
+struct SseFraming;
 
-impl SseStream {
-    /// The next chunk to write: every queued frame (with `id:` lines where a frame moves a
-    /// stream), a ping comment, or the closing `disconnect` event.
-    async fn next_chunk(&mut self) -> Option<Bytes> {
-        if self.done {
-            return None;
-        }
-        let mut frames = Vec::new();
-        let outbound = self.session.outbound.clone();
-        tokio::select! {
-            result = outbound.drain(&mut frames) => match result {
-                Ok(()) => Some(self.render(&frames)),
-                Err(reason) => {
-                    self.done = true;
-                    Some(disconnect_event(reason))
-                }
-            },
-            _ = self.ping.tick() => Some(Bytes::from_static(b": ping\n\n")),
-        }
-    }
-
-    fn render(&mut self, frames: &[Frame]) -> Bytes {
+impl Framing for SseFraming {
+    fn render(&self, frames: &[Frame], positions: &mut [(Arc<str>, u64, Arc<str>)]) -> Bytes {
         let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.bytes.len() + 64).sum());
         for frame in frames {
             if let Some(position) = &frame.position
-                && let Some(entry) = self
-                    .positions
+                && let Some(entry) = positions
                     .iter_mut()
                     .find(|(c, _, _)| *c == position.channel)
             {
                 entry.1 = position.offset;
                 entry.2 = position.epoch.clone();
                 out.put_slice(b"id: ");
-                out.put_slice(format_cursor(&self.positions).as_bytes());
+                out.put_slice(format_cursor(positions).as_bytes());
                 out.put_u8(b'\n');
             }
             out.put_slice(&frame.bytes);
         }
         out.freeze()
     }
-}
 
-fn disconnect_event(reason: CloseReason) -> Bytes {
-    let data = serde_json::json!({ "code": reason.code, "reason": reason.reason, "reconnect": reason.reconnect() });
-    event_bytes("disconnect", data.to_string().as_bytes())
+    fn ping(&self) -> Bytes {
+        Bytes::from_static(b": ping\n\n")
+    }
+
+    fn disconnect(&self, reason: CloseReason) -> Bytes {
+        let data = serde_json::json!({ "code": reason.code, "reason": reason.reason, "reconnect": reason.reconnect() });
+        event_bytes("disconnect", data.to_string().as_bytes())
+    }
 }
