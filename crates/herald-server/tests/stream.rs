@@ -116,7 +116,7 @@ async fn streams_lines_and_resumes_from_a_cursor() {
         .expect("resume");
     let connected = resumed.next().await;
     assert_eq!(connected["channels"]["a"]["recovered"], true);
-    let mut got = vec![resumed.publication().await, resumed.publication().await];
+    let mut got = [resumed.publication().await, resumed.publication().await];
     got.sort_by_key(|l| l["channel"].as_str().map(str::to_owned));
     assert_eq!(got[0]["data"]["n"], 2);
     assert_eq!(got[1]["data"]["n"], 3);
