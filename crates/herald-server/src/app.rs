@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use herald_core::Node;
 use tokio::net::TcpListener;
 
+use herald_transport::poll::poll_handler;
 use herald_transport::sse::sse_handler;
 use herald_transport::stream::stream_handler;
 use herald_transport::ws::{RealtimeState, websocket_handler};
@@ -65,6 +66,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/connection/websocket", get(websocket_handler))
         .route("/connection/sse", get(sse_handler))
         .route("/connection/stream", get(stream_handler))
+        .route("/connection/poll", get(poll_handler))
         .with_state(state.realtime.clone());
     let api = Router::new()
         .route("/health", get(health))

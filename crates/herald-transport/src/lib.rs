@@ -6,6 +6,7 @@
 
 pub mod oneway;
 pub mod outbound;
+pub mod poll;
 pub mod sse;
 pub mod stream;
 pub mod ws;

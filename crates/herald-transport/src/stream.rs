@@ -35,7 +35,7 @@ struct Line<'a, T: Serialize> {
     body: T,
 }
 
-fn line<T: Serialize>(kind: &str, body: T) -> Bytes {
+pub(crate) fn line<T: Serialize>(kind: &str, body: T) -> Bytes {
     let mut out = serde_json::to_vec(&Line { kind, body }).unwrap_or_default();
     out.push(b'\n');
     Bytes::from(out)
@@ -49,7 +49,11 @@ struct PublicationLine<'a> {
     publication: WirePublication,
 }
 
-fn publication_line(channel: &Arc<str>, epoch: &Arc<str>, publication: &Publication) -> Bytes {
+pub(crate) fn publication_line(
+    channel: &Arc<str>,
+    epoch: &Arc<str>,
+    publication: &Publication,
+) -> Bytes {
     line(
         "publication",
         PublicationLine {
@@ -60,7 +64,7 @@ fn publication_line(channel: &Arc<str>, epoch: &Arc<str>, publication: &Publicat
     )
 }
 
-fn publication_frame(
+pub(crate) fn publication_frame(
     channel: &Arc<str>,
     epoch: &Arc<str>,
     publication: &Publication,
@@ -74,8 +78,8 @@ fn publication_frame(
     Frame { bytes, position }
 }
 
-struct NdjsonEncoder {
-    join_leave: bool,
+pub(crate) struct NdjsonEncoder {
+    pub(crate) join_leave: bool,
 }
 
 impl EventEncoder for NdjsonEncoder {
