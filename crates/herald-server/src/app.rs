@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use herald_transport::poll::poll_handler;
 use herald_transport::sse::sse_handler;
 use herald_transport::stream::stream_handler;
+use herald_transport::uniws::uni_websocket_handler;
 use herald_transport::ws::{RealtimeState, websocket_handler};
 
 use crate::auth::ApiKeys;
@@ -67,6 +68,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/connection/sse", get(sse_handler))
         .route("/connection/stream", get(stream_handler))
         .route("/connection/poll", get(poll_handler))
+        .route("/connection/uni_websocket", get(uni_websocket_handler))
         .with_state(state.realtime.clone());
     let api = Router::new()
         .route("/health", get(health))

@@ -9,4 +9,5 @@ pub mod outbound;
 pub mod poll;
 pub mod sse;
 pub mod stream;
+pub mod uniws;
 pub mod ws;
