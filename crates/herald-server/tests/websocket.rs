@@ -491,3 +491,40 @@ async fn a_stalled_reader_is_cut_off_as_slow() {
     };
     assert_eq!(code, 3008, "slow");
 }
+
+#[tokio::test]
+async fn a_burst_of_subscribes_is_bounded() {
+    let mut config = config();
+    config.client.max_subscriptions = 100;
+    let server = TestServer::start_with(config, None).await;
+    let mut client = Client::connect(&server, "alice").await;
+    // 3000 subscribe commands, 100 per frame, without waiting for replies.
+    for chunk in 0..30 {
+        let frame: Vec<String> = (0..100)
+            .map(|i| {
+                let n = chunk * 100 + i;
+                json!({"id": 10 + n, "subscribe": {"channel": format!("burst-{n}")}}).to_string()
+            })
+            .collect();
+        client.send_raw(&frame.join("\n")).await;
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    while ok + limited < 3000 {
+        let message = client.next().await;
+        if message["subscribe"].is_object() {
+            ok += 1;
+        } else if message["error"]["code"] == 106 {
+            limited += 1;
+        }
+    }
+    assert_eq!(ok, 100, "subscriptions stop at the per-connection limit");
+    assert_eq!(limited, 2900);
+    assert_eq!(server.state.node.hub().num_subscriptions(), 100);
+    publish(&server, "burst-5", 1).await;
+    assert_eq!(
+        client.publication().await["channel"],
+        "burst-5",
+        "the connection still works"
+    );
+}
