@@ -7,7 +7,7 @@
 // graceful exit (code 0) within 10 seconds.
 
 import { spawn } from 'node:child_process';
-import { randomInt } from 'node:crypto';
+import { createHmac, randomInt } from 'node:crypto';
 import { existsSync, mkdtempSync, openSync, closeSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -46,12 +46,12 @@ export function randomToken(length) {
   return out;
 }
 
-function configText(apiKey, dataDir) {
+function configText(apiKey, hmacSecret, dataDir, extraConfig) {
   return `[api]
 keys = ["${apiKey}"]
 
 [token]
-hmac_secret = "${randomToken(48)}"
+hmac_secret = "${hmacSecret}"
 
 [storage]
 engine = "sqlite"
@@ -66,19 +66,39 @@ name = "room"
 presence = true
 history_size = 100
 history_ttl = "1h"
-`;
+${extraConfig}`;
 }
 
-/** Starts a server on a fresh temp dir; resolves to {url, apiUrl, apiKey, stop()}. */
-export async function startHerald() {
+const b64url = (value) => Buffer.from(typeof value === 'string' ? value : JSON.stringify(value)).toString('base64url');
+
+/**
+ * An HS256 connection JWT (Centrifugo claims: sub, exp, info, channels), signed with node's
+ * crypto. `ttlSeconds` sets `exp` relative to now; omit it for a token without `exp`.
+ */
+export function mintToken(secret, { sub, ttlSeconds, info, channels } = {}) {
+  const claims = { sub: sub ?? '' };
+  if (ttlSeconds !== undefined) claims.exp = Math.floor(Date.now() / 1000) + ttlSeconds;
+  if (info !== undefined) claims.info = info;
+  if (channels !== undefined) claims.channels = channels;
+  const unsigned = `${b64url({ alg: 'HS256', typ: 'JWT' })}.${b64url(claims)}`;
+  return `${unsigned}.${createHmac('sha256', secret).update(unsigned).digest('base64url')}`;
+}
+
+/**
+ * Starts a server on a fresh temp dir; resolves to {url, apiUrl, wsUrl, apiKey, hmacSecret,
+ * stop()}. `extraConfig` is TOML appended to the config (e.g. a `[client]` table or more
+ * `[[namespaces]]`).
+ */
+export async function startHerald({ extraConfig = '' } = {}) {
   const bin = heraldBin();
   if (!existsSync(bin)) {
     throw new Error(`herald binary not found at ${bin}: run \`cargo build -p herald-server --bin herald\` or set HERALD_BIN`);
   }
   const root = mkdtempSync(path.join(tmpdir(), 'herald-node-'));
   const apiKey = randomToken(32);
+  const hmacSecret = randomToken(48);
   const config = path.join(root, 'herald.toml');
-  writeFileSync(config, configText(apiKey, path.join(root, 'data')));
+  writeFileSync(config, configText(apiKey, hmacSecret, path.join(root, 'data'), extraConfig));
   const logPath = path.join(root, 'herald.log');
   const logFd = openSync(logPath, 'a');
 
@@ -128,7 +148,11 @@ export async function startHerald() {
   return {
     url,
     apiUrl: `${url}/api`,
+    wsUrl: `${url.replace(/^http/, 'ws')}/connection/websocket`,
     apiKey,
+    hmacSecret,
+    /** The tail of the server's stderr log (for failure messages). */
+    diagnostics,
     /** SIGTERM; resolves to the exit code, rejects unless it is 0 within 10 s. */
     async stop() {
       if (stopped) return 0;

@@ -54,14 +54,16 @@ def random_token(length: int) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
-def write_config(path: Path, api_key: str, data_dir: Path) -> None:
+def write_config(path: Path, api_key: str, data_dir: Path, hmac_secret: str = "", extra: str = "") -> None:
+    """The base test config; `extra` (TOML, e.g. a `[client]` table or more namespaces) is
+    appended."""
     path.write_text(
         f"""\
 [api]
 keys = ["{api_key}"]
 
 [token]
-hmac_secret = "{random_token(48)}"
+hmac_secret = "{hmac_secret or random_token(48)}"
 
 [storage]
 engine = "sqlite"
@@ -81,7 +83,7 @@ name = "room"
 presence = true
 history_size = 100
 history_ttl = "1h"
-""",
+{extra}""",
         encoding="utf-8",
     )
 
@@ -180,13 +182,14 @@ class HeraldProcess:
 class HeraldInstance:
     """A config + data dir that can be started, stopped and started again."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra_config: str = "") -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.api_key = random_token(32)
+        self.hmac_secret = random_token(48)
         self.data_dir = root / "data"
         self.config = root / "herald.toml"
-        write_config(self.config, self.api_key, self.data_dir)
+        write_config(self.config, self.api_key, self.data_dir, self.hmac_secret, extra_config)
         self.process: Optional[HeraldProcess] = None
         self.starts = 0
 
@@ -200,6 +203,11 @@ class HeraldInstance:
     def api_url(self) -> str:
         assert self.process is not None, "not started"
         return self.process.api_url
+
+    @property
+    def url(self) -> str:
+        assert self.process is not None, "not started"
+        return self.process.url
 
     def stop(self) -> int:
         assert self.process is not None, "not started"
