@@ -17,7 +17,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::Semaphore;
 
 use super::codec::{decode_publication, to_i64, to_u64};
-use super::schema::{OpenError, open_reader};
+use super::schema::{OpenError, SELECT_STREAM, open_reader};
 
 /// Read connections shared by all reads of one store.
 pub struct ReaderPool {
@@ -105,18 +105,18 @@ fn read_page(
 ) -> Result<HistoryPage, StoreError> {
     // One read transaction, so the top and the rows come from the same commit.
     let tx = conn.transaction().map_err(backend)?;
-    let row: Option<(i64, i64, String)> = tx
-        .prepare_cached("SELECT id, top, epoch FROM streams WHERE channel = ?1")
+    let row: Option<(i64, i64, String, u32)> = tx
+        .prepare_cached(SELECT_STREAM)
         .and_then(|mut stmt| {
             stmt.query_row(params![channel], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
             })
             .optional()
         })
         .map_err(backend)?;
-    let (stream, position) = match row {
-        Some((id, top, epoch)) => (Some(id), StreamPosition::new(to_u64(top), epoch)),
-        None => (None, StreamPosition::new(0, default_epoch)),
+    let (stream, position, keep) = match row {
+        Some((id, top, epoch, keep)) => (Some(id), StreamPosition::new(to_u64(top), epoch), keep),
+        None => (None, StreamPosition::new(0, default_epoch), 0),
     };
     if let Some(since) = &query.since {
         check_since(since, &position)?;
@@ -124,13 +124,16 @@ fn read_page(
     let top = position.offset;
     let since = query.since.as_ref().map(|s| s.offset);
     // Offsets in (after, up_to], newest or oldest first, as `herald_core::store::select_range`
-    // defines paging; done in SQL so expired rows (filtered by `expires_ms`) never count
-    // against the limit.
+    // defines paging; done in SQL so expired rows (filtered by `expires_ms`) and rows beyond
+    // the size retention never count against the limit.
     let (after, up_to) = if query.reverse {
         (0, since.map_or(top, |s| s.saturating_sub(1)).min(top))
     } else {
         (since.unwrap_or(0), top)
     };
+    // Size retention trims in chunks (see the writer), so up to a chunk of older rows may
+    // still be stored: only the newest `keep` offsets are history.
+    let after = after.max(top.saturating_sub(u64::from(keep)));
     let mut publications = Vec::new();
     if let Some(stream) = stream
         && query.limit != Some(0)

@@ -24,7 +24,9 @@ use super::config::{SqliteConfig, SyncPolicy};
 /// rewritten.
 ///
 /// - 1: publications in insertion order (`id`) with a separate `(stream, seq)` index.
-/// - 2: publications clustered by `(stream, seq)` (`WITHOUT ROWID`).
+/// - 2: publications clustered by `(stream, seq)` (`WITHOUT ROWID`) with no secondary index;
+///   `streams.keep` for chunked size retention, `streams.head_expires` for the TTL prune, and
+///   `streams.top` no longer written on every append.
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// How long the writer waits for a lock held by someone else (an operator's `sqlite3` shell)
@@ -63,21 +65,35 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 
--- One row per channel ever appended to: its top offset and epoch. Removing or expiring a
--- channel's publications keeps this row, so offsets never go back. `id` names the stream in
--- `publications`, keeping that table's per-channel index small whatever the channel names.
+-- One row per channel ever appended to. Removing or expiring a channel's publications keeps
+-- this row, so offsets never go back. `id` names the stream in `publications`, keeping that
+-- table's keys small whatever the channel names.
+--
+-- The row is written only when something other than the top changes, not on every append:
+-- `top` is the top offset as of the last time the stream's newest publication was deleted
+-- (or the stream was created), and the real top is the larger of it and the stream's newest
+-- stored `seq` (SELECT_STREAM in the code). `keep` is the size retention of the latest
+-- append: size retention deletes in chunks, so a stream may hold a few more rows, and reads
+-- return only the newest `keep`. `head_expires` is when the stream's oldest stored
+-- publication expires (NULL when it stores none): all the TTL prune needs to find expired
+-- rows, so `publications` needs no expiry index.
 CREATE TABLE IF NOT EXISTS streams (
-    id      INTEGER PRIMARY KEY,
-    channel TEXT NOT NULL UNIQUE,
-    top     INTEGER NOT NULL,
-    epoch   TEXT NOT NULL
+    id           INTEGER PRIMARY KEY,
+    channel      TEXT NOT NULL UNIQUE,
+    top          INTEGER NOT NULL,
+    epoch        TEXT NOT NULL,
+    keep         INTEGER NOT NULL,
+    head_expires INTEGER
 );
+
+CREATE INDEX IF NOT EXISTS streams_by_head_expiry ON streams (head_expires)
+    WHERE head_expires IS NOT NULL;
 
 -- Clustered by stream: a channel's publications are one contiguous run of rows ordered by
 -- offset, so an append writes to its channel's last page, size retention deletes from its
--- first page, and a history read is one range scan. (Keeping rows in insertion order with a
--- separate (stream, seq) index, as version 1 did, dirtied a table page and an index page per
--- append and a random old page of each when trimming.) `seq` is the publication's offset
+-- first pages, and a history read is one range scan. (Version 1 kept rows in insertion order
+-- with a (stream, seq) index and an expiry index: an append dirtied a page in each, and a
+-- trim a random old page of each.) `seq` is the publication's offset
 -- (OFFSET is an SQL keyword). `tags` and `info` are JSON text, NULL when absent, so the
 -- common publication costs no JSON parsing on read.
 CREATE TABLE IF NOT EXISTS publications (
@@ -92,9 +108,6 @@ CREATE TABLE IF NOT EXISTS publications (
     PRIMARY KEY (stream, seq)
 ) WITHOUT ROWID;
 
--- Lets the periodic prune find expired rows without scanning every stream.
-CREATE INDEX IF NOT EXISTS publications_by_expiry ON publications (expires_ms);
-
 CREATE TABLE IF NOT EXISTS idempotency (
     channel    TEXT NOT NULL,
     key        TEXT NOT NULL,
@@ -106,6 +119,13 @@ CREATE TABLE IF NOT EXISTS idempotency (
 
 CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency (expires_ms);
 ";
+
+/// The columns of a `streams` row as the writer and the readers load it, selected by
+/// `channel = ?1`: id, top, epoch, keep, head_expires. The top is computed as the schema
+/// describes (one extra b-tree descent to the stream's last publication).
+pub const SELECT_STREAM: &str = "SELECT id, \
+     max(top, coalesce((SELECT max(seq) FROM publications WHERE stream = streams.id), 0)), \
+     epoch, keep, head_expires FROM streams WHERE channel = ?1";
 
 /// Why the store could not be opened. Every message names the path involved.
 #[derive(Debug, thiserror::Error)]

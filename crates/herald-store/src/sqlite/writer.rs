@@ -33,6 +33,7 @@ use tokio::sync::oneshot;
 
 use super::checkpoint::WalControl;
 use super::codec::{encode_extras, millis, to_i64, to_u64};
+use super::schema::SELECT_STREAM;
 use super::stats::Counters;
 
 /// Most channels whose top/epoch the writer keeps in memory. Past it the cache is emptied
@@ -118,9 +119,17 @@ struct StreamMeta {
     id: Option<i64>,
     top: u64,
     epoch: Arc<str>,
-    /// Offsets up to here are known to be deleted by size retention, so a batch that would
-    /// trim nothing new skips the DELETE.
+    /// Offsets up to here are known to be deleted by size retention (0 when not known, after
+    /// loading: the first trim then finds out).
     trimmed: u64,
+    /// `streams.keep`: the size retention of the latest append.
+    keep: u32,
+    /// `streams.head_expires`: when the oldest stored publication expires; `None` when the
+    /// stream stores none.
+    head_expires: Option<u64>,
+    /// `keep` or `head_expires` changed (or the top must be written because the newest
+    /// publication is deleted): the `streams` row is written at the end of the batch.
+    dirty: bool,
 }
 
 /// What one batch produced, kept apart from the writer so a failed batch can be undone.
@@ -301,14 +310,22 @@ impl Writer {
                 Command::Remove { channel, reply } => {
                     work.replies.push(Reply::Done { reply });
                     // In command order, so appends queued after the remove survive it.
-                    let id = match self.streams.get(&*channel) {
-                        Some(meta) => meta.id,
-                        None => load_meta(&self.conn, &channel, &self.default_epoch)?.id,
+                    let channel: Arc<str> = channel.into();
+                    let meta = match self.streams.entry(channel.clone()) {
+                        Entry::Occupied(entry) => entry.into_mut(),
+                        Entry::Vacant(entry) => {
+                            entry.insert(load_meta(&self.conn, &channel, &self.default_epoch)?)
+                        }
                     };
-                    if let Some(id) = id {
+                    if let Some(id) = meta.id {
                         self.conn
                             .prepare_cached("DELETE FROM publications WHERE stream = ?1")?
                             .execute(params![id])?;
+                        // The newest publication is gone: `finish_streams` writes the top.
+                        meta.trimmed = meta.top;
+                        meta.head_expires = None;
+                        meta.dirty = true;
+                        work.touched.entry(channel).or_insert(meta.keep);
                     }
                 }
                 Command::Flush { reply } => work.replies.push(Reply::Done { reply }),
@@ -366,8 +383,11 @@ impl Writer {
                 // The top is written once per batch in `finish_streams`; the row is created
                 // now because its id keys the publication.
                 self.conn
-                    .prepare_cached("INSERT INTO streams (channel, top, epoch) VALUES (?1, 0, ?2)")?
-                    .execute(params![&*channel, &*meta.epoch])?;
+                    .prepare_cached(
+                        "INSERT INTO streams (channel, top, epoch, keep) VALUES (?1, 0, ?2, ?3)",
+                    )?
+                    .execute(params![&*channel, &*meta.epoch, retention.size])?;
+                meta.keep = retention.size;
                 let id = self.conn.last_insert_rowid();
                 meta.id = Some(id);
                 id
@@ -392,6 +412,11 @@ impl Writer {
                 extras.info,
             ])?;
         meta.top = offset;
+        if meta.head_expires.is_none() {
+            // The first publication the stream stores (again): the TTL prune must see it.
+            meta.head_expires = Some(expires);
+            meta.dirty = true;
+        }
         let epoch = meta.epoch.clone();
         let position = StreamPosition::new(offset, &*epoch);
 
@@ -441,86 +466,200 @@ impl Writer {
             .optional()
     }
 
-    /// Once per channel per batch: persist the new top and apply size retention.
+    /// Once per channel per batch: apply size retention, and write the `streams` row if it
+    /// changed. Appends alone do not change it: the top is the newest stored `seq`.
+    ///
+    /// Size retention runs in chunks: a channel is trimmed only once it holds
+    /// [`trim_slack`] rows more than its size, and then the whole excess goes in one range
+    /// delete on the channel's first pages. Trimming on every batch instead ran a DELETE per
+    /// channel per batch. Reads never see the extra rows: they return only offsets above
+    /// `top - keep`.
     fn finish_streams(&mut self, work: &Batch) -> rusqlite::Result<()> {
-        let mut update = self
-            .conn
-            .prepare_cached("UPDATE streams SET top = ?2 WHERE id = ?1")?;
-        let mut trim = self
-            .conn
-            .prepare_cached("DELETE FROM publications WHERE stream = ?1 AND seq <= ?2")?;
         for (channel, size) in &work.touched {
             let meta = self
                 .streams
                 .get_mut(channel)
-                .expect("a channel appended to in this batch has cached meta");
-            let id = meta.id.expect("a channel appended to has a streams row");
-            update.execute(params![id, to_i64(meta.top)])?;
+                .expect("a channel touched in this batch has cached meta");
+            let id = meta.id.expect("a channel touched has a streams row");
+            if meta.keep != *size {
+                meta.keep = *size;
+                meta.dirty = true;
+            }
             let cut = meta.top.saturating_sub(u64::from(*size));
-            if cut > meta.trimmed {
-                trim.execute(params![id, to_i64(cut)])?;
+            if cut > meta.trimmed.saturating_add(trim_slack(*size)) {
+                self.conn
+                    .prepare_cached("DELETE FROM publications WHERE stream = ?1 AND seq <= ?2")?
+                    .execute(params![id, to_i64(cut)])?;
                 meta.trimmed = cut;
+                meta.head_expires = head_expiry(&self.conn, id)?;
+                meta.dirty = true;
+            }
+            if meta.dirty {
+                // `max`: a top written by the TTL prune is never lowered.
+                self.conn
+                    .prepare_cached(
+                        "UPDATE streams SET top = max(top, ?2), keep = ?3, head_expires = ?4
+                         WHERE id = ?1",
+                    )?
+                    .execute(params![
+                        id,
+                        to_i64(meta.top),
+                        meta.keep,
+                        meta.head_expires.map(to_i64)
+                    ])?;
+                meta.dirty = false;
             }
         }
         Ok(())
     }
 
     /// Deletes one chunk of expired publications and idempotency keys in its own short
-    /// transaction. Returns whether a chunk was full (more may be waiting).
+    /// transaction. Returns whether there may be more to delete right away.
+    ///
+    /// Expired publications are found per stream: `streams.head_expires` says when a stream's
+    /// oldest publication expires, and the expired ones are deleted from the head as one
+    /// range, up to the first that has not expired. Within a stream expiry grows with the
+    /// offset while its TTL stays the same; if a namespace's TTL is lowered, newer rows can
+    /// expire before older ones and stay on disk (never in reads, which check `expires_ms`)
+    /// until the older ones expire too.
     fn prune(&mut self) -> bool {
-        let now = to_i64(now_ms());
-        let conn = &self.conn;
-        let _gate = self.control.gate.lock();
-        let result = (|| -> rusqlite::Result<bool> {
-            conn.execute_batch("BEGIN IMMEDIATE")?;
-            let publications = conn
-                .prepare_cached(
-                    "DELETE FROM publications WHERE (stream, seq) IN
-                     (SELECT stream, seq FROM publications WHERE expires_ms <= ?1 LIMIT ?2)",
-                )?
-                .execute(params![now, PRUNE_CHUNK])?;
-            let keys = conn
+        let now = now_ms();
+        let control = self.control.clone();
+        let _gate = control.gate.lock();
+        let result = (|| -> rusqlite::Result<(usize, usize, bool)> {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            let (publications, more) = self.prune_publications(now)?;
+            let keys = self
+                .conn
                 .prepare_cached(
                     "DELETE FROM idempotency WHERE (channel, key) IN
                      (SELECT channel, key FROM idempotency WHERE expires_ms <= ?1 LIMIT ?2)",
                 )?
-                .execute(params![now, PRUNE_CHUNK])?;
-            conn.execute_batch("COMMIT")?;
-            if publications > 0 || keys > 0 {
-                tracing::debug!(publications, keys, "pruned expired history");
-            }
-            let full = |n: usize| i64::try_from(n).is_ok_and(|n| n >= PRUNE_CHUNK);
-            Ok(full(publications) || full(keys))
+                .execute(params![to_i64(now), PRUNE_CHUNK])?;
+            self.conn.execute_batch("COMMIT")?;
+            let full = i64::try_from(keys).is_ok_and(|n| n >= PRUNE_CHUNK);
+            Ok((publications, keys, more || full))
         })();
         match result {
-            Ok(more) => more,
-            Err(error) => {
-                if !conn.is_autocommit() {
-                    let _ = conn.execute_batch("ROLLBACK");
+            Ok((publications, keys, more)) => {
+                if publications > 0 || keys > 0 {
+                    tracing::debug!(publications, keys, "pruned expired history");
                 }
+                more
+            }
+            Err(error) => {
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                // The cached heads of pruned streams may be wrong now; reload them all.
+                self.streams.clear();
                 // Expired rows are already invisible to reads; the next prune retries.
                 tracing::warn!(error = %error, "pruning expired sqlite history failed");
                 false
             }
         }
     }
+
+    /// The publications half of [`Self::prune`]: at most [`PRUNE_CHUNK`] rows. Returns the
+    /// rows deleted and whether more may be expired.
+    fn prune_publications(&mut self, now: u64) -> rusqlite::Result<(usize, bool)> {
+        let due: Vec<(i64, String)> = self
+            .conn
+            .prepare_cached(
+                "SELECT id, channel FROM streams WHERE head_expires <= ?1
+                 ORDER BY head_expires LIMIT ?2",
+            )?
+            .query_map(params![to_i64(now), PRUNE_CHUNK], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut budget = usize::try_from(PRUNE_CHUNK).unwrap_or(usize::MAX);
+        let mut deleted = 0;
+        for (id, channel) in &due {
+            if budget == 0 {
+                return Ok((deleted, true));
+            }
+            // The expired run at the head, oldest first, read up to the budget.
+            let mut last_expired = None;
+            let mut expired = 0;
+            {
+                let mut head = self.conn.prepare_cached(
+                    "SELECT seq, expires_ms FROM publications WHERE stream = ?1
+                     ORDER BY seq LIMIT ?2",
+                )?;
+                let mut rows =
+                    head.query(params![id, i64::try_from(budget).unwrap_or(i64::MAX)])?;
+                while let Some(row) = rows.next()? {
+                    if to_u64(row.get(1)?) > now {
+                        break;
+                    }
+                    last_expired = Some(row.get::<_, i64>(0)?);
+                    expired += 1;
+                }
+            }
+            if let Some(last) = last_expired {
+                self.conn
+                    .prepare_cached("DELETE FROM publications WHERE stream = ?1 AND seq <= ?2")?
+                    .execute(params![id, last])?;
+            }
+            // If that was the newest publication, its offset stays the top.
+            self.conn
+                .prepare_cached(
+                    "UPDATE streams SET head_expires = ?2, top = max(top, ?3) WHERE id = ?1",
+                )?
+                .execute(params![
+                    id,
+                    head_expiry(&self.conn, *id)?.map(to_i64),
+                    last_expired.unwrap_or(0)
+                ])?;
+            // Reloaded on its next append, with the head as it is now.
+            self.streams.remove(channel.as_str());
+            budget -= expired;
+            deleted += expired;
+        }
+        let full = i64::try_from(due.len()).is_ok_and(|n| n >= PRUNE_CHUNK);
+        Ok((deleted, full || budget == 0))
+    }
 }
 
-/// A channel's top and epoch from the database; a channel never appended to is at offset 0
-/// in the store-wide default epoch (the same answer readers give for it).
+/// When the stream's oldest stored publication expires; `None` if it stores none.
+fn head_expiry(conn: &Connection, stream: i64) -> rusqlite::Result<Option<u64>> {
+    conn.prepare_cached(
+        "SELECT expires_ms FROM publications WHERE stream = ?1 ORDER BY seq LIMIT 1",
+    )?
+    .query_row(params![stream], |row| row.get::<_, i64>(0))
+    .optional()
+    .map(|expires| expires.map(to_u64))
+}
+
+/// How many rows over its size a channel may hold before size retention deletes them: an
+/// eighth of the size, and at least 32, so a trim deletes many rows at once (a few pages)
+/// and most batches delete nothing.
+fn trim_slack(size: u32) -> u64 {
+    u64::from(size / 8).max(32)
+}
+
+/// A channel's stream from the database; a channel never appended to is at offset 0 in the
+/// store-wide default epoch (the same answer readers give for it).
 fn load_meta(
     conn: &Connection,
     channel: &str,
     default_epoch: &Arc<str>,
 ) -> rusqlite::Result<StreamMeta> {
-    let row: Option<(i64, i64, String)> = conn
-        .prepare_cached("SELECT id, top, epoch FROM streams WHERE channel = ?1")?
+    let row: Option<(i64, i64, String, u32, Option<i64>)> = conn
+        .prepare_cached(SELECT_STREAM)?
         .query_row(params![channel], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+            ))
         })
         .optional()?;
     Ok(match row {
-        Some((id, top, epoch)) => {
+        Some((id, top, epoch, keep, head_expires)) => {
             // Most streams share the default epoch; sharing the Arc saves an allocation each.
             let epoch = if *epoch == **default_epoch {
                 default_epoch.clone()
@@ -532,6 +671,9 @@ fn load_meta(
                 top: to_u64(top),
                 epoch,
                 trimmed: 0,
+                keep,
+                head_expires: head_expires.map(to_u64),
+                dirty: false,
             }
         }
         None => StreamMeta {
@@ -539,6 +681,9 @@ fn load_meta(
             top: 0,
             epoch: default_epoch.clone(),
             trimmed: 0,
+            keep: 0,
+            head_expires: None,
+            dirty: false,
         },
     })
 }

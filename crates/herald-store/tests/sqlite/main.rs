@@ -5,3 +5,4 @@ mod checkpoint;
 mod common;
 mod conformance;
 mod durability;
+mod retention;
