@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -41,12 +41,11 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(node: Node, config: Config, api_keys: ApiKeys) -> Self {
-        let realtime = Arc::new(RealtimeState {
-            node: node.clone(),
-            authenticator: Arc::new(HmacAuthenticator::new(&config.token.hmac_secret)),
-            config: config.client.realtime(),
-            connections: AtomicU64::new(0),
-        });
+        let realtime = Arc::new(RealtimeState::new(
+            node.clone(),
+            Arc::new(HmacAuthenticator::new(&config.token.hmac_secret)),
+            config.client.realtime(),
+        ));
         Self {
             node,
             config,

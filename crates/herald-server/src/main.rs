@@ -426,6 +426,7 @@ async fn serve_command(mut config: Config) -> anyhow::Result<ExitCode> {
     tracing::info!(%addr, "herald started");
     let shutdown_timeout = config.server.shutdown_timeout.as_duration();
     let state = Arc::new(AppState::new(node.clone(), config, api_keys));
+    let realtime = state.realtime.clone();
     let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(listener, state, async move {
         let _ = signal_rx.await;
@@ -436,6 +437,9 @@ async fn serve_command(mut config: Config) -> anyhow::Result<ExitCode> {
         "shutting down: no new connections, finishing in-flight requests"
     );
     let _ = signal_tx.send(());
+    // Upgraded and streaming connections outlive the HTTP server's graceful shutdown: tell
+    // them to close (3001) so clients reconnect elsewhere and resume.
+    realtime.shut_down();
     match tokio::time::timeout(shutdown_timeout, server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(err))) => tracing::warn!(error = %err, "server stopped with an error"),

@@ -323,3 +323,52 @@ async fn refused_before_streaming_with_json_errors() {
         "cursor for another channel list"
     );
 }
+
+#[tokio::test]
+async fn streams_end_on_token_expiry_and_shutdown() {
+    let server = TestServer::start_with(config(), None).await;
+    let now = herald_core::time::now_ms() / 1000;
+    let short = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "alice", "exp": now + 1}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let response = server
+        .http
+        .get(format!(
+            "{}/connection/sse?channel=a&token={short}",
+            server.url
+        ))
+        .send()
+        .await
+        .expect("send");
+    let mut expiring = EventStream {
+        body: Box::pin(response.bytes_stream()),
+        buffer: String::new(),
+        last_id: None,
+    };
+    let disconnect = loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), expiring.next())
+            .await
+            .expect("within 5s");
+        if event.event == "disconnect" {
+            break event;
+        }
+    };
+    assert_eq!(disconnect.data["code"], 3005, "connection expired");
+
+    let (mut stream, _) = EventStream::open(&server, "channel=a", None)
+        .await
+        .expect("open");
+    stream.next().await;
+    server.state.realtime.shut_down();
+    let event = loop {
+        let event = stream.next().await;
+        if event.event == "disconnect" {
+            break event;
+        }
+    };
+    assert_eq!(event.data["code"], 3001, "shutdown");
+    assert_eq!(event.data["reconnect"], true);
+}

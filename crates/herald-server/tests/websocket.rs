@@ -528,3 +528,18 @@ async fn a_burst_of_subscribes_is_bounded() {
         "the connection still works"
     );
 }
+
+#[tokio::test]
+async fn shutdown_closes_with_3001_and_expiry_with_3005() {
+    let server = TestServer::start_with(config(), None).await;
+    let mut expiring = Client::open(&server).await;
+    let reply = expiring
+        .call("connect", json!({"token": token("alice", 1)}))
+        .await;
+    assert_eq!(reply["connect"]["expires"], true);
+    assert_eq!(expiring.closed().await, 3005);
+
+    let mut client = Client::connect(&server, "bob").await;
+    server.state.realtime.shut_down();
+    assert_eq!(client.closed().await, 3001);
+}

@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame, Outbound};
 use crate::ws::RealtimeState;
+use crate::ws::session::{expiry, shutdown_signal};
 
 /// Most channels one one-way connection may follow.
 pub const MAX_CHANNELS: usize = 64;
@@ -180,6 +181,8 @@ pub struct OneWaySession {
     pub state: Arc<RealtimeState>,
     pub outbound: Arc<Outbound>,
     pub info: Arc<ClientInfo>,
+    /// When the token expires (Unix seconds); the stream ends with 3005 then.
+    pub expires_at: Option<u64>,
     registered: Vec<Registered>,
 }
 
@@ -278,6 +281,7 @@ impl OneWaySession {
             state: state.clone(),
             outbound: outbound.clone(),
             info,
+            expires_at: credentials.expires_at,
             registered: Vec::new(),
         };
         let mut positions = Vec::with_capacity(checked.len());
@@ -410,6 +414,8 @@ impl<F: Framing> OneWayStream<F> {
         }
         let mut frames = Vec::new();
         let outbound = self.session.outbound.clone();
+        let pings = !self.session.state.config.ping_interval.is_zero();
+        let expires_at = self.session.expires_at;
         tokio::select! {
             result = outbound.drain(&mut frames) => match result {
                 Ok(()) => Some(self.framing.render(&frames, &mut self.positions)),
@@ -418,7 +424,15 @@ impl<F: Framing> OneWayStream<F> {
                     Some(self.framing.disconnect(reason))
                 }
             },
-            _ = self.ping.tick() => Some(self.framing.ping()),
+            _ = self.ping.tick(), if pings => Some(self.framing.ping()),
+            _ = shutdown_signal(self.session.state.closing.subscribe()) => {
+                self.done = true;
+                Some(self.framing.disconnect(CloseReason::SHUTDOWN))
+            }
+            _ = expiry(expires_at), if expires_at.is_some() => {
+                self.done = true;
+                Some(self.framing.disconnect(CloseReason::EXPIRED))
+            }
         }
     }
 }

@@ -99,12 +99,23 @@ pub async fn uni_websocket_handler(
                             }
                         }
                         Err(reason) => {
+                            let goodbye = line(
+                                "disconnect",
+                                serde_json::json!({ "code": reason.code, "reason": reason.reason, "reconnect": reason.reconnect() }),
+                            );
+                            let _ = sink.send(Message::Text(text(&goodbye))).await;
                             let frame = CloseFrame { code: reason.code, reason: Utf8Bytes::from_static(reason.reason) };
                             let _ = sink.send(Message::Close(Some(frame))).await;
                             return;
                         }
                     },
-                    _ = ping.tick() => {
+                    _ = crate::ws::session::shutdown_signal(session.state.closing.subscribe()) => {
+                        session.outbound.close(crate::outbound::CloseReason::SHUTDOWN);
+                    }
+                    _ = crate::ws::session::expiry(session.expires_at), if session.expires_at.is_some() => {
+                        session.outbound.close(crate::outbound::CloseReason::EXPIRED);
+                    }
+                    _ = ping.tick(), if !session.state.config.ping_interval.is_zero() => {
                         if sink.send(Message::Text(Utf8Bytes::from_static("{\"type\":\"ping\"}"))).await.is_err() {
                             return;
                         }

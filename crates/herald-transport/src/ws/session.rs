@@ -70,6 +70,41 @@ pub struct RealtimeState {
     pub config: RealtimeConfig,
     /// Open real-time connections (the `herald_connections` gauge).
     pub connections: AtomicU64,
+    /// Flips to true when the server shuts down: every connection closes with 3001.
+    pub closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl RealtimeState {
+    pub fn new(node: Node, authenticator: Arc<dyn Authenticator>, config: RealtimeConfig) -> Self {
+        Self {
+            node,
+            authenticator,
+            config,
+            connections: AtomicU64::new(0),
+            closing: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Tells every real-time connection to close with 3001 `shutdown`.
+    pub fn shut_down(&self) {
+        self.closing.send_replace(true);
+    }
+}
+
+/// Resolves once the server starts shutting down.
+pub async fn shutdown_signal(mut closing: tokio::sync::watch::Receiver<bool>) {
+    let _ = closing.wait_for(|closing| *closing).await;
+}
+
+/// Resolves when credentials expire (never for tokens without `exp`).
+pub async fn expiry(expires_at: Option<u64>) {
+    match expires_at {
+        Some(at) => {
+            let now = herald_core::time::now_ms() / 1000;
+            tokio::time::sleep(Duration::from_secs(at.saturating_sub(now))).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 impl std::fmt::Debug for RealtimeState {
@@ -223,7 +258,16 @@ impl Session {
                 self.pong_deadline
             };
             let deadline = tick_at.map(tokio::time::Instant::from_std);
+            let expires_at = self.credentials.as_ref().and_then(|c| c.expires_at);
             tokio::select! {
+                _ = shutdown_signal(self.state.closing.subscribe()) => {
+                    self.outbound.close(CloseReason::SHUTDOWN);
+                    return;
+                }
+                _ = expiry(expires_at), if expires_at.is_some() => {
+                    self.outbound.close(CloseReason::EXPIRED);
+                    return;
+                }
                 message = stream.next() => match message {
                     Some(Ok(Message::Text(text))) => {
                         if let Err(reason) = self.handle_frame(text.as_str()).await {
