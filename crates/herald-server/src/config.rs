@@ -147,6 +147,9 @@ pub struct ClientConfig {
     pub max_subscriptions: usize,
     /// Time a new connection has to send its connect command.
     pub connect_timeout: HumanDuration,
+    /// Grace after a token's `exp` before a WebSocket connection that did not refresh is
+    /// closed (SDKs refresh exactly at expiry).
+    pub expired_close_delay: HumanDuration,
 }
 
 impl Default for ClientConfig {
@@ -161,6 +164,7 @@ impl Default for ClientConfig {
             recovery_max_publications: rt.recovery_max_publications,
             max_subscriptions: rt.max_subscriptions,
             connect_timeout: HumanDuration(rt.connect_timeout),
+            expired_close_delay: HumanDuration(rt.expired_close_delay),
         }
     }
 }
@@ -176,6 +180,7 @@ impl ClientConfig {
             recovery_max_publications: self.recovery_max_publications,
             max_subscriptions: self.max_subscriptions,
             connect_timeout: self.connect_timeout.as_duration(),
+            expired_close_delay: self.expired_close_delay.as_duration(),
         }
     }
 }

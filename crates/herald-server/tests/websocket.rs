@@ -24,6 +24,7 @@ fn config() -> Config {
     config.client.pong_timeout = herald_core::duration::HumanDuration::from_secs(1);
     config.client.max_queue_bytes = 256 * 1024;
     config.client.max_message_size = 8 * 1024;
+    config.client.expired_close_delay = herald_core::duration::HumanDuration::from_secs(1);
     config.server.max_body_size = 1 << 20;
     let mut open = herald_core::namespace::NamedNamespace {
         name: "open".into(),

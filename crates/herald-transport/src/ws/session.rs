@@ -46,6 +46,9 @@ pub struct RealtimeConfig {
     pub max_subscriptions: usize,
     /// Time a client has to send its connect command.
     pub connect_timeout: Duration,
+    /// How long after its token's `exp` a bidirectional connection that did not `refresh` is
+    /// closed with 3005.
+    pub expired_close_delay: Duration,
 }
 
 impl Default for RealtimeConfig {
@@ -59,6 +62,7 @@ impl Default for RealtimeConfig {
             recovery_max_publications: 1000,
             max_subscriptions: 1024,
             connect_timeout: Duration::from_secs(10),
+            expired_close_delay: Duration::from_secs(25),
         }
     }
 }
@@ -258,7 +262,13 @@ impl Session {
                 self.pong_deadline
             };
             let deadline = tick_at.map(tokio::time::Instant::from_std);
-            let expires_at = self.credentials.as_ref().and_then(|c| c.expires_at);
+            // SDKs send `refresh` exactly `ttl` seconds after connect, so a connection is only
+            // closed a grace period after its token expires (as the reference server does).
+            let expires_at = self
+                .credentials
+                .as_ref()
+                .and_then(|c| c.expires_at)
+                .map(|at| at.saturating_add(config.expired_close_delay.as_secs()));
             tokio::select! {
                 _ = shutdown_signal(self.state.closing.subscribe()) => {
                     self.outbound.close(CloseReason::SHUTDOWN);
@@ -303,12 +313,6 @@ impl Session {
                     self.outbound.close(reason);
                     return;
                 }
-            }
-            if let Some(expires) = self.credentials.as_ref().and_then(|c| c.expires_at)
-                && herald_core::time::now_ms() / 1000 >= expires
-            {
-                self.outbound.close(CloseReason::EXPIRED);
-                return;
             }
         }
     }
