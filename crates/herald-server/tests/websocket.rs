@@ -532,7 +532,13 @@ async fn a_burst_of_subscribes_is_bounded() {
 
 #[tokio::test]
 async fn shutdown_closes_with_3001_and_expiry_with_3005() {
-    let server = TestServer::start_with(config(), None).await;
+    // No pings here: an unanswered ping (3012) must not race the expiry being tested.
+    let mut config = config();
+    config.client.ping_interval = herald_core::duration::HumanDuration::ZERO;
+    // `exp` has whole-second precision: a 2 s grace leaves a refresh sent 1.5 s after
+    // connect (always past `exp`) at least 0.5 s of margin.
+    config.client.expired_close_delay = herald_core::duration::HumanDuration::from_secs(2);
+    let server = TestServer::start_with(config, None).await;
     let mut expiring = Client::open(&server).await;
     let reply = expiring
         .call("connect", json!({"token": token("alice", 1)}))
