@@ -1,17 +1,21 @@
 //! Measures append throughput of the SQLite history store (not a test; no assertions).
 //!
-//! `cargo run --release -p herald-store --example sqlite_throughput -- [full|normal] [seconds] [producers] [channels] [history size] [warm-up seconds] [payload bytes]`
+//! `cargo run --release -p herald-store --example sqlite_throughput -- [key=value ...]`
 //!
-//! Defaults mirror `herald-bench publish`: 64 producers with one append in flight each, 100
-//! channels, ~100-byte JSON payloads, history size 1000. The warm-up (default: long enough
-//! to fill every channel's history once, so size retention is trimming during the measured
-//! window) is not measured. Pin it like the server (`taskset -c 0 …`) to see what one core
-//! does; on a shared machine trust the CPU-per-append figures more than appends per second.
+//! Keys (defaults mirror `herald-bench publish`): `sync=normal` (or `full`), `seconds=5`,
+//! `producers=64` (each with one append in flight), `channels=100`, `size=1000` (history
+//! size), `payload=100` (bytes of JSON data), `pick=shared` (the next channel comes from one
+//! round-robin cursor shared by all producers, as `herald-bench publish` does; `random`: each
+//! append picks a channel at random), `warmup=` seconds before measuring (default: until
+//! every channel's history is full once, so size retention is trimming during the measured
+//! window). Pin it like the server (`taskset -c 0 …`) to see what one core does; on a shared
+//! machine trust the CPU-per-append figures more than appends per second.
 //!
-//! Prints appends/s, append latency percentiles, CPU per append (writer thread and whole
-//! process), bytes the process wrote to files per append (`/proc/self/io`: `wchar` is what
-//! went through `write` calls, `write_bytes` what reached the page cache as dirty pages),
-//! the largest WAL file seen, and the mean group commit size.
+//! Prints appends/s, append latency percentiles, CPU per append (writer thread, checkpointer
+//! thread, whole process), bytes written per append (`/proc/.../io`: by the writer, which are
+//! WAL frames; by the checkpointer, which are pages copied into the database file; and the
+//! process's `wchar` and `write_bytes`), the largest WAL file seen, the mean group commit size
+//! and the checkpoints run.
 //!
 //! May touch: a temporary directory, removed at exit.
 
@@ -35,9 +39,10 @@ impl CommitListener for Counter {
     }
 }
 
-/// CPU seconds (user + system) per thread name, from /proc (Linux only; empty elsewhere).
-/// CPU per append is a steadier figure than appends per second on a shared machine.
-fn thread_cpu() -> HashMap<String, f64> {
+/// CPU seconds (user + system) and bytes passed to `write` calls (`wchar`), per thread name,
+/// from /proc (Linux only; empty elsewhere). CPU per append is a steadier figure than
+/// appends per second on a shared machine.
+fn thread_usage() -> HashMap<String, (f64, f64)> {
     let mut totals = HashMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return totals;
@@ -58,7 +63,15 @@ fn thread_cpu() -> HashMap<String, f64> {
                 .and_then(|v| v.parse::<f64>().ok())
                 .unwrap_or(0.0)
         };
-        *totals.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
+        let io = std::fs::read_to_string(task.path().join("io")).unwrap_or_default();
+        let wchar = io
+            .lines()
+            .find_map(|line| line.strip_prefix("wchar:"))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let entry = totals.entry(name).or_insert((0.0, 0.0));
+        entry.0 += (ticks(11) + ticks(12)) / 100.0;
+        entry.1 += wchar;
     }
     totals
 }
@@ -89,17 +102,30 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
-    let sync = match args.get(1).map(String::as_str) {
+    let args: HashMap<String, String> = std::env::args()
+        .skip(1)
+        .map(|arg| match arg.split_once('=') {
+            Some((key, value)) => (key.to_owned(), value.to_owned()),
+            None => (arg, String::new()),
+        })
+        .collect();
+    let arg = |key: &str| args.get(key).and_then(|s| s.parse::<u64>().ok());
+    let sync = match args.get("sync").map(String::as_str) {
         Some("full") => SyncPolicy::Full,
         _ => SyncPolicy::Normal,
     };
-    let seconds = arg(2).unwrap_or(5);
-    let producers = arg(3).unwrap_or(64).max(1) as usize;
-    let channels = arg(4).unwrap_or(100).max(1) as usize;
-    let size = u32::try_from(arg(5).unwrap_or(1000)).unwrap_or(u32::MAX);
-    let payload_bytes = arg(7).unwrap_or(100) as usize;
+    let seconds = arg("seconds").unwrap_or(5);
+    let producers = arg("producers").unwrap_or(64).max(1) as usize;
+    let channels = arg("channels").unwrap_or(100).max(1) as usize;
+    let size = u32::try_from(arg("size").unwrap_or(1000)).unwrap_or(u32::MAX);
+    let payload_bytes = arg("payload").unwrap_or(100) as usize;
+    let random = args.get("pick").is_some_and(|pick| pick == "random");
+    let cursor = Arc::new(AtomicU64::new(0));
+    let names: Arc<Vec<Arc<str>>> = Arc::new(
+        (0..channels)
+            .map(|i| Arc::from(format!("bench-{i}")))
+            .collect(),
+    );
     let dir = tempfile::tempdir()?;
     let counter = Arc::new(Counter::default());
     let config = SqliteConfig {
@@ -123,10 +149,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let stop = stop.clone();
             let measuring = measuring.clone();
             let payload = payload.clone();
-            let channel: Arc<str> = Arc::from(format!("bench-{}", i % channels));
+            let (cursor, names) = (cursor.clone(), names.clone());
+            // xorshift64, seeded per producer: reproducible and cheap.
+            let mut rng = 0x9E37_79B9_7F4A_7C15_u64 ^ (i as u64 + 1);
             tokio::spawn(async move {
                 let mut latencies_us: Vec<u32> = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
+                    let pick = if random {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng
+                    } else {
+                        cursor.fetch_add(1, Ordering::Relaxed)
+                    };
+                    let channel = &names[(pick % names.len() as u64) as usize];
                     let request = AppendRequest {
                         channel: channel.clone(),
                         publication: Publication {
@@ -156,10 +193,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Warm up until every channel's history is full (size retention trimming) or the given
     // number of seconds.
-    let warmup = match arg(6) {
+    let warmup = match arg("warmup") {
         Some(seconds) => Duration::from_secs(seconds),
         None => {
-            let fill = u64::from(size).saturating_mul(channels.min(producers) as u64);
+            let fill = u64::from(size).saturating_mul(channels as u64);
             let started = Instant::now();
             while counter.0.load(Ordering::Relaxed) < fill
                 && started.elapsed() < Duration::from_secs(60)
@@ -172,7 +209,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::time::sleep(warmup).await;
 
     let wal = config.database_path().with_extension("db-wal");
-    let cpu_before = thread_cpu();
+    let cpu_before = thread_usage();
     let io_before = io_written();
     let stats_before = store.stats();
     let appended_before = counter.0.load(Ordering::Relaxed);
@@ -187,7 +224,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     measuring.store(false, Ordering::Relaxed);
     let total = counter.0.load(Ordering::Relaxed) - appended_before;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu_after = thread_cpu();
+    let cpu_after = thread_usage();
     let io_after = io_written();
     let stats_after = store.stats();
     stop.store(true, Ordering::Relaxed);
@@ -197,18 +234,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     latencies.sort_unstable();
 
-    let cpu = |name: &str| {
-        cpu_after.get(name).copied().unwrap_or(0.0) - cpu_before.get(name).copied().unwrap_or(0.0)
+    let usage = |name: &str| {
+        let after = cpu_after.get(name).copied().unwrap_or_default();
+        let before = cpu_before.get(name).copied().unwrap_or_default();
+        (after.0 - before.0, after.1 - before.1)
     };
-    let writer = cpu("herald-sqlite-w");
-    let checkpointer = cpu("herald-sqlite-c");
-    let all: f64 = cpu_after.values().sum::<f64>() - cpu_before.values().sum::<f64>();
+    let (writer, writer_wchar) = usage("herald-sqlite-w");
+    let (checkpointer, checkpointer_wchar) = usage("herald-sqlite-c");
+    let all: f64 = cpu_after.values().map(|u| u.0).sum::<f64>()
+        - cpu_before.values().map(|u| u.0).sum::<f64>();
     let per = |value: f64| value / total.max(1) as f64;
     let batches = stats_after.batches - stats_before.batches;
     let commands = stats_after.commands - stats_before.commands;
     println!(
-        "sync={sync:?} producers={producers} channels={channels} size={size} payload={}B: \
+        "sync={sync:?} producers={producers} channels={channels} pick={} size={size} payload={}B: \
          {total} appends in {elapsed:.1}s = {:.0}/s",
+        if random { "random" } else { "shared" },
         payload.len(),
         total as f64 / elapsed,
     );
@@ -226,10 +267,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         per(all * 1e6),
     );
     println!(
-        "  written per append: {:.0} B through write calls, {:.0} B dirtied; WAL peak {:.1} MiB; \
-         mean batch {:.1} commands ({batches} batches); {} checkpoints, {} WAL restarts",
+        "  written per append: {:.0} B to the WAL (writer), {:.0} B to the database file \
+         (checkpointer); process total {:.0} B through write calls, {:.0} B dirtied",
+        per(writer_wchar),
+        per(checkpointer_wchar),
         per((io_after.0 - io_before.0) as f64),
         per((io_after.1 - io_before.1) as f64),
+    );
+    println!(
+        "  WAL peak {:.1} MiB; mean batch {:.1} commands ({batches} batches); {} checkpoints, \
+         {} WAL restarts",
         wal_peak as f64 / 1048576.0,
         commands as f64 / batches.max(1) as f64,
         stats_after.checkpoints - stats_before.checkpoints,

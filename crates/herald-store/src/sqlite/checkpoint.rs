@@ -19,16 +19,17 @@
 //! started. Under continuous writes new frames always arrive meanwhile, so the WAL is never
 //! completely copied back, SQLite never starts writing it from the beginning again, and the
 //! file grows without bound. So the writer checks the WAL's size after each batch; past
-//! [`WAL_RESTART_BYTES`] it asks this thread for a restart, which first catches up with more
-//! passive checkpoints, then takes the gate (waiting for the writer's batch in progress to
-//! commit) and runs `wal_checkpoint(RESTART)`: it copies the short remainder, syncs, and makes
-//! the next commit write the WAL from its start (SQLite then truncates the file to
-//! `journal_size_limit`, the same size). The writer waits for that remainder only; queued
-//! publications then go into one bigger batch. If the writer outruns the checkpoints anyway
-//! (a slow disk), it stops at [`WAL_HARD_LIMIT_BYTES`] until a restart is done: that is what
-//! makes the bound hold.
+//! [`WAL_RESTART_BYTES`] it asks this thread for a restart, which first catches up (a passive
+//! checkpoint and an fsync of the WAL, while the writer goes on), then takes the gate
+//! (waiting for the writer's batch in progress to commit) and runs `wal_checkpoint(RESTART)`:
+//! it copies the short remainder, syncs, and makes the next commit write the WAL from its
+//! start (SQLite then truncates the file to `journal_size_limit`, the same size). The writer
+//! waits for that remainder only (two fsyncs of little data); queued publications then go
+//! into one bigger batch. If the writer outruns the checkpoints anyway (a slow disk), it
+//! stops at [`WAL_HARD_LIMIT_BYTES`] until a restart is done: that is what makes the bound
+//! hold.
 
-use std::fs;
+use std::fs::{self, File};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,12 +52,12 @@ pub const WAL_RESTART_BYTES: u64 = 64 * 1024 * 1024;
 
 /// WAL size at which the writer stops and waits for a restart (backpressure); one batch can
 /// still be added on top.
-pub const WAL_HARD_LIMIT_BYTES: u64 = WAL_RESTART_BYTES + WAL_RESTART_BYTES / 2;
+pub const WAL_HARD_LIMIT_BYTES: u64 = 2 * WAL_RESTART_BYTES;
 
 /// Before a restart holds the writer off, passive checkpoints are repeated (at most
-/// [`CATCH_UP_ROUNDS`] times) until one finds no more than this many new bytes in the WAL.
-const PAUSE_TAIL_BYTES: u64 = 4 * 1024 * 1024;
-const CATCH_UP_ROUNDS: usize = 4;
+/// [`CATCH_UP_ROUNDS`]) until one finds no more than this much new in the WAL.
+const CATCH_UP_TAIL_BYTES: u64 = 2 * 1024 * 1024;
+const CATCH_UP_ROUNDS: usize = 3;
 
 /// Longest the writer waits at the hard limit. Reached only if the checkpointer is stuck
 /// (a reader that never finishes); the writer then carries on and asks again.
@@ -65,8 +66,7 @@ const HARD_LIMIT_WAIT: Duration = Duration::from_secs(10);
 /// A message to the checkpointer thread.
 pub enum Signal {
     /// The WAL is over [`WAL_RESTART_BYTES`]. `done` is dropped once the restart was tried; the
-    /// writer sends one when it waits at the hard limit (and then writes nothing, so there is
-    /// nothing to catch up with first).
+    /// writer sends one when it waits at the hard limit.
     Restart { done: Option<Sender<()>> },
     /// Stop. `last` is a final checkpoint mode to run first (`TRUNCATE` once the writer has
     /// stopped, so a cleanly closed store leaves an empty WAL behind).
@@ -167,10 +167,8 @@ impl Checkpointer {
                     self.checkpoint("PASSIVE");
                 }
                 Ok(Signal::Restart { done }) => {
-                    if done.is_none() {
-                        self.catch_up();
-                    }
-                    self.restart();
+                    // A writer waiting at the hard limit adds nothing: no catching up first.
+                    self.restart(done.is_none());
                     // Dropping `done` releases a writer waiting at the hard limit.
                     drop(done);
                 }
@@ -186,29 +184,36 @@ impl Checkpointer {
         tracing::debug!("sqlite checkpointer stopped");
     }
 
-    /// Runs passive checkpoints while they keep finding much that is new, so that
-    /// [`Self::restart`] only has a short tail left to copy while the writer waits.
-    fn catch_up(&self) {
-        let mut frames = None;
-        for _ in 0..CATCH_UP_ROUNDS {
-            let Some(outcome) = self.checkpoint("PASSIVE") else {
-                return;
-            };
-            // What the writer added while the previous checkpoint ran.
-            let added = frames.map_or(i64::MAX, |before| outcome.frames - before);
-            frames = Some(outcome.frames);
-            if u64::try_from(added)
-                .unwrap_or(0)
-                .saturating_mul(self.frame_bytes)
-                <= PAUSE_TAIL_BYTES
-            {
-                return;
+    /// Restarts the WAL: catches up without holding the writer, then holds it off between
+    /// two transactions for the short remainder.
+    ///
+    /// What the writer waits for is dominated by fsyncs (a `RESTART` syncs the WAL, copies
+    /// the frames added since the last checkpoint, syncs the database file). So the work that
+    /// can be done while the writer goes on is done first: a passive checkpoint (when the
+    /// writer is not already waiting), then an fsync of the WAL, so that the `RESTART` only has
+    /// the last few frames to sync and copy.
+    fn restart(&self, catch_up: bool) {
+        if catch_up {
+            // Repeated while each finds much that the writer added during the one before.
+            let mut frames = None;
+            for _ in 0..CATCH_UP_ROUNDS {
+                let Some(outcome) = self.checkpoint("PASSIVE") else {
+                    break;
+                };
+                let added = frames.map_or(i64::MAX, |before| outcome.frames - before);
+                frames = Some(outcome.frames);
+                if u64::try_from(added)
+                    .unwrap_or(0)
+                    .saturating_mul(self.frame_bytes)
+                    <= CATCH_UP_TAIL_BYTES
+                {
+                    break;
+                }
             }
         }
-    }
-
-    /// Holds the writer off between two transactions and restarts the WAL.
-    fn restart(&self) {
+        if let Err(error) = File::open(&self.control.wal).and_then(|wal| wal.sync_data()) {
+            tracing::debug!(error = %error, "syncing the sqlite WAL before a restart failed");
+        }
         let gate = self.control.gate.lock();
         if let Some(outcome) = self.checkpoint("RESTART") {
             if outcome.busy {

@@ -33,7 +33,7 @@ use herald_core::store::{
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-pub use checkpoint::WAL_RESTART_BYTES;
+pub use checkpoint::{WAL_HARD_LIMIT_BYTES, WAL_RESTART_BYTES};
 pub use config::{DATABASE_FILE, LOCK_FILE, SqliteConfig, SyncPolicy};
 pub use schema::{OpenError, SCHEMA_VERSION};
 pub use stats::StoreStats;

@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use herald_core::store::{HistoryQuery, HistoryStore, Retention};
-use herald_store::sqlite::{SqliteHistoryStore, WAL_RESTART_BYTES};
+use herald_store::sqlite::{SqliteHistoryStore, WAL_HARD_LIMIT_BYTES};
 
 use crate::common::{config, listener, request};
 
 const PRODUCERS: usize = 32;
 const CHANNELS: usize = 16;
-const APPENDS: usize = 64_000;
+const APPENDS: usize = 80_000;
 const PAYLOAD: usize = 4000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,7 +25,7 @@ async fn wal_stays_bounded_under_sustained_appends() {
     let data = format!("\"{}\"", "x".repeat(PAYLOAD - 2));
     let written = (APPENDS * data.len()) as u64;
     assert!(
-        written > 3 * WAL_RESTART_BYTES,
+        written > 2 * WAL_HARD_LIMIT_BYTES,
         "the load must be able to outgrow the bound several times"
     );
 
@@ -75,9 +75,12 @@ async fn wal_stays_bounded_under_sustained_appends() {
 
     let peak = peak.load(Ordering::Relaxed);
     assert!(peak > 0, "the WAL was in use");
+    // The writer checks the WAL after each batch, so one batch (here at most 32 appends of
+    // a few pages each) can land on top of the hard limit.
+    let bound = WAL_HARD_LIMIT_BYTES + 4 * 1024 * 1024;
     assert!(
-        peak <= 2 * WAL_RESTART_BYTES,
-        "the WAL grew to {peak} bytes ({written} bytes appended); the bound is {WAL_RESTART_BYTES}"
+        peak <= bound,
+        "the WAL grew to {peak} bytes ({written} bytes appended); the bound is {bound}"
     );
     let stats = store.stats();
     assert!(stats.checkpoints > 0, "{stats:?}");
