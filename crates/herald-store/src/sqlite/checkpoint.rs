@@ -18,7 +18,7 @@
 //! Why restarts: a `PASSIVE` checkpoint copies the frames that were in the WAL when it
 //! started. Under continuous writes new frames always arrive meanwhile, so the WAL is never
 //! completely copied back, SQLite never starts writing it from the beginning again, and the
-//! file grows without bound. So the writer checks the WAL's size after each batch; past
+//! file grows without bound. So the writer checks the WAL's size between batches; past
 //! [`WAL_RESTART_BYTES`] it asks this thread for a restart, which first catches up (a passive
 //! checkpoint and an fsync of the WAL, while the writer goes on), then takes the gate
 //! (waiting for the writer's batch in progress to commit) and runs `wal_checkpoint(RESTART)`:
@@ -99,8 +99,9 @@ impl WalControl {
         }
     }
 
-    /// Called by the writer after each batch: asks for a restart when the WAL is over its
-    /// bound, and waits for one at the hard limit. One `stat` when under the bound.
+    /// Called by the writer after a batch (at most every few milliseconds): asks for a
+    /// restart when the WAL is over its bound, and waits for one at the hard limit. One
+    /// `stat` when under the bound.
     pub fn after_batch(&self) {
         let len = fs::metadata(&self.wal).map_or(0, |m| m.len());
         // Strictly over: after a restart SQLite truncates the file to exactly the bound.

@@ -75,9 +75,9 @@ async fn wal_stays_bounded_under_sustained_appends() {
 
     let peak = peak.load(Ordering::Relaxed);
     assert!(peak > 0, "the WAL was in use");
-    // The writer checks the WAL after each batch, so one batch (here at most 32 appends of
-    // a few pages each) can land on top of the hard limit.
-    let bound = WAL_HARD_LIMIT_BYTES + 4 * 1024 * 1024;
+    // The writer checks the WAL between batches every few milliseconds, so what it writes
+    // in that time (a few MB at most) can land on top of the hard limit.
+    let bound = WAL_HARD_LIMIT_BYTES + 8 * 1024 * 1024;
     assert!(
         peak <= bound,
         "the WAL grew to {peak} bytes ({written} bytes appended); the bound is {bound}"
