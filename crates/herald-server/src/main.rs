@@ -17,6 +17,12 @@ use herald_server::config::{CliOverrides, Config, Engine, LogFormat};
 use herald_server::secrets::{GeneratedSecrets, random_secret};
 use herald_server::token::{ConnectionClaims, mint};
 
+/// mimalloc instead of glibc malloc: the publish path allocates per request (HTTP parsing,
+/// JSON, the publication), and glibc's malloc/free were ~10% of the server's CPU in
+/// `bench/publish` profiles. See docs/benchmarks.md for the before/after.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "herald",
