@@ -550,3 +550,180 @@ async fn shutdown_closes_with_3001_and_expiry_with_3005() {
     server.state.realtime.shut_down();
     assert_eq!(client.closed().await, 3001);
 }
+
+/// A raw client of the Protobuf encoding: length-delimited `Command`s in binary frames.
+mod protobuf {
+    use super::*;
+    use herald_transport::ws::proto;
+    use prost::Message as _;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    pub async fn open(server: &TestServer, how: &str) -> (Socket, Option<String>) {
+        let base = server.url.replace("http://", "ws://");
+        let mut request = match how {
+            "query" => format!("{base}/connection/websocket?format=protobuf"),
+            _ => format!("{base}/connection/websocket"),
+        }
+        .into_client_request()
+        .expect("request");
+        if how == "subprotocol" {
+            request.headers_mut().insert(
+                "sec-websocket-protocol",
+                "centrifuge-protobuf".parse().expect("header"),
+            );
+        }
+        let (socket, response) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("ws connect");
+        let echoed = response
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        (socket, echoed)
+    }
+
+    pub fn frame(commands: &[proto::Command]) -> Message {
+        let mut out = Vec::new();
+        for command in commands {
+            command.encode_length_delimited(&mut out).expect("encode");
+        }
+        Message::binary(out)
+    }
+
+    /// The next non-ping replies in a binary frame (pings are answered).
+    pub async fn replies(socket: &mut Socket) -> Vec<proto::Reply> {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(5), socket.next())
+                .await
+                .expect("a message within 5s")
+                .expect("socket open")
+                .expect("no socket error");
+            let Message::Binary(bytes) = message else {
+                panic!("expected a binary frame, got {message:?}");
+            };
+            let mut rest = &bytes[..];
+            let mut replies = Vec::new();
+            while !rest.is_empty() {
+                replies.push(proto::Reply::decode_length_delimited(&mut rest).expect("reply"));
+            }
+            replies.retain(|r| *r != proto::Reply::default());
+            if replies.is_empty() {
+                socket.send(Message::binary(vec![0u8])).await.expect("pong");
+                continue;
+            }
+            return replies;
+        }
+    }
+}
+
+#[tokio::test]
+async fn protobuf_encoding_by_subprotocol_and_by_query() {
+    use herald_transport::ws::proto;
+    let server = TestServer::start_with(config(), None).await;
+    for how in ["subprotocol", "query"] {
+        let (mut socket, echoed) = protobuf::open(&server, how).await;
+        if how == "subprotocol" {
+            assert_eq!(echoed.as_deref(), Some("centrifuge-protobuf"));
+        }
+        let channel = format!("open:pb-{how}");
+        // Connect and subscribe in one frame: commands are batched as in JSON.
+        let connect = proto::Command {
+            id: 1,
+            connect: Some(proto::ConnectRequest {
+                token: token("alice", 3600),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let subscribe = proto::Command {
+            id: 2,
+            subscribe: Some(proto::SubscribeRequest {
+                channel: channel.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        socket
+            .send(protobuf::frame(&[connect, subscribe]))
+            .await
+            .expect("send");
+        let mut replies = Vec::new();
+        while replies.len() < 2 {
+            replies.extend(protobuf::replies(&mut socket).await);
+        }
+        let connected = replies[0].connect.as_ref().expect("connect result");
+        assert!(!connected.client.is_empty() && connected.ping == 1);
+        let subscribed = replies[1].subscribe.as_ref().expect("subscribe result");
+        assert!(subscribed.recoverable && !subscribed.epoch.is_empty());
+
+        publish(&server, &channel, 1).await;
+        // The namespace has join/leave on: alice's own join push may come first.
+        let (push, publication) = loop {
+            let push = protobuf::replies(&mut socket).await.remove(0);
+            let push = push.push.expect("a push");
+            if let Some(publication) = push.publication.clone() {
+                break (push, publication);
+            }
+            assert!(push.join.is_some(), "only a join may precede: {push:?}");
+        };
+        assert_eq!(push.channel, channel);
+        assert_eq!(publication.offset, 1);
+        assert_eq!(
+            &publication.data[..],
+            br#"{"n":1}"#,
+            "JSON data as its bytes"
+        );
+
+        // Errors carry the protocol's codes: the channel is already subscribed (105).
+        let again = proto::Command {
+            id: 3,
+            subscribe: Some(proto::SubscribeRequest {
+                channel: channel.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        socket.send(protobuf::frame(&[again])).await.expect("send");
+        let reply = protobuf::replies(&mut socket).await.remove(0);
+        assert_eq!((reply.id, reply.error.map(|e| e.code)), (3, Some(105)));
+    }
+}
+
+#[tokio::test]
+async fn protobuf_bad_input_closes_with_3501() {
+    let server = TestServer::start_with(config(), None).await;
+    let close_code = |socket: Socket| async move {
+        let mut client = Client {
+            socket,
+            pending: Default::default(),
+            next_id: 1,
+        };
+        client.closed().await
+    };
+    // Not a length-delimited Command.
+    let (mut garbage, _) = protobuf::open(&server, "subprotocol").await;
+    garbage
+        .send(Message::binary(vec![0xff, 0xff, 0xff]))
+        .await
+        .expect("send");
+    assert_eq!(close_code(garbage).await, 3501);
+    // A length prefix longer than the frame.
+    let (mut truncated, _) = protobuf::open(&server, "subprotocol").await;
+    truncated
+        .send(Message::binary(vec![40, 8, 1]))
+        .await
+        .expect("send");
+    assert_eq!(close_code(truncated).await, 3501);
+    // A text frame on a Protobuf connection, and a binary frame on a JSON one.
+    let (mut text, _) = protobuf::open(&server, "subprotocol").await;
+    text.send(Message::text("{}")).await.expect("send");
+    assert_eq!(close_code(text).await, 3501);
+    let mut json_client = Client::open(&server).await;
+    json_client
+        .socket
+        .send(Message::binary(vec![0u8]))
+        .await
+        .expect("send");
+    assert_eq!(json_client.closed().await, 3501);
+}

@@ -4,7 +4,7 @@
 // While `hold` is on, new connections are accepted but not forwarded until `resume()`, so the
 // test decides when the SDK's reconnect goes through.
 //
-// It also records the WebSocket frames in both directions (text payloads and close frames,
+// It also records the WebSocket frames in both directions (text and binary payloads, close frames,
 // decoded from the RFC 6455 framing) so a failing test can print the wire.
 
 import net from 'node:net';
@@ -71,9 +71,12 @@ export async function startCutProxy(target) {
     const decoder = new FrameDecoder(({ opcode, payload }) => {
       const t = Date.now() - started;
       if (opcode === 'http') {
-        frames.push({ conn, dir, t, kind: 'http', text: payload.toString('latin1').split('\r\n')[0] });
+        const headers = payload.toString('latin1');
+        frames.push({ conn, dir, t, kind: 'http', text: headers.split('\r\n')[0], headers });
       } else if (opcode === 1 || opcode === 0) {
         frames.push({ conn, dir, t, kind: 'text', text: payload.toString('utf8') });
+      } else if (opcode === 2) {
+        frames.push({ conn, dir, t, kind: 'binary', payload, text: payload.toString('hex') });
       } else if (opcode === 8) {
         const code = payload.length >= 2 ? payload.readUInt16BE(0) : undefined;
         frames.push({ conn, dir, t, kind: 'close', code, text: payload.subarray(2).toString('utf8') });

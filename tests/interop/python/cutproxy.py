@@ -23,9 +23,10 @@ class Frame:
     conn: int
     direction: str  # "C>S", "S>C" or "--"
     ms: int
-    kind: str  # "http", "text", "close", "cut"
+    kind: str  # "http", "text", "binary" (text is hex), "close", "cut"
     text: str
     code: Optional[int] = None
+    headers: str = ""  # the whole HTTP head, for "http" frames
 
 
 class _FrameDecoder:
@@ -102,10 +103,13 @@ class CutProxy:
     def _recorder(self, conn: int, direction: str) -> Callable[[bytes], None]:
         def on_frame(opcode: str, payload: bytes) -> None:
             if opcode == "http":
-                first = payload.decode("latin-1").split("\r\n", 1)[0]
-                self.frames.append(Frame(conn, direction, self._ms(), "http", first))
+                head = payload.decode("latin-1")
+                first = head.split("\r\n", 1)[0]
+                self.frames.append(Frame(conn, direction, self._ms(), "http", first, headers=head))
             elif opcode in ("0", "1"):
                 self.frames.append(Frame(conn, direction, self._ms(), "text", payload.decode("utf-8", "replace")))
+            elif opcode == "2":
+                self.frames.append(Frame(conn, direction, self._ms(), "binary", payload.hex()))
             elif opcode == "8":
                 code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
                 self.frames.append(

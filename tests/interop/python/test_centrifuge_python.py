@@ -427,3 +427,47 @@ def test_token_refresh_keeps_the_connection_past_expiry(server: HeraldInstance) 
         assert sub_log.offsets() == list(range(1, n + 1))
 
     run(server, scenario)
+
+
+def test_protobuf_encoding_receive_publish_history_and_recover(server: HeraldInstance) -> None:
+    """The same SDK with use_protobuf=True: subprotocol centrifuge-protobuf, binary frames."""
+
+    async def scenario(s: Session) -> None:
+        ch = channel("chat:")
+        client, log, proxy = await s.client("alice", use_protobuf=True)
+        sub_log = SubLog()
+        sub = client.new_subscription(ch, events=sub_log)
+        await client.connect()
+        await sub.subscribe()
+        await sub.ready(5)
+        upgrade = next(f for f in proxy.frames if f.direction == "S>C" and f.kind == "http")
+        assert re.search(r"(?im)^sec-websocket-protocol: centrifuge-protobuf\r?$", upgrade.headers), upgrade.headers
+
+        await publish_numbers(s.server, ch, [1, 2, 3])
+        await wait_for("publications 1..3", lambda: len(sub_log.pubs) >= 3, details=proxy.wire)
+        assert [json.loads(p.pub.data) for p in sub_log.pubs] == [{"n": 1}, {"n": 2}, {"n": 3}]
+        kinds = {f.kind for f in proxy.frames if f.direction == "S>C" and f.kind in ("text", "binary")}
+        assert kinds == {"binary"}, proxy.wire()
+
+        await sub.publish(json.dumps({"text": "from protobuf"}).encode())
+        await wait_for("own publication", lambda: len(sub_log.pubs) >= 4, details=proxy.wire)
+        own = sub_log.pubs[3].pub
+        assert json.loads(own.data) == {"text": "from protobuf"}
+        assert own.info is not None and own.info.user == "alice"
+        history = await sub.history(limit=10)
+        assert [p.offset for p in history.publications] == [1, 2, 3, 4]
+        stats = await sub.presence_stats()
+        assert (stats.num_clients, stats.num_users) == (1, 1)
+
+        proxy.cut(hold=True)
+        await wait_for("the SDK to notice the drop", lambda: log.names().count("connecting") >= 2, details=proxy.wire)
+        await publish_numbers(s.server, ch, [5, 6, 7])
+        await wait_for("the SDK to reconnect (held at the proxy)", lambda: proxy.held > 0, details=proxy.wire)
+        proxy.resume()
+        await wait_for("the resubscribe", lambda: len(sub_log.subscribed) >= 2, details=proxy.wire)
+        assert sub_log.subscribed[1].recovered is True, proxy.wire()
+        await wait_for("the missed publications", lambda: len(sub_log.pubs) >= 7, details=proxy.wire)
+        await asyncio.sleep(0.2)
+        assert sub_log.offsets() == list(range(1, 8)), proxy.wire()
+
+    run(server, scenario)

@@ -1,13 +1,14 @@
-//! The JSON encoding of the Centrifugo client protocol v2: commands from clients, replies and
-//! pushes to them. Field names follow `client.proto`; empty fields are omitted, as the
-//! official SDKs expect.
+//! The Centrifugo client protocol v2: commands from clients, results and pushes to them, as
+//! encoding-neutral types, and their JSON encoding (the Protobuf one is in [`super::proto`]).
+//! Field names follow `client.proto`; empty fields are omitted, as the official SDKs expect.
+//! Data fields hold a [`Payload`]: JSON text in the JSON encoding, any bytes in Protobuf.
 
 use std::collections::{BTreeMap, HashMap};
 
 use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use herald_core::publication::{ClientInfo, Payload, Publication, StreamPosition};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 /// One client command. A command with no method (`{}`) is a pong.
@@ -33,7 +34,8 @@ pub struct Command {
 pub struct ConnectRequest {
     #[serde(default)]
     pub token: String,
-    pub data: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "optional_json_payload")]
+    pub data: Option<Payload>,
     #[serde(default)]
     pub subs: HashMap<String, SubscribeRequest>,
     #[serde(default)]
@@ -54,7 +56,8 @@ pub struct SubscribeRequest {
     pub epoch: String,
     #[serde(default)]
     pub offset: u64,
-    pub data: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "optional_json_payload")]
+    pub data: Option<Payload>,
     #[serde(default)]
     pub positioned: bool,
     #[serde(default)]
@@ -77,7 +80,8 @@ pub struct ChannelRequest {
 pub struct PublishRequest {
     #[serde(default)]
     pub channel: String,
-    pub data: Box<RawValue>,
+    #[serde(deserialize_with = "json_payload")]
+    pub data: Payload,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,12 +97,14 @@ pub struct HistoryRequest {
 
 #[derive(Debug, Deserialize)]
 pub struct SendRequest {
-    pub data: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "optional_json_payload")]
+    pub data: Option<Payload>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct RpcRequest {
-    pub data: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "optional_json_payload")]
+    pub data: Option<Payload>,
     #[serde(default)]
     pub method: String,
 }
@@ -115,6 +121,25 @@ pub struct SubRefreshRequest {
     pub channel: String,
     #[serde(default)]
     pub token: String,
+}
+
+/// A JSON `data` field, kept as its text.
+fn json_payload<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
+    let raw = Box::<RawValue>::deserialize(deserializer)?;
+    Ok(Payload::Json(Bytes::from(String::from(Box::<str>::from(
+        raw,
+    )))))
+}
+
+fn optional_json_payload<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Payload>, D::Error> {
+    let raw = Option::<Box<RawValue>>::deserialize(deserializer)?;
+    Ok(raw.map(|raw| Payload::Json(Bytes::from(String::from(Box::<str>::from(raw))))))
+}
+
+fn serialize_payload<S: Serializer>(payload: &Payload, serializer: S) -> Result<S::Ok, S::Error> {
+    data_json(payload).serialize(serializer)
 }
 
 fn is_false(value: &bool) -> bool {
@@ -138,7 +163,7 @@ pub struct ConnectResult {
     #[serde(skip_serializing_if = "is_zero_u32")]
     pub ttl: u32,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub subs: BTreeMap<String, Box<RawValue>>,
+    pub subs: BTreeMap<String, SubscribeResult>,
     #[serde(skip_serializing_if = "is_zero_u32")]
     pub ping: u32,
     #[serde(skip_serializing_if = "is_false")]
@@ -206,7 +231,8 @@ pub struct Empty {}
 /// A publication as the protocol carries it.
 #[derive(Debug, Serialize)]
 pub struct WirePublication {
-    pub data: Box<RawValue>,
+    #[serde(serialize_with = "serialize_payload")]
+    pub data: Payload,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub info: Option<ClientInfo>,
     #[serde(skip_serializing_if = "is_zero")]
@@ -230,11 +256,38 @@ pub fn data_json(payload: &Payload) -> Box<RawValue> {
 impl From<&Publication> for WirePublication {
     fn from(publication: &Publication) -> Self {
         Self {
-            data: data_json(&publication.data),
+            data: publication.data.clone(),
             info: publication.info.as_deref().cloned(),
             offset: publication.offset,
             tags: publication.tags.clone(),
         }
+    }
+}
+
+/// A command's successful result, whatever the encoding.
+#[derive(Debug)]
+pub enum ResultBody<'a> {
+    Connect(&'a ConnectResult),
+    Subscribe(&'a SubscribeResult),
+    Unsubscribe,
+    Publish,
+    History(&'a HistoryResult),
+    Presence(&'a PresenceResult),
+    PresenceStats(&'a PresenceStatsResult),
+    Refresh(&'a RefreshResult),
+}
+
+/// The JSON reply for a result.
+pub fn json_reply(id: u32, body: &ResultBody<'_>) -> Bytes {
+    match body {
+        ResultBody::Connect(r) => reply(id, "connect", r),
+        ResultBody::Subscribe(r) => reply(id, "subscribe", r),
+        ResultBody::Unsubscribe => reply(id, "unsubscribe", &Empty {}),
+        ResultBody::Publish => reply(id, "publish", &Empty {}),
+        ResultBody::History(r) => reply(id, "history", r),
+        ResultBody::Presence(r) => reply(id, "presence", r),
+        ResultBody::PresenceStats(r) => reply(id, "presence_stats", r),
+        ResultBody::Refresh(r) => reply(id, "refresh", r),
     }
 }
 
@@ -261,16 +314,22 @@ struct ErrorBody<'a> {
     temporary: bool,
 }
 
-/// `{"id":N,"error":{"code":C,"message":M}}`.
-pub fn error_reply(id: u32, error: &herald_core::HeraldError) -> Bytes {
+/// What an error reply carries: code, message and whether retrying may help.
+pub fn error_fields(error: &herald_core::HeraldError) -> (u32, &'static str, bool) {
     let code = error.code;
     let temporary = matches!(
         code,
         herald_core::ErrorCode::Internal | herald_core::ErrorCode::TooManyRequests
     );
+    (code.as_u32(), code.message(), temporary)
+}
+
+/// `{"id":N,"error":{"code":C,"message":M}}`.
+pub fn error_reply(id: u32, error: &herald_core::HeraldError) -> Bytes {
+    let (code, message, temporary) = error_fields(error);
     let body = ErrorBody {
-        code: code.as_u32(),
-        message: code.message(),
+        code,
+        message,
         temporary,
     };
     let text = serde_json::to_string(&body).unwrap_or_default();

@@ -1,10 +1,12 @@
-//! One WebSocket connection speaking the Centrifugo protocol (JSON): connect, subscribe with
+//! One WebSocket connection speaking the Centrifugo protocol (JSON or Protobuf, see
+//! [`super::codec`]): connect, subscribe with
 //! recovery, unsubscribe, publish, history, presence, presence_stats, refresh, rpc, send,
 //! server pings with pong checks, and disconnects with the protocol's close codes.
 //!
 //! The connection has two halves: this reader task, which handles commands and owns the
 //! subscriptions, and a writer task that drains the connection's [`Outbound`] queue and writes
-//! everything queued in one frame (newline-separated JSON, as the protocol allows).
+//! everything queued in one frame (newline-separated JSON or back-to-back length-delimited
+//! Protobuf, as the protocol allows).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,18 +15,21 @@ use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::http::Uri;
 use axum::response::Response;
-use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use herald_core::auth::{self, Action, Authenticator, Credentials};
 use herald_core::hub::SubscriberId;
 use herald_core::namespace::NamespaceOptions;
 use herald_core::node::PublishRequest as NodePublish;
-use herald_core::publication::{ChannelEvent, ClientInfo, Payload, StreamPosition};
+use herald_core::publication::{ClientInfo, StreamPosition};
 use herald_core::store::HistoryQuery;
 use herald_core::{ChannelName, ErrorCode, HeraldError, Node};
 
-use super::protocol::{self, Command, SubscribeRequest, SubscribeResult, WirePublication};
+use super::codec::{Encoding, JSON_SUBPROTOCOL, PROTOBUF_SUBPROTOCOL, PushEncoder};
+use super::protocol::{
+    self, Command, ResultBody, SubscribeRequest, SubscribeResult, WirePublication,
+};
 use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame, Outbound};
 
 /// Real-time settings shared by every connection (`[client]` in config).
@@ -119,46 +124,24 @@ impl std::fmt::Debug for RealtimeState {
     }
 }
 
-/// `GET /connection/websocket`.
+/// `GET /connection/websocket`. The subprotocol `centrifuge-protobuf` (echoed back) or
+/// `?format=protobuf` selects the Protobuf encoding; JSON otherwise.
 pub async fn websocket_handler(
     ws: WebSocketUpgrade,
+    uri: Uri,
     State(state): State<Arc<RealtimeState>>,
 ) -> Response {
     let max = state.config.max_message_size;
+    let ws = ws.protocols([PROTOBUF_SUBPROTOCOL, JSON_SUBPROTOCOL]);
+    let subprotocol = ws.selected_protocol().and_then(|p| p.to_str().ok());
+    let encoding = Encoding::negotiate(subprotocol, uri.query());
     // Small buffers: the defaults (128 KiB each way) would dominate per-connection memory.
     ws.read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(state.config.max_queue_bytes.max(64 * 1024))
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| run_connection(socket, state))
-}
-
-/// Encodes channel events as protocol pushes; publications are encoded once per event
-/// (encoding slot 0) and shared by every JSON connection.
-pub struct JsonEncoder {
-    join_leave: bool,
-}
-
-/// The encoding slot of JSON protocol pushes.
-pub const JSON_PUSH_SLOT: usize = 0;
-
-impl EventEncoder for JsonEncoder {
-    fn encode(&self, event: &ChannelEvent) -> Option<Frame> {
-        let bytes = match event {
-            ChannelEvent::Publication(p) => p.encoded(JSON_PUSH_SLOT, |p| {
-                protocol::push(&p.channel, "pub", &WirePublication::from(&p.publication))
-            }),
-            ChannelEvent::Join { channel, info } if self.join_leave => {
-                protocol::push(channel, "join", &serde_json::json!({ "info": &**info }))
-            }
-            ChannelEvent::Leave { channel, info } if self.join_leave => {
-                protocol::push(channel, "leave", &serde_json::json!({ "info": &**info }))
-            }
-            _ => return None,
-        };
-        Some(bytes.into())
-    }
+        .on_upgrade(move |socket| run_connection(socket, state, encoding))
 }
 
 /// Subscribe flag: the SDK prefers error 112 to `recovered: false`.
@@ -172,6 +155,7 @@ struct Subscription {
 
 struct Session {
     state: Arc<RealtimeState>,
+    encoding: Encoding,
     outbound: Arc<Outbound>,
     client_id: String,
     credentials: Option<Credentials>,
@@ -180,7 +164,7 @@ struct Session {
     pong_deadline: Option<Instant>,
 }
 
-async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>) {
+async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: Encoding) {
     state.connections.fetch_add(1, Ordering::Relaxed);
     let (mut sink, mut stream) = socket.split();
     let outbound = Outbound::new(state.config.max_queue_bytes);
@@ -191,11 +175,7 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>) {
             frames.clear();
             match writer_queue.drain(&mut frames).await {
                 Ok(()) => {
-                    if sink
-                        .send(Message::Text(join_frames(&frames)))
-                        .await
-                        .is_err()
-                    {
+                    if sink.send(encoding.message(&frames)).await.is_err() {
                         writer_queue.close(CloseReason::WRITE_ERROR);
                         return;
                     }
@@ -214,6 +194,7 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>) {
     });
     let mut session = Session {
         state: state.clone(),
+        encoding,
         outbound: outbound.clone(),
         client_id: uuid::Uuid::new_v4().to_string(),
         credentials: None,
@@ -226,19 +207,6 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>) {
     // Give the writer a moment to flush the close frame, then stop it.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     state.connections.fetch_sub(1, Ordering::Relaxed);
-}
-
-/// Several queued messages go out as one text frame, one JSON object per line.
-fn join_frames(frames: &[Frame]) -> Utf8Bytes {
-    let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.bytes.len() + 1).sum());
-    for (i, frame) in frames.iter().enumerate() {
-        if i > 0 {
-            out.extend_from_slice(b"\n");
-        }
-        out.extend_from_slice(&frame.bytes);
-    }
-    // Every frame is JSON we produced, hence UTF-8.
-    Utf8Bytes::try_from(out.freeze()).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
 }
 
 impl Session {
@@ -280,15 +248,18 @@ impl Session {
                 }
                 message = stream.next() => match message {
                     Some(Ok(Message::Text(text))) => {
-                        if let Err(reason) = self.handle_frame(text.as_str()).await {
+                        let commands = self.encoding.decode_text(text.as_str());
+                        if let Err(reason) = self.handle_commands(commands).await {
                             self.outbound.close(reason);
                             return;
                         }
                     }
-                    Some(Ok(Message::Binary(_))) => {
-                        // Binary frames are the Protobuf encoding, which this endpoint does not speak yet.
-                        self.outbound.close(CloseReason::BAD_REQUEST);
-                        return;
+                    Some(Ok(Message::Binary(bytes))) => {
+                        let commands = self.encoding.decode_binary(&bytes);
+                        if let Err(reason) = self.handle_commands(commands).await {
+                            self.outbound.close(reason);
+                            return;
+                        }
                     }
                     Some(Ok(Message::Close(_))) | None => return,
                     Some(Ok(_)) => {}
@@ -303,7 +274,7 @@ impl Session {
                     }
                 },
                 _ = ping.tick(), if self.credentials.is_some() && !config.ping_interval.is_zero() => {
-                    self.outbound.push(Bytes::from_static(protocol::PING));
+                    self.outbound.push(self.encoding.ping());
                     if self.pong_deadline.is_none() {
                         self.pong_deadline = Some(Instant::now() + config.pong_timeout);
                     }
@@ -317,17 +288,38 @@ impl Session {
         }
     }
 
-    async fn handle_frame(&mut self, text: &str) -> Result<(), CloseReason> {
-        for line in text.split('\n').filter(|l| !l.trim().is_empty()) {
-            let command: Command =
-                serde_json::from_str(line).map_err(|_| CloseReason::BAD_REQUEST)?;
+    /// A frame that does not decode (wrong frame type for the encoding, bad JSON or
+    /// Protobuf) closes the connection as a bad request, after nothing in it was applied.
+    async fn handle_commands(
+        &mut self,
+        commands: Result<Vec<Command>, super::codec::Malformed>,
+    ) -> Result<(), CloseReason> {
+        let commands = commands.map_err(|_| CloseReason::BAD_REQUEST)?;
+        for command in commands {
             self.handle_command(command).await?;
         }
         Ok(())
     }
 
     fn reply_err(&self, id: u32, error: &HeraldError) {
-        self.outbound.push(protocol::error_reply(id, error));
+        self.outbound.push(self.encoding.error(id, error));
+    }
+
+    fn reply(&self, id: u32, body: ResultBody<'_>) {
+        self.outbound.push(self.encoding.reply(id, &body));
+    }
+
+    /// The reply for `outcome`: its result, or its error.
+    fn reply_with<T>(
+        &self,
+        id: u32,
+        outcome: Result<T, HeraldError>,
+        body: impl for<'r> FnOnce(&'r T) -> ResultBody<'r>,
+    ) {
+        match outcome {
+            Ok(result) => self.reply(id, body(&result)),
+            Err(error) => self.reply_err(id, &error),
+        }
     }
 
     async fn handle_command(&mut self, command: Command) -> Result<(), CloseReason> {
@@ -350,53 +342,36 @@ impl Session {
             }
         } else if let Some(request) = command.unsubscribe {
             self.unsubscribe(&request.channel).await;
-            self.outbound
-                .push(protocol::reply(id, "unsubscribe", &protocol::Empty {}));
+            self.reply(id, ResultBody::Unsubscribe);
         } else if let Some(request) = command.publish {
-            match self.publish(request).await {
-                Ok(()) => self
-                    .outbound
-                    .push(protocol::reply(id, "publish", &protocol::Empty {})),
-                Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
-            };
+            let outcome = self.publish(request).await;
+            self.reply_with(id, outcome, |()| ResultBody::Publish);
         } else if let Some(request) = command.history {
-            match self.history(request).await {
-                Ok(result) => self.outbound.push(protocol::reply(id, "history", &result)),
-                Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
-            };
+            let outcome = self.history(request).await;
+            self.reply_with(id, outcome, |r| ResultBody::History(r));
         } else if let Some(request) = command.presence {
-            match self.subscribed_for(&request.channel, Action::Presence) {
-                Ok(name) => match self.state.node.presence(name.as_str()).await {
-                    Ok(presence) => self.outbound.push(protocol::reply(
-                        id,
-                        "presence",
-                        &protocol::PresenceResult { presence },
-                    )),
-                    Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
-                },
-                Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
-            };
+            let outcome = match self.subscribed_for(&request.channel, Action::Presence) {
+                Ok(name) => self.state.node.presence(name.as_str()).await,
+                Err(error) => Err(error),
+            }
+            .map(|presence| protocol::PresenceResult { presence });
+            self.reply_with(id, outcome, |r| ResultBody::Presence(r));
         } else if let Some(request) = command.presence_stats {
-            match self.subscribed_for(&request.channel, Action::Presence) {
-                Ok(name) => match self.state.node.presence_stats(name.as_str()).await {
-                    Ok(stats) => self.outbound.push(protocol::reply(
-                        id,
-                        "presence_stats",
-                        &protocol::PresenceStatsResult {
-                            num_clients: stats.num_clients,
-                            num_users: stats.num_users,
-                        },
-                    )),
-                    Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
-                },
-                Err(error) => self.outbound.push(protocol::error_reply(id, &error)),
-            };
+            let outcome = match self.subscribed_for(&request.channel, Action::Presence) {
+                Ok(name) => self.state.node.presence_stats(name.as_str()).await,
+                Err(error) => Err(error),
+            }
+            .map(|stats| protocol::PresenceStatsResult {
+                num_clients: stats.num_clients,
+                num_users: stats.num_users,
+            });
+            self.reply_with(id, outcome, |r| ResultBody::PresenceStats(r));
         } else if let Some(request) = command.refresh {
             match self.state.authenticator.authenticate(&request.token) {
                 Ok(credentials) if credentials.user == self.user() => {
                     let result = self.refresh_result(&credentials);
                     self.credentials = Some(credentials);
-                    self.outbound.push(protocol::reply(id, "refresh", &result));
+                    self.reply(id, ResultBody::Refresh(&result));
                 }
                 Ok(_) => return Err(CloseReason::INVALID_TOKEN),
                 Err(error) if error.code == ErrorCode::TokenExpired => self.reply_err(id, &error),
@@ -500,9 +475,7 @@ impl Session {
             };
             match self.prepare_subscription(&sub).await {
                 Ok((name, sub_result, last)) => {
-                    let raw = serde_json::value::to_raw_value(&sub_result)
-                        .map_err(|_| CloseReason::BAD_REQUEST)?;
-                    result.subs.insert(channel, raw);
+                    result.subs.insert(channel, sub_result);
                     held.push((name, last));
                 }
                 Err(error) => {
@@ -512,7 +485,7 @@ impl Session {
         }
         // The connect reply carries every server-side subscription's recovered publications;
         // each channel's held live events follow it.
-        let mut reply = Some(protocol::reply(id, "connect", &result));
+        let mut reply = Some(self.encoding.reply(id, &ResultBody::Connect(&result)));
         for (name, last) in held {
             let encoder = self.encoder_for(&name);
             let replies = reply.take().map(Frame::from).into_iter().collect();
@@ -530,7 +503,10 @@ impl Session {
             .subscriptions
             .get(name.as_str())
             .is_some_and(|s| s.options.join_leave);
-        Arc::new(JsonEncoder { join_leave })
+        Arc::new(PushEncoder {
+            encoding: self.encoding,
+            join_leave,
+        })
     }
 
     /// Checks, registers and recovers a subscription; the caller queues the reply with
@@ -559,7 +535,8 @@ impl Session {
         let sink = Arc::new(ChannelSink {
             channel: channel.clone(),
             outbound: self.outbound.clone(),
-            encoder: Arc::new(JsonEncoder {
+            encoder: Arc::new(PushEncoder {
+                encoding: self.encoding,
                 join_leave: options.join_leave,
             }),
         });
@@ -642,7 +619,11 @@ impl Session {
         let encoder = self.encoder_for(&name);
         self.outbound.finish_recovery(
             name.as_arc(),
-            vec![protocol::reply(id, "subscribe", &result).into()],
+            vec![
+                self.encoding
+                    .reply(id, &ResultBody::Subscribe(&result))
+                    .into(),
+            ],
             last,
             &*encoder,
         );
@@ -680,8 +661,7 @@ impl Session {
             Action::Publish,
             self.subscriptions.contains_key(name.as_str()),
         )?;
-        let data = Payload::Json(Bytes::from(String::from(Box::<str>::from(request.data))));
-        let mut publish = NodePublish::new(name.as_str(), data);
+        let mut publish = NodePublish::new(name.as_str(), request.data);
         publish.info = self.info.clone();
         self.state.node.publish(publish).await.map(|_| ())
     }
