@@ -34,6 +34,10 @@ pub struct NamespaceOptions {
     pub allow_presence_for_subscriber: bool,
     /// How long an idempotency key is remembered.
     pub idempotency_window: HumanDuration,
+    /// A subscriber that falls behind gets only the newest queued publication of each channel
+    /// (the older ones still queued for it are dropped) instead of being disconnected as slow.
+    /// For "latest value wins" data: prices, positions, scores.
+    pub conflate: bool,
 }
 
 impl Default for NamespaceOptions {
@@ -48,6 +52,7 @@ impl Default for NamespaceOptions {
             allow_history_for_subscriber: false,
             allow_presence_for_subscriber: false,
             idempotency_window: HumanDuration::from_secs(300),
+            conflate: false,
         }
     }
 }

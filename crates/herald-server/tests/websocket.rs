@@ -494,6 +494,79 @@ async fn a_stalled_reader_is_cut_off_as_slow() {
 }
 
 #[tokio::test]
+async fn a_stalled_reader_in_a_conflating_namespace_gets_the_latest_and_stays() {
+    let mut config = config();
+    // No pings: the stalled client cannot answer them, and this test is about the queue.
+    config.client.ping_interval = herald_core::duration::HumanDuration::from_secs(0);
+    config
+        .namespaces
+        .push(herald_core::namespace::NamedNamespace {
+            name: "ticker".into(),
+            options: herald_core::NamespaceOptions {
+                conflate: true,
+                ..Default::default()
+            },
+        });
+    let server = TestServer::start_with(config, None).await;
+    let mut stalled = Client::connect(&server, "alice").await;
+    for channel in ["ticker:a", "ticker:b"] {
+        stalled.call("subscribe", json!({"channel": channel})).await;
+    }
+    // ~12 MB over two channels while the client reads nothing: far past the kernel buffers
+    // and the 256 KiB queue budget.
+    let chunk = "y".repeat(900);
+    let batches = 60;
+    for batch in 0..batches {
+        let commands: Vec<Value> = (0..200)
+            .map(|i| {
+                let channel = if i % 2 == 0 { "ticker:a" } else { "ticker:b" };
+                json!({"publish": {"channel": channel, "data": {"i": batch * 200 + i, "pad": chunk}}})
+            })
+            .collect();
+        let (status, _) = server.call("batch", json!({"commands": commands})).await;
+        assert_eq!(status, 200);
+    }
+    let last_a = batches * 200 - 2;
+    let last_b = batches * 200 - 1;
+    // Read until both channels' final publications arrived; never a close.
+    let mut received = std::collections::HashMap::<String, Vec<(u64, u64)>>::new();
+    loop {
+        let push = stalled.publication().await;
+        let channel = push["channel"].as_str().expect("channel").to_owned();
+        let offset = push["pub"]["offset"].as_u64().expect("offset");
+        let i = push["pub"]["data"]["i"].as_u64().expect("i");
+        received.entry(channel).or_default().push((offset, i));
+        let done = |ch: &str, last: u64| {
+            received
+                .get(ch)
+                .and_then(|v| v.last())
+                .is_some_and(|&(_, i)| i == last)
+        };
+        if done("ticker:a", last_a) && done("ticker:b", last_b) {
+            break;
+        }
+    }
+    let total: usize = received.values().map(Vec::len).sum();
+    assert!(
+        total < (batches * 200) as usize,
+        "some publications were conflated away ({total} delivered)"
+    );
+    for (channel, pubs) in &received {
+        assert!(
+            pubs.windows(2).all(|w| w[0].0 < w[1].0),
+            "{channel}: offsets only move forward"
+        );
+    }
+    // Still connected and usable.
+    assert!(
+        stalled
+            .call("presence_stats", json!({"channel": "ticker:a"}))
+            .await["error"]["code"]
+            == 103
+    );
+}
+
+#[tokio::test]
 async fn a_burst_of_subscribes_is_bounded() {
     let mut config = config();
     config.client.max_subscriptions = 100;

@@ -295,6 +295,7 @@ impl OneWaySession {
                 channel: channel.clone(),
                 outbound: outbound.clone(),
                 encoder: encoder.clone(),
+                conflate: options.conflate,
             });
             let id = state.node.subscribe(&name, sink).await.map_err(fail)?;
             session.registered.push(Registered {

@@ -1,7 +1,8 @@
 //! A connection's outbound queue: encoded frames waiting for the socket, bounded in bytes.
 //!
 //! Owns the per-connection delivery state: the byte budget (guarantee 5: a subscriber that
-//! falls behind is cut off with the "slow" reason instead of growing memory), per-channel
+//! falls behind is cut off with the "slow" reason instead of growing memory, or, for channels
+//! of namespaces with `conflate`, keeps only the newest queued publication per channel), per-channel
 //! de-duplication by offset, and the recovery gate that holds live publications back while a
 //! subscription's missed publications are being read, so a resumed stream has no gap and no
 //! repeat. Transports write what [`Outbound::drain`] hands them, several frames per write.
@@ -97,6 +98,9 @@ pub struct FramePosition {
 pub struct Frame {
     pub bytes: Bytes,
     pub position: Option<FramePosition>,
+    /// Set on publications of conflating channels: when the queue is over budget, an older
+    /// queued frame with the same key is superseded by a newer one.
+    pub conflate_key: Option<Arc<str>>,
 }
 
 impl From<Bytes> for Frame {
@@ -104,6 +108,7 @@ impl From<Bytes> for Frame {
         Self {
             bytes,
             position: None,
+            conflate_key: None,
         }
     }
 }
@@ -181,7 +186,9 @@ impl Outbound {
         if state.closed.is_some() {
             return false;
         }
-        if state.bytes + frame.bytes.len() > self.max_bytes {
+        if state.bytes + frame.bytes.len() > self.max_bytes
+            && !Self::conflate_locked(state, &frame, self.max_bytes)
+        {
             self.close_locked(state, CloseReason::SLOW);
             return false;
         }
@@ -189,6 +196,37 @@ impl Outbound {
         state.frames.push_back(frame);
         self.ready.notify_one();
         true
+    }
+
+    /// Makes room for `incoming` by dropping superseded publications of conflating channels:
+    /// first the queued ones `incoming` replaces, then every one but the newest per channel.
+    /// True if `incoming` now fits. Only runs when the queue is over budget.
+    fn conflate_locked(state: &mut State, incoming: &Frame, max_bytes: usize) -> bool {
+        let fits = |state: &State| state.bytes + incoming.bytes.len() <= max_bytes;
+        if let Some(key) = &incoming.conflate_key {
+            state
+                .frames
+                .retain(|frame| frame.conflate_key.as_ref() != Some(key));
+            state.bytes = state.frames.iter().map(|f| f.bytes.len()).sum();
+            if fits(state) {
+                return true;
+            }
+        }
+        // Keep the newest frame of each key: walk from the back, drop keys already seen.
+        let mut seen = std::collections::HashSet::new();
+        let mut kept = VecDeque::with_capacity(state.frames.len());
+        while let Some(frame) = state.frames.pop_back() {
+            let superseded = frame
+                .conflate_key
+                .as_ref()
+                .is_some_and(|key| !seen.insert(key.clone()));
+            if !superseded {
+                kept.push_front(frame);
+            }
+        }
+        state.frames = kept;
+        state.bytes = state.frames.iter().map(|f| f.bytes.len()).sum();
+        fits(state)
     }
 
     /// Queues a frame that is not a channel event (a reply, a ping). False if closed.
@@ -269,15 +307,24 @@ impl Outbound {
         true
     }
 
-    /// Queues a live event for `channel`, or holds it while the channel recovers.
+    /// Queues a live event for `channel`, or holds it while the channel recovers. With
+    /// `conflate`, a publication may later be superseded by a newer one of the same channel
+    /// if the queue goes over budget.
     pub fn deliver(
         &self,
         channel: &Arc<str>,
         event: &ChannelEvent,
         encoder: &dyn EventEncoder,
+        conflate: bool,
     ) -> Delivery {
         // Encode outside the lock: the first subscriber pays, the rest share the cached bytes.
-        let frame = encoder.encode(event);
+        let mut frame = encoder.encode(event);
+        if conflate
+            && matches!(event, ChannelEvent::Publication(_))
+            && let Some(frame) = frame.as_mut()
+        {
+            frame.conflate_key = Some(channel.clone());
+        }
         let mut state = self.state.lock();
         if state.closed.is_some() {
             return Delivery::Closed;
@@ -339,11 +386,14 @@ pub struct ChannelSink {
     pub channel: Arc<str>,
     pub outbound: Arc<Outbound>,
     pub encoder: Arc<dyn EventEncoder>,
+    /// The channel's namespace conflates publications for subscribers that fall behind.
+    pub conflate: bool,
 }
 
 impl Subscriber for ChannelSink {
     fn deliver(&self, event: &ChannelEvent) -> Delivery {
-        self.outbound.deliver(&self.channel, event, &*self.encoder)
+        self.outbound
+            .deliver(&self.channel, event, &*self.encoder, self.conflate)
     }
 }
 
@@ -394,7 +444,7 @@ mod tests {
         // Live publications 4..=6 arrive while history (up to 5) is being read.
         for offset in 4..=6 {
             assert_eq!(
-                outbound.deliver(&channel, &publication(&channel, offset), &Offsets),
+                outbound.deliver(&channel, &publication(&channel, offset), &Offsets, false),
                 Delivery::Queued
             );
         }
@@ -405,8 +455,8 @@ mod tests {
             5,
             &Offsets,
         );
-        outbound.deliver(&channel, &publication(&channel, 7), &Offsets);
-        outbound.deliver(&channel, &publication(&channel, 7), &Offsets);
+        outbound.deliver(&channel, &publication(&channel, 7), &Offsets, false);
+        outbound.deliver(&channel, &publication(&channel, 7), &Offsets, false);
         assert_eq!(drained(&outbound).await, vec!["reply:3,4,5", "6", "7"]);
     }
 
@@ -415,18 +465,43 @@ mod tests {
         let outbound = Outbound::new(10);
         let channel: Arc<str> = Arc::from("c");
         for offset in 1..=9 {
-            outbound.deliver(&channel, &publication(&channel, offset), &Offsets);
+            outbound.deliver(&channel, &publication(&channel, offset), &Offsets, false);
         }
         assert_eq!(
-            outbound.deliver(&channel, &publication(&channel, 10), &Offsets),
+            outbound.deliver(&channel, &publication(&channel, 10), &Offsets, false),
             Delivery::Dropped
         );
         assert_eq!(
-            outbound.deliver(&channel, &publication(&channel, 11), &Offsets),
+            outbound.deliver(&channel, &publication(&channel, 11), &Offsets, false),
             Delivery::Closed
         );
         let mut out = Vec::new();
         assert_eq!(outbound.drain(&mut out).await, Err(CloseReason::SLOW));
         assert_eq!(outbound.queued_bytes(), 0, "memory released on close");
+    }
+
+    #[tokio::test]
+    async fn conflation_keeps_the_newest_publication_per_channel_and_other_frames() {
+        // Room for four one-byte frames.
+        let outbound = Outbound::new(4);
+        let a: Arc<str> = Arc::from("a");
+        let b: Arc<str> = Arc::from("b");
+        outbound.deliver(&a, &publication(&a, 1), &Offsets, true);
+        outbound.deliver(&b, &publication(&b, 2), &Offsets, true);
+        assert!(outbound.push(Bytes::from_static(b"r")), "a reply");
+        outbound.deliver(&a, &publication(&a, 3), &Offsets, true);
+        // Over budget: a's offset 1 is superseded by 5; b's 2 and the reply stay.
+        assert_eq!(
+            outbound.deliver(&a, &publication(&a, 5), &Offsets, true),
+            Delivery::Queued
+        );
+        assert_eq!(outbound.closed(), None, "conflated, not disconnected");
+        assert_eq!(drained(&outbound).await, vec!["2", "r", "5"]);
+        // Frames that cannot be conflated still close the connection as slow.
+        for reply in [b"1", b"2", b"3", b"4"] {
+            outbound.push(Bytes::from_static(reply));
+        }
+        assert!(!outbound.push(Bytes::from_static(b"5")));
+        assert_eq!(outbound.closed(), Some(CloseReason::SLOW));
     }
 }

@@ -59,7 +59,11 @@ fn publication_frame(
         offset: publication.offset,
         epoch: epoch.clone(),
     });
-    Frame { bytes, position }
+    Frame {
+        bytes,
+        position,
+        conflate_key: None,
+    }
 }
 
 fn encode_publication(channel: &str, publication: &Publication) -> Bytes {

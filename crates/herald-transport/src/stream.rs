@@ -75,7 +75,11 @@ pub(crate) fn publication_frame(
         offset: publication.offset,
         epoch: epoch.clone(),
     });
-    Frame { bytes, position }
+    Frame {
+        bytes,
+        position,
+        conflate_key: None,
+    }
 }
 
 pub(crate) struct NdjsonEncoder {

@@ -539,6 +539,7 @@ impl Session {
                 encoding: self.encoding,
                 join_leave: options.join_leave,
             }),
+            conflate: options.conflate,
         });
         let id = match self.state.node.subscribe(&name, sink).await {
             Ok(id) => id,
