@@ -238,35 +238,47 @@ impl OneWaySession {
         encoder: impl Fn(&NamespaceOptions) -> Arc<dyn EventEncoder>,
         encode_recovered: impl Fn(&Arc<str>, &Arc<str>, &Publication) -> Frame,
     ) -> Result<Started, Response> {
-        let fail = |error: HeraldError| error_response(status_for(&error), &error);
+        Self::try_start(state, request, encoder, encode_recovered)
+            .await
+            .map_err(|error| error_response(status_for(&error), &error))
+    }
+
+    /// [`Self::start`] for transports that are already past their HTTP response (a
+    /// WebSocket told its channels in its first message): errors are returned as they are.
+    pub async fn try_start(
+        state: Arc<RealtimeState>,
+        request: OneWayRequest,
+        encoder: impl Fn(&NamespaceOptions) -> Arc<dyn EventEncoder>,
+        encode_recovered: impl Fn(&Arc<str>, &Arc<str>, &Publication) -> Frame,
+    ) -> Result<Started, HeraldError> {
         let credentials = match &request.token {
-            Some(token) => state.authenticator.authenticate(token).map_err(fail)?,
+            Some(token) => state.authenticator.authenticate(token)?,
             None if state.config.allow_anonymous => Credentials::anonymous(),
             None => {
-                return Err(fail(HeraldError::new(
+                return Err(HeraldError::new(
                     ErrorCode::Unauthorized,
                     "a token is required: Authorization: Bearer, ?token= or the herald_token cookie",
-                )));
+                ));
             }
         };
         if request.channels.is_empty() || request.channels.len() > MAX_CHANNELS {
-            return Err(fail(HeraldError::bad_request(format!(
+            return Err(HeraldError::bad_request(format!(
                 "name 1 to {MAX_CHANNELS} channels with ?channel="
-            ))));
+            )));
         }
         let mut checked = Vec::with_capacity(request.channels.len());
         for channel in &request.channels {
-            let (name, options) = state.node.resolve(channel).map_err(fail)?;
-            auth::check(&credentials, &name, &options, Action::Subscribe, false).map_err(fail)?;
+            let (name, options) = state.node.resolve(channel)?;
+            auth::check(&credentials, &name, &options, Action::Subscribe, false)?;
             if checked.iter().any(|(n, _): &(ChannelName, _)| n == &name) {
-                return Err(fail(HeraldError::bad_request(format!(
+                return Err(HeraldError::bad_request(format!(
                     "channel {channel:?} is listed twice"
-                ))));
+                )));
             }
             checked.push((name, options));
         }
         let since = match &request.cursor {
-            Some(text) => Some(parse_cursor(text, checked.len()).map_err(fail)?),
+            Some(text) => Some(parse_cursor(text, checked.len())?),
             None => None,
         };
         state.connections.fetch_add(1, Ordering::Relaxed);
@@ -297,7 +309,7 @@ impl OneWaySession {
                 encoder: encoder.clone(),
                 conflate: options.conflate,
             });
-            let id = state.node.subscribe(&name, sink).await.map_err(fail)?;
+            let id = state.node.subscribe(&name, sink).await?;
             session.registered.push(Registered {
                 name: name.clone(),
                 options: options.clone(),
@@ -317,8 +329,7 @@ impl OneWaySession {
                 let recovery = state
                     .node
                     .recover(name.as_str(), since, state.config.recovery_max_publications)
-                    .await
-                    .map_err(fail)?;
+                    .await?;
                 let epoch: Arc<str> = Arc::from(recovery.position.epoch.as_str());
                 if recovery.recovered {
                     frames = recovery
@@ -355,8 +366,7 @@ impl OneWaySession {
                             ..HistoryQuery::default()
                         },
                     )
-                    .await
-                    .map_err(fail)?
+                    .await?
                     .position;
                 (
                     top.clone(),

@@ -3,7 +3,7 @@
 - Server-Sent Events (`/connection/sse`) read with `sseclient-py` over a `requests` stream,
   resumed with `Last-Event-ID` (the last `id:` seen);
 - the uni-directional WebSocket (`/connection/uni_websocket`) with `websockets`, resumed with
-  `?since=<cursor>`;
+  `?since=<cursor>` or with the cursor in the first message;
 - long-poll (`/connection/poll`) and HTTP streaming (`/connection/stream`, NDJSON) with plain
   `requests`.
 
@@ -364,7 +364,10 @@ def test_long_poll_waits_for_publications_and_catches_up_with_the_cursor(server:
 # Uni-directional WebSocket with websockets
 
 
-def test_uni_websocket_resumes_with_since_exactly_the_missed_publications(server: HeraldInstance) -> None:
+@pytest.mark.parametrize("resume_via", ["url", "first_message"])
+def test_uni_websocket_resumes_with_since_exactly_the_missed_publications(server: HeraldInstance, resume_via: str) -> None:
+    """Resumes with `?since=` in the URL, or with nothing in the URL and the channels, token and
+    cursor in the first message the client sends."""
     # websockets.asyncio.client is the implementation of websockets >= 13 (pinned: 17.4).
     assert int(websockets.__version__.split(".")[0]) >= 13, websockets.__version__
     a, b = two_channels("uniws")
@@ -404,7 +407,13 @@ def test_uni_websocket_resumes_with_since_exactly_the_missed_publications(server
         # Closed by the client; publish while away.
         await loop.run_in_executor(None, publish, server, interleaved(a, b, [4], [102, 103, 104]))
         log.clear()
-        async with ws_connect(url(since=cursor)) as ws:
+        if resume_via == "url":
+            resumed = ws_connect(url(since=cursor))
+        else:
+            resumed = ws_connect(base)
+        async with resumed as ws:
+            if resume_via == "first_message":
+                await ws.send(json.dumps({"channels": [a, b], "token": token, "since": cursor}))
             (connected,) = await take(ws, "connected", 1, "connected after resuming", log)
             for ch in (a, b):
                 assert connected["channels"][ch].get("recovered") is True, connected
