@@ -32,10 +32,12 @@ impl Credentials {
     }
 }
 
-/// Turns a connection token into credentials (JWT verification in the server).
+/// Turns a connection token into credentials (JWT verification in the server). Async: a
+/// verifier may have to fetch keys (a JWKS) first.
+#[async_trait::async_trait]
 pub trait Authenticator: Send + Sync + 'static {
     /// `Err` with `ErrorCode::TokenExpired` for an expired token, `Unauthorized` otherwise.
-    fn authenticate(&self, token: &str) -> Result<Credentials, HeraldError>;
+    async fn authenticate(&self, token: &str) -> Result<Credentials, HeraldError>;
 }
 
 /// What a client asks to do on a channel.

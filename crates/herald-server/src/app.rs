@@ -23,7 +23,7 @@ use herald_transport::ws::{RealtimeState, websocket_handler};
 
 use crate::auth::ApiKeys;
 use crate::config::Config;
-use crate::jwt::HmacAuthenticator;
+use crate::jwt::TokenVerifier;
 use crate::metrics::Metrics;
 
 /// Everything a request handler may use.
@@ -43,7 +43,7 @@ impl AppState {
     pub fn new(node: Node, config: Config, api_keys: ApiKeys) -> Self {
         let realtime = Arc::new(RealtimeState::new(
             node.clone(),
-            Arc::new(HmacAuthenticator::new(&config.token.hmac_secret)),
+            Arc::new(TokenVerifier::from_config(&config.token)),
             config.client.realtime(),
         ));
         Self {

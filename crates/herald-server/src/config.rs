@@ -72,11 +72,56 @@ pub struct ApiConfig {
     pub keys: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenConfig {
-    /// HMAC secret that signs and verifies connection tokens (HS256).
+    /// HMAC secret that signs and verifies tokens (with `hmac_algorithm`).
     pub hmac_secret: String,
+    /// The algorithm `hmac_secret` verifies: HS256 (default), HS384 or HS512.
+    pub hmac_algorithm: String,
+    /// When set, tokens must carry this `aud`.
+    pub audience: String,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: String,
+    /// More verification keys, each pinned to one algorithm.
+    pub keys: Vec<TokenKey>,
+    /// A JWKS document to fetch public keys from (refreshed on an unknown `kid`).
+    pub jwks_url: String,
+    /// Least time between two JWKS fetches (bounds what unknown `kid`s can cause).
+    pub jwks_min_refresh: HumanDuration,
+    /// How long a fetched JWKS is used before it is fetched again.
+    pub jwks_cache_ttl: HumanDuration,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            hmac_secret: String::new(),
+            hmac_algorithm: "HS256".into(),
+            audience: String::new(),
+            issuer: String::new(),
+            keys: Vec::new(),
+            jwks_url: String::new(),
+            jwks_min_refresh: HumanDuration::from_secs(30),
+            jwks_cache_ttl: HumanDuration::from_secs(3600),
+        }
+    }
+}
+
+/// One verification key from config (`[[token.keys]]`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenKey {
+    /// Matches the token header's `kid`; a token without `kid` is tried against every key.
+    pub kid: String,
+    /// RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, HS256, HS384 or HS512.
+    pub algorithm: String,
+    /// The public key in PEM (RSA, EC or Ed25519 algorithms).
+    pub public_key: String,
+    /// A file holding the PEM public key, instead of `public_key`.
+    pub public_key_file: PathBuf,
+    /// The shared secret (HS algorithms), at least 32 characters.
+    pub secret: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,6 +337,10 @@ impl Config {
                 "token.hmac_secret must be at least 32 characters".into(),
             ));
         }
+        // Builds every configured key, so a bad PEM or algorithm fails start-up and
+        // `herald check-config`, naming the key.
+        crate::jwt::KeySet::from_config(&self.token)
+            .map_err(|error| ConfigError::Invalid(error.to_string()))?;
         if self.storage.max_batch == 0 || self.storage.readers == 0 {
             return Err(ConfigError::Invalid(
                 "storage.max_batch and storage.readers must be above 0".into(),

@@ -252,7 +252,7 @@ impl OneWaySession {
         encode_recovered: impl Fn(&Arc<str>, &Arc<str>, &Publication) -> Frame,
     ) -> Result<Started, HeraldError> {
         let credentials = match &request.token {
-            Some(token) => state.authenticator.authenticate(token)?,
+            Some(token) => state.authenticator.authenticate(token).await?,
             None if state.config.allow_anonymous => Credentials::anonymous(),
             None => {
                 return Err(HeraldError::new(

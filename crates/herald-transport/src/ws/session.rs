@@ -367,7 +367,7 @@ impl Session {
             });
             self.reply_with(id, outcome, |r| ResultBody::PresenceStats(r));
         } else if let Some(request) = command.refresh {
-            match self.state.authenticator.authenticate(&request.token) {
+            match self.state.authenticator.authenticate(&request.token).await {
                 Ok(credentials) if credentials.user == self.user() => {
                     let result = self.refresh_result(&credentials);
                     self.credentials = Some(credentials);
@@ -433,7 +433,7 @@ impl Session {
             }
             Credentials::anonymous()
         } else {
-            match self.state.authenticator.authenticate(&request.token) {
+            match self.state.authenticator.authenticate(&request.token).await {
                 Ok(credentials) => credentials,
                 Err(error) if error.code == ErrorCode::TokenExpired => {
                     // The SDK refreshes its token and reconnects on this error.
