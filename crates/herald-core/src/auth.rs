@@ -32,12 +32,37 @@ impl Credentials {
     }
 }
 
-/// Turns a connection token into credentials (JWT verification in the server). Async: a
-/// verifier may have to fetch keys (a JWKS) first.
+/// What a verified subscription token grants: `user` may subscribe to `channel`.
+#[derive(Clone, Debug, Default)]
+pub struct SubscriptionGrant {
+    /// The token's `sub`: must be the connection's user.
+    pub user: String,
+    /// The one channel the token is for.
+    pub channel: String,
+    /// Expiry as Unix seconds; `None` never expires.
+    pub expires_at: Option<u64>,
+    /// Channel-specific info shown in presence, join/leave and publications (`chan_info`).
+    pub info: Option<Box<RawValue>>,
+}
+
+/// Turns tokens into credentials (JWT verification in the server). Async: a verifier may
+/// have to fetch keys (a JWKS) first.
 #[async_trait::async_trait]
 pub trait Authenticator: Send + Sync + 'static {
-    /// `Err` with `ErrorCode::TokenExpired` for an expired token, `Unauthorized` otherwise.
+    /// A connection token. `Err` with `ErrorCode::TokenExpired` for an expired token,
+    /// `Unauthorized` otherwise.
     async fn authenticate(&self, token: &str) -> Result<Credentials, HeraldError>;
+
+    /// A subscription token (it names a `channel`); the same errors.
+    async fn authenticate_subscription(
+        &self,
+        _token: &str,
+    ) -> Result<SubscriptionGrant, HeraldError> {
+        Err(HeraldError::new(
+            ErrorCode::Unauthorized,
+            "subscription tokens are not supported",
+        ))
+    }
 }
 
 /// What a client asks to do on a channel.
@@ -70,6 +95,9 @@ pub fn check(
                 return denied("the channel is limited to other users");
             }
             let granted_by_token = credentials.channels.iter().any(|c| c == channel.as_str());
+            if options.require_subscription_token && !granted_by_token {
+                return denied("this namespace needs a subscription token");
+            }
             if credentials.is_anonymous()
                 && !options.allow_subscribe_for_anonymous
                 && !granted_by_token
@@ -212,6 +240,26 @@ mod tests {
             &granted,
             &channel("news"),
             &closed,
+            Action::Subscribe,
+            false
+        )));
+        // A namespace that needs subscription tokens: only the connection token's channels
+        // pass the check (a subscription token is verified by the transport instead).
+        let private = NamespaceOptions {
+            require_subscription_token: true,
+            ..NamespaceOptions::default()
+        };
+        assert!(!ok(check(
+            &alice,
+            &channel("news"),
+            &private,
+            Action::Subscribe,
+            false
+        )));
+        assert!(ok(check(
+            &granted,
+            &channel("news"),
+            &private,
             Action::Subscribe,
             false
         )));

@@ -38,6 +38,9 @@ pub struct NamespaceOptions {
     /// (the older ones still queued for it are dropped) instead of being disconnected as slow.
     /// For "latest value wins" data: prices, positions, scores.
     pub conflate: bool,
+    /// Subscribing needs a subscription token for the channel (or the channel listed in the
+    /// connection token's `channels`): for private channels the application decides on.
+    pub require_subscription_token: bool,
 }
 
 impl Default for NamespaceOptions {
@@ -53,6 +56,7 @@ impl Default for NamespaceOptions {
             allow_presence_for_subscriber: false,
             idempotency_window: HumanDuration::from_secs(300),
             conflate: false,
+            require_subscription_token: false,
         }
     }
 }

@@ -43,6 +43,18 @@ fn config() -> Config {
     config
 }
 
+fn sub_token(user: &str, channel: &str, exp_in: i64) -> String {
+    let now = herald_core::time::now_ms() as i64 / 1000;
+    let claims =
+        json!({"sub": user, "channel": channel, "exp": now + exp_in, "info": {"role": "member"}});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
 fn token(user: &str, exp_in: i64) -> String {
     let now = herald_core::time::now_ms() as i64 / 1000;
     let claims = json!({"sub": user, "exp": now + exp_in, "info": {"name": user}});
@@ -564,6 +576,115 @@ async fn a_stalled_reader_in_a_conflating_namespace_gets_the_latest_and_stays() 
             .await["error"]["code"]
             == 103
     );
+}
+
+#[tokio::test]
+async fn subscription_tokens_grant_refresh_and_expire() {
+    let mut config = config();
+    config
+        .namespaces
+        .push(herald_core::namespace::NamedNamespace {
+            name: "private".into(),
+            options: herald_core::NamespaceOptions {
+                require_subscription_token: true,
+                presence: true,
+                allow_presence_for_subscriber: true,
+                ..Default::default()
+            },
+        });
+    let server = TestServer::start_with(config, None).await;
+    let mut alice = Client::connect(&server, "alice").await;
+    let channel = "private:room";
+    let code = |reply: &Value| reply["error"]["code"].as_u64();
+    // No token: the namespace refuses (103). Tokens for someone else or another channel:
+    // 103. Expired: 109 (the SDKs fetch a new one). Garbage: 101.
+    let attempts = [
+        (json!({"channel": channel}), 103),
+        (
+            json!({"channel": channel, "token": sub_token("bob", channel, 60)}),
+            103,
+        ),
+        (
+            json!({"channel": channel, "token": sub_token("alice", "private:other", 60)}),
+            103,
+        ),
+        (
+            json!({"channel": channel, "token": sub_token("alice", channel, -5)}),
+            109,
+        ),
+        (json!({"channel": channel, "token": "not.a.token"}), 101),
+        (
+            json!({"channel": channel, "token": token("alice", 60)}),
+            101,
+        ),
+    ];
+    for (request, expected) in attempts {
+        let reply = alice.call("subscribe", request.clone()).await;
+        assert_eq!(code(&reply), Some(expected), "{request}: {reply}");
+    }
+    // A good token (2 s): subscribed, told when it expires; chan_info shows in presence.
+    let reply = alice
+        .call(
+            "subscribe",
+            json!({"channel": channel, "token": sub_token("alice", channel, 2)}),
+        )
+        .await;
+    assert_eq!(reply["subscribe"]["expires"], true, "{reply}");
+    assert!(
+        reply["subscribe"]["ttl"].as_u64().is_some_and(|t| t <= 2),
+        "{reply}"
+    );
+    let presence = alice.call("presence", json!({"channel": channel})).await;
+    let me = presence["presence"]["presence"]
+        .as_object()
+        .and_then(|m| m.values().next().cloned())
+        .expect("alice is present");
+    assert_eq!(me["chan_info"], json!({"role": "member"}), "{presence}");
+    // sub_refresh with a new token extends it; a token for another channel does not.
+    let refreshed = alice
+        .call(
+            "sub_refresh",
+            json!({"channel": channel, "token": sub_token("alice", channel, 60)}),
+        )
+        .await;
+    assert_eq!(refreshed["sub_refresh"]["expires"], true, "{refreshed}");
+    assert!(
+        refreshed["sub_refresh"]["ttl"]
+            .as_u64()
+            .is_some_and(|t| t > 50)
+    );
+    let wrong = alice
+        .call(
+            "sub_refresh",
+            json!({"channel": channel, "token": sub_token("alice", "private:x", 60)}),
+        )
+        .await;
+    assert_eq!(code(&wrong), Some(103));
+    // Refreshed to 60 s: still subscribed after the first token (2 s + 1 s grace) is gone.
+    alice.pump(Duration::from_millis(3500)).await;
+    publish(&server, channel, 1).await;
+    assert_eq!(alice.publication().await["pub"]["data"]["n"], 1);
+
+    // Bob's token expires and is not refreshed: the server unsubscribes him with 2501.
+    let mut bob = Client::connect(&server, "bob").await;
+    let reply = bob
+        .call(
+            "subscribe",
+            json!({"channel": channel, "token": sub_token("bob", channel, 1)}),
+        )
+        .await;
+    assert_eq!(reply["subscribe"]["expires"], true, "{reply}");
+    let unsubscribed = loop {
+        let message = bob.next().await;
+        if !message["push"]["unsubscribe"].is_null() {
+            break message;
+        }
+    };
+    assert_eq!(unsubscribed["push"]["channel"], channel);
+    assert_eq!(unsubscribed["push"]["unsubscribe"]["code"], 2501);
+    // Bob is no longer subscribed (presence needs a subscription), but still connected.
+    let reply = bob.call("presence", json!({"channel": channel})).await;
+    assert_eq!(code(&reply), Some(103), "{reply}");
 }
 
 #[tokio::test]

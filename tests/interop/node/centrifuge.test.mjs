@@ -267,6 +267,48 @@ describe('centrifuge-js (Node) against herald serve', { timeout: 240_000 }, () =
     assert.deepEqual(offsets(), [1, 2, 3, 4 + missed], `nothing of the gap is delivered\n${wire()}`);
   });
 
+  test('subscription tokens: private channel needs one; a 3-second token is refreshed by the SDK', async () => {
+    const { client, proxy, wire } = await newClient('alice');
+    client.connect();
+    await client.ready(5000);
+
+    // Without a token the private namespace refuses the subscription (103).
+    const refused = newSub(client, channel('private:'));
+    refused.sub.subscribe();
+    await waitFor('the refusal', () => refused.log.events.some((e) => e.name === 'error' || e.name === 'unsubscribed'), { details: wire });
+    const failure = refused.log.events.find((e) => e.name === 'error' || e.name === 'unsubscribed');
+    assert.equal(failure.ctx.error?.code ?? failure.ctx.code, 103, JSON.stringify(failure.ctx));
+    refused.sub.unsubscribe();
+
+    // With getToken the SDK fetches a subscription token for the channel, and a new one
+    // (sent as sub_refresh) before each expires: the subscription lives on past 3 s.
+    const ch = channel('private:');
+    const asked = [];
+    const { sub, log } = newSub(client, ch, {
+      getToken: async (ctx) => {
+        asked.push(ctx.channel);
+        return mintToken(server.hmacSecret, { sub: 'alice', channel: ctx.channel, ttlSeconds: 3, info: { seat: 7 } });
+      },
+    });
+    sub.subscribe();
+    await sub.ready(5000);
+    const presence = await sub.presence();
+    assert.deepEqual(Object.values(presence.clients)[0].chanInfo, { seat: 7 }, 'chan_info from the token');
+    let n = 0;
+    const started = Date.now();
+    while (Date.now() - started < 8000) {
+      await publishNumbers(server, ch, [++n]);
+      await sleep(250);
+    }
+    await waitFor('every publication', () => log.pubs.length >= n, { details: wire });
+    assert.deepEqual(log.pubs.map((p) => p.data.n), range(1, n), wire());
+    assert.ok(asked.length >= 3, `the SDK refreshed its subscription token (${asked.length} tokens)`);
+    assert.ok(asked.every((c) => c === ch));
+    assert.equal(log.subscribed.length, 1, 'never resubscribed: sub_refresh kept it alive');
+    const refreshes = proxy.frames.filter((f) => f.dir === 'C>S' && f.text.includes('"sub_refresh"'));
+    assert.ok(refreshes.length >= 2, wire());
+  });
+
   test('token refresh: a 5-second token with getToken keeps the connection past expiry', async () => {
     // No initial token: the SDK gets every token (the first one and the refreshes) from getToken.
     let tokens = 0;

@@ -75,8 +75,10 @@ const b64url = (value) => Buffer.from(typeof value === 'string' ? value : JSON.s
  * An HS256 connection JWT (Centrifugo claims: sub, exp, info, channels), signed with node's
  * crypto. `ttlSeconds` sets `exp` relative to now; omit it for a token without `exp`.
  */
-export function mintToken(secret, { sub, ttlSeconds, info, channels } = {}) {
+/** An HS256 JWT: a connection token, or with `channel` a subscription token for it. */
+export function mintToken(secret, { sub, ttlSeconds, info, channels, channel } = {}) {
   const claims = { sub: sub ?? '' };
+  if (channel !== undefined) claims.channel = channel;
   if (ttlSeconds !== undefined) claims.exp = Math.floor(Date.now() / 1000) + ttlSeconds;
   if (info !== undefined) claims.info = info;
   if (channels !== undefined) claims.channels = channels;

@@ -26,6 +26,12 @@ allow_history_for_subscriber = true
 allow_presence_for_subscriber = true
 history_size = 100
 history_ttl = "1h"
+
+[[namespaces]]
+name = "private"
+require_subscription_token = true
+presence = true
+allow_presence_for_subscriber = true
 `;
 
 /** POST /api/<method> with the server's API key; resolves to `result`, throws on `error`. */

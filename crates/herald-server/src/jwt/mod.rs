@@ -1,15 +1,16 @@
-//! Token verification: connection JWTs (and, later, subscription JWTs) checked against the
+//! Token verification: connection and subscription JWTs checked against the
 //! keys of [`keys::KeySet`] — the HMAC secret, `[[token.keys]]`, a JWKS URL — each pinned to
 //! its algorithm (the token header's `alg` only has to agree). Optional `aud` / `iss` checks.
 //! Claims follow the Centrifugo connection token: `sub`, `exp`, `iat`, `nbf`, `info`,
-//! `channels`, `subs` (server-side subscriptions, keyed by channel), `meta`.
+//! `channels`, `subs` (server-side subscriptions, keyed by channel), `meta`; a subscription
+//! token has `sub`, `channel`, `exp`, `info` (the channel-specific `chan_info`).
 
 pub mod keys;
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use herald_core::auth::{Authenticator, Credentials};
+use herald_core::auth::{Authenticator, Credentials, SubscriptionGrant};
 use herald_core::{ErrorCode, HeraldError};
 use jsonwebtoken::errors::ErrorKind;
 use serde::Deserialize;
@@ -33,6 +34,16 @@ struct Claims {
     subs: HashMap<String, serde::de::IgnoredAny>,
     /// A connection token must not name a channel (that is a subscription token).
     channel: Option<serde::de::IgnoredAny>,
+}
+
+/// The claims of a subscription token: it names exactly one channel.
+#[derive(Debug, Deserialize)]
+struct SubscriptionClaims {
+    #[serde(default)]
+    sub: String,
+    channel: String,
+    exp: Option<u64>,
+    info: Option<Box<RawValue>>,
 }
 
 /// Verifies tokens with the configured keys.
@@ -122,6 +133,22 @@ impl Authenticator for TokenVerifier {
             expires_at: claims.exp,
             info: claims.info,
             channels,
+        })
+    }
+
+    async fn authenticate_subscription(
+        &self,
+        token: &str,
+    ) -> Result<SubscriptionGrant, HeraldError> {
+        let claims: SubscriptionClaims = self.verify(token).await?;
+        if claims.channel.is_empty() {
+            return Err(unauthorized("a subscription token must name its `channel`"));
+        }
+        Ok(SubscriptionGrant {
+            user: claims.sub,
+            channel: claims.channel,
+            expires_at: claims.exp,
+            info: claims.info,
         })
     }
 }

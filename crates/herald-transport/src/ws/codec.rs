@@ -79,6 +79,21 @@ impl Encoding {
         }
     }
 
+    /// A server-side unsubscribe of `channel` (codes from 2500 ask the client to subscribe
+    /// again, e.g. 2501 when a subscription token expired).
+    pub fn unsubscribe_push(self, channel: &str, code: u32, reason: &'static str) -> Bytes {
+        match self {
+            Self::Json => protocol::push(
+                channel,
+                "unsubscribe",
+                &serde_json::json!({ "code": code, "reason": reason }),
+            ),
+            Self::Protobuf => {
+                proto::push_reply(channel, proto::PushBody::Unsubscribe { code, reason })
+            }
+        }
+    }
+
     /// The commands in one incoming text frame.
     pub fn decode_text(self, text: &str) -> Result<Vec<Command>, Malformed> {
         match self {

@@ -176,6 +176,24 @@ pub struct Reply {
     pub ping: Option<EmptyMessage>,
     #[prost(message, optional, tag = "14")]
     pub refresh: Option<RefreshResult>,
+    #[prost(message, optional, tag = "15")]
+    pub sub_refresh: Option<SubRefreshResult>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct SubRefreshResult {
+    #[prost(bool, tag = "1")]
+    pub expires: bool,
+    #[prost(uint32, tag = "2")]
+    pub ttl: u32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Unsubscribe {
+    #[prost(uint32, tag = "2")]
+    pub code: u32,
+    #[prost(string, tag = "3")]
+    pub reason: String,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -198,6 +216,8 @@ pub struct Push {
     pub join: Option<JoinLeave>,
     #[prost(message, optional, tag = "6")]
     pub leave: Option<JoinLeave>,
+    #[prost(message, optional, tag = "7")]
+    pub unsubscribe: Option<Unsubscribe>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -497,6 +517,12 @@ pub fn reply_for(id: u32, body: &neutral::ResultBody<'_>) -> Reply {
                 num_users: u32::try_from(r.num_users).unwrap_or(u32::MAX),
             });
         }
+        neutral::ResultBody::SubRefresh(r) => {
+            reply.sub_refresh = Some(SubRefreshResult {
+                expires: r.expires,
+                ttl: r.ttl,
+            });
+        }
         neutral::ResultBody::Refresh(r) => {
             reply.refresh = Some(RefreshResult {
                 client: r.client.clone(),
@@ -519,6 +545,12 @@ pub fn push_reply(channel: &str, push: PushBody) -> Bytes {
         PushBody::Publication(p) => body.publication = Some(p),
         PushBody::Join(info) => body.join = Some(JoinLeave { info: Some(info) }),
         PushBody::Leave(info) => body.leave = Some(JoinLeave { info: Some(info) }),
+        PushBody::Unsubscribe { code, reason } => {
+            body.unsubscribe = Some(Unsubscribe {
+                code,
+                reason: reason.to_owned(),
+            });
+        }
     }
     encode_reply(&Reply {
         push: Some(body),
@@ -530,6 +562,7 @@ pub enum PushBody {
     Publication(Publication),
     Join(ClientInfo),
     Leave(ClientInfo),
+    Unsubscribe { code: u32, reason: &'static str },
 }
 
 #[cfg(test)]

@@ -226,6 +226,14 @@ pub struct RefreshResult {
 }
 
 #[derive(Debug, Default, Serialize)]
+pub struct SubRefreshResult {
+    #[serde(skip_serializing_if = "is_false")]
+    pub expires: bool,
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub ttl: u32,
+}
+
+#[derive(Debug, Default, Serialize)]
 pub struct Empty {}
 
 /// A publication as the protocol carries it.
@@ -275,6 +283,7 @@ pub enum ResultBody<'a> {
     Presence(&'a PresenceResult),
     PresenceStats(&'a PresenceStatsResult),
     Refresh(&'a RefreshResult),
+    SubRefresh(&'a SubRefreshResult),
 }
 
 /// The JSON reply for a result.
@@ -288,6 +297,7 @@ pub fn json_reply(id: u32, body: &ResultBody<'_>) -> Bytes {
         ResultBody::Presence(r) => reply(id, "presence", r),
         ResultBody::PresenceStats(r) => reply(id, "presence_stats", r),
         ResultBody::Refresh(r) => reply(id, "refresh", r),
+        ResultBody::SubRefresh(r) => reply(id, "sub_refresh", r),
     }
 }
 

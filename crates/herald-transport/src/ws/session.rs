@@ -18,7 +18,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::http::Uri;
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
-use herald_core::auth::{self, Action, Authenticator, Credentials};
+use herald_core::auth::{self, Action, Authenticator, Credentials, SubscriptionGrant};
 use herald_core::hub::SubscriberId;
 use herald_core::namespace::NamespaceOptions;
 use herald_core::node::PublishRequest as NodePublish;
@@ -151,7 +151,16 @@ struct Subscription {
     name: ChannelName,
     options: Arc<NamespaceOptions>,
     id: SubscriberId,
+    /// Who the client is on this channel: the connection's info, plus `chan_info` from a
+    /// subscription token.
+    info: Option<Arc<ClientInfo>>,
+    /// When the subscription token expires (Unix seconds), if one granted it.
+    expires_at: Option<u64>,
 }
+
+/// Unsubscribe code for a subscription whose token expired without `sub_refresh`; from
+/// 2500 the SDKs subscribe again (fetching a new token).
+const UNSUBSCRIBE_EXPIRED: (u32, &str) = (2501, "subscription expired");
 
 struct Session {
     state: Arc<RealtimeState>,
@@ -237,6 +246,13 @@ impl Session {
                 .as_ref()
                 .and_then(|c| c.expires_at)
                 .map(|at| at.saturating_add(config.expired_close_delay.as_secs()));
+            // The same grace for subscription tokens: the SDKs send `sub_refresh` at `ttl`.
+            let sub_expires_at = self
+                .subscriptions
+                .values()
+                .filter_map(|s| s.expires_at)
+                .min()
+                .map(|at| at.saturating_add(config.expired_close_delay.as_secs()));
             tokio::select! {
                 _ = shutdown_signal(self.state.closing.subscribe()) => {
                     self.outbound.close(CloseReason::SHUTDOWN);
@@ -245,6 +261,9 @@ impl Session {
                 _ = expiry(expires_at), if expires_at.is_some() => {
                     self.outbound.close(CloseReason::EXPIRED);
                     return;
+                }
+                _ = expiry(sub_expires_at), if sub_expires_at.is_some() => {
+                    self.unsubscribe_expired().await;
                 }
                 message = stream.next() => match message {
                     Some(Ok(Message::Text(text))) => {
@@ -382,14 +401,9 @@ impl Session {
                 id,
                 &HeraldError::new(ErrorCode::NotAvailable, "no RPC backend is configured"),
             );
-        } else if command.sub_refresh.is_some() {
-            self.reply_err(
-                id,
-                &HeraldError::new(
-                    ErrorCode::NotAvailable,
-                    "subscription tokens are not enabled",
-                ),
-            );
+        } else if let Some(request) = command.sub_refresh {
+            let outcome = self.sub_refresh(request).await;
+            self.reply_with(id, outcome, |r| ResultBody::SubRefresh(r));
         } else if command.send.is_some() || command.ping.is_some() {
             // Async messages have no reply and nowhere to go without an RPC backend.
         } else {
@@ -519,8 +533,17 @@ impl Session {
             return Err(HeraldError::bad_request("channel is required"));
         }
         let (name, options) = self.state.node.resolve(&request.channel)?;
-        let credentials = self.credentials.clone().unwrap_or_default();
-        auth::check(&credentials, &name, &options, Action::Subscribe, false)?;
+        // A subscription token grants the channel by itself; otherwise the namespace rules.
+        let grant = if request.token.is_empty() {
+            let credentials = self.credentials.clone().unwrap_or_default();
+            auth::check(&credentials, &name, &options, Action::Subscribe, false)?;
+            None
+        } else {
+            Some(
+                self.verify_subscription_token(&request.token, &name)
+                    .await?,
+            )
+        };
         if self.subscriptions.contains_key(name.as_str()) {
             return Err(HeraldError::new(ErrorCode::AlreadySubscribed, ""));
         }
@@ -548,15 +571,29 @@ impl Session {
                 return Err(error);
             }
         };
+        let info = match (&self.info, grant.as_ref().and_then(|g| g.info.clone())) {
+            (Some(info), Some(chan_info)) => Some(Arc::new(ClientInfo {
+                chan_info: Some(chan_info),
+                ..(**info).clone()
+            })),
+            (info, _) => info.clone(),
+        };
+        let expires_at = grant.as_ref().and_then(|g| g.expires_at);
         self.subscriptions.insert(
             channel.clone(),
             Subscription {
                 name: name.clone(),
                 options: options.clone(),
                 id,
+                info: info.clone(),
+                expires_at,
             },
         );
         let mut result = SubscribeResult::default();
+        if let Some(at) = expires_at {
+            result.expires = true;
+            result.ttl = ttl_until(at);
+        }
         let mut last = 0;
         if options.history_enabled() {
             result.recoverable = true;
@@ -609,8 +646,8 @@ impl Session {
                 .map(WirePublication::from)
                 .collect();
         }
-        if let Some(info) = &self.info {
-            self.state.node.join(&name, &options, info.clone()).await;
+        if let Some(info) = info {
+            self.state.node.join(&name, &options, info).await;
         }
         Ok((name, result, last))
     }
@@ -635,12 +672,78 @@ impl Session {
         if let Some(sub) = self.subscriptions.remove(channel) {
             self.state.node.unsubscribe(sub.name.as_str(), sub.id).await;
             self.outbound.forget(channel);
-            if let Some(info) = &self.info {
-                self.state
-                    .node
-                    .leave(&sub.name, &sub.options, info.clone())
-                    .await;
+            if let Some(info) = sub.info {
+                self.state.node.leave(&sub.name, &sub.options, info).await;
             }
+        }
+    }
+
+    /// Verifies a subscription token for `name`: the connection's user, this channel.
+    async fn verify_subscription_token(
+        &self,
+        token: &str,
+        name: &ChannelName,
+    ) -> Result<SubscriptionGrant, HeraldError> {
+        let grant = self
+            .state
+            .authenticator
+            .authenticate_subscription(token)
+            .await?;
+        if grant.user != self.user() || grant.channel != name.as_str() {
+            return Err(HeraldError::new(
+                ErrorCode::PermissionDenied,
+                "the subscription token is for another user or channel",
+            ));
+        }
+        Ok(grant)
+    }
+
+    /// A new subscription token for a subscribed channel extends the subscription.
+    async fn sub_refresh(
+        &mut self,
+        request: protocol::SubRefreshRequest,
+    ) -> Result<protocol::SubRefreshResult, HeraldError> {
+        let (name, _) = self.state.node.resolve(&request.channel)?;
+        if !self.subscriptions.contains_key(name.as_str()) {
+            return Err(HeraldError::new(
+                ErrorCode::PermissionDenied,
+                "not subscribed to this channel",
+            ));
+        }
+        let grant = self
+            .verify_subscription_token(&request.token, &name)
+            .await?;
+        if let Some(sub) = self.subscriptions.get_mut(name.as_str()) {
+            sub.expires_at = grant.expires_at;
+        }
+        Ok(match grant.expires_at {
+            Some(at) => protocol::SubRefreshResult {
+                expires: true,
+                ttl: ttl_until(at),
+            },
+            None => protocol::SubRefreshResult::default(),
+        })
+    }
+
+    /// Unsubscribes (and tells the client, with 2501) every subscription whose token expired
+    /// more than the grace period ago without a `sub_refresh`.
+    async fn unsubscribe_expired(&mut self) {
+        let now = herald_core::time::now_ms() / 1000;
+        let grace = self.state.config.expired_close_delay.as_secs();
+        let expired: Vec<Arc<str>> = self
+            .subscriptions
+            .iter()
+            .filter(|(_, s)| {
+                s.expires_at
+                    .is_some_and(|at| at.saturating_add(grace) <= now)
+            })
+            .map(|(channel, _)| channel.clone())
+            .collect();
+        for channel in expired {
+            self.unsubscribe(&channel).await;
+            let (code, reason) = UNSUBSCRIBE_EXPIRED;
+            self.outbound
+                .push(self.encoding.unsubscribe_push(&channel, code, reason));
         }
     }
 
@@ -663,7 +766,10 @@ impl Session {
             self.subscriptions.contains_key(name.as_str()),
         )?;
         let mut publish = NodePublish::new(name.as_str(), request.data);
-        publish.info = self.info.clone();
+        publish.info = match self.subscriptions.get(name.as_str()) {
+            Some(sub) => sub.info.clone(),
+            None => self.info.clone(),
+        };
         self.state.node.publish(publish).await.map(|_| ())
     }
 
@@ -703,15 +809,15 @@ impl Session {
 
 fn ttl_of(credentials: &Credentials) -> (bool, u32) {
     match credentials.expires_at {
-        Some(at) => {
-            let now = herald_core::time::now_ms() / 1000;
-            (
-                true,
-                u32::try_from(at.saturating_sub(now)).unwrap_or(u32::MAX),
-            )
-        }
+        Some(at) => (true, ttl_until(at)),
         None => (false, 0),
     }
+}
+
+/// Seconds from now until `at` (Unix seconds), for `ttl` fields.
+fn ttl_until(at: u64) -> u32 {
+    let now = herald_core::time::now_ms() / 1000;
+    u32::try_from(at.saturating_sub(now)).unwrap_or(u32::MAX)
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
