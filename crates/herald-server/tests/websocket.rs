@@ -688,6 +688,99 @@ async fn subscription_tokens_grant_refresh_and_expire() {
 }
 
 #[tokio::test]
+async fn the_server_api_disconnects_and_unsubscribes_users() {
+    let server = TestServer::start_with(config(), None).await;
+    let mut first = Client::connect(&server, "alice").await;
+    let mut second = Client::connect(&server, "alice").await;
+    let mut bob = Client::connect(&server, "bob").await;
+    for client in [&mut first, &mut second, &mut bob] {
+        client.call("subscribe", json!({"channel": "news"})).await;
+    }
+    let info = server.ok("info", json!({})).await;
+    assert_eq!(info["nodes"][0]["num_clients"], 3, "{info}");
+    assert_eq!(info["nodes"][0]["num_users"], 2, "alice twice, bob: {info}");
+
+    // Unsubscribe alice (both connections) from news: an unsubscribe push with 2000, and
+    // publications stop; bob still gets them.
+    server
+        .ok("unsubscribe", json!({"user": "alice", "channel": "news"}))
+        .await;
+    for client in [&mut first, &mut second] {
+        let push = loop {
+            let message = client.next().await;
+            if !message["push"]["unsubscribe"].is_null() {
+                break message;
+            }
+        };
+        assert_eq!(push["push"]["channel"], "news");
+        assert_eq!(push["push"]["unsubscribe"]["code"], 2000);
+    }
+    publish(&server, "news", 1).await;
+    assert_eq!(bob.publication().await["pub"]["data"]["n"], 1);
+    first.pump(Duration::from_millis(300)).await;
+    assert!(
+        first.pending.iter().all(|m| m["push"]["pub"].is_null()),
+        "no publication after the unsubscribe: {:?}",
+        first.pending
+    );
+
+    // Disconnect alice but keep one connection (whitelist): its client id comes from a
+    // second connect reply, so reconnect one to learn it.
+    let mut kept = Client::open(&server).await;
+    let reply = kept
+        .call("connect", json!({"token": token("alice", 3600)}))
+        .await;
+    let kept_id = reply["connect"]["client"].as_str().expect("id").to_owned();
+    server
+        .ok(
+            "disconnect",
+            json!({"user": "alice", "whitelist": [kept_id]}),
+        )
+        .await;
+    assert_eq!(first.closed().await, 3503);
+    assert_eq!(second.closed().await, 3503);
+    assert!(kept.call("subscribe", json!({"channel": "news"})).await["subscribe"].is_object());
+    // A reconnect-asking code, for one client.
+    server
+        .ok(
+            "disconnect",
+            json!({"user": "alice", "client": kept_id, "disconnect": {"code": 3000, "reason": "x"}}),
+        )
+        .await;
+    assert_eq!(kept.closed().await, 3000);
+    // Bob was never touched.
+    publish(&server, "news", 2).await;
+    assert_eq!(bob.publication().await["pub"]["data"]["n"], 2);
+    // Bad input: no user, a code out of range (API errors: 200 with the code, as cent
+    // expects), an unknown field (a malformed request: 400), an unknown channel.
+    server.err("disconnect", json!({}), 200, 107).await;
+    server
+        .err(
+            "disconnect",
+            json!({"user": "bob", "disconnect": {"code": 1000}}),
+            200,
+            107,
+        )
+        .await;
+    server
+        .err(
+            "unsubscribe",
+            json!({"user": "bob", "channel": "news", "session": "s"}),
+            400,
+            107,
+        )
+        .await;
+    server
+        .err(
+            "unsubscribe",
+            json!({"user": "bob", "channel": "nope:x"}),
+            200,
+            102,
+        )
+        .await;
+}
+
+#[tokio::test]
 async fn a_burst_of_subscribes_is_bounded() {
     let mut config = config();
     config.client.max_subscriptions = 100;

@@ -184,6 +184,8 @@ pub struct OneWaySession {
     /// When the token expires (Unix seconds); the stream ends with 3005 then.
     pub expires_at: Option<u64>,
     registered: Vec<Registered>,
+    /// In the registry while the session lives (server API disconnects reach it).
+    _registration: Option<crate::registry::Registration>,
 }
 
 impl Drop for OneWaySession {
@@ -289,12 +291,18 @@ impl OneWaySession {
             chan_info: None,
         });
         let outbound = Outbound::new(state.config.max_queue_bytes);
+        let registration = state.sessions.register(
+            &credentials.user,
+            &info.client,
+            crate::registry::Control::new(outbound.clone(), None),
+        );
         let mut session = OneWaySession {
             state: state.clone(),
             outbound: outbound.clone(),
             info,
             expires_at: credentials.expires_at,
             registered: Vec::new(),
+            _registration: registration,
         };
         let mut positions = Vec::with_capacity(checked.len());
         let mut starts = Vec::with_capacity(checked.len());

@@ -139,6 +139,7 @@ class ClientLog(ClientEventHandler):
 
 class SubLog(SubscriptionEventHandler):
     def __init__(self) -> None:
+        self.unsubscribed: List[Any] = []
         self.pubs: List[PublicationContext] = []
         self.subscribed: List[SubscribedContext] = []
         self.joins: List[JoinContext] = []
@@ -146,6 +147,9 @@ class SubLog(SubscriptionEventHandler):
 
     async def on_subscribed(self, ctx: SubscribedContext) -> None:
         self.subscribed.append(ctx)
+
+    async def on_unsubscribed(self, ctx: Any) -> None:
+        self.unsubscribed.append(ctx)
 
     async def on_publication(self, ctx: PublicationContext) -> None:
         self.pubs.append(ctx)
@@ -469,5 +473,33 @@ def test_protobuf_encoding_receive_publish_history_and_recover(server: HeraldIns
         await wait_for("the missed publications", lambda: len(sub_log.pubs) >= 7, details=proxy.wire)
         await asyncio.sleep(0.2)
         assert sub_log.offsets() == list(range(1, 8)), proxy.wire()
+
+    run(server, scenario)
+
+
+def test_server_api_unsubscribe_and_disconnect_reach_the_sdk(server: HeraldInstance) -> None:
+    """`cent` (the server API judge) ends a subscription and then the connection of a user
+    connected with centrifuge-python (the client judge)."""
+    import cent
+
+    async def scenario(s: Session) -> None:
+        client, log, proxy = await s.client("carol")
+        ch = channel()
+        sub_log = SubLog()
+        sub = client.new_subscription(ch, events=sub_log)
+        await client.connect()
+        await sub.subscribe()
+        await sub.ready(5)
+        api_client = cent.AsyncClient(s.server.api_url, s.server.api_key, timeout=10.0)
+        await api_client.unsubscribe(cent.UnsubscribeRequest(user="carol", channel=ch))
+        await wait_for("the server-side unsubscribe", lambda: sub_log.unsubscribed, details=proxy.wire)
+        assert sub_log.unsubscribed[0].code == 2000, sub_log.unsubscribed
+        await api_client.disconnect(cent.DisconnectRequest(user="carol"))
+        await wait_for("the disconnect", lambda: "disconnected" in log.names(), details=proxy.wire)
+        disconnected = next(ctx for name, ctx in log.events if name == "disconnected")
+        assert disconnected.code == 3503, disconnected
+        await asyncio.sleep(0.5)
+        assert log.names().count("connecting") == 1, f"3503 means do not reconnect: {log.names()}"
+        await api_client.close()
 
     run(server, scenario)

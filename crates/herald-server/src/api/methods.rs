@@ -14,8 +14,12 @@ use serde_json::value::RawValue;
 
 use super::ApiError;
 use super::types::*;
+use crate::app::AppState;
+use herald_transport::outbound::CloseReason;
 
 const METHODS: &[&str] = &[
+    "disconnect",
+    "unsubscribe",
     "publish",
     "broadcast",
     "history",
@@ -48,6 +52,13 @@ fn node_err(error: HeraldError) -> ApiError {
     ApiError::from_node(error)
 }
 
+fn require_user(user: &str) -> Result<(), ApiError> {
+    if user.is_empty() {
+        return Err(node_err(HeraldError::bad_request("user is required")));
+    }
+    Ok(())
+}
+
 fn require_channel(channel: &str) -> Result<(), ApiError> {
     if channel.is_empty() {
         return Err(node_err(HeraldError::bad_request("channel is required")));
@@ -56,8 +67,55 @@ fn require_channel(channel: &str) -> Result<(), ApiError> {
 }
 
 /// Runs `method` with `params`; the result is the method's result object.
-pub async fn call(node: &Node, method: &str, params: &RawValue) -> Result<Box<RawValue>, ApiError> {
+pub async fn call(
+    state: &AppState,
+    method: &str,
+    params: &RawValue,
+) -> Result<Box<RawValue>, ApiError> {
+    let node = &state.node;
     match method {
+        "disconnect" => {
+            let params: DisconnectParams = parse(params)?;
+            require_user(&params.user)?;
+            let reason = match params.disconnect.map(|d| d.code) {
+                None => CloseReason::FORCE_DISCONNECT,
+                Some(code @ 3000..=3499) => CloseReason {
+                    code,
+                    reason: "force reconnect",
+                },
+                Some(code @ 3500..=4999) => CloseReason {
+                    code,
+                    reason: "force disconnect",
+                },
+                Some(code) => {
+                    return Err(node_err(HeraldError::bad_request(format!(
+                        "disconnect.code {code} is outside 3000..=4999"
+                    ))));
+                }
+            };
+            let sessions = &state.realtime.sessions;
+            let closed = sessions.disconnect(
+                &params.user,
+                params.client.as_deref(),
+                &params.whitelist,
+                reason,
+            );
+            tracing::info!(user = %params.user, closed, code = reason.code, "disconnected by the server API");
+            encode(&EmptyResult {})
+        }
+        "unsubscribe" => {
+            let params: UnsubscribeParams = parse(params)?;
+            require_user(&params.user)?;
+            require_channel(&params.channel)?;
+            // An unknown channel is the caller's mistake: say so rather than doing nothing.
+            node.resolve(&params.channel).map_err(node_err)?;
+            state.realtime.sessions.unsubscribe(
+                &params.user,
+                params.client.as_deref(),
+                &params.channel,
+            );
+            encode(&EmptyResult {})
+        }
         "publish" => publish(node, parse(params)?).await,
         "broadcast" => broadcast(node, parse(params)?).await,
         "history" => history(node, parse(params)?).await,
@@ -102,8 +160,14 @@ pub async fn call(node: &Node, method: &str, params: &RawValue) -> Result<Box<Ra
         }
         "info" => {
             let _: EmptyParams = parse(params)?;
+            let mut result = NodeResult::from(node.info());
+            result.num_clients = state
+                .realtime
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed);
+            result.num_users = state.realtime.sessions.user_count() as u64;
             encode(&InfoResult {
-                nodes: vec![NodeResult::from(node.info())],
+                nodes: vec![result],
             })
         }
         other => Err(ApiError::new(

@@ -212,7 +212,7 @@ async fn handle_inner(
         return batch(state, body).await;
     }
     let params: &RawValue = serde_json::from_slice(body).map_err(|e| ApiError::bad_json(&e))?;
-    let result = methods::call(&state.node, method, params).await?;
+    let result = methods::call(state, method, params).await?;
     Ok(raw_envelope("result", &result))
 }
 
@@ -247,7 +247,7 @@ async fn batch(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         let mut entries = command.into_iter();
         match (entries.next(), entries.next()) {
             (Some((method, params)), None) if method != "batch" && methods::is_known(&method) => {
-                match methods::call(&state.node, &method, &params).await {
+                match methods::call(state, &method, &params).await {
                     Ok(result) => Ok((method, result)),
                     Err(err) => Err(err.error),
                 }

@@ -71,6 +71,39 @@ pub struct HistoryParams {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct DisconnectParams {
+    #[serde(default)]
+    pub user: String,
+    /// Only this connection of the user.
+    pub client: Option<String>,
+    /// Connections (client ids) to keep.
+    #[serde(default)]
+    pub whitelist: Vec<String>,
+    pub disconnect: Option<DisconnectCode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisconnectCode {
+    pub code: u16,
+    /// Accepted for compatibility; the close frame carries a fixed reason for the code range.
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnsubscribeParams {
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub channel: String,
+    /// Only this connection of the user.
+    pub client: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChannelParams {
     #[serde(default)]
     pub channel: String,

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -31,6 +32,7 @@ use super::protocol::{
     self, Command, ResultBody, SubscribeRequest, SubscribeResult, WirePublication,
 };
 use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame, Outbound};
+use crate::registry::{Control, ControlMessage, Registration, Sessions};
 
 /// Real-time settings shared by every connection (`[client]` in config).
 #[derive(Clone, Debug)]
@@ -81,6 +83,8 @@ pub struct RealtimeState {
     pub connections: AtomicU64,
     /// Flips to true when the server shuts down: every connection closes with 3001.
     pub closing: tokio::sync::watch::Sender<bool>,
+    /// Connections by user, for the server API's disconnect and unsubscribe.
+    pub sessions: Arc<Sessions>,
 }
 
 impl RealtimeState {
@@ -91,6 +95,7 @@ impl RealtimeState {
             config,
             connections: AtomicU64::new(0),
             closing: tokio::sync::watch::channel(false).0,
+            sessions: Arc::new(Sessions::default()),
         }
     }
 
@@ -158,6 +163,10 @@ struct Subscription {
     expires_at: Option<u64>,
 }
 
+/// Unsubscribe code for a subscription the server API ended; below 2500 the SDKs do not
+/// subscribe again.
+const UNSUBSCRIBE_BY_SERVER: (u32, &str) = (2000, "server unsubscribe");
+
 /// Unsubscribe code for a subscription whose token expired without `sub_refresh`; from
 /// 2500 the SDKs subscribe again (fetching a new token).
 const UNSUBSCRIBE_EXPIRED: (u32, &str) = (2501, "subscription expired");
@@ -171,6 +180,9 @@ struct Session {
     info: Option<Arc<ClientInfo>>,
     subscriptions: HashMap<Arc<str>, Subscription>,
     pong_deadline: Option<Instant>,
+    /// Handed to the registry at connect, so the server API can reach this connection.
+    control: mpsc::UnboundedSender<ControlMessage>,
+    registration: Option<Registration>,
 }
 
 async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: Encoding) {
@@ -201,6 +213,7 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: 
             }
         }
     });
+    let (control, mut control_messages) = mpsc::unbounded_channel();
     let mut session = Session {
         state: state.clone(),
         encoding,
@@ -210,8 +223,10 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: 
         info: None,
         subscriptions: HashMap::new(),
         pong_deadline: None,
+        control,
+        registration: None,
     };
-    session.read_loop(&mut stream).await;
+    session.read_loop(&mut stream, &mut control_messages).await;
     session.cleanup().await;
     // Give the writer a moment to flush the close frame, then stop it.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
@@ -219,7 +234,11 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: 
 }
 
 impl Session {
-    async fn read_loop(&mut self, stream: &mut futures::stream::SplitStream<WebSocket>) {
+    async fn read_loop(
+        &mut self,
+        stream: &mut futures::stream::SplitStream<WebSocket>,
+        control: &mut mpsc::UnboundedReceiver<ControlMessage>,
+    ) {
         let config = self.state.config.clone();
         let connect_deadline = Instant::now() + config.connect_timeout;
         let ping_every = if config.ping_interval.is_zero() {
@@ -265,6 +284,17 @@ impl Session {
                 _ = expiry(sub_expires_at), if sub_expires_at.is_some() => {
                     self.unsubscribe_expired().await;
                 }
+                Some(message) = control.recv() => match message {
+                    ControlMessage::Unsubscribe { channel } => {
+                        if let Ok((name, _)) = self.state.node.resolve(&channel)
+                            && self.subscriptions.contains_key(name.as_str())
+                        {
+                            self.unsubscribe(name.as_str()).await;
+                            let (code, reason) = UNSUBSCRIBE_BY_SERVER;
+                            self.outbound.push(self.encoding.unsubscribe_push(name.as_str(), code, reason));
+                        }
+                    }
+                },
                 message = stream.next() => match message {
                     Some(Ok(Message::Text(text))) => {
                         let commands = self.encoding.decode_text(text.as_str());
@@ -465,6 +495,11 @@ impl Session {
             chan_info: None,
         }));
         let server_side = credentials.channels.clone();
+        self.registration = self.state.sessions.register(
+            &credentials.user,
+            &self.client_id,
+            Control::new(self.outbound.clone(), Some(self.control.clone())),
+        );
         self.credentials = Some(credentials);
         let config = &self.state.config;
         let mut result = protocol::ConnectResult {
