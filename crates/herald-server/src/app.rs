@@ -31,7 +31,8 @@ use crate::metrics::Metrics;
 pub struct AppState {
     pub node: Node,
     pub config: Config,
-    pub api_keys: ApiKeys,
+    /// Replaced whole on reload (SIGHUP), so rotation needs no restart.
+    pub api_keys: parking_lot::RwLock<ApiKeys>,
     pub metrics: Metrics,
     /// Real-time connections' shared state.
     pub realtime: Arc<RealtimeState>,
@@ -49,7 +50,7 @@ impl AppState {
         Self {
             node,
             config,
-            api_keys,
+            api_keys: parking_lot::RwLock::new(api_keys),
             metrics: Metrics::new(),
             realtime,
             ready: AtomicBool::new(true),

@@ -68,8 +68,74 @@ impl Default for ServerConfig {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
-    /// Keys accepted by the server API (`X-API-Key` or `Authorization: apikey <key>`).
+    /// Keys accepted by the server API (`X-API-Key` or `Authorization: apikey <key>`), with
+    /// the `admin` scope.
     pub keys: Vec<String>,
+    /// Named keys with a scope, given as the key or as its SHA-256 digest.
+    pub named_keys: Vec<NamedApiKey>,
+}
+
+/// One `[[api.named_keys]]` entry.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamedApiKey {
+    /// Shown in logs (never the key).
+    pub name: String,
+    /// The key itself (at least 16 characters), or
+    pub key: String,
+    /// its SHA-256 digest in hex, so the config file need not hold the secret.
+    pub sha256: String,
+    /// `admin` (default), `publish` or `read`.
+    pub scope: crate::auth::Scope,
+}
+
+impl ApiConfig {
+    /// Whether any key is configured (without one, `serve` generates an admin key).
+    pub fn has_keys(&self) -> bool {
+        !(self.keys.is_empty() && self.named_keys.is_empty())
+    }
+
+    /// Every configured key, ready for checking.
+    pub fn api_keys(&self) -> Result<crate::auth::ApiKeys, ConfigError> {
+        let mut keys = crate::auth::ApiKeys::new(self.keys.iter().map(String::as_str));
+        for (index, named) in self.named_keys.iter().enumerate() {
+            let what = if named.name.is_empty() {
+                format!("api.named_keys[{index}]")
+            } else {
+                format!("api.named_keys[{index}] ({:?})", named.name)
+            };
+            let digest = match (named.key.is_empty(), named.sha256.is_empty()) {
+                (false, true) if named.key.len() >= 16 => crate::auth::digest(&named.key),
+                (false, true) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{what}: `key` must be at least 16 characters"
+                    )));
+                }
+                (true, false) => {
+                    let bytes = hex::decode(named.sha256.trim()).ok();
+                    bytes
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        .ok_or_else(|| {
+                            ConfigError::Invalid(format!(
+                                "{what}: `sha256` must be 64 hex characters (sha256sum of the key)"
+                            ))
+                        })?
+                }
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{what}: set exactly one of `key` and `sha256`"
+                    )));
+                }
+            };
+            let name = if named.name.is_empty() {
+                format!("api.named_keys[{index}]")
+            } else {
+                named.name.clone()
+            };
+            keys.add_digest(digest, named.scope, name);
+        }
+        Ok(keys)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -332,6 +398,7 @@ impl Config {
                 "every api.keys entry must be at least 16 characters".into(),
             ));
         }
+        self.api.api_keys()?;
         if !self.token.hmac_secret.is_empty() && self.token.hmac_secret.len() < 32 {
             return Err(ConfigError::Invalid(
                 "token.hmac_secret must be at least 32 characters".into(),

@@ -12,7 +12,6 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use herald_client::{Client, HistoryOptions, PublishOptions};
 use herald_server::app::{AppState, serve};
-use herald_server::auth::ApiKeys;
 use herald_server::config::{CliOverrides, Config, Engine, LogFormat};
 use herald_server::secrets::{GeneratedSecrets, random_secret};
 use herald_server::token::{ConnectionClaims, mint};
@@ -156,8 +155,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine: memory.then_some(Engine::Memory),
                 api_key: None,
             };
-            let config = Config::load(config_path(&config).as_deref(), &overrides)?;
-            runtime()?.block_on(serve_command(config))
+            let path = config_path(&config);
+            let loaded = Config::load(path.as_deref(), &overrides)?;
+            let reload = Reload { path, overrides };
+            runtime()?.block_on(serve_command(loaded, reload))
         }
         Command::Publish {
             channel,
@@ -381,14 +382,47 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     result.map_err(|e| anyhow::anyhow!("cannot initialise logging: {e}"))
 }
 
-async fn serve_command(mut config: Config) -> anyhow::Result<ExitCode> {
+/// Where `serve` re-reads its config from on SIGHUP.
+struct Reload {
+    path: Option<PathBuf>,
+    overrides: CliOverrides,
+}
+
+impl Reload {
+    /// Re-reads the config and swaps in its API keys (the generated key, when there was one,
+    /// is kept, since it lives outside the config). Errors keep the keys in use.
+    fn api_keys(&self, state: &AppState, generated: Option<&str>) {
+        let result = Config::load(self.path.as_deref(), &self.overrides)
+            .map_err(|e| e.to_string())
+            .and_then(|mut config| {
+                if let Some(key) = generated
+                    && !config.api.has_keys()
+                {
+                    config.api.keys.push(key.to_owned());
+                }
+                config.api.api_keys().map_err(|e| e.to_string())
+            });
+        match result {
+            Ok(keys) => {
+                let count = keys.len();
+                *state.api_keys.write() = keys;
+                tracing::info!(keys = count, "SIGHUP: API keys reloaded");
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "SIGHUP: config not reloaded; the API keys in use stay");
+            }
+        }
+    }
+}
+
+async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<ExitCode> {
     init_logging(&config)?;
     let generated = match config.storage.engine {
-        _ if !config.api.keys.is_empty() && !config.token.hmac_secret.is_empty() => None,
+        _ if config.api.has_keys() && !config.token.hmac_secret.is_empty() => None,
         Engine::Sqlite => Some(GeneratedSecrets::load_or_create(&config.storage.data_dir)?),
         Engine::Memory => Some(GeneratedSecrets::generate()),
     };
-    let key_source = if config.api.keys.is_empty() {
+    let key_source = if !config.api.has_keys() {
         let secrets = generated.as_ref().context("generated secrets missing")?;
         config.api.keys.push(secrets.api_key.clone());
         Some(secrets.api_key.clone())
@@ -405,7 +439,7 @@ async fn serve_command(mut config: Config) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
-    let api_keys = ApiKeys::new(config.api.keys.iter().map(String::as_str));
+    let api_keys = config.api.api_keys()?;
     let storage = match config.storage.engine {
         Engine::Sqlite => format!(
             "sqlite in {} (sync={:?})",
@@ -433,6 +467,17 @@ async fn serve_command(mut config: Config) -> anyhow::Result<ExitCode> {
     let shutdown_timeout = config.server.shutdown_timeout.as_duration();
     let state = Arc::new(AppState::new(node.clone(), config, api_keys));
     let realtime = state.realtime.clone();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+        let state = state.clone();
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                reload.api_keys(&state, key_source.as_deref());
+            }
+        });
+    }
     let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(listener, state, async move {
         let _ = signal_rx.await;

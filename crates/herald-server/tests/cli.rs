@@ -285,3 +285,121 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(line["level"], "INFO", "{line}");
     assert_eq!(line["fields"]["message"], "herald started", "{line}");
 }
+
+#[tokio::test]
+async fn scoped_api_keys_and_rotation_on_sighup() {
+    const SIGHUP: i32 = 1;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = "admin-key-0123456789abcdef";
+    let publisher = "publisher-key-0123456789abcdef";
+    let reader = "reader-key-0123456789abcdef";
+    let reader_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(reader.as_bytes()))
+    };
+    let config = |admin_key: &str| {
+        format!(
+            r#"
+[api]
+keys = ["{admin_key}"]
+
+[[api.named_keys]]
+name = "ci-publisher"
+key = "{publisher}"
+scope = "publish"
+
+[[api.named_keys]]
+name = "dashboard"
+sha256 = "{reader_sha}"
+scope = "read"
+
+[token]
+hmac_secret = "0123456789abcdef0123456789abcdef0123"
+
+[storage]
+engine = "memory"
+"#
+        )
+    };
+    let path = dir.path().join("herald.toml");
+    std::fs::write(&path, config(admin)).expect("write config");
+    let path_s = path.to_str().expect("utf-8").to_owned();
+    let mut server = ServerProcess::start(
+        &["--config", &path_s, "--listen", "127.0.0.1:0"],
+        dir.path(),
+    );
+    let call = |key: &'static str, method: &'static str, body: Value| {
+        let url = format!("{}/api/{method}", server.url);
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .header("X-API-Key", key)
+                .json(&body)
+                .send()
+                .await
+                .expect("request");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("json"))
+        }
+    };
+    let publish = json!({"channel": "news", "data": 1});
+    let history = json!({"channel": "news", "limit": 10});
+    // The publisher key publishes but cannot read; the reader (given by its digest) reads
+    // but cannot publish; refusals are 403 with error 103 naming the key.
+    assert_eq!(call(publisher, "publish", publish.clone()).await.0, 200);
+    let (status, body) = call(publisher, "history", history.clone()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_u64()),
+        (403, Some(103)),
+        "{body}"
+    );
+    assert!(
+        body["error"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("ci-publisher"))
+    );
+    let (status, body) = call(reader, "history", history.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["result"]["publications"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(call(reader, "publish", publish.clone()).await.0, 403);
+    assert_eq!(
+        call(reader, "disconnect", json!({"user": "x"})).await.0,
+        403
+    );
+    // In a batch, each command is checked on its own.
+    let (status, body) = call(
+        publisher,
+        "batch",
+        json!({"commands": [{"publish": {"channel": "news", "data": 2}}, {"history": {"channel": "news"}}]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(body["replies"][0]["publish"].is_object(), "{body}");
+    assert_eq!(body["replies"][1]["error"]["code"], 103, "{body}");
+
+    // Rotate the admin key: edit the file, SIGHUP, and the old key stops working at once.
+    let rotated = "rotated-admin-key-0123456789";
+    std::fs::write(&path, config(rotated)).expect("rewrite config");
+    server.signal(SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call(admin, "info", json!({})).await.0 != 401 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old key still works after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(call(rotated, "info", json!({})).await.0, 200);
+    assert_eq!(call(publisher, "publish", publish.clone()).await.0, 200);
+    // A broken config on SIGHUP keeps the keys in use (and the server up).
+    std::fs::write(&path, "[api]\nkeys = [\"short\"]\n").expect("break config");
+    server.signal(SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(call(rotated, "info", json!({})).await.0, 200);
+
+    server.signal(SIGTERM);
+    assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
+}

@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::app::AppState;
-use crate::auth::ApiKeys;
+use crate::auth::{ApiKeys, KeyMatch};
 
 /// An error on its way to the HTTP client.
 #[derive(Debug)]
@@ -130,20 +130,37 @@ fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&
         .find_map(|pair| pair.strip_prefix("api_key="))
 }
 
-pub fn authorize(keys: &ApiKeys, headers: &HeaderMap, query: Option<&str>) -> Result<(), ApiError> {
+/// The key the request presents, checked: its scope and name.
+pub fn authorize(
+    keys: &ApiKeys,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<KeyMatch, ApiError> {
     match presented_key(headers, query) {
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
             "missing API key: send X-API-Key or Authorization: apikey <key>",
         )),
-        Some(key) if keys.verify(key) => Ok(()),
-        Some(_) => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "invalid API key",
-        )),
+        Some(key) => keys.verify(key).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "invalid API key",
+            )
+        }),
     }
+}
+
+/// A method outside the key's scope: HTTP 403 with error 103.
+fn out_of_scope(key: &KeyMatch, method: &str) -> HeraldError {
+    HeraldError::new(
+        ErrorCode::PermissionDenied,
+        format!(
+            "the API key {:?} has the {} scope, which does not allow {method:?}",
+            key.name, key.scope
+        ),
+    )
 }
 
 /// Reads the body up to the configured limit.
@@ -194,12 +211,20 @@ async fn handle_inner(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    authorize(&state.api_keys, headers, query)?;
+    let key = authorize(&state.api_keys.read(), headers, query)?;
     if !methods::is_known(method) && method != "batch" {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::MethodNotFound,
             format!("no API method {method:?}"),
+        ));
+    }
+    if method != "batch" && !key.scope.allows(method) {
+        let error = out_of_scope(&key, method);
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            error.code,
+            error.detail,
         ));
     }
     let body = read_body(body, state.config.server.max_body_size).await?;
@@ -209,7 +234,7 @@ async fn handle_inner(
         &body
     };
     if method == "batch" {
-        return batch(state, body).await;
+        return batch(state, &key, body).await;
     }
     let params: &RawValue = serde_json::from_slice(body).map_err(|e| ApiError::bad_json(&e))?;
     let result = methods::call(state, method, params).await?;
@@ -233,7 +258,7 @@ fn raw_envelope(key: &str, raw: &RawValue) -> Response {
 /// Most commands accepted in one batch.
 pub const MAX_BATCH_COMMANDS: usize = 1000;
 
-async fn batch(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
+async fn batch(state: &AppState, key: &KeyMatch, body: &[u8]) -> Result<Response, ApiError> {
     let params: types::BatchParams =
         serde_json::from_slice(body).map_err(|e| ApiError::bad_json(&e))?;
     if params.commands.len() > MAX_BATCH_COMMANDS {
@@ -246,6 +271,11 @@ async fn batch(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let run = |command: std::collections::HashMap<String, Box<RawValue>>| async move {
         let mut entries = command.into_iter();
         match (entries.next(), entries.next()) {
+            (Some((method, _)), None)
+                if methods::is_known(&method) && !key.scope.allows(&method) =>
+            {
+                Err(out_of_scope(key, &method))
+            }
             (Some((method, params)), None) if method != "batch" && methods::is_known(&method) => {
                 match methods::call(state, &method, &params).await {
                     Ok(result) => Ok((method, result)),

@@ -7,7 +7,6 @@ pub mod process;
 use std::sync::Arc;
 
 use herald_server::app::{AppState, serve};
-use herald_server::auth::ApiKeys;
 use herald_server::config::{Config, Engine};
 use serde_json::Value;
 
@@ -66,7 +65,7 @@ impl TestServer {
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let keys = ApiKeys::new(config.api.keys.iter().map(String::as_str));
+        let keys = config.api.api_keys().expect("valid API keys");
         let state = Arc::new(AppState::new(node, config, keys));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(serve(listener, state.clone(), async move {
