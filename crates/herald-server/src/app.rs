@@ -25,6 +25,7 @@ use crate::auth::ApiKeys;
 use crate::config::Config;
 use crate::jwt::TokenVerifier;
 use crate::metrics::Metrics;
+use crate::origin::{OriginPolicy, check_origin};
 
 /// Everything a request handler may use.
 #[derive(Debug)]
@@ -69,7 +70,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/connection/stream", get(stream_handler))
         .route("/connection/poll", get(poll_handler))
         .route("/connection/uni_websocket", get(uni_websocket_handler))
-        .with_state(state.realtime.clone());
+        .with_state(state.realtime.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            OriginPolicy::realtime(&state.config.client.allowed_origins),
+            check_origin,
+        ));
     let api = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -82,6 +87,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            OriginPolicy::api(&state.config.api.cors_origins),
+            check_origin,
         ))
         .with_state(state);
     // Real-time connections live long: the request timeout applies to the API only.

@@ -73,6 +73,9 @@ pub struct ApiConfig {
     pub keys: Vec<String>,
     /// Named keys with a scope, given as the key or as its SHA-256 digest.
     pub named_keys: Vec<NamedApiKey>,
+    /// Web origins whose pages may call the server API from a browser (CORS); same patterns
+    /// as `client.allowed_origins`. Empty: no cross-origin calls.
+    pub cors_origins: Vec<String>,
 }
 
 /// One `[[api.named_keys]]` entry.
@@ -261,6 +264,9 @@ pub struct ClientConfig {
     /// Grace after a token's `exp` before a WebSocket connection that did not refresh is
     /// closed (SDKs refresh exactly at expiry).
     pub expired_close_delay: HumanDuration,
+    /// Web origins (besides the server's own) whose pages may connect: exact
+    /// (`https://app.example.com`), any subdomain (`https://*.example.com`) or `*`.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ClientConfig {
@@ -276,6 +282,7 @@ impl Default for ClientConfig {
             max_subscriptions: rt.max_subscriptions,
             connect_timeout: HumanDuration(rt.connect_timeout),
             expired_close_delay: HumanDuration(rt.expired_close_delay),
+            allowed_origins: Vec::new(),
         }
     }
 }

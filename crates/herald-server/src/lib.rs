@@ -9,5 +9,6 @@ pub mod build;
 pub mod config;
 pub mod jwt;
 pub mod metrics;
+pub mod origin;
 pub mod secrets;
 pub mod token;

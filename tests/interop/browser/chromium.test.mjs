@@ -27,7 +27,8 @@ const require = createRequire(import.meta.url);
 // The package's main is build/index.js; the browser bundle is dist/centrifuge.js beside it.
 const SDK_BUNDLE = path.join(path.dirname(require.resolve('centrifuge')), '..', 'dist', 'centrifuge.js');
 
-// The page: its settings come in the query string; everything it sees goes to window.* arrays.
+// The page: its settings come in the query string (none: it only loads); everything it sees
+// goes to window.* arrays.
 const PAGE = `<!doctype html>
 <html><head><meta charset="utf-8"><title>herald centrifuge-js</title>
 <script src="/centrifuge.js"></script></head>
@@ -38,6 +39,8 @@ const PAGE = `<!doctype html>
   window.subscribed = [];
   window.clientEvents = [];
   window.errors = [];
+  if (params.get('ws')) start();
+  function start() {
   const client = new Centrifuge(params.get('ws'), { token: params.get('token') });
   for (const name of ['connecting', 'connected', 'disconnected']) {
     client.on(name, (ctx) => window.clientEvents.push({ name, code: ctx.code, reason: ctx.reason, transport: ctx.transport }));
@@ -55,6 +58,7 @@ const PAGE = `<!doctype html>
   sub.subscribe();
   client.connect();
   window.centrifuge = client;
+  }
 </script></body></html>`;
 
 async function servePage() {
@@ -77,14 +81,20 @@ describe('centrifuge-js in headless Chromium against herald serve', { timeout: 1
   let server;
   let page;
   let pages;
+  let otherSite;
   let context;
   let userDataDir;
   const consoleLines = [];
 
   before(async () => {
     assert.ok(existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (scripts/test installs Debian's chromium; or set CHROMIUM)`);
-    server = await startHerald({ extraConfig: REALTIME_CONFIG });
+    // The page's origin is allowed to connect; the "other site" serves the same page from an
+    // origin that is not (the cross-site WebSocket hijacking test).
     pages = await servePage();
+    otherSite = await servePage();
+    const allowed = REALTIME_CONFIG.replace('[client]\n', `[client]\nallowed_origins = ["${pages.url}"]\n`);
+    assert.notEqual(allowed, REALTIME_CONFIG);
+    server = await startHerald({ extraConfig: allowed });
     userDataDir = mkdtempSync(path.join(tmpdir(), 'herald-chromium-'));
     // launchPersistentContext: Playwright refuses --user-data-dir in `args` for launch().
     context = await chromium.launchPersistentContext(userDataDir, {
@@ -105,6 +115,7 @@ describe('centrifuge-js in headless Chromium against herald serve', { timeout: 1
     if (context) await context.close();
     if (userDataDir) rmSync(userDataDir, { recursive: true, force: true });
     if (pages) await pages.close();
+    if (otherSite) await otherSite.close();
     if (server) assert.equal(await server.stop(), 0);
   });
 
@@ -114,6 +125,19 @@ describe('centrifuge-js in headless Chromium against herald serve', { timeout: 1
     clientEvents: window.clientEvents,
     errors: window.errors,
   }));
+
+  test('cross-site WebSocket hijacking: a page from another origin cannot connect, the allowed one can', async () => {
+    const attempt = (wsUrl) => page.evaluate((url) => new Promise((resolve) => {
+      const ws = new WebSocket(url);
+      ws.onopen = () => { ws.close(); resolve('open'); };
+      ws.onerror = () => resolve('refused');
+      setTimeout(() => resolve('timeout'), 5000);
+    }), wsUrl);
+    await page.goto(`${otherSite.url}/?blank=1`);
+    assert.equal(await attempt(server.wsUrl), 'refused', 'the other site is refused at the handshake');
+    await page.goto(`${pages.url}/?blank=1`);
+    assert.equal(await attempt(server.wsUrl), 'open', 'the allowed page connects');
+  });
 
   test('the browser SDK receives publications, and recovers exactly the missed ones after a forced disconnect', async () => {
     const proxy = await startCutProxy(server.url);

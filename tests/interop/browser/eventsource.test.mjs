@@ -2,9 +2,9 @@
 // `EventSource` in headless Chromium (same browser and launch flags as chromium.test.mjs): no
 // SDK, no library, the token in `?token=`.
 //
-// Herald has no CORS, so the page and the stream share one origin: a small HTTP server in the
-// test serves the page at `/` and forwards `/connection/*` to Herald unchanged (streaming the
-// response as it arrives). It records the headers of every forwarded request, can `cut()` the
+// The page and the stream share one origin (as behind a reverse proxy): a small HTTP server in
+// the test serves the page at `/` and forwards `/connection/*` to Herald unchanged (streaming
+// the response as it arrives). It records the headers of every forwarded request, can `cut()` the
 // browser's connections at the TCP level, and can hold new stream requests until `resume()`,
 // so the test decides when the browser's own automatic reconnect reaches Herald.
 
