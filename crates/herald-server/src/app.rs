@@ -144,17 +144,26 @@ async fn not_found() -> Response {
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.
+/// Connection limits (`[server] max_connections…`) apply before any request is read.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(state.clone());
+    let gate = crate::listener::Gate::new(state.config.server.connection_limits());
     let state_for_shutdown = state.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    let metrics_state = state.clone();
+    crate::listener::serve_connections(
+        listener,
+        app,
+        gate,
+        move |reason| metrics_state.metrics.connection_refused(reason),
+        async move {
             shutdown.await;
             state_for_shutdown.ready.store(false, Ordering::Relaxed);
-        })
-        .await
+        },
+    )
+    .await;
+    Ok(())
 }

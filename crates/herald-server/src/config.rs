@@ -50,6 +50,14 @@ pub struct ServerConfig {
     pub shutdown_timeout: HumanDuration,
     /// Longest a server API request may take, from reading its body to the response (408 after).
     pub request_timeout: HumanDuration,
+    /// Most open connections (HTTP and real-time together); 0: no limit but the OS's.
+    pub max_connections: usize,
+    /// Most open connections from one IP address; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// New connections per second from one IP address (bursts of the same size); 0: no limit.
+    pub connection_rate_per_ip: u32,
+    /// Time a client has to send a request's headers (slowloris).
+    pub header_read_timeout: HumanDuration,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +69,10 @@ impl Default for ServerConfig {
             max_publication_size: 64 * 1024,
             shutdown_timeout: HumanDuration::from_secs(10),
             request_timeout: HumanDuration::from_secs(30),
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            connection_rate_per_ip: 0,
+            header_read_timeout: HumanDuration::from_secs(10),
         }
     }
 }
@@ -283,6 +295,17 @@ impl Default for ClientConfig {
             connect_timeout: HumanDuration(rt.connect_timeout),
             expired_close_delay: HumanDuration(rt.expired_close_delay),
             allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn connection_limits(&self) -> crate::listener::ConnectionLimits {
+        crate::listener::ConnectionLimits {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            accepts_per_ip_per_second: self.connection_rate_per_ip,
+            header_read_timeout: self.header_read_timeout.as_duration(),
         }
     }
 }

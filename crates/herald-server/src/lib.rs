@@ -8,6 +8,7 @@ pub mod auth;
 pub mod build;
 pub mod config;
 pub mod jwt;
+pub mod listener;
 pub mod metrics;
 pub mod origin;
 pub mod secrets;

@@ -56,6 +56,15 @@ impl Metrics {
             .register_gauge(&Key::from_name(name), &METADATA)
     }
 
+    /// Counts a connection refused by a limit (`reason`: server_full, per_ip, accept_rate).
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.counter(
+            "herald_connections_refused_total",
+            vec![Label::new("reason", reason)],
+        )
+        .increment(1);
+    }
+
     /// Counts one API request and its latency.
     pub fn api_request(&self, method: &str, status: u16, elapsed: Duration) {
         let method = if crate::api::methods::is_known(method) || method == "batch" {
