@@ -110,6 +110,16 @@ pub fn check(
             if !options.allow_publish_for_client {
                 return denied("clients may not publish in this namespace");
             }
+            // Publishing never reaches further than subscribing: not into another user's
+            // channel, and in a private namespace only where the client holds a
+            // subscription (which took a subscription token) or its token lists the channel.
+            if !channel.user_allowed(&credentials.user) {
+                return denied("the channel is limited to other users");
+            }
+            let granted_by_token = credentials.channels.iter().any(|c| c == channel.as_str());
+            if options.require_subscription_token && !subscribed && !granted_by_token {
+                return denied("publishing here needs a subscription to the channel");
+            }
             if credentials.is_anonymous() && !options.allow_subscribe_for_anonymous {
                 return denied("anonymous clients may not publish in this namespace");
             }
@@ -263,5 +273,40 @@ mod tests {
             Action::Subscribe,
             false
         )));
+        // Publishing is never wider than subscribing.
+        let publishing = NamespaceOptions {
+            allow_publish_for_client: true,
+            ..NamespaceOptions::default()
+        };
+        assert!(!ok(check(
+            &alice,
+            &channel("inbox:#bob"),
+            &publishing,
+            Action::Publish,
+            false
+        )));
+        assert!(ok(check(
+            &alice,
+            &channel("inbox:#alice"),
+            &publishing,
+            Action::Publish,
+            false
+        )));
+        let private_publishing = NamespaceOptions {
+            require_subscription_token: true,
+            ..publishing
+        };
+        for (subscribed, allowed) in [(false, false), (true, true)] {
+            assert_eq!(
+                ok(check(
+                    &alice,
+                    &channel("room"),
+                    &private_publishing,
+                    Action::Publish,
+                    subscribed
+                )),
+                allowed
+            );
+        }
     }
 }

@@ -362,6 +362,13 @@ join_leave = true
     let mut file = options
         .open(output)
         .with_context(|| format!("cannot write {}", output.display()))?;
+    // `mode` applies only when the file is created: an overwritten file keeps its old mode.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} private", output.display()))?;
+    }
     file.write_all(text.as_bytes())
         .with_context(|| format!("cannot write {}", output.display()))?;
     Ok(())
@@ -429,7 +436,11 @@ async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<Exi
     } else {
         None
     };
+    // A generated secret only when no token key is configured at all: with `[[token.keys]]`
+    // or a JWKS, an extra HMAC key would let anyone who can read the data folder mint tokens.
     if config.token.hmac_secret.is_empty()
+        && config.token.keys.is_empty()
+        && config.token.jwks_url.is_empty()
         && let Some(secrets) = &generated
     {
         config.token.hmac_secret = secrets.hmac_secret.clone();

@@ -45,10 +45,21 @@ impl OriginPolicy {
         })
     }
 
-    /// Whether a configured pattern admits `origin` (lowercase, no path).
+    /// How the configured patterns admit `origin` (lowercase, no path).
+    fn admits(&self, origin: &str) -> Admission {
+        if self.listed(origin) {
+            Admission::Listed
+        } else if self.patterns.iter().any(|p| p == "*") {
+            Admission::Anyone
+        } else {
+            Admission::Refused
+        }
+    }
+
+    /// Whether a pattern other than `*` names `origin`.
     fn listed(&self, origin: &str) -> bool {
         self.patterns.iter().any(|pattern| {
-            if pattern == "*" || pattern == origin {
+            if pattern == origin {
                 return true;
             }
             // `scheme://*.domain[:port]`: one or more labels in front of `.domain`.
@@ -62,6 +73,17 @@ impl OriginPolicy {
             }
         })
     }
+}
+
+/// How an origin is let in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admission {
+    /// Named in the config: CORS with credentials (the token cookie may be used).
+    Listed,
+    /// Only through `*`: any site, so without credentials — the request's cookies are
+    /// dropped, and a logged-in user's token cookie cannot be used by whatever site they visit.
+    Anyone,
+    Refused,
 }
 
 /// The authority (`host[:port]`) of an origin like `https://host:port`.
@@ -92,19 +114,21 @@ fn refuse(origin: &str) -> Response {
         .into_response()
 }
 
-fn add_cors(headers: &mut HeaderMap, origin: &HeaderValue) {
+fn add_cors(headers: &mut HeaderMap, origin: &HeaderValue, credentials: bool) {
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-        HeaderValue::from_static("true"),
-    );
+    if credentials {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
     headers.append(header::VARY, HeaderValue::from_static("Origin"));
 }
 
 /// The middleware: checks `Origin`, answers preflights, adds CORS headers.
 pub async fn check_origin(
     State(policy): State<Arc<OriginPolicy>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let Some(origin_value) = request.headers().get(header::ORIGIN).cloned() else {
@@ -114,19 +138,23 @@ pub async fn check_origin(
         .to_str()
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let same = same_origin(&origin, request.headers());
-    if !same && !policy.listed(&origin) {
+    if same_origin(&origin, request.headers()) {
+        return next.run(request).await;
+    }
+    let admission = policy.admits(&origin);
+    if admission == Admission::Refused {
         tracing::debug!(origin, path = %request.uri().path(), "origin refused");
         return refuse(&origin);
     }
-    if same {
-        return next.run(request).await;
+    let credentials = admission == Admission::Listed;
+    if !credentials {
+        request.headers_mut().remove(header::COOKIE);
     }
     if request.method() == Method::OPTIONS {
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::NO_CONTENT;
         let headers = response.headers_mut();
-        add_cors(headers, &origin_value);
+        add_cors(headers, &origin_value, credentials);
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
             HeaderValue::from_static(policy.allow_methods),
@@ -142,7 +170,7 @@ pub async fn check_origin(
         return response;
     }
     let mut response = next.run(request).await;
-    add_cors(response.headers_mut(), &origin_value);
+    add_cors(response.headers_mut(), &origin_value, credentials);
     response
 }
 
@@ -169,8 +197,15 @@ mod tests {
         assert!(!policy.listed("https://evilexample.org"));
         assert!(policy.listed("http://localhost:3000"));
         assert!(!policy.listed("http://localhost:3001"));
-        assert!(OriginPolicy::realtime(&["*".into()]).listed("https://anything.test"));
-        assert!(!OriginPolicy::realtime(&[]).listed("https://anything.test"));
+        assert_eq!(
+            OriginPolicy::realtime(&["*".into()]).admits("https://anything.test"),
+            Admission::Anyone
+        );
+        assert_eq!(policy.admits("https://a.example.org"), Admission::Listed);
+        assert_eq!(
+            OriginPolicy::realtime(&[]).admits("https://anything.test"),
+            Admission::Refused
+        );
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl GeneratedSecrets {
         if let Some(existing) = Self::load(dir)? {
             return Ok(existing);
         }
-        fs::create_dir_all(dir).map_err(|source| SecretsError::Io {
+        private_dir(dir).map_err(|source| SecretsError::Io {
             path: dir.to_owned(),
             source,
         })?;
@@ -96,6 +96,19 @@ impl GeneratedSecrets {
             .map_err(|source| SecretsError::Io { path, source })?;
         Ok(secrets)
     }
+}
+
+/// Creates `dir` (and missing parents) readable by its owner only: it holds history and
+/// secrets. An existing folder keeps its mode.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
 }
 
 #[cfg(test)]

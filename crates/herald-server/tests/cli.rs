@@ -403,3 +403,88 @@ engine = "memory"
     server.signal(SIGTERM);
     assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
 }
+
+/// With only `[[token.keys]]` configured, the HMAC secret that `serve` generates into the data
+/// folder must not verify tokens: whoever can read the folder could mint any user's token.
+#[tokio::test]
+async fn a_generated_hmac_secret_is_not_a_key_when_keys_are_configured() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let configured = "configured-hs256-secret-0123456789abcdef";
+    let config = format!(
+        r#"
+[api]
+keys = ["admin-key-0123456789abcdef"]
+
+[[token.keys]]
+kid = "main"
+algorithm = "HS256"
+secret = "{configured}"
+"#
+    );
+    let path = dir.path().join("herald.toml");
+    std::fs::write(&path, config).expect("write config");
+    let path_s = path.to_str().expect("utf-8").to_owned();
+    let mut server = ServerProcess::start(
+        &["--config", &path_s, "--listen", "127.0.0.1:0"],
+        dir.path(),
+    );
+    let secrets = std::fs::read_to_string(dir.path().join("herald-data/secrets.toml"))
+        .expect("serve writes generated secrets");
+    let generated: toml::Value = toml::from_str(&secrets).expect("toml");
+    let generated = generated["hmac_secret"].as_str().expect("hmac_secret").to_owned();
+    let ws_url = format!(
+        "{}/connection/websocket",
+        server.url.replace("http://", "ws://")
+    );
+    let sign = |secret: &str, kid: Option<&str>| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(
+            &header,
+            &json!({"sub": "mallory"}),
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("sign")
+    };
+    let connect = |token: String| {
+        let url = ws_url.clone();
+        async move {
+            let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("ws");
+            socket
+                .send(Message::text(
+                    json!({"id": 1, "connect": {"token": token}}).to_string(),
+                ))
+                .await
+                .expect("send");
+            tokio::time::timeout(Duration::from_secs(5), socket.next())
+                .await
+                .expect("an answer")
+                .expect("open")
+                .expect("ok")
+        }
+    };
+    for token in [sign(&generated, None), sign(&generated, Some("main"))] {
+        match connect(token).await {
+            Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 3500),
+            other => panic!("the generated secret was accepted: {other:?}"),
+        }
+    }
+    match connect(sign(configured, Some("main"))).await {
+        Message::Text(text) => assert!(text.as_str().contains("\"connect\""), "{text}"),
+        other => panic!("the configured key was refused: {other:?}"),
+    }
+    // The data folder is private to its owner.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("herald-data"))
+            .expect("data dir")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+    }
+    server.signal(SIGTERM);
+    assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
+}

@@ -64,7 +64,10 @@ async fn connections_per_ip_and_in_total() {
     let mut answer = String::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), sixth.read_to_string(&mut answer)).await;
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
-    assert!(answer.contains("retry-after: 1") && answer.contains("\"code\":111"), "{answer}");
+    assert!(
+        answer.contains("retry-after: 1") && answer.contains("\"code\":111"),
+        "{answer}"
+    );
     // Other IPs are fine until the total (8) is reached.
     let mut others = Vec::new();
     for last in 2..=4 {

@@ -175,3 +175,51 @@ async fn the_server_api_answers_listed_origins_only() {
     assert_eq!(preflight.status().as_u16(), 204);
     assert_eq!(preflight.headers()["access-control-allow-methods"], "POST");
 }
+
+#[tokio::test]
+async fn a_star_admits_any_site_but_without_the_users_cookies() {
+    let mut config = common::test_config(Engine::Memory);
+    config.token.hmac_secret = SECRET.into();
+    config.client.allowed_origins = vec!["*".into()];
+    let server = TestServer::start_with(config, None).await;
+    let url = format!("{}/connection/poll?channel=news&timeout=0", server.url);
+    let client = reqwest::Client::new();
+    // A token in the cookie, sent by the browser from whatever site the user visits: not
+    // used, so the request is anonymous (401).
+    let with_cookie = client
+        .get(&url)
+        .header("origin", "https://any.site")
+        .header("cookie", format!("herald_token={}", token()))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(with_cookie.status().as_u16(), 401);
+    assert_eq!(
+        with_cookie.headers()["access-control-allow-origin"],
+        "https://any.site"
+    );
+    assert!(
+        with_cookie
+            .headers()
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+    // A token the page holds itself (header or query) works from any site.
+    let with_header = client
+        .get(&url)
+        .header("origin", "https://any.site")
+        .bearer_auth(token())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(with_header.status().as_u16(), 200);
+    // The server's own pages still use the cookie.
+    let own = client
+        .get(&url)
+        .header("origin", server.url.clone())
+        .header("cookie", format!("herald_token={}", token()))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(own.status().as_u16(), 200);
+}

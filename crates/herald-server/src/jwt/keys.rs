@@ -20,6 +20,25 @@ use parking_lot::RwLock;
 
 use crate::config::TokenConfig;
 
+/// Largest JWKS document read (a key set is a few KiB).
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// Keys must come over TLS, except from this machine (tests, sidecars).
+fn jwks_url_allowed(url: &str) -> bool {
+    if url.starts_with("https://") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+}
+
 /// A configured key that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -29,7 +48,7 @@ pub enum KeyError {
     Algorithm(String, String),
     #[error("{0}: {1}")]
     Material(String, String),
-    #[error("token.jwks_url {0:?} must be an http:// or https:// URL")]
+    #[error("token.jwks_url {0:?} must be an https:// URL (http:// only for localhost)")]
     JwksUrl(String),
 }
 
@@ -218,12 +237,13 @@ impl KeySet {
         let jwks = if config.jwks_url.is_empty() {
             None
         } else {
-            if !(config.jwks_url.starts_with("http://") || config.jwks_url.starts_with("https://"))
-            {
+            if !jwks_url_allowed(&config.jwks_url) {
                 return Err(KeyError::JwksUrl(config.jwks_url.clone()));
             }
             let client = reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
+                // A redirect could lead anywhere, including plain http: follow none.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|error| KeyError::Material("token.jwks_url".into(), error.to_string()))?;
             Some(Jwks {
@@ -328,7 +348,14 @@ impl Jwks {
         if !response.status().is_success() {
             return Err(format!("HTTP {}", response.status()));
         }
-        let body = response.bytes().await.map_err(|e| e.to_string())?;
+        let mut response = response;
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(format!("the JWKS is larger than {MAX_JWKS_BYTES} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
         let set: JwkSet = serde_json::from_slice(&body).map_err(|e| format!("not a JWKS: {e}"))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {

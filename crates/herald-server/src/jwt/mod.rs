@@ -287,6 +287,30 @@ mod tests {
     }
 
     #[test]
+    fn jwks_urls_need_tls_except_on_this_machine() {
+        let config = |url: &str| TokenConfig {
+            jwks_url: url.into(),
+            ..TokenConfig::default()
+        };
+        for ok in [
+            "https://auth.example.com/.well-known/jwks.json",
+            "http://127.0.0.1:9000/jwks.json",
+            "http://localhost/jwks",
+            "http://[::1]:80/k",
+        ] {
+            assert!(KeySet::from_config(&config(ok)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://auth.example.com/jwks.json",
+            "http://127.0.0.1.evil.example/jwks",
+            "ftp://x/jwks",
+            "auth.example.com",
+        ] {
+            assert!(KeySet::from_config(&config(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_key_config_names_the_key() {
         let config = |key: crate::config::TokenKey| TokenConfig {
             keys: vec![key],

@@ -187,7 +187,7 @@ impl From<OpenError> for StoreError {
 pub fn lock_data_dir(config: &SqliteConfig) -> Result<File, OpenError> {
     let dir = &config.data_dir;
     let shown = || dir.display().to_string();
-    fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+    private_dir(dir).map_err(|source| OpenError::CreateDir {
         path: shown(),
         source,
     })?;
@@ -384,4 +384,17 @@ fn initialise(conn: &Connection, path: &Path) -> Result<Arc<str>, OpenError> {
             Err(error)
         }
     }
+}
+
+/// Creates `dir` (and missing parents) readable by its owner only: it holds history and
+/// secrets. An existing folder keeps its mode.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
 }

@@ -350,10 +350,14 @@ pub fn encode_reply(reply: &Reply) -> Bytes {
     out.freeze()
 }
 
-/// Protobuf data fields carry bytes; bytes that are valid JSON are kept as JSON so JSON
+/// Protobuf data fields carry bytes; bytes that are valid JSON (UTF-8) are kept as JSON so JSON
 /// subscribers of the same channel get them natively, anything else is binary.
 fn payload_from_bytes(data: Bytes) -> Payload {
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_ok() {
+    // `IgnoredAny` does not check UTF-8 inside strings: test the text first, or bytes like
+    // `"\xff"` would pass as JSON and reach JSON subscribers as `null`.
+    if std::str::from_utf8(&data).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_ok()
+    {
         Payload::Json(data)
     } else {
         Payload::Binary(data)
