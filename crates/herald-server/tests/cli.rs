@@ -433,7 +433,10 @@ secret = "{configured}"
     let secrets = std::fs::read_to_string(dir.path().join("herald-data/secrets.toml"))
         .expect("serve writes generated secrets");
     let generated: toml::Value = toml::from_str(&secrets).expect("toml");
-    let generated = generated["hmac_secret"].as_str().expect("hmac_secret").to_owned();
+    let generated = generated["hmac_secret"]
+        .as_str()
+        .expect("hmac_secret")
+        .to_owned();
     let ws_url = format!(
         "{}/connection/websocket",
         server.url.replace("http://", "ws://")
