@@ -23,6 +23,7 @@ pub mod namespace;
 pub mod node;
 pub mod presence;
 pub mod publication;
+pub mod rate;
 pub mod store;
 pub mod time;
 

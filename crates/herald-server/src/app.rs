@@ -34,6 +34,8 @@ pub struct AppState {
     pub config: Config,
     /// Replaced whole on reload (SIGHUP), so rotation needs no restart.
     pub api_keys: parking_lot::RwLock<ApiKeys>,
+    /// `publish`/`broadcast` calls per API key name (`api.publish_rate_per_key`).
+    pub publish_rate: herald_core::rate::KeyedLimiter<String>,
     pub metrics: Metrics,
     /// Real-time connections' shared state.
     pub realtime: Arc<RealtimeState>,
@@ -43,6 +45,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(node: Node, config: Config, api_keys: ApiKeys) -> Self {
+        let publish_rate_per_key = config.api.publish_rate_per_key;
         let realtime = Arc::new(RealtimeState::new(
             node.clone(),
             Arc::new(TokenVerifier::from_config(&config.token)),
@@ -52,6 +55,7 @@ impl AppState {
             node,
             config,
             api_keys: parking_lot::RwLock::new(api_keys),
+            publish_rate: herald_core::rate::KeyedLimiter::new(publish_rate_per_key, 4096),
             metrics: Metrics::new(),
             realtime,
             ready: AtomicBool::new(true),

@@ -88,6 +88,8 @@ pub struct ApiConfig {
     /// Web origins whose pages may call the server API from a browser (CORS); same patterns
     /// as `client.allowed_origins`. Empty: no cross-origin calls.
     pub cors_origins: Vec<String>,
+    /// `publish` and `broadcast` calls per second per API key (429 over it); 0: no limit.
+    pub publish_rate_per_key: u32,
 }
 
 /// One `[[api.named_keys]]` entry.
@@ -279,6 +281,10 @@ pub struct ClientConfig {
     /// Web origins (besides the server's own) whose pages may connect: exact
     /// (`https://app.example.com`), any subdomain (`https://*.example.com`) or `*`.
     pub allowed_origins: Vec<String>,
+    /// Commands per second per WebSocket connection (error 111 over it); 0: no limit.
+    pub commands_per_second: u32,
+    /// Client publications per second per user (error 111 over it); 0: no limit.
+    pub publications_per_second_per_user: u32,
 }
 
 impl Default for ClientConfig {
@@ -295,6 +301,8 @@ impl Default for ClientConfig {
             connect_timeout: HumanDuration(rt.connect_timeout),
             expired_close_delay: HumanDuration(rt.expired_close_delay),
             allowed_origins: Vec::new(),
+            commands_per_second: rt.commands_per_second,
+            publications_per_second_per_user: rt.publications_per_second_per_user,
         }
     }
 }
@@ -322,6 +330,8 @@ impl ClientConfig {
             max_subscriptions: self.max_subscriptions,
             connect_timeout: self.connect_timeout.as_duration(),
             expired_close_delay: self.expired_close_delay.as_duration(),
+            commands_per_second: self.commands_per_second,
+            publications_per_second_per_user: self.publications_per_second_per_user,
         }
     }
 }

@@ -5,7 +5,8 @@
 //! A refused connection gets a short HTTP error (`503` when the server is full, `429` with
 //! `Retry-After` for one IP over its share) and is closed. An admitted connection carries its
 //! [`Permit`] inside its socket wrapper, so it is counted for as long as the socket lives —
-//! also after a WebSocket upgrade. Per-IP rate state is bounded in memory.
+//! also after a WebSocket upgrade. Per-IP rate state is bounded in memory
+//! ([`herald_core::rate`]).
 //!
 //! May touch: the listening socket and accepted sockets.
 
@@ -17,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use herald_core::rate::KeyedLimiter;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -35,22 +37,13 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
 }
 
-/// Most IPs whose accept rate is tracked; beyond it, idle entries are dropped, and if none
-/// is idle a new IP is not rate-limited (availability over strictness: the table cannot be
-/// grown without bound by spraying source addresses).
+/// Most IPs whose accept rate is tracked (see [`KeyedLimiter`] for what happens beyond).
 const MAX_TRACKED_IPS: usize = 65_536;
-
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
 
 #[derive(Debug, Default)]
 struct GateState {
     total: usize,
     per_ip: HashMap<IpAddr, usize>,
-    rates: HashMap<IpAddr, Bucket>,
 }
 
 /// Decides whether a new connection is admitted, and counts the admitted ones.
@@ -58,6 +51,7 @@ struct GateState {
 pub struct Gate {
     limits: ConnectionLimits,
     state: Mutex<GateState>,
+    accepts: KeyedLimiter<IpAddr>,
 }
 
 /// Why a connection was refused.
@@ -118,6 +112,7 @@ impl Drop for Permit {
 impl Gate {
     pub fn new(limits: ConnectionLimits) -> Arc<Self> {
         Arc::new(Self {
+            accepts: KeyedLimiter::new(limits.accepts_per_ip_per_second, MAX_TRACKED_IPS),
             limits,
             state: Mutex::new(GateState::default()),
         })
@@ -134,7 +129,7 @@ impl Gate {
         if limits.max_connections_per_ip > 0 && from_ip >= limits.max_connections_per_ip {
             return Err(Refusal::TooManyFromIp);
         }
-        if limits.accepts_per_ip_per_second > 0 && !Self::take_token(&mut state, limits, ip, now) {
+        if !self.accepts.try_take(&ip, now) {
             return Err(Refusal::TooFast);
         }
         state.total += 1;
@@ -143,38 +138,6 @@ impl Gate {
             gate: self.clone(),
             ip,
         })
-    }
-
-    fn take_token(
-        state: &mut GateState,
-        limits: &ConnectionLimits,
-        ip: IpAddr,
-        now: Instant,
-    ) -> bool {
-        let rate = f64::from(limits.accepts_per_ip_per_second);
-        if !state.rates.contains_key(&ip) && state.rates.len() >= MAX_TRACKED_IPS {
-            // Drop buckets that have refilled completely: they hold no information.
-            let full_after = Duration::from_secs_f64(1.0);
-            state
-                .rates
-                .retain(|_, bucket| now.saturating_duration_since(bucket.updated) < full_after);
-            if state.rates.len() >= MAX_TRACKED_IPS {
-                return true;
-            }
-        }
-        let bucket = state.rates.entry(ip).or_insert(Bucket {
-            tokens: rate,
-            updated: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(rate);
-        bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 
     /// Open connections now (for metrics and tests).

@@ -159,3 +159,60 @@ async fn headers_sent_too_slowly_are_cut_off() {
     let mut fine = connect_from(&server, [127, 0, 0, 1]).await;
     assert!(status_of(&mut fine).await.contains("200"));
 }
+
+#[tokio::test]
+async fn publish_calls_per_api_key_are_rate_limited_with_retry_after() {
+    let mut config = config();
+    config.api.publish_rate_per_key = 5;
+    let server = TestServer::start_with(config, None).await;
+    let client = reqwest::Client::new();
+    let publish = || {
+        client
+            .post(format!("{}/api/publish", server.url))
+            .header("x-api-key", "test-api-key-0123456789")
+            .json(&serde_json::json!({"channel": "news", "data": 1}))
+            .send()
+    };
+    let mut ok = 0;
+    let mut limited = 0;
+    for _ in 0..20 {
+        let response = publish().await.expect("request");
+        match response.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(response.headers()["retry-after"], "1");
+                let body: serde_json::Value = response.json().await.expect("json");
+                assert_eq!(body["error"]["code"], 111, "{body}");
+                limited += 1;
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    assert!((5..=7).contains(&ok), "ok {ok}");
+    assert_eq!(ok + limited, 20);
+    // Reads are not limited; in a batch each publish is counted and refused on its own.
+    let (status, _) = server
+        .call("history", serde_json::json!({"channel": "news"}))
+        .await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let commands: Vec<_> = (0..8)
+        .map(|i| serde_json::json!({"publish": {"channel": "news", "data": i}}))
+        .collect();
+    let (status, body) = server
+        .call("batch", serde_json::json!({"commands": commands}))
+        .await;
+    assert_eq!(status, 200);
+    let replies = body["replies"].as_array().expect("replies");
+    let refused = replies.iter().filter(|r| r["error"]["code"] == 111).count();
+    assert!((2..=3).contains(&refused), "{body}");
+    // The publications that were refused are not in history.
+    let history = server
+        .ok(
+            "history",
+            serde_json::json!({"channel": "news", "limit": 100}),
+        )
+        .await;
+    let stored = history["publications"].as_array().map_or(0, Vec::len);
+    assert_eq!(stored, ok + (8 - refused), "{history}");
+}

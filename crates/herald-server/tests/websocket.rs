@@ -781,6 +781,59 @@ async fn the_server_api_disconnects_and_unsubscribes_users() {
 }
 
 #[tokio::test]
+async fn command_and_publication_rates_answer_error_111() {
+    let mut config = config();
+    config.client.commands_per_second = 10;
+    config.client.publications_per_second_per_user = 3;
+    let server = TestServer::start_with(config, None).await;
+    let mut alice = Client::connect(&server, "alice").await;
+    alice
+        .call("subscribe", json!({"channel": "open:rate"}))
+        .await;
+    // Client publications: 3 per second for alice.
+    let mut published = 0;
+    let mut limited = 0;
+    for _ in 0..6 {
+        let reply = alice
+            .call("publish", json!({"channel": "open:rate", "data": {"x": 1}}))
+            .await;
+        match reply["error"]["code"].as_u64() {
+            None => published += 1,
+            Some(111) => limited += 1,
+            other => panic!("{other:?}: {reply}"),
+        }
+    }
+    assert_eq!((published, limited), (3, 3));
+    // Commands: a burst of 20 in one frame; about 10 minus those already used pass.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let frame: Vec<String> = (100..120)
+        .map(|id| json!({"id": id, "presence_stats": {"channel": "open:rate"}}).to_string())
+        .collect();
+    alice.send_raw(&frame.join("\n")).await;
+    let mut errors = 0;
+    let mut answered = 0;
+    while answered < 20 {
+        let message = alice.next().await;
+        if message["id"]
+            .as_u64()
+            .is_some_and(|id| (100..120).contains(&id))
+        {
+            answered += 1;
+            if message["error"]["code"] == 111 {
+                errors += 1;
+            }
+        }
+    }
+    assert!((9..=11).contains(&errors), "{errors} of 20 refused");
+    // The connection stays usable once the bucket refills.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = alice
+        .call("presence_stats", json!({"channel": "open:rate"}))
+        .await;
+    assert!(reply["presence_stats"].is_object(), "{reply}");
+}
+
+#[tokio::test]
 async fn a_burst_of_subscribes_is_bounded() {
     let mut config = config();
     config.client.max_subscriptions = 100;

@@ -94,8 +94,29 @@ struct ErrorEnvelope<'a> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody::from(&self.error);
-        json_response(self.status, &ErrorEnvelope { error: &body })
+        let mut response = json_response(self.status, &ErrorEnvelope { error: &body });
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
+}
+
+/// Whether `key` may publish now (`api.publish_rate_per_key`), for `publish` and `broadcast`.
+fn publish_allowed(state: &AppState, key: &KeyMatch, method: &str) -> bool {
+    !matches!(method, "publish" | "broadcast")
+        || state
+            .publish_rate
+            .try_take(&key.name, std::time::Instant::now())
+}
+
+fn rate_limited() -> HeraldError {
+    HeraldError::new(
+        ErrorCode::TooManyRequests,
+        "over api.publish_rate_per_key for this key",
+    )
 }
 
 pub fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
@@ -219,6 +240,14 @@ async fn handle_inner(
             format!("no API method {method:?}"),
         ));
     }
+    if method != "batch" && !publish_allowed(state, &key, method) {
+        let error = rate_limited();
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            error.code,
+            error.detail,
+        ));
+    }
     if method != "batch" && !key.scope.allows(method) {
         let error = out_of_scope(&key, method);
         return Err(ApiError::new(
@@ -275,6 +304,9 @@ async fn batch(state: &AppState, key: &KeyMatch, body: &[u8]) -> Result<Response
                 if methods::is_known(&method) && !key.scope.allows(&method) =>
             {
                 Err(out_of_scope(key, &method))
+            }
+            (Some((method, _)), None) if !publish_allowed(state, key, &method) => {
+                Err(rate_limited())
             }
             (Some((method, params)), None) if method != "batch" && methods::is_known(&method) => {
                 match methods::call(state, &method, &params).await {

@@ -33,6 +33,7 @@ use super::protocol::{
 };
 use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame, Outbound};
 use crate::registry::{Control, ControlMessage, Registration, Sessions};
+use herald_core::rate::{KeyedLimiter, TokenBucket};
 
 /// Real-time settings shared by every connection (`[client]` in config).
 #[derive(Clone, Debug)]
@@ -56,6 +57,11 @@ pub struct RealtimeConfig {
     /// How long after its token's `exp` a bidirectional connection that did not `refresh` is
     /// closed with 3005.
     pub expired_close_delay: Duration,
+    /// Commands per second one WebSocket connection may send (bursts of the same size);
+    /// 0: no limit. Over it, a command gets error 111.
+    pub commands_per_second: u32,
+    /// Client publications per second per user (anonymous: per connection); 0: no limit.
+    pub publications_per_second_per_user: u32,
 }
 
 impl Default for RealtimeConfig {
@@ -70,6 +76,8 @@ impl Default for RealtimeConfig {
             max_subscriptions: 1024,
             connect_timeout: Duration::from_secs(10),
             expired_close_delay: Duration::from_secs(25),
+            commands_per_second: 0,
+            publications_per_second_per_user: 0,
         }
     }
 }
@@ -85,6 +93,8 @@ pub struct RealtimeState {
     pub closing: tokio::sync::watch::Sender<bool>,
     /// Connections by user, for the server API's disconnect and unsubscribe.
     pub sessions: Arc<Sessions>,
+    /// Client publications per user (`publications_per_second_per_user`).
+    pub publish_rate: KeyedLimiter<String>,
 }
 
 impl RealtimeState {
@@ -92,10 +102,11 @@ impl RealtimeState {
         Self {
             node,
             authenticator,
-            config,
             connections: AtomicU64::new(0),
             closing: tokio::sync::watch::channel(false).0,
             sessions: Arc::new(Sessions::default()),
+            publish_rate: KeyedLimiter::new(config.publications_per_second_per_user, 65_536),
+            config,
         }
     }
 
@@ -183,6 +194,8 @@ struct Session {
     /// Handed to the registry at connect, so the server API can reach this connection.
     control: mpsc::UnboundedSender<ControlMessage>,
     registration: Option<Registration>,
+    /// `commands_per_second`, when set.
+    command_rate: Option<TokenBucket>,
 }
 
 async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: Encoding) {
@@ -225,6 +238,8 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: 
         pong_deadline: None,
         control,
         registration: None,
+        command_rate: (state.config.commands_per_second > 0)
+            .then(|| TokenBucket::new(state.config.commands_per_second, std::time::Instant::now())),
     };
     session.read_loop(&mut stream, &mut control_messages).await;
     session.cleanup().await;
@@ -383,6 +398,15 @@ impl Session {
         if id == 0 {
             // An empty command is the client's pong (and the only command without an id).
             self.pong_deadline = None;
+            return Ok(());
+        }
+        if let Some(rate) = self.command_rate.as_mut()
+            && !rate.try_take(Instant::now())
+        {
+            self.reply_err(
+                id,
+                &HeraldError::new(ErrorCode::TooManyRequests, "commands_per_second"),
+            );
             return Ok(());
         }
         if let Some(request) = command.subscribe {
@@ -791,6 +815,21 @@ impl Session {
     }
 
     async fn publish(&mut self, request: protocol::PublishRequest) -> Result<(), HeraldError> {
+        let who = if self.user().is_empty() {
+            &self.client_id
+        } else {
+            self.user()
+        };
+        if !self
+            .state
+            .publish_rate
+            .try_take(&who.to_owned(), Instant::now())
+        {
+            return Err(HeraldError::new(
+                ErrorCode::TooManyRequests,
+                "publications_per_second_per_user",
+            ));
+        }
         let (name, options) = self.state.node.resolve(&request.channel)?;
         let credentials = self.credentials.clone().unwrap_or_default();
         auth::check(
