@@ -41,11 +41,19 @@ pub struct AppState {
     pub realtime: Arc<RealtimeState>,
     /// False before start-up completes and once shutdown begins.
     pub ready: AtomicBool,
+    /// HTTPS/WSS, when `server.tls_*` are set (reloaded on SIGHUP).
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl AppState {
     pub fn new(node: Node, config: Config, api_keys: ApiKeys) -> Self {
         let publish_rate_per_key = config.api.publish_rate_per_key;
+        let tls = config.server.tls_files().and_then(|(cert, key)| {
+            crate::tls::install_crypto_provider();
+            crate::tls::Tls::load(cert, key)
+                .inspect_err(|error| tracing::error!(error = %error, "TLS not usable"))
+                .ok()
+        });
         let realtime = Arc::new(RealtimeState::new(
             node.clone(),
             Arc::new(TokenVerifier::from_config(&config.token)),
@@ -59,6 +67,7 @@ impl AppState {
             metrics: Metrics::new(),
             realtime,
             ready: AtomicBool::new(true),
+            tls,
         }
     }
 }
@@ -155,6 +164,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(state.clone());
+    if state.config.server.tls_files().is_some() && state.tls.is_none() {
+        return Err(std::io::Error::other(
+            "server.tls_cert_file/tls_key_file are set but could not be loaded",
+        ));
+    }
     let gate = crate::listener::Gate::new(state.config.server.connection_limits());
     let state_for_shutdown = state.clone();
     let metrics_state = state.clone();
@@ -162,6 +176,7 @@ pub async fn serve(
         listener,
         app,
         gate,
+        state.tls.clone(),
         move |reason| metrics_state.metrics.connection_refused(reason),
         async move {
             shutdown.await;

@@ -56,8 +56,12 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     /// New connections per second from one IP address (bursts of the same size); 0: no limit.
     pub connection_rate_per_ip: u32,
-    /// Time a client has to send a request's headers (slowloris).
+    /// Time a client has to send a request's headers (slowloris), and a TLS handshake.
     pub header_read_timeout: HumanDuration,
+    /// PEM certificate chain: with `tls_key_file`, the listener speaks HTTPS/WSS only.
+    pub tls_cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `tls_cert_file`.
+    pub tls_key_file: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -73,6 +77,8 @@ impl Default for ServerConfig {
             max_connections_per_ip: 0,
             connection_rate_per_ip: 0,
             header_read_timeout: HumanDuration::from_secs(10),
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
         }
     }
 }
@@ -308,6 +314,13 @@ impl Default for ClientConfig {
 }
 
 impl ServerConfig {
+    /// The TLS files, when both are set.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        (set(&self.tls_cert_file) && set(&self.tls_key_file))
+            .then_some((self.tls_cert_file.as_path(), self.tls_key_file.as_path()))
+    }
+
     pub fn connection_limits(&self) -> crate::listener::ConnectionLimits {
         crate::listener::ConnectionLimits {
             max_connections: self.max_connections,
@@ -443,6 +456,18 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "token.hmac_secret must be at least 32 characters".into(),
             ));
+        }
+        let cert = !self.server.tls_cert_file.as_os_str().is_empty();
+        let key = !self.server.tls_key_file.as_os_str().is_empty();
+        if cert != key {
+            return Err(ConfigError::Invalid(
+                "server.tls_cert_file and server.tls_key_file go together: set both or neither"
+                    .into(),
+            ));
+        }
+        if let Some((cert, key)) = self.server.tls_files() {
+            crate::tls::install_crypto_provider();
+            crate::tls::Tls::load(cert, key).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         // Builds every configured key, so a bad PEM or algorithm fails start-up and
         // `herald check-config`, naming the key.

@@ -12,4 +12,5 @@ pub mod listener;
 pub mod metrics;
 pub mod origin;
 pub mod secrets;
+pub mod tls;
 pub mod token;

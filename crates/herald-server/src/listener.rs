@@ -198,6 +198,7 @@ pub async fn serve_connections(
     listener: TcpListener,
     app: Router,
     gate: Arc<Gate>,
+    tls: Option<Arc<crate::tls::Tls>>,
     on_refusal: impl Fn(&'static str) + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -232,17 +233,38 @@ pub async fn serve_connections(
             }
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(CountedStream {
+        let counted = CountedStream {
             inner: stream,
             _permit: permit,
-        });
+        };
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let handshake_timeout = gate.limits.header_read_timeout;
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let result = match acceptor {
+                None => {
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(counted), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+                Some(acceptor) => {
+                    // The handshake gets the same deadline as a request's headers.
+                    let handshake =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(counted)).await;
+                    let Ok(Ok(tls_stream)) = handshake else {
+                        tracing::debug!(%peer, "TLS handshake failed or timed out");
+                        return;
+                    };
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+            };
+            if let Err(error) = result {
                 tracing::trace!(error = %error, "connection ended with an error");
             }
         });

@@ -424,6 +424,7 @@ impl Reload {
 
 async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<ExitCode> {
     init_logging(&config)?;
+    herald_server::tls::install_crypto_provider();
     let generated = match config.storage.engine {
         _ if config.api.has_keys() && !config.token.hmac_secret.is_empty() => None,
         Engine::Sqlite => Some(GeneratedSecrets::load_or_create(&config.storage.data_dir)?),
@@ -460,8 +461,13 @@ async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<Exi
         .to_lowercase(),
         Engine::Memory => "memory (nothing survives a restart)".to_owned(),
     };
+    let scheme = if config.server.tls_files().is_some() {
+        "https"
+    } else {
+        "http"
+    };
     println!(
-        "Herald {} listening on http://{addr}",
+        "Herald {} listening on {scheme}://{addr}",
         env!("CARGO_PKG_VERSION")
     );
     println!("  storage: {storage}");
@@ -469,7 +475,7 @@ async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<Exi
         Some(key) => {
             println!("  API key: {key}");
             println!(
-                "  try:     curl -X POST http://{addr}/api/publish -H 'X-API-Key: {key}' -d '{{\"channel\":\"news\",\"data\":{{\"text\":\"hello\"}}}}'"
+                "  try:     curl -X POST {scheme}://{addr}/api/publish -H 'X-API-Key: {key}' -d '{{\"channel\":\"news\",\"data\":{{\"text\":\"hello\"}}}}'"
             );
         }
         None => println!("  API key: from configuration"),
@@ -486,6 +492,14 @@ async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<Exi
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 reload.api_keys(&state, key_source.as_deref());
+                if let Some(tls) = &state.tls {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                        Err(error) => {
+                            tracing::error!(error = %error, "SIGHUP: TLS certificate not reloaded; the one in use stays")
+                        }
+                    }
+                }
             }
         });
     }
