@@ -43,11 +43,14 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// HTTPS/WSS, when `server.tls_*` are set (reloaded on SIGHUP).
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// The token verifier (also the real-time authenticator), for revocations.
+    pub tokens: Arc<TokenVerifier>,
 }
 
 impl AppState {
     pub fn new(node: Node, config: Config, api_keys: ApiKeys) -> Self {
         let publish_rate_per_key = config.api.publish_rate_per_key;
+        let tokens = Arc::new(TokenVerifier::from_config(&config.token));
         let tls = config.server.tls_files().and_then(|(cert, key)| {
             crate::tls::install_crypto_provider();
             crate::tls::Tls::load(cert, key)
@@ -56,7 +59,7 @@ impl AppState {
         });
         let realtime = Arc::new(RealtimeState::new(
             node.clone(),
-            Arc::new(TokenVerifier::from_config(&config.token)),
+            tokens.clone(),
             config.client.realtime(),
         ));
         Self {
@@ -68,6 +71,7 @@ impl AppState {
             realtime,
             ready: AtomicBool::new(true),
             tls,
+            tokens,
         }
     }
 }

@@ -834,6 +834,76 @@ async fn command_and_publication_rates_answer_error_111() {
 }
 
 #[tokio::test]
+async fn revoked_tokens_and_invalidated_users_cannot_connect() {
+    let server = TestServer::start_with(config(), None).await;
+    let now = herald_core::time::now_ms() as i64 / 1000;
+    let sign = |claims: Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("sign")
+    };
+    let connects = |token: String| {
+        let server = &server;
+        async move {
+            let mut client = Client::open(server).await;
+            client
+                .send_raw(&json!({"id": 1, "connect": {"token": token}}).to_string())
+                .await;
+            match tokio::time::timeout(Duration::from_secs(5), client.socket.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => text.as_str().contains("\"connect\""),
+                Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                    assert_eq!(u16::from(frame.code), 3500);
+                    false
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    };
+    let revoked = sign(json!({"sub": "alice", "exp": now + 600, "jti": "token-1", "iat": now}));
+    let other = sign(json!({"sub": "alice", "exp": now + 600, "jti": "token-2", "iat": now}));
+    assert!(connects(revoked.clone()).await);
+    server
+        .ok(
+            "revoke_token",
+            json!({"uid": "token-1", "expire_at": now + 600}),
+        )
+        .await;
+    assert!(!connects(revoked).await, "a revoked jti is refused");
+    assert!(
+        connects(other).await,
+        "another token of the same user is not"
+    );
+
+    let old = sign(json!({"sub": "bob", "exp": now + 600, "iat": now - 10}));
+    let without_iat = sign(json!({"sub": "bob", "exp": now + 600}));
+    let fresh = sign(json!({"sub": "bob", "exp": now + 600, "iat": now + 5}));
+    server
+        .ok(
+            "invalidate_user_tokens",
+            json!({"user": "bob", "issued_before": now}),
+        )
+        .await;
+    assert!(!connects(old).await, "issued before the cut-off");
+    assert!(
+        !connects(without_iat).await,
+        "no iat: cannot prove it is newer"
+    );
+    assert!(connects(fresh).await, "issued after the cut-off");
+    server.err("revoke_token", json!({}), 200, 107).await;
+    server
+        .err(
+            "invalidate_user_tokens",
+            json!({"user": "bob", "jti": "x"}),
+            400,
+            107,
+        )
+        .await;
+}
+
+#[tokio::test]
 async fn a_burst_of_subscribes_is_bounded() {
     let mut config = config();
     config.client.max_subscriptions = 100;

@@ -18,6 +18,8 @@ use crate::app::AppState;
 use herald_transport::outbound::CloseReason;
 
 const METHODS: &[&str] = &[
+    "revoke_token",
+    "invalidate_user_tokens",
     "disconnect",
     "unsubscribe",
     "publish",
@@ -51,6 +53,10 @@ fn encode<T: Serialize>(value: &T) -> Result<Box<RawValue>, ApiError> {
 fn node_err(error: HeraldError) -> ApiError {
     ApiError::from_node(error)
 }
+
+/// How long a revocation is remembered without `expire_at`: a day (set `expire_at` to the
+/// latest `exp` of the tokens concerned when they live longer).
+const DEFAULT_REVOCATION_SECS: u64 = 24 * 3600;
 
 fn require_user(user: &str) -> Result<(), ApiError> {
     if user.is_empty() {
@@ -101,6 +107,35 @@ pub async fn call(
                 reason,
             );
             tracing::info!(user = %params.user, closed, code = reason.code, "disconnected by the server API");
+            encode(&EmptyResult {})
+        }
+        "revoke_token" => {
+            let params: RevokeTokenParams = parse(params)?;
+            if params.uid.is_empty() {
+                return Err(node_err(HeraldError::bad_request(
+                    "uid (the token's jti) is required",
+                )));
+            }
+            let now = herald_core::time::now_ms() / 1000;
+            let until = params.expire_at.unwrap_or(now + DEFAULT_REVOCATION_SECS);
+            state
+                .tokens
+                .revocations
+                .revoke_token(&params.uid, until, now)
+                .map_err(node_err)?;
+            encode(&EmptyResult {})
+        }
+        "invalidate_user_tokens" => {
+            let params: InvalidateUserTokensParams = parse(params)?;
+            require_user(&params.user)?;
+            let now = herald_core::time::now_ms() / 1000;
+            let before = params.issued_before.unwrap_or(now);
+            let until = params.expire_at.unwrap_or(now + DEFAULT_REVOCATION_SECS);
+            state
+                .tokens
+                .revocations
+                .invalidate_user(&params.user, before, until, now)
+                .map_err(node_err)?;
             encode(&EmptyResult {})
         }
         "unsubscribe" => {

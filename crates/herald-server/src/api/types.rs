@@ -93,6 +93,27 @@ pub struct DisconnectCode {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RevokeTokenParams {
+    /// The token's `jti`.
+    #[serde(default)]
+    pub uid: String,
+    /// Remember until (Unix seconds); default a day from now.
+    pub expire_at: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvalidateUserTokensParams {
+    #[serde(default)]
+    pub user: String,
+    /// Tokens with `iat` before this (Unix seconds) are refused; default now.
+    pub issued_before: Option<u64>,
+    /// Remember until (Unix seconds); default a day from now.
+    pub expire_at: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UnsubscribeParams {
     #[serde(default)]
     pub user: String,

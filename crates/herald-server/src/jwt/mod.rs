@@ -6,6 +6,7 @@
 //! token has `sub`, `channel`, `exp`, `info` (the channel-specific `chan_info`).
 
 pub mod keys;
+pub mod revocation;
 
 use std::collections::HashMap;
 
@@ -34,6 +35,10 @@ struct Claims {
     subs: HashMap<String, serde::de::IgnoredAny>,
     /// A connection token must not name a channel (that is a subscription token).
     channel: Option<serde::de::IgnoredAny>,
+    /// Token id, for revocation.
+    jti: Option<String>,
+    /// Issued at (Unix seconds), for "tokens issued before" revocation.
+    iat: Option<u64>,
 }
 
 /// The claims of a subscription token: it names exactly one channel.
@@ -44,12 +49,15 @@ struct SubscriptionClaims {
     channel: String,
     exp: Option<u64>,
     info: Option<Box<RawValue>>,
+    jti: Option<String>,
+    iat: Option<u64>,
 }
 
-/// Verifies tokens with the configured keys.
+/// Verifies tokens with the configured keys, and refuses revoked ones.
 #[derive(Debug)]
 pub struct TokenVerifier {
     keys: KeySet,
+    pub revocations: revocation::Revocations,
 }
 
 fn unauthorized(detail: impl Into<String>) -> HeraldError {
@@ -58,7 +66,10 @@ fn unauthorized(detail: impl Into<String>) -> HeraldError {
 
 impl TokenVerifier {
     pub fn new(keys: KeySet) -> Self {
-        Self { keys }
+        Self {
+            keys,
+            revocations: revocation::Revocations::default(),
+        }
     }
 
     /// The verifier for `config`; a config that does not build (it was validated at start-up,
@@ -120,6 +131,12 @@ impl Authenticator for TokenVerifier {
         if claims.channel.is_some() {
             return Err(unauthorized("a connection token must not carry `channel`"));
         }
+        self.revocations.check(
+            claims.jti.as_deref(),
+            &claims.sub,
+            claims.iat,
+            herald_core::time::now_ms() / 1000,
+        )?;
         let mut channels = claims.channels;
         let mut from_subs: Vec<String> = claims.subs.into_keys().collect();
         from_subs.sort();
@@ -144,6 +161,12 @@ impl Authenticator for TokenVerifier {
         if claims.channel.is_empty() {
             return Err(unauthorized("a subscription token must name its `channel`"));
         }
+        self.revocations.check(
+            claims.jti.as_deref(),
+            &claims.sub,
+            claims.iat,
+            herald_core::time::now_ms() / 1000,
+        )?;
         Ok(SubscriptionGrant {
             user: claims.sub,
             channel: claims.channel,
