@@ -11,7 +11,7 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::outbound::{CloseReason, Outbound};
 
@@ -24,21 +24,47 @@ pub enum ControlMessage {
     Unsubscribe { channel: String },
 }
 
+/// A connection's mailbox for [`ControlMessage`]s: an empty `Vec` and a `Notify`, so it costs
+/// no allocation until a message arrives (a channel would allocate its first block at once,
+/// per connection).
+#[derive(Debug, Default)]
+pub struct Inbox {
+    messages: Mutex<Vec<ControlMessage>>,
+    ready: Notify,
+}
+
+impl Inbox {
+    fn push(&self, message: ControlMessage) {
+        self.messages.lock().push(message);
+        self.ready.notify_one();
+    }
+
+    /// The next message, waiting for one.
+    pub async fn next(&self) -> ControlMessage {
+        loop {
+            if let Some(message) = {
+                let mut messages = self.messages.lock();
+                (!messages.is_empty()).then(|| messages.remove(0))
+            } {
+                return message;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
 /// What the registry holds per connection.
 #[derive(Debug, Clone)]
 pub struct Control {
     outbound: Arc<Outbound>,
     /// `None` for transports without server-side unsubscribe (the one-way ones, whose
     /// channel list is fixed for the connection's life).
-    messages: Option<mpsc::UnboundedSender<ControlMessage>>,
+    inbox: Option<Arc<Inbox>>,
 }
 
 impl Control {
-    pub fn new(
-        outbound: Arc<Outbound>,
-        messages: Option<mpsc::UnboundedSender<ControlMessage>>,
-    ) -> Self {
-        Self { outbound, messages }
+    pub fn new(outbound: Arc<Outbound>, inbox: Option<Arc<Inbox>>) -> Self {
+        Self { outbound, inbox }
     }
 }
 
@@ -149,17 +175,14 @@ impl Sessions {
     /// Asks the user's connections to unsubscribe from `channel`; returns how many were
     /// asked (connections that cannot unsubscribe one channel are not counted).
     pub fn unsubscribe(&self, user: &str, client: Option<&str>, channel: &str) -> usize {
-        self.controls(user, client, &[])
-            .iter()
-            .filter_map(|control| control.messages.as_ref())
-            .filter(|messages| {
-                messages
-                    .send(ControlMessage::Unsubscribe {
-                        channel: channel.to_owned(),
-                    })
-                    .is_ok()
-            })
-            .count()
+        let controls = self.controls(user, client, &[]);
+        let inboxes: Vec<_> = controls.iter().filter_map(|c| c.inbox.as_ref()).collect();
+        for inbox in &inboxes {
+            inbox.push(ControlMessage::Unsubscribe {
+                channel: channel.to_owned(),
+            });
+        }
+        inboxes.len()
     }
 }
 
@@ -172,8 +195,8 @@ mod tests {
         let sessions = Arc::new(Sessions::default());
         let a = Outbound::new(1024);
         let b = Outbound::new(1024);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let first = sessions.register("alice", "c1", Control::new(a.clone(), Some(tx)));
+        let inbox = Arc::new(Inbox::default());
+        let first = sessions.register("alice", "c1", Control::new(a.clone(), Some(inbox.clone())));
         let second = sessions.register("alice", "c2", Control::new(b.clone(), None));
         assert!(
             sessions
@@ -182,8 +205,8 @@ mod tests {
         );
         assert_eq!(sessions.unsubscribe("alice", None, "news"), 1);
         assert!(matches!(
-            rx.recv().await,
-            Some(ControlMessage::Unsubscribe { channel }) if channel == "news"
+            inbox.next().await,
+            ControlMessage::Unsubscribe { channel } if channel == "news"
         ));
         assert_eq!(
             sessions.disconnect("alice", Some("c2"), &[], CloseReason::FORCE_DISCONNECT),

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -32,7 +31,7 @@ use super::protocol::{
     self, Command, ResultBody, SubscribeRequest, SubscribeResult, WirePublication,
 };
 use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame, Outbound};
-use crate::registry::{Control, ControlMessage, Registration, Sessions};
+use crate::registry::{Control, ControlMessage, Inbox, Registration, Sessions};
 use herald_core::rate::{KeyedLimiter, TokenBucket};
 
 /// Real-time settings shared by every connection (`[client]` in config).
@@ -152,7 +151,9 @@ pub async fn websocket_handler(
     let subprotocol = ws.selected_protocol().and_then(|p| p.to_str().ok());
     let encoding = Encoding::negotiate(subprotocol, uri.query());
     // Small buffers: the defaults (128 KiB each way) would dominate per-connection memory.
-    ws.read_buffer_size(4 * 1024)
+    // 512 B: clients send little, and the buffer lives as long as the connection (larger
+    // messages still arrive, in more reads).
+    ws.read_buffer_size(512)
         .write_buffer_size(0)
         .max_write_buffer_size(state.config.max_queue_bytes.max(64 * 1024))
         .max_message_size(max)
@@ -192,7 +193,7 @@ struct Session {
     subscriptions: HashMap<Arc<str>, Subscription>,
     pong_deadline: Option<Instant>,
     /// Handed to the registry at connect, so the server API can reach this connection.
-    control: mpsc::UnboundedSender<ControlMessage>,
+    control: Option<Arc<Inbox>>,
     registration: Option<Registration>,
     /// `commands_per_second`, when set.
     command_rate: Option<TokenBucket>,
@@ -209,7 +210,12 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: 
             frames.clear();
             match writer_queue.drain(&mut frames).await {
                 Ok(()) => {
-                    if sink.send(encoding.message(&frames)).await.is_err() {
+                    let sent = sink.send(encoding.message(&frames)).await;
+                    // Do not keep a burst's capacity for the rest of an idle connection's life.
+                    if frames.capacity() > 64 {
+                        frames = Vec::new();
+                    }
+                    if sent.is_err() {
                         writer_queue.close(CloseReason::WRITE_ERROR);
                         return;
                     }
@@ -226,7 +232,6 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: 
             }
         }
     });
-    let (control, mut control_messages) = mpsc::unbounded_channel();
     let mut session = Session {
         state: state.clone(),
         encoding,
@@ -236,24 +241,20 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: 
         info: None,
         subscriptions: HashMap::new(),
         pong_deadline: None,
-        control,
+        control: None,
         registration: None,
         command_rate: (state.config.commands_per_second > 0)
             .then(|| TokenBucket::new(state.config.commands_per_second, std::time::Instant::now())),
     };
-    session.read_loop(&mut stream, &mut control_messages).await;
-    session.cleanup().await;
+    session.read_loop(&mut stream).await;
+    Box::pin(session.cleanup()).await;
     // Give the writer a moment to flush the close frame, then stop it.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     state.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
 impl Session {
-    async fn read_loop(
-        &mut self,
-        stream: &mut futures::stream::SplitStream<WebSocket>,
-        control: &mut mpsc::UnboundedReceiver<ControlMessage>,
-    ) {
+    async fn read_loop(&mut self, stream: &mut futures::stream::SplitStream<WebSocket>) {
         let config = self.state.config.clone();
         let connect_deadline = Instant::now() + config.connect_timeout;
         let ping_every = if config.ping_interval.is_zero() {
@@ -267,6 +268,7 @@ impl Session {
             if self.outbound.closed().is_some() {
                 return;
             }
+            let inbox = self.control.clone();
             let tick_at = if self.credentials.is_none() {
                 Some(connect_deadline)
             } else {
@@ -297,14 +299,14 @@ impl Session {
                     return;
                 }
                 _ = expiry(sub_expires_at), if sub_expires_at.is_some() => {
-                    self.unsubscribe_expired().await;
+                    Box::pin(self.unsubscribe_expired()).await;
                 }
-                Some(message) = control.recv() => match message {
+                message = next_control(inbox.as_deref()) => match message {
                     ControlMessage::Unsubscribe { channel } => {
                         if let Ok((name, _)) = self.state.node.resolve(&channel)
                             && self.subscriptions.contains_key(name.as_str())
                         {
-                            self.unsubscribe(name.as_str()).await;
+                            Box::pin(self.unsubscribe(name.as_str())).await;
                             let (code, reason) = UNSUBSCRIBE_BY_SERVER;
                             self.outbound.push(self.encoding.unsubscribe_push(name.as_str(), code, reason));
                         }
@@ -313,14 +315,16 @@ impl Session {
                 message = stream.next() => match message {
                     Some(Ok(Message::Text(text))) => {
                         let commands = self.encoding.decode_text(text.as_str());
-                        if let Err(reason) = self.handle_commands(commands).await {
+                        // Boxed: the commands' futures are large, and stored inline they would
+                        // make every idle connection's task as large as the largest of them.
+                        if let Err(reason) = Box::pin(self.handle_commands(commands)).await {
                             self.outbound.close(reason);
                             return;
                         }
                     }
                     Some(Ok(Message::Binary(bytes))) => {
                         let commands = self.encoding.decode_binary(&bytes);
-                        if let Err(reason) = self.handle_commands(commands).await {
+                        if let Err(reason) = Box::pin(self.handle_commands(commands)).await {
                             self.outbound.close(reason);
                             return;
                         }
@@ -519,11 +523,17 @@ impl Session {
             chan_info: None,
         }));
         let server_side = credentials.channels.clone();
-        self.registration = self.state.sessions.register(
-            &credentials.user,
-            &self.client_id,
-            Control::new(self.outbound.clone(), Some(self.control.clone())),
-        );
+        // Only named users can be reached by the server API: anonymous connections get no
+        // inbox (and no registry entry).
+        if !credentials.is_anonymous() {
+            let inbox = Arc::new(Inbox::default());
+            self.registration = self.state.sessions.register(
+                &credentials.user,
+                &self.client_id,
+                Control::new(self.outbound.clone(), Some(inbox.clone())),
+            );
+            self.control = Some(inbox);
+        }
         self.credentials = Some(credentials);
         let config = &self.state.config;
         let mut result = protocol::ConnectResult {
@@ -892,6 +902,14 @@ fn ttl_of(credentials: &Credentials) -> (bool, u32) {
 fn ttl_until(at: u64) -> u32 {
     let now = herald_core::time::now_ms() / 1000;
     u32::try_from(at.saturating_sub(now)).unwrap_or(u32::MAX)
+}
+
+/// The next message for this connection from the server API; never, without an inbox.
+async fn next_control(inbox: Option<&Inbox>) -> ControlMessage {
+    match inbox {
+        Some(inbox) => inbox.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
