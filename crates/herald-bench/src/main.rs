@@ -3,10 +3,18 @@
 //! Owns the command line, CPU pinning and the runtime the scenario runs on. Scenarios live in
 //! their own modules and only talk to a server over the network.
 
+mod fanout;
+mod idle;
 mod publish;
+mod publisher;
+mod push;
 mod rawhttp;
+mod spawn;
+mod sseclient;
 mod summary;
 mod sysstat;
+mod table;
+mod worker;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,6 +37,16 @@ enum Command {
     SummaryHeader,
     /// Turn JSON lines from several `publish --json` runs into one Markdown table row.
     Summarize(summary::SummarizeArgs),
+    /// Subscribers over WebSocket or SSE (in worker processes), a publisher at a fixed rate:
+    /// deliveries/s, publish-to-receive latency, missed/duplicate publications.
+    Fanout(fanout::FanoutArgs),
+    /// Server memory per idle subscribed connection (RSS growth ÷ connections).
+    Idle(idle::IdleArgs),
+    /// Markdown table rows (or the header) from `fanout --json` / `idle --json` reports.
+    FanoutTable(table::TableArgs),
+    /// One process of `fanout`/`idle` subscribers (started by them, not by hand).
+    #[command(hide = true)]
+    FanoutWorker(worker::WorkerArgs),
 }
 
 /// Parses `15s`, `500ms`, `2m`, `1.5s` or a bare number of seconds.
@@ -83,6 +101,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Fanout(args) => {
+            if let Some(cpu) = args.cpu {
+                // Worker processes inherit the mask too.
+                sysstat::pin_current_thread(cpu)?;
+            }
+            let report = runtime(1)?.block_on(fanout::run(&args))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                report.print_text();
+            }
+            Ok(())
+        }
+        Command::Idle(args) => {
+            if let Some(cpu) = args.cpu {
+                sysstat::pin_current_thread(cpu)?;
+            }
+            let report = runtime(1)?.block_on(idle::run(&args))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                report.print_text();
+            }
+            Ok(())
+        }
+        Command::FanoutTable(args) => {
+            println!("{}", table::run(&args)?);
+            Ok(())
+        }
+        Command::FanoutWorker(args) => worker::run(&args),
         Command::SummaryHeader => {
             println!("{}", summary::HEADER);
             Ok(())

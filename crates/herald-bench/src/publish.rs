@@ -458,13 +458,15 @@ async fn connection_loop(
 }
 
 /// CPU and memory over the measured window, sampled by a task of its own.
-struct Usage {
-    loadgen_cpu_percent: f64,
-    server: Option<ServerUsage>,
-    cores: Vec<CoreUsage>,
+pub(crate) struct Usage {
+    pub(crate) loadgen_cpu_percent: f64,
+    pub(crate) server: Option<ServerUsage>,
+    pub(crate) cores: Vec<CoreUsage>,
 }
 
-async fn sample_usage(
+/// Samples this process's CPU, `server_pid`'s CPU and RSS (peak every 250 ms) and every
+/// core's use from `measure_from` to `end`. Also used by the fan-out scenario.
+pub(crate) async fn sample_usage(
     server_pid: Option<u32>,
     measure_from: Instant,
     end: Instant,

@@ -3,6 +3,8 @@
 //!
 //! Owns nothing but these reads; it never signals or otherwise touches the processes it
 //! looks at. Linux only.
+//!
+//! Also the memory breakdown the idle-connection scenario reports ([`memory_detail`]).
 
 use std::time::Instant;
 
@@ -143,6 +145,106 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kib * 1024)
 }
 
+/// CPU seconds used so far by every user-space process on the machine (kernel threads left
+/// out), children that have exited and been reaped included (`cutime`/`cstime`), so the
+/// difference of two readings also counts processes that started or ended in between. Take
+/// the processes under test away from it to see what else competed.
+pub fn all_processes_cpu_seconds() -> f64 {
+    let ticks_per_second = rustix::param::clock_ticks_per_second() as f64;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut ticks = 0u64;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let path = entry.path();
+        // Kernel threads have an empty command line.
+        if std::fs::read(path.join("cmdline")).map_or(true, |c| c.is_empty()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        // Fields 14–17 (utime, stime, cutime, cstime); `rest` starts at field 3.
+        ticks += rest
+            .split_ascii_whitespace()
+            .skip(11)
+            .take(4)
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    ticks as f64 / ticks_per_second
+}
+
+/// Where a process's memory is, for the idle-connection scenario: `/proc/<pid>/status`,
+/// `/proc/<pid>/smaps_rollup` and its open files, plus the kernel's memory for all TCP
+/// sockets on the machine (`/proc/net/sockstat`; not part of any process's RSS).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct MemoryDetail {
+    pub rss_bytes: u64,
+    /// `RssAnon`: heap, stacks, and other private memory.
+    pub rss_anon_bytes: u64,
+    /// `RssFile`: mapped files (the executable, libraries).
+    pub rss_file_bytes: u64,
+    /// `Private_Dirty` from `smaps_rollup`.
+    pub private_dirty_bytes: u64,
+    pub threads: u64,
+    pub open_files: u64,
+    /// `TCP: inuse` in `/proc/net/sockstat` (machine-wide).
+    pub tcp_sockets: u64,
+    /// `TCP: mem` in `/proc/net/sockstat`, in bytes (machine-wide socket buffers).
+    pub tcp_kernel_bytes: u64,
+}
+
+/// `key:  N kB` lines of a `/proc` file, as bytes.
+fn kib_field(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_ascii_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Reads [`MemoryDetail`] of `pid`.
+pub fn memory_detail(pid: u32) -> anyhow::Result<MemoryDetail> {
+    let status_path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&status_path)
+        .with_context(|| format!("cannot read {status_path}"))?;
+    // smaps_rollup needs ptrace access (same user); leave it at 0 without.
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let open_files = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let tcp: Vec<&str> = sockstat
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .map(|l| l.split_ascii_whitespace().collect())
+        .unwrap_or_default();
+    let tcp_field = |name: &str| {
+        tcp.iter()
+            .position(|f| *f == name)
+            .and_then(|i| tcp.get(i + 1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(MemoryDetail {
+        rss_bytes: kib_field(&status, "VmRSS"),
+        rss_anon_bytes: kib_field(&status, "RssAnon"),
+        rss_file_bytes: kib_field(&status, "RssFile"),
+        private_dirty_bytes: kib_field(&rollup, "Private_Dirty"),
+        threads: status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok())
+            .unwrap_or(0),
+        open_files,
+        tcp_sockets: tcp_field("inuse"),
+        tcp_kernel_bytes: tcp_field("mem") * rustix::param::page_size() as u64,
+    })
+}
+
 /// Pins the calling thread to `cpu`. Threads it starts afterwards inherit the mask, so call
 /// it before building the runtime.
 pub fn pin_current_thread(cpu: usize) -> anyhow::Result<()> {
@@ -178,5 +280,18 @@ mod tests {
             .expect("/proc/stat")
             .usage_since(&before);
         assert!(usage.iter().all(|u| u.busy_percent <= 100.0 + 1e-9));
+        assert!(all_processes_cpu_seconds() >= second.seconds);
+        let detail = memory_detail(std::process::id()).expect("own memory");
+        assert!(detail.rss_bytes > 0 && detail.threads >= 1 && detail.open_files >= 1);
+        assert!(detail.rss_anon_bytes + detail.rss_file_bytes <= detail.rss_bytes + 1024 * 1024);
+    }
+
+    #[test]
+    fn reads_kib_fields() {
+        let text = "VmRSS:\t   2048 kB\nRssAnon:\t  1024 kB\nPrivate_Dirty:  8 kB\n";
+        assert_eq!(kib_field(text, "VmRSS"), 2048 * 1024);
+        assert_eq!(kib_field(text, "RssAnon"), 1024 * 1024);
+        assert_eq!(kib_field(text, "Private_Dirty"), 8 * 1024);
+        assert_eq!(kib_field(text, "Missing"), 0);
     }
 }

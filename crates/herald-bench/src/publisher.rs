@@ -1,0 +1,326 @@
+//! The fan-out scenario's publisher: timestamped publications at a fixed total rate over the
+//! HTTP server API (`/api/publish`, or `/api/batch` with several per request), open loop.
+//!
+//! Owns a few keep-alive [`crate::rawhttp`] connections and the schedule: request j is due
+//! at `start + j × batch / rate` and goes out on connection `j mod connections`; a request
+//! that is late (its connection still busy) goes out at once, and the lag is reported. Each
+//! publication's data carries its send time ([`crate::push::payload`]). Every reply is
+//! decoded for the publication's offset, so the final offset of every channel is known and
+//! the subscribers can tell what they missed.
+//!
+//! May touch: the network (only the server it is given).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use serde::Serialize;
+
+use crate::push;
+use crate::rawhttp::{RawConnection, encode_post};
+
+/// What to publish, and where.
+#[derive(Debug)]
+pub struct PublisherConfig {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub api_key: String,
+    pub channels: Vec<String>,
+    /// Publications per second, in total over all channels.
+    pub rate: f64,
+    /// Publications per request: 1 uses `/api/publish`, more `/api/batch`.
+    pub batch: usize,
+    /// Approximate size of each publication's JSON data.
+    pub payload: usize,
+    /// Keep-alive connections (requests in flight at most).
+    pub connections: usize,
+}
+
+/// What the publisher did.
+#[derive(Debug, Default, Serialize)]
+pub struct PublishOutcome {
+    /// Publications the server accepted, in total.
+    pub publications: u64,
+    /// Of those, the ones sent inside the measured window.
+    pub publications_in_window: u64,
+    /// Failed requests and failed commands in a batch.
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Largest delay of a request behind its schedule, in microseconds.
+    pub max_lag_us: u64,
+    /// Per channel index, the highest offset a reply reported (0: none).
+    #[serde(skip)]
+    pub final_offsets: Vec<u64>,
+}
+
+impl PublishOutcome {
+    fn error(&mut self, message: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(message);
+    }
+}
+
+impl PublisherConfig {
+    fn path(&self) -> &'static str {
+        if self.batch > 1 {
+            "/api/batch"
+        } else {
+            "/api/publish"
+        }
+    }
+
+    /// The channel indices of request `j`.
+    fn channels_of(&self, j: u64) -> impl Iterator<Item = usize> + '_ {
+        let n = self.channels.len() as u64;
+        let batch = self.batch as u64;
+        (0..batch).map(move |k| ((j * batch + k) % n) as usize)
+    }
+
+    /// The complete HTTP request `j`, stamped with `sent_ns`.
+    fn request(&self, j: u64, sent_ns: u64) -> Vec<u8> {
+        let data = push::payload(sent_ns, self.payload);
+        let publish = |c: usize| {
+            format!(
+                "{{\"channel\":{},\"data\":{data}}}",
+                serde_json::Value::from(self.channels[c].as_str())
+            )
+        };
+        let body = if self.batch > 1 {
+            let commands: Vec<String> = self
+                .channels_of(j)
+                .map(|c| format!("{{\"publish\":{}}}", publish(c)))
+                .collect();
+            format!(
+                "{{\"parallel\":true,\"commands\":[{}]}}",
+                commands.join(",")
+            )
+        } else {
+            publish(self.channels_of(j).next().unwrap_or(0))
+        };
+        encode_post(self.path(), &self.host, &self.api_key, body.as_bytes())
+    }
+}
+
+/// The offsets in a reply, one per publication (`Err` for a failed one), or why the whole
+/// request failed.
+fn offsets_of(status: u16, body: &[u8], batch: bool) -> Result<Vec<Result<u64, String>>, String> {
+    let excerpt = || String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+    if status != 200 {
+        return Err(format!("HTTP {status}: {}", excerpt()));
+    }
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("reply is not JSON ({e}): {}", excerpt()))?;
+    let offset = |result: &serde_json::Value| result["offset"].as_u64().unwrap_or(0);
+    if !batch {
+        return match value.get("result") {
+            Some(result) => Ok(vec![Ok(offset(result))]),
+            None => Err(format!("error reply: {}", excerpt())),
+        };
+    }
+    let Some(replies) = value.get("replies").and_then(serde_json::Value::as_array) else {
+        return Err(format!("error reply: {}", excerpt()));
+    };
+    Ok(replies
+        .iter()
+        .map(|reply| match reply.get("publish") {
+            Some(result) => Ok(offset(result)),
+            None => Err(format!("batch command failed: {reply}")),
+        })
+        .collect())
+}
+
+/// One publish before the run, so a wrong key or URL fails loudly.
+pub async fn probe(config: &PublisherConfig, channel: &str) -> anyhow::Result<()> {
+    let mut connection = RawConnection::connect(config.addr)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let body = format!(
+        "{{\"channel\":{},\"data\":{}}}",
+        serde_json::Value::from(channel),
+        push::payload(push::now_ns(), config.payload)
+    );
+    let request = encode_post(
+        "/api/publish",
+        &config.host,
+        &config.api_key,
+        body.as_bytes(),
+    );
+    let reply = connection
+        .round_trip(&request)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    match offsets_of(reply.status, reply.body, false) {
+        Ok(_) => Ok(()),
+        Err(error) => bail!("the first publish failed: {error}"),
+    }
+}
+
+/// Publishes from `start` until `end`; publications stamped (Unix ns) inside `window` are the
+/// window's, the same rule the subscribers apply, so a late request sent after the window
+/// counts on neither side.
+pub async fn run(
+    config: Arc<PublisherConfig>,
+    start: Instant,
+    end: Instant,
+    window: (u64, u64),
+) -> anyhow::Result<PublishOutcome> {
+    if config.rate <= 0.0 || config.channels.is_empty() || config.batch == 0 {
+        bail!("the publisher needs a rate above 0, channels and a batch above 0");
+    }
+    let outcome = Arc::new(Mutex::new(PublishOutcome {
+        final_offsets: vec![0; config.channels.len()],
+        ..PublishOutcome::default()
+    }));
+    let connections = config.connections.max(1);
+    let mut tasks = Vec::with_capacity(connections);
+    for k in 0..connections {
+        tasks.push(tokio::spawn(connection_loop(
+            config.clone(),
+            outcome.clone(),
+            k as u64,
+            connections as u64,
+            (start, end, window),
+        )));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let mut outcome = outcome
+        .lock()
+        .map_err(|_| anyhow::anyhow!("a publisher task panicked"))?;
+    Ok(std::mem::take(&mut *outcome))
+}
+
+async fn connection_loop(
+    config: Arc<PublisherConfig>,
+    outcome: Arc<Mutex<PublishOutcome>>,
+    first: u64,
+    step: u64,
+    (start, end, window): (Instant, Instant, (u64, u64)),
+) {
+    let interval = config.batch as f64 / config.rate;
+    let batch = config.batch > 1;
+    let mut connection: Option<RawConnection> = None;
+    let mut j = first;
+    loop {
+        let due = start + Duration::from_secs_f64(j as f64 * interval);
+        if due >= end {
+            return;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let now = Instant::now();
+        let lag = u64::try_from(now.saturating_duration_since(due).as_micros()).unwrap_or(u64::MAX);
+        let sent_ns = push::now_ns();
+        let in_window = sent_ns >= window.0 && sent_ns < window.1;
+        let request = config.request(j, sent_ns);
+        j += step;
+        if connection.is_none() {
+            match RawConnection::connect(config.addr).await {
+                Ok(fresh) => connection = Some(fresh),
+                Err(error) => {
+                    lock(&outcome).error(error);
+                    continue;
+                }
+            }
+        }
+        let Some(live) = connection.as_mut() else {
+            continue;
+        };
+        let result = match live.round_trip(&request).await {
+            Ok(reply) => offsets_of(reply.status, reply.body, batch),
+            Err(error) => {
+                connection = None;
+                Err(error)
+            }
+        };
+        let mut outcome = lock(&outcome);
+        outcome.max_lag_us = outcome.max_lag_us.max(lag);
+        match result {
+            Ok(offsets) => {
+                for (c, offset) in config.channels_of(j - step).zip(offsets) {
+                    match offset {
+                        Ok(offset) => {
+                            outcome.publications += 1;
+                            if in_window {
+                                outcome.publications_in_window += 1;
+                            }
+                            let top = &mut outcome.final_offsets[c];
+                            *top = (*top).max(offset);
+                        }
+                        Err(error) => outcome.error(error),
+                    }
+                }
+            }
+            Err(error) => outcome.error(error),
+        }
+    }
+}
+
+fn lock(outcome: &Mutex<PublishOutcome>) -> std::sync::MutexGuard<'_, PublishOutcome> {
+    // A panicking task poisons the lock; its counts are still worth reporting.
+    outcome
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(batch: usize, channels: usize) -> PublisherConfig {
+        PublisherConfig {
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            host: "h:1".into(),
+            api_key: "k".into(),
+            channels: (0..channels).map(|c| format!("fan-{c}")).collect(),
+            rate: 100.0,
+            batch,
+            payload: 64,
+            connections: 1,
+        }
+    }
+
+    fn body(request: &[u8]) -> serde_json::Value {
+        let text = String::from_utf8_lossy(request);
+        let (_, body) = text.split_once("\r\n\r\n").expect("head and body");
+        serde_json::from_str(body).expect("JSON body")
+    }
+
+    #[test]
+    fn requests_round_robin_over_channels() {
+        let single = config(1, 3);
+        let request = single.request(4, 77);
+        assert!(request.starts_with(b"POST /api/publish HTTP/1.1\r\n"));
+        let value = body(&request);
+        assert_eq!(value["channel"], "fan-1");
+        assert_eq!(value["data"]["t"], 77);
+        let batch = config(4, 10);
+        let value = body(&batch.request(3, 5));
+        let channels: Vec<&str> = value["commands"]
+            .as_array()
+            .expect("commands")
+            .iter()
+            .map(|c| c["publish"]["channel"].as_str().expect("channel"))
+            .collect();
+        assert_eq!(channels, ["fan-2", "fan-3", "fan-4", "fan-5"]);
+    }
+
+    #[test]
+    fn replies_give_offsets() {
+        assert_eq!(
+            offsets_of(200, br#"{"result":{"offset":42,"epoch":"e"}}"#, false),
+            Ok(vec![Ok(42)])
+        );
+        assert!(offsets_of(200, br#"{"error":{"code":102}}"#, false).is_err());
+        assert!(offsets_of(401, b"{}", false).is_err());
+        let replies = offsets_of(
+            200,
+            br#"{"replies":[{"publish":{"offset":3}},{"error":{"code":106}}]}"#,
+            true,
+        )
+        .expect("batch reply");
+        assert_eq!(replies[0], Ok(3));
+        assert!(replies[1].is_err());
+    }
+}

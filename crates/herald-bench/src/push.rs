@@ -1,0 +1,271 @@
+//! What a fan-out subscriber does with what it receives: recognising server pings and
+//! publications in WebSocket frames and SSE events, the timestamped payload the publisher
+//! sends, and per-subscriber delivery accounting by offset (missed, duplicate, gap).
+//!
+//! Owns no I/O and no shared state: the worker calls these for every line it reads, so they
+//! are written to be cheap. Publications are found by scanning for the few fields the bench
+//! needs (`channel`, the payload's `t`, `offset`) instead of decoding the JSON; that is only
+//! sound because the bench publishes the payload itself (`{"t":<ns>,"p":"xxx…"}`, see
+//! [`payload`]) and Herald writes `offset` after `data`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Nanoseconds since the Unix epoch (CLOCK_REALTIME): the clock every process of the bench
+/// shares, so a timestamp written by the publisher can be read by any subscriber process.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The JSON `data` of one benchmark publication: its send time and padding so the whole
+/// object is about `size` bytes (never less than the timestamp itself).
+pub fn payload(sent_ns: u64, size: usize) -> String {
+    // `{"t":` + 19 digits + `,"p":"` + `"}` = 32 bytes around the padding.
+    let pad = size.saturating_sub(32);
+    let mut out = String::with_capacity(size.max(40));
+    out.push_str("{\"t\":");
+    out.push_str(&sent_ns.to_string());
+    out.push_str(",\"p\":\"");
+    out.extend(std::iter::repeat_n('x', pad));
+    out.push_str("\"}");
+    out
+}
+
+/// One publication as a subscriber saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received<'a> {
+    pub channel: &'a str,
+    /// 0 when the channel keeps no history (no offsets).
+    pub offset: u64,
+    /// The publisher's timestamp, when the payload carries one.
+    pub sent_ns: Option<u64>,
+}
+
+/// What one line of a WebSocket text frame is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WsLine<'a> {
+    /// `{}`: the server's ping, to be answered with `{}`.
+    Ping,
+    /// A `pub` push.
+    Publication(Received<'a>),
+    /// A reply, a join/leave push, or anything else.
+    Other,
+}
+
+/// Classifies one line of a WebSocket frame (frames hold one JSON message per line).
+pub fn ws_line(line: &str) -> WsLine<'_> {
+    let line = line.trim();
+    if line == "{}" {
+        return WsLine::Ping;
+    }
+    // A push: {"push":{"channel":"c","pub":{"data":…,"offset":N}}}.
+    let Some(rest) = line.strip_prefix("{\"push\":") else {
+        return WsLine::Other;
+    };
+    let Some(at) = rest.find("\"pub\":") else {
+        return WsLine::Other;
+    };
+    match publication_fields(rest, &rest[at..]) {
+        Some(received) => WsLine::Publication(received),
+        None => WsLine::Other,
+    }
+}
+
+/// Reads the `data:` of an SSE `publication` event: `{"channel":"c","data":…,"offset":N}`.
+pub fn sse_publication(data: &str) -> Option<Received<'_>> {
+    publication_fields(data, data)
+}
+
+/// `channel` from `head`, `t` and `offset` from `body` (the part holding `data`).
+fn publication_fields<'a>(head: &'a str, body: &'a str) -> Option<Received<'a>> {
+    let channel = string_after(head, "\"channel\":\"")?;
+    let sent_ns = body
+        .find("\"data\":")
+        .and_then(|at| number_after(&body[at..], "\"t\":"));
+    // The last `"offset":` is the publication's: it follows `data`, which the bench wrote.
+    let offset = body
+        .rfind("\"offset\":")
+        .and_then(|at| number_after(&body[at..], "\"offset\":"))
+        .unwrap_or(0);
+    Some(Received {
+        channel,
+        offset,
+        sent_ns,
+    })
+}
+
+/// The string value right after `key` (which ends with the opening quote). Channel names
+/// cannot hold quotes or backslashes, so the next quote ends it.
+fn string_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let start = text.find(key)? + key.len();
+    let len = text[start..].find('"')?;
+    Some(&text[start..start + len])
+}
+
+/// The unsigned integer right after the first `key` in `text`.
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let start = text.find(key)? + key.len();
+    let mut value: Option<u64> = None;
+    for digit in text[start..].bytes().take_while(u8::is_ascii_digit) {
+        value = Some(
+            value
+                .unwrap_or(0)
+                .checked_mul(10)?
+                .checked_add(u64::from(digit - b'0'))?,
+        );
+    }
+    value
+}
+
+/// Microseconds from `sent_ns` to `received_ns`, at least 1 (the histogram's floor). A
+/// receive time before the send time (clock stepped) counts as 1 µs.
+pub fn latency_us(sent_ns: u64, received_ns: u64) -> u64 {
+    (received_ns.saturating_sub(sent_ns) / 1000).max(1)
+}
+
+/// Delivery accounting for one subscription, by offset. Live delivery must be in order with
+/// no duplicates (docs/guarantees.md): every offset above the subscription's start position
+/// must arrive exactly once.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tracker {
+    /// The stream top when the subscription started (from the subscribe reply).
+    pub start: u64,
+    /// The highest offset seen so far.
+    pub last: u64,
+    /// Distinct publications received (offset above `last` when they came).
+    pub received: u64,
+    /// Publications whose offset was not above the last one seen (repeats or reordering).
+    pub duplicates: u64,
+    /// Offsets skipped over while receiving (holes that a later publication revealed).
+    pub gaps: u64,
+}
+
+impl Tracker {
+    pub fn new(start: u64) -> Self {
+        Self {
+            start,
+            last: start,
+            ..Self::default()
+        }
+    }
+
+    /// Counts a publication; `true` when it is new. Offset 0 (a channel without history)
+    /// cannot be checked and always counts as new.
+    pub fn record(&mut self, offset: u64) -> bool {
+        if offset == 0 {
+            self.received += 1;
+            return true;
+        }
+        if offset <= self.last {
+            self.duplicates += 1;
+            return false;
+        }
+        self.gaps += offset - self.last - 1;
+        self.last = offset;
+        self.received += 1;
+        true
+    }
+
+    /// Publications between the start and `final_offset` (the channel's last offset, as the
+    /// publisher's replies reported it) that never arrived, holes and tail included.
+    pub fn missed(&self, final_offset: u64) -> u64 {
+        final_offset
+            .saturating_sub(self.start)
+            .saturating_sub(self.received)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_is_json_of_the_requested_size() {
+        let data = payload(1_700_000_000_123_456_789, 100);
+        assert_eq!(data.len(), 100);
+        let value: serde_json::Value = serde_json::from_str(&data).expect("JSON");
+        assert_eq!(value["t"], 1_700_000_000_123_456_789u64);
+        // Too small a size still carries the timestamp.
+        let small: serde_json::Value = serde_json::from_str(&payload(5, 1)).expect("JSON");
+        assert_eq!(small["t"], 5);
+    }
+
+    #[test]
+    fn reads_ws_frames() {
+        let frame = format!(
+            "{{\"push\":{{\"channel\":\"fan-3\",\"pub\":{{\"data\":{},\"offset\":42}}}}}}\n{{}}\n{{\"id\":2,\"subscribe\":{{\"offset\":41}}}}",
+            payload(123_000, 60)
+        );
+        let lines: Vec<WsLine<'_>> = frame.split('\n').map(ws_line).collect();
+        assert_eq!(
+            lines,
+            vec![
+                WsLine::Publication(Received {
+                    channel: "fan-3",
+                    offset: 42,
+                    sent_ns: Some(123_000)
+                }),
+                WsLine::Ping,
+                WsLine::Other,
+            ]
+        );
+        // A join push is not a publication; a publication without history has offset 0 and
+        // a payload without `t` no timestamp.
+        assert_eq!(
+            ws_line(r#"{"push":{"channel":"c","join":{"info":{"client":"x"}}}}"#),
+            WsLine::Other
+        );
+        assert_eq!(
+            ws_line(r#"{"push":{"channel":"c","pub":{"data":{"text":"hi"}}}}"#),
+            WsLine::Publication(Received {
+                channel: "c",
+                offset: 0,
+                sent_ns: None
+            })
+        );
+    }
+
+    #[test]
+    fn reads_sse_publications() {
+        let data = format!(
+            "{{\"channel\":\"fan-0\",\"data\":{},\"offset\":7}}",
+            payload(99, 50)
+        );
+        assert_eq!(
+            sse_publication(&data),
+            Some(Received {
+                channel: "fan-0",
+                offset: 7,
+                sent_ns: Some(99)
+            })
+        );
+        assert_eq!(sse_publication("{\"client\":\"x\"}"), None);
+    }
+
+    #[test]
+    fn counts_missed_duplicate_and_gaps() {
+        let mut t = Tracker::new(10);
+        assert!(t.record(11));
+        assert!(t.record(12));
+        assert!(!t.record(12), "a repeat is a duplicate");
+        assert!(t.record(15), "13 and 14 skipped");
+        assert!(!t.record(14), "late and out of order");
+        assert_eq!((t.received, t.duplicates, t.gaps, t.last), (3, 2, 2, 15));
+        // Published up to 17: 13, 14 (holes) and 16, 17 (tail) never came.
+        assert_eq!(t.missed(17), 4);
+        // Nothing published since the start: nothing missed.
+        assert_eq!(Tracker::new(5).missed(5), 0);
+        // Offsets unknown (no history): everything counts, nothing can be checked.
+        let mut no_history = Tracker::new(0);
+        assert!(no_history.record(0) && no_history.record(0));
+        assert_eq!(no_history.received, 2);
+    }
+
+    #[test]
+    fn latency_is_in_microseconds_and_never_zero() {
+        assert_eq!(latency_us(1_000_000, 3_500_000), 2500);
+        assert_eq!(latency_us(5_000, 5_000), 1);
+        assert_eq!(latency_us(9_000, 1_000), 1);
+    }
+}

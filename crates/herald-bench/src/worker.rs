@@ -1,0 +1,737 @@
+//! `herald-bench fanout-worker`: one process holding a share of the fan-out and idle
+//! subscribers, started by [`crate::spawn`] (never by hand).
+//!
+//! Owns its subscribers' connections (WebSocket through tokio-tungstenite, or SSE through
+//! [`crate::sseclient`]), each bound to the source address it was given, and what they count:
+//! deliveries, publish-to-receive latency, missed/duplicate offsets, pings answered and
+//! disconnects. It runs one single-threaded runtime; everything is on one thread, so the
+//! shared state is a `RefCell`.
+//!
+//! Talks to its parent over stdio, one JSON object per line ([`WorkerMessage`] out,
+//! [`Command`] in): `ready` once every subscriber is subscribed (or has failed), `window`
+//! in, the measured window, `progress` in and out while deliveries drain, and `stop` in, with each channel's final offset, answered by a
+//! `report`. Standard input closing means the parent is gone: the worker exits.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::push::{self, Received, Tracker, WsLine};
+use crate::sseclient::{SseClient, connect_from};
+use crate::sysstat::{self, CpuSample};
+
+/// How subscribers reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// `/connection/websocket`, Centrifugo protocol v2 JSON.
+    Ws,
+    /// `/connection/sse?channel=…`.
+    Sse,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ws => "ws",
+            Self::Sse => "sse",
+        }
+    }
+}
+
+/// Flags of `herald-bench fanout-worker` (set by the parent).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// Server base URL, e.g. http://127.0.0.1:8000.
+    #[arg(long)]
+    pub url: String,
+    #[arg(long, value_enum)]
+    pub transport: Transport,
+    /// Channel names are PREFIX-<index>.
+    #[arg(long)]
+    pub prefix: String,
+    /// Index of this worker's first subscriber.
+    #[arg(long)]
+    pub first: usize,
+    /// Subscribers in this worker.
+    #[arg(long)]
+    pub count: usize,
+    /// Subscriber i listens on channel i % CHANNELS.
+    #[arg(long)]
+    pub channels: usize,
+    /// Local address every socket is bound to before it connects.
+    #[arg(long)]
+    pub source_ip: IpAddr,
+    /// Connections being set up at once.
+    #[arg(long, default_value_t = 64)]
+    pub connect_concurrency: usize,
+    /// Time one connection may take to connect and subscribe.
+    #[arg(long, default_value = "20s", value_parser = crate::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Connection token (JWT); without it subscribers connect anonymously.
+    #[arg(long, env = "HERALD_BENCH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// WebSocket: send `connect` only, no `subscribe` (to tell what a subscription costs).
+    #[arg(long)]
+    pub connect_only: bool,
+}
+
+/// A line from a worker to its parent.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    Ready(Ready),
+    /// The answer to `progress`.
+    Progress {
+        deliveries: u64,
+        missed: u64,
+    },
+    Report(WorkerReport),
+}
+
+/// Sent once every subscriber is subscribed or has given up.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Ready {
+    pub subscribed: u64,
+    pub failed: u64,
+    /// From the worker's start to its last subscriber's outcome.
+    pub setup_s: f64,
+    pub first_error: Option<String>,
+}
+
+/// What a worker counted, sent in answer to `stop`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct WorkerReport {
+    pub pid: u32,
+    pub subscribed: u64,
+    /// Subscribers still connected at `stop`.
+    pub open: u64,
+    /// Connections that ended after subscribing, by close code (`3008`, …) or `eof`/`error`.
+    pub closed: BTreeMap<String, u64>,
+    pub first_error: Option<String>,
+    /// Distinct publications received, in total.
+    pub deliveries: u64,
+    /// Of those, the ones published inside the measured window.
+    pub deliveries_in_window: u64,
+    /// Latency histogram of the window's deliveries: (microseconds, count) pairs.
+    pub latency_us: Vec<(u64, u64)>,
+    /// Publications up to each channel's final offset that never arrived.
+    pub missed: u64,
+    pub duplicates: u64,
+    pub gaps: u64,
+    /// Publications for a channel the subscriber did not subscribe to.
+    pub foreign: u64,
+    /// WebSocket: pings answered. SSE: ping comments received.
+    pub pings: u64,
+    /// This process's CPU over the window, percent of one core (`None`: window not over).
+    pub cpu_percent: Option<f64>,
+    pub rss_bytes: u64,
+}
+
+/// From the parent to a worker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Publications sent in `[from_ns, to_ns)` (Unix ns) are measured.
+    Window { from_ns: u64, to_ns: u64 },
+    /// Count what has arrived and what is still missing up to `final_offsets`.
+    Progress { final_offsets: Vec<u64> },
+    /// Report and exit. `final_offsets[c]` is channel c's last offset (empty: none known).
+    Stop { final_offsets: Vec<u64> },
+}
+
+/// The name of channel `index`.
+pub fn channel_name(prefix: &str, index: usize) -> String {
+    format!("{prefix}-{index}")
+}
+
+/// `host:port` of an `http://` URL (what the Host header and the address lookup need).
+pub fn host_of(url: &str) -> anyhow::Result<String> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("--url {url:?} must start with http://"))?;
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() {
+        anyhow::bail!("--url {url:?} has no host");
+    }
+    Ok(if authority.contains(':') && !authority.ends_with(']') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    })
+}
+
+pub async fn resolve(host: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(host)
+        .await
+        .with_context(|| format!("cannot resolve {host}"))?
+        .next()
+        .with_context(|| format!("{host} resolves to no address"))
+}
+
+struct Slot {
+    tracker: Tracker,
+    channel: usize,
+    subscribed: bool,
+    open: bool,
+}
+
+struct State {
+    slots: Vec<Slot>,
+    histogram: Histogram<u64>,
+    window: (u64, u64),
+    deliveries: u64,
+    deliveries_in_window: u64,
+    foreign: u64,
+    pings: u64,
+    closed: BTreeMap<String, u64>,
+    first_error: Option<String>,
+}
+
+impl State {
+    fn on_publication(&mut self, slot: usize, channel: &str, received: Received<'_>, now: u64) {
+        if received.channel != channel {
+            self.foreign += 1;
+            return;
+        }
+        if !self.slots[slot].tracker.record(received.offset) {
+            return;
+        }
+        self.deliveries += 1;
+        if let Some(sent) = received.sent_ns
+            && sent >= self.window.0
+            && sent < self.window.1
+        {
+            self.deliveries_in_window += 1;
+            self.histogram
+                .saturating_record(push::latency_us(sent, now));
+        }
+    }
+
+    fn on_closed(&mut self, slot: usize, how: String, error: Option<String>) {
+        self.slots[slot].open = false;
+        *self.closed.entry(how).or_default() += 1;
+        if let Some(error) = error {
+            self.first_error.get_or_insert(error);
+        }
+    }
+}
+
+/// What every subscriber task shares.
+struct Ctx {
+    addr: SocketAddr,
+    host: String,
+    source_ip: IpAddr,
+    transport: Transport,
+    token: Option<String>,
+    connect_limit: Semaphore,
+    connect_timeout: Duration,
+    connect_only: bool,
+    state: RefCell<State>,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Runs a worker until its parent says `stop` or goes away.
+pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
+    let runtime = crate::runtime(1)?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, run_local(args))
+}
+
+fn emit(message: &WorkerMessage) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, message)?;
+    out.write_all(b"\n")?;
+    out.flush().context("cannot write to the parent")
+}
+
+async fn run_local(args: &WorkerArgs) -> anyhow::Result<()> {
+    if args.channels == 0 {
+        anyhow::bail!("--channels must be above 0");
+    }
+    let host = host_of(&args.url)?;
+    let addr = resolve(&host).await?;
+    let ctx = Rc::new(Ctx {
+        addr,
+        host,
+        source_ip: args.source_ip,
+        transport: args.transport,
+        token: args.token.clone(),
+        connect_limit: Semaphore::new(args.connect_concurrency.max(1)),
+        connect_timeout: args.connect_timeout,
+        connect_only: args.connect_only,
+        state: RefCell::new(State {
+            slots: (0..args.count)
+                .map(|i| Slot {
+                    tracker: Tracker::default(),
+                    channel: (args.first + i) % args.channels,
+                    subscribed: false,
+                    open: false,
+                })
+                .collect(),
+            histogram: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .context("cannot create histogram")?,
+            window: (0, 0),
+            deliveries: 0,
+            deliveries_in_window: 0,
+            foreign: 0,
+            pings: 0,
+            closed: BTreeMap::new(),
+            first_error: None,
+        }),
+    });
+    let started = Instant::now();
+    let (outcomes, mut results) = mpsc::unbounded_channel();
+    for slot in 0..args.count {
+        let channel = channel_name(&args.prefix, (args.first + slot) % args.channels);
+        tokio::task::spawn_local(subscriber(ctx.clone(), slot, channel, outcomes.clone()));
+    }
+    drop(outcomes);
+    let mut ready = Ready::default();
+    while let Some(outcome) = results.recv().await {
+        match outcome {
+            Ok(()) => ready.subscribed += 1,
+            Err(error) => {
+                ready.failed += 1;
+                ready.first_error.get_or_insert(error);
+            }
+        }
+    }
+    ready.setup_s = started.elapsed().as_secs_f64();
+    emit(&WorkerMessage::Ready(ready))?;
+
+    let cpu = Rc::new(Cell::new(None));
+    let mut lines = stdin_lines();
+    while let Some(line) = lines.recv().await {
+        match serde_json::from_str::<Command>(&line).context("bad command from the parent")? {
+            Command::Window { from_ns, to_ns } => {
+                ctx.state.borrow_mut().window = (from_ns, to_ns);
+                tokio::task::spawn_local(sample_cpu(from_ns, to_ns, cpu.clone()));
+            }
+            Command::Progress { final_offsets } => {
+                let report = report(&ctx.state.borrow(), &final_offsets, None);
+                emit(&WorkerMessage::Progress {
+                    deliveries: report.deliveries,
+                    missed: report.missed,
+                })?;
+            }
+            Command::Stop { final_offsets } => {
+                let report = report(&ctx.state.borrow(), &final_offsets, cpu.get());
+                emit(&WorkerMessage::Report(report))?;
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Standard input, line by line, read on a thread of its own (tokio's `io-std` is not
+/// enabled in this workspace). The channel closes at end of input or on a read error.
+fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { return };
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+/// Sleeps until Unix time `at_ns` (returns at once if it has passed).
+async fn sleep_until_ns(at_ns: u64) {
+    let now = push::now_ns();
+    if at_ns > now {
+        tokio::time::sleep(Duration::from_nanos(at_ns - now)).await;
+    }
+}
+
+async fn sample_cpu(from_ns: u64, to_ns: u64, out: Rc<Cell<Option<f64>>>) {
+    sleep_until_ns(from_ns).await;
+    let Ok(start) = CpuSample::read(None) else {
+        return;
+    };
+    sleep_until_ns(to_ns).await;
+    if let Ok(end) = CpuSample::read(None) {
+        out.set(Some(end.percent_since(&start)));
+    }
+}
+
+fn report(state: &State, final_offsets: &[u64], cpu_percent: Option<f64>) -> WorkerReport {
+    let mut report = WorkerReport {
+        pid: std::process::id(),
+        closed: state.closed.clone(),
+        first_error: state.first_error.clone(),
+        deliveries: state.deliveries,
+        deliveries_in_window: state.deliveries_in_window,
+        latency_us: state
+            .histogram
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect(),
+        foreign: state.foreign,
+        pings: state.pings,
+        cpu_percent,
+        rss_bytes: sysstat::rss_bytes(std::process::id()).unwrap_or(0),
+        ..WorkerReport::default()
+    };
+    for slot in state.slots.iter().filter(|s| s.subscribed) {
+        report.subscribed += 1;
+        report.open += u64::from(slot.open);
+        report.duplicates += slot.tracker.duplicates;
+        report.gaps += slot.tracker.gaps;
+        if let Some(&last) = final_offsets.get(slot.channel) {
+            report.missed += slot.tracker.missed(last);
+        }
+    }
+    report
+}
+
+/// One subscriber: set up (a few attempts), then read until the connection ends.
+async fn subscriber(
+    ctx: Rc<Ctx>,
+    slot: usize,
+    channel: String,
+    outcome: mpsc::UnboundedSender<Result<(), String>>,
+) {
+    let mut last_error = String::new();
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+        }
+        let permit = ctx.connect_limit.acquire().await;
+        let result = match ctx.transport {
+            Transport::Ws => tokio::time::timeout(ctx.connect_timeout, ws_setup(&ctx, &channel))
+                .await
+                .map(|r| r.map(|c| Connection::Ws(Box::new(c)))),
+            Transport::Sse => {
+                tokio::time::timeout(ctx.connect_timeout, sse_setup(&ctx, slot, &channel))
+                    .await
+                    .map(|r| r.map(Connection::Sse))
+            }
+        };
+        drop(permit);
+        match result {
+            Ok(Ok(connection)) => {
+                let _ = outcome.send(Ok(()));
+                drop(outcome);
+                match connection {
+                    Connection::Ws(ws) => {
+                        let (ws, start, rest) = *ws;
+                        {
+                            let mut state = ctx.state.borrow_mut();
+                            let s = &mut state.slots[slot];
+                            s.tracker = Tracker::new(start);
+                            s.subscribed = true;
+                            s.open = true;
+                        }
+                        ws_run(&ctx, slot, &channel, ws, rest).await;
+                    }
+                    Connection::Sse(client) => sse_run(&ctx, slot, &channel, client).await,
+                }
+                return;
+            }
+            Ok(Err(error)) => last_error = error,
+            Err(_) => last_error = format!("no subscription within {:?}", ctx.connect_timeout),
+        }
+    }
+    let _ = outcome.send(Err(last_error));
+}
+
+enum Connection {
+    /// The socket, the subscribe reply's offset, and what followed the reply in its frame.
+    Ws(Box<(Ws, u64, Option<String>)>),
+    Sse(SseClient),
+}
+
+/// Connects, sends `connect` and `subscribe` in one frame, and waits for the subscribe reply
+/// (with `connect_only`, sends `connect` and waits for its reply).
+async fn ws_setup(ctx: &Ctx, channel: &str) -> Result<(Ws, u64, Option<String>), String> {
+    let stream = connect_from(ctx.source_ip, ctx.addr).await?;
+    // Small buffers: the client holds thousands of these per process.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(64 * 1024);
+    let url = format!("ws://{}/connection/websocket", ctx.host);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+        .await
+        .map_err(|e| format!("WebSocket handshake: {e}"))?;
+    let token = match &ctx.token {
+        Some(token) => format!("\"token\":{}", json_string(token)),
+        None => String::new(),
+    };
+    let mut commands = format!("{{\"id\":1,\"connect\":{{{token}}}}}");
+    if !ctx.connect_only {
+        commands.push_str(&format!(
+            "\n{{\"id\":2,\"subscribe\":{{\"channel\":{}}}}}",
+            json_string(channel)
+        ));
+    }
+    let last_id = if ctx.connect_only { 1 } else { 2 };
+    ws.send(Message::text(commands))
+        .await
+        .map_err(|e| format!("send connect: {e}"))?;
+    loop {
+        let text = match ws.next().await {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(frame))) => {
+                return Err(format!(
+                    "closed while subscribing: {}",
+                    frame.map_or_else(
+                        || "no reason".to_owned(),
+                        |f| format!("{} {}", f.code, f.reason)
+                    )
+                ));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("read: {e}")),
+            None => return Err("the server closed the connection while subscribing".to_owned()),
+        };
+        let mut consumed = 0;
+        for line in text.split('\n') {
+            consumed += line.len() + 1;
+            let Ok(reply) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if let Some(error) = reply.get("error") {
+                return Err(format!("command {} failed: {error}", reply["id"]));
+            }
+            if reply.get("id").and_then(serde_json::Value::as_u64) == Some(last_id) {
+                let start = reply["subscribe"]["offset"].as_u64().unwrap_or(0);
+                let rest = text.get(consumed.min(text.len())..).unwrap_or("");
+                let rest = (!rest.is_empty()).then(|| rest.to_owned());
+                return Ok((ws, start, rest));
+            }
+        }
+    }
+}
+
+fn json_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
+
+/// Handles one text frame; `true` when it held a ping to answer.
+fn ws_text(ctx: &Ctx, slot: usize, channel: &str, text: &str) -> bool {
+    let now = push::now_ns();
+    let mut ping = false;
+    let mut state = ctx.state.borrow_mut();
+    for line in text.split('\n') {
+        match push::ws_line(line) {
+            WsLine::Ping => ping = true,
+            WsLine::Publication(received) => state.on_publication(slot, channel, received, now),
+            WsLine::Other => {}
+        }
+    }
+    if ping {
+        state.pings += 1;
+    }
+    ping
+}
+
+async fn ws_run(ctx: &Ctx, slot: usize, channel: &str, mut ws: Ws, rest: Option<String>) {
+    let mut ping = rest.is_some_and(|rest| ws_text(ctx, slot, channel, &rest));
+    loop {
+        if ping {
+            if let Err(e) = ws.send(Message::text("{}")).await {
+                ctx.state.borrow_mut().on_closed(
+                    slot,
+                    "error".to_owned(),
+                    Some(format!("sending pong: {e}")),
+                );
+                return;
+            }
+            ping = false;
+        }
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => ping = ws_text(ctx, slot, channel, &text),
+            Some(Ok(Message::Close(frame))) => {
+                let (code, reason) = frame.map_or_else(
+                    || ("close".to_owned(), String::new()),
+                    |f| (u16::from(f.code).to_string(), f.reason.to_string()),
+                );
+                let error = format!("closed by the server: {code} {reason}");
+                ctx.state.borrow_mut().on_closed(slot, code, Some(error));
+                return;
+            }
+            Some(Ok(Message::Binary(_))) => {
+                ctx.state.borrow_mut().on_closed(
+                    slot,
+                    "error".to_owned(),
+                    Some("unexpected binary frame".to_owned()),
+                );
+                return;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                ctx.state.borrow_mut().on_closed(
+                    slot,
+                    "error".to_owned(),
+                    Some(format!("read: {e}")),
+                );
+                return;
+            }
+            None => {
+                ctx.state
+                    .borrow_mut()
+                    .on_closed(slot, "eof".to_owned(), None);
+                return;
+            }
+        }
+    }
+}
+
+/// What SSE events said, beyond publications.
+#[derive(Default)]
+struct SseSeen {
+    connected: bool,
+    disconnect: Option<String>,
+}
+
+fn sse_event(ctx: &Ctx, slot: usize, channel: &str, kind: &str, data: &str, seen: &mut SseSeen) {
+    let mut state = ctx.state.borrow_mut();
+    match kind {
+        "publication" => {
+            if let Some(received) = push::sse_publication(data) {
+                state.on_publication(slot, channel, received, push::now_ns());
+            }
+        }
+        "connected" => {
+            let start = serde_json::from_str::<serde_json::Value>(data)
+                .ok()
+                .and_then(|v| v["channels"][channel]["offset"].as_u64())
+                .unwrap_or(0);
+            let s = &mut state.slots[slot];
+            s.tracker = Tracker::new(start);
+            s.subscribed = true;
+            s.open = true;
+            seen.connected = true;
+        }
+        "disconnect" => {
+            let code = serde_json::from_str::<serde_json::Value>(data)
+                .ok()
+                .and_then(|v| v["code"].as_u64())
+                .map_or_else(|| "disconnect".to_owned(), |c| c.to_string());
+            seen.disconnect = Some(code);
+        }
+        "comment" => state.pings += 1,
+        _ => {}
+    }
+}
+
+/// Opens the stream and reads until its `connected` event.
+async fn sse_setup(ctx: &Ctx, slot: usize, channel: &str) -> Result<SseClient, String> {
+    let stream = connect_from(ctx.source_ip, ctx.addr).await?;
+    let path = format!("/connection/sse?channel={channel}");
+    let mut client = SseClient::open(stream, &ctx.host, &path, ctx.token.as_deref()).await?;
+    let mut seen = SseSeen::default();
+    while !seen.connected {
+        let open = client
+            .read_events(&mut |kind, data| sse_event(ctx, slot, channel, kind, data, &mut seen))
+            .await?;
+        if let Some(code) = seen.disconnect {
+            return Err(format!("disconnected while subscribing: {code}"));
+        }
+        if !open && !seen.connected {
+            return Err("the stream ended before `connected`".to_owned());
+        }
+    }
+    Ok(client)
+}
+
+async fn sse_run(ctx: &Ctx, slot: usize, channel: &str, mut client: SseClient) {
+    let mut seen = SseSeen {
+        connected: true,
+        disconnect: None,
+    };
+    loop {
+        let result = client
+            .read_events(&mut |kind, data| sse_event(ctx, slot, channel, kind, data, &mut seen))
+            .await;
+        let mut state = ctx.state.borrow_mut();
+        match result {
+            Ok(true) if seen.disconnect.is_none() => continue,
+            Ok(_) => {
+                let code = seen.disconnect.take().unwrap_or_else(|| "eof".to_owned());
+                let error = format!("stream ended: {code}");
+                state.on_closed(slot, code, Some(error));
+            }
+            Err(error) => state.on_closed(slot, "error".to_owned(), Some(error)),
+        }
+        return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_from_urls() {
+        assert_eq!(
+            host_of("http://127.0.0.1:8000").expect("ok"),
+            "127.0.0.1:8000"
+        );
+        assert_eq!(host_of("http://localhost/").expect("ok"), "localhost:80");
+        assert!(host_of("https://x").is_err());
+        assert!(host_of("http://").is_err());
+    }
+
+    #[test]
+    fn report_counts_missed_by_final_offset() {
+        let mut state = State {
+            slots: (0..2)
+                .map(|channel| Slot {
+                    tracker: Tracker::new(10),
+                    channel,
+                    subscribed: true,
+                    open: true,
+                })
+                .collect(),
+            histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
+            window: (1_000, 2_000),
+            deliveries: 0,
+            deliveries_in_window: 0,
+            foreign: 0,
+            pings: 0,
+            closed: BTreeMap::new(),
+            first_error: None,
+        };
+        let publication = |offset, sent_ns| Received {
+            channel: "c-0",
+            offset,
+            sent_ns: Some(sent_ns),
+        };
+        state.on_publication(0, "c-0", publication(11, 500), 900);
+        state.on_publication(0, "c-0", publication(12, 1_500), 3_501_500);
+        state.on_publication(0, "c-0", publication(12, 1_500), 3_501_500);
+        state.on_publication(1, "c-1", publication(11, 1_500), 2_000);
+        state.on_closed(1, "3008".to_owned(), Some("slow".to_owned()));
+        let report = report(&state, &[13, 11], None);
+        assert_eq!(report.deliveries, 2, "one duplicate, one foreign");
+        assert_eq!(report.deliveries_in_window, 1);
+        assert_eq!((report.duplicates, report.foreign), (1, 1));
+        // Channel 0 published up to 13 (13 missing); channel 1 up to 11 (never received).
+        assert_eq!(report.missed, 2);
+        assert_eq!((report.subscribed, report.open), (2, 1));
+        assert_eq!(report.closed.get("3008"), Some(&1));
+        assert_eq!(report.latency_us.len(), 1);
+        assert!((3495..=3505).contains(&report.latency_us[0].0));
+    }
+}
