@@ -22,6 +22,7 @@ pub mod memory;
 pub mod namespace;
 pub mod node;
 pub mod presence;
+pub mod proxy;
 pub mod publication;
 pub mod rate;
 pub mod store;

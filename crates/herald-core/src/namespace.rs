@@ -41,6 +41,11 @@ pub struct NamespaceOptions {
     /// Subscribing needs a subscription token for the channel (or the channel listed in the
     /// connection token's `channels`): for private channels the application decides on.
     pub require_subscription_token: bool,
+    /// Subscriptions (without a subscription token) are decided by the backend's subscribe
+    /// proxy instead of the rules above.
+    pub proxy_subscribe: bool,
+    /// Client publications are decided (and may be rewritten) by the backend's publish proxy.
+    pub proxy_publish: bool,
 }
 
 impl Default for NamespaceOptions {
@@ -57,6 +62,8 @@ impl Default for NamespaceOptions {
             idempotency_window: HumanDuration::from_secs(300),
             conflate: false,
             require_subscription_token: false,
+            proxy_subscribe: false,
+            proxy_publish: false,
         }
     }
 }

@@ -57,11 +57,28 @@ impl AppState {
                 .inspect_err(|error| tracing::error!(error = %error, "TLS not usable"))
                 .ok()
         });
-        let realtime = Arc::new(RealtimeState::new(
-            node.clone(),
-            tokens.clone(),
-            config.client.realtime(),
-        ));
+        let mut realtime_config = config.client.realtime();
+        realtime_config.proxy_headers = config
+            .proxy
+            .http_headers
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        let proxy: Option<Arc<dyn herald_core::proxy::BackendProxy>> = if config.proxy.is_enabled()
+        {
+            match crate::proxy::HttpProxy::new(&config.proxy) {
+                Ok(proxy) => Some(Arc::new(proxy)),
+                Err(error) => {
+                    tracing::error!(error = %error, "backend proxy not usable");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let realtime = Arc::new(
+            RealtimeState::new(node.clone(), tokens.clone(), realtime_config).with_proxy(proxy),
+        );
         Self {
             node,
             config,

@@ -33,6 +33,61 @@ pub struct Config {
     pub namespace: NamespaceOptions,
     /// Named namespaces.
     pub namespaces: Vec<NamedNamespace>,
+    /// The application's backend, asked about connects, subscriptions, publications, rpc.
+    pub proxy: ProxyConfig,
+}
+
+/// `[proxy]`: HTTP endpoints of the application's backend (Centrifugo's proxy format). An
+/// empty endpoint is not called.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Connects without a token are decided by this endpoint.
+    pub connect_endpoint: String,
+    /// Connections the connect endpoint gave an `expire_at` are refreshed here.
+    pub refresh_endpoint: String,
+    /// Subscriptions in namespaces with `proxy_subscribe`.
+    pub subscribe_endpoint: String,
+    /// Client publications in namespaces with `proxy_publish`.
+    pub publish_endpoint: String,
+    /// Every `rpc` command.
+    pub rpc_endpoint: String,
+    /// How long one backend call may take.
+    pub timeout: HumanDuration,
+    /// Headers of the client's connection request passed to the backend (e.g. `Cookie`,
+    /// `Authorization`, `X-Request-Id`).
+    pub http_headers: Vec<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            connect_endpoint: String::new(),
+            refresh_endpoint: String::new(),
+            subscribe_endpoint: String::new(),
+            publish_endpoint: String::new(),
+            rpc_endpoint: String::new(),
+            timeout: HumanDuration::from_secs(1),
+            http_headers: Vec::new(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    fn endpoints(&self) -> [(&'static str, &String); 5] {
+        [
+            ("connect_endpoint", &self.connect_endpoint),
+            ("refresh_endpoint", &self.refresh_endpoint),
+            ("subscribe_endpoint", &self.subscribe_endpoint),
+            ("publish_endpoint", &self.publish_endpoint),
+            ("rpc_endpoint", &self.rpc_endpoint),
+        ]
+    }
+
+    /// Whether any endpoint is set.
+    pub fn is_enabled(&self) -> bool {
+        self.endpoints().iter().any(|(_, url)| !url.is_empty())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -345,6 +400,7 @@ impl ClientConfig {
             expired_close_delay: self.expired_close_delay.as_duration(),
             commands_per_second: self.commands_per_second,
             publications_per_second_per_user: self.publications_per_second_per_user,
+            proxy_headers: Vec::new(),
         }
     }
 }
@@ -468,6 +524,30 @@ impl Config {
         if let Some((cert, key)) = self.server.tls_files() {
             crate::tls::install_crypto_provider();
             crate::tls::Tls::load(cert, key).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        for (key, url) in self.proxy.endpoints() {
+            if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "proxy.{key} {url:?} must be an http:// or https:// URL"
+                )));
+            }
+        }
+        let namespaces = std::iter::once(("(default)", &self.namespace)).chain(
+            self.namespaces
+                .iter()
+                .map(|n| (n.name.as_str(), &n.options)),
+        );
+        for (name, options) in namespaces {
+            if options.proxy_subscribe && self.proxy.subscribe_endpoint.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "namespace {name}: proxy_subscribe needs proxy.subscribe_endpoint"
+                )));
+            }
+            if options.proxy_publish && self.proxy.publish_endpoint.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "namespace {name}: proxy_publish needs proxy.publish_endpoint"
+                )));
+            }
         }
         // Builds every configured key, so a bad PEM or algorithm fails start-up and
         // `herald check-config`, naming the key.

@@ -11,6 +11,7 @@ pub mod jwt;
 pub mod listener;
 pub mod metrics;
 pub mod origin;
+pub mod proxy;
 pub mod secrets;
 pub mod tls;
 pub mod token;

@@ -54,20 +54,31 @@ impl Encoding {
     }
 
     pub fn error(self, id: u32, error: &HeraldError) -> Bytes {
+        let (code, message, temporary) = protocol::error_fields(error);
+        self.error_with(id, code, message, temporary)
+    }
+
+    /// An error reply with any code and message (a backend's own errors).
+    pub fn error_with(self, id: u32, code: u32, message: &str, temporary: bool) -> Bytes {
         match self {
-            Self::Json => protocol::error_reply(id, error),
-            Self::Protobuf => {
-                let (code, message, temporary) = protocol::error_fields(error);
-                proto::encode_reply(&proto::Reply {
-                    id,
-                    error: Some(proto::Error {
-                        code,
-                        message: message.to_owned(),
-                        temporary,
-                    }),
-                    ..Default::default()
-                })
-            }
+            Self::Json => protocol::error_reply_with(id, code, message, temporary),
+            Self::Protobuf => proto::encode_reply(&proto::Reply {
+                id,
+                error: Some(proto::Error {
+                    code,
+                    message: message.to_owned(),
+                    temporary,
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// The protocol name for the backend proxy.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Protobuf => "protobuf",
         }
     }
 

@@ -174,10 +174,18 @@ pub struct Reply {
     pub history: Option<HistoryResult>,
     #[prost(message, optional, tag = "12")]
     pub ping: Option<EmptyMessage>,
+    #[prost(message, optional, tag = "13")]
+    pub rpc: Option<RpcResult>,
     #[prost(message, optional, tag = "14")]
     pub refresh: Option<RefreshResult>,
     #[prost(message, optional, tag = "15")]
     pub sub_refresh: Option<SubRefreshResult>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct RpcResult {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub data: Bytes,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -260,6 +268,8 @@ pub struct ConnectResult {
     pub expires: bool,
     #[prost(uint32, tag = "4")]
     pub ttl: u32,
+    #[prost(bytes = "bytes", tag = "5")]
+    pub data: Bytes,
     #[prost(btree_map = "string, message", tag = "6")]
     pub subs: std::collections::BTreeMap<String, SubscribeResult>,
     #[prost(uint32, tag = "7")]
@@ -494,6 +504,10 @@ pub fn reply_for(id: u32, body: &neutral::ResultBody<'_>) -> Reply {
                 ping: r.ping,
                 pong: r.pong,
                 node: r.node.clone(),
+                data: r
+                    .data
+                    .as_ref()
+                    .map_or_else(Bytes::new, |d| d.bytes().clone()),
             });
         }
         neutral::ResultBody::Subscribe(r) => reply.subscribe = Some(SubscribeResult::from(*r)),
@@ -519,6 +533,14 @@ pub fn reply_for(id: u32, body: &neutral::ResultBody<'_>) -> Reply {
             reply.presence_stats = Some(PresenceStatsResult {
                 num_clients: u32::try_from(r.num_clients).unwrap_or(u32::MAX),
                 num_users: u32::try_from(r.num_users).unwrap_or(u32::MAX),
+            });
+        }
+        neutral::ResultBody::Rpc(r) => {
+            reply.rpc = Some(RpcResult {
+                data: r
+                    .data
+                    .as_ref()
+                    .map_or_else(Bytes::new, |d| d.bytes().clone()),
             });
         }
         neutral::ResultBody::SubRefresh(r) => {

@@ -142,6 +142,16 @@ fn serialize_payload<S: Serializer>(payload: &Payload, serializer: S) -> Result<
     data_json(payload).serialize(serializer)
 }
 
+fn serialize_optional_payload<S: Serializer>(
+    payload: &Option<Payload>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match payload {
+        Some(payload) => data_json(payload).serialize(serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
 fn is_false(value: &bool) -> bool {
     !*value
 }
@@ -170,6 +180,12 @@ pub struct ConnectResult {
     pub pong: bool,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub node: String,
+    /// From the connect proxy's `data`, for the client.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_optional_payload"
+    )]
+    pub data: Option<Payload>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -223,6 +239,16 @@ pub struct RefreshResult {
     pub expires: bool,
     #[serde(skip_serializing_if = "is_zero_u32")]
     pub ttl: u32,
+}
+
+/// The backend's answer to an `rpc` command.
+#[derive(Debug, Default, Serialize)]
+pub struct RpcResult {
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_optional_payload"
+    )]
+    pub data: Option<Payload>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -284,6 +310,7 @@ pub enum ResultBody<'a> {
     PresenceStats(&'a PresenceStatsResult),
     Refresh(&'a RefreshResult),
     SubRefresh(&'a SubRefreshResult),
+    Rpc(&'a RpcResult),
 }
 
 /// The JSON reply for a result.
@@ -298,6 +325,7 @@ pub fn json_reply(id: u32, body: &ResultBody<'_>) -> Bytes {
         ResultBody::PresenceStats(r) => reply(id, "presence_stats", r),
         ResultBody::Refresh(r) => reply(id, "refresh", r),
         ResultBody::SubRefresh(r) => reply(id, "sub_refresh", r),
+        ResultBody::Rpc(r) => reply(id, "rpc", r),
     }
 }
 
@@ -337,6 +365,11 @@ pub fn error_fields(error: &herald_core::HeraldError) -> (u32, &'static str, boo
 /// `{"id":N,"error":{"code":C,"message":M}}`.
 pub fn error_reply(id: u32, error: &herald_core::HeraldError) -> Bytes {
     let (code, message, temporary) = error_fields(error);
+    error_reply_with(id, code, message, temporary)
+}
+
+/// An error reply with any code and message (a backend's own errors).
+pub fn error_reply_with(id: u32, code: u32, message: &str, temporary: bool) -> Bytes {
     let body = ErrorBody {
         code,
         message,

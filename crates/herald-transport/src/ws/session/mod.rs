@@ -8,6 +8,8 @@
 //! everything queued in one frame (newline-separated JSON or back-to-back length-delimited
 //! Protobuf, as the protocol allows).
 
+mod backend;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +34,7 @@ use super::protocol::{
 };
 use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame, Outbound};
 use crate::registry::{Control, ControlMessage, Inbox, Registration, Sessions};
+use herald_core::proxy::BackendProxy;
 use herald_core::rate::{KeyedLimiter, TokenBucket};
 
 /// Real-time settings shared by every connection (`[client]` in config).
@@ -61,6 +64,8 @@ pub struct RealtimeConfig {
     pub commands_per_second: u32,
     /// Client publications per second per user (anonymous: per connection); 0: no limit.
     pub publications_per_second_per_user: u32,
+    /// Request headers (lowercase names) passed to the backend proxy.
+    pub proxy_headers: Vec<String>,
 }
 
 impl Default for RealtimeConfig {
@@ -77,6 +82,7 @@ impl Default for RealtimeConfig {
             expired_close_delay: Duration::from_secs(25),
             commands_per_second: 0,
             publications_per_second_per_user: 0,
+            proxy_headers: Vec::new(),
         }
     }
 }
@@ -94,6 +100,8 @@ pub struct RealtimeState {
     pub sessions: Arc<Sessions>,
     /// Client publications per user (`publications_per_second_per_user`).
     pub publish_rate: KeyedLimiter<String>,
+    /// The application's backend, when `[proxy]` is configured.
+    pub proxy: Option<Arc<dyn BackendProxy>>,
 }
 
 impl RealtimeState {
@@ -105,8 +113,15 @@ impl RealtimeState {
             closing: tokio::sync::watch::channel(false).0,
             sessions: Arc::new(Sessions::default()),
             publish_rate: KeyedLimiter::new(config.publications_per_second_per_user, 65_536),
+            proxy: None,
             config,
         }
+    }
+
+    /// Lets the application's backend decide connects, subscriptions, publications and rpc.
+    pub fn with_proxy(mut self, proxy: Option<Arc<dyn BackendProxy>>) -> Self {
+        self.proxy = proxy;
+        self
     }
 
     /// Tells every real-time connection to close with 3001 `shutdown`.
@@ -144,8 +159,23 @@ impl std::fmt::Debug for RealtimeState {
 pub async fn websocket_handler(
     ws: WebSocketUpgrade,
     uri: Uri,
+    headers: axum::http::HeaderMap,
     State(state): State<Arc<RealtimeState>>,
 ) -> Response {
+    // Only the headers the backend proxy is configured to see are kept.
+    let proxy_headers: Vec<(String, String)> = if state.proxy.is_some() {
+        state
+            .config
+            .proxy_headers
+            .iter()
+            .filter_map(|name| {
+                let value = headers.get(name.as_str())?.to_str().ok()?;
+                Some((name.clone(), value.to_owned()))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let max = state.config.max_message_size;
     let ws = ws.protocols([PROTOBUF_SUBPROTOCOL, JSON_SUBPROTOCOL]);
     let subprotocol = ws.selected_protocol().and_then(|p| p.to_str().ok());
@@ -158,7 +188,7 @@ pub async fn websocket_handler(
         .max_write_buffer_size(state.config.max_queue_bytes.max(64 * 1024))
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| run_connection(socket, state, encoding))
+        .on_upgrade(move |socket| run_connection(socket, state, encoding, proxy_headers))
 }
 
 /// Subscribe flag: the SDK prefers error 112 to `recovered: false`.
@@ -197,9 +227,18 @@ struct Session {
     registration: Option<Registration>,
     /// `commands_per_second`, when set.
     command_rate: Option<TokenBucket>,
+    /// Headers of the upgrade request for the backend proxy.
+    proxy_headers: Vec<(String, String)>,
+    /// The backend granted the connection with an expiry: refresh through it.
+    refresh_via_backend: bool,
 }
 
-async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: Encoding) {
+async fn run_connection(
+    socket: WebSocket,
+    state: Arc<RealtimeState>,
+    encoding: Encoding,
+    proxy_headers: Vec<(String, String)>,
+) {
     state.connections.fetch_add(1, Ordering::Relaxed);
     let (mut sink, mut stream) = socket.split();
     let outbound = Outbound::new(state.config.max_queue_bytes);
@@ -243,6 +282,8 @@ async fn run_connection(socket: WebSocket, state: Arc<RealtimeState>, encoding: 
         pong_deadline: None,
         control: None,
         registration: None,
+        proxy_headers,
+        refresh_via_backend: false,
         command_rate: (state.config.commands_per_second > 0)
             .then(|| TokenBucket::new(state.config.commands_per_second, std::time::Instant::now())),
     };
@@ -277,11 +318,17 @@ impl Session {
             let deadline = tick_at.map(tokio::time::Instant::from_std);
             // SDKs send `refresh` exactly `ttl` seconds after connect, so a connection is only
             // closed a grace period after its token expires (as the reference server does).
+            // Backend-granted connections are refreshed through the backend at expiry itself.
+            let grace = if self.refresh_via_backend {
+                0
+            } else {
+                config.expired_close_delay.as_secs()
+            };
             let expires_at = self
                 .credentials
                 .as_ref()
                 .and_then(|c| c.expires_at)
-                .map(|at| at.saturating_add(config.expired_close_delay.as_secs()));
+                .map(|at| at.saturating_add(grace));
             // The same grace for subscription tokens: the SDKs send `sub_refresh` at `ttl`.
             let sub_expires_at = self
                 .subscriptions
@@ -295,6 +342,9 @@ impl Session {
                     return;
                 }
                 _ = expiry(expires_at), if expires_at.is_some() => {
+                    if self.refresh_via_backend && Box::pin(self.refresh_via_backend()).await {
+                        continue;
+                    }
                     self.outbound.close(CloseReason::EXPIRED);
                     return;
                 }
@@ -421,8 +471,12 @@ impl Session {
             self.unsubscribe(&request.channel).await;
             self.reply(id, ResultBody::Unsubscribe);
         } else if let Some(request) = command.publish {
-            let outcome = self.publish(request).await;
-            self.reply_with(id, outcome, |()| ResultBody::Publish);
+            if self.publish_goes_to_backend(&request.channel) {
+                self.publish_via_backend(id, request).await;
+            } else {
+                let outcome = self.publish(request).await;
+                self.reply_with(id, outcome, |()| ResultBody::Publish);
+            }
         } else if let Some(request) = command.history {
             let outcome = self.history(request).await;
             self.reply_with(id, outcome, |r| ResultBody::History(r));
@@ -454,11 +508,15 @@ impl Session {
                 Err(error) if error.code == ErrorCode::TokenExpired => self.reply_err(id, &error),
                 Err(_) => return Err(CloseReason::INVALID_TOKEN),
             }
-        } else if command.rpc.is_some() {
-            self.reply_err(
-                id,
-                &HeraldError::new(ErrorCode::NotAvailable, "no RPC backend is configured"),
-            );
+        } else if let Some(request) = command.rpc {
+            if self.state.proxy.as_ref().is_some_and(|p| p.handles_rpc()) {
+                self.rpc_via_backend(id, request).await;
+            } else {
+                self.reply_err(
+                    id,
+                    &HeraldError::new(ErrorCode::NotAvailable, "no RPC backend is configured"),
+                );
+            }
         } else if let Some(request) = command.sub_refresh {
             let outcome = self.sub_refresh(request).await;
             self.reply_with(id, outcome, |r| ResultBody::SubRefresh(r));
@@ -495,7 +553,22 @@ impl Session {
         if self.credentials.is_some() {
             return Err(CloseReason::BAD_REQUEST);
         }
-        let credentials = if request.token.is_empty() {
+        let proxy_connect = self
+            .state
+            .proxy
+            .as_ref()
+            .is_some_and(|p| p.handles_connect());
+        let mut connect_data = None;
+        let credentials = if request.token.is_empty() && proxy_connect {
+            match self.connect_via_backend(id, &request).await {
+                Some((credentials, data)) => {
+                    connect_data = data;
+                    credentials
+                }
+                // Refused: the reply (or close) is queued; the client may try again.
+                None => return Ok(()),
+            }
+        } else if request.token.is_empty() {
             if !self.state.config.allow_anonymous {
                 self.reply_err(
                     id,
@@ -543,6 +616,7 @@ impl Session {
             ttl,
             ping: u32::try_from(config.ping_interval.as_secs()).unwrap_or(u32::MAX),
             pong: !config.ping_interval.is_zero(),
+            data: connect_data,
             ..Default::default()
         };
         // Server-side subscriptions from the token, answered inside the connect reply.
@@ -556,7 +630,7 @@ impl Session {
                 epoch: recover.map(|r| r.epoch.clone()).unwrap_or_default(),
                 ..Default::default()
             };
-            match self.prepare_subscription(&sub).await {
+            match self.prepare_subscription(&sub, None).await {
                 Ok((name, sub_result, last)) => {
                     result.subs.insert(channel, sub_result);
                     held.push((name, last));
@@ -597,13 +671,16 @@ impl Session {
     async fn prepare_subscription(
         &mut self,
         request: &SubscribeRequest,
+        granted: Option<SubscriptionGrant>,
     ) -> Result<(ChannelName, SubscribeResult, u64), HeraldError> {
         if request.channel.is_empty() {
             return Err(HeraldError::bad_request("channel is required"));
         }
         let (name, options) = self.state.node.resolve(&request.channel)?;
         // A subscription token grants the channel by itself; otherwise the namespace rules.
-        let grant = if request.token.is_empty() {
+        let grant = if granted.is_some() {
+            granted
+        } else if request.token.is_empty() {
             let credentials = self.credentials.clone().unwrap_or_default();
             auth::check(&credentials, &name, &options, Action::Subscribe, false)?;
             None
@@ -722,7 +799,27 @@ impl Session {
     }
 
     async fn subscribe(&mut self, id: u32, request: SubscribeRequest) -> Result<(), HeraldError> {
-        let (name, result, last) = self.prepare_subscription(&request).await?;
+        // Namespaces with `proxy_subscribe` ask the backend (unless a subscription token
+        // grants the channel); a refusal's reply is already queued.
+        let mut granted = None;
+        if request.token.is_empty()
+            && let Ok((name, options)) = self.state.node.resolve(&request.channel)
+            && options.proxy_subscribe
+            && self
+                .state
+                .proxy
+                .as_ref()
+                .is_some_and(|p| p.handles_subscribe())
+        {
+            match self
+                .subscribe_via_backend(id, &name, request.data.as_ref())
+                .await
+            {
+                Some(grant) => granted = Some(grant),
+                None => return Ok(()),
+            }
+        }
+        let (name, result, last) = self.prepare_subscription(&request, granted).await?;
         let encoder = self.encoder_for(&name);
         self.outbound.finish_recovery(
             name.as_arc(),
@@ -822,6 +919,19 @@ impl Session {
         let subscribed = self.subscriptions.contains_key(name.as_str());
         auth::check(&credentials, &name, &options, action, subscribed)?;
         Ok(name)
+    }
+
+    /// Whether the channel's namespace leaves client publications to the backend.
+    fn publish_goes_to_backend(&self, channel: &str) -> bool {
+        self.state
+            .proxy
+            .as_ref()
+            .is_some_and(|p| p.handles_publish())
+            && self
+                .state
+                .node
+                .resolve(channel)
+                .is_ok_and(|(_, options)| options.proxy_publish)
     }
 
     async fn publish(&mut self, request: protocol::PublishRequest) -> Result<(), HeraldError> {
