@@ -2,6 +2,7 @@
 //! IP's new connections, an API key's or a user's publications), with the keyed state bounded
 //! in memory. Pure logic: the caller passes the time, so tests need no clock.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 #[cfg(test)]
@@ -73,20 +74,28 @@ impl<K: Eq + Hash + Clone> KeyedLimiter<K> {
         self.per_second == 0
     }
 
-    /// Takes one token from `key`'s bucket.
-    pub fn try_take(&self, key: &K, now: Instant) -> bool {
+    /// Takes one token from `key`'s bucket. The key is borrowed (`&str` for `String` keys)
+    /// and copied only for a new bucket, and nothing is done without a limit.
+    pub fn try_take<Q>(&self, key: &Q, now: Instant) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         if self.per_second == 0 {
             return true;
         }
         let mut buckets = self.buckets.lock();
-        if !buckets.contains_key(key) && buckets.len() >= self.max_keys {
+        if let Some(bucket) = buckets.get_mut(key) {
+            return bucket.try_take(now);
+        }
+        if buckets.len() >= self.max_keys {
             buckets.retain(|_, bucket| !bucket.is_full_at(now));
             if buckets.len() >= self.max_keys {
                 return true;
             }
         }
         buckets
-            .entry(key.clone())
+            .entry(key.to_owned())
             .or_insert_with(|| TokenBucket::new(self.per_second, now))
             .try_take(now)
     }

@@ -3,6 +3,8 @@
 //! method), `publish` (`publish`, `broadcast`) or `read` (`history`, `presence`,
 //! `presence_stats`, `channels`, `info`) — and a name for logs.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
@@ -39,36 +41,21 @@ impl Scope {
             ),
         }
     }
-
-    fn index(self) -> u8 {
-        match self {
-            Self::Admin => 0,
-            Self::Publish => 1,
-            Self::Read => 2,
-        }
-    }
-
-    fn from_index(index: u8) -> Self {
-        match index {
-            0 => Self::Admin,
-            1 => Self::Publish,
-            _ => Self::Read,
-        }
-    }
 }
 
-/// A key that matched: its scope and its name (or `api.keys[N]`).
+/// A key that matched: its scope and its name (or `api.keys[N]`). Shared, not copied: it is
+/// made for every API request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyMatch {
     pub scope: Scope,
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 #[derive(Clone, Debug)]
 struct Entry {
     digest: [u8; 32],
     scope: Scope,
-    name: String,
+    name: Arc<str>,
 }
 
 /// The accepted API keys.
@@ -96,7 +83,7 @@ impl ApiKeys {
         self.entries.push(Entry {
             digest,
             scope,
-            name,
+            name: name.into(),
         });
     }
 
@@ -124,7 +111,7 @@ impl ApiKeys {
         if bool::from(matched) {
             let entry = self.entries.get(position as usize)?;
             Some(KeyMatch {
-                scope: Scope::from_index(entry.scope.index()),
+                scope: entry.scope,
                 name: entry.name.clone(),
             })
         } else {
@@ -151,13 +138,10 @@ mod tests {
         );
         assert_eq!(
             keys.verify("second-key-0123456789").map(|m| m.name),
-            Some("api.keys[1]".into())
+            Some(Arc::from("api.keys[1]"))
         );
         let publisher = keys.verify("publisher-key-0123456789").expect("match");
-        assert_eq!(
-            (publisher.scope, publisher.name.as_str()),
-            (Scope::Publish, "ci")
-        );
+        assert_eq!((publisher.scope, &*publisher.name), (Scope::Publish, "ci"));
         assert!(keys.verify("first-key-012345678").is_none());
         assert!(keys.verify("").is_none());
         assert!(ApiKeys::default().verify("").is_none());

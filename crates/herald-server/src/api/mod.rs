@@ -109,7 +109,7 @@ fn publish_allowed(state: &AppState, key: &KeyMatch, method: &str) -> bool {
     !matches!(method, "publish" | "broadcast")
         || state
             .publish_rate
-            .try_take(&key.name, std::time::Instant::now())
+            .try_take(&*key.name, std::time::Instant::now())
 }
 
 fn rate_limited() -> HeraldError {

@@ -483,6 +483,11 @@ impl From<&neutral::SubscribeResult> for SubscribeResult {
     }
 }
 
+/// A `bytes` field for optional data (empty when there is none).
+fn optional_bytes(data: Option<&Payload>) -> Bytes {
+    data.map_or_else(Bytes::new, |d| d.bytes().clone())
+}
+
 /// The Protobuf `Reply` for an encoding-neutral result.
 pub fn reply_for(id: u32, body: &neutral::ResultBody<'_>) -> Reply {
     let mut reply = Reply {
@@ -504,10 +509,7 @@ pub fn reply_for(id: u32, body: &neutral::ResultBody<'_>) -> Reply {
                 ping: r.ping,
                 pong: r.pong,
                 node: r.node.clone(),
-                data: r
-                    .data
-                    .as_ref()
-                    .map_or_else(Bytes::new, |d| d.bytes().clone()),
+                data: optional_bytes(r.data.as_ref()),
             });
         }
         neutral::ResultBody::Subscribe(r) => reply.subscribe = Some(SubscribeResult::from(*r)),
@@ -537,10 +539,7 @@ pub fn reply_for(id: u32, body: &neutral::ResultBody<'_>) -> Reply {
         }
         neutral::ResultBody::Rpc(r) => {
             reply.rpc = Some(RpcResult {
-                data: r
-                    .data
-                    .as_ref()
-                    .map_or_else(Bytes::new, |d| d.bytes().clone()),
+                data: optional_bytes(r.data.as_ref()),
             });
         }
         neutral::ResultBody::SubRefresh(r) => {

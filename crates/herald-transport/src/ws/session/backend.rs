@@ -3,10 +3,8 @@
 //! errors with the backend's own codes, or disconnects.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use herald_core::auth::{Credentials, SubscriptionGrant};
-use herald_core::node::PublishRequest as NodePublish;
 use herald_core::proxy::{ProxyContext, ProxyReply};
 use herald_core::publication::ClientInfo;
 use herald_core::{ChannelName, ErrorCode, HeraldError};
@@ -164,19 +162,8 @@ impl Session {
             Ok((name, _)) => name,
             Err(error) => return self.reply_err(id, &error),
         };
-        let who = if self.user().is_empty() {
-            self.client_id.clone()
-        } else {
-            self.user().to_owned()
-        };
-        if !self.state.publish_rate.try_take(&who, Instant::now()) {
-            return self.reply_err(
-                id,
-                &HeraldError::new(
-                    ErrorCode::TooManyRequests,
-                    "publications_per_second_per_user",
-                ),
-            );
+        if let Err(error) = self.take_publish_token() {
+            return self.reply_err(id, &error);
         }
         let answer = proxy
             .publish(&self.proxy_context(), name.as_str(), &request.data)
@@ -184,13 +171,11 @@ impl Session {
         let Some(grant) = self.backend_answer(id, answer) else {
             return;
         };
-        let mut publish = NodePublish::new(name.as_str(), grant.data.unwrap_or(request.data));
-        publish.skip_history = grant.skip_history;
-        publish.info = match self.subscriptions.get(name.as_str()) {
-            Some(sub) => sub.info.clone(),
-            None => self.info.clone(),
-        };
-        match self.state.node.publish(publish).await {
+        let data = grant.data.unwrap_or(request.data);
+        match self
+            .publish_as_client(&name, data, grant.skip_history)
+            .await
+        {
             Ok(_) => self.reply(id, ResultBody::Publish),
             Err(error) => self.reply_err(id, &error),
         }

@@ -681,8 +681,13 @@ impl Session {
         let grant = if granted.is_some() {
             granted
         } else if request.token.is_empty() {
-            let credentials = self.credentials.clone().unwrap_or_default();
-            auth::check(&credentials, &name, &options, Action::Subscribe, false)?;
+            auth::check(
+                self.credentials(),
+                &name,
+                &options,
+                Action::Subscribe,
+                false,
+            )?;
             None
         } else {
             Some(
@@ -803,13 +808,13 @@ impl Session {
         // grants the channel); a refusal's reply is already queued.
         let mut granted = None;
         if request.token.is_empty()
-            && let Ok((name, options)) = self.state.node.resolve(&request.channel)
-            && options.proxy_subscribe
             && self
                 .state
                 .proxy
                 .as_ref()
                 .is_some_and(|p| p.handles_subscribe())
+            && let Ok((name, options)) = self.state.node.resolve(&request.channel)
+            && options.proxy_subscribe
         {
             match self
                 .subscribe_via_backend(id, &name, request.data.as_ref())
@@ -915,9 +920,8 @@ impl Session {
 
     fn subscribed_for(&self, channel: &str, action: Action) -> Result<ChannelName, HeraldError> {
         let (name, options) = self.state.node.resolve(channel)?;
-        let credentials = self.credentials.clone().unwrap_or_default();
         let subscribed = self.subscriptions.contains_key(name.as_str());
-        auth::check(&credentials, &name, &options, action, subscribed)?;
+        auth::check(self.credentials(), &name, &options, action, subscribed)?;
         Ok(name)
     }
 
@@ -935,36 +939,58 @@ impl Session {
     }
 
     async fn publish(&mut self, request: protocol::PublishRequest) -> Result<(), HeraldError> {
-        let who = if self.user().is_empty() {
-            &self.client_id
-        } else {
-            self.user()
-        };
-        if !self
-            .state
-            .publish_rate
-            .try_take(&who.to_owned(), Instant::now())
-        {
-            return Err(HeraldError::new(
-                ErrorCode::TooManyRequests,
-                "publications_per_second_per_user",
-            ));
-        }
+        self.take_publish_token()?;
         let (name, options) = self.state.node.resolve(&request.channel)?;
-        let credentials = self.credentials.clone().unwrap_or_default();
         auth::check(
-            &credentials,
+            self.credentials(),
             &name,
             &options,
             Action::Publish,
             self.subscriptions.contains_key(name.as_str()),
         )?;
-        let mut publish = NodePublish::new(name.as_str(), request.data);
+        self.publish_as_client(&name, request.data, false).await
+    }
+
+    /// `publications_per_second_per_user`: per user, or per connection when anonymous.
+    fn take_publish_token(&self) -> Result<(), HeraldError> {
+        let who = if self.user().is_empty() {
+            self.client_id.as_str()
+        } else {
+            self.user()
+        };
+        if self.state.publish_rate.try_take(who, Instant::now()) {
+            Ok(())
+        } else {
+            Err(HeraldError::new(
+                ErrorCode::TooManyRequests,
+                "publications_per_second_per_user",
+            ))
+        }
+    }
+
+    /// Publishes as this client, with its info on the channel (`chan_info` included when a
+    /// subscription token or the backend gave one).
+    async fn publish_as_client(
+        &self,
+        name: &ChannelName,
+        data: herald_core::Payload,
+        skip_history: bool,
+    ) -> Result<(), HeraldError> {
+        let mut publish = NodePublish::new(name.as_str(), data);
+        publish.skip_history = skip_history;
         publish.info = match self.subscriptions.get(name.as_str()) {
             Some(sub) => sub.info.clone(),
             None => self.info.clone(),
         };
         self.state.node.publish(publish).await.map(|_| ())
+    }
+
+    /// The connection's credentials (anonymous before `connect`, when no command but
+    /// `connect` is accepted anyway).
+    fn credentials(&self) -> &Credentials {
+        static ANONYMOUS: std::sync::LazyLock<Credentials> =
+            std::sync::LazyLock::new(Credentials::anonymous);
+        self.credentials.as_ref().unwrap_or(&ANONYMOUS)
     }
 
     async fn history(
