@@ -2,7 +2,8 @@
 //! channel (broadcast) or one channel each (personal), a publisher at a fixed rate over the
 //! HTTP API, and what arrives: deliveries/s, publish-to-receive latency, missed and duplicate
 //! publications by offset, set-up rate, errors, and the CPU and memory of the server and of
-//! the load generator.
+//! the load generator. The same against a peer or the ceiling server (`--target`,
+//! [`crate::target`]): publications then carry a per-channel sequence number instead.
 //!
 //! Owns the run's timeline: start the workers ([`crate::spawn`]) and wait until every
 //! subscriber is subscribed, publish through warm-up and the measured window
@@ -20,6 +21,7 @@ use crate::publish::{Latency, ServerUsage, sample_usage};
 use crate::publisher::{self, PublishOutcome, PublisherConfig};
 use crate::spawn::{self, WorkerSet, WorkerSpec};
 use crate::sysstat::{self, CoreUsage};
+use crate::target::{PeerArgs, Target};
 use crate::worker::{self, Command, Transport, WorkerReport};
 
 /// Where the subscribers listen.
@@ -38,9 +40,15 @@ pub struct FanoutArgs {
     /// Server base URL, e.g. http://127.0.0.1:8000.
     #[arg(long)]
     pub url: String,
-    /// Server API key (sent as X-API-Key).
+    /// Server API key (sent as X-API-Key; Herald only).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
-    pub api_key: String,
+    pub api_key: Option<String>,
+    /// The server under test: Herald, a peer, or the ceiling server.
+    #[arg(long, value_enum, default_value_t = Target::Herald)]
+    pub target: Target,
+    #[command(flatten)]
+    pub peer: PeerArgs,
+    /// Herald's transport (peers use their own protocol).
     #[arg(long, value_enum, default_value_t = Transport::Ws)]
     pub transport: Transport,
     #[arg(long, value_enum, default_value_t = Mode::Broadcast)]
@@ -117,6 +125,7 @@ pub struct Setup {
 #[derive(Debug, Serialize)]
 pub struct FanoutReport {
     pub scenario: &'static str,
+    pub target: Target,
     pub url: String,
     pub transport: Transport,
     pub mode: Mode,
@@ -144,6 +153,8 @@ pub struct FanoutReport {
     pub missed: u64,
     pub duplicates: u64,
     pub gaps: u64,
+    /// Peers: publications that arrived after a later one of their channel.
+    pub reordered: u64,
     pub foreign: u64,
     /// Subscriptions that ended before the run did, by close code.
     pub closed: std::collections::BTreeMap<String, u64>,
@@ -235,12 +246,23 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         Mode::Personal => args.subscribers,
     };
     let prefix = args.prefix.clone().unwrap_or_else(|| unique_prefix("fan"));
-    let host = worker::host_of(&args.url)?;
+    let transport = args.target.transport(args.transport);
+    if transport.is_peer() && args.batch != 1 {
+        bail!("peers take one publication per request (--batch 1)");
+    }
+    let publish_url = args.peer.publish_url.as_deref().unwrap_or(&args.url);
+    let publish_url = match publish_url.strip_prefix("nats://") {
+        Some(rest) => format!("http://{rest}"),
+        None => publish_url.to_owned(),
+    };
+    let host = worker::host_of(&publish_url)?;
     let addr = worker::resolve(&host).await?;
     let publisher = Arc::new(PublisherConfig {
         addr,
         host,
-        api_key: args.api_key.clone(),
+        kind: args
+            .target
+            .publish_kind(args.api_key.as_deref(), &args.peer)?,
         channels: (0..channels)
             .map(|c| worker::channel_name(&prefix, c))
             .collect(),
@@ -253,12 +275,13 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
 
     let spec = WorkerSpec {
         url: args.url.clone(),
-        transport: args.transport,
+        transport,
         prefix,
         channels,
         connect_concurrency: args.connect_concurrency,
         token: args.token.clone(),
         connect_only: false,
+        app_key: args.peer.app_key.clone(),
     };
     let plans = spawn::plan(0, args.subscribers, args.per_worker, args.source_addrs, 0);
     let setup_started = Instant::now();
@@ -337,8 +360,9 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     }
     Ok(FanoutReport {
         scenario: "fanout",
+        target: args.target,
         url: args.url.clone(),
-        transport: args.transport,
+        transport,
         mode: args.mode,
         subscribers: args.subscribers,
         channels,
@@ -358,6 +382,7 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         missed: reports.iter().map(|r| r.missed).sum(),
         duplicates: reports.iter().map(|r| r.duplicates).sum(),
         gaps: reports.iter().map(|r| r.gaps).sum(),
+        reordered: reports.iter().map(|r| r.reordered).sum(),
         foreign: reports.iter().map(|r| r.foreign).sum(),
         closed,
         still_open: reports.iter().map(|r| r.open).sum(),
@@ -388,7 +413,8 @@ fn ms(us: u64) -> String {
 impl FanoutReport {
     pub fn print_text(&self) {
         println!(
-            "fanout {} {} {}: {} subscribers on {} channel(s) in {} worker(s), {} pubs/s target ({} per request, {}-byte data), {:.1}s after {:.1}s warm-up",
+            "fanout {} {} {} {}: {} subscribers on {} channel(s) in {} worker(s), {} pubs/s target ({} per request, {}-byte data), {:.1}s after {:.1}s warm-up",
+            self.target.name(),
             self.url,
             self.transport.name(),
             match self.mode {
@@ -428,12 +454,13 @@ impl FanoutReport {
                 .unwrap_or_default()
         );
         println!(
-            "  delivered:      {:.0}/s of {:.0}/s expected; missed {}, duplicates {}, gaps {}, foreign {}",
+            "  delivered:      {:.0}/s of {:.0}/s expected; missed {}, duplicates {}, gaps {}, reordered {}, foreign {}",
             self.deliveries_per_sec,
             self.expected_deliveries_per_sec,
             self.missed,
             self.duplicates,
             self.gaps,
+            self.reordered,
             self.foreign
         );
         let l = &self.latency;

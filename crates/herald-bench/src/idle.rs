@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::fanout::{Mode, Setup, unique_prefix};
 use crate::spawn::{self, WorkerSet, WorkerSpec};
 use crate::sysstat::{self, MemoryDetail};
+use crate::target::Target;
 use crate::worker::{self, Transport, WorkerReport};
 
 /// Flags of `herald-bench idle`.
@@ -28,6 +29,13 @@ pub struct IdleArgs {
     /// The server's process id (required: its memory is what is measured).
     #[arg(long)]
     pub server_pid: u32,
+    /// The server under test: Herald, a peer, or the ceiling server.
+    #[arg(long, value_enum, default_value_t = Target::Herald)]
+    pub target: Target,
+    /// Pusher application key (Sockudo).
+    #[arg(long)]
+    pub app_key: Option<String>,
+    /// Herald's transport (peers use their own protocol).
     #[arg(long, value_enum, default_value_t = Transport::Ws)]
     pub transport: Transport,
     /// `personal`: a channel per connection; `broadcast`: one channel for all.
@@ -82,6 +90,7 @@ pub struct IdleArgs {
 #[derive(Debug, Serialize)]
 pub struct IdleReport {
     pub scenario: &'static str,
+    pub target: Target,
     pub url: String,
     pub transport: Transport,
     pub mode: Mode,
@@ -144,8 +153,9 @@ async fn settle(pid: u32, timeout: Duration) -> anyhow::Result<(u64, u64, bool)>
 
 /// Runs the scenario and returns what it measured.
 pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
-    if args.connect_only && args.transport != Transport::Ws {
-        bail!("--connect-only is for WebSocket connections");
+    let transport = args.target.transport(args.transport);
+    if args.connect_only && transport != Transport::Ws {
+        bail!("--connect-only is for Herald's WebSocket connections");
     }
     if args.connections <= args.warmup_connections {
         bail!("--connections must be above --warmup-connections");
@@ -158,12 +168,13 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
     worker::resolve(&host).await?;
     let spec = WorkerSpec {
         url: args.url.clone(),
-        transport: args.transport,
+        transport,
         prefix: args.prefix.clone().unwrap_or_else(|| unique_prefix("idle")),
         channels,
         connect_concurrency: args.connect_concurrency,
         token: args.token.clone(),
         connect_only: args.connect_only,
+        app_key: args.app_key.clone(),
     };
     let pid = args.server_pid;
 
@@ -234,8 +245,9 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
     let bytes_per_connection = per(after.rss_bytes, before.rss_bytes);
     Ok(IdleReport {
         scenario: "idle",
+        target: args.target,
         url: args.url.clone(),
-        transport: args.transport,
+        transport,
         mode: args.mode,
         connect_only: args.connect_only,
         connections: args.connections,

@@ -3,17 +3,22 @@
 //! Owns the command line, CPU pinning and the runtime the scenario runs on. Scenarios live in
 //! their own modules and only talk to a server over the network.
 
+mod ceiling;
 mod fanout;
 mod idle;
+mod peerpub;
+mod peersub;
 mod publish;
 mod publisher;
 mod push;
+mod pusher;
 mod rawhttp;
 mod spawn;
 mod sseclient;
 mod summary;
 mod sysstat;
 mod table;
+mod target;
 mod worker;
 
 use std::process::ExitCode;
@@ -44,6 +49,9 @@ enum Command {
     Idle(idle::IdleArgs),
     /// Markdown table rows (or the header) from `fanout --json` / `idle --json` reports.
     FanoutTable(table::TableArgs),
+    /// The bare fan-out WebSocket server Herald is compared with (the machine's ceiling):
+    /// `GET /sub/<channel>` (WebSocket) subscribes, `POST /pub/<channel>` publishes the body.
+    CeilingServer(ceiling::CeilingArgs),
     /// One process of `fanout`/`idle` subscribers (started by them, not by hand).
     #[command(hide = true)]
     FanoutWorker(worker::WorkerArgs),
@@ -131,6 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::FanoutWorker(args) => worker::run(&args),
+        Command::CeilingServer(args) => ceiling::run(&args),
         Command::SummaryHeader => {
             println!("{}", summary::HEADER);
             Ok(())

@@ -1,12 +1,16 @@
 //! The fan-out scenario's publisher: timestamped publications at a fixed total rate over the
-//! HTTP server API (`/api/publish`, or `/api/batch` with several per request), open loop.
+//! HTTP server API (`/api/publish`, or `/api/batch` with several per request), open loop —
+//! or to a peer ([`PublishKind`]; the peers' request formats and the NATS publisher are in
+//! [`crate::peerpub`]).
 //!
 //! Owns a few keep-alive [`crate::rawhttp`] connections and the schedule: request j is due
 //! at `start + j × batch / rate` and goes out on connection `j mod connections`; a request
 //! that is late (its connection still busy) goes out at once, and the lag is reported. Each
 //! publication's data carries its send time ([`crate::push::payload`]). Every reply is
 //! decoded for the publication's offset, so the final offset of every channel is known and
-//! the subscribers can tell what they missed.
+//! the subscribers can tell what they missed. Peers have no offsets: publication k of a
+//! channel carries sequence number k in its data, and the "final offset" of a channel is the
+//! number of its publications the peer accepted.
 //!
 //! May touch: the network (only the server it is given).
 
@@ -17,15 +21,38 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use serde::Serialize;
 
+use crate::peerpub;
 use crate::push;
+use crate::pusher::PusherApp;
 use crate::rawhttp::{RawConnection, encode_post};
+
+/// How publications reach the server.
+#[derive(Debug, Clone)]
+pub enum PublishKind {
+    /// Herald's HTTP API with this key.
+    Herald { api_key: String },
+    /// `POST /pub/<channel>`, the data as the body: the ceiling, Node `ws`, Socket.IO.
+    Post,
+    /// The Pusher HTTP API (`POST /apps/<id>/events`, signed): Sockudo.
+    Pusher(PusherApp),
+    /// Pushpin's publish endpoint (`POST /publish/`), one SSE event per publication.
+    Pushpin,
+    /// NATS core protocol over TCP, `PUB` on one connection.
+    Nats,
+}
+
+impl PublishKind {
+    pub fn is_peer(&self) -> bool {
+        !matches!(self, Self::Herald { .. })
+    }
+}
 
 /// What to publish, and where.
 #[derive(Debug)]
 pub struct PublisherConfig {
     pub addr: SocketAddr,
     pub host: String,
-    pub api_key: String,
+    pub kind: PublishKind,
     pub channels: Vec<String>,
     /// Publications per second, in total over all channels.
     pub rate: f64,
@@ -55,7 +82,7 @@ pub struct PublishOutcome {
 }
 
 impl PublishOutcome {
-    fn error(&mut self, message: String) {
+    pub(crate) fn error(&mut self, message: String) {
         self.errors += 1;
         self.first_error.get_or_insert(message);
     }
@@ -77,8 +104,22 @@ impl PublisherConfig {
         (0..batch).map(move |k| ((j * batch + k) % n) as usize)
     }
 
+    /// Channel and sequence number (1, 2, …) of publication `j` to a peer (one per request).
+    pub fn peer_publication(&self, j: u64) -> (usize, u64) {
+        let n = self.channels.len().max(1) as u64;
+        ((j % n) as usize, j / n + 1)
+    }
+
     /// The complete HTTP request `j`, stamped with `sent_ns`.
     fn request(&self, j: u64, sent_ns: u64) -> Vec<u8> {
+        let api_key = match &self.kind {
+            PublishKind::Herald { api_key } => api_key,
+            kind => {
+                let (c, seq) = self.peer_publication(j);
+                let data = push::seq_payload(sent_ns, seq, self.payload);
+                return peerpub::http_request(kind, &self.host, &self.channels[c], &data);
+            }
+        };
         let data = push::payload(sent_ns, self.payload);
         let publish = |c: usize| {
             format!(
@@ -98,7 +139,7 @@ impl PublisherConfig {
         } else {
             publish(self.channels_of(j).next().unwrap_or(0))
         };
-        encode_post(self.path(), &self.host, &self.api_key, body.as_bytes())
+        encode_post(self.path(), &self.host, api_key, body.as_bytes())
     }
 }
 
@@ -132,6 +173,10 @@ fn offsets_of(status: u16, body: &[u8], batch: bool) -> Result<Vec<Result<u64, S
 
 /// One publish before the run, so a wrong key or URL fails loudly.
 pub async fn probe(config: &PublisherConfig, channel: &str) -> anyhow::Result<()> {
+    let api_key = match &config.kind {
+        PublishKind::Herald { api_key } => api_key,
+        kind => return peerpub::probe(kind, config, channel).await,
+    };
     let mut connection = RawConnection::connect(config.addr)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -140,12 +185,7 @@ pub async fn probe(config: &PublisherConfig, channel: &str) -> anyhow::Result<()
         serde_json::Value::from(channel),
         push::payload(push::now_ns(), config.payload)
     );
-    let request = encode_post(
-        "/api/publish",
-        &config.host,
-        &config.api_key,
-        body.as_bytes(),
-    );
+    let request = encode_post("/api/publish", &config.host, api_key, body.as_bytes());
     let reply = connection
         .round_trip(&request)
         .await
@@ -167,6 +207,12 @@ pub async fn run(
 ) -> anyhow::Result<PublishOutcome> {
     if config.rate <= 0.0 || config.channels.is_empty() || config.batch == 0 {
         bail!("the publisher needs a rate above 0, channels and a batch above 0");
+    }
+    if config.kind.is_peer() && config.batch != 1 {
+        bail!("peers take one publication per request (--batch 1)");
+    }
+    if matches!(config.kind, PublishKind::Nats) {
+        return Ok(peerpub::nats_run(&config, start, end, window).await);
     }
     let outcome = Arc::new(Mutex::new(PublishOutcome {
         final_offsets: vec![0; config.channels.len()],
@@ -201,6 +247,7 @@ async fn connection_loop(
 ) {
     let interval = config.batch as f64 / config.rate;
     let batch = config.batch > 1;
+    let peer = config.kind.is_peer();
     let mut connection: Option<RawConnection> = None;
     let mut j = first;
     loop {
@@ -228,6 +275,7 @@ async fn connection_loop(
             continue;
         };
         let result = match live.round_trip(&request).await {
+            Ok(reply) if peer => peerpub::accepted(reply.status, reply.body),
             Ok(reply) => offsets_of(reply.status, reply.body, batch),
             Err(error) => {
                 connection = None;
@@ -246,7 +294,9 @@ async fn connection_loop(
                                 outcome.publications_in_window += 1;
                             }
                             let top = &mut outcome.final_offsets[c];
-                            *top = (*top).max(offset);
+                            // Peers: how many were accepted (the highest sequence number
+                            // when none failed).
+                            *top = if peer { *top + 1 } else { (*top).max(offset) };
                         }
                         Err(error) => outcome.error(error),
                     }
@@ -257,7 +307,7 @@ async fn connection_loop(
     }
 }
 
-fn lock(outcome: &Mutex<PublishOutcome>) -> std::sync::MutexGuard<'_, PublishOutcome> {
+pub(crate) fn lock(outcome: &Mutex<PublishOutcome>) -> std::sync::MutexGuard<'_, PublishOutcome> {
     // A panicking task poisons the lock; its counts are still worth reporting.
     outcome
         .lock()
@@ -272,7 +322,9 @@ mod tests {
         PublisherConfig {
             addr: "127.0.0.1:1".parse().expect("addr"),
             host: "h:1".into(),
-            api_key: "k".into(),
+            kind: PublishKind::Herald {
+                api_key: "k".into(),
+            },
             channels: (0..channels).map(|c| format!("fan-{c}")).collect(),
             rate: 100.0,
             batch,

@@ -7,6 +7,12 @@
 //! needs (`channel`, the payload's `t`, `offset`) instead of decoding the JSON; that is only
 //! sound because the bench publishes the payload itself (`{"t":<ns>,"p":"xxx…"}`, see
 //! [`payload`]) and Herald writes `offset` after `data`.
+//!
+//! Peers have no stream offsets: their payload also carries a per-channel sequence number
+//! (`{"t":<ns>,"s":<seq>,"p":"xxx…"}`, see [`seq_payload`]), read back by [`peer_fields`]
+//! (which also reads it escaped inside a JSON string, as Pusher and Socket.IO deliver it) and
+//! counted by [`SeqTracker`], which tolerates reordering: a peer's publications may go out on
+//! several publisher connections at once, so they can arrive in another order.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,6 +36,27 @@ pub fn payload(sent_ns: u64, size: usize) -> String {
     out.extend(std::iter::repeat_n('x', pad));
     out.push_str("\"}");
     out
+}
+
+/// The data of one publication to a peer: [`payload`] plus the channel's sequence number
+/// (1, 2, 3, … per channel), about `size` bytes in all.
+pub fn seq_payload(sent_ns: u64, seq: u64, size: usize) -> String {
+    let seq_field = format!(",\"s\":{seq}");
+    let mut out = payload(sent_ns, size.saturating_sub(seq_field.len()));
+    let at = out.find(",\"p\":").unwrap_or(out.len());
+    out.insert_str(at, &seq_field);
+    out
+}
+
+/// The send time and sequence number from a peer's message: the [`seq_payload`] as it was
+/// published, or escaped inside a JSON string (`{\"t\":…,\"s\":…}`).
+pub fn peer_fields(text: &str) -> Option<(u64, u64)> {
+    const KEYS: [(&str, &str); 2] = [("\"t\":", "\"s\":"), ("\\\"t\\\":", "\\\"s\\\":")];
+    let (at, (t_key, s_key)) = KEYS
+        .iter()
+        .find_map(|keys| text.find(keys.0).map(|at| (at, keys)))?;
+    let rest = &text[at..];
+    Some((number_after(rest, t_key)?, number_after(rest, s_key)?))
 }
 
 /// One publication as a subscriber saw it.
@@ -176,6 +203,56 @@ impl Tracker {
     }
 }
 
+/// Largest sequence number a [`SeqTracker`] keeps a bit for (a higher one is garbage).
+const MAX_SEQ: u64 = 1 << 24;
+
+/// Delivery accounting for one subscription to a peer, by the publisher's per-channel
+/// sequence number (1, 2, …): which numbers arrived (a bit each), repeats, and arrivals
+/// below the highest number seen so far (reordering, which peers do not promise to avoid
+/// across publisher connections).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SeqTracker {
+    seen: Vec<u64>,
+    /// The highest sequence number seen.
+    pub last: u64,
+    /// Distinct sequence numbers received.
+    pub received: u64,
+    pub duplicates: u64,
+    /// Arrived after a higher number did.
+    pub reordered: u64,
+}
+
+impl SeqTracker {
+    /// Counts sequence number `seq`; `true` when it is new (0 or one above [`MAX_SEQ`] is
+    /// never new).
+    pub fn record(&mut self, seq: u64) -> bool {
+        if seq == 0 || seq > MAX_SEQ {
+            return false;
+        }
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        if self.seen.len() <= word {
+            self.seen.resize(word + 1, 0);
+        }
+        if self.seen[word] & (1 << bit) != 0 {
+            self.duplicates += 1;
+            return false;
+        }
+        self.seen[word] |= 1 << bit;
+        self.received += 1;
+        if seq < self.last {
+            self.reordered += 1;
+        }
+        self.last = self.last.max(seq);
+        true
+    }
+
+    /// Of `published` publications to the channel (numbered 1 ..= published), the ones
+    /// that never arrived.
+    pub fn missed(&self, published: u64) -> u64 {
+        published.saturating_sub(self.received)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +337,39 @@ mod tests {
         let mut no_history = Tracker::new(0);
         assert!(no_history.record(0) && no_history.record(0));
         assert_eq!(no_history.received, 2);
+    }
+
+    #[test]
+    fn peer_payloads_carry_time_and_sequence() {
+        let data = seq_payload(1_700_000_000_123_456_789, 42, 100);
+        assert_eq!(data.len(), 100);
+        let value: serde_json::Value = serde_json::from_str(&data).expect("JSON");
+        assert_eq!(value["t"], 1_700_000_000_123_456_789u64);
+        assert_eq!(value["s"], 42);
+        assert_eq!(peer_fields(&data), Some((1_700_000_000_123_456_789, 42)));
+        // Inside a JSON string (Pusher's `data`, a Socket.IO event argument).
+        let wrapped = format!(
+            "{{\"event\":\"m\",\"channel\":\"c\",\"data\":{}}}",
+            serde_json::Value::from(data.as_str())
+        );
+        assert_eq!(peer_fields(&wrapped), Some((1_700_000_000_123_456_789, 42)));
+        assert_eq!(peer_fields("{\"event\":\"pusher:ping\"}"), None);
+    }
+
+    #[test]
+    fn sequences_tolerate_reordering() {
+        let mut t = SeqTracker::default();
+        assert!(t.record(1));
+        assert!(t.record(3));
+        assert!(t.record(2), "late, but new");
+        assert!(!t.record(3), "a repeat");
+        assert!(!t.record(0) && !t.record(MAX_SEQ + 1));
+        assert!(t.record(200));
+        assert_eq!(
+            (t.received, t.duplicates, t.reordered, t.last),
+            (4, 1, 1, 200)
+        );
+        assert_eq!(t.missed(200), 196);
     }
 
     #[test]

@@ -149,6 +149,18 @@ fn parse_head(data: &[u8]) -> Result<Option<(u16, usize, usize)>, String> {
     Ok(Some((status, head, body_len)))
 }
 
+/// A complete `POST` request to `path` with `headers` (each ending in CRLF) and `body`.
+pub fn encode_request(path: &str, host: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut out = Vec::with_capacity(head.len() + body.len());
+    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
 /// A complete `POST` request with a JSON body, ready to be written as is.
 pub fn encode_post(path: &str, host: &str, api_key: &str, body: &[u8]) -> Vec<u8> {
     let head = format!(

@@ -70,6 +70,8 @@ pub struct WorkerSpec {
     pub token: Option<String>,
     /// WebSocket connections without a subscription.
     pub connect_only: bool,
+    /// Pusher application key (Sockudo).
+    pub app_key: Option<String>,
 }
 
 struct Worker {
@@ -111,6 +113,13 @@ impl WorkerSet {
                     &spec.connect_concurrency.to_string(),
                 ])
                 .args(spec.connect_only.then_some("--connect-only"))
+                .args(
+                    spec.app_key
+                        .as_deref()
+                        .map(|key| ["--app-key", key])
+                        .into_iter()
+                        .flatten(),
+                )
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())

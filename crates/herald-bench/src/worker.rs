@@ -3,8 +3,10 @@
 //!
 //! Owns its subscribers' connections (WebSocket through tokio-tungstenite, or SSE through
 //! [`crate::sseclient`]), each bound to the source address it was given, and what they count:
-//! deliveries, publish-to-receive latency, missed/duplicate offsets, pings answered and
-//! disconnects. It runs one single-threaded runtime; everything is on one thread, so the
+//! deliveries, publish-to-receive latency, missed/duplicate offsets (Herald) or sequence
+//! numbers (peers), pings answered and disconnects. Herald's protocols are here; the peers'
+//! (NATS, Socket.IO, Pusher, Pushpin, the plain WebSocket of the ceiling and Node `ws`) are
+//! in [`crate::peersub`]. It runs one single-threaded runtime; everything is on one thread, so the
 //! shared state is a `RefCell`.
 //!
 //! Talks to its parent over stdio, one JSON object per line ([`WorkerMessage`] out,
@@ -29,7 +31,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::push::{self, Received, Tracker, WsLine};
+use crate::peersub;
+use crate::push::{self, Received, SeqTracker, Tracker, WsLine};
 use crate::sseclient::{SseClient, connect_from};
 use crate::sysstat::{self, CpuSample};
 
@@ -41,6 +44,17 @@ pub enum Transport {
     Ws,
     /// `/connection/sse?channel=…`.
     Sse,
+    /// Peers: a plain WebSocket on `/sub/<channel>`, every text frame one publication (the
+    /// ceiling server, the Node `ws` server).
+    Plain,
+    /// NATS core protocol over NATS's WebSocket listener (`SUB <channel>`).
+    Nats,
+    /// Socket.IO v5 over Engine.IO v4 WebSocket, joining room `<channel>`.
+    Socketio,
+    /// The Pusher protocol (`/app/<key>`, `pusher:subscribe`): Sockudo.
+    Pusher,
+    /// SSE through Pushpin (`/stream/<channel>`, held by the GRIP origin).
+    PushpinSse,
 }
 
 impl Transport {
@@ -48,7 +62,17 @@ impl Transport {
         match self {
             Self::Ws => "ws",
             Self::Sse => "sse",
+            Self::Plain => "plain",
+            Self::Nats => "nats",
+            Self::Socketio => "socketio",
+            Self::Pusher => "pusher",
+            Self::PushpinSse => "pushpin-sse",
         }
+    }
+
+    /// A peer's protocol: no offsets, publications counted by sequence number.
+    pub fn is_peer(self) -> bool {
+        !matches!(self, Self::Ws | Self::Sse)
     }
 }
 
@@ -87,6 +111,9 @@ pub struct WorkerArgs {
     /// WebSocket: send `connect` only, no `subscribe` (to tell what a subscription costs).
     #[arg(long)]
     pub connect_only: bool,
+    /// Pusher: the application key (the WebSocket path is `/app/<key>`).
+    #[arg(long)]
+    pub app_key: Option<String>,
 }
 
 /// A line from a worker to its parent.
@@ -132,6 +159,9 @@ pub struct WorkerReport {
     pub missed: u64,
     pub duplicates: u64,
     pub gaps: u64,
+    /// Peers: publications that arrived after a later one of their channel.
+    #[serde(default)]
+    pub reordered: u64,
     /// Publications for a channel the subscriber did not subscribe to.
     pub foreign: u64,
     /// WebSocket: pings answered. SSE: ping comments received.
@@ -182,14 +212,18 @@ pub async fn resolve(host: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("{host} resolves to no address"))
 }
 
-struct Slot {
+pub(crate) struct Slot {
     tracker: Tracker,
+    /// Peers: by sequence number instead of offset.
+    seqs: SeqTracker,
     channel: usize,
     subscribed: bool,
     open: bool,
 }
 
-struct State {
+pub(crate) struct State {
+    /// Counting by sequence number (a peer), not by offset.
+    peer: bool,
     slots: Vec<Slot>,
     histogram: Histogram<u64>,
     window: (u64, u64),
@@ -221,7 +255,38 @@ impl State {
         }
     }
 
-    fn on_closed(&mut self, slot: usize, how: String, error: Option<String>) {
+    /// A message from a peer: a publication when it carries [`push::seq_payload`]'s fields.
+    pub(crate) fn on_peer_message(&mut self, slot: usize, text: &str, now: u64) {
+        let Some((sent, seq)) = push::peer_fields(text) else {
+            return;
+        };
+        if !self.slots[slot].seqs.record(seq) {
+            return;
+        }
+        self.deliveries += 1;
+        if sent >= self.window.0 && sent < self.window.1 {
+            self.deliveries_in_window += 1;
+            self.histogram
+                .saturating_record(push::latency_us(sent, now));
+        }
+    }
+
+    /// A peer's subscriber is subscribed (nothing published before counts).
+    pub(crate) fn on_peer_subscribed(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        s.subscribed = true;
+        s.open = true;
+    }
+
+    pub(crate) fn on_ping(&mut self) {
+        self.pings += 1;
+    }
+
+    pub(crate) fn on_foreign(&mut self) {
+        self.foreign += 1;
+    }
+
+    pub(crate) fn on_closed(&mut self, slot: usize, how: String, error: Option<String>) {
         self.slots[slot].open = false;
         *self.closed.entry(how).or_default() += 1;
         if let Some(error) = error {
@@ -231,19 +296,42 @@ impl State {
 }
 
 /// What every subscriber task shares.
-struct Ctx {
+pub(crate) struct Ctx {
     addr: SocketAddr,
-    host: String,
+    pub(crate) host: String,
     source_ip: IpAddr,
-    transport: Transport,
+    pub(crate) transport: Transport,
+    pub(crate) app_key: Option<String>,
     token: Option<String>,
     connect_limit: Semaphore,
     connect_timeout: Duration,
     connect_only: bool,
-    state: RefCell<State>,
+    pub(crate) state: RefCell<State>,
 }
 
-type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
+
+impl Ctx {
+    /// A TCP connection to the server from this worker's source address.
+    pub(crate) async fn connect(&self) -> Result<TcpStream, String> {
+        connect_from(self.source_ip, self.addr).await
+    }
+
+    /// A WebSocket connection to `path` (path and query) on the server.
+    pub(crate) async fn ws_connect(&self, path: &str) -> Result<Ws, String> {
+        let stream = self.connect().await?;
+        // Small buffers: the client holds thousands of these per process.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_write_buffer_size(64 * 1024);
+        let url = format!("ws://{}{path}", self.host);
+        let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+            .await
+            .map_err(|e| format!("WebSocket handshake: {e}"))?;
+        Ok(ws)
+    }
+}
 
 /// Runs a worker until its parent says `stop` or goes away.
 pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
@@ -270,14 +358,17 @@ async fn run_local(args: &WorkerArgs) -> anyhow::Result<()> {
         host,
         source_ip: args.source_ip,
         transport: args.transport,
+        app_key: args.app_key.clone(),
         token: args.token.clone(),
         connect_limit: Semaphore::new(args.connect_concurrency.max(1)),
         connect_timeout: args.connect_timeout,
         connect_only: args.connect_only,
         state: RefCell::new(State {
+            peer: args.transport.is_peer(),
             slots: (0..args.count)
                 .map(|i| Slot {
                     tracker: Tracker::default(),
+                    seqs: SeqTracker::default(),
                     channel: (args.first + i) % args.channels,
                     subscribed: false,
                     open: false,
@@ -394,6 +485,14 @@ fn report(state: &State, final_offsets: &[u64], cpu_percent: Option<f64>) -> Wor
     for slot in state.slots.iter().filter(|s| s.subscribed) {
         report.subscribed += 1;
         report.open += u64::from(slot.open);
+        if state.peer {
+            report.duplicates += slot.seqs.duplicates;
+            report.reordered += slot.seqs.reordered;
+            if let Some(&published) = final_offsets.get(slot.channel) {
+                report.missed += slot.seqs.missed(published);
+            }
+            continue;
+        }
         report.duplicates += slot.tracker.duplicates;
         report.gaps += slot.tracker.gaps;
         if let Some(&last) = final_offsets.get(slot.channel) {
@@ -416,15 +515,32 @@ async fn subscriber(
             tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
         }
         let permit = ctx.connect_limit.acquire().await;
+        if ctx.transport.is_peer() {
+            let result =
+                tokio::time::timeout(ctx.connect_timeout, peersub::setup(&ctx, &channel)).await;
+            drop(permit);
+            match result {
+                Ok(Ok(connection)) => {
+                    ctx.state.borrow_mut().on_peer_subscribed(slot);
+                    let _ = outcome.send(Ok(()));
+                    drop(outcome);
+                    peersub::run(&ctx, slot, &channel, connection).await;
+                    return;
+                }
+                Ok(Err(error)) => last_error = error,
+                Err(_) => last_error = format!("no subscription within {:?}", ctx.connect_timeout),
+            }
+            continue;
+        }
         let result = match ctx.transport {
-            Transport::Ws => tokio::time::timeout(ctx.connect_timeout, ws_setup(&ctx, &channel))
-                .await
-                .map(|r| r.map(|c| Connection::Ws(Box::new(c)))),
             Transport::Sse => {
                 tokio::time::timeout(ctx.connect_timeout, sse_setup(&ctx, slot, &channel))
                     .await
                     .map(|r| r.map(Connection::Sse))
             }
+            _ => tokio::time::timeout(ctx.connect_timeout, ws_setup(&ctx, &channel))
+                .await
+                .map(|r| r.map(|c| Connection::Ws(Box::new(c)))),
         };
         drop(permit);
         match result {
@@ -463,16 +579,7 @@ enum Connection {
 /// Connects, sends `connect` and `subscribe` in one frame, and waits for the subscribe reply
 /// (with `connect_only`, sends `connect` and waits for its reply).
 async fn ws_setup(ctx: &Ctx, channel: &str) -> Result<(Ws, u64, Option<String>), String> {
-    let stream = connect_from(ctx.source_ip, ctx.addr).await?;
-    // Small buffers: the client holds thousands of these per process.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_write_buffer_size(64 * 1024);
-    let url = format!("ws://{}/connection/websocket", ctx.host);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
-        .await
-        .map_err(|e| format!("WebSocket handshake: {e}"))?;
+    let mut ws = ctx.ws_connect("/connection/websocket").await?;
     let token = match &ctx.token {
         Some(token) => format!("\"token\":{}", json_string(token)),
         None => String::new(),
@@ -637,7 +744,7 @@ fn sse_event(ctx: &Ctx, slot: usize, channel: &str, kind: &str, data: &str, seen
 
 /// Opens the stream and reads until its `connected` event.
 async fn sse_setup(ctx: &Ctx, slot: usize, channel: &str) -> Result<SseClient, String> {
-    let stream = connect_from(ctx.source_ip, ctx.addr).await?;
+    let stream = ctx.connect().await?;
     let path = format!("/connection/sse?channel={channel}");
     let mut client = SseClient::open(stream, &ctx.host, &path, ctx.token.as_deref()).await?;
     let mut seen = SseSeen::default();
@@ -696,9 +803,11 @@ mod tests {
     #[test]
     fn report_counts_missed_by_final_offset() {
         let mut state = State {
+            peer: false,
             slots: (0..2)
                 .map(|channel| Slot {
                     tracker: Tracker::new(10),
+                    seqs: SeqTracker::default(),
                     channel,
                     subscribed: true,
                     open: true,

@@ -1,0 +1,274 @@
+//! Publishing to Herald's peers: the HTTP requests each one takes (the ceiling's, Node `ws`'s
+//! and Socket.IO's `POST /pub/<channel>`, the signed Pusher API, Pushpin's publish
+//! endpoint), how their replies are judged, and the NATS publisher (core protocol over TCP,
+//! `PUB` lines on one connection, open loop, then `PING` and its `PONG` to know every `PUB`
+//! was taken).
+//!
+//! Owns only the peers' wire formats and the NATS connection; the schedule and counting are
+//! [`crate::publisher`]'s. May touch: the network (only the server it is given).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::publisher::{PublishKind, PublishOutcome, PublisherConfig};
+use crate::push;
+use crate::rawhttp::{RawConnection, encode_request};
+
+/// The HTTP request publishing `data` (a [`push::seq_payload`]) to `channel`.
+pub fn http_request(kind: &PublishKind, host: &str, channel: &str, data: &str) -> Vec<u8> {
+    let json = |text: &str| serde_json::Value::from(text).to_string();
+    match kind {
+        PublishKind::Pusher(app) => {
+            let body = format!(
+                "{{\"name\":\"m\",\"channel\":{},\"data\":{}}}",
+                json(channel),
+                json(data)
+            );
+            let path = app.events_path(body.as_bytes(), push::now_ns() / 1_000_000_000);
+            encode_request(
+                &path,
+                host,
+                "Content-Type: application/json\r\n",
+                body.as_bytes(),
+            )
+        }
+        PublishKind::Pushpin => {
+            let content = format!("event: m\ndata: {data}\n\n");
+            let body = format!(
+                "{{\"items\":[{{\"channel\":{},\"formats\":{{\"http-stream\":{{\"content\":{}}}}}}}]}}",
+                json(channel),
+                json(&content)
+            );
+            encode_request(
+                "/publish/",
+                host,
+                "Content-Type: application/json\r\n",
+                body.as_bytes(),
+            )
+        }
+        // The ceiling, Node `ws`, Socket.IO (and nothing else reaches here).
+        _ => encode_request(
+            &format!("/pub/{channel}"),
+            host,
+            "Content-Type: text/plain\r\n",
+            data.as_bytes(),
+        ),
+    }
+}
+
+/// A peer's reply to one publication: any 2xx is accepted (peers have no offsets: 0).
+pub fn accepted(status: u16, body: &[u8]) -> Result<Vec<Result<u64, String>>, String> {
+    if (200..300).contains(&status) {
+        Ok(vec![Ok(0)])
+    } else {
+        Err(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ))
+    }
+}
+
+/// One publication (or, for NATS, a connection and a `PING`) before the run, so a wrong
+/// address or key fails loudly.
+pub async fn probe(
+    kind: &PublishKind,
+    config: &PublisherConfig,
+    channel: &str,
+) -> anyhow::Result<()> {
+    if matches!(kind, PublishKind::Nats) {
+        let mut nats = NatsPublisher::connect(config).await?;
+        return nats.flush(Duration::from_secs(5)).await;
+    }
+    let mut connection = RawConnection::connect(config.addr)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let data = push::seq_payload(push::now_ns(), 1, config.payload);
+    let request = http_request(kind, &config.host, channel, &data);
+    let reply = connection
+        .round_trip(&request)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    match accepted(reply.status, reply.body) {
+        Ok(_) => Ok(()),
+        Err(error) => bail!("the first publish failed: {error}"),
+    }
+}
+
+/// One NATS client connection that only publishes.
+struct NatsPublisher {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl NatsPublisher {
+    /// Connects, reads `INFO`, sends `CONNECT`.
+    async fn connect(config: &PublisherConfig) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(config.addr)
+            .await
+            .with_context(|| format!("cannot connect to NATS at {}", config.addr))?;
+        stream.set_nodelay(true)?;
+        let mut nats = Self {
+            stream,
+            buf: Vec::with_capacity(4096),
+        };
+        let info = nats.line(Duration::from_secs(5)).await?;
+        if !info.starts_with("INFO") {
+            bail!("NATS said {info:.100} instead of INFO");
+        }
+        nats.stream
+            .write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"name\":\"herald-bench-publisher\"}\r\n")
+            .await?;
+        Ok(nats)
+    }
+
+    /// The next protocol line from the server.
+    async fn line(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                self.buf.drain(..end + 2);
+                return Ok(line);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
+                .await
+                .context("NATS did not answer in time")??;
+            if n == 0 {
+                bail!("NATS closed the connection");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// `PING`, then waits for the `PONG`: the server has processed everything sent before.
+    async fn flush(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        self.stream.write_all(b"PING\r\n").await?;
+        loop {
+            let line = self.line(timeout).await?;
+            match line.as_str() {
+                "PONG" => return Ok(()),
+                "PING" => self.stream.write_all(b"PONG\r\n").await?,
+                _ if line.starts_with("-ERR") => bail!("NATS: {line}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The NATS publisher: publication j is due at `start + j / rate`, written as `PUB` on one
+/// connection (so they stay in order); at the end a `PING`/`PONG` confirms them all.
+pub async fn nats_run(
+    config: &PublisherConfig,
+    start: Instant,
+    end: Instant,
+    window: (u64, u64),
+) -> PublishOutcome {
+    let mut outcome = PublishOutcome {
+        final_offsets: vec![0; config.channels.len()],
+        ..PublishOutcome::default()
+    };
+    let mut nats = match NatsPublisher::connect(config).await {
+        Ok(nats) => nats,
+        Err(error) => {
+            outcome.error(format!("{error:#}"));
+            return outcome;
+        }
+    };
+    let interval = 1.0 / config.rate;
+    let mut sent = vec![0u64; config.channels.len()];
+    let mut in_window = 0;
+    let mut request = Vec::with_capacity(config.payload + 64);
+    for j in 0u64.. {
+        let due = start + Duration::from_secs_f64(j as f64 * interval);
+        if due >= end {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let lag = Instant::now().saturating_duration_since(due).as_micros();
+        outcome.max_lag_us = outcome
+            .max_lag_us
+            .max(u64::try_from(lag).unwrap_or(u64::MAX));
+        let (c, seq) = config.peer_publication(j);
+        let sent_ns = push::now_ns();
+        let data = push::seq_payload(sent_ns, seq, config.payload);
+        request.clear();
+        request
+            .extend_from_slice(format!("PUB {} {}\r\n", config.channels[c], data.len()).as_bytes());
+        request.extend_from_slice(data.as_bytes());
+        request.extend_from_slice(b"\r\n");
+        if let Err(error) = nats.stream.write_all(&request).await {
+            outcome.error(format!("NATS write: {error}"));
+            return outcome;
+        }
+        sent[c] += 1;
+        if sent_ns >= window.0 && sent_ns < window.1 {
+            in_window += 1;
+        }
+    }
+    match nats.flush(Duration::from_secs(30)).await {
+        Ok(()) => {
+            outcome.publications = sent.iter().sum();
+            outcome.publications_in_window = in_window;
+            outcome.final_offsets = sent;
+        }
+        Err(error) => outcome.error(format!("{error:#}")),
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pusher::PusherApp;
+
+    fn body(request: &[u8]) -> (String, String) {
+        let text = String::from_utf8_lossy(request).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        (head.to_owned(), body.to_owned())
+    }
+
+    #[test]
+    fn peer_requests() {
+        let data = push::seq_payload(5, 7, 60);
+        let (head, posted) = body(&http_request(&PublishKind::Post, "h:1", "c-0", &data));
+        assert!(head.starts_with("POST /pub/c-0 HTTP/1.1\r\nHost: h:1\r\n"));
+        assert_eq!(posted, data);
+
+        let (head, pushpin) = body(&http_request(&PublishKind::Pushpin, "h:1", "c-0", &data));
+        assert!(head.starts_with("POST /publish/ HTTP/1.1\r\n"));
+        let value: serde_json::Value = serde_json::from_str(&pushpin).expect("JSON");
+        let content = value["items"][0]["formats"]["http-stream"]["content"]
+            .as_str()
+            .expect("content");
+        assert_eq!(content, format!("event: m\ndata: {data}\n\n"));
+        assert_eq!(value["items"][0]["channel"], "c-0");
+
+        let app = PusherApp {
+            id: "1".into(),
+            key: "k".into(),
+            secret: "s".into(),
+        };
+        let (head, pusher) = body(&http_request(
+            &PublishKind::Pusher(app),
+            "h:1",
+            "c-0",
+            &data,
+        ));
+        assert!(head.starts_with("POST /apps/1/events?auth_key=k&auth_timestamp="));
+        assert!(head.contains("&auth_signature="));
+        let value: serde_json::Value = serde_json::from_str(&pusher).expect("JSON");
+        assert_eq!(value["data"], data.as_str());
+        assert_eq!(push::peer_fields(&pusher), Some((5, 7)));
+    }
+
+    #[test]
+    fn any_2xx_is_accepted() {
+        assert!(accepted(200, b"{}").is_ok());
+        assert!(accepted(202, b"").is_ok());
+        assert!(accepted(401, b"bad signature").is_err());
+    }
+}
