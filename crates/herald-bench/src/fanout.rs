@@ -102,7 +102,8 @@ pub struct FanoutArgs {
     /// Pin the load generator (this process, its workers and all their threads) to this CPU.
     #[arg(long)]
     pub cpu: Option<usize>,
-    /// Also report this process's CPU and memory over the measured window (the server's).
+    /// Also report this process's CPU and memory over the measured window (the server's; its
+    /// child processes included, for servers made of several).
     #[arg(long)]
     pub server_pid: Option<u32>,
     /// Print one JSON object instead of text.

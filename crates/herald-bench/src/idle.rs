@@ -132,7 +132,7 @@ async fn settle(pid: u32, timeout: Duration) -> anyhow::Result<(u64, u64, bool)>
     let mut recent: Vec<u64> = Vec::new();
     let mut peak = 0;
     loop {
-        let rss = sysstat::rss_bytes(pid)?;
+        let rss = sysstat::tree_rss_bytes(pid)?;
         peak = peak.max(rss);
         recent.push(rss);
         if recent.len() > 4 {
@@ -198,7 +198,7 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (_, _, settled_before) = settle(pid, args.settle_timeout).await?;
-    let before = sysstat::memory_detail(pid)?;
+    let before = sysstat::tree_memory_detail(pid)?;
 
     let measured = args.connections - args.warmup_connections;
     let plans = spawn::plan(
@@ -225,11 +225,11 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
     let hold_started = Instant::now();
     let mut peak = before.rss_bytes;
     while hold_started.elapsed() < args.hold {
-        peak = peak.max(sysstat::rss_bytes(pid)?);
+        peak = peak.max(sysstat::tree_rss_bytes(pid)?);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let (_, settle_peak, settled_after) = settle(pid, args.settle_timeout).await?;
-    let after = sysstat::memory_detail(pid)?;
+    let after = sysstat::tree_memory_detail(pid)?;
     let hold_s = hold_started.elapsed().as_secs_f64();
 
     let worker_count = warm.len() + workers.len();

@@ -84,7 +84,8 @@ pub async fn probe(
     }
     let mut connection = RawConnection::connect(config.addr)
         .await
-        .map_err(anyhow::Error::msg)?;
+        .map_err(anyhow::Error::msg)?
+        .accept_close();
     let data = push::seq_payload(push::now_ns(), 1, config.payload);
     let request = http_request(kind, &config.host, channel, &data);
     let reply = connection

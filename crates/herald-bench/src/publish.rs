@@ -464,7 +464,7 @@ pub(crate) struct Usage {
     pub(crate) cores: Vec<CoreUsage>,
 }
 
-/// Samples this process's CPU, `server_pid`'s CPU and RSS (peak every 250 ms) and every
+/// Samples this process's CPU, `server_pid`'s CPU and RSS (with its descendants'; peak every 250 ms) and every
 /// core's use from `measure_from` to `end`. Also used by the fan-out scenario.
 pub(crate) async fn sample_usage(
     server_pid: Option<u32>,
@@ -474,23 +474,21 @@ pub(crate) async fn sample_usage(
     tokio::time::sleep_until(measure_from.into()).await;
     let system_start = SystemSample::read()?;
     let self_start = CpuSample::read(None)?;
-    let server_start = server_pid
-        .map(|pid| CpuSample::read(Some(pid)))
-        .transpose()?;
+    let server_start = server_pid.map(CpuSample::read_tree).transpose()?;
     let mut peak = 0u64;
     let mut interval = tokio::time::interval(Duration::from_millis(250));
     while Instant::now() < end {
         interval.tick().await;
         if let Some(pid) = server_pid {
-            peak = peak.max(sysstat::rss_bytes(pid)?);
+            peak = peak.max(sysstat::tree_rss_bytes(pid)?);
         }
     }
     let self_end = CpuSample::read(None)?;
     let cores = SystemSample::read()?.usage_since(&system_start);
     let server = match (server_pid, server_start) {
         (Some(pid), Some(start)) => {
-            let cpu = CpuSample::read(Some(pid))?;
-            let rss = sysstat::rss_bytes(pid)?;
+            let cpu = CpuSample::read_tree(pid)?;
+            let rss = sysstat::tree_rss_bytes(pid)?;
             Some(ServerUsage {
                 pid,
                 cpu_percent: cpu.percent_since(&start),

@@ -264,7 +264,7 @@ async fn connection_loop(
         j += step;
         if connection.is_none() {
             match RawConnection::connect(config.addr).await {
-                Ok(fresh) => connection = Some(fresh),
+                Ok(fresh) => connection = Some(fresh.accept_close()),
                 Err(error) => {
                     lock(&outcome).error(error);
                     continue;
@@ -274,14 +274,14 @@ async fn connection_loop(
         let Some(live) = connection.as_mut() else {
             continue;
         };
-        let result = match live.round_trip(&request).await {
-            Ok(reply) if peer => peerpub::accepted(reply.status, reply.body),
-            Ok(reply) => offsets_of(reply.status, reply.body, batch),
-            Err(error) => {
-                connection = None;
-                Err(error)
-            }
+        let (result, close) = match live.round_trip(&request).await {
+            Ok(reply) if peer => (peerpub::accepted(reply.status, reply.body), reply.close),
+            Ok(reply) => (offsets_of(reply.status, reply.body, batch), reply.close),
+            Err(error) => (Err(error), true),
         };
+        if close {
+            connection = None;
+        }
         let mut outcome = lock(&outcome);
         outcome.max_lag_us = outcome.max_lag_us.max(lag);
         match result {

@@ -5,7 +5,9 @@
 //!
 //! Owns one TCP connection and its read buffer. It speaks just enough HTTP/1.1 for replies
 //! with a `Content-Length` (what the server API sends); anything else — chunked bodies,
-//! `Connection: close`, a malformed head — is reported so the caller replaces the connection.
+//! `Connection: close` (unless [`RawConnection::accept_close`] was asked, for servers that
+//! close after every reply, like Pushpin's publish endpoint), a malformed head — is reported
+//! so the caller replaces the connection.
 //! Compared with a hyper client connection it skips the header map, the dispatch channel
 //! between the request future and the connection task, and `writev`.
 
@@ -22,6 +24,9 @@ const MAX_REPLY: usize = 1 << 20;
 pub struct Reply<'a> {
     pub status: u16,
     pub body: &'a [u8],
+    /// The server said `Connection: close` (only with [`RawConnection::accept_close`]): the
+    /// connection takes no more requests.
+    pub close: bool,
 }
 
 /// One keep-alive connection.
@@ -32,6 +37,8 @@ pub struct RawConnection {
     filled: usize,
     /// Length of the last reply, consumed at the start of the next request.
     consumed: usize,
+    /// A `Connection: close` reply is a reply, not an error.
+    accept_close: bool,
 }
 
 impl RawConnection {
@@ -47,7 +54,14 @@ impl RawConnection {
             buf: vec![0; 16 * 1024],
             filled: 0,
             consumed: 0,
+            accept_close: false,
         })
+    }
+
+    /// Takes `Connection: close` replies as replies ([`Reply::close`]) instead of errors.
+    pub fn accept_close(mut self) -> Self {
+        self.accept_close = true;
+        self
     }
 
     /// Sends `request` (a complete HTTP/1.1 request) and reads the reply. An `Err` means
@@ -68,7 +82,9 @@ impl RawConnection {
             .await
             .map_err(|e| format!("write: {e}"))?;
         loop {
-            if let Some((status, head, body_len)) = parse_head(&self.buf[..self.filled])? {
+            if let Some((status, head, body_len, close)) =
+                parse_head(&self.buf[..self.filled], self.accept_close)?
+            {
                 let total = head + body_len;
                 if total > MAX_REPLY {
                     return Err(format!("reply of {total} bytes is larger than {MAX_REPLY}"));
@@ -83,6 +99,7 @@ impl RawConnection {
                 return Ok(Reply {
                     status,
                     body: &self.buf[head..total],
+                    close,
                 });
             }
             if self.filled == self.buf.len() {
@@ -109,8 +126,11 @@ impl RawConnection {
     }
 }
 
-/// `Some((status, head length, body length))` once the head is complete.
-fn parse_head(data: &[u8]) -> Result<Option<(u16, usize, usize)>, String> {
+/// `Some((status, head length, body length, Connection: close))` once the head is complete.
+fn parse_head(
+    data: &[u8],
+    accept_close: bool,
+) -> Result<Option<(u16, usize, usize, bool)>, String> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
     let head = match response.parse(data) {
@@ -120,6 +140,7 @@ fn parse_head(data: &[u8]) -> Result<Option<(u16, usize, usize)>, String> {
     };
     let status = response.code.unwrap_or(0);
     let mut body_len = None;
+    let mut close = false;
     for header in response.headers.iter() {
         if header.name.eq_ignore_ascii_case("content-length") {
             let text = std::str::from_utf8(header.value)
@@ -137,7 +158,10 @@ fn parse_head(data: &[u8]) -> Result<Option<(u16, usize, usize)>, String> {
         } else if header.name.eq_ignore_ascii_case("connection")
             && header.value.eq_ignore_ascii_case(b"close")
         {
-            return Err(format!("HTTP {status} with Connection: close"));
+            if !accept_close {
+                return Err(format!("HTTP {status} with Connection: close"));
+            }
+            close = true;
         }
     }
     // Replies without a body (204, 304, 1xx) carry no Content-Length.
@@ -146,7 +170,7 @@ fn parse_head(data: &[u8]) -> Result<Option<(u16, usize, usize)>, String> {
         None if status == 204 || status == 304 || (100..200).contains(&status) => 0,
         None => return Err(format!("HTTP {status} reply without Content-Length")),
     };
-    Ok(Some((status, head, body_len)))
+    Ok(Some((status, head, body_len, close)))
 }
 
 /// A complete `POST` request to `path` with `headers` (each ending in CRLF) and `body`.
@@ -180,17 +204,31 @@ mod tests {
     #[test]
     fn parses_heads() {
         let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\n{\"a\"}";
-        let (status, head, body) = parse_head(reply).expect("valid").expect("complete");
+        let (status, head, body, close) =
+            parse_head(reply, false).expect("valid").expect("complete");
+        assert!(!close);
         assert_eq!((status, body), (200, 5));
         assert_eq!(&reply[head..head + body], b"{\"a\"}");
         assert!(
-            parse_head(b"HTTP/1.1 200 OK\r\ncontent-len")
+            parse_head(b"HTTP/1.1 200 OK\r\ncontent-len", false)
                 .expect("valid")
                 .is_none()
         );
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
-        assert!(parse_head(b"garbage\r\n\r\n").is_err());
+        assert!(
+            parse_head(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                false
+            )
+            .is_err()
+        );
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\n\r\n", false).is_err());
+        assert!(parse_head(b"garbage\r\n\r\n", false).is_err());
+        let closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        assert!(parse_head(closing, false).is_err());
+        assert_eq!(
+            parse_head(closing, true).expect("valid"),
+            Some((200, closing.len(), 0, true))
+        );
     }
 
     #[tokio::test]

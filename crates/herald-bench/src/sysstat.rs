@@ -5,6 +5,9 @@
 //! looks at. Linux only.
 //!
 //! Also the memory breakdown the idle-connection scenario reports ([`memory_detail`]).
+//!
+//! A server may be several processes (Pushpin runs five; a wrapper may start the real
+//! server): the `*_tree` readings add up a process and all its descendants.
 
 use std::time::Instant;
 
@@ -45,6 +48,17 @@ impl CpuSample {
             seconds: ticks as f64 / rustix::param::clock_ticks_per_second() as f64,
             at,
         })
+    }
+
+    /// CPU time of `pid` and every process descended from it (those alive now).
+    pub fn read_tree(pid: u32) -> anyhow::Result<Self> {
+        let mut total = Self::read(Some(pid))?;
+        for child in descendants(pid) {
+            if let Ok(sample) = Self::read(Some(child)) {
+                total.seconds += sample.seconds;
+            }
+        }
+        Ok(total)
     }
 
     /// CPU used between `earlier` and `self`, as a percentage of one core (above 100 when
@@ -143,6 +157,55 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .parse()
         .with_context(|| format!("bad VmRSS line {line:?}"))?;
     Ok(kib * 1024)
+}
+
+/// Every process descended from `pid` (children, their children, …), from the parent ids in
+/// `/proc/<pid>/stat`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for entry in entries.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Field 4 (ppid); `rest` starts at field 3 (state).
+        if let Some(parent) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_ascii_whitespace().nth(1)?.parse().ok())
+        {
+            parents.push((child, parent));
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for &(child, _) in parents.iter().filter(|(_, p)| *p == parent) {
+            if !out.contains(&child) && child != pid {
+                out.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// RSS of `pid` and every process descended from it.
+pub fn tree_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let own = rss_bytes(pid)?;
+    Ok(own
+        + descendants(pid)
+            .into_iter()
+            .filter_map(|child| rss_bytes(child).ok())
+            .sum::<u64>())
 }
 
 /// CPU seconds used so far by every user-space process on the machine (kernel threads left
@@ -245,6 +308,24 @@ pub fn memory_detail(pid: u32) -> anyhow::Result<MemoryDetail> {
     })
 }
 
+/// [`memory_detail`] of `pid` with its descendants' memory, threads and files added (the
+/// machine-wide TCP figures once).
+pub fn tree_memory_detail(pid: u32) -> anyhow::Result<MemoryDetail> {
+    let mut total = memory_detail(pid)?;
+    for child in descendants(pid) {
+        let Ok(detail) = memory_detail(child) else {
+            continue;
+        };
+        total.rss_bytes += detail.rss_bytes;
+        total.rss_anon_bytes += detail.rss_anon_bytes;
+        total.rss_file_bytes += detail.rss_file_bytes;
+        total.private_dirty_bytes += detail.private_dirty_bytes;
+        total.threads += detail.threads;
+        total.open_files += detail.open_files;
+    }
+    Ok(total)
+}
+
 /// Pins the calling thread to `cpu`. Threads it starts afterwards inherit the mask, so call
 /// it before building the runtime.
 pub fn pin_current_thread(cpu: usize) -> anyhow::Result<()> {
@@ -282,6 +363,10 @@ mod tests {
         assert!(usage.iter().all(|u| u.busy_percent <= 100.0 + 1e-9));
         assert!(all_processes_cpu_seconds() >= second.seconds);
         let detail = memory_detail(std::process::id()).expect("own memory");
+        let tree = tree_memory_detail(std::process::id()).expect("own memory");
+        assert!(tree.rss_bytes >= detail.rss_bytes);
+        assert!(tree_rss_bytes(std::process::id()).expect("rss") >= rss);
+        assert!(CpuSample::read_tree(std::process::id()).is_ok());
         assert!(detail.rss_bytes > 0 && detail.threads >= 1 && detail.open_files >= 1);
         assert!(detail.rss_anon_bytes + detail.rss_file_bytes <= detail.rss_bytes + 1024 * 1024);
     }
