@@ -9,14 +9,17 @@
 //!
 //! May touch: nothing but its own state; it is fed by the hub through [`ChannelSink`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use herald_core::hub::{Delivery, Subscriber};
 use herald_core::publication::ChannelEvent;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+
+use crate::chanmap::ChannelMap;
 
 /// Why the server closes a connection: a protocol disconnect code and its reason text.
 /// Codes 3000–3499 tell clients to reconnect, 3500–3999 not to (the Centrifugo table).
@@ -27,6 +30,11 @@ pub struct CloseReason {
 }
 
 impl CloseReason {
+    /// The client closed the connection (or it dropped): nothing more is written.
+    pub const CONNECTION_CLOSED: Self = Self {
+        code: 3000,
+        reason: "connection closed",
+    };
     pub const SHUTDOWN: Self = Self {
         code: 3001,
         reason: "shutdown",
@@ -131,7 +139,7 @@ struct State {
     frames: VecDeque<Frame>,
     bytes: usize,
     closed: Option<CloseReason>,
-    channels: HashMap<Arc<str>, ChannelState>,
+    channels: ChannelMap<ChannelState>,
 }
 
 /// Most live events held per channel while it recovers.
@@ -140,7 +148,8 @@ pub const MAX_HELD_EVENTS: usize = 10_000;
 /// The queue; shared by the hub-facing sinks and the connection's writer.
 pub struct Outbound {
     state: Mutex<State>,
-    ready: Notify,
+    /// The connection's writer, waiting for frames.
+    ready: AtomicWaker,
     max_bytes: usize,
 }
 
@@ -161,9 +170,9 @@ impl Outbound {
                 frames: VecDeque::new(),
                 bytes: 0,
                 closed: None,
-                channels: HashMap::new(),
+                channels: ChannelMap::new(),
             }),
-            ready: Notify::new(),
+            ready: AtomicWaker::new(),
             max_bytes,
         })
     }
@@ -171,15 +180,16 @@ impl Outbound {
     fn close_locked(&self, state: &mut State, reason: CloseReason) {
         if state.closed.is_none() {
             state.closed = Some(reason);
-            // A slow client's backlog is what we must free; otherwise queued replies (an
-            // error explaining the disconnect, say) are still written before closing.
-            if reason == CloseReason::SLOW {
+            // A slow client's backlog is what we must free (and a gone client's is useless);
+            // otherwise queued replies (an error explaining the disconnect, say) are still
+            // written before closing.
+            if reason == CloseReason::SLOW || reason == CloseReason::CONNECTION_CLOSED {
                 state.frames.clear();
                 state.bytes = 0;
             }
             state.channels.clear();
         }
-        self.ready.notify_one();
+        self.ready.wake();
     }
 
     fn push_locked(&self, state: &mut State, frame: Frame) -> bool {
@@ -194,7 +204,7 @@ impl Outbound {
         }
         state.bytes += frame.bytes.len();
         state.frames.push_back(frame);
-        self.ready.notify_one();
+        self.ready.wake();
         true
     }
 
@@ -248,7 +258,10 @@ impl Outbound {
     /// Starts holding back live events of `channel` (call before subscribing in the hub).
     pub fn begin_recovery(&self, channel: &Arc<str>) {
         let mut state = self.state.lock();
-        state.channels.entry(channel.clone()).or_default().held = Some(Vec::new());
+        state
+            .channels
+            .get_or_insert_with(channel, ChannelState::default)
+            .held = Some(Vec::new());
     }
 
     /// Queues `reply` (which carries the recovered publications up to `last_offset`), then
@@ -299,7 +312,9 @@ impl Outbound {
         if offset == 0 {
             return true;
         }
-        let entry = state.channels.entry(channel.clone()).or_default();
+        let entry = state
+            .channels
+            .get_or_insert_with(channel, ChannelState::default);
         if offset <= entry.last_offset {
             return false;
         }
@@ -354,25 +369,28 @@ impl Outbound {
         }
     }
 
+    /// Hands over every queued frame (the queue keeps no capacity while it waits), or, once
+    /// the queue is closed and empty, the close reason. Only one task may take frames.
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Result<VecDeque<Frame>, CloseReason>> {
+        // Register before looking, so a frame pushed in between wakes this task.
+        self.ready.register(cx.waker());
+        let mut state = self.state.lock();
+        if !state.frames.is_empty() {
+            state.bytes = 0;
+            return Poll::Ready(Ok(std::mem::take(&mut state.frames)));
+        }
+        match state.closed {
+            Some(reason) => Poll::Ready(Err(reason)),
+            None => Poll::Pending,
+        }
+    }
+
     /// Waits for frames and moves all queued ones into `out`. Once the queue is closed and
     /// empty, returns the close reason.
     pub async fn drain(&self, out: &mut Vec<Frame>) -> Result<(), CloseReason> {
-        loop {
-            {
-                let mut state = self.state.lock();
-                if let Some(reason) = state.closed
-                    && state.frames.is_empty()
-                {
-                    return Err(reason);
-                }
-                if !state.frames.is_empty() {
-                    out.extend(state.frames.drain(..));
-                    state.bytes = 0;
-                    return Ok(());
-                }
-            }
-            self.ready.notified().await;
-        }
+        let frames = std::future::poll_fn(|cx| self.poll_take(cx)).await?;
+        out.extend(frames);
+        Ok(())
     }
 
     /// Bytes waiting to be written.

@@ -10,8 +10,10 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 use crate::outbound::{CloseReason, Outbound};
 
@@ -24,31 +26,29 @@ pub enum ControlMessage {
     Unsubscribe { channel: String },
 }
 
-/// A connection's mailbox for [`ControlMessage`]s: an empty `Vec` and a `Notify`, so it costs
+/// A connection's mailbox for [`ControlMessage`]s: an empty `Vec` and a waker, so it costs
 /// no allocation until a message arrives (a channel would allocate its first block at once,
 /// per connection).
 #[derive(Debug, Default)]
 pub struct Inbox {
     messages: Mutex<Vec<ControlMessage>>,
-    ready: Notify,
+    ready: AtomicWaker,
 }
 
 impl Inbox {
     fn push(&self, message: ControlMessage) {
         self.messages.lock().push(message);
-        self.ready.notify_one();
+        self.ready.wake();
     }
 
-    /// The next message, waiting for one.
-    pub async fn next(&self) -> ControlMessage {
-        loop {
-            if let Some(message) = {
-                let mut messages = self.messages.lock();
-                (!messages.is_empty()).then(|| messages.remove(0))
-            } {
-                return message;
-            }
-            self.ready.notified().await;
+    /// The next message, if one is waiting; otherwise wakes the task when one arrives.
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<ControlMessage> {
+        self.ready.register(cx.waker());
+        let mut messages = self.messages.lock();
+        if messages.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(messages.remove(0))
         }
     }
 }
@@ -205,7 +205,7 @@ mod tests {
         );
         assert_eq!(sessions.unsubscribe("alice", None, "news"), 1);
         assert!(matches!(
-            inbox.next().await,
+            std::future::poll_fn(|cx| inbox.poll_next(cx)).await,
             ControlMessage::Unsubscribe { channel } if channel == "news"
         ));
         assert_eq!(

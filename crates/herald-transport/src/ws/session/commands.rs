@@ -1,0 +1,657 @@
+//! The commands of a WebSocket session: connect, subscribe (with recovery and subscription
+//! tokens), unsubscribe, publish, history, presence, refresh, sub_refresh and rpc, each
+//! answered through the connection's queue.
+//!
+//! May touch: the node, the authenticator and the backend proxy (through `backend`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use herald_core::auth::{self, Action, Credentials, SubscriptionGrant};
+use herald_core::node::PublishRequest as NodePublish;
+use herald_core::publication::{ClientInfo, StreamPosition};
+use herald_core::store::HistoryQuery;
+use herald_core::{ChannelName, ErrorCode, HeraldError};
+
+use super::{FLAG_REJECT_UNRECOVERED, Session, Subscription, UNSUBSCRIBE_EXPIRED};
+use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame};
+use crate::registry::{Control, Inbox};
+use crate::ws::codec::{Malformed, PushEncoder};
+use crate::ws::protocol::{
+    self, Command, ResultBody, SubscribeRequest, SubscribeResult, WirePublication,
+};
+
+impl Session {
+    /// A frame that does not decode (wrong frame type for the encoding, bad JSON or
+    /// Protobuf) closes the connection as a bad request, after nothing in it was applied.
+    pub(super) async fn handle_commands(
+        &mut self,
+        commands: Result<Vec<Command>, Malformed>,
+    ) -> Result<(), CloseReason> {
+        let commands = commands.map_err(|_| CloseReason::BAD_REQUEST)?;
+        for command in commands {
+            self.handle_command(command).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn reply_err(&self, id: u32, error: &HeraldError) {
+        self.outbound.push(self.encoding.error(id, error));
+    }
+
+    pub(super) fn reply(&self, id: u32, body: ResultBody<'_>) {
+        self.outbound.push(self.encoding.reply(id, &body));
+    }
+
+    /// The reply for `outcome`: its result, or its error.
+    fn reply_with<T>(
+        &self,
+        id: u32,
+        outcome: Result<T, HeraldError>,
+        body: impl for<'r> FnOnce(&'r T) -> ResultBody<'r>,
+    ) {
+        match outcome {
+            Ok(result) => self.reply(id, body(&result)),
+            Err(error) => self.reply_err(id, &error),
+        }
+    }
+
+    async fn handle_command(&mut self, command: Command) -> Result<(), CloseReason> {
+        let id = command.id;
+        if let Some(connect) = command.connect {
+            return self.connect(id, connect).await;
+        }
+        if self.credentials.is_none() {
+            // Anything but connect before connect is a protocol violation.
+            return Err(CloseReason::BAD_REQUEST);
+        }
+        if id == 0 {
+            // An empty command is the client's pong (and the only command without an id).
+            self.pong_received = true;
+            return Ok(());
+        }
+        if let Some(rate) = self.command_rate.as_mut()
+            && !rate.try_take(Instant::now())
+        {
+            self.reply_err(
+                id,
+                &HeraldError::new(ErrorCode::TooManyRequests, "commands_per_second"),
+            );
+            return Ok(());
+        }
+        if let Some(request) = command.subscribe {
+            if let Err(error) = self.subscribe(id, request).await {
+                self.reply_err(id, &error);
+            }
+        } else if let Some(request) = command.unsubscribe {
+            self.unsubscribe(&request.channel).await;
+            self.reply(id, ResultBody::Unsubscribe);
+        } else if let Some(request) = command.publish {
+            if self.publish_goes_to_backend(&request.channel) {
+                self.publish_via_backend(id, request).await;
+            } else {
+                let outcome = self.publish(request).await;
+                self.reply_with(id, outcome, |()| ResultBody::Publish);
+            }
+        } else if let Some(request) = command.history {
+            let outcome = self.history(request).await;
+            self.reply_with(id, outcome, |r| ResultBody::History(r));
+        } else if let Some(request) = command.presence {
+            let outcome = match self.subscribed_for(&request.channel, Action::Presence) {
+                Ok(name) => self.state.node.presence(name.as_str()).await,
+                Err(error) => Err(error),
+            }
+            .map(|presence| protocol::PresenceResult { presence });
+            self.reply_with(id, outcome, |r| ResultBody::Presence(r));
+        } else if let Some(request) = command.presence_stats {
+            let outcome = match self.subscribed_for(&request.channel, Action::Presence) {
+                Ok(name) => self.state.node.presence_stats(name.as_str()).await,
+                Err(error) => Err(error),
+            }
+            .map(|stats| protocol::PresenceStatsResult {
+                num_clients: stats.num_clients,
+                num_users: stats.num_users,
+            });
+            self.reply_with(id, outcome, |r| ResultBody::PresenceStats(r));
+        } else if let Some(request) = command.refresh {
+            match self.state.authenticator.authenticate(&request.token).await {
+                Ok(credentials) if credentials.user == self.user() => {
+                    let result = self.refresh_result(&credentials);
+                    self.credentials = Some(credentials);
+                    self.reply(id, ResultBody::Refresh(&result));
+                }
+                Ok(_) => return Err(CloseReason::INVALID_TOKEN),
+                Err(error) if error.code == ErrorCode::TokenExpired => self.reply_err(id, &error),
+                Err(_) => return Err(CloseReason::INVALID_TOKEN),
+            }
+        } else if let Some(request) = command.rpc {
+            if self.state.proxy.as_ref().is_some_and(|p| p.handles_rpc()) {
+                self.rpc_via_backend(id, request).await;
+            } else {
+                self.reply_err(
+                    id,
+                    &HeraldError::new(ErrorCode::NotAvailable, "no RPC backend is configured"),
+                );
+            }
+        } else if let Some(request) = command.sub_refresh {
+            let outcome = self.sub_refresh(request).await;
+            self.reply_with(id, outcome, |r| ResultBody::SubRefresh(r));
+        } else if command.send.is_some() || command.ping.is_some() {
+            // Async messages have no reply and nowhere to go without an RPC backend.
+        } else {
+            self.reply_err(
+                id,
+                &HeraldError::new(ErrorCode::MethodNotFound, "unknown command"),
+            );
+        }
+        Ok(())
+    }
+
+    pub(super) fn user(&self) -> &str {
+        self.credentials.as_ref().map_or("", |c| c.user.as_str())
+    }
+
+    fn refresh_result(&self, credentials: &Credentials) -> protocol::RefreshResult {
+        let (expires, ttl) = ttl_of(credentials);
+        protocol::RefreshResult {
+            client: self.client_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            expires,
+            ttl,
+        }
+    }
+
+    async fn connect(
+        &mut self,
+        id: u32,
+        request: protocol::ConnectRequest,
+    ) -> Result<(), CloseReason> {
+        if self.credentials.is_some() {
+            return Err(CloseReason::BAD_REQUEST);
+        }
+        let proxy_connect = self
+            .state
+            .proxy
+            .as_ref()
+            .is_some_and(|p| p.handles_connect());
+        let mut connect_data = None;
+        let credentials = if request.token.is_empty() && proxy_connect {
+            match self.connect_via_backend(id, &request).await {
+                Some((credentials, data)) => {
+                    connect_data = data;
+                    credentials
+                }
+                // Refused: the reply (or close) is queued; the client may try again.
+                None => return Ok(()),
+            }
+        } else if request.token.is_empty() {
+            if !self.state.config.allow_anonymous {
+                self.reply_err(
+                    id,
+                    &HeraldError::new(ErrorCode::Unauthorized, "a connection token is required"),
+                );
+                return Err(CloseReason::INVALID_TOKEN);
+            }
+            Credentials::anonymous()
+        } else {
+            match self.state.authenticator.authenticate(&request.token).await {
+                Ok(credentials) => credentials,
+                Err(error) if error.code == ErrorCode::TokenExpired => {
+                    // The SDK refreshes its token and reconnects on this error.
+                    self.reply_err(id, &error);
+                    return Ok(());
+                }
+                Err(_) => return Err(CloseReason::INVALID_TOKEN),
+            }
+        };
+        let (expires, ttl) = ttl_of(&credentials);
+        self.info = Some(Arc::new(ClientInfo {
+            client: self.client_id.clone(),
+            user: credentials.user.clone(),
+            conn_info: credentials.info.clone(),
+            chan_info: None,
+        }));
+        let server_side = credentials.channels.clone();
+        // Only named users can be reached by the server API: anonymous connections get no
+        // inbox (and no registry entry).
+        if !credentials.is_anonymous() {
+            let inbox = Arc::new(Inbox::default());
+            self.registration = self.state.sessions.register(
+                &credentials.user,
+                &self.client_id,
+                Control::new(self.outbound.clone(), Some(inbox.clone())),
+            );
+            self.control = Some(inbox);
+        }
+        self.credentials = Some(credentials);
+        let config = &self.state.config;
+        let mut result = protocol::ConnectResult {
+            client: self.client_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            expires,
+            ttl,
+            ping: u32::try_from(config.ping_interval.as_secs()).unwrap_or(u32::MAX),
+            pong: !config.ping_interval.is_zero(),
+            data: connect_data,
+            ..Default::default()
+        };
+        // Server-side subscriptions from the token, answered inside the connect reply.
+        let mut held = Vec::new();
+        for channel in server_side {
+            let recover = request.subs.get(&channel);
+            let sub = SubscribeRequest {
+                channel: channel.clone(),
+                recover: recover.is_some_and(|r| r.recover),
+                offset: recover.map_or(0, |r| r.offset),
+                epoch: recover.map(|r| r.epoch.clone()).unwrap_or_default(),
+                ..Default::default()
+            };
+            match self.prepare_subscription(&sub, None).await {
+                Ok((name, sub_result, last)) => {
+                    result.subs.insert(channel, sub_result);
+                    held.push((name, last));
+                }
+                Err(error) => {
+                    tracing::debug!(channel, error = %error, "server-side subscription refused");
+                }
+            }
+        }
+        // The connect reply carries every server-side subscription's recovered publications;
+        // each channel's held live events follow it.
+        let mut reply = Some(self.encoding.reply(id, &ResultBody::Connect(&result)));
+        for (name, last) in held {
+            let encoder = self.encoder_for(&name);
+            let replies = reply.take().map(Frame::from).into_iter().collect();
+            self.outbound
+                .finish_recovery(name.as_arc(), replies, last, &*encoder);
+        }
+        if let Some(reply) = reply {
+            self.outbound.push(reply);
+        }
+        Ok(())
+    }
+
+    pub(super) fn encoder_for(&self, name: &ChannelName) -> Arc<dyn EventEncoder> {
+        let join_leave = self
+            .subscriptions
+            .get(name.as_str())
+            .is_some_and(|s| s.options.join_leave);
+        Arc::new(PushEncoder {
+            encoding: self.encoding,
+            join_leave,
+        })
+    }
+
+    /// Checks, registers and recovers a subscription; the caller queues the reply with
+    /// [`Outbound::finish_recovery`] so that held live events follow it.
+    pub(super) async fn prepare_subscription(
+        &mut self,
+        request: &SubscribeRequest,
+        granted: Option<SubscriptionGrant>,
+    ) -> Result<(ChannelName, SubscribeResult, u64), HeraldError> {
+        if request.channel.is_empty() {
+            return Err(HeraldError::bad_request("channel is required"));
+        }
+        let (name, options) = self.state.node.resolve(&request.channel)?;
+        // A subscription token grants the channel by itself; otherwise the namespace rules.
+        let grant = if granted.is_some() {
+            granted
+        } else if request.token.is_empty() {
+            auth::check(
+                self.credentials(),
+                &name,
+                &options,
+                Action::Subscribe,
+                false,
+            )?;
+            None
+        } else {
+            Some(
+                self.verify_subscription_token(&request.token, &name)
+                    .await?,
+            )
+        };
+        if self.subscriptions.contains_key(name.as_str()) {
+            return Err(HeraldError::new(ErrorCode::AlreadySubscribed, ""));
+        }
+        if self.subscriptions.len() >= self.state.config.max_subscriptions {
+            return Err(HeraldError::new(
+                ErrorCode::LimitExceeded,
+                "too many subscriptions on this connection",
+            ));
+        }
+        let channel = name.as_arc().clone();
+        self.outbound.begin_recovery(&channel);
+        let sink = Arc::new(ChannelSink {
+            channel: channel.clone(),
+            outbound: self.outbound.clone(),
+            encoder: Arc::new(PushEncoder {
+                encoding: self.encoding,
+                join_leave: options.join_leave,
+            }),
+            conflate: options.conflate,
+        });
+        let id = match self.state.node.subscribe(&name, sink).await {
+            Ok(id) => id,
+            Err(error) => {
+                self.outbound.forget(&channel);
+                return Err(error);
+            }
+        };
+        let info = match (&self.info, grant.as_ref().and_then(|g| g.info.clone())) {
+            (Some(info), Some(chan_info)) => Some(Arc::new(ClientInfo {
+                chan_info: Some(chan_info),
+                ..(**info).clone()
+            })),
+            (info, _) => info.clone(),
+        };
+        let expires_at = grant.as_ref().and_then(|g| g.expires_at);
+        self.subscriptions.insert(
+            channel.clone(),
+            Subscription {
+                name: name.clone(),
+                options: options.clone(),
+                id,
+                info: info.clone(),
+                expires_at,
+            },
+        );
+        let mut result = SubscribeResult::default();
+        if let Some(at) = expires_at {
+            result.expires = true;
+            result.ttl = ttl_until(at);
+        }
+        let mut last = 0;
+        if options.history_enabled() {
+            result.recoverable = true;
+            result.positioned = true;
+            let outcome = if request.recover {
+                result.was_recovering = true;
+                let since = StreamPosition::new(request.offset, request.epoch.clone());
+                self.state
+                    .node
+                    .recover(
+                        name.as_str(),
+                        &since,
+                        self.state.config.recovery_max_publications,
+                    )
+                    .await
+            } else {
+                let query = HistoryQuery {
+                    limit: Some(0),
+                    ..HistoryQuery::default()
+                };
+                self.state
+                    .node
+                    .history(name.as_str(), query)
+                    .await
+                    .map(|page| herald_core::node::Recovery {
+                        publications: Vec::new(),
+                        position: page.position,
+                        recovered: false,
+                    })
+            };
+            let recovery = match outcome {
+                Ok(recovery) => recovery,
+                Err(error) => {
+                    self.unsubscribe(&channel).await;
+                    return Err(error);
+                }
+            };
+            if request.recover && !recovery.recovered && request.flag & FLAG_REJECT_UNRECOVERED != 0
+            {
+                self.unsubscribe(&channel).await;
+                return Err(HeraldError::new(ErrorCode::UnrecoverablePosition, ""));
+            }
+            result.recovered = request.recover && recovery.recovered;
+            result.epoch = recovery.position.epoch.clone();
+            result.offset = recovery.position.offset;
+            last = recovery.position.offset;
+            result.publications = recovery
+                .publications
+                .iter()
+                .map(WirePublication::from)
+                .collect();
+        }
+        if let Some(info) = info {
+            self.state.node.join(&name, &options, info).await;
+        }
+        Ok((name, result, last))
+    }
+
+    async fn subscribe(&mut self, id: u32, request: SubscribeRequest) -> Result<(), HeraldError> {
+        // Namespaces with `proxy_subscribe` ask the backend (unless a subscription token
+        // grants the channel); a refusal's reply is already queued.
+        let mut granted = None;
+        if request.token.is_empty()
+            && self
+                .state
+                .proxy
+                .as_ref()
+                .is_some_and(|p| p.handles_subscribe())
+            && let Ok((name, options)) = self.state.node.resolve(&request.channel)
+            && options.proxy_subscribe
+        {
+            match self
+                .subscribe_via_backend(id, &name, request.data.as_ref())
+                .await
+            {
+                Some(grant) => granted = Some(grant),
+                None => return Ok(()),
+            }
+        }
+        let (name, result, last) = self.prepare_subscription(&request, granted).await?;
+        let encoder = self.encoder_for(&name);
+        self.outbound.finish_recovery(
+            name.as_arc(),
+            vec![
+                self.encoding
+                    .reply(id, &ResultBody::Subscribe(&result))
+                    .into(),
+            ],
+            last,
+            &*encoder,
+        );
+        Ok(())
+    }
+
+    pub(super) async fn unsubscribe(&mut self, channel: &str) {
+        if let Some(sub) = self.subscriptions.remove(channel) {
+            self.state.node.unsubscribe(sub.name.as_str(), sub.id).await;
+            self.outbound.forget(channel);
+            if let Some(info) = sub.info {
+                self.state.node.leave(&sub.name, &sub.options, info).await;
+            }
+        }
+    }
+
+    /// Verifies a subscription token for `name`: the connection's user, this channel.
+    async fn verify_subscription_token(
+        &self,
+        token: &str,
+        name: &ChannelName,
+    ) -> Result<SubscriptionGrant, HeraldError> {
+        let grant = self
+            .state
+            .authenticator
+            .authenticate_subscription(token)
+            .await?;
+        if grant.user != self.user() || grant.channel != name.as_str() {
+            return Err(HeraldError::new(
+                ErrorCode::PermissionDenied,
+                "the subscription token is for another user or channel",
+            ));
+        }
+        Ok(grant)
+    }
+
+    /// A new subscription token for a subscribed channel extends the subscription.
+    async fn sub_refresh(
+        &mut self,
+        request: protocol::SubRefreshRequest,
+    ) -> Result<protocol::SubRefreshResult, HeraldError> {
+        let (name, _) = self.state.node.resolve(&request.channel)?;
+        if !self.subscriptions.contains_key(name.as_str()) {
+            return Err(HeraldError::new(
+                ErrorCode::PermissionDenied,
+                "not subscribed to this channel",
+            ));
+        }
+        let grant = self
+            .verify_subscription_token(&request.token, &name)
+            .await?;
+        if let Some(sub) = self.subscriptions.get_mut(name.as_str()) {
+            sub.expires_at = grant.expires_at;
+        }
+        Ok(match grant.expires_at {
+            Some(at) => protocol::SubRefreshResult {
+                expires: true,
+                ttl: ttl_until(at),
+            },
+            None => protocol::SubRefreshResult::default(),
+        })
+    }
+
+    /// Unsubscribes (and tells the client, with 2501) every subscription whose token expired
+    /// more than the grace period ago without a `sub_refresh`.
+    pub(super) async fn unsubscribe_expired(&mut self) {
+        let now = herald_core::time::now_ms() / 1000;
+        let grace = self.state.config.expired_close_delay.as_secs();
+        let expired: Vec<Arc<str>> = self
+            .subscriptions
+            .iter()
+            .filter(|(_, s)| {
+                s.expires_at
+                    .is_some_and(|at| at.saturating_add(grace) <= now)
+            })
+            .map(|(channel, _)| channel.clone())
+            .collect();
+        for channel in expired {
+            self.unsubscribe(&channel).await;
+            let (code, reason) = UNSUBSCRIBE_EXPIRED;
+            self.outbound
+                .push(self.encoding.unsubscribe_push(&channel, code, reason));
+        }
+    }
+
+    fn subscribed_for(&self, channel: &str, action: Action) -> Result<ChannelName, HeraldError> {
+        let (name, options) = self.state.node.resolve(channel)?;
+        let subscribed = self.subscriptions.contains_key(name.as_str());
+        auth::check(self.credentials(), &name, &options, action, subscribed)?;
+        Ok(name)
+    }
+
+    /// Whether the channel's namespace leaves client publications to the backend.
+    fn publish_goes_to_backend(&self, channel: &str) -> bool {
+        self.state
+            .proxy
+            .as_ref()
+            .is_some_and(|p| p.handles_publish())
+            && self
+                .state
+                .node
+                .resolve(channel)
+                .is_ok_and(|(_, options)| options.proxy_publish)
+    }
+
+    async fn publish(&mut self, request: protocol::PublishRequest) -> Result<(), HeraldError> {
+        self.take_publish_token()?;
+        let (name, options) = self.state.node.resolve(&request.channel)?;
+        auth::check(
+            self.credentials(),
+            &name,
+            &options,
+            Action::Publish,
+            self.subscriptions.contains_key(name.as_str()),
+        )?;
+        self.publish_as_client(&name, request.data, false).await
+    }
+
+    /// `publications_per_second_per_user`: per user, or per connection when anonymous.
+    pub(super) fn take_publish_token(&self) -> Result<(), HeraldError> {
+        let who = if self.user().is_empty() {
+            self.client_id.as_str()
+        } else {
+            self.user()
+        };
+        if self.state.publish_rate.try_take(who, Instant::now()) {
+            Ok(())
+        } else {
+            Err(HeraldError::new(
+                ErrorCode::TooManyRequests,
+                "publications_per_second_per_user",
+            ))
+        }
+    }
+
+    /// Publishes as this client, with its info on the channel (`chan_info` included when a
+    /// subscription token or the backend gave one).
+    pub(super) async fn publish_as_client(
+        &self,
+        name: &ChannelName,
+        data: herald_core::Payload,
+        skip_history: bool,
+    ) -> Result<(), HeraldError> {
+        let mut publish = NodePublish::new(name.as_str(), data);
+        publish.skip_history = skip_history;
+        publish.info = match self.subscriptions.get(name.as_str()) {
+            Some(sub) => sub.info.clone(),
+            None => self.info.clone(),
+        };
+        self.state.node.publish(publish).await.map(|_| ())
+    }
+
+    /// The connection's credentials (anonymous before `connect`, when no command but
+    /// `connect` is accepted anyway).
+    pub(super) fn credentials(&self) -> &Credentials {
+        static ANONYMOUS: std::sync::LazyLock<Credentials> =
+            std::sync::LazyLock::new(Credentials::anonymous);
+        self.credentials.as_ref().unwrap_or(&ANONYMOUS)
+    }
+
+    async fn history(
+        &mut self,
+        request: protocol::HistoryRequest,
+    ) -> Result<protocol::HistoryResult, HeraldError> {
+        let name = self.subscribed_for(&request.channel, Action::History)?;
+        let limit = match usize::try_from(request.limit) {
+            Ok(n) => Some(n.min(self.state.config.recovery_max_publications)),
+            Err(_) => Some(self.state.config.recovery_max_publications),
+        };
+        let query = HistoryQuery {
+            since: request.since,
+            limit,
+            reverse: request.reverse,
+        };
+        let page = self.state.node.history(name.as_str(), query).await?;
+        Ok(protocol::HistoryResult {
+            publications: page
+                .publications
+                .iter()
+                .map(WirePublication::from)
+                .collect(),
+            epoch: page.position.epoch,
+            offset: page.position.offset,
+        })
+    }
+
+    pub(super) async fn cleanup(&mut self) {
+        let channels: Vec<Arc<str>> = self.subscriptions.keys().cloned().collect();
+        for channel in channels {
+            self.unsubscribe(&channel).await;
+        }
+    }
+}
+
+fn ttl_of(credentials: &Credentials) -> (bool, u32) {
+    match credentials.expires_at {
+        Some(at) => (true, ttl_until(at)),
+        None => (false, 0),
+    }
+}
+
+/// Seconds from now until `at` (Unix seconds), for `ttl` fields.
+fn ttl_until(at: u64) -> u32 {
+    let now = herald_core::time::now_ms() / 1000;
+    u32::try_from(at.saturating_sub(now)).unwrap_or(u32::MAX)
+}
