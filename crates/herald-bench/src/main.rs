@@ -4,6 +4,7 @@
 //! their own modules and only talk to a server over the network.
 
 mod ceiling;
+mod compare;
 mod fanout;
 mod idle;
 mod peerpub;
@@ -52,6 +53,9 @@ enum Command {
     /// The bare fan-out WebSocket server Herald is compared with (the machine's ceiling):
     /// `GET /sub/<channel>` (WebSocket) subscribes, `POST /pub/<channel>` publishes the body.
     CeilingServer(ceiling::CeilingArgs),
+    /// The Markdown table comparing Herald, its peers and the ceiling (`bench/run`), from
+    /// JSON lines of `fanout --json` / `idle --json` reports.
+    CompareTable(compare::CompareArgs),
     /// One process of `fanout`/`idle` subscribers (started by them, not by hand).
     #[command(hide = true)]
     FanoutWorker(worker::WorkerArgs),
@@ -140,6 +144,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::FanoutWorker(args) => worker::run(&args),
         Command::CeilingServer(args) => ceiling::run(&args),
+        Command::CompareTable(args) => {
+            print!("{}", compare::run(&args)?);
+            Ok(())
+        }
         Command::SummaryHeader => {
             println!("{}", summary::HEADER);
             Ok(())

@@ -87,7 +87,7 @@ impl Target {
                 secret: peer
                     .app_secret
                     .clone()
-                    .context("--app-secret (or HERALD_BENCH_APP_SECRET) is required for Sockudo")?,
+                    .context("--app-secret (or PUSHER_APP_SECRET) is required for Sockudo")?,
             }),
         })
     }
@@ -106,6 +106,6 @@ pub struct PeerArgs {
     #[arg(long)]
     pub app_key: Option<String>,
     /// Pusher application secret (Sockudo).
-    #[arg(long, env = "HERALD_BENCH_APP_SECRET", hide_env_values = true)]
+    #[arg(long, env = "PUSHER_APP_SECRET", hide_env_values = true)]
     pub app_secret: Option<String>,
 }

@@ -34,6 +34,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::peersub;
 use crate::push::{self, Received, SeqTracker, Tracker, WsLine};
 use crate::sseclient::{SseClient, connect_from};
+
+mod sse;
 use crate::sysstat::{self, CpuSample};
 
 /// How subscribers reach the server.
@@ -534,7 +536,7 @@ async fn subscriber(
         }
         let result = match ctx.transport {
             Transport::Sse => {
-                tokio::time::timeout(ctx.connect_timeout, sse_setup(&ctx, slot, &channel))
+                tokio::time::timeout(ctx.connect_timeout, sse::setup(&ctx, slot, &channel))
                     .await
                     .map(|r| r.map(Connection::Sse))
             }
@@ -559,7 +561,7 @@ async fn subscriber(
                         }
                         ws_run(&ctx, slot, &channel, ws, rest).await;
                     }
-                    Connection::Sse(client) => sse_run(&ctx, slot, &channel, client).await,
+                    Connection::Sse(client) => sse::run(&ctx, slot, &channel, client).await,
                 }
                 return;
             }
@@ -704,87 +706,6 @@ async fn ws_run(ctx: &Ctx, slot: usize, channel: &str, mut ws: Ws, rest: Option<
     }
 }
 
-/// What SSE events said, beyond publications.
-#[derive(Default)]
-struct SseSeen {
-    connected: bool,
-    disconnect: Option<String>,
-}
-
-fn sse_event(ctx: &Ctx, slot: usize, channel: &str, kind: &str, data: &str, seen: &mut SseSeen) {
-    let mut state = ctx.state.borrow_mut();
-    match kind {
-        "publication" => {
-            if let Some(received) = push::sse_publication(data) {
-                state.on_publication(slot, channel, received, push::now_ns());
-            }
-        }
-        "connected" => {
-            let start = serde_json::from_str::<serde_json::Value>(data)
-                .ok()
-                .and_then(|v| v["channels"][channel]["offset"].as_u64())
-                .unwrap_or(0);
-            let s = &mut state.slots[slot];
-            s.tracker = Tracker::new(start);
-            s.subscribed = true;
-            s.open = true;
-            seen.connected = true;
-        }
-        "disconnect" => {
-            let code = serde_json::from_str::<serde_json::Value>(data)
-                .ok()
-                .and_then(|v| v["code"].as_u64())
-                .map_or_else(|| "disconnect".to_owned(), |c| c.to_string());
-            seen.disconnect = Some(code);
-        }
-        "comment" => state.pings += 1,
-        _ => {}
-    }
-}
-
-/// Opens the stream and reads until its `connected` event.
-async fn sse_setup(ctx: &Ctx, slot: usize, channel: &str) -> Result<SseClient, String> {
-    let stream = ctx.connect().await?;
-    let path = format!("/connection/sse?channel={channel}");
-    let mut client = SseClient::open(stream, &ctx.host, &path, ctx.token.as_deref()).await?;
-    let mut seen = SseSeen::default();
-    while !seen.connected {
-        let open = client
-            .read_events(&mut |kind, data| sse_event(ctx, slot, channel, kind, data, &mut seen))
-            .await?;
-        if let Some(code) = seen.disconnect {
-            return Err(format!("disconnected while subscribing: {code}"));
-        }
-        if !open && !seen.connected {
-            return Err("the stream ended before `connected`".to_owned());
-        }
-    }
-    Ok(client)
-}
-
-async fn sse_run(ctx: &Ctx, slot: usize, channel: &str, mut client: SseClient) {
-    let mut seen = SseSeen {
-        connected: true,
-        disconnect: None,
-    };
-    loop {
-        let result = client
-            .read_events(&mut |kind, data| sse_event(ctx, slot, channel, kind, data, &mut seen))
-            .await;
-        let mut state = ctx.state.borrow_mut();
-        match result {
-            Ok(true) if seen.disconnect.is_none() => continue,
-            Ok(_) => {
-                let code = seen.disconnect.take().unwrap_or_else(|| "eof".to_owned());
-                let error = format!("stream ended: {code}");
-                state.on_closed(slot, code, Some(error));
-            }
-            Err(error) => state.on_closed(slot, "error".to_owned(), Some(error)),
-        }
-        return;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -842,5 +763,40 @@ mod tests {
         assert_eq!(report.closed.get("3008"), Some(&1));
         assert_eq!(report.latency_us.len(), 1);
         assert!((3495..=3505).contains(&report.latency_us[0].0));
+    }
+
+    #[test]
+    fn peers_count_by_sequence_number() {
+        let mut state = State {
+            peer: true,
+            slots: vec![Slot {
+                tracker: Tracker::default(),
+                seqs: SeqTracker::default(),
+                channel: 0,
+                subscribed: true,
+                open: true,
+            }],
+            histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
+            window: (1_000, 2_000),
+            deliveries: 0,
+            deliveries_in_window: 0,
+            foreign: 0,
+            pings: 0,
+            closed: BTreeMap::new(),
+            first_error: None,
+        };
+        let message = |sent, seq| push::seq_payload(sent, seq, 80);
+        state.on_peer_message(0, &message(1_500, 2), 5_000);
+        state.on_peer_message(0, &message(1_600, 1), 5_000);
+        state.on_peer_message(0, &message(1_600, 1), 5_000);
+        state.on_peer_message(0, &message(2_500, 4), 5_000);
+        state.on_peer_message(0, "{\"event\":\"pusher:pong\"}", 5_000);
+        // Five published: 3 and 5 never came.
+        let report = report(&state, &[5], None);
+        assert_eq!((report.deliveries, report.deliveries_in_window), (3, 2));
+        assert_eq!(
+            (report.duplicates, report.reordered, report.missed),
+            (1, 1, 2)
+        );
     }
 }
