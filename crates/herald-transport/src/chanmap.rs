@@ -19,7 +19,8 @@ const SMALL: usize = 16;
 #[derive(Debug)]
 pub enum ChannelMap<V> {
     Small(Vec<(Arc<str>, V)>),
-    Large(HashMap<Arc<str>, V>),
+    /// Boxed: the map is 48 bytes inline; boxed, the enum is as small as the `Vec`.
+    Large(Box<HashMap<Arc<str>, V>>),
 }
 
 impl<V> Default for ChannelMap<V> {
@@ -87,7 +88,7 @@ impl<V> ChannelMap<V> {
                 }
                 let mut map: HashMap<Arc<str>, V> = std::mem::take(entries).into_iter().collect();
                 map.insert(key, value);
-                *self = Self::Large(map);
+                *self = Self::Large(Box::new(map));
                 None
             }
             Self::Large(map) => map.insert(key, value),
@@ -100,7 +101,7 @@ impl<V> ChannelMap<V> {
             && entries.len() >= SMALL
             && Self::position(entries, key).is_none()
         {
-            *self = Self::Large(std::mem::take(entries).into_iter().collect());
+            *self = Self::Large(Box::new(std::mem::take(entries).into_iter().collect()));
         }
         match self {
             Self::Small(entries) => {

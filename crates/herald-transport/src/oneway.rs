@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame, Outbound};
 use crate::ws::RealtimeState;
-use crate::ws::session::{expiry, shutdown_signal};
+use crate::ws::session::expiry;
 
 /// Most channels one one-way connection may follow.
 pub const MAX_CHANNELS: usize = 64;
@@ -444,7 +444,7 @@ impl<F: Framing> OneWayStream<F> {
                 }
             },
             _ = self.ping.tick(), if pings => Some(self.framing.ping()),
-            _ = shutdown_signal(self.session.state.closing.subscribe()) => {
+            _ = self.session.state.shutdown.wait() => {
                 self.done = true;
                 Some(self.framing.disconnect(CloseReason::SHUTDOWN))
             }

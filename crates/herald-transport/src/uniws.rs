@@ -205,7 +205,7 @@ async fn run(socket: WebSocket, mut started: Started) {
                     return;
                 }
             },
-            _ = crate::ws::session::shutdown_signal(state.closing.subscribe()) => {
+            _ = state.shutdown.wait() => {
                 session.outbound.close(CloseReason::SHUTDOWN);
             }
             _ = crate::ws::session::expiry(session.expires_at), if session.expires_at.is_some() => {

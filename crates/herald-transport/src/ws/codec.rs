@@ -3,6 +3,8 @@
 //! decoding a frame into commands, encoding replies, errors, pings and pushes, and joining
 //! queued messages into one frame. The session logic above it is written once for both.
 
+use std::sync::Arc;
+
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::{Bytes, BytesMut};
 use herald_core::HeraldError;
@@ -160,6 +162,30 @@ impl Encoding {
 pub struct PushEncoder {
     pub encoding: Encoding,
     pub join_leave: bool,
+}
+
+impl PushEncoder {
+    /// The encoder for an encoding and join/leave choice, shared by every subscription that
+    /// makes the same choice (one allocation per process instead of one per subscription).
+    pub fn shared(encoding: Encoding, join_leave: bool) -> Arc<dyn EventEncoder> {
+        static ENCODERS: std::sync::LazyLock<[Arc<dyn EventEncoder>; 4]> =
+            std::sync::LazyLock::new(|| {
+                let make = |encoding, join_leave| {
+                    Arc::new(PushEncoder {
+                        encoding,
+                        join_leave,
+                    }) as Arc<dyn EventEncoder>
+                };
+                [
+                    make(Encoding::Json, false),
+                    make(Encoding::Json, true),
+                    make(Encoding::Protobuf, false),
+                    make(Encoding::Protobuf, true),
+                ]
+            });
+        let index = usize::from(encoding == Encoding::Protobuf) * 2 + usize::from(join_leave);
+        ENCODERS[index].clone()
+    }
 }
 
 impl EventEncoder for PushEncoder {

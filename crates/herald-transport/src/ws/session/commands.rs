@@ -216,11 +216,15 @@ impl Session {
         // inbox (and no registry entry).
         if !credentials.is_anonymous() {
             let inbox = Arc::new(Inbox::default());
-            self.registration = self.state.sessions.register(
-                &credentials.user,
-                &self.client_id,
-                Control::new(self.outbound.clone(), Some(inbox.clone())),
-            );
+            self.registration = self
+                .state
+                .sessions
+                .register(
+                    &credentials.user,
+                    &self.client_id,
+                    Control::new(self.outbound.clone(), Some(inbox.clone())),
+                )
+                .map(Box::new);
             self.control = Some(inbox);
         }
         self.credentials = Some(credentials);
@@ -276,10 +280,7 @@ impl Session {
             .subscriptions
             .get(name.as_str())
             .is_some_and(|s| s.options.join_leave);
-        Arc::new(PushEncoder {
-            encoding: self.encoding,
-            join_leave,
-        })
+        PushEncoder::shared(self.encoding, join_leave)
     }
 
     /// Checks, registers and recovers a subscription; the caller queues the reply with
@@ -325,10 +326,7 @@ impl Session {
         let sink = Arc::new(ChannelSink {
             channel: channel.clone(),
             outbound: self.outbound.clone(),
-            encoder: Arc::new(PushEncoder {
-                encoding: self.encoding,
-                join_leave: options.join_leave,
-            }),
+            encoder: PushEncoder::shared(self.encoding, options.join_leave),
             conflate: options.conflate,
         });
         let id = match self.state.node.subscribe(&name, sink).await {

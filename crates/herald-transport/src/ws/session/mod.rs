@@ -99,8 +99,8 @@ pub struct RealtimeState {
     pub config: RealtimeConfig,
     /// Open real-time connections (the `herald_connections` gauge).
     pub connections: AtomicU64,
-    /// Flips to true when the server shuts down: every connection closes with 3001.
-    pub closing: tokio::sync::watch::Sender<bool>,
+    /// Triggered when the server shuts down: every connection closes with 3001.
+    pub shutdown: Shutdown,
     /// Connections by user, for the server API's disconnect and unsubscribe.
     pub sessions: Arc<Sessions>,
     /// Client publications per user (`publications_per_second_per_user`).
@@ -115,7 +115,7 @@ impl RealtimeState {
             node,
             authenticator,
             connections: AtomicU64::new(0),
-            closing: tokio::sync::watch::channel(false).0,
+            shutdown: Shutdown::default(),
             sessions: Arc::new(Sessions::default()),
             publish_rate: KeyedLimiter::new(config.publications_per_second_per_user, 65_536),
             proxy: None,
@@ -131,13 +131,35 @@ impl RealtimeState {
 
     /// Tells every real-time connection to close with 3001 `shutdown`.
     pub fn shut_down(&self) {
-        self.closing.send_replace(true);
+        self.shutdown.trigger();
     }
 }
 
-/// Resolves once the server starts shutting down.
-pub async fn shutdown_signal(mut closing: tokio::sync::watch::Receiver<bool>) {
-    let _ = closing.wait_for(|closing| *closing).await;
+/// The server's shutdown, as every connection waits for it: a flag and a `Notify`, whose
+/// wait is a small future (a `watch` receiver's is about twice the size, in every idle
+/// connection).
+#[derive(Debug, Default)]
+pub struct Shutdown {
+    triggered: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Shutdown {
+    pub fn trigger(&self) {
+        self.triggered.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once the server starts shutting down.
+    pub async fn wait(&self) {
+        // Created before the flag is read: `notify_waiters` wakes a `Notified` from its
+        // creation on, so a trigger in between is not missed.
+        let notified = self.notify.notified();
+        if self.triggered.load(Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// Resolves when credentials expire (never for tokens without `exp`).
@@ -186,9 +208,9 @@ pub async fn websocket_handler(
     let subprotocol = ws.selected_protocol().and_then(|p| p.to_str().ok());
     let encoding = Encoding::negotiate(subprotocol, uri.query());
     // Small buffers: the defaults (128 KiB each way) would dominate per-connection memory.
-    // 512 B: clients send little, and the buffer lives as long as the connection (larger
-    // messages still arrive, in more reads).
-    ws.read_buffer_size(512)
+    // 256 B: clients send little (a pong is 2 bytes), and the buffer lives as long as the
+    // connection (larger messages still arrive, in more reads).
+    ws.read_buffer_size(256)
         .write_buffer_size(0)
         .max_write_buffer_size(state.config.max_queue_bytes.max(64 * 1024))
         .max_message_size(max)
@@ -230,9 +252,10 @@ struct Session {
     pong_received: bool,
     /// Handed to the registry at connect, so the server API can reach this connection.
     control: Option<Arc<Inbox>>,
-    registration: Option<Registration>,
+    /// Boxed, like the rate below: most connections have neither (anonymous, no limit).
+    registration: Option<Box<Registration>>,
     /// `commands_per_second`, when set.
-    command_rate: Option<TokenBucket>,
+    command_rate: Option<Box<TokenBucket>>,
     /// Headers of the upgrade request for the backend proxy.
     proxy_headers: Vec<(String, String)>,
     /// The backend granted the connection with an expiry: refresh through it.
@@ -265,8 +288,12 @@ fn run_connection(
             registration: None,
             proxy_headers,
             refresh_via_backend: false,
-            command_rate: (state.config.commands_per_second > 0)
-                .then(|| TokenBucket::new(state.config.commands_per_second, Instant::now())),
+            command_rate: (state.config.commands_per_second > 0).then(|| {
+                Box::new(TokenBucket::new(
+                    state.config.commands_per_second,
+                    Instant::now(),
+                ))
+            }),
         };
         let mut writer = SocketWriter::new(encoding);
         let reason = session.drive(&mut socket, &mut writer).await;
@@ -321,7 +348,7 @@ impl Session {
         let connect_deadline = Instant::now() + config.connect_timeout;
         let mut next_ping = Instant::now() + config.ping_interval;
         let mut timer = pin!(tokio::time::sleep_until(connect_deadline.into()));
-        let mut shutdown = pin!(shutdown_signal(state.closing.subscribe()));
+        let mut shutdown = pin!(state.shutdown.wait());
         loop {
             if let Some(reason) = outbound.closed() {
                 return reason;
