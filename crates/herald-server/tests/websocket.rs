@@ -466,6 +466,79 @@ async fn missing_pongs_disconnect_and_pongs_keep_alive() {
     );
 }
 
+/// The pong deadline starts when the ping reaches the socket, not when it is queued: a
+/// healthy client that is busy reading a backlog longer than `pong_timeout` is not taken for
+/// dead (it used to be closed with 3012 while the ping still sat behind the backlog).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_a_backlog_is_not_taken_for_dead() {
+    let mut config = config();
+    config.client.ping_interval = herald_core::duration::HumanDuration::from_secs(3);
+    config.client.pong_timeout = herald_core::duration::HumanDuration::from_secs(2);
+    config.client.max_queue_bytes = 32 << 20;
+    let server = TestServer::start_with(config, None).await;
+    // A small receive buffer, so that the backlog waits in the server's queue rather than in
+    // the client's kernel.
+    let address: std::net::SocketAddr = server
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("address");
+    let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
+    tcp.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let stream = tcp.connect(address).await.expect("connect");
+    let url = format!("ws://{address}/connection/websocket");
+    let (mut socket, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("upgrade");
+    let connect = json!({"id": 1, "connect": {"token": token("alice", 3600)}});
+    let subscribe = json!({"id": 2, "subscribe": {"channel": "backlog"}});
+    socket
+        .send(Message::text(format!("{connect}\n{subscribe}")))
+        .await
+        .expect("send");
+    let started = tokio::time::Instant::now();
+    // ~10 MB while the client reads nothing: past the kernel buffers, inside the queue budget.
+    let chunk = "z".repeat(1000);
+    let total = 10_000;
+    for batch in 0..total / 100 {
+        let commands: Vec<Value> = (0..100)
+            .map(|i| json!({"publish": {"channel": "backlog", "data": {"i": batch * 100 + i, "pad": chunk}}}))
+            .collect();
+        let (status, _) = server.call("batch", json!({"commands": commands})).await;
+        assert_eq!(status, 200);
+    }
+    // Stay away past the first ping (3 s) plus its pong timeout (2 s), then read it all.
+    tokio::time::sleep_until(started + Duration::from_millis(5500)).await;
+    let mut received = 0;
+    let mut pongs = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < until {
+        let message = match tokio::time::timeout_at(until, socket.next()).await {
+            Ok(message) => message,
+            Err(_) => break,
+        };
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                for line in text.as_str().split('\n') {
+                    if line == "{}" {
+                        socket.send(Message::text("{}")).await.expect("pong");
+                        pongs += 1;
+                    } else if line.starts_with("{\"push\"") {
+                        received += 1;
+                    }
+                }
+            }
+            Some(Ok(Message::Close(frame))) => panic!(
+                "closed after {received} of {total} publications and {pongs} pongs: {frame:?}"
+            ),
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(received, total, "every publication arrived");
+    assert!(pongs >= 1, "the ping behind the backlog was answered");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_is_cut_off_as_slow() {
     let server = TestServer::start_with(config(), None).await;
