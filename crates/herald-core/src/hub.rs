@@ -87,6 +87,10 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut shard = self.shard(channel).write();
         let subs = shard.entry(channel.clone()).or_default();
+        if subs.len() == subs.capacity() {
+            // Personal channels have one subscriber: room for one, not the default four.
+            subs.reserve_exact(subs.len().max(1));
+        }
         subs.push((id, subscriber));
         (id, subs.len() == 1)
     }
