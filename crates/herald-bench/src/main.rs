@@ -16,6 +16,7 @@ mod pusher;
 mod rawhttp;
 mod spawn;
 mod sseclient;
+mod storm;
 mod summary;
 mod sysstat;
 mod table;
@@ -56,9 +57,15 @@ enum Command {
     /// The Markdown table comparing Herald, its peers and the ceiling (`bench/run`), from
     /// JSON lines of `fanout --json` / `idle --json` reports.
     CompareTable(compare::CompareArgs),
+    /// A reconnect storm: every client drops at once, misses publications, reconnects at
+    /// once and resumes; time until every client has everything.
+    Storm(storm::StormArgs),
     /// One process of `fanout`/`idle` subscribers (started by them, not by hand).
     #[command(hide = true)]
     FanoutWorker(worker::WorkerArgs),
+    /// One process of `storm` clients (started by it, not by hand).
+    #[command(hide = true)]
+    StormWorker(storm::StormWorkerArgs),
 }
 
 /// Parses `15s`, `500ms`, `2m`, `1.5s` or a bare number of seconds.
@@ -142,7 +149,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", table::run(&args)?);
             Ok(())
         }
+        Command::Storm(args) => {
+            if let Some(cpu) = args.cpu {
+                // Worker processes inherit the mask too.
+                sysstat::pin_current_thread(cpu)?;
+            }
+            let report = runtime(1)?.block_on(storm::run(&args))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                storm::print(&report);
+            }
+            Ok(())
+        }
         Command::FanoutWorker(args) => worker::run(&args),
+        Command::StormWorker(args) => storm::run_worker(&args),
         Command::CeilingServer(args) => ceiling::run(&args),
         Command::CompareTable(args) => {
             print!("{}", compare::run(&args)?);

@@ -434,7 +434,7 @@ async fn run_local(args: &WorkerArgs) -> anyhow::Result<()> {
 
 /// Standard input, line by line, read on a thread of its own (tokio's `io-std` is not
 /// enabled in this workspace). The channel closes at end of input or on a read error.
-fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
+pub(crate) fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
     let (sender, receiver) = mpsc::unbounded_channel();
     std::thread::spawn(move || {
         for line in std::io::stdin().lines() {

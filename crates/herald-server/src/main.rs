@@ -447,8 +447,7 @@ async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<Exi
         config.token.hmac_secret = secrets.hmac_secret.clone();
     }
     let node = herald_server::build::build_node(&config)?;
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
+    let listener = listen(config.server.listen)
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
     let api_keys = config.api.api_keys()?;
@@ -562,4 +561,23 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
             .context("cannot watch Ctrl-C")?;
         Ok("Ctrl-C")
     }
+}
+
+/// Pending connections the kernel may hold before `accept` (it caps this at
+/// `net.core.somaxconn`). tokio's default of 1024 overflows when tens of thousands of clients
+/// reconnect at once (a restart, a network blip), and an overflowed SYN waits a whole second
+/// for its retransmission.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted server can listen while old connections
+    // linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
