@@ -38,8 +38,9 @@ pub struct StormArgs {
     /// API key for the publications sent while the clients are away.
     #[arg(long, env = "HERALD_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: String,
-    /// Clients, each on a channel of its own.
-    #[arg(long, default_value_t = 20_000)]
+    /// Clients, each on a channel of its own (one server process here holds at most about
+    /// 19,900 connections: the open-file limit is 20,000).
+    #[arg(long, default_value_t = 19_800)]
     pub clients: usize,
     /// Publications per channel while the clients are away.
     #[arg(long, default_value_t = 5)]
@@ -427,6 +428,16 @@ async fn worker(args: &StormWorkerArgs) -> anyhow::Result<()> {
     let host = host_of(&args.url)?;
     let address = resolve(&host).await?;
     let host = host.as_str();
+    // The storm reconnects from other source addresses: the dropped connections' ports sit in
+    // TIME_WAIT on the first ones, and binding next to thousands of them makes the kernel's
+    // port search (not the server) the bottleneck.
+    let storm_ip = match args.source_ip {
+        IpAddr::V4(ip) => {
+            let [a, b, c, d] = ip.octets();
+            IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d.wrapping_add(100)))
+        }
+        other => other,
+    };
     let mut stdin = crate::worker::stdin_lines();
     let channels: Vec<String> = (args.first..args.first + args.count)
         .map(|i| format!("{}-{i}", args.prefix))
@@ -434,8 +445,14 @@ async fn worker(args: &StormWorkerArgs) -> anyhow::Result<()> {
     // 1. Connect and subscribe; keep each connection alive (answering pings) in a task.
     let outcomes = futures::stream::iter(channels.iter().cloned())
         .map(|channel| async move {
-            let mut ws = connect(address, args.source_ip, host).await?;
-            let (reply, _) = resume(&mut ws, &channel, None).await?;
+            let setup = async {
+                let mut ws = connect(address, args.source_ip, host).await?;
+                let (reply, _) = resume(&mut ws, &channel, None).await?;
+                Ok::<_, String>((ws, reply))
+            };
+            let (ws, reply) = tokio::time::timeout(args.deadline, setup)
+                .await
+                .map_err(|_| "not subscribed within the deadline".to_owned())??;
             let position = Position {
                 offset: reply["offset"].as_u64().unwrap_or(0),
                 epoch: reply["epoch"].as_str().unwrap_or("").to_owned(),
@@ -485,7 +502,7 @@ async fn worker(args: &StormWorkerArgs) -> anyhow::Result<()> {
         .filter_map(|(channel, position)| async move { position.map(|p| (channel, p)) })
         .map(|(channel, position)| async move {
             let attempt = async {
-                let mut ws = connect(address, args.source_ip, host).await?;
+                let mut ws = connect(address, storm_ip, host).await?;
                 let connected = signal.elapsed();
                 let (reply, offsets) = resume(&mut ws, channel, Some(&position)).await?;
                 Ok::<_, String>((ws, connected, reply, offsets))
