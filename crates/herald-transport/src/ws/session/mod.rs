@@ -346,7 +346,7 @@ impl Session {
         let outbound = self.outbound.clone();
         let pings = !config.ping_interval.is_zero();
         let connect_deadline = Instant::now() + config.connect_timeout;
-        let mut next_ping = Instant::now() + config.ping_interval;
+        let mut next_ping = Instant::now() + first_ping(config.ping_interval, &self.client_id);
         let mut timer = pin!(tokio::time::sleep_until(connect_deadline.into()));
         let mut shutdown = pin!(state.shutdown.wait());
         loop {
@@ -496,6 +496,16 @@ impl Session {
     }
 }
 
+/// When a connection sends its first ping: somewhere in the second half of `ping_interval`,
+/// picked from the client id. Clients that connected together (after a restart, a deploy, a
+/// network blip) would otherwise be pinged together for as long as they stay, and every
+/// round of thousands of pings and pongs at once delays the publications queued behind it.
+fn first_ping(ping_interval: Duration, client_id: &str) -> Duration {
+    use std::hash::BuildHasher;
+    let spread = std::hash::RandomState::new().hash_one(client_id) % 1000;
+    ping_interval / 2 + ping_interval.mul_f64(spread as f64 / 2000.0)
+}
+
 /// The monotonic instant of a Unix time in seconds, given the monotonic `now` (`now` itself
 /// if the time is past, so that a due deadline compares as due).
 fn instant_of_unix(at: u64, now: Instant) -> Instant {
@@ -503,4 +513,23 @@ fn instant_of_unix(at: u64, now: Instant) -> Instant {
         .saturating_mul(1000)
         .saturating_sub(herald_core::time::now_ms());
     now + Duration::from_millis(wait_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_pings_spread_over_the_second_half_of_the_interval() {
+        let interval = Duration::from_secs(20);
+        let firsts: Vec<Duration> = (0..200)
+            .map(|i| first_ping(interval, &format!("client-{i}")))
+            .collect();
+        assert!(firsts.iter().all(|d| *d >= interval / 2 && *d <= interval));
+        let early = firsts.iter().filter(|d| **d < interval * 3 / 4).count();
+        assert!(
+            (40..=160).contains(&early),
+            "spread, not all at once: {early} of 200 in the first quarter"
+        );
+    }
 }
