@@ -59,7 +59,8 @@ pub struct FanoutArgs {
     /// Publications per second, in total over all channels.
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,
-    /// Publications per request: 1 uses `/api/publish`, more `/api/batch`.
+    /// Publications per request: 1 uses `/api/publish`, more `/api/batch` (Herald); items per
+    /// publish request (Pushpin); other peers take 1.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Approximate size in bytes of each publication's JSON data.
@@ -248,8 +249,8 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     };
     let prefix = args.prefix.clone().unwrap_or_else(|| unique_prefix("fan"));
     let transport = args.target.transport(args.transport);
-    if transport.is_peer() && args.batch != 1 {
-        bail!("peers take one publication per request (--batch 1)");
+    if transport.is_peer() && args.batch != 1 && args.target != Target::Pushpin {
+        bail!("peers other than Pushpin take one publication per request (--batch 1)");
     }
     let publish_url = args.peer.publish_url.as_deref().unwrap_or(&args.url);
     let publish_url = match publish_url.strip_prefix("nats://") {

@@ -17,9 +17,11 @@ use crate::publisher::{PublishKind, PublishOutcome, PublisherConfig};
 use crate::push;
 use crate::rawhttp::{RawConnection, encode_request};
 
-/// The HTTP request publishing `data` (a [`push::seq_payload`]) to `channel`.
-pub fn http_request(kind: &PublishKind, host: &str, channel: &str, data: &str) -> Vec<u8> {
+/// The HTTP request publishing each `(channel, data)` (data: a [`push::seq_payload`]); only
+/// Pushpin takes more than one per request, the others publish the first.
+pub fn http_request(kind: &PublishKind, host: &str, items: &[(&str, String)]) -> Vec<u8> {
     let json = |text: &str| serde_json::Value::from(text).to_string();
+    let (channel, data) = items.first().map_or(("", ""), |(c, d)| (*c, d.as_str()));
     match kind {
         PublishKind::Pusher(app) => {
             let body = format!(
@@ -36,12 +38,17 @@ pub fn http_request(kind: &PublishKind, host: &str, channel: &str, data: &str) -
             )
         }
         PublishKind::Pushpin => {
-            let content = format!("event: m\ndata: {data}\n\n");
-            let body = format!(
-                "{{\"items\":[{{\"channel\":{},\"formats\":{{\"http-stream\":{{\"content\":{}}}}}}}]}}",
-                json(channel),
-                json(&content)
-            );
+            let items: Vec<String> = items
+                .iter()
+                .map(|(channel, data)| {
+                    format!(
+                        "{{\"channel\":{},\"formats\":{{\"http-stream\":{{\"content\":{}}}}}}}",
+                        json(channel),
+                        json(&format!("event: m\ndata: {data}\n\n"))
+                    )
+                })
+                .collect();
+            let body = format!("{{\"items\":[{}]}}", items.join(","));
             encode_request(
                 "/publish/",
                 host,
@@ -59,10 +66,15 @@ pub fn http_request(kind: &PublishKind, host: &str, channel: &str, data: &str) -
     }
 }
 
-/// A peer's reply to one publication: any 2xx is accepted (peers have no offsets: 0).
-pub fn accepted(status: u16, body: &[u8]) -> Result<Vec<Result<u64, String>>, String> {
+/// A peer's reply to a request of `count` publications: any 2xx accepts them all (peers have
+/// no offsets: 0).
+pub fn accepted(
+    status: u16,
+    body: &[u8],
+    count: usize,
+) -> Result<Vec<Result<u64, String>>, String> {
     if (200..300).contains(&status) {
-        Ok(vec![Ok(0)])
+        Ok(vec![Ok(0); count])
     } else {
         Err(format!(
             "HTTP {status}: {}",
@@ -87,12 +99,12 @@ pub async fn probe(
         .map_err(anyhow::Error::msg)?
         .accept_close();
     let data = push::seq_payload(push::now_ns(), 1, config.payload);
-    let request = http_request(kind, &config.host, channel, &data);
+    let request = http_request(kind, &config.host, &[(channel, data)]);
     let reply = connection
         .round_trip(&request)
         .await
         .map_err(anyhow::Error::msg)?;
-    match accepted(reply.status, reply.body) {
+    match accepted(reply.status, reply.body, 1) {
         Ok(_) => Ok(()),
         Err(error) => bail!("the first publish failed: {error}"),
     }
@@ -235,11 +247,13 @@ mod tests {
     #[test]
     fn peer_requests() {
         let data = push::seq_payload(5, 7, 60);
-        let (head, posted) = body(&http_request(&PublishKind::Post, "h:1", "c-0", &data));
+        let one = [("c-0", data.clone())];
+        let (head, posted) = body(&http_request(&PublishKind::Post, "h:1", &one));
         assert!(head.starts_with("POST /pub/c-0 HTTP/1.1\r\nHost: h:1\r\n"));
         assert_eq!(posted, data);
 
-        let (head, pushpin) = body(&http_request(&PublishKind::Pushpin, "h:1", "c-0", &data));
+        let two = [("c-0", data.clone()), ("c-1", data.clone())];
+        let (head, pushpin) = body(&http_request(&PublishKind::Pushpin, "h:1", &two));
         assert!(head.starts_with("POST /publish/ HTTP/1.1\r\n"));
         let value: serde_json::Value = serde_json::from_str(&pushpin).expect("JSON");
         let content = value["items"][0]["formats"]["http-stream"]["content"]
@@ -247,18 +261,14 @@ mod tests {
             .expect("content");
         assert_eq!(content, format!("event: m\ndata: {data}\n\n"));
         assert_eq!(value["items"][0]["channel"], "c-0");
+        assert_eq!(value["items"][1]["channel"], "c-1");
 
         let app = PusherApp {
             id: "1".into(),
             key: "k".into(),
             secret: "s".into(),
         };
-        let (head, pusher) = body(&http_request(
-            &PublishKind::Pusher(app),
-            "h:1",
-            "c-0",
-            &data,
-        ));
+        let (head, pusher) = body(&http_request(&PublishKind::Pusher(app), "h:1", &one));
         assert!(head.starts_with("POST /apps/1/events?auth_key=k&auth_timestamp="));
         assert!(head.contains("&auth_signature="));
         let value: serde_json::Value = serde_json::from_str(&pusher).expect("JSON");
@@ -268,8 +278,8 @@ mod tests {
 
     #[test]
     fn any_2xx_is_accepted() {
-        assert!(accepted(200, b"{}").is_ok());
-        assert!(accepted(202, b"").is_ok());
-        assert!(accepted(401, b"bad signature").is_err());
+        assert_eq!(accepted(200, b"{}", 1), Ok(vec![Ok(0)]));
+        assert_eq!(accepted(202, b"", 3).map(|v| v.len()), Ok(3));
+        assert!(accepted(401, b"bad signature", 1).is_err());
     }
 }

@@ -104,10 +104,11 @@ impl PublisherConfig {
         (0..batch).map(move |k| ((j * batch + k) % n) as usize)
     }
 
-    /// Channel and sequence number (1, 2, …) of publication `j` to a peer (one per request).
-    pub fn peer_publication(&self, j: u64) -> (usize, u64) {
+    /// Channel and sequence number (1, 2, …) of publication `i` to a peer (request `j`
+    /// holds publications `j × batch` up to `j × batch + batch − 1`).
+    pub fn peer_publication(&self, i: u64) -> (usize, u64) {
         let n = self.channels.len().max(1) as u64;
-        ((j % n) as usize, j / n + 1)
+        ((i % n) as usize, i / n + 1)
     }
 
     /// The complete HTTP request `j`, stamped with `sent_ns`.
@@ -115,9 +116,17 @@ impl PublisherConfig {
         let api_key = match &self.kind {
             PublishKind::Herald { api_key } => api_key,
             kind => {
-                let (c, seq) = self.peer_publication(j);
-                let data = push::seq_payload(sent_ns, seq, self.payload);
-                return peerpub::http_request(kind, &self.host, &self.channels[c], &data);
+                let batch = self.batch as u64;
+                let items: Vec<(&str, String)> = (j * batch..(j + 1) * batch)
+                    .map(|i| {
+                        let (c, seq) = self.peer_publication(i);
+                        (
+                            self.channels[c].as_str(),
+                            push::seq_payload(sent_ns, seq, self.payload),
+                        )
+                    })
+                    .collect();
+                return peerpub::http_request(kind, &self.host, &items);
             }
         };
         let data = push::payload(sent_ns, self.payload);
@@ -208,8 +217,8 @@ pub async fn run(
     if config.rate <= 0.0 || config.channels.is_empty() || config.batch == 0 {
         bail!("the publisher needs a rate above 0, channels and a batch above 0");
     }
-    if config.kind.is_peer() && config.batch != 1 {
-        bail!("peers take one publication per request (--batch 1)");
+    if config.kind.is_peer() && config.batch != 1 && !matches!(config.kind, PublishKind::Pushpin) {
+        bail!("peers other than Pushpin take one publication per request (--batch 1)");
     }
     if matches!(config.kind, PublishKind::Nats) {
         return Ok(peerpub::nats_run(&config, start, end, window).await);
@@ -275,7 +284,10 @@ async fn connection_loop(
             continue;
         };
         let (result, close) = match live.round_trip(&request).await {
-            Ok(reply) if peer => (peerpub::accepted(reply.status, reply.body), reply.close),
+            Ok(reply) if peer => (
+                peerpub::accepted(reply.status, reply.body, config.batch),
+                reply.close,
+            ),
             Ok(reply) => (offsets_of(reply.status, reply.body, batch), reply.close),
             Err(error) => (Err(error), true),
         };
