@@ -583,6 +583,11 @@ async fn connect(address: SocketAddr, source: IpAddr, host: &str) -> Result<Ws, 
     socket
         .bind(SocketAddr::new(source, 0))
         .map_err(|e| format!("bind {source}: {e}"))?;
+    // Closing resets the connection instead of leaving its port in TIME_WAIT for a minute,
+    // where it would slow the next run's port search on the same address.
+    socket
+        .set_zero_linger()
+        .map_err(|e| format!("SO_LINGER: {e}"))?;
     let stream = socket
         .connect(address)
         .await
