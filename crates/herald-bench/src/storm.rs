@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::rawhttp::{RawConnection, encode_post};
 use crate::spawn::{self, WorkerPlan};
 use crate::sysstat::{self, CpuSample};
-use crate::worker::{host_of, resolve};
+use crate::worker::{emit, host_of, resolve};
 
 /// Flags of `herald-bench storm`.
 #[derive(Debug, Clone, clap::Args)]
@@ -411,17 +411,7 @@ struct Position {
 
 /// Runs one storm worker until its parent says `stop` or goes away.
 pub fn run_worker(args: &StormWorkerArgs) -> anyhow::Result<()> {
-    let runtime = crate::runtime(1)?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, worker(args))
-}
-
-fn emit(event: &Event) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer(&mut out, event)?;
-    out.write_all(b"\n")?;
-    out.flush().context("cannot write to the parent")
+    crate::worker::run_single_threaded(worker(args))
 }
 
 async fn worker(args: &StormWorkerArgs) -> anyhow::Result<()> {

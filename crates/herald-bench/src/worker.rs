@@ -337,12 +337,20 @@ impl Ctx {
 
 /// Runs a worker until its parent says `stop` or goes away.
 pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
-    let runtime = crate::runtime(1)?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, run_local(args))
+    run_single_threaded(run_local(args))
 }
 
-fn emit(message: &WorkerMessage) -> anyhow::Result<()> {
+/// Runs a worker process's main future on one thread (its connections share `Rc` state).
+pub(crate) fn run_single_threaded(
+    main: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let runtime = crate::runtime(1)?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, main)
+}
+
+/// One JSON line to the parent process.
+pub(crate) fn emit(message: &impl Serialize) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, message)?;
     out.write_all(b"\n")?;
