@@ -21,6 +21,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 #[derive(Default)]
 struct Calls {
     refresh: AtomicUsize,
+    /// Refreshes of the user whose backend answers with an expiry already past.
+    stale_refresh: AtomicUsize,
     publish: AtomicUsize,
 }
 
@@ -46,6 +48,7 @@ async fn backend(calls: Arc<Calls>) -> String {
                         "channels": ["news"], "data": {"hello": body["data"]["name"]}
                     }}),
                     "Bearer banned" => json!({"disconnect": {"code": 4501, "reason": "banned"}}),
+                    "Bearer stale" => json!({"result": {"user": "stale", "expire_at": now + 1}}),
                     _ => json!({"error": {"code": 4001, "message": "log in first"}}),
                 })
             }),
@@ -55,9 +58,13 @@ async fn backend(calls: Arc<Calls>) -> String {
             axum::routing::post(move |Json(body): Json<Value>| {
                 let calls = refresh_calls.clone();
                 async move {
+                    let now = herald_core::time::now_ms() / 1000;
+                    if body["user"] == "stale" {
+                        calls.stale_refresh.fetch_add(1, Ordering::SeqCst);
+                        return Json(json!({"result": {"expire_at": now - 5}}));
+                    }
                     assert_eq!(body["user"], "alice");
                     calls.refresh.fetch_add(1, Ordering::SeqCst);
-                    let now = herald_core::time::now_ms() / 1000;
                     Json(json!({"result": {"expire_at": now + 60}}))
                 }
             }),
@@ -178,6 +185,30 @@ async fn call(socket: &mut Socket, id: u32, method: &str, params: Value) -> Valu
             _ => {}
         }
     }
+}
+
+/// A refresh answered with an expiry that is already past ends the connection (3005) instead
+/// of asking the backend again and again.
+#[tokio::test]
+async fn a_refresh_with_a_past_expiry_closes_the_connection() {
+    let calls = Arc::new(Calls::default());
+    let backend = backend(calls.clone()).await;
+    let server = TestServer::start_with(config(&backend), None).await;
+    let mut stale = open(&server, "Bearer stale").await;
+    let reply = call(&mut stale, 1, "connect", json!({})).await;
+    assert_eq!(reply["connect"]["expires"], true, "{reply}");
+    let code = loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), stale.next())
+            .await
+            .expect("closed within 5s");
+        match message {
+            Some(Ok(Message::Close(Some(frame)))) => break u16::from(frame.code),
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(code, 3005);
+    assert_eq!(calls.stale_refresh.load(Ordering::SeqCst), 1, "asked once");
 }
 
 #[tokio::test]

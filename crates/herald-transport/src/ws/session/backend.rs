@@ -107,7 +107,11 @@ impl Session {
         };
         let now = herald_core::time::now_ms() / 1000;
         match proxy.refresh(&self.proxy_context()).await {
-            Ok(ProxyReply::Ok(grant)) if !grant.expired => {
+            // A new expiry that is already past counts as expired: taking it would ask the
+            // backend again at once, in a loop.
+            Ok(ProxyReply::Ok(grant))
+                if !grant.expired && grant.expire_at.is_none_or(|at| at > now) =>
+            {
                 if let Some(credentials) = self.credentials.as_mut() {
                     credentials.expires_at = grant.expire_at;
                     if let Some(info) = grant.info {
