@@ -539,6 +539,61 @@ async fn a_client_behind_a_backlog_is_not_taken_for_dead() {
     assert!(pongs >= 1, "the ping behind the backlog was answered");
 }
 
+/// A client that stops reading while its queue stays under budget is still found out: its
+/// ping never reaches the socket, and `ping_interval + pong_timeout` after the ping was queued
+/// the server drops it (3008) instead of holding its backlog forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_without_filling_its_queue_is_dropped() {
+    let mut config = config();
+    config.client.max_queue_bytes = 32 << 20;
+    let server = TestServer::start_with(config, None).await;
+    let address: std::net::SocketAddr = server
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("address");
+    let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
+    tcp.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let stream = tcp.connect(address).await.expect("connect");
+    let url = format!("ws://{address}/connection/websocket");
+    let (mut socket, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("upgrade");
+    let connect = json!({"id": 1, "connect": {"token": token("alice", 3600)}});
+    let subscribe = json!({"id": 2, "subscribe": {"channel": "stuck"}});
+    socket
+        .send(Message::text(format!("{connect}\n{subscribe}")))
+        .await
+        .expect("send");
+    // ~8 MB, never read: past the kernel buffers, far under the 32 MiB queue budget.
+    let chunk = "s".repeat(1000);
+    for batch in 0..80 {
+        let commands: Vec<Value> = (0..100)
+            .map(|i| json!({"publish": {"channel": "stuck", "data": {"i": batch * 100 + i, "pad": chunk}}}))
+            .collect();
+        let (status, _) = server.call("batch", json!({"commands": commands})).await;
+        assert_eq!(status, 200);
+    }
+    let connections = || {
+        server
+            .state
+            .realtime
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(connections(), 1);
+    // First ping within 1 s, dropped 2 s later, then at most 2 s to give up on the close frame.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while connections() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a client that stopped reading is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(socket);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_is_cut_off_as_slow() {
     let server = TestServer::start_with(config(), None).await;

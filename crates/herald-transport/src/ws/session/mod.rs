@@ -405,7 +405,10 @@ impl Session {
                 }
             }
             let next = tokio::time::Instant::from_std(next);
-            if timer.deadline() != next {
+            // Re-armed only when it must fire sooner (or has fired): moving the timer wheel
+            // entry on every message would cost a timer-driver lock each time. A timer left
+            // earlier than needed just wakes the loop once to recompute.
+            if timer.is_elapsed() || next < timer.deadline() {
                 timer.as_mut().reset(next);
             }
             let inbox = self.control.as_deref();
