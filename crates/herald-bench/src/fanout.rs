@@ -123,6 +123,20 @@ pub struct Setup {
     pub first_error: Option<String>,
 }
 
+impl std::fmt::Display for Setup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} subscribed, {} failed in {:.2}s ({:.0}/s)",
+            self.subscribed, self.failed, self.seconds, self.per_sec
+        )?;
+        match &self.first_error {
+            Some(error) => write!(f, "; first error: {error}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What one run measured.
 #[derive(Debug, Serialize)]
 pub struct FanoutReport {
@@ -432,18 +446,7 @@ impl FanoutReport {
             self.duration_s,
             self.warmup_s
         );
-        let s = &self.setup;
-        println!(
-            "  set-up:         {} subscribed, {} failed in {:.2}s ({:.0}/s){}",
-            s.subscribed,
-            s.failed,
-            s.seconds,
-            s.per_sec,
-            s.first_error
-                .as_ref()
-                .map(|e| format!("; first error: {e}"))
-                .unwrap_or_default()
-        );
+        println!("  set-up:         {}", self.setup);
         println!(
             "  published:      {:.0}/s ({} errors, max lag {}){}",
             self.publications_per_sec,

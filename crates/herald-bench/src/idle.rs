@@ -291,18 +291,7 @@ impl IdleReport {
             self.workers,
             self.hold_s
         );
-        let s = &self.setup;
-        println!(
-            "  set-up:         {} subscribed, {} failed in {:.2}s ({:.0}/s){}",
-            s.subscribed,
-            s.failed,
-            s.seconds,
-            s.per_sec,
-            s.first_error
-                .as_ref()
-                .map(|e| format!("; first error: {e}"))
-                .unwrap_or_default()
-        );
+        println!("  set-up:         {}", self.setup);
         println!(
             "  server RSS:     {} → {} (peak {}){}",
             mib(self.before.rss_bytes),
