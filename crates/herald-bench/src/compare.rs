@@ -296,6 +296,7 @@ fn column_name(target: &str) -> String {
         "socketio" => "Socket.IO".to_owned(),
         "sockudo" => "Sockudo".to_owned(),
         "pushpin" => "Pushpin (SSE)".to_owned(),
+        "pushpin-ws" => "Pushpin (WebSocket)".to_owned(),
         "ceiling" => "ceiling".to_owned(),
         other => other.to_owned(),
     }
@@ -330,6 +331,12 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(thousands(1234567.8), "1,234,568");
         assert_eq!(thousands(999.0), "999");
+    }
+
+    #[test]
+    fn pushpin_columns_name_their_transport() {
+        assert_eq!(column_name("pushpin"), "Pushpin (SSE)");
+        assert_eq!(column_name("pushpin-ws"), "Pushpin (WebSocket)");
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,
     /// Publications per request: 1 uses `/api/publish`, more `/api/batch` (Herald); items per
-    /// publish request (Pushpin); other peers take 1.
+    /// publish request (Pushpin, SSE or WebSocket); other peers take 1.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Approximate size in bytes of each publication's JSON data.
@@ -263,9 +263,6 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     };
     let prefix = args.prefix.clone().unwrap_or_else(|| unique_prefix("fan"));
     let transport = args.target.transport(args.transport);
-    if transport.is_peer() && args.batch != 1 && args.target != Target::Pushpin {
-        bail!("peers other than Pushpin take one publication per request (--batch 1)");
-    }
     let publish_url = args.peer.publish_url.as_deref().unwrap_or(&args.url);
     let publish_url = match publish_url.strip_prefix("nats://") {
         Some(rest) => format!("http://{rest}"),
@@ -287,6 +284,9 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         payload: args.payload,
         connections: args.publisher_connections,
     });
+    if args.batch != 1 && !publisher.kind.takes_batches() {
+        bail!(publisher::BATCH_ERROR);
+    }
     publisher::probe(&publisher, &format!("{prefix}-probe")).await?;
 
     let spec = WorkerSpec {

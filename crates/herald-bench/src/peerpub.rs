@@ -1,8 +1,8 @@
 //! Publishing to Herald's peers: the HTTP requests each one takes (the ceiling's, Node `ws`'s
-//! and Socket.IO's `POST /pub/<channel>`, the signed Pusher API, Pushpin's publish
-//! endpoint), how their replies are judged, and the NATS publisher (core protocol over TCP,
-//! `PUB` lines on one connection, open loop, then `PING` and its `PONG` to know every `PUB`
-//! was taken).
+//! and Socket.IO's `POST /pub/<channel>`, the signed Pusher API, Pushpin's publish endpoint
+//! with `http-stream` or `ws-message` items), how their replies are judged, and the NATS
+//! publisher (core protocol over TCP, `PUB` lines on one connection, open loop, then `PING`
+//! and its `PONG` to know every `PUB` was taken).
 //!
 //! Owns only the peers' wire formats and the NATS connection; the schedule and counting are
 //! [`crate::publisher`]'s. May touch: the network (only the server it is given).
@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::publisher::{PublishKind, PublishOutcome, PublisherConfig};
+use crate::publisher::{PublishKind, PublishOutcome, PublisherConfig, PushpinFormat};
 use crate::push;
 use crate::rawhttp::{RawConnection, encode_request};
 
@@ -37,14 +37,19 @@ pub fn http_request(kind: &PublishKind, host: &str, items: &[(&str, String)]) ->
                 body.as_bytes(),
             )
         }
-        PublishKind::Pushpin => {
+        PublishKind::Pushpin(format) => {
             let items: Vec<String> = items
                 .iter()
                 .map(|(channel, data)| {
+                    let (name, content) = match format {
+                        PushpinFormat::HttpStream => {
+                            ("http-stream", json(&format!("event: m\ndata: {data}\n\n")))
+                        }
+                        PushpinFormat::WsMessage => ("ws-message", json(data)),
+                    };
                     format!(
-                        "{{\"channel\":{},\"formats\":{{\"http-stream\":{{\"content\":{}}}}}}}",
-                        json(channel),
-                        json(&format!("event: m\ndata: {data}\n\n"))
+                        "{{\"channel\":{},\"formats\":{{\"{name}\":{{\"content\":{content}}}}}}}",
+                        json(channel)
                     )
                 })
                 .collect();
@@ -253,15 +258,26 @@ mod tests {
         assert_eq!(posted, data);
 
         let two = [("c-0", data.clone()), ("c-1", data.clone())];
-        let (head, pushpin) = body(&http_request(&PublishKind::Pushpin, "h:1", &two));
-        assert!(head.starts_with("POST /publish/ HTTP/1.1\r\n"));
-        let value: serde_json::Value = serde_json::from_str(&pushpin).expect("JSON");
-        let content = value["items"][0]["formats"]["http-stream"]["content"]
-            .as_str()
-            .expect("content");
-        assert_eq!(content, format!("event: m\ndata: {data}\n\n"));
-        assert_eq!(value["items"][0]["channel"], "c-0");
-        assert_eq!(value["items"][1]["channel"], "c-1");
+        let pushpin = |format| {
+            let kind = PublishKind::Pushpin(format);
+            let (head, body) = body(&http_request(&kind, "h:1", &two));
+            assert!(head.starts_with("POST /publish/ HTTP/1.1\r\n"));
+            let value: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            assert_eq!(value["items"][0]["channel"], "c-0");
+            assert_eq!(value["items"][1]["channel"], "c-1");
+            value
+        };
+        let sse = pushpin(PushpinFormat::HttpStream);
+        assert_eq!(
+            sse["items"][1]["formats"]["http-stream"]["content"],
+            format!("event: m\ndata: {data}\n\n")
+        );
+        // WebSocket: the message is the data itself, one format per item.
+        let ws = pushpin(PushpinFormat::WsMessage);
+        for item in ws["items"].as_array().expect("items") {
+            assert_eq!(item["formats"]["ws-message"]["content"], data.as_str());
+            assert_eq!(item["formats"].as_object().map(|f| f.len()), Some(1));
+        }
 
         let app = PusherApp {
             id: "1".into(),

@@ -19,6 +19,9 @@
 //!   answered with `pusher:pong`.
 //! - **Pushpin**, SSE: `GET /stream/<channel>` through Pushpin; the GRIP origin holds it on
 //!   the channel and its first event is `subscribed`.
+//! - **Pushpin**, WebSocket: `/ws/<channel>` through Pushpin, which hands the opening to the
+//!   GRIP origin over WebSocket-over-HTTP; the origin subscribes the connection to the
+//!   channel and its first message is `subscribed`; after that it is read as **Plain**.
 
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -52,6 +55,7 @@ pub async fn setup(ctx: &Ctx, channel: &str) -> Result<PeerConnection, String> {
         Transport::Socketio => socketio_setup(ctx, channel).await,
         Transport::Pusher => pusher_setup(ctx, channel).await,
         Transport::PushpinSse => pushpin_setup(ctx, channel).await,
+        Transport::PushpinWs => pushpin_ws_setup(ctx, channel).await,
         Transport::Ws | Transport::Sse => Err("not a peer's transport".to_owned()),
     }
 }
@@ -266,6 +270,12 @@ async fn pushpin_setup(ctx: &Ctx, channel: &str) -> Result<PeerConnection, Strin
         }
     }
     Ok(PeerConnection::Sse(client))
+}
+
+async fn pushpin_ws_setup(ctx: &Ctx, channel: &str) -> Result<PeerConnection, String> {
+    let mut ws = ctx.ws_connect(&format!("/ws/{channel}")).await?;
+    while next_data(&mut ws, "subscribing").await? != b"subscribed" {}
+    Ok(PeerConnection::Ws(Box::new(ws), Protocol::Plain))
 }
 
 /// Reads publications until the connection ends, answering the peer's pings.

@@ -35,17 +35,36 @@ pub enum PublishKind {
     Post,
     /// The Pusher HTTP API (`POST /apps/<id>/events`, signed): Sockudo.
     Pusher(PusherApp),
-    /// Pushpin's publish endpoint (`POST /publish/`), one SSE event per publication.
-    Pushpin,
+    /// Pushpin's publish endpoint (`POST /publish/`), one item per publication, in the format
+    /// its subscribers read.
+    Pushpin(PushpinFormat),
     /// NATS core protocol over TCP, `PUB` on one connection.
     Nats,
+}
+
+/// What a Pushpin publish item carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushpinFormat {
+    /// `http-stream`: one SSE event (subscribers over SSE).
+    HttpStream,
+    /// `ws-message`: one WebSocket text message (subscribers over WebSocket).
+    WsMessage,
 }
 
 impl PublishKind {
     pub fn is_peer(&self) -> bool {
         !matches!(self, Self::Herald { .. })
     }
+
+    /// Takes several publications per request (`--batch` above 1): Herald and Pushpin.
+    pub fn takes_batches(&self) -> bool {
+        matches!(self, Self::Herald { .. } | Self::Pushpin(_))
+    }
 }
+
+/// Why `--batch` above 1 is refused for a peer.
+pub const BATCH_ERROR: &str =
+    "peers other than Pushpin take one publication per request (--batch 1)";
 
 /// What to publish, and where.
 #[derive(Debug)]
@@ -217,8 +236,8 @@ pub async fn run(
     if config.rate <= 0.0 || config.channels.is_empty() || config.batch == 0 {
         bail!("the publisher needs a rate above 0, channels and a batch above 0");
     }
-    if config.kind.is_peer() && config.batch != 1 && !matches!(config.kind, PublishKind::Pushpin) {
-        bail!("peers other than Pushpin take one publication per request (--batch 1)");
+    if config.batch != 1 && !config.kind.takes_batches() {
+        bail!(BATCH_ERROR);
     }
     if matches!(config.kind, PublishKind::Nats) {
         return Ok(peerpub::nats_run(&config, start, end, window).await);

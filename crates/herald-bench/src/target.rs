@@ -9,7 +9,7 @@
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::publisher::PublishKind;
+use crate::publisher::{PublishKind, PushpinFormat};
 use crate::pusher::PusherApp;
 use crate::worker::Transport;
 
@@ -33,6 +33,9 @@ pub enum Target {
     /// Pushpin: SSE through GRIP (bench/peers/pushpin origin), publishing to its HTTP
     /// publish endpoint (`--publish-url`, port 5561 by default).
     Pushpin,
+    /// Pushpin: WebSocket through GRIP (the same origin, over WebSocket-over-HTTP), publishing
+    /// `ws-message` items to the same endpoint.
+    PushpinWs,
 }
 
 impl Target {
@@ -45,6 +48,7 @@ impl Target {
             Self::Socketio => "socketio",
             Self::Sockudo => "sockudo",
             Self::Pushpin => "pushpin",
+            Self::PushpinWs => "pushpin-ws",
         }
     }
 
@@ -57,6 +61,7 @@ impl Target {
             Self::Socketio => Transport::Socketio,
             Self::Sockudo => Transport::Pusher,
             Self::Pushpin => Transport::PushpinSse,
+            Self::PushpinWs => Transport::PushpinWs,
         }
     }
 
@@ -74,7 +79,8 @@ impl Target {
             },
             Self::Ceiling | Self::WsNode | Self::Socketio => PublishKind::Post,
             Self::Nats => PublishKind::Nats,
-            Self::Pushpin => PublishKind::Pushpin,
+            Self::Pushpin => PublishKind::Pushpin(PushpinFormat::HttpStream),
+            Self::PushpinWs => PublishKind::Pushpin(PushpinFormat::WsMessage),
             Self::Sockudo => PublishKind::Pusher(PusherApp {
                 id: peer
                     .app_id

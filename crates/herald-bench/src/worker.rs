@@ -5,9 +5,9 @@
 //! [`crate::sseclient`]), each bound to the source address it was given, and what they count:
 //! deliveries, publish-to-receive latency, missed/duplicate offsets (Herald) or sequence
 //! numbers (peers), pings answered and disconnects. Herald's protocols are here; the peers'
-//! (NATS, Socket.IO, Pusher, Pushpin, the plain WebSocket of the ceiling and Node `ws`) are
-//! in [`crate::peersub`]. It runs one single-threaded runtime; everything is on one thread, so the
-//! shared state is a `RefCell`.
+//! (NATS, Socket.IO, Pusher, Pushpin over SSE and WebSocket, the plain WebSocket of the
+//! ceiling and Node `ws`) are in [`crate::peersub`]. It runs one single-threaded runtime;
+//! everything is on one thread, so the shared state is a `RefCell`.
 //!
 //! Talks to its parent over stdio, one JSON object per line ([`WorkerMessage`] out,
 //! [`Command`] in): `ready` once every subscriber is subscribed (or has failed), `window`
@@ -57,6 +57,8 @@ pub enum Transport {
     Pusher,
     /// SSE through Pushpin (`/stream/<channel>`, held by the GRIP origin).
     PushpinSse,
+    /// WebSocket through Pushpin (`/ws/<channel>`, subscribed by the GRIP origin).
+    PushpinWs,
 }
 
 impl Transport {
@@ -69,6 +71,7 @@ impl Transport {
             Self::Socketio => "socketio",
             Self::Pusher => "pusher",
             Self::PushpinSse => "pushpin-sse",
+            Self::PushpinWs => "pushpin-ws",
         }
     }
 
@@ -729,13 +732,13 @@ mod tests {
         assert!(host_of("http://").is_err());
     }
 
-    #[test]
-    fn report_counts_missed_by_final_offset() {
-        let mut state = State {
-            peer: false,
-            slots: (0..2)
+    /// A worker's state with one subscribed slot per channel, window 1,000..2,000 ns.
+    fn state(peer: bool, channels: usize, start: u64) -> State {
+        State {
+            peer,
+            slots: (0..channels)
                 .map(|channel| Slot {
-                    tracker: Tracker::new(10),
+                    tracker: Tracker::new(start),
                     seqs: SeqTracker::default(),
                     channel,
                     subscribed: true,
@@ -750,7 +753,12 @@ mod tests {
             pings: 0,
             closed: BTreeMap::new(),
             first_error: None,
-        };
+        }
+    }
+
+    #[test]
+    fn report_counts_missed_by_final_offset() {
+        let mut state = state(false, 2, 10);
         let publication = |offset, sent_ns| Received {
             channel: "c-0",
             offset,
@@ -775,24 +783,7 @@ mod tests {
 
     #[test]
     fn peers_count_by_sequence_number() {
-        let mut state = State {
-            peer: true,
-            slots: vec![Slot {
-                tracker: Tracker::default(),
-                seqs: SeqTracker::default(),
-                channel: 0,
-                subscribed: true,
-                open: true,
-            }],
-            histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
-            window: (1_000, 2_000),
-            deliveries: 0,
-            deliveries_in_window: 0,
-            foreign: 0,
-            pings: 0,
-            closed: BTreeMap::new(),
-            first_error: None,
-        };
+        let mut state = state(true, 1, 0);
         let message = |sent, seq| push::seq_payload(sent, seq, 80);
         state.on_peer_message(0, &message(1_500, 2), 5_000);
         state.on_peer_message(0, &message(1_600, 1), 5_000);
