@@ -14,6 +14,7 @@
 mod checkpoint;
 mod codec;
 mod config;
+mod inbox;
 mod reader;
 mod schema;
 mod stats;
@@ -39,13 +40,14 @@ pub use schema::{OpenError, SCHEMA_VERSION};
 pub use stats::StoreStats;
 
 use checkpoint::{Checkpointer, Signal, WalControl};
+use inbox::CommandSender;
 use reader::ReaderPool;
 use stats::Counters;
 use writer::{Command, Writer};
 
 /// History kept in `<data_dir>/herald.db`, written by one group-committing thread.
 pub struct SqliteHistoryStore {
-    commands: mpsc::Sender<Command>,
+    commands: CommandSender,
     writer: Mutex<Option<JoinHandle<()>>>,
     checkpointer: Mutex<Option<(mpsc::Sender<Signal>, JoinHandle<()>)>>,
     readers: Arc<ReaderPool>,
@@ -104,7 +106,7 @@ impl SqliteHistoryStore {
             counters.clone(),
             control,
         );
-        let (commands, queue) = mpsc::channel();
+        let (commands, queue) = inbox::channel();
         let handle = match thread::Builder::new()
             .name("herald-sqlite-writer".to_owned())
             .spawn(move || writer.run(queue))

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use herald_core::publication::{PublicationEvent, StreamPosition};
@@ -33,6 +33,7 @@ use tokio::sync::oneshot;
 
 use super::checkpoint::WalControl;
 use super::codec::{encode_extras, millis, to_i64, to_u64};
+use super::inbox::CommandInbox;
 use super::schema::SELECT_STREAM;
 use super::stats::Counters;
 
@@ -195,47 +196,20 @@ impl Writer {
     }
 
     /// The thread's body: batch, commit, notify; prune when due; ask for a WAL restart when
-    /// the WAL is over its bound. Returns on [`Command::Shutdown`] or when every sender is gone, after committing
-    /// what came before.
-    pub fn run(mut self, commands: Receiver<Command>) {
+    /// the WAL is over its bound. Returns on [`Command::Shutdown`] or when the sender is gone,
+    /// after committing what came before.
+    pub fn run(mut self, commands: CommandInbox) {
         let mut batch: Vec<Command> = Vec::with_capacity(self.max_batch);
         let mut next_prune = Instant::now() + self.prune_interval;
         let mut next_wal_check = Instant::now();
         loop {
-            let mut stop = false;
             // Waking at the prune deadline even when idle is what makes TTL pruning happen
             // on a quiet server.
-            let first = commands.recv_timeout(next_prune.saturating_duration_since(Instant::now()));
-            let mut next = match first {
-                Ok(command) => Some(command),
-                Err(RecvTimeoutError::Disconnected) => {
-                    stop = true;
-                    None
-                }
-                Err(RecvTimeoutError::Timeout) => None,
+            let stop = match commands.recv_until(next_prune) {
+                Ok(first) => self.gather(first, &commands, &mut batch),
+                Err(RecvTimeoutError::Disconnected) => true,
+                Err(RecvTimeoutError::Timeout) => false,
             };
-            // Group commit: everything that queued up while the previous batch was
-            // committing goes into this one, and under load what arrives within `LINGER`.
-            let mut linger_until = None;
-            while let Some(command) = next.take() {
-                match command {
-                    Command::Shutdown => {
-                        stop = true;
-                        break;
-                    }
-                    command => batch.push(command),
-                }
-                if batch.len() >= self.max_batch {
-                    break;
-                }
-                next = commands.try_recv().ok();
-                if next.is_none() && batch.len() >= LINGER_MIN_BATCH {
-                    let until = *linger_until.get_or_insert_with(|| Instant::now() + LINGER);
-                    next = commands
-                        .recv_timeout(until.saturating_duration_since(Instant::now()))
-                        .ok();
-                }
-            }
             if !batch.is_empty() {
                 self.run_batch(&mut batch);
                 // A `stat` per batch was 2% of the writer's time; the WAL grows by a few MB
@@ -262,6 +236,42 @@ impl Writer {
         // Commands queued after Shutdown are dropped with the receiver; their callers see
         // the store as closed.
         tracing::debug!("sqlite history writer stopped");
+    }
+
+    /// Group commit: fills `batch` with `first`, everything that queued up while the
+    /// previous batch was committing, and under load what arrives within [`LINGER`]. True
+    /// when a [`Command::Shutdown`] was met: what came before it is in the batch, what came
+    /// after it is dropped (those callers see the store as closed).
+    fn gather(&self, first: Command, commands: &CommandInbox, batch: &mut Vec<Command>) -> bool {
+        if matches!(first, Command::Shutdown) {
+            return true;
+        }
+        batch.push(first);
+        let mut linger_until = None;
+        while batch.len() < self.max_batch {
+            let before = batch.len();
+            commands.take_queued(batch, self.max_batch - before);
+            if let Some(at) = batch[before..]
+                .iter()
+                .position(|command| matches!(command, Command::Shutdown))
+            {
+                batch.truncate(before + at);
+                return true;
+            }
+            if batch.len() > before {
+                continue;
+            }
+            if batch.len() < LINGER_MIN_BATCH {
+                break;
+            }
+            let until = *linger_until.get_or_insert_with(|| Instant::now() + LINGER);
+            match commands.recv_until(until) {
+                Ok(Command::Shutdown) => return true,
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        false
     }
 
     fn run_batch(&mut self, batch: &mut Vec<Command>) {
