@@ -159,15 +159,24 @@ fn paired_ratio(herald: &BTreeMap<u64, f64>, ceiling: &BTreeMap<u64, f64>) -> Op
     median(&ratios)
 }
 
-fn fanout_cell(cell: &Cell<'_>, ceiling: Option<&Cell<'_>>) -> String {
+/// The median of `path` over a cell's runs, or what to show instead: a dash when the target
+/// was not measured, the failure when no run reported it.
+fn headline(cell: &Cell<'_>, path: &str) -> Result<f64, String> {
     if cell.runs.is_empty() {
-        return "–".to_owned();
+        return Err("–".to_owned());
     }
-    let Some(deliveries) = median(&cell.values("/deliveries_per_sec")) else {
-        return format!(
+    median(&cell.values(path)).ok_or_else(|| {
+        format!(
             "failed ({})",
             cell.failure().unwrap_or_else(|| "no report".to_owned())
-        );
+        )
+    })
+}
+
+fn fanout_cell(cell: &Cell<'_>, ceiling: Option<&Cell<'_>>) -> String {
+    let deliveries = match headline(cell, "/deliveries_per_sec") {
+        Ok(deliveries) => deliveries,
+        Err(text) => return text,
     };
     // Offered: the target rate to every subscriber. A server that is slow to answer its
     // publish requests also gets fewer publications than the target (the publisher keeps a
@@ -216,14 +225,9 @@ fn fanout_cell(cell: &Cell<'_>, ceiling: Option<&Cell<'_>>) -> String {
 }
 
 fn idle_cell(cell: &Cell<'_>, ceiling: Option<&Cell<'_>>) -> String {
-    if cell.runs.is_empty() {
-        return "–".to_owned();
-    }
-    let Some(bytes) = median(&cell.values("/bytes_per_connection")) else {
-        return format!(
-            "failed ({})",
-            cell.failure().unwrap_or_else(|| "no report".to_owned())
-        );
+    let bytes = match headline(cell, "/bytes_per_connection") {
+        Ok(bytes) => bytes,
+        Err(text) => return text,
     };
     let mut text = format!("**{}**", size(bytes));
     let closed: f64 = cell.values("/setup/failed").iter().sum();

@@ -466,18 +466,12 @@ async fn missing_pongs_disconnect_and_pongs_keep_alive() {
     );
 }
 
-/// The pong deadline starts when the ping reaches the socket, not when it is queued: a
-/// healthy client that is busy reading a backlog longer than `pong_timeout` is not taken for
-/// dead (it used to be closed with 3012 while the ping still sat behind the backlog).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_behind_a_backlog_is_not_taken_for_dead() {
-    let mut config = config();
-    config.client.ping_interval = herald_core::duration::HumanDuration::from_secs(3);
-    config.client.pong_timeout = herald_core::duration::HumanDuration::from_secs(2);
-    config.client.max_queue_bytes = 32 << 20;
-    let server = TestServer::start_with(config, None).await;
-    // A small receive buffer, so that the backlog waits in the server's queue rather than in
-    // the client's kernel.
+/// A subscriber to `channel` whose socket has a 4 KiB receive buffer, so that what it does
+/// not read waits in the server's queue rather than in the client's kernel.
+async fn small_buffer_subscriber(
+    server: &TestServer,
+    channel: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
     let address: std::net::SocketAddr = server
         .url
         .trim_start_matches("http://")
@@ -491,22 +485,41 @@ async fn a_client_behind_a_backlog_is_not_taken_for_dead() {
         .await
         .expect("upgrade");
     let connect = json!({"id": 1, "connect": {"token": token("alice", 3600)}});
-    let subscribe = json!({"id": 2, "subscribe": {"channel": "backlog"}});
+    let subscribe = json!({"id": 2, "subscribe": {"channel": channel}});
     socket
         .send(Message::text(format!("{connect}\n{subscribe}")))
         .await
         .expect("send");
-    let started = tokio::time::Instant::now();
-    // ~10 MB while the client reads nothing: past the kernel buffers, inside the queue budget.
-    let chunk = "z".repeat(1000);
-    let total = 10_000;
-    for batch in 0..total / 100 {
+    socket
+}
+
+/// Publishes `count` publications of about 1 KB each to `channel`, 100 per batch request.
+async fn publish_padded(server: &TestServer, channel: &str, count: usize) {
+    let pad = "p".repeat(1000);
+    for batch in 0..count / 100 {
         let commands: Vec<Value> = (0..100)
-            .map(|i| json!({"publish": {"channel": "backlog", "data": {"i": batch * 100 + i, "pad": chunk}}}))
+            .map(|i| json!({"publish": {"channel": channel, "data": {"i": batch * 100 + i, "pad": pad}}}))
             .collect();
         let (status, _) = server.call("batch", json!({"commands": commands})).await;
         assert_eq!(status, 200);
     }
+}
+
+/// The pong deadline starts when the ping reaches the socket, not when it is queued: a
+/// healthy client that is busy reading a backlog longer than `pong_timeout` is not taken for
+/// dead (it used to be closed with 3012 while the ping still sat behind the backlog).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_a_backlog_is_not_taken_for_dead() {
+    let mut config = config();
+    config.client.ping_interval = herald_core::duration::HumanDuration::from_secs(3);
+    config.client.pong_timeout = herald_core::duration::HumanDuration::from_secs(2);
+    config.client.max_queue_bytes = 32 << 20;
+    let server = TestServer::start_with(config, None).await;
+    let mut socket = small_buffer_subscriber(&server, "backlog").await;
+    let started = tokio::time::Instant::now();
+    // ~10 MB while the client reads nothing: past the kernel buffers, inside the queue budget.
+    let total = 10_000;
+    publish_padded(&server, "backlog", total).await;
     // Stay away past the first ping (3 s) plus its pong timeout (2 s), then read it all.
     tokio::time::sleep_until(started + Duration::from_millis(5500)).await;
     let mut received = 0;
@@ -547,33 +560,9 @@ async fn a_reader_that_stops_without_filling_its_queue_is_dropped() {
     let mut config = config();
     config.client.max_queue_bytes = 32 << 20;
     let server = TestServer::start_with(config, None).await;
-    let address: std::net::SocketAddr = server
-        .url
-        .trim_start_matches("http://")
-        .parse()
-        .expect("address");
-    let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
-    tcp.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    let stream = tcp.connect(address).await.expect("connect");
-    let url = format!("ws://{address}/connection/websocket");
-    let (mut socket, _) = tokio_tungstenite::client_async(url, stream)
-        .await
-        .expect("upgrade");
-    let connect = json!({"id": 1, "connect": {"token": token("alice", 3600)}});
-    let subscribe = json!({"id": 2, "subscribe": {"channel": "stuck"}});
-    socket
-        .send(Message::text(format!("{connect}\n{subscribe}")))
-        .await
-        .expect("send");
+    let socket = small_buffer_subscriber(&server, "stuck").await;
     // ~8 MB, never read: past the kernel buffers, far under the 32 MiB queue budget.
-    let chunk = "s".repeat(1000);
-    for batch in 0..80 {
-        let commands: Vec<Value> = (0..100)
-            .map(|i| json!({"publish": {"channel": "stuck", "data": {"i": batch * 100 + i, "pad": chunk}}}))
-            .collect();
-        let (status, _) = server.call("batch", json!({"commands": commands})).await;
-        assert_eq!(status, 200);
-    }
+    publish_padded(&server, "stuck", 8_000).await;
     let connections = || {
         server
             .state
@@ -603,12 +592,7 @@ async fn a_stalled_reader_is_cut_off_as_slow() {
         .await;
     // Publish ~12 MB while the client reads nothing: more than the kernel buffers and the
     // 256 KiB queue budget together.
-    let chunk = "y".repeat(900);
-    for batch in 0..120 {
-        let commands: Vec<Value> = (0..100).map(|i| json!({"publish": {"channel": "firehose", "data": {"i": batch * 100 + i, "pad": chunk}}})).collect();
-        let (status, _) = server.call("batch", json!({"commands": commands})).await;
-        assert_eq!(status, 200);
-    }
+    publish_padded(&server, "firehose", 12_000).await;
     let dropped = server
         .state
         .node
