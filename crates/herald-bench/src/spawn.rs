@@ -59,6 +59,62 @@ pub fn plan(
         .collect()
 }
 
+/// The flags every worker process gets, whatever its scenario (`fanout-worker`,
+/// `storm-worker`): where to connect, which subscribers are its own, from which address, and
+/// how many connections it sets up at once.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct WorkerShare {
+    /// Server base URL, e.g. http://127.0.0.1:8000.
+    #[arg(long)]
+    pub url: String,
+    /// Channel names are PREFIX-<index>.
+    #[arg(long)]
+    pub prefix: String,
+    /// Index of this worker's first subscriber.
+    #[arg(long)]
+    pub first: usize,
+    /// Subscribers in this worker.
+    #[arg(long)]
+    pub count: usize,
+    /// Local address every socket is bound to before it connects.
+    #[arg(long)]
+    pub source_ip: IpAddr,
+    /// Connections being set up at once.
+    #[arg(long, default_value_t = 64)]
+    pub connect_concurrency: usize,
+}
+
+impl WorkerShare {
+    pub fn new(url: &str, prefix: &str, plan: &WorkerPlan, connect_concurrency: usize) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+            first: plan.first,
+            count: plan.count,
+            source_ip: plan.source_ip,
+            connect_concurrency,
+        }
+    }
+
+    /// The same flags, for the worker's command line.
+    pub fn to_args(&self) -> [String; 12] {
+        [
+            "--url".into(),
+            self.url.clone(),
+            "--prefix".into(),
+            self.prefix.clone(),
+            "--first".into(),
+            self.first.to_string(),
+            "--count".into(),
+            self.count.to_string(),
+            "--source-ip".into(),
+            self.source_ip.to_string(),
+            "--connect-concurrency".into(),
+            self.connect_concurrency.to_string(),
+        ]
+    }
+}
+
 /// What every worker of a run shares.
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
@@ -101,17 +157,12 @@ impl WorkerSet {
             let mut command = tokio::process::Command::new(&exe);
             command
                 .arg("fanout-worker")
-                .args(["--url", &spec.url])
+                .args(
+                    WorkerShare::new(&spec.url, &spec.prefix, plan, spec.connect_concurrency)
+                        .to_args(),
+                )
                 .args(["--transport", spec.transport.name()])
-                .args(["--prefix", &spec.prefix])
-                .args(["--first", &plan.first.to_string()])
-                .args(["--count", &plan.count.to_string()])
                 .args(["--channels", &spec.channels.to_string()])
-                .args(["--source-ip", &plan.source_ip.to_string()])
-                .args([
-                    "--connect-concurrency",
-                    &spec.connect_concurrency.to_string(),
-                ])
                 .args(spec.connect_only.then_some("--connect-only"))
                 .args(
                     spec.app_key
@@ -235,6 +286,26 @@ async fn next_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct WorkerCommandLine {
+        #[command(flatten)]
+        share: WorkerShare,
+    }
+
+    #[test]
+    fn a_worker_parses_back_the_share_its_parent_gave_it() {
+        let plans = plan(40, 3_000, 1_000, 4, 1);
+        let given = WorkerShare::new("http://127.0.0.1:8000", "fan-7", &plans[2], 16);
+        let parsed = WorkerCommandLine::try_parse_from(
+            std::iter::once("fanout-worker".to_owned()).chain(given.to_args()),
+        )
+        .expect("the worker accepts its parent's flags");
+        assert_eq!(parsed.share, given);
+        assert_eq!(parsed.share.first, 2_040);
+        assert_eq!(parsed.share.source_ip.to_string(), "127.0.0.4");
+    }
 
     #[test]
     fn plans_spread_evenly_over_workers_and_addresses() {

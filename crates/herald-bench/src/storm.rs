@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::rawhttp::{RawConnection, encode_post};
-use crate::spawn::{self, WorkerPlan};
+use crate::spawn::{self, WorkerPlan, WorkerShare};
 use crate::sysstat::{self, CpuSample};
 use crate::worker::{emit, host_of, resolve};
 
@@ -77,20 +77,10 @@ pub struct StormArgs {
 /// Flags of `herald-bench storm-worker` (set by the parent).
 #[derive(Debug, Clone, clap::Args)]
 pub struct StormWorkerArgs {
-    #[arg(long)]
-    pub url: String,
-    #[arg(long)]
-    pub prefix: String,
-    #[arg(long)]
-    pub first: usize,
-    #[arg(long)]
-    pub count: usize,
+    #[command(flatten)]
+    pub share: WorkerShare,
     #[arg(long)]
     pub missed: usize,
-    #[arg(long)]
-    pub source_ip: IpAddr,
-    #[arg(long)]
-    pub connect_concurrency: usize,
     #[arg(long, value_parser = crate::parse_duration)]
     pub deadline: Duration,
 }
@@ -330,15 +320,8 @@ impl StormWorker {
         let mut command = tokio::process::Command::new(exe);
         command
             .arg("storm-worker")
-            .args(["--url", &args.url, "--prefix", prefix])
-            .args(["--first", &plan.first.to_string()])
-            .args(["--count", &plan.count.to_string()])
+            .args(WorkerShare::new(&args.url, prefix, plan, args.connect_concurrency).to_args())
             .args(["--missed", &args.missed.to_string()])
-            .args(["--source-ip", &plan.source_ip.to_string()])
-            .args([
-                "--connect-concurrency",
-                &args.connect_concurrency.to_string(),
-            ])
             .args(["--deadline", &format!("{}s", args.deadline.as_secs_f64())])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -415,13 +398,13 @@ pub fn run_worker(args: &StormWorkerArgs) -> anyhow::Result<()> {
 }
 
 async fn worker(args: &StormWorkerArgs) -> anyhow::Result<()> {
-    let host = host_of(&args.url)?;
+    let host = host_of(&args.share.url)?;
     let address = resolve(&host).await?;
     let host = host.as_str();
     // The storm reconnects from other source addresses: the dropped connections' ports sit in
     // TIME_WAIT on the first ones, and binding next to thousands of them makes the kernel's
     // port search (not the server) the bottleneck.
-    let storm_ip = match args.source_ip {
+    let storm_ip = match args.share.source_ip {
         IpAddr::V4(ip) => {
             let [a, b, c, d] = ip.octets();
             IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d.wrapping_add(100)))
@@ -429,14 +412,14 @@ async fn worker(args: &StormWorkerArgs) -> anyhow::Result<()> {
         other => other,
     };
     let mut stdin = crate::worker::stdin_lines();
-    let channels: Vec<String> = (args.first..args.first + args.count)
-        .map(|i| format!("{}-{i}", args.prefix))
+    let channels: Vec<String> = (args.share.first..args.share.first + args.share.count)
+        .map(|i| format!("{}-{i}", args.share.prefix))
         .collect();
     // 1. Connect and subscribe; keep each connection alive (answering pings) in a task.
     let outcomes = futures::stream::iter(channels.iter().cloned())
         .map(|channel| async move {
             let setup = async {
-                let mut ws = connect(address, args.source_ip, host).await?;
+                let mut ws = connect(address, args.share.source_ip, host).await?;
                 let (reply, _) = resume(&mut ws, &channel, None).await?;
                 Ok::<_, String>((ws, reply))
             };
@@ -450,7 +433,7 @@ async fn worker(args: &StormWorkerArgs) -> anyhow::Result<()> {
             let holder = tokio::task::spawn_local(hold(ws));
             Ok::<_, String>((position, holder))
         })
-        .buffered(args.connect_concurrency.max(1))
+        .buffered(args.share.connect_concurrency.max(1))
         .collect::<Vec<_>>()
         .await;
     let mut positions = Vec::with_capacity(outcomes.len());
@@ -500,7 +483,7 @@ async fn worker(args: &StormWorkerArgs) -> anyhow::Result<()> {
             let outcome = tokio::time::timeout_at((signal + deadline).into(), attempt).await;
             (position, signal.elapsed(), outcome)
         })
-        .buffer_unordered(args.connect_concurrency.max(1))
+        .buffer_unordered(args.share.connect_concurrency.max(1))
         .collect::<Vec<_>>()
         .await;
     let mut report = WorkerReport::default();

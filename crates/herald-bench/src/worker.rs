@@ -33,6 +33,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::peersub;
 use crate::push::{self, Received, SeqTracker, Tracker, WsLine};
+use crate::spawn::WorkerShare;
 use crate::sseclient::{SseClient, connect_from};
 
 mod sse;
@@ -84,29 +85,13 @@ impl Transport {
 /// Flags of `herald-bench fanout-worker` (set by the parent).
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
-    /// Server base URL, e.g. http://127.0.0.1:8000.
-    #[arg(long)]
-    pub url: String,
+    #[command(flatten)]
+    pub share: WorkerShare,
     #[arg(long, value_enum)]
     pub transport: Transport,
-    /// Channel names are PREFIX-<index>.
-    #[arg(long)]
-    pub prefix: String,
-    /// Index of this worker's first subscriber.
-    #[arg(long)]
-    pub first: usize,
-    /// Subscribers in this worker.
-    #[arg(long)]
-    pub count: usize,
     /// Subscriber i listens on channel i % CHANNELS.
     #[arg(long)]
     pub channels: usize,
-    /// Local address every socket is bound to before it connects.
-    #[arg(long)]
-    pub source_ip: IpAddr,
-    /// Connections being set up at once.
-    #[arg(long, default_value_t = 64)]
-    pub connect_concurrency: usize,
     /// Time one connection may take to connect and subscribe.
     #[arg(long, default_value = "20s", value_parser = crate::parse_duration)]
     pub connect_timeout: Duration,
@@ -364,25 +349,25 @@ async fn run_local(args: &WorkerArgs) -> anyhow::Result<()> {
     if args.channels == 0 {
         anyhow::bail!("--channels must be above 0");
     }
-    let host = host_of(&args.url)?;
+    let host = host_of(&args.share.url)?;
     let addr = resolve(&host).await?;
     let ctx = Rc::new(Ctx {
         addr,
         host,
-        source_ip: args.source_ip,
+        source_ip: args.share.source_ip,
         transport: args.transport,
         app_key: args.app_key.clone(),
         token: args.token.clone(),
-        connect_limit: Semaphore::new(args.connect_concurrency.max(1)),
+        connect_limit: Semaphore::new(args.share.connect_concurrency.max(1)),
         connect_timeout: args.connect_timeout,
         connect_only: args.connect_only,
         state: RefCell::new(State {
             peer: args.transport.is_peer(),
-            slots: (0..args.count)
+            slots: (0..args.share.count)
                 .map(|i| Slot {
                     tracker: Tracker::default(),
                     seqs: SeqTracker::default(),
-                    channel: (args.first + i) % args.channels,
+                    channel: (args.share.first + i) % args.channels,
                     subscribed: false,
                     open: false,
                 })
@@ -400,8 +385,11 @@ async fn run_local(args: &WorkerArgs) -> anyhow::Result<()> {
     });
     let started = Instant::now();
     let (outcomes, mut results) = mpsc::unbounded_channel();
-    for slot in 0..args.count {
-        let channel = channel_name(&args.prefix, (args.first + slot) % args.channels);
+    for slot in 0..args.share.count {
+        let channel = channel_name(
+            &args.share.prefix,
+            (args.share.first + slot) % args.channels,
+        );
         tokio::task::spawn_local(subscriber(ctx.clone(), slot, channel, outcomes.clone()));
     }
     drop(outcomes);
