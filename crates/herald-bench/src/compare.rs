@@ -118,6 +118,17 @@ impl Cell<'_> {
             .collect()
     }
 
+    /// Like [`Self::values`], from the runs that delivered something: a run in which nothing
+    /// arrived within the drain has no latency and no cost per delivery (its report says 0).
+    fn values_delivered(&self, pointer: &str) -> Vec<f64> {
+        self.runs
+            .iter()
+            .filter_map(|r| r.report.as_ref())
+            .filter(|rep| num(rep, "/deliveries_per_sec").is_some_and(|d| d > 0.0))
+            .filter_map(|rep| num(rep, pointer))
+            .collect()
+    }
+
     /// Per run: the target publication rate × subscribers per channel.
     fn offered(&self) -> Vec<f64> {
         self.runs
@@ -189,10 +200,12 @@ fn fanout_cell(cell: &Cell<'_>, ceiling: Option<&Cell<'_>>) -> String {
             100.0 * deliveries / offered
         ));
     }
-    if let Some(p99) = median(&cell.values("/latency/p99_us")) {
+    if let Some(p99) = median(&cell.values_delivered("/latency/p99_us")) {
         text.push_str(&format!("<br>p99 {}", ms(p99)));
+    } else {
+        text.push_str("<br>nothing arrived within the drain");
     }
-    if let Some(cpu) = median(&cell.values("/server_cpu_us_per_delivery")) {
+    if let Some(cpu) = median(&cell.values_delivered("/server_cpu_us_per_delivery")) {
         text.push_str(&format!("<br>{cpu:.2} µs CPU/delivery"));
     }
     if let Some(missed) = median(&cell.values("/missed"))
@@ -386,6 +399,30 @@ mod tests {
         );
         assert!(rows[2].contains("**80,000/s** (40% of offered)<br>p99 0.90 s"));
         assert!(rows[2].contains("failed (exit 1)"));
+        let nothing = super::table(
+            &[
+                line("b", "pushpin-ws", 1, 0.0, 0.0, 0.0),
+                line("b", "pushpin-ws", 2, 4000.0, 9e6, 400.0),
+            ]
+            .join("\n"),
+            &["pushpin-ws".to_owned()],
+            "ceiling",
+        )
+        .expect("table");
+        assert!(
+            nothing.contains("**2,000/s** (1% of offered)<br>p99 9.00 s<br>400.00 µs CPU/delivery"),
+            "a run without deliveries has no latency to count: {nothing}"
+        );
+        let none = super::table(
+            &line("b", "pushpin-ws", 1, 0.0, 0.0, 0.0),
+            &["pushpin-ws".to_owned()],
+            "ceiling",
+        )
+        .expect("table");
+        assert!(
+            none.contains("**0/s** (0% of offered)<br>nothing arrived within the drain |"),
+            "{none}"
+        );
         assert!(
             rows[3].contains("**6.3 KiB**<br>2.6× ceiling"),
             "{}",

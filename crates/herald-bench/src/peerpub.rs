@@ -206,7 +206,12 @@ pub async fn nats_run(
             break;
         }
         tokio::time::sleep_until(due.into()).await;
-        let lag = Instant::now().saturating_duration_since(due).as_micros();
+        let now = Instant::now();
+        if now >= end {
+            outcome.unsent_late += 1;
+            continue;
+        }
+        let lag = now.saturating_duration_since(due).as_micros();
         outcome.max_lag_us = outcome
             .max_lag_us
             .max(u64::try_from(lag).unwrap_or(u64::MAX));

@@ -95,6 +95,10 @@ pub struct PublishOutcome {
     pub first_error: Option<String>,
     /// Largest delay of a request behind its schedule, in microseconds.
     pub max_lag_us: u64,
+    /// Publications due before the end that the target's slow answers held back until after
+    /// it: not sent at all, since after the window they would count on neither side and
+    /// only lengthen the drain (a saturated peer's run ends on time).
+    pub unsent_late: u64,
     /// Per channel index, the highest offset a reply reported (0: none).
     #[serde(skip)]
     pub final_offsets: Vec<u64>,
@@ -285,6 +289,11 @@ async fn connection_loop(
         }
         tokio::time::sleep_until(due.into()).await;
         let now = Instant::now();
+        if now >= end {
+            lock(&outcome).unsent_late += config.batch as u64;
+            j += step;
+            continue;
+        }
         let lag = u64::try_from(now.saturating_duration_since(due).as_micros()).unwrap_or(u64::MAX);
         let sent_ns = push::now_ns();
         let in_window = sent_ns >= window.0 && sent_ns < window.1;
@@ -387,6 +396,55 @@ mod tests {
             .map(|c| c["publish"]["channel"].as_str().expect("channel"))
             .collect();
         assert_eq!(channels, ["fan-2", "fan-3", "fan-4", "fan-5"]);
+    }
+
+    /// A target that takes 100 ms to answer each publish (10/s) against 100/s offered: the
+    /// run still ends at `end`, and what was due but held back is counted, not sent late.
+    #[tokio::test]
+    async fn a_slow_target_gets_nothing_after_the_end() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut buf = vec![0u8; 65536];
+            let mut requests = 0u64;
+            // One request per read is enough: the publisher waits for each reply.
+            while let Ok(n) = socket.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                requests += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let body = format!(r#"{{"result":{{"offset":{requests},"epoch":"e"}}}}"#);
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if socket.write_all(reply.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            requests
+        });
+        let config = Arc::new(PublisherConfig {
+            addr,
+            ..config(1, 1)
+        });
+        let start = Instant::now();
+        let end = start + Duration::from_millis(500);
+        let window = (push::now_ns(), push::now_ns() + 500_000_000);
+        let outcome = run(config, start, end, window).await.expect("run");
+        let finished = start.elapsed();
+        // Due before the end: j = 0..50. The last request sent may end up to 100 ms late.
+        assert!(finished < Duration::from_millis(700), "took {finished:?}");
+        assert_eq!(outcome.publications + outcome.unsent_late, 50);
+        assert!((4..=6).contains(&outcome.publications), "{outcome:?}");
+        assert_eq!(outcome.final_offsets, [outcome.publications]);
+        assert_eq!(outcome.errors, 0);
+        drop(server);
     }
 
     #[test]
