@@ -21,6 +21,8 @@ mod summary;
 mod sysstat;
 mod table;
 mod target;
+#[cfg(test)]
+mod testserver;
 mod worker;
 
 use std::process::ExitCode;

@@ -403,12 +403,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_target_gets_nothing_after_the_end() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.expect("accept");
+        let (addr, server) = crate::testserver::serve_one(|mut socket| async move {
             let mut buf = vec![0u8; 65536];
             let mut requests = 0u64;
             // One request per read is enough: the publisher waits for each reply.
@@ -428,7 +423,8 @@ mod tests {
                 }
             }
             requests
-        });
+        })
+        .await;
         let config = Arc::new(PublisherConfig {
             addr,
             ..config(1, 1)

@@ -233,12 +233,7 @@ mod tests {
 
     #[tokio::test]
     async fn round_trips_over_keep_alive() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.expect("accept");
+        let (addr, server) = crate::testserver::serve_one(|mut socket| async move {
             let mut seen = Vec::new();
             let mut buf = [0u8; 4096];
             // Two requests on one connection, the second reply split in two writes.
@@ -254,7 +249,8 @@ mod tests {
                 socket.write_all(second).await.expect("write");
             }
             seen
-        });
+        })
+        .await;
         let mut conn = RawConnection::connect(addr).await.expect("connect");
         let request = encode_post("/api/publish", "x", "key", b"{}");
         let reply = conn.round_trip(&request).await.expect("first");

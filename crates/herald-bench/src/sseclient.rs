@@ -320,12 +320,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_a_chunked_event_stream() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.expect("accept");
+        let (addr, server) = crate::testserver::serve_one(|mut socket| async move {
             let mut buf = [0u8; 1024];
             let n = socket.read(&mut buf).await.expect("read");
             let head = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -345,7 +340,8 @@ mod tests {
             }
             socket.write_all(b"0\r\n\r\n").await.expect("write");
             head
-        });
+        })
+        .await;
         let stream = connect_from("127.0.0.1".parse().expect("ip"), addr)
             .await
             .expect("connect");
