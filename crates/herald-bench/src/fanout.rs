@@ -469,14 +469,18 @@ impl FanoutReport {
             self.foreign
         );
         let l = &self.latency;
-        println!(
-            "  latency:        p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
-            ms(l.p50_us),
-            ms(l.p90_us),
-            ms(l.p99_us),
-            ms(l.p999_us),
-            ms(l.max_us)
-        );
+        if self.deliveries == 0 {
+            println!("  latency:        none: nothing arrived within the drain");
+        } else {
+            println!(
+                "  latency:        p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+                ms(l.p50_us),
+                ms(l.p90_us),
+                ms(l.p99_us),
+                ms(l.p999_us),
+                ms(l.max_us)
+            );
+        }
         println!(
             "  connections:    {} still open, ended early: {:?}, pings {}{}",
             self.still_open,
