@@ -465,6 +465,21 @@ async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<Exi
     } else {
         "http"
     };
+    let shutdown_timeout = config.server.shutdown_timeout.as_duration();
+    // Revocations are kept where history is: in the data folder with SQLite, in memory
+    // (forgotten on restart, like everything else) with the memory engine.
+    let revocations_file = matches!(config.storage.engine, Engine::Sqlite).then(|| {
+        config
+            .storage
+            .data_dir
+            .join(herald_server::jwt::revocation::REVOCATIONS_FILE)
+    });
+    let state = Arc::new(AppState::new(node.clone(), config, api_keys));
+    if let Some(path) = revocations_file {
+        let now = herald_core::time::now_ms() / 1000;
+        let loaded = state.tokens.revocations.persist_to(&path, now)?;
+        tracing::info!(path = %path.display(), loaded, "token revocations loaded");
+    }
     println!(
         "Herald {} listening on {scheme}://{addr}",
         env!("CARGO_PKG_VERSION")
@@ -480,8 +495,6 @@ async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<Exi
         None => println!("  API key: from configuration"),
     }
     tracing::info!(%addr, "herald started");
-    let shutdown_timeout = config.server.shutdown_timeout.as_duration();
-    let state = Arc::new(AppState::new(node.clone(), config, api_keys));
     let realtime = state.realtime.clone();
     #[cfg(unix)]
     {

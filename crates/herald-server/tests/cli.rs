@@ -491,3 +491,109 @@ secret = "{configured}"
     server.signal(SIGTERM);
     assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
 }
+
+/// A revoked token stays revoked across a restart (SQLite engine: the revocations are kept
+/// in the data folder), and a damaged revocations file stops the start instead of being
+/// forgotten.
+#[tokio::test]
+async fn revocations_survive_a_restart() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = "revocation-admin-key-0123456789";
+    // Generated per run: no secret in the repository.
+    let secret = format!("{:032x}", rand_u128());
+    std::fs::write(
+        dir.path().join("herald.toml"),
+        format!("[api]\nkeys = [\"{key}\"]\n[token]\nhmac_secret = \"{secret}\"\n"),
+    )
+    .expect("write config");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let sign = |claims: Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("sign")
+    };
+    let connects = |url: String, token: String| async move {
+        let ws_url = format!("{}/connection/websocket", url.replace("http://", "ws://"));
+        let (mut socket, _) = tokio_tungstenite::connect_async(ws_url).await.expect("ws");
+        socket
+            .send(Message::text(
+                json!({"id": 1, "connect": {"token": token}}).to_string(),
+            ))
+            .await
+            .expect("send");
+        match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => text.as_str().contains("\"connect\""),
+            Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                assert_eq!(u16::from(frame.code), 3500, "refused as unauthorized");
+                false
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let revoked = sign(json!({"sub": "alice", "exp": now + 600, "jti": "t-1", "iat": now}));
+    let bobs_old = sign(json!({"sub": "bob", "exp": now + 600, "iat": now - 10}));
+
+    let mut server = ServerProcess::start(&["--listen", "127.0.0.1:0"], dir.path());
+    assert!(connects(server.url.clone(), revoked.clone()).await);
+    post(
+        &server.url,
+        key,
+        "revoke_token",
+        json!({"uid": "t-1", "expire_at": now + 600}),
+    )
+    .await;
+    post(
+        &server.url,
+        key,
+        "invalidate_user_tokens",
+        json!({"user": "bob", "issued_before": now, "expire_at": now + 600}),
+    )
+    .await;
+    assert!(!connects(server.url.clone(), revoked.clone()).await);
+    server.signal(SIGTERM);
+    assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
+
+    let mut server = ServerProcess::start(&["--listen", "127.0.0.1:0"], dir.path());
+    assert!(
+        !connects(server.url.clone(), revoked.clone()).await,
+        "still revoked after the restart"
+    );
+    assert!(
+        !connects(server.url.clone(), bobs_old).await,
+        "bob's older tokens still invalidated"
+    );
+    let fresh = sign(json!({"sub": "alice", "exp": now + 600, "jti": "t-2", "iat": now}));
+    assert!(
+        connects(server.url.clone(), fresh).await,
+        "other tokens work"
+    );
+    server.signal(SIGTERM);
+    assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
+
+    let file = dir.path().join("herald-data/revocations.jsonl");
+    let kept = std::fs::read_to_string(&file).expect("revocations file");
+    assert_eq!(kept.lines().count(), 2, "{kept}");
+    std::fs::write(&file, format!("garbage\n{kept}")).expect("damage it");
+    let (code, stdout, stderr) = run(&["serve", "--listen", "127.0.0.1:0"], dir.path());
+    assert_ne!(code, 0, "must not start without its revocations: {stdout}");
+    assert!(
+        stderr.contains("revocations.jsonl") && stderr.contains("line 1"),
+        "{stderr}"
+    );
+}
+
+/// A random number from the OS (tests generate their secrets at run time).
+fn rand_u128() -> u128 {
+    let mut bytes = [0u8; 16];
+    let mut file = std::fs::File::open("/dev/urandom").expect("urandom");
+    std::io::Read::read_exact(&mut file, &mut bytes).expect("read");
+    u128::from_le_bytes(bytes)
+}
