@@ -396,29 +396,62 @@ struct Reload {
 }
 
 impl Reload {
-    /// Re-reads the config and swaps in its API keys (the generated key, when there was one,
-    /// is kept, since it lives outside the config). Errors keep the keys in use.
-    fn api_keys(&self, state: &AppState, generated: Option<&str>) {
-        let result = Config::load(self.path.as_deref(), &self.overrides)
-            .map_err(|e| e.to_string())
-            .and_then(|mut config| {
-                if let Some(key) = generated
-                    && !config.api.has_keys()
-                {
-                    config.api.keys.push(key.to_owned());
-                }
-                config.api.api_keys().map_err(|e| e.to_string())
-            });
-        match result {
+    /// Re-reads the config and swaps in its API keys and its token keys. Secrets `serve`
+    /// generated are kept, since they live outside the config, under the same rules as at
+    /// start-up. A config that does not load keeps everything in use; keys that do not build
+    /// keep the ones of their kind in use.
+    fn apply(&self, state: &AppState, generated: Option<&GeneratedSecrets>, generated_key: bool) {
+        let mut config = match Config::load(self.path.as_deref(), &self.overrides) {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(error = %error, "SIGHUP: config not reloaded; the API keys and token keys in use stay");
+                return;
+            }
+        };
+        if let Some(secrets) = generated.filter(|_| generated_key)
+            && !config.api.has_keys()
+        {
+            config.api.keys.push(secrets.api_key.clone());
+        }
+        match config.api.api_keys() {
             Ok(keys) => {
                 let count = keys.len();
                 *state.api_keys.write() = keys;
                 tracing::info!(keys = count, "SIGHUP: API keys reloaded");
             }
             Err(error) => {
-                tracing::error!(error = %error, "SIGHUP: config not reloaded; the API keys in use stay");
+                tracing::error!(error = %error, "SIGHUP: API keys not reloaded; the ones in use stay");
             }
         }
+        use_generated_token_secret(&mut config.token, generated);
+        match herald_server::jwt::KeySet::from_config(&config.token) {
+            Ok(keys) => {
+                if keys.is_empty() {
+                    tracing::warn!("SIGHUP: no token key configured; every token is refused");
+                }
+                state.tokens.replace_keys(keys);
+                tracing::info!("SIGHUP: token keys reloaded");
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "SIGHUP: token keys not reloaded; the ones in use stay");
+            }
+        }
+    }
+}
+
+/// The generated HMAC secret verifies tokens only when no token key is configured at all:
+/// with `[[token.keys]]` or a JWKS, an extra HMAC key would let anyone who can read the data
+/// folder mint tokens.
+fn use_generated_token_secret(
+    token: &mut herald_server::config::TokenConfig,
+    generated: Option<&GeneratedSecrets>,
+) {
+    if token.hmac_secret.is_empty()
+        && token.keys.is_empty()
+        && token.jwks_url.is_empty()
+        && let Some(secrets) = generated
+    {
+        token.hmac_secret = secrets.hmac_secret.clone();
     }
 }
 
@@ -437,15 +470,7 @@ async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<Exi
     } else {
         None
     };
-    // A generated secret only when no token key is configured at all: with `[[token.keys]]`
-    // or a JWKS, an extra HMAC key would let anyone who can read the data folder mint tokens.
-    if config.token.hmac_secret.is_empty()
-        && config.token.keys.is_empty()
-        && config.token.jwks_url.is_empty()
-        && let Some(secrets) = &generated
-    {
-        config.token.hmac_secret = secrets.hmac_secret.clone();
-    }
+    use_generated_token_secret(&mut config.token, generated.as_ref());
     let node = herald_server::build::build_node(&config)?;
     let listener = listen(config.server.listen)
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
@@ -503,7 +528,7 @@ async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<Exi
         let state = state.clone();
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
-                reload.api_keys(&state, key_source.as_deref());
+                reload.apply(&state, generated.as_ref(), key_source.is_some());
                 if let Some(tls) = &state.tls {
                     match tls.reload() {
                         Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),

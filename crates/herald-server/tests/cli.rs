@@ -32,6 +32,41 @@ async fn post(url: &str, key: &str, method: &str, body: Value) -> Value {
     response.json().await.expect("json")
 }
 
+/// Opens a WebSocket to `url`'s server and sends `connect` with `token`: true when it is
+/// accepted, false when the server closes with 3500 (unauthorized).
+async fn ws_connects(url: &str, token: &str) -> bool {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let ws_url = format!("{}/connection/websocket", url.replace("http://", "ws://"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(ws_url).await.expect("ws");
+    socket
+        .send(Message::text(
+            json!({"id": 1, "connect": {"token": token}}).to_string(),
+        ))
+        .await
+        .expect("send");
+    match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => text.as_str().contains("\"connect\""),
+        Ok(Some(Ok(Message::Close(Some(frame))))) => {
+            assert_eq!(u16::from(frame.code), 3500, "refused as unauthorized");
+            false
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// An HS256 token with `claims`, signed with `secret`, its header naming `kid` if given.
+fn sign_hs256(secret: &str, kid: Option<&str>, claims: &Value) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(
+        &header,
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign")
+}
+
 #[tokio::test]
 async fn quick_start_without_config_persists_across_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -408,8 +443,6 @@ engine = "memory"
 /// folder must not verify tokens: whoever can read the folder could mint any user's token.
 #[tokio::test]
 async fn a_generated_hmac_secret_is_not_a_key_when_keys_are_configured() {
-    use futures::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let dir = tempfile::tempdir().expect("tempdir");
     let configured = "configured-hs256-secret-0123456789abcdef";
     let config = format!(
@@ -437,47 +470,17 @@ secret = "{configured}"
         .as_str()
         .expect("hmac_secret")
         .to_owned();
-    let ws_url = format!(
-        "{}/connection/websocket",
-        server.url.replace("http://", "ws://")
+    let mallory = json!({"sub": "mallory"});
+    for kid in [None, Some("main")] {
+        assert!(
+            !ws_connects(&server.url, &sign_hs256(&generated, kid, &mallory)).await,
+            "the generated secret was accepted"
+        );
+    }
+    assert!(
+        ws_connects(&server.url, &sign_hs256(configured, Some("main"), &mallory)).await,
+        "the configured key was refused"
     );
-    let sign = |secret: &str, kid: Option<&str>| {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-        header.kid = kid.map(str::to_owned);
-        jsonwebtoken::encode(
-            &header,
-            &json!({"sub": "mallory"}),
-            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .expect("sign")
-    };
-    let connect = |token: String| {
-        let url = ws_url.clone();
-        async move {
-            let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("ws");
-            socket
-                .send(Message::text(
-                    json!({"id": 1, "connect": {"token": token}}).to_string(),
-                ))
-                .await
-                .expect("send");
-            tokio::time::timeout(Duration::from_secs(5), socket.next())
-                .await
-                .expect("an answer")
-                .expect("open")
-                .expect("ok")
-        }
-    };
-    for token in [sign(&generated, None), sign(&generated, Some("main"))] {
-        match connect(token).await {
-            Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 3500),
-            other => panic!("the generated secret was accepted: {other:?}"),
-        }
-    }
-    match connect(sign(configured, Some("main"))).await {
-        Message::Text(text) => assert!(text.as_str().contains("\"connect\""), "{text}"),
-        other => panic!("the configured key was refused: {other:?}"),
-    }
     // The data folder is private to its owner.
     #[cfg(unix)]
     {
@@ -497,8 +500,6 @@ secret = "{configured}"
 /// forgotten.
 #[tokio::test]
 async fn revocations_survive_a_restart() {
-    use futures::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let dir = tempfile::tempdir().expect("tempdir");
     let key = "revocation-admin-key-0123456789";
     // Generated per run: no secret in the repository.
@@ -512,32 +513,8 @@ async fn revocations_survive_a_restart() {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_secs();
-    let sign = |claims: Value| {
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .expect("sign")
-    };
-    let connects = |url: String, token: String| async move {
-        let ws_url = format!("{}/connection/websocket", url.replace("http://", "ws://"));
-        let (mut socket, _) = tokio_tungstenite::connect_async(ws_url).await.expect("ws");
-        socket
-            .send(Message::text(
-                json!({"id": 1, "connect": {"token": token}}).to_string(),
-            ))
-            .await
-            .expect("send");
-        match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => text.as_str().contains("\"connect\""),
-            Ok(Some(Ok(Message::Close(Some(frame))))) => {
-                assert_eq!(u16::from(frame.code), 3500, "refused as unauthorized");
-                false
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    };
+    let sign = |claims: Value| sign_hs256(&secret, None, &claims);
+    let connects = |url: String, token: String| async move { ws_connects(&url, &token).await };
     let revoked = sign(json!({"sub": "alice", "exp": now + 600, "jti": "t-1", "iat": now}));
     let bobs_old = sign(json!({"sub": "bob", "exp": now + 600, "iat": now - 10}));
 
@@ -596,4 +573,64 @@ fn rand_u128() -> u128 {
     let mut file = std::fs::File::open("/dev/urandom").expect("urandom");
     std::io::Read::read_exact(&mut file, &mut bytes).expect("read");
     u128::from_le_bytes(bytes)
+}
+
+/// SIGHUP swaps in the config's token keys: tokens signed with the old secret are refused
+/// from then on, the new one's accepted; a token config that does not build keeps the keys
+/// in use.
+#[tokio::test]
+async fn token_keys_rotate_on_sighup() {
+    const SIGHUP: i32 = 1;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, new) = (
+        format!("{:032x}", rand_u128()),
+        format!("{:032x}", rand_u128()),
+    );
+    let config = |token: &str| {
+        format!(
+            "[api]\nkeys = [\"admin-key-0123456789abcdef\"]\n[storage]\nengine = \"memory\"\n[token]\n{token}\n"
+        )
+    };
+    let path = dir.path().join("herald.toml");
+    std::fs::write(&path, config(&format!("hmac_secret = \"{old}\""))).expect("write config");
+    let path_s = path.to_str().expect("utf-8").to_owned();
+    let mut server = ServerProcess::start(
+        &["--config", &path_s, "--listen", "127.0.0.1:0"],
+        dir.path(),
+    );
+    let alice = json!({"sub": "alice"});
+    let (with_old, with_new) = (
+        sign_hs256(&old, None, &alice),
+        sign_hs256(&new, None, &alice),
+    );
+    assert!(ws_connects(&server.url, &with_old).await);
+    assert!(!ws_connects(&server.url, &with_new).await);
+
+    std::fs::write(&path, config(&format!("hmac_secret = \"{new}\""))).expect("rotate");
+    server.signal(SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ws_connects(&server.url, &with_old).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old secret still verifies tokens after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ws_connects(&server.url, &with_new).await);
+
+    // An HMAC secret with a non-HMAC algorithm does not build: the new secret stays in use.
+    std::fs::write(
+        &path,
+        config(&format!(
+            "hmac_secret = \"{old}\"\nhmac_algorithm = \"RS256\""
+        )),
+    )
+    .expect("break the token config");
+    server.signal(SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(ws_connects(&server.url, &with_new).await);
+    assert!(!ws_connects(&server.url, &with_old).await);
+
+    server.signal(SIGTERM);
+    assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
 }

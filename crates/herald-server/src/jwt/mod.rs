@@ -9,6 +9,7 @@ pub mod keys;
 pub mod revocation;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use herald_core::auth::{Authenticator, Credentials, SubscriptionGrant};
@@ -56,7 +57,9 @@ struct SubscriptionClaims {
 /// Verifies tokens with the configured keys, and refuses revoked ones.
 #[derive(Debug)]
 pub struct TokenVerifier {
-    keys: KeySet,
+    /// Swapped whole on SIGHUP ([`TokenVerifier::replace_keys`]); a verification in progress
+    /// keeps the set it started with.
+    keys: parking_lot::RwLock<Arc<KeySet>>,
     pub revocations: revocation::Revocations,
 }
 
@@ -67,9 +70,15 @@ fn unauthorized(detail: impl Into<String>) -> HeraldError {
 impl TokenVerifier {
     pub fn new(keys: KeySet) -> Self {
         Self {
-            keys,
+            keys: parking_lot::RwLock::new(Arc::new(keys)),
             revocations: revocation::Revocations::default(),
         }
+    }
+
+    /// Verifies every later token with `keys` (a key rotation); tokens already accepted keep
+    /// their connections until they expire or are refreshed.
+    pub fn replace_keys(&self, keys: KeySet) {
+        *self.keys.write() = Arc::new(keys);
     }
 
     /// The verifier for `config`; a config that does not build (it was validated at start-up,
@@ -91,12 +100,13 @@ impl TokenVerifier {
     /// Verifies the signature (with the key the `kid` names, or every key), `exp`, `nbf`,
     /// `aud` and `iss`, and decodes the claims.
     async fn verify<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, HeraldError> {
-        if self.keys.is_empty() {
+        let keys = self.keys.read().clone();
+        if keys.is_empty() {
             return Err(unauthorized("no token key is configured"));
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|error| unauthorized(format!("malformed token: {error}")))?;
-        let candidates = self.keys.candidates(header.kid.as_deref()).await;
+        let candidates = keys.candidates(header.kid.as_deref()).await;
         if candidates.is_empty() {
             return Err(unauthorized(format!(
                 "no key with kid {:?}",
