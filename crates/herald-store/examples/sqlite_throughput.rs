@@ -8,7 +8,9 @@
 //! round-robin cursor shared by all producers, as `herald-bench publish` does; `random`: each
 //! append picks a channel at random), `warmup=` seconds before measuring (default: until
 //! every channel's history is full once, so size retention is trimming during the measured
-//! window). Pin it like the server (`taskset -c 0 …`) to see what one core does; on a shared
+//! window), `rate=` appends per second per producer (default: as fast as they go; at a
+//! modest rate every append finds the writer thread idle, as lone publications do on a
+//! server). Pin it like the server (`taskset -c 0 …`) to see what one core does; on a shared
 //! machine trust the CPU-per-append figures more than appends per second.
 //!
 //! Prints appends/s, append latency percentiles, CPU per append (writer thread, checkpointer
@@ -120,6 +122,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let size = u32::try_from(arg("size").unwrap_or(1000)).unwrap_or(u32::MAX);
     let payload_bytes = arg("payload").unwrap_or(100) as usize;
     let random = args.get("pick").is_some_and(|pick| pick == "random");
+    let interval = arg("rate")
+        .filter(|rate| *rate > 0)
+        .map(|rate| Duration::from_secs_f64(1.0 / rate as f64));
     let cursor = Arc::new(AtomicU64::new(0));
     let names: Arc<Vec<Arc<str>>> = Arc::new(
         (0..channels)
@@ -154,7 +159,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut rng = 0x9E37_79B9_7F4A_7C15_u64 ^ (i as u64 + 1);
             tokio::spawn(async move {
                 let mut latencies_us: Vec<u32> = Vec::new();
+                let mut next = tokio::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) {
+                    if let Some(interval) = interval {
+                        next += interval;
+                        tokio::time::sleep_until(next).await;
+                    }
                     let pick = if random {
                         rng ^= rng << 13;
                         rng ^= rng >> 7;
