@@ -48,6 +48,9 @@ struct Log {
     file: File,
     /// Lines in the file.
     lines: usize,
+    /// A write failed part-way: the file may end in a partial line, so the next revocation
+    /// rewrites it whole instead of appending after that line.
+    broken: bool,
 }
 
 /// One line of the log.
@@ -203,6 +206,7 @@ impl Revocations {
             path: path.to_owned(),
             file,
             lines,
+            broken: false,
         });
         Ok(lines)
     }
@@ -265,16 +269,25 @@ impl Revocations {
         let mut line = serde_json::to_string(entry)
             .map_err(|error| HeraldError::internal(error.to_string()))?;
         line.push('\n');
-        open.file.write_all(line.as_bytes()).map_err(not_kept)?;
-        open.file.sync_data().map_err(not_kept)?;
-        open.lines += 1;
+        if !open.broken {
+            let written = open
+                .file
+                .write_all(line.as_bytes())
+                .and_then(|()| open.file.sync_data());
+            if let Err(error) = written {
+                open.broken = true;
+                return Err(not_kept(error));
+            }
+            open.lines += 1;
+        }
         let live = self.tokens.lock().len() + self.users.lock().len();
-        if open.lines > 2 * live + COMPACT_SLACK {
+        if open.broken || open.lines > 2 * live + COMPACT_SLACK {
             self.tokens.lock().retain(|_, until| *until > now);
             self.users.lock().retain(|_, (_, until)| *until > now);
             let (file, lines) = self.rewrite(&open.path).map_err(not_kept)?;
             open.file = file;
             open.lines = lines;
+            open.broken = false;
         }
         Ok(())
     }
@@ -452,6 +465,34 @@ mod tests {
             reloaded.check(Some("same"), "a", None, last).is_ok(),
             "the newest expiry won"
         );
+    }
+
+    /// A failed write (here: a full disk) keeps the revocation in force, says it was not
+    /// kept, and the next revocation rewrites the file whole, the first one included.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_failed_write_is_repaired_by_the_next_revocation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(REVOCATIONS_FILE);
+        let revocations = Revocations::default();
+        revocations.persist_to(&path, 100).expect("open");
+        revocations.log.lock().as_mut().expect("log").file = OpenOptions::new()
+            .append(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let error = revocations
+            .revoke_token("t1", 500, 100)
+            .expect_err("the disk is full");
+        assert_eq!(error.code, ErrorCode::Internal);
+        assert!(
+            revocations.check(Some("t1"), "a", None, 100).is_err(),
+            "in force"
+        );
+        revocations.revoke_token("t2", 500, 100).expect("rewritten");
+        let reloaded = Revocations::default();
+        assert_eq!(reloaded.persist_to(&path, 100).expect("reload"), 2);
+        assert!(reloaded.check(Some("t1"), "a", None, 100).is_err());
+        assert!(reloaded.check(Some("t2"), "a", None, 100).is_err());
     }
 
     #[test]
