@@ -180,3 +180,137 @@ async fn the_same_matrix_on_every_transport() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A subscription token: `user` may subscribe to `channel` for `exp_in` seconds.
+fn sub_token(user: &str, channel: &str, exp_in: u64) -> String {
+    let now = herald_core::time::now_ms() / 1000;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "channel": channel, "exp": now + exp_in}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+/// A one-way request for `channel` as alice with `sub_token`: its HTTP status.
+async fn one_way_status(server: &TestServer, path: &str, channel: &str, sub: &str) -> u16 {
+    let mut request = reqwest::Client::new()
+        .get(format!("{}{path}", server.url))
+        .query(&[("channel", channel), ("sub_token", sub)])
+        .bearer_auth(token(Some("alice"), &[]).expect("token"));
+    if path.contains("poll") {
+        request = request.query(&[("timeout", "0")]);
+    }
+    request.send().await.expect("request").status().as_u16()
+}
+
+/// The uni-directional WebSocket with everything in its first message: true when it starts
+/// streaming, false when it is closed with a refusal.
+async fn uni_websocket_first_message(server: &TestServer, channel: &str, sub: &str) -> bool {
+    let url = format!(
+        "{}/connection/uni_websocket",
+        server.url.replace("http://", "ws://")
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("ws");
+    let first =
+        json!({"channels": [channel], "token": token(Some("alice"), &[]), "sub_tokens": [sub]});
+    socket
+        .send(Message::text(first.to_string()))
+        .await
+        .expect("send");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
+            // A refusal is an `error` message, then the close frame.
+            Ok(Some(Ok(Message::Text(text)))) if text.as_str().contains("\"error\"") => {}
+            Ok(Some(Ok(Message::Text(_)))) => return true,
+            Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                assert!(
+                    matches!(u16::from(frame.code), 3500 | 3501 | 3507),
+                    "{frame:?}"
+                );
+                return false;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// One-way transports take subscription tokens (`?sub_token=`, repeatable, or `sub_tokens`
+/// in the uni-directional WebSocket's first message) and decide as the WebSocket does: the
+/// user's token for the channel grants it by itself; another user's is refused (403), and so
+/// is a token for a channel that was not requested (400).
+#[tokio::test]
+async fn one_way_transports_take_subscription_tokens() {
+    let server = TestServer::start_with(config(), None).await;
+    let cases = [
+        (sub_token("alice", "private:room", 600), 200),
+        (sub_token("bob", "private:room", 600), 403),
+        (sub_token("alice", "private:other", 600), 400),
+    ];
+    let mut failures = Vec::new();
+    for (sub, expected) in &cases {
+        for path in ["/connection/sse", "/connection/stream", "/connection/poll"] {
+            let status = one_way_status(&server, path, "private:room", sub).await;
+            if status != *expected {
+                failures.push(format!("{path}: {status}, expected {expected}"));
+            }
+        }
+        let url = format!(
+            "{}/connection/uni_websocket?channel=private:room&sub_token={sub}&token={}",
+            server.url.replace("http://", "ws://"),
+            token(Some("alice"), &[]).expect("token")
+        );
+        let by_url = tokio_tungstenite::connect_async(url).await.is_ok();
+        let by_message = uni_websocket_first_message(&server, "private:room", sub).await;
+        for (how, allowed) in [("url", by_url), ("first message", by_message)] {
+            if allowed != (*expected == 200) {
+                failures.push(format!(
+                    "uni_websocket by {how}: allowed={allowed}, expected {expected}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Granted, it delivers; and the stream ends (3005) when the subscription token expires,
+    // since a one-way client cannot refresh it: it reconnects with fresh tokens.
+    let response = reqwest::Client::new()
+        .get(format!("{}/connection/stream", server.url))
+        .query(&[
+            ("channel", "private:room"),
+            ("sub_token", &sub_token("alice", "private:room", 2)),
+        ])
+        .bearer_auth(token(Some("alice"), &[]).expect("token"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 200);
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    let mut published = false;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(chunk)) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if !published {
+                published = true;
+                server
+                    .ok(
+                        "publish",
+                        json!({"channel": "private:room", "data": {"n": 1}}),
+                    )
+                    .await;
+            }
+            if seen.contains("3005") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("the stream ends within 10 s");
+    assert!(ended, "ended with 3005: {seen}");
+    assert!(
+        seen.contains("\"n\":1"),
+        "the publication arrived first: {seen}"
+    );
+}

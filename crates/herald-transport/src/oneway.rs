@@ -7,6 +7,7 @@
 //! joined by `,` (epochs are alphanumeric, so the separators are unambiguous). A client that
 //! reconnects with the same URL and the last cursor it saw resumes every channel at once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -17,7 +18,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use herald_core::auth::{self, Action, Credentials};
+use herald_core::auth::{self, Action, Credentials, SubscriptionGrant};
 use herald_core::hub::SubscriberId;
 use herald_core::namespace::NamespaceOptions;
 use herald_core::publication::{ClientInfo, StreamPosition};
@@ -66,12 +67,15 @@ fn status_for(error: &HeraldError) -> StatusCode {
 pub struct OneWayRequest {
     pub token: Option<String>,
     pub channels: Vec<String>,
+    /// Subscription tokens, each for one of `channels` (its `channel` claim says which).
+    pub sub_tokens: Vec<String>,
     /// A resume cursor from `Last-Event-ID` or `?since=`.
     pub cursor: Option<String>,
 }
 
 impl OneWayRequest {
-    /// Reads `channel` (repeatable) or `channels=a,b`, `token`, `since` from the query, the
+    /// Reads `channel` (repeatable) or `channels=a,b`, `token`, `sub_token` (repeatable),
+    /// `since` from the query, the
     /// token also from `Authorization: Bearer` or the `herald_token` cookie, and the cursor
     /// also from `Last-Event-ID`.
     pub fn from_parts(query: Option<&str>, headers: &HeaderMap) -> Self {
@@ -86,6 +90,7 @@ impl OneWayRequest {
                         .map(str::to_owned),
                 ),
                 "token" => request.token = Some(value.into_owned()),
+                "sub_token" => request.sub_tokens.push(value.into_owned()),
                 "since" => request.cursor = Some(value.into_owned()),
                 _ => {}
             }
@@ -174,6 +179,9 @@ struct Registered {
     name: ChannelName,
     options: Arc<NamespaceOptions>,
     id: SubscriberId,
+    /// The client as this channel's presence shows it (with the subscription token's
+    /// `info` as `chan_info`, when it had one).
+    info: Arc<ClientInfo>,
 }
 
 /// Subscriptions of one one-way connection; unsubscribes everything when dropped.
@@ -191,14 +199,13 @@ pub struct OneWaySession {
 impl Drop for OneWaySession {
     fn drop(&mut self) {
         let node = self.state.node.clone();
-        let info = self.info.clone();
         let registered = std::mem::take(&mut self.registered);
         self.state.connections.fetch_sub(1, Ordering::Relaxed);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 for sub in registered {
                     node.unsubscribe(sub.name.as_str(), sub.id).await;
-                    node.leave(&sub.name, &sub.options, info.clone()).await;
+                    node.leave(&sub.name, &sub.options, sub.info).await;
                 }
             });
         }
@@ -268,16 +275,58 @@ impl OneWaySession {
                 "name 1 to {MAX_CHANNELS} channels with ?channel="
             )));
         }
-        let mut checked = Vec::with_capacity(request.channels.len());
+        if request.sub_tokens.len() > request.channels.len() {
+            return Err(HeraldError::bad_request(
+                "more subscription tokens than channels",
+            ));
+        }
+        // As on the WebSocket: a subscription token for the connection's user grants its
+        // channel by itself; it must name one of the requested channels.
+        let mut grants: HashMap<String, SubscriptionGrant> = HashMap::new();
+        for token in &request.sub_tokens {
+            let grant = state.authenticator.authenticate_subscription(token).await?;
+            if grant.user != credentials.user {
+                return Err(HeraldError::new(
+                    ErrorCode::PermissionDenied,
+                    "the subscription token is for another user",
+                ));
+            }
+            grants.insert(grant.channel.clone(), grant);
+        }
+        let mut resolved = Vec::with_capacity(request.channels.len());
         for channel in &request.channels {
             let (name, options) = state.node.resolve(channel)?;
-            auth::check(&credentials, &name, &options, Action::Subscribe, false)?;
-            if checked.iter().any(|(n, _): &(ChannelName, _)| n == &name) {
+            if resolved.iter().any(|(n, _): &(ChannelName, _)| n == &name) {
                 return Err(HeraldError::bad_request(format!(
                     "channel {channel:?} is listed twice"
                 )));
             }
-            checked.push((name, options));
+            resolved.push((name, options));
+        }
+        if let Some(channel) = grants
+            .keys()
+            .find(|channel| !resolved.iter().any(|(name, _)| name.as_str() == *channel))
+        {
+            return Err(HeraldError::bad_request(format!(
+                "a subscription token is for channel {channel:?}, which is not requested"
+            )));
+        }
+        let mut expires_at = credentials.expires_at;
+        let mut checked = Vec::with_capacity(resolved.len());
+        for (name, options) in resolved {
+            let grant = grants.remove(name.as_str());
+            match &grant {
+                // The stream ends (3005) when the first of its tokens expires: a one-way
+                // client cannot send `sub_refresh`, it reconnects with fresh tokens.
+                Some(grant) => {
+                    expires_at = match (expires_at, grant.expires_at) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+                None => auth::check(&credentials, &name, &options, Action::Subscribe, false)?,
+            }
+            checked.push((name, options, grant.and_then(|g| g.info)));
         }
         let since = match &request.cursor {
             Some(text) => Some(parse_cursor(text, checked.len())?),
@@ -300,14 +349,21 @@ impl OneWaySession {
             state: state.clone(),
             outbound: outbound.clone(),
             info,
-            expires_at: credentials.expires_at,
+            expires_at,
             registered: Vec::new(),
             _registration: registration,
         };
         let mut positions = Vec::with_capacity(checked.len());
         let mut starts = Vec::with_capacity(checked.len());
         let mut pending = Vec::with_capacity(checked.len());
-        for (index, (name, options)) in checked.into_iter().enumerate() {
+        for (index, (name, options, chan_info)) in checked.into_iter().enumerate() {
+            let info = match chan_info {
+                Some(chan_info) => Arc::new(ClientInfo {
+                    chan_info: Some(chan_info),
+                    ..(*session.info).clone()
+                }),
+                None => session.info.clone(),
+            };
             let channel = name.as_arc().clone();
             let encoder = encoder(&options);
             outbound.begin_recovery(&channel);
@@ -322,6 +378,7 @@ impl OneWaySession {
                 name: name.clone(),
                 options: options.clone(),
                 id,
+                info: info.clone(),
             });
             let mut frames = Vec::new();
             let (start_position, start) = if !options.history_enabled() {
@@ -396,7 +453,7 @@ impl OneWaySession {
             ));
             starts.push((name.as_str().to_owned(), start));
             pending.push((channel, frames, last, encoder));
-            state.node.join(&name, &options, session.info.clone()).await;
+            state.node.join(&name, &options, info).await;
         }
         Ok(Started {
             session,

@@ -46,6 +46,8 @@ struct FirstFrame {
     #[serde(default)]
     token: Option<String>,
     #[serde(default)]
+    sub_tokens: Vec<String>,
+    #[serde(default)]
     since: Option<String>,
 }
 
@@ -123,6 +125,7 @@ async fn first_frame_connection(
             if first.token.is_some() {
                 request.token = first.token;
             }
+            request.sub_tokens.extend(first.sub_tokens);
             if first.since.is_some() {
                 request.cursor = first.since;
             }
