@@ -314,3 +314,49 @@ async fn one_way_transports_take_subscription_tokens() {
         "the publication arrived first: {seen}"
     );
 }
+
+/// A subscription token's `info` is the one-way client's `chan_info` in that channel's
+/// presence (as on the WebSocket); a channel without a token shows none.
+#[tokio::test]
+async fn a_subscription_tokens_info_shows_in_one_way_presence() {
+    let server = TestServer::start_with(config(), None).await;
+    let now = herald_core::time::now_ms() / 1000;
+    let with_info = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "alice", "channel": "room:1", "exp": now + 600, "info": {"role": "mod"}}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let response = reqwest::Client::new()
+        .get(format!("{}/connection/stream", server.url))
+        .query(&[
+            ("channel", "room:1"),
+            ("channel", "room:2"),
+            ("sub_token", &with_info),
+        ])
+        .bearer_auth(token(Some("alice"), &[]).expect("token"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 200);
+    let mut body = response.bytes_stream();
+    let _connected = tokio::time::timeout(Duration::from_secs(5), body.next())
+        .await
+        .expect("connected within 5s");
+    let members = |presence: Value| -> Vec<Value> {
+        presence["presence"]
+            .as_object()
+            .expect("presence map")
+            .values()
+            .cloned()
+            .collect()
+    };
+    let one = members(server.ok("presence", json!({"channel": "room:1"})).await);
+    assert_eq!(one.len(), 1, "{one:?}");
+    assert_eq!(one[0]["user"], "alice");
+    assert_eq!(one[0]["chan_info"], json!({"role": "mod"}));
+    let two = members(server.ok("presence", json!({"channel": "room:2"})).await);
+    assert_eq!(two.len(), 1, "{two:?}");
+    assert!(two[0]["chan_info"].is_null(), "{two:?}");
+    drop(body);
+}
