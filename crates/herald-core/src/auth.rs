@@ -65,6 +65,24 @@ pub trait Authenticator: Send + Sync + 'static {
     }
 }
 
+/// Verifies a subscription token presented by `user`'s connection: the grant, if the token is
+/// valid and is that user's (`PermissionDenied` otherwise). Which channel it grants is the
+/// caller's to match against what was asked for.
+pub async fn subscription_grant(
+    authenticator: &dyn Authenticator,
+    token: &str,
+    user: &str,
+) -> Result<SubscriptionGrant, HeraldError> {
+    let grant = authenticator.authenticate_subscription(token).await?;
+    if grant.user != user {
+        return Err(HeraldError::new(
+            ErrorCode::PermissionDenied,
+            "the subscription token is for another user",
+        ));
+    }
+    Ok(grant)
+}
+
 /// What a client asks to do on a channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {

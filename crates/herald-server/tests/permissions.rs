@@ -41,18 +41,26 @@ fn config() -> Config {
     config
 }
 
+/// `claims` signed with the test secret (HS256).
+fn sign(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+fn now() -> u64 {
+    herald_core::time::now_ms() / 1000
+}
+
 /// A connection token (None: anonymous), optionally granting `channels`.
 fn token(user: Option<&str>, channels: &[&str]) -> Option<String> {
     let user = user?;
-    let now = herald_core::time::now_ms() / 1000;
-    Some(
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-            &json!({"sub": user, "exp": now + 600, "channels": channels}),
-            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-        )
-        .expect("sign"),
-    )
+    Some(sign(
+        &json!({"sub": user, "exp": now() + 600, "channels": channels}),
+    ))
 }
 
 /// (who, channel, channels granted in the token, allowed?)
@@ -183,25 +191,27 @@ async fn the_same_matrix_on_every_transport() {
 
 /// A subscription token: `user` may subscribe to `channel` for `exp_in` seconds.
 fn sub_token(user: &str, channel: &str, exp_in: u64) -> String {
-    let now = herald_core::time::now_ms() / 1000;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": user, "channel": channel, "exp": now + exp_in}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("sign")
+    sign(&json!({"sub": user, "channel": channel, "exp": now() + exp_in}))
 }
 
-/// A one-way request for `channel` as alice with `sub_token`: its HTTP status.
-async fn one_way_status(server: &TestServer, path: &str, channel: &str, sub: &str) -> u16 {
+/// A one-way request to `path` as alice (a connection token granting nothing) with `query`.
+async fn as_alice(server: &TestServer, path: &str, query: &[(&str, &str)]) -> reqwest::Response {
     let mut request = reqwest::Client::new()
         .get(format!("{}{path}", server.url))
-        .query(&[("channel", channel), ("sub_token", sub)])
+        .query(query)
         .bearer_auth(token(Some("alice"), &[]).expect("token"));
     if path.contains("poll") {
         request = request.query(&[("timeout", "0")]);
     }
-    request.send().await.expect("request").status().as_u16()
+    request.send().await.expect("request")
+}
+
+/// A one-way request for `channel` as alice with `sub_token`: its HTTP status.
+async fn one_way_status(server: &TestServer, path: &str, channel: &str, sub: &str) -> u16 {
+    as_alice(server, path, &[("channel", channel), ("sub_token", sub)])
+        .await
+        .status()
+        .as_u16()
 }
 
 /// The uni-directional WebSocket with everything in its first message: true when it starts
@@ -274,16 +284,13 @@ async fn one_way_transports_take_subscription_tokens() {
 
     // Granted, it delivers; and the stream ends (3005) when the subscription token expires,
     // since a one-way client cannot refresh it: it reconnects with fresh tokens.
-    let response = reqwest::Client::new()
-        .get(format!("{}/connection/stream", server.url))
-        .query(&[
-            ("channel", "private:room"),
-            ("sub_token", &sub_token("alice", "private:room", 2)),
-        ])
-        .bearer_auth(token(Some("alice"), &[]).expect("token"))
-        .send()
-        .await
-        .expect("request");
+    let short = sub_token("alice", "private:room", 2);
+    let response = as_alice(
+        &server,
+        "/connection/stream",
+        &[("channel", "private:room"), ("sub_token", &short)],
+    )
+    .await;
     assert_eq!(response.status().as_u16(), 200);
     let mut body = response.bytes_stream();
     let mut seen = String::new();
@@ -320,24 +327,19 @@ async fn one_way_transports_take_subscription_tokens() {
 #[tokio::test]
 async fn a_subscription_tokens_info_shows_in_one_way_presence() {
     let server = TestServer::start_with(config(), None).await;
-    let now = herald_core::time::now_ms() / 1000;
-    let with_info = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": "alice", "channel": "room:1", "exp": now + 600, "info": {"role": "mod"}}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("sign");
-    let response = reqwest::Client::new()
-        .get(format!("{}/connection/stream", server.url))
-        .query(&[
+    let with_info = sign(&json!({
+        "sub": "alice", "channel": "room:1", "exp": now() + 600, "info": {"role": "mod"}
+    }));
+    let response = as_alice(
+        &server,
+        "/connection/stream",
+        &[
             ("channel", "room:1"),
             ("channel", "room:2"),
             ("sub_token", &with_info),
-        ])
-        .bearer_auth(token(Some("alice"), &[]).expect("token"))
-        .send()
-        .await
-        .expect("request");
+        ],
+    )
+    .await;
     assert_eq!(response.status().as_u16(), 200);
     let mut body = response.bytes_stream();
     let _connected = tokio::time::timeout(Duration::from_secs(5), body.next())

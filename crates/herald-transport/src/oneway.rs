@@ -74,10 +74,9 @@ pub struct OneWayRequest {
 }
 
 impl OneWayRequest {
-    /// Reads `channel` (repeatable) or `channels=a,b`, `token`, `sub_token` (repeatable),
-    /// `since` from the query, the
-    /// token also from `Authorization: Bearer` or the `herald_token` cookie, and the cursor
-    /// also from `Last-Event-ID`.
+    /// Reads `channel` (repeatable) or `channels=a,b`, `token`, `sub_token` (repeatable) and
+    /// `since` from the query, the token also from `Authorization: Bearer` or the
+    /// `herald_token` cookie, and the cursor also from `Last-Event-ID`.
     pub fn from_parts(query: Option<&str>, headers: &HeaderMap) -> Self {
         let mut request = Self::default();
         for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
@@ -284,13 +283,8 @@ impl OneWaySession {
         // channel by itself; it must name one of the requested channels.
         let mut grants: HashMap<String, SubscriptionGrant> = HashMap::new();
         for token in &request.sub_tokens {
-            let grant = state.authenticator.authenticate_subscription(token).await?;
-            if grant.user != credentials.user {
-                return Err(HeraldError::new(
-                    ErrorCode::PermissionDenied,
-                    "the subscription token is for another user",
-                ));
-            }
+            let grant =
+                auth::subscription_grant(&*state.authenticator, token, &credentials.user).await?;
             grants.insert(grant.channel.clone(), grant);
         }
         let mut resolved = Vec::with_capacity(request.channels.len());
