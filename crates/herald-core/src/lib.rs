@@ -9,6 +9,7 @@
 //! May touch: nothing outside the process. Backends and transports live in other crates and
 //! depend on this one, never the other way round.
 
+pub mod admission;
 pub mod auth;
 pub mod broker;
 pub mod channel;

@@ -1,7 +1,9 @@
-//! What the one-way transports (SSE today; HTTP streaming, long-poll and uni-directional
-//! WebSocket next) share: reading the token and channel list from a plain HTTP request, the
-//! resume cursor that encodes a position per channel, and a subscription set that recovers
-//! from a cursor and cleans itself up when the response is dropped.
+//! What the one-way transports (SSE, HTTP streaming, long-poll and the uni-directional
+//! WebSocket) share: reading the token and channel list from a plain HTTP request, the
+//! resume cursor that encodes a position per channel, and a subscription set that is
+//! admitted through the one admission path ([`herald_core::admission`]), recovers from a
+//! cursor through the one subscribe-with-recovery step ([`crate::subscription`]) and cleans
+//! itself up when the response is dropped.
 //!
 //! The cursor is `offset:epoch` per channel, in the order the channels appear in the URL,
 //! joined by `,` (epochs are alphanumeric, so the separators are unambiguous). A client that
@@ -18,17 +20,19 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use herald_core::auth::{self, Action, Credentials, SubscriptionGrant};
+use herald_core::admission::{Refusal, SubscribeAsk, SubscriptionProof};
+use herald_core::auth::{self, Credentials, SubscriptionGrant};
 use herald_core::hub::SubscriberId;
 use herald_core::namespace::NamespaceOptions;
+use herald_core::proxy::ProxyContext;
 use herald_core::publication::{ClientInfo, StreamPosition};
-use herald_core::store::HistoryQuery;
 use herald_core::{ChannelName, ErrorCode, HeraldError, Publication};
 use serde::Serialize;
 
-use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame, Outbound};
-use crate::ws::RealtimeState;
-use crate::ws::session::expiry;
+use crate::outbound::{CloseReason, EventEncoder, Frame, Outbound};
+use crate::realtime::RealtimeState;
+use crate::realtime::expiry;
+use crate::subscription::{StartFrom, subscribe_with_recovery};
 
 /// Most channels one one-way connection may follow.
 pub const MAX_CHANNELS: usize = 64;
@@ -51,6 +55,33 @@ pub fn error_response(status: StatusCode, error: &HeraldError) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
 }
 
+/// The HTTP answer to a refused one-way request: Herald's own refusals by their code, a
+/// backend's refusal (its code and message) or disconnect as 403, a backend that could not be
+/// asked as 503 (temporary: try again).
+pub fn refusal_response(refusal: &Refusal) -> Response {
+    match refusal {
+        Refusal::Denied(error) => error_response(status_for(error), error),
+        other => {
+            let status = if other.temporary() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            let body = serde_json::json!({ "error": {
+                "code": other.code(),
+                "message": other.message(),
+                "temporary": other.temporary(),
+            }});
+            (
+                status,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response()
+        }
+    }
+}
+
 fn status_for(error: &HeraldError) -> StatusCode {
     match error.code {
         ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
@@ -65,6 +96,10 @@ fn status_for(error: &HeraldError) -> StatusCode {
 /// The parsed request of a one-way transport.
 #[derive(Debug, Default)]
 pub struct OneWayRequest {
+    /// The transport's name, as the backend proxy sees it (`sse`, `http_stream`, …).
+    pub transport: &'static str,
+    /// The request headers the backend proxy is configured to see.
+    pub proxy_headers: Vec<(String, String)>,
     pub token: Option<String>,
     pub channels: Vec<String>,
     /// Subscription tokens, each for one of `channels` (its `channel` claim says which).
@@ -74,6 +109,21 @@ pub struct OneWayRequest {
 }
 
 impl OneWayRequest {
+    /// [`Self::from_parts`] for a transport named `transport` (as the backend proxy sees
+    /// it), keeping the headers `state` passes on to the backend.
+    pub fn read(
+        transport: &'static str,
+        state: &RealtimeState,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Self {
+        Self {
+            transport,
+            proxy_headers: state.proxy_headers(headers),
+            ..Self::from_parts(query, headers)
+        }
+    }
+
     /// Reads `channel` (repeatable) or `channels=a,b`, `token`, `sub_token` (repeatable) and
     /// `since` from the query, the token also from `Authorization: Bearer` or the
     /// `herald_token` cookie, and the cursor also from `Last-Event-ID`.
@@ -237,9 +287,9 @@ impl Started {
 }
 
 impl OneWaySession {
-    /// Authenticates, checks every channel, subscribes and recovers from the cursor.
-    /// `encode_recovered` turns a recovered publication into a frame. Errors are HTTP
-    /// responses meant to be returned as they are.
+    /// Authenticates, admits every channel through the one admission path, subscribes and
+    /// recovers from the cursor. `encode_recovered` turns a recovered publication into a
+    /// frame. Errors are HTTP responses meant to be returned as they are.
     pub async fn start(
         state: Arc<RealtimeState>,
         request: OneWayRequest,
@@ -248,17 +298,17 @@ impl OneWaySession {
     ) -> Result<Started, Response> {
         Self::try_start(state, request, encoder, encode_recovered)
             .await
-            .map_err(|error| error_response(status_for(&error), &error))
+            .map_err(|refusal| refusal_response(&refusal))
     }
 
     /// [`Self::start`] for transports that are already past their HTTP response (a
-    /// WebSocket told its channels in its first message): errors are returned as they are.
+    /// WebSocket told its channels in its first message): refusals are returned as they are.
     pub async fn try_start(
         state: Arc<RealtimeState>,
         request: OneWayRequest,
         encoder: impl Fn(&NamespaceOptions) -> Arc<dyn EventEncoder>,
         encode_recovered: impl Fn(&Arc<str>, &Arc<str>, &Publication) -> Frame,
-    ) -> Result<Started, HeraldError> {
+    ) -> Result<Started, Refusal> {
         let credentials = match &request.token {
             Some(token) => state.authenticator.authenticate(token).await?,
             None if state.config.allow_anonymous => Credentials::anonymous(),
@@ -266,73 +316,86 @@ impl OneWaySession {
                 return Err(HeraldError::new(
                     ErrorCode::Unauthorized,
                     "a token is required: Authorization: Bearer, ?token= or the herald_token cookie",
-                ));
+                )
+                .into());
             }
         };
         if request.channels.is_empty() || request.channels.len() > MAX_CHANNELS {
             return Err(HeraldError::bad_request(format!(
                 "name 1 to {MAX_CHANNELS} channels with ?channel="
-            )));
+            ))
+            .into());
         }
         if request.sub_tokens.len() > request.channels.len() {
-            return Err(HeraldError::bad_request(
-                "more subscription tokens than channels",
-            ));
+            return Err(HeraldError::bad_request("more subscription tokens than channels").into());
         }
-        // As on the WebSocket: a subscription token for the connection's user grants its
-        // channel by itself; it must name one of the requested channels.
-        let mut grants: HashMap<String, SubscriptionGrant> = HashMap::new();
+        // Subscription tokens are verified first: each names the channel it is for.
+        let mut proofs: HashMap<String, SubscriptionGrant> = HashMap::new();
         for token in &request.sub_tokens {
             let grant =
                 auth::subscription_grant(&*state.authenticator, token, &credentials.user).await?;
-            grants.insert(grant.channel.clone(), grant);
+            proofs.insert(grant.channel.clone(), grant);
         }
-        let mut resolved = Vec::with_capacity(request.channels.len());
+        let mut names: Vec<ChannelName> = Vec::with_capacity(request.channels.len());
         for channel in &request.channels {
-            let (name, options) = state.node.resolve(channel)?;
-            if resolved.iter().any(|(n, _): &(ChannelName, _)| n == &name) {
+            let (name, _) = state.node.resolve(channel)?;
+            if names.contains(&name) {
                 return Err(HeraldError::bad_request(format!(
                     "channel {channel:?} is listed twice"
-                )));
+                ))
+                .into());
             }
-            resolved.push((name, options));
+            names.push(name);
         }
-        if let Some(channel) = grants
+        if let Some(channel) = proofs
             .keys()
-            .find(|channel| !resolved.iter().any(|(name, _)| name.as_str() == *channel))
+            .find(|channel| !names.iter().any(|name| name.as_str() == *channel))
         {
             return Err(HeraldError::bad_request(format!(
                 "a subscription token is for channel {channel:?}, which is not requested"
-            )));
+            ))
+            .into());
         }
-        let mut expires_at = credentials.expires_at;
-        let mut checked = Vec::with_capacity(resolved.len());
-        for (name, options) in resolved {
-            let grant = grants.remove(name.as_str());
-            match &grant {
-                // The stream ends (3005) when the first of its tokens expires: a one-way
-                // client cannot send `sub_refresh`, it reconnects with fresh tokens.
-                Some(grant) => {
-                    expires_at = match (expires_at, grant.expires_at) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                }
-                None => auth::check(&credentials, &name, &options, Action::Subscribe, false)?,
-            }
-            checked.push((name, options, grant.and_then(|g| g.info)));
-        }
-        let since = match &request.cursor {
-            Some(text) => Some(parse_cursor(text, checked.len())?),
-            None => None,
-        };
-        state.connections.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(ClientInfo {
             client: uuid::Uuid::new_v4().to_string(),
             user: credentials.user.clone(),
             conn_info: credentials.info.clone(),
             chan_info: None,
         });
+        let context = ProxyContext {
+            client: info.client.clone(),
+            user: credentials.user.clone(),
+            transport: request.transport,
+            protocol: "json",
+            headers: request.proxy_headers,
+        };
+        let mut admitted = Vec::with_capacity(names.len());
+        // The stream ends (3005) when the first of its grants expires: a one-way client
+        // cannot send `sub_refresh`, it reconnects with fresh tokens.
+        let mut expires_at = credentials.expires_at;
+        for name in &names {
+            let proof = proofs
+                .remove(name.as_str())
+                .map_or(SubscriptionProof::None, SubscriptionProof::Verified);
+            let ask = SubscribeAsk {
+                credentials: &credentials,
+                channel: name.as_str(),
+                proof,
+                data: None,
+                context: &context,
+            };
+            let grant = state.admission().subscribe(ask).await?;
+            expires_at = match (expires_at, grant.expires_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            admitted.push(grant);
+        }
+        let since = match &request.cursor {
+            Some(text) => Some(parse_cursor(text, admitted.len())?),
+            None => None,
+        };
+        state.connections.fetch_add(1, Ordering::Relaxed);
         let outbound = Outbound::new(state.config.max_queue_bytes);
         let registration = state.sessions.register(
             &credentials.user,
@@ -347,107 +410,63 @@ impl OneWaySession {
             registered: Vec::new(),
             _registration: registration,
         };
-        let mut positions = Vec::with_capacity(checked.len());
-        let mut starts = Vec::with_capacity(checked.len());
-        let mut pending = Vec::with_capacity(checked.len());
-        for (index, (name, options, chan_info)) in checked.into_iter().enumerate() {
-            let info = match chan_info {
+        let mut positions = Vec::with_capacity(admitted.len());
+        let mut starts = Vec::with_capacity(admitted.len());
+        let mut pending = Vec::with_capacity(admitted.len());
+        for (index, admitted) in admitted.into_iter().enumerate() {
+            let info = match admitted.chan_info.clone() {
                 Some(chan_info) => Arc::new(ClientInfo {
                     chan_info: Some(chan_info),
                     ..(*session.info).clone()
                 }),
                 None => session.info.clone(),
             };
-            let channel = name.as_arc().clone();
-            let encoder = encoder(&options);
-            outbound.begin_recovery(&channel);
-            let sink = Arc::new(ChannelSink {
-                channel: channel.clone(),
-                outbound: outbound.clone(),
-                encoder: encoder.clone(),
-                conflate: options.conflate,
-            });
-            let id = state.node.subscribe(&name, sink).await?;
-            session.registered.push(Registered {
-                name: name.clone(),
-                options: options.clone(),
-                id,
-                info: info.clone(),
-            });
-            let mut frames = Vec::new();
-            let (start_position, start) = if !options.history_enabled() {
-                (
-                    StreamPosition::default(),
-                    ChannelStart {
-                        offset: 0,
-                        epoch: String::new(),
-                        recovered: None,
-                    },
-                )
-            } else if let Some(since) = since.as_ref().map(|s| &s[index]) {
-                let recovery = state
-                    .node
-                    .recover(name.as_str(), since, state.config.recovery_max_publications)
-                    .await?;
-                let epoch: Arc<str> = Arc::from(recovery.position.epoch.as_str());
-                if recovery.recovered {
-                    frames = recovery
-                        .publications
-                        .iter()
-                        .map(|p| encode_recovered(&channel, &epoch, p))
-                        .collect();
-                    (
-                        since.clone(),
-                        ChannelStart {
-                            offset: since.offset,
-                            epoch: since.epoch.clone(),
-                            recovered: Some(true),
-                        },
-                    )
-                } else {
-                    let top = recovery.position;
-                    (
-                        top.clone(),
-                        ChannelStart {
-                            offset: top.offset,
-                            epoch: top.epoch,
-                            recovered: Some(false),
-                        },
-                    )
-                }
-            } else {
-                let top = state
-                    .node
-                    .history(
-                        name.as_str(),
-                        HistoryQuery {
-                            limit: Some(0),
-                            ..HistoryQuery::default()
-                        },
-                    )
-                    .await?
-                    .position;
-                (
-                    top.clone(),
-                    ChannelStart {
-                        offset: top.offset,
-                        epoch: top.epoch,
-                        recovered: None,
-                    },
-                )
+            let channel = admitted.name.as_arc().clone();
+            let encoder = encoder(&admitted.options);
+            let start = StartFrom {
+                since: since.as_ref().map(|positions| positions[index].clone()),
+                max_recovery: state.config.recovery_max_publications,
+                reject_unrecovered: false,
             };
-            let last = frames
-                .last()
-                .and_then(|f: &Frame| f.position.as_ref().map(|p| p.offset))
-                .unwrap_or(start_position.offset);
-            positions.push((
-                channel.clone(),
-                start_position.offset,
-                Arc::from(start_position.epoch.as_str()),
+            let subscribed = subscribe_with_recovery(
+                &state.node,
+                &outbound,
+                &admitted,
+                encoder.clone(),
+                &start,
+                Some(info.clone()),
+            )
+            .await?;
+            session.registered.push(Registered {
+                name: admitted.name.clone(),
+                options: admitted.options.clone(),
+                id: subscribed.id,
+                info,
+            });
+            let last = subscribed.last_offset();
+            // A recovered channel starts at the client's position (the recovered frames move
+            // the cursor on); otherwise at the top.
+            let (start_position, recovered) = match (subscribed.position, start.since) {
+                (None, _) => (StreamPosition::default(), None),
+                (Some(_), Some(since)) if subscribed.recovered == Some(true) => (since, Some(true)),
+                (Some(top), _) => (top, subscribed.recovered),
+            };
+            let epoch: Arc<str> = Arc::from(start_position.epoch.as_str());
+            let frames = subscribed
+                .publications
+                .iter()
+                .map(|p| encode_recovered(&channel, &epoch, p))
+                .collect();
+            positions.push((channel.clone(), start_position.offset, epoch));
+            starts.push((
+                admitted.name.as_str().to_owned(),
+                ChannelStart {
+                    offset: start_position.offset,
+                    epoch: start_position.epoch,
+                    recovered,
+                },
             ));
-            starts.push((name.as_str().to_owned(), start));
             pending.push((channel, frames, last, encoder));
-            state.node.join(&name, &options, info).await;
         }
         Ok(Started {
             session,

@@ -39,6 +39,11 @@ impl CloseReason {
         code: 3001,
         reason: "shutdown",
     };
+    /// Something failed on the server's side (a backend that could not be asked): reconnect.
+    pub const INTERNAL: Self = Self {
+        code: 3004,
+        reason: "internal server error",
+    };
     pub const EXPIRED: Self = Self {
         code: 3005,
         reason: "connection expired",
@@ -89,6 +94,22 @@ impl CloseReason {
     /// Whether the client should reconnect.
     pub fn reconnect(self) -> bool {
         self.code < 3500
+    }
+
+    /// A backend's disconnect code as a close frame: 3000–3499 ask the client to reconnect,
+    /// 3500–4999 not to; anything else becomes 3503.
+    pub fn from_backend(code: u16) -> Self {
+        match code {
+            3000..=3499 => Self {
+                code,
+                reason: "backend reconnect",
+            },
+            3500..=4999 => Self {
+                code,
+                reason: "backend disconnect",
+            },
+            _ => Self::FORCE_DISCONNECT,
+        }
     }
 }
 
@@ -417,6 +438,22 @@ impl Subscriber for ChannelSink {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn backend_disconnect_codes_keep_their_meaning() {
+        assert_eq!(CloseReason::from_backend(3000).code, 3000);
+        assert!(CloseReason::from_backend(3000).reconnect());
+        assert_eq!(CloseReason::from_backend(4500).reason, "backend disconnect");
+        assert!(!CloseReason::from_backend(4500).reconnect());
+        assert_eq!(
+            CloseReason::from_backend(1000),
+            CloseReason::FORCE_DISCONNECT
+        );
+        assert_eq!(
+            CloseReason::from_backend(5000),
+            CloseReason::FORCE_DISCONNECT
+        );
+    }
+
     use super::*;
     use herald_core::publication::{Payload, Publication, PublicationEvent};
 

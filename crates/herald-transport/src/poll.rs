@@ -20,8 +20,8 @@ use herald_core::{HeraldError, Publication};
 
 use crate::oneway::{OneWayRequest, OneWaySession, error_response, format_cursor};
 use crate::outbound::{EventEncoder, Frame};
+use crate::realtime::RealtimeState;
 use crate::stream::{NdjsonEncoder, publication_frame, publication_line};
-use crate::ws::RealtimeState;
 
 /// Longest a poll may wait.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(60);
@@ -48,7 +48,7 @@ pub async fn poll_handler(
         Ok(wait) => wait,
         Err(error) => return error_response(StatusCode::BAD_REQUEST, &error),
     };
-    let request = OneWayRequest::from_parts(uri.query(), &headers);
+    let request = OneWayRequest::read("long_poll", &state, uri.query(), &headers);
     let encoder = |options: &NamespaceOptions| -> Arc<dyn EventEncoder> {
         Arc::new(NdjsonEncoder {
             join_leave: options.join_leave,

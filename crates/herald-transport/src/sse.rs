@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::oneway::{Framing, OneWayRequest, OneWaySession, format_cursor, streaming_response};
 use crate::outbound::{CloseReason, EventEncoder, Frame, FramePosition};
-use crate::ws::RealtimeState;
+use crate::realtime::RealtimeState;
 use crate::ws::protocol::WirePublication;
 
 /// The encoding slot of SSE publication events (shared by every SSE connection).
@@ -112,7 +112,7 @@ pub async fn sse_handler(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let request = OneWayRequest::from_parts(uri.query(), &headers);
+    let request = OneWayRequest::read("sse", &state, uri.query(), &headers);
     let encoder = |options: &NamespaceOptions| -> Arc<dyn EventEncoder> {
         Arc::new(SseEncoder {
             join_leave: options.join_leave,

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::oneway::{Framing, OneWayRequest, OneWaySession, format_cursor, streaming_response};
 use crate::outbound::{CloseReason, EventEncoder, Frame, FramePosition};
-use crate::ws::RealtimeState;
+use crate::realtime::RealtimeState;
 use crate::ws::protocol::WirePublication;
 
 /// The encoding slot of NDJSON publication lines (shared by every streaming connection).
@@ -148,7 +148,7 @@ pub async fn stream_handler(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let request = OneWayRequest::from_parts(uri.query(), &headers);
+    let request = OneWayRequest::read("http_stream", &state, uri.query(), &headers);
     let encoder = |options: &NamespaceOptions| -> Arc<dyn EventEncoder> {
         Arc::new(NdjsonEncoder {
             join_leave: options.join_leave,

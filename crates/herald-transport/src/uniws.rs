@@ -23,8 +23,9 @@ use serde::Deserialize;
 
 use crate::oneway::{OneWayRequest, OneWaySession, Started, format_cursor};
 use crate::outbound::{CloseReason, EventEncoder, Frame};
+use crate::realtime::RealtimeState;
 use crate::stream::{NdjsonEncoder, line, publication_frame, publication_line};
-use crate::ws::RealtimeState;
+use herald_core::admission::Refusal;
 
 fn text(bytes: &Bytes) -> Utf8Bytes {
     let trimmed = bytes
@@ -74,7 +75,7 @@ pub async fn uni_websocket_handler(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let request = OneWayRequest::from_parts(uri.query(), &headers);
+    let request = OneWayRequest::read("uni_websocket", &state, uri.query(), &headers);
     let ws = ws.read_buffer_size(1024).write_buffer_size(0);
     if request.channels.is_empty() {
         return ws
@@ -131,20 +132,30 @@ async fn first_frame_connection(
             }
             OneWaySession::try_start(state, request, encoder, recovered_frame).await
         }
-        Err(error) => Err(error),
+        Err(error) => Err(Refusal::Denied(error)),
     };
     match started {
         Ok(started) => run(socket, started).await,
-        Err(error) => {
-            let reason = match error.code {
-                ErrorCode::Unauthorized | ErrorCode::TokenExpired => CloseReason::INVALID_TOKEN,
-                ErrorCode::PermissionDenied => CloseReason::PERMISSION_DENIED,
-                _ => CloseReason::BAD_REQUEST,
+        Err(refusal) => {
+            let reason = match &refusal {
+                Refusal::Denied(error) => match error.code {
+                    ErrorCode::Unauthorized | ErrorCode::TokenExpired => CloseReason::INVALID_TOKEN,
+                    ErrorCode::PermissionDenied => CloseReason::PERMISSION_DENIED,
+                    _ => CloseReason::BAD_REQUEST,
+                },
+                Refusal::Backend { .. } => CloseReason::PERMISSION_DENIED,
+                Refusal::Disconnect { code } => CloseReason::from_backend(*code),
+                Refusal::Unavailable => CloseReason::INTERNAL,
+            };
+            let detail = match &refusal {
+                Refusal::Denied(error) => error.detail.clone(),
+                _ => String::new(),
             };
             let body = serde_json::json!({
-                "code": error.code.as_u32(),
-                "message": error.code.message(),
-                "detail": error.detail,
+                "code": refusal.code(),
+                "message": refusal.message(),
+                "detail": detail,
+                "temporary": refusal.temporary(),
             });
             let _ = socket.send(Message::Text(text(&line("error", body)))).await;
             let frame = CloseFrame {
@@ -211,7 +222,7 @@ async fn run(socket: WebSocket, mut started: Started) {
             _ = state.shutdown.wait() => {
                 session.outbound.close(CloseReason::SHUTDOWN);
             }
-            _ = crate::ws::session::expiry(session.expires_at), if session.expires_at.is_some() => {
+            _ = crate::realtime::expiry(session.expires_at), if session.expires_at.is_some() => {
                 session.outbound.close(CloseReason::EXPIRED);
             }
             _ = ping.tick(), if !state.config.ping_interval.is_zero() => {

@@ -12,4 +12,5 @@ pub mod proto;
 pub mod protocol;
 pub mod session;
 
-pub use session::{RealtimeConfig, RealtimeState, websocket_handler};
+pub use crate::realtime::{RealtimeConfig, RealtimeState};
+pub use session::websocket_handler;

@@ -4,10 +4,11 @@
 
 use std::sync::Arc;
 
-use herald_core::auth::{Credentials, SubscriptionGrant};
+use herald_core::admission::{Refusal, backend_decision};
+use herald_core::auth::Credentials;
 use herald_core::proxy::{ProxyContext, ProxyReply};
 use herald_core::publication::ClientInfo;
-use herald_core::{ChannelName, ErrorCode, HeraldError};
+use herald_core::{ErrorCode, HeraldError};
 
 use super::Session;
 use crate::outbound::CloseReason;
@@ -15,22 +16,6 @@ use crate::ws::protocol::{self, ResultBody};
 
 /// How long to wait before asking again when the refresh backend could not be reached.
 const REFRESH_RETRY_SECS: u64 = 10;
-
-/// A backend's disconnect code as a close frame: 3000–3499 ask the client to reconnect,
-/// 3500–4999 not to; anything else becomes 3503.
-fn backend_close(code: u16) -> CloseReason {
-    match code {
-        3000..=3499 => CloseReason {
-            code,
-            reason: "backend reconnect",
-        },
-        3500..=4999 => CloseReason {
-            code,
-            reason: "backend disconnect",
-        },
-        _ => CloseReason::FORCE_DISCONNECT,
-    }
-}
 
 impl Session {
     pub(super) fn proxy_context(&self) -> ProxyContext {
@@ -43,34 +28,37 @@ impl Session {
         }
     }
 
-    /// The granted value, or `None` when the backend refused: its error is queued as the
-    /// reply to `id` (or the connection is closed, or error 100 is sent when the backend could
-    /// not be asked — temporary, so SDKs retry).
+    /// The granted value, or `None` when the backend refused (see [`Self::refuse`]).
     pub(super) fn backend_answer<T>(
         &self,
         id: u32,
         answer: Result<ProxyReply<T>, HeraldError>,
     ) -> Option<T> {
-        match answer {
-            Ok(ProxyReply::Ok(value)) => Some(value),
-            Ok(ProxyReply::Error { code, message }) => {
+        match backend_decision(answer) {
+            Ok(value) => Some(value),
+            Err(refusal) => {
+                self.refuse(id, refusal);
+                None
+            }
+        }
+    }
+
+    /// Answers a refused command: Herald's error, the backend's own error (code and
+    /// message), a close when the backend asked for a disconnect, or error 100 (temporary, so
+    /// SDKs retry) when the backend could not be asked.
+    pub(super) fn refuse(&self, id: u32, refusal: Refusal) {
+        match refusal {
+            Refusal::Denied(error) => self.reply_err(id, &error),
+            Refusal::Backend { code, message } => {
                 let temporary = false;
                 self.outbound
                     .push(self.encoding.error_with(id, code, &message, temporary));
-                None
             }
-            Ok(ProxyReply::Disconnect { code }) => {
-                self.outbound.close(backend_close(code));
-                None
-            }
-            Err(error) => {
-                tracing::warn!(error = %error, "backend proxy unavailable");
-                self.reply_err(
-                    id,
-                    &HeraldError::new(ErrorCode::Internal, "the backend is unavailable"),
-                );
-                None
-            }
+            Refusal::Disconnect { code } => self.outbound.close(CloseReason::from_backend(code)),
+            Refusal::Unavailable => self.reply_err(
+                id,
+                &HeraldError::new(ErrorCode::Internal, "the backend is unavailable"),
+            ),
         }
     }
 
@@ -137,54 +125,6 @@ impl Session {
         }
     }
 
-    /// A subscription the namespace leaves to the backend. `None`: refused (reply queued).
-    pub(super) async fn subscribe_via_backend(
-        &mut self,
-        id: u32,
-        name: &ChannelName,
-        data: Option<&herald_core::Payload>,
-    ) -> Option<SubscriptionGrant> {
-        let proxy = self.state.proxy.clone()?;
-        let answer = proxy
-            .subscribe(&self.proxy_context(), name.as_str(), data)
-            .await;
-        let grant = self.backend_answer(id, answer)?;
-        Some(SubscriptionGrant {
-            user: self.user().to_owned(),
-            channel: name.as_str().to_owned(),
-            expires_at: None,
-            info: grant.info,
-        })
-    }
-
-    /// A client publication the namespace leaves to the backend, which may rewrite it.
-    pub(super) async fn publish_via_backend(&mut self, id: u32, request: protocol::PublishRequest) {
-        let Some(proxy) = self.state.proxy.clone() else {
-            return;
-        };
-        let name = match self.state.node.resolve(&request.channel) {
-            Ok((name, _)) => name,
-            Err(error) => return self.reply_err(id, &error),
-        };
-        if let Err(error) = self.take_publish_token() {
-            return self.reply_err(id, &error);
-        }
-        let answer = proxy
-            .publish(&self.proxy_context(), name.as_str(), &request.data)
-            .await;
-        let Some(grant) = self.backend_answer(id, answer) else {
-            return;
-        };
-        let data = grant.data.unwrap_or(request.data);
-        match self
-            .publish_as_client(&name, data, grant.skip_history)
-            .await
-        {
-            Ok(_) => self.reply(id, ResultBody::Publish),
-            Err(error) => self.reply_err(id, &error),
-        }
-    }
-
     /// An `rpc` command, answered by the backend.
     pub(super) async fn rpc_via_backend(&mut self, id: u32, request: protocol::RpcRequest) {
         let Some(proxy) = self.state.proxy.clone() else {
@@ -201,18 +141,5 @@ impl Session {
             let result = protocol::RpcResult { data: result.data };
             self.reply(id, ResultBody::Rpc(&result));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backend_disconnect_codes_keep_their_meaning() {
-        assert_eq!(backend_close(3000).code, 3000);
-        assert_eq!(backend_close(4500).reason, "backend disconnect");
-        assert_eq!(backend_close(1000), CloseReason::FORCE_DISCONNECT);
-        assert_eq!(backend_close(5000), CloseReason::FORCE_DISCONNECT);
     }
 }

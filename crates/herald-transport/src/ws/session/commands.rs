@@ -7,15 +7,17 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use herald_core::auth::{self, Action, Credentials, SubscriptionGrant};
+use herald_core::admission::{Admitted, Refusal, SubscribeAsk, SubscriptionProof};
+use herald_core::auth::{self, Action, Credentials};
 use herald_core::node::PublishRequest as NodePublish;
 use herald_core::publication::{ClientInfo, StreamPosition};
 use herald_core::store::HistoryQuery;
 use herald_core::{ChannelName, ErrorCode, HeraldError};
 
 use super::{FLAG_REJECT_UNRECOVERED, Session, Subscription, UNSUBSCRIBE_EXPIRED};
-use crate::outbound::{ChannelSink, CloseReason, EventEncoder, Frame};
+use crate::outbound::{CloseReason, EventEncoder, Frame};
 use crate::registry::{Control, Inbox};
+use crate::subscription::{StartFrom, subscribe_with_recovery};
 use crate::ws::codec::{Malformed, PushEncoder};
 use crate::ws::protocol::{
     self, Command, ResultBody, SubscribeRequest, SubscribeResult, WirePublication,
@@ -87,12 +89,7 @@ impl Session {
             self.unsubscribe(&request.channel).await;
             self.reply(id, ResultBody::Unsubscribe);
         } else if let Some(request) = command.publish {
-            if self.publish_goes_to_backend(&request.channel) {
-                self.publish_via_backend(id, request).await;
-            } else {
-                let outcome = self.publish(request).await;
-                self.reply_with(id, outcome, |()| ResultBody::Publish);
-            }
+            self.publish(id, request).await;
         } else if let Some(request) = command.history {
             let outcome = self.history(request).await;
             self.reply_with(id, outcome, |r| ResultBody::History(r));
@@ -250,13 +247,28 @@ impl Session {
                 epoch: recover.map(|r| r.epoch.clone()).unwrap_or_default(),
                 ..Default::default()
             };
-            match self.prepare_subscription(&sub, None).await {
+            let context = self.proxy_context();
+            let ask = SubscribeAsk {
+                credentials: self.credentials(),
+                channel: &channel,
+                proof: SubscriptionProof::None,
+                data: None,
+                context: &context,
+            };
+            let prepared = match self.state.admission().subscribe(ask).await {
+                Ok(admitted) => self
+                    .prepare_subscription(&sub, admitted)
+                    .await
+                    .map_err(Refusal::Denied),
+                Err(refusal) => Err(refusal),
+            };
+            match prepared {
                 Ok((name, sub_result, last)) => {
                     result.subs.insert(channel, sub_result);
                     held.push((name, last));
                 }
-                Err(error) => {
-                    tracing::debug!(channel, error = %error, "server-side subscription refused");
+                Err(refusal) => {
+                    tracing::debug!(channel, ?refusal, "server-side subscription refused");
                 }
             }
         }
@@ -283,35 +295,99 @@ impl Session {
         PushEncoder::shared(self.encoding, join_leave)
     }
 
-    /// Checks, registers and recovers a subscription; the caller queues the reply with
+    /// Decides a subscription through the one admission path. `None`: refused, and the
+    /// refusal is queued as the reply to `id` (or closes the connection).
+    pub(super) async fn admit(
+        &self,
+        id: u32,
+        channel: &str,
+        proof: SubscriptionProof<'_>,
+        data: Option<&herald_core::Payload>,
+    ) -> Option<Admitted> {
+        let context = self.proxy_context();
+        let ask = SubscribeAsk {
+            credentials: self.credentials(),
+            channel,
+            proof,
+            data,
+            context: &context,
+        };
+        match self.state.admission().subscribe(ask).await {
+            Ok(admitted) => Some(admitted),
+            Err(refusal) => {
+                self.refuse(id, refusal);
+                None
+            }
+        }
+    }
+
+    /// Registers and recovers an admitted subscription; the caller queues the reply with
     /// [`Outbound::finish_recovery`] so that held live events follow it.
     pub(super) async fn prepare_subscription(
         &mut self,
         request: &SubscribeRequest,
-        granted: Option<SubscriptionGrant>,
+        admitted: Admitted,
     ) -> Result<(ChannelName, SubscribeResult, u64), HeraldError> {
-        if request.channel.is_empty() {
-            return Err(HeraldError::bad_request("channel is required"));
-        }
-        let (name, options) = self.state.node.resolve(&request.channel)?;
-        // A subscription token grants the channel by itself; otherwise the namespace rules.
-        let grant = if granted.is_some() {
-            granted
-        } else if request.token.is_empty() {
-            auth::check(
-                self.credentials(),
-                &name,
-                &options,
-                Action::Subscribe,
-                false,
-            )?;
-            None
-        } else {
-            Some(
-                self.verify_subscription_token(&request.token, &name)
-                    .await?,
-            )
+        let name = admitted.name.clone();
+        self.check_room_for(&name)?;
+        let info = match (&self.info, admitted.chan_info.clone()) {
+            (Some(info), Some(chan_info)) => Some(Arc::new(ClientInfo {
+                chan_info: Some(chan_info),
+                ..(**info).clone()
+            })),
+            (info, _) => info.clone(),
         };
+        let start = StartFrom {
+            since: request
+                .recover
+                .then(|| StreamPosition::new(request.offset, request.epoch.clone())),
+            max_recovery: self.state.config.recovery_max_publications,
+            reject_unrecovered: request.flag & FLAG_REJECT_UNRECOVERED != 0,
+        };
+        let encoder = PushEncoder::shared(self.encoding, admitted.options.join_leave);
+        let subscribed = subscribe_with_recovery(
+            &self.state.node,
+            &self.outbound,
+            &admitted,
+            encoder,
+            &start,
+            info.clone(),
+        )
+        .await?;
+        let last = subscribed.last_offset();
+        let mut result = SubscribeResult::default();
+        if let Some(at) = admitted.expires_at {
+            result.expires = true;
+            result.ttl = ttl_until(at);
+        }
+        if let Some(position) = subscribed.position {
+            result.recoverable = true;
+            result.positioned = true;
+            result.was_recovering = request.recover;
+            result.recovered = subscribed.recovered == Some(true);
+            result.epoch = position.epoch;
+            result.offset = position.offset;
+            result.publications = subscribed
+                .publications
+                .iter()
+                .map(WirePublication::from)
+                .collect();
+        }
+        self.subscriptions.insert(
+            name.as_arc().clone(),
+            Subscription {
+                name: name.clone(),
+                options: admitted.options,
+                id: subscribed.id,
+                info,
+                expires_at: admitted.expires_at,
+            },
+        );
+        Ok((name, result, last))
+    }
+
+    /// Already subscribed (105) or at `max_subscriptions` (106).
+    fn check_room_for(&self, name: &ChannelName) -> Result<(), HeraldError> {
         if self.subscriptions.contains_key(name.as_str()) {
             return Err(HeraldError::new(ErrorCode::AlreadySubscribed, ""));
         }
@@ -321,124 +397,26 @@ impl Session {
                 "too many subscriptions on this connection",
             ));
         }
-        let channel = name.as_arc().clone();
-        self.outbound.begin_recovery(&channel);
-        let sink = Arc::new(ChannelSink {
-            channel: channel.clone(),
-            outbound: self.outbound.clone(),
-            encoder: PushEncoder::shared(self.encoding, options.join_leave),
-            conflate: options.conflate,
-        });
-        let id = match self.state.node.subscribe(&name, sink).await {
-            Ok(id) => id,
-            Err(error) => {
-                self.outbound.forget(&channel);
-                return Err(error);
-            }
-        };
-        let info = match (&self.info, grant.as_ref().and_then(|g| g.info.clone())) {
-            (Some(info), Some(chan_info)) => Some(Arc::new(ClientInfo {
-                chan_info: Some(chan_info),
-                ..(**info).clone()
-            })),
-            (info, _) => info.clone(),
-        };
-        let expires_at = grant.as_ref().and_then(|g| g.expires_at);
-        self.subscriptions.insert(
-            channel.clone(),
-            Subscription {
-                name: name.clone(),
-                options: options.clone(),
-                id,
-                info: info.clone(),
-                expires_at,
-            },
-        );
-        let mut result = SubscribeResult::default();
-        if let Some(at) = expires_at {
-            result.expires = true;
-            result.ttl = ttl_until(at);
-        }
-        let mut last = 0;
-        if options.history_enabled() {
-            result.recoverable = true;
-            result.positioned = true;
-            let outcome = if request.recover {
-                result.was_recovering = true;
-                let since = StreamPosition::new(request.offset, request.epoch.clone());
-                self.state
-                    .node
-                    .recover(
-                        name.as_str(),
-                        &since,
-                        self.state.config.recovery_max_publications,
-                    )
-                    .await
-            } else {
-                let query = HistoryQuery {
-                    limit: Some(0),
-                    ..HistoryQuery::default()
-                };
-                self.state
-                    .node
-                    .history(name.as_str(), query)
-                    .await
-                    .map(|page| herald_core::node::Recovery {
-                        publications: Vec::new(),
-                        position: page.position,
-                        recovered: false,
-                    })
-            };
-            let recovery = match outcome {
-                Ok(recovery) => recovery,
-                Err(error) => {
-                    self.unsubscribe(&channel).await;
-                    return Err(error);
-                }
-            };
-            if request.recover && !recovery.recovered && request.flag & FLAG_REJECT_UNRECOVERED != 0
-            {
-                self.unsubscribe(&channel).await;
-                return Err(HeraldError::new(ErrorCode::UnrecoverablePosition, ""));
-            }
-            result.recovered = request.recover && recovery.recovered;
-            result.epoch = recovery.position.epoch.clone();
-            result.offset = recovery.position.offset;
-            last = recovery.position.offset;
-            result.publications = recovery
-                .publications
-                .iter()
-                .map(WirePublication::from)
-                .collect();
-        }
-        if let Some(info) = info {
-            self.state.node.join(&name, &options, info).await;
-        }
-        Ok((name, result, last))
+        Ok(())
     }
 
     async fn subscribe(&mut self, id: u32, request: SubscribeRequest) -> Result<(), HeraldError> {
-        // Namespaces with `proxy_subscribe` ask the backend (unless a subscription token
-        // grants the channel); a refusal's reply is already queued.
-        let mut granted = None;
-        if request.token.is_empty()
-            && self
-                .state
-                .proxy
-                .as_ref()
-                .is_some_and(|p| p.handles_subscribe())
-            && let Ok((name, options)) = self.state.node.resolve(&request.channel)
-            && options.proxy_subscribe
-        {
-            match self
-                .subscribe_via_backend(id, &name, request.data.as_ref())
-                .await
-            {
-                Some(grant) => granted = Some(grant),
-                None => return Ok(()),
-            }
+        // Checked before admission: no backend call for a subscription that cannot be made.
+        if let Ok((name, _)) = self.state.node.resolve(&request.channel) {
+            self.check_room_for(&name)?;
         }
-        let (name, result, last) = self.prepare_subscription(&request, granted).await?;
+        let proof = if request.token.is_empty() {
+            SubscriptionProof::None
+        } else {
+            SubscriptionProof::Token(&request.token)
+        };
+        let Some(admitted) = self
+            .admit(id, &request.channel, proof, request.data.as_ref())
+            .await
+        else {
+            return Ok(());
+        };
+        let (name, result, last) = self.prepare_subscription(&request, admitted).await?;
         let encoder = self.encoder_for(&name);
         self.outbound.finish_recovery(
             name.as_arc(),
@@ -463,23 +441,6 @@ impl Session {
         }
     }
 
-    /// Verifies a subscription token for `name`: the connection's user, this channel.
-    async fn verify_subscription_token(
-        &self,
-        token: &str,
-        name: &ChannelName,
-    ) -> Result<SubscriptionGrant, HeraldError> {
-        let grant =
-            auth::subscription_grant(&*self.state.authenticator, token, self.user()).await?;
-        if grant.channel != name.as_str() {
-            return Err(HeraldError::new(
-                ErrorCode::PermissionDenied,
-                "the subscription token is for another channel",
-            ));
-        }
-        Ok(grant)
-    }
-
     /// A new subscription token for a subscribed channel extends the subscription.
     async fn sub_refresh(
         &mut self,
@@ -492,9 +453,26 @@ impl Session {
                 "not subscribed to this channel",
             ));
         }
-        let grant = self
-            .verify_subscription_token(&request.token, &name)
-            .await?;
+        // The fresh token is decided like a new subscription's, by the one admission path.
+        let context = self.proxy_context();
+        let ask = SubscribeAsk {
+            credentials: self.credentials(),
+            channel: name.as_str(),
+            proof: SubscriptionProof::Token(&request.token),
+            data: None,
+            context: &context,
+        };
+        let grant = match self.state.admission().subscribe(ask).await {
+            Ok(admitted) => admitted,
+            // A subscription token is verified by Herald alone: only its own refusals occur.
+            Err(Refusal::Denied(error)) => return Err(error),
+            Err(refusal) => {
+                return Err(HeraldError::new(
+                    ErrorCode::PermissionDenied,
+                    refusal.message(),
+                ));
+            }
+        };
         if let Some(sub) = self.subscriptions.get_mut(name.as_str()) {
             sub.expires_at = grant.expires_at;
         }
@@ -536,30 +514,38 @@ impl Session {
         Ok(name)
     }
 
-    /// Whether the channel's namespace leaves client publications to the backend.
-    fn publish_goes_to_backend(&self, channel: &str) -> bool {
-        self.state
-            .proxy
-            .as_ref()
-            .is_some_and(|p| p.handles_publish())
-            && self
-                .state
-                .node
-                .resolve(channel)
-                .is_ok_and(|(_, options)| options.proxy_publish)
-    }
-
-    async fn publish(&mut self, request: protocol::PublishRequest) -> Result<(), HeraldError> {
-        self.take_publish_token()?;
-        let (name, options) = self.state.node.resolve(&request.channel)?;
-        auth::check(
-            self.credentials(),
-            &name,
-            &options,
-            Action::Publish,
-            self.subscriptions.contains_key(name.as_str()),
-        )?;
-        self.publish_as_client(&name, request.data, false).await
+    /// A client publication, decided through the one admission path (the backend may
+    /// rewrite it where the namespace has `proxy_publish`); the reply is queued.
+    async fn publish(&mut self, id: u32, request: protocol::PublishRequest) {
+        if let Err(error) = self.take_publish_token() {
+            return self.reply_err(id, &error);
+        }
+        let subscribed = self
+            .state
+            .node
+            .resolve(&request.channel)
+            .is_ok_and(|(name, _)| self.subscriptions.contains_key(name.as_str()));
+        let context = self.proxy_context();
+        let decision = self
+            .state
+            .admission()
+            .publish(
+                self.credentials(),
+                &request.channel,
+                request.data,
+                subscribed,
+                &context,
+            )
+            .await;
+        match decision {
+            Ok(admitted) => {
+                let outcome = self
+                    .publish_as_client(&admitted.name, admitted.data, admitted.skip_history)
+                    .await;
+                self.reply_with(id, outcome, |()| ResultBody::Publish);
+            }
+            Err(refusal) => self.refuse(id, refusal),
+        }
     }
 
     /// `publications_per_second_per_user`: per user, or per connection when anonymous.

@@ -19,7 +19,7 @@ mod writer;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -28,158 +28,19 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::Uri;
 use axum::response::Response;
 use futures::StreamExt;
-use herald_core::auth::{Authenticator, Credentials};
+use herald_core::ChannelName;
+use herald_core::auth::Credentials;
 use herald_core::hub::SubscriberId;
 use herald_core::namespace::NamespaceOptions;
 use herald_core::publication::ClientInfo;
-use herald_core::{ChannelName, Node};
 
 use self::writer::{PongDeadline, SocketWriter, WriteEnd};
 use super::codec::{Encoding, JSON_SUBPROTOCOL, PROTOBUF_SUBPROTOCOL};
 use crate::chanmap::ChannelMap;
 use crate::outbound::{CloseReason, Outbound};
-use crate::registry::{ControlMessage, Inbox, Registration, Sessions};
-use herald_core::proxy::BackendProxy;
-use herald_core::rate::{KeyedLimiter, TokenBucket};
-
-/// Real-time settings shared by every connection (`[client]` in config).
-#[derive(Clone, Debug)]
-pub struct RealtimeConfig {
-    /// Connections without a token are allowed (as anonymous users).
-    pub allow_anonymous: bool,
-    /// How often the server pings; 0 disables pings.
-    pub ping_interval: Duration,
-    /// How long after a ping the client's pong may take.
-    pub pong_timeout: Duration,
-    /// Bytes queued for one connection before it is disconnected as slow.
-    pub max_queue_bytes: usize,
-    /// Largest accepted incoming WebSocket message.
-    pub max_message_size: usize,
-    /// Most publications one subscribe may recover; more means "not recovered".
-    pub recovery_max_publications: usize,
-    /// Most channels one connection may subscribe to.
-    pub max_subscriptions: usize,
-    /// Time a client has to send its connect command.
-    pub connect_timeout: Duration,
-    /// How long after its token's `exp` a bidirectional connection that did not `refresh` is
-    /// closed with 3005.
-    pub expired_close_delay: Duration,
-    /// Commands per second one WebSocket connection may send (bursts of the same size);
-    /// 0: no limit. Over it, a command gets error 111.
-    pub commands_per_second: u32,
-    /// Client publications per second per user (anonymous: per connection); 0: no limit.
-    pub publications_per_second_per_user: u32,
-    /// Request headers (lowercase names) passed to the backend proxy.
-    pub proxy_headers: Vec<String>,
-}
-
-impl Default for RealtimeConfig {
-    fn default() -> Self {
-        Self {
-            allow_anonymous: false,
-            ping_interval: Duration::from_secs(25),
-            pong_timeout: Duration::from_secs(8),
-            max_queue_bytes: 1024 * 1024,
-            max_message_size: 64 * 1024,
-            recovery_max_publications: 1000,
-            max_subscriptions: 1024,
-            connect_timeout: Duration::from_secs(10),
-            expired_close_delay: Duration::from_secs(25),
-            commands_per_second: 0,
-            publications_per_second_per_user: 0,
-            proxy_headers: Vec::new(),
-        }
-    }
-}
-
-/// Shared by every real-time connection.
-pub struct RealtimeState {
-    pub node: Node,
-    pub authenticator: Arc<dyn Authenticator>,
-    pub config: RealtimeConfig,
-    /// Open real-time connections (the `herald_connections` gauge).
-    pub connections: AtomicU64,
-    /// Triggered when the server shuts down: every connection closes with 3001.
-    pub shutdown: Shutdown,
-    /// Connections by user, for the server API's disconnect and unsubscribe.
-    pub sessions: Arc<Sessions>,
-    /// Client publications per user (`publications_per_second_per_user`).
-    pub publish_rate: KeyedLimiter<String>,
-    /// The application's backend, when `[proxy]` is configured.
-    pub proxy: Option<Arc<dyn BackendProxy>>,
-}
-
-impl RealtimeState {
-    pub fn new(node: Node, authenticator: Arc<dyn Authenticator>, config: RealtimeConfig) -> Self {
-        Self {
-            node,
-            authenticator,
-            connections: AtomicU64::new(0),
-            shutdown: Shutdown::default(),
-            sessions: Arc::new(Sessions::default()),
-            publish_rate: KeyedLimiter::new(config.publications_per_second_per_user, 65_536),
-            proxy: None,
-            config,
-        }
-    }
-
-    /// Lets the application's backend decide connects, subscriptions, publications and rpc.
-    pub fn with_proxy(mut self, proxy: Option<Arc<dyn BackendProxy>>) -> Self {
-        self.proxy = proxy;
-        self
-    }
-
-    /// Tells every real-time connection to close with 3001 `shutdown`.
-    pub fn shut_down(&self) {
-        self.shutdown.trigger();
-    }
-}
-
-/// The server's shutdown, as every connection waits for it: a flag and a `Notify`, whose
-/// wait is a small future (a `watch` receiver's is about twice the size, in every idle
-/// connection).
-#[derive(Debug, Default)]
-pub struct Shutdown {
-    triggered: std::sync::atomic::AtomicBool,
-    notify: tokio::sync::Notify,
-}
-
-impl Shutdown {
-    pub fn trigger(&self) {
-        self.triggered.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-
-    /// Resolves once the server starts shutting down.
-    pub async fn wait(&self) {
-        // Created before the flag is read: `notify_waiters` wakes a `Notified` from its
-        // creation on, so a trigger in between is not missed.
-        let notified = self.notify.notified();
-        if self.triggered.load(Ordering::SeqCst) {
-            return;
-        }
-        notified.await;
-    }
-}
-
-/// Resolves when credentials expire (never for tokens without `exp`).
-pub async fn expiry(expires_at: Option<u64>) {
-    match expires_at {
-        Some(at) => {
-            let now = herald_core::time::now_ms() / 1000;
-            tokio::time::sleep(Duration::from_secs(at.saturating_sub(now))).await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-impl std::fmt::Debug for RealtimeState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RealtimeState")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
-    }
-}
+use crate::realtime::RealtimeState;
+use crate::registry::{ControlMessage, Inbox, Registration};
+use herald_core::rate::TokenBucket;
 
 /// `GET /connection/websocket`. The subprotocol `centrifuge-protobuf` (echoed back) or
 /// `?format=protobuf` selects the Protobuf encoding; JSON otherwise.
@@ -190,19 +51,7 @@ pub async fn websocket_handler(
     State(state): State<Arc<RealtimeState>>,
 ) -> Response {
     // Only the headers the backend proxy is configured to see are kept.
-    let proxy_headers: Vec<(String, String)> = if state.proxy.is_some() {
-        state
-            .config
-            .proxy_headers
-            .iter()
-            .filter_map(|name| {
-                let value = headers.get(name.as_str())?.to_str().ok()?;
-                Some((name.clone(), value.to_owned()))
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let proxy_headers = state.proxy_headers(&headers);
     let max = state.config.max_message_size;
     let ws = ws.protocols([PROTOBUF_SUBPROTOCOL, JSON_SUBPROTOCOL]);
     let subprotocol = ws.selected_protocol().and_then(|p| p.to_str().ok());
