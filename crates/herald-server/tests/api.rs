@@ -199,7 +199,7 @@ async fn batch_runs_commands_in_order() {
 }
 
 #[tokio::test]
-async fn presence_channels_and_info_shapes() {
+async fn presence_of_an_empty_channel() {
     let server = TestServer::start(Engine::Memory).await;
     assert_eq!(
         server.ok("presence", json!({"channel": "room:1"})).await,
@@ -218,21 +218,189 @@ async fn presence_channels_and_info_shapes() {
         server.ok("channels", json!({"pattern": "room:*"})).await,
         json!({"channels": {}})
     );
-    let info = server.ok("info", json!({})).await;
-    let node = &info["nodes"][0];
-    assert!(node["uid"].as_str().is_some_and(|s| !s.is_empty()));
-    assert_eq!(node["name"], "herald");
-    for field in [
-        "num_clients",
-        "num_users",
-        "num_channels",
-        "num_subs",
-        "uptime",
-    ] {
-        assert!(node[field].is_u64(), "{field} in {node}");
+    let (status, body) = server.raw("info", "").await;
+    assert_eq!(status, 200, "an empty body means no parameters: {body}");
+}
+
+const SECRET: &str = "api-test-secret-0123456789abcdef0123";
+
+/// An SSE connection of `user` to `channels`, open once its `connected` event has arrived
+/// (its subscriptions are in place then). Dropping it closes the connection.
+async fn subscriber(
+    server: &TestServer,
+    user: &str,
+    channels: &[&str],
+) -> impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin {
+    use futures::StreamExt;
+    let now = herald_core::time::now_ms() / 1000;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "exp": now + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let query: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
+    let response = server
+        .http
+        .get(format!("{}/connection/sse?{}", server.url, query.join("&")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(response.status().as_u16(), 200, "{user} {channels:?}");
+    let mut body = Box::pin(response.bytes_stream());
+    let mut seen = String::new();
+    while !seen.contains("event: connected") {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(5), body.next())
+            .await
+            .expect("the connected event within 5s")
+            .expect("stream open")
+            .expect("chunk");
+        seen.push_str(std::str::from_utf8(&chunk).expect("utf-8"));
     }
-    let (status, _) = server.raw("info", "").await;
-    assert_eq!(status, 200, "an empty body means no parameters");
+    body
+}
+
+/// Calls `method` until its result equals `want` (state that settles after a disconnect),
+/// failing with the last result after 5 s.
+async fn settles(
+    server: &TestServer,
+    method: &str,
+    params: serde_json::Value,
+    want: serde_json::Value,
+) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let got = server.ok(method, params.clone()).await;
+        if got == want || tokio::time::Instant::now() > deadline {
+            assert_eq!(got, want, "{method} {params}");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+fn info_counts(info: &serde_json::Value) -> serde_json::Value {
+    let node = &info["nodes"][0];
+    json!({
+        "num_clients": node["num_clients"],
+        "num_users": node["num_users"],
+        "num_channels": node["num_channels"],
+        "num_subs": node["num_subs"],
+    })
+}
+
+#[tokio::test]
+async fn channels_and_info_count_real_subscribers() {
+    let started = std::time::Instant::now();
+    let mut config = common::test_config(Engine::Memory);
+    config.token.hmac_secret = SECRET.into();
+    config.server.name = "node-a".into();
+    let server = TestServer::start_with(config, None).await;
+
+    let _alice = subscriber(&server, "alice", &["room:1", "room:2", "news"]).await;
+    let alice_again = subscriber(&server, "alice", &["room:1"]).await;
+    let _bob = subscriber(&server, "bob", &["room:1", "chat-x"]).await;
+
+    assert_eq!(
+        server.ok("channels", json!({})).await,
+        json!({"channels": {
+            "chat-x": {"num_clients": 1},
+            "news": {"num_clients": 1},
+            "room:1": {"num_clients": 3},
+            "room:2": {"num_clients": 1},
+        }})
+    );
+    assert_eq!(
+        server.ok("channels", json!({"pattern": ""})).await,
+        server.ok("channels", json!({})).await,
+        "an empty pattern is no filter"
+    );
+    assert_eq!(
+        server.ok("channels", json!({"pattern": "room:*"})).await,
+        json!({"channels": {"room:1": {"num_clients": 3}, "room:2": {"num_clients": 1}}})
+    );
+    assert_eq!(
+        server.ok("channels", json!({"pattern": "*s"})).await,
+        json!({"channels": {"news": {"num_clients": 1}}})
+    );
+    assert_eq!(
+        server.ok("channels", json!({"pattern": "room:2"})).await,
+        json!({"channels": {"room:2": {"num_clients": 1}}}),
+        "without `*` the pattern is the whole name"
+    );
+    assert_eq!(
+        server.ok("channels", json!({"pattern": "room"})).await,
+        json!({"channels": {}})
+    );
+    assert_eq!(
+        server
+            .ok("presence_stats", json!({"channel": "room:1"}))
+            .await,
+        json!({"num_clients": 3, "num_users": 2})
+    );
+
+    let info = server.ok("info", json!({})).await;
+    assert_eq!(info["nodes"].as_array().map(Vec::len), Some(1), "{info}");
+    assert_eq!(
+        info_counts(&info),
+        json!({"num_clients": 3, "num_users": 2, "num_channels": 4, "num_subs": 6})
+    );
+    let node = &info["nodes"][0];
+    assert_eq!(node["name"], "node-a");
+    assert_eq!(node["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(node["uid"], server.state.node.info().uid.as_str());
+    let uid = node["uid"].as_str().expect("uid");
+    assert_eq!(uid.len(), 36, "a UUID: {uid}");
+    assert_eq!(uid.matches('-').count(), 4, "a UUID: {uid}");
+    let uptime = node["uptime"].as_u64().expect("uptime");
+    assert!(
+        uptime <= started.elapsed().as_secs(),
+        "uptime {uptime}s is longer than this test has run"
+    );
+
+    // One connection of alice goes: her other one keeps her a user.
+    drop(alice_again);
+    settles(
+        &server,
+        "channels",
+        json!({"pattern": "room:1"}),
+        json!({"channels": {"room:1": {"num_clients": 2}}}),
+    )
+    .await;
+    // The server API closes bob's connection: his channel and user are gone.
+    server.ok("disconnect", json!({"user": "bob"})).await;
+    settles(
+        &server,
+        "channels",
+        json!({}),
+        json!({"channels": {
+            "news": {"num_clients": 1},
+            "room:1": {"num_clients": 1},
+            "room:2": {"num_clients": 1},
+        }}),
+    )
+    .await;
+    let info = server.ok("info", json!({})).await;
+    assert_eq!(
+        info_counts(&info),
+        json!({"num_clients": 1, "num_users": 1, "num_channels": 3, "num_subs": 3})
+    );
+    // The same through batch.
+    let (_, batch) = server
+        .call(
+            "batch",
+            json!({"commands": [{"info": {}}, {"channels": {"pattern": "n*"}}]}),
+        )
+        .await;
+    assert_eq!(
+        info_counts(&batch["replies"][0]["info"]),
+        info_counts(&info)
+    );
+    assert_eq!(
+        batch["replies"][1]["channels"],
+        json!({"channels": {"news": {"num_clients": 1}}})
+    );
 }
 
 #[tokio::test]
@@ -349,6 +517,60 @@ async fn bad_input_gets_clear_errors() {
         .await
         .expect("get");
     assert_eq!(response.status().as_u16(), 405);
+    assert_eq!(
+        response.headers()["allow"],
+        "POST",
+        "a 405 names the allowed method"
+    );
+    let body: serde_json::Value = response.json().await.expect("JSON error body");
+    assert_eq!(body["error"]["code"], 107);
+    // Integers: 2.0 is the integer 2; a fraction or a value beyond the field's range is 400.
+    server
+        .ok("publish", json!({"channel": "ints", "data": 1}))
+        .await;
+    server
+        .ok("publish", json!({"channel": "ints", "data": 2}))
+        .await;
+    let page = server
+        .ok("history", json!({"channel": "ints", "limit": 1.0}))
+        .await;
+    assert_eq!(page["publications"].as_array().map(Vec::len), Some(1));
+    let page = server
+        .ok(
+            "history",
+            json!({"channel": "ints", "limit": -1, "since": {"offset": 1.0, "epoch": ""}}),
+        )
+        .await;
+    assert_eq!(page["publications"][0]["offset"], 2);
+    for (method, body) in [
+        ("history", r#"{"channel":"ints","limit":1.5}"#),
+        (
+            "history",
+            r#"{"channel":"ints","limit":9223372036854775808}"#,
+        ),
+        (
+            "invalidate_user_tokens",
+            r#"{"user":"u","expire_at":18446744073709551616}"#,
+        ),
+        (
+            "invalidate_user_tokens",
+            r#"{"user":"u","issued_before":-1}"#,
+        ),
+        ("revoke_token", r#"{"uid":"j","expire_at":1e30}"#),
+    ] {
+        let (status, reply) = server.raw(method, body).await;
+        assert_eq!(
+            (status, reply["error"]["code"].as_u64()),
+            (400, Some(107)),
+            "{body}"
+        );
+    }
+    server
+        .ok(
+            "invalidate_user_tokens",
+            json!({"user": "u", "expire_at": 4_000_000_000.0}),
+        )
+        .await;
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use herald_core::PublishRequest;
 use herald_core::error::{ErrorCode, HeraldError};
 use herald_core::node::Node;
+use herald_core::publication::StreamPosition;
 use herald_core::store::HistoryQuery;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -313,7 +314,7 @@ async fn history(node: &Node, params: HistoryParams) -> Result<Box<RawValue>, Ap
         Err(_) => Some(MAX_HISTORY_LIMIT),
     };
     let query = HistoryQuery {
-        since: params.since,
+        since: params.since.map(StreamPosition::from),
         limit,
         reverse: params.reverse,
     };

@@ -11,6 +11,89 @@ use herald_core::publication::{ClientInfo, Payload, Publication, StreamPosition}
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
+/// Integer parameters. JSON does not tell `2` from `2.0`, and neither does the OpenAPI
+/// document's `"type": "integer"`, so a number with no fractional part is accepted in either
+/// spelling; a fraction, or a value outside the field's type (`format: int64`, `uint64`, …, the
+/// document's `minimum`/`maximum`), is HTTP 400 like any other wrong type.
+pub mod integer {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Error, Unexpected, Visitor};
+    use serde::{Deserialize, Deserializer};
+
+    /// An integer type a parameter may have, with its range.
+    pub trait Integer: Sized + TryFrom<i128> {
+        const MIN: i128;
+        const MAX: i128;
+    }
+
+    macro_rules! integer {
+        ($($t:ty),*) => {$(
+            impl Integer for $t {
+                const MIN: i128 = <$t>::MIN as i128;
+                const MAX: i128 = <$t>::MAX as i128;
+            }
+        )*};
+    }
+    integer!(u16, u64, i64);
+
+    struct IntegerVisitor<T>(PhantomData<T>);
+
+    impl<T: Integer> IntegerVisitor<T> {
+        fn in_range<E: Error>(&self, value: i128, unexpected: Unexpected<'_>) -> Result<T, E> {
+            T::try_from(value).map_err(|_| E::invalid_value(unexpected, self))
+        }
+    }
+
+    impl<T: Integer> Visitor<'_> for IntegerVisitor<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "an integer from {} to {}", T::MIN, T::MAX)
+        }
+
+        fn visit_i64<E: Error>(self, value: i64) -> Result<T, E> {
+            self.in_range(value.into(), Unexpected::Signed(value))
+        }
+
+        fn visit_u64<E: Error>(self, value: u64) -> Result<T, E> {
+            self.in_range(value.into(), Unexpected::Unsigned(value))
+        }
+
+        fn visit_f64<E: Error>(self, value: f64) -> Result<T, E> {
+            let unexpected = Unexpected::Float(value);
+            // Integral and inside i128 (2^127), so the cast below is exact.
+            if value.fract() != 0.0 || !value.is_finite() || value.abs() >= 1.7e38 {
+                return Err(E::invalid_value(unexpected, &self));
+            }
+            self.in_range(value as i128, unexpected)
+        }
+    }
+
+    struct Int<T>(T);
+
+    impl<'de, T: Integer> Deserialize<'de> for Int<T> {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer
+                .deserialize_any(IntegerVisitor(PhantomData))
+                .map(Int)
+        }
+    }
+
+    /// For `#[serde(deserialize_with = "integer::required")]`.
+    pub fn required<'de, D: Deserializer<'de>, T: Integer>(deserializer: D) -> Result<T, D::Error> {
+        Int::deserialize(deserializer).map(|Int(value)| value)
+    }
+
+    /// For `#[serde(default, deserialize_with = "integer::optional")]`: `null` is absent.
+    pub fn optional<'de, D: Deserializer<'de>, T: Integer>(
+        deserializer: D,
+    ) -> Result<Option<T>, D::Error> {
+        Option::<Int<T>>::deserialize(deserializer).map(|value| value.map(|Int(value)| value))
+    }
+}
+
 /// Keeps `"data": null` distinct from an absent `data`.
 fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
     Box::<RawValue>::deserialize(deserializer).map(Some)
@@ -61,12 +144,28 @@ pub struct HistoryParams {
     #[serde(default)]
     pub channel: String,
     /// 0: position only; negative: everything retained; N: at most N.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer::required")]
     pub limit: i64,
     #[serde(default)]
-    pub since: Option<StreamPosition>,
+    pub since: Option<SincePosition>,
     #[serde(default)]
     pub reverse: bool,
+}
+
+/// `history.since`: a stream position. Unlike the method parameters, unknown fields here are
+/// ignored (as documented), so a client that sends a richer position object still works.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct SincePosition {
+    #[serde(deserialize_with = "integer::required")]
+    pub offset: u64,
+    pub epoch: String,
+}
+
+impl From<SincePosition> for StreamPosition {
+    fn from(position: SincePosition) -> Self {
+        StreamPosition::new(position.offset, position.epoch)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +184,7 @@ pub struct DisconnectParams {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DisconnectCode {
+    #[serde(deserialize_with = "integer::required")]
     pub code: u16,
     /// Accepted for compatibility; the close frame carries a fixed reason for the code range.
     #[serde(default)]
@@ -98,6 +198,7 @@ pub struct RevokeTokenParams {
     #[serde(default)]
     pub uid: String,
     /// Remember until (Unix seconds); default a day from now.
+    #[serde(default, deserialize_with = "integer::optional")]
     pub expire_at: Option<u64>,
 }
 
@@ -107,8 +208,10 @@ pub struct InvalidateUserTokensParams {
     #[serde(default)]
     pub user: String,
     /// Tokens with `iat` before this (Unix seconds) are refused; default now.
+    #[serde(default, deserialize_with = "integer::optional")]
     pub issued_before: Option<u64>,
     /// Remember until (Unix seconds); default a day from now.
+    #[serde(default, deserialize_with = "integer::optional")]
     pub expire_at: Option<u64>,
 }
 
@@ -336,5 +439,54 @@ mod tests {
         )
         .expect_err("typo");
         assert!(err.to_string().contains("skip_hisotry"));
+    }
+
+    #[test]
+    fn integers_are_json_numbers_in_the_field_range() {
+        let limit = |text: &str| {
+            serde_json::from_str::<HistoryParams>(&format!(r#"{{"channel":"a","limit":{text}}}"#))
+                .map(|p| p.limit)
+        };
+        assert_eq!(limit("2").ok(), Some(2));
+        assert_eq!(limit("2.0").ok(), Some(2), "2.0 is the integer 2");
+        assert_eq!(limit("-1.0").ok(), Some(-1));
+        assert_eq!(limit("-9223372036854775808").ok(), Some(i64::MIN));
+        assert_eq!(limit("9223372036854775807").ok(), Some(i64::MAX));
+        for bad in [
+            "2.5",
+            "9223372036854775808",
+            "1e300",
+            "-1e19",
+            "\"2\"",
+            "true",
+        ] {
+            assert!(limit(bad).is_err(), "limit {bad}");
+        }
+        let expire_at = |text: &str| {
+            serde_json::from_str::<RevokeTokenParams>(&format!(
+                r#"{{"uid":"a","expire_at":{text}}}"#
+            ))
+            .map(|p| p.expire_at)
+        };
+        assert_eq!(expire_at("null").ok(), Some(None));
+        assert_eq!(expire_at("1795000000.0").ok(), Some(Some(1_795_000_000)));
+        assert_eq!(expire_at("18446744073709551615").ok(), Some(Some(u64::MAX)));
+        for bad in ["18446744073709551616", "-1", "-0.5", "1e20"] {
+            assert!(expire_at(bad).is_err(), "expire_at {bad}");
+        }
+        let missing: InvalidateUserTokensParams =
+            serde_json::from_str(r#"{"user":"a"}"#).expect("parse");
+        assert_eq!((missing.issued_before, missing.expire_at), (None, None));
+        let code = |text: &str| {
+            serde_json::from_str::<DisconnectCode>(&format!(r#"{{"code":{text}}}"#)).map(|c| c.code)
+        };
+        assert_eq!(code("3000.0").ok(), Some(3000));
+        assert!(code("65536").is_err());
+        let since: HistoryParams = serde_json::from_str(
+            r#"{"channel":"a","since":{"offset":3.0,"epoch":"e","unknown":1}}"#,
+        )
+        .expect("unknown fields in since are ignored");
+        let since = StreamPosition::from(since.since.expect("since"));
+        assert_eq!(since, StreamPosition::new(3, "e"));
     }
 }
