@@ -7,21 +7,29 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::publication::{ChannelEvent, PublicationEvent};
 use crate::store::CommitListener;
 
+/// What the queue carries: events, and markers that tell whoever waits on them that
+/// everything queued before has been handed on.
+#[derive(Debug)]
+pub(crate) enum Queued {
+    Event(ChannelEvent),
+    Drained(oneshot::Sender<()>),
+}
+
 /// The sending side: cheap to clone, never blocks.
 #[derive(Clone, Debug)]
 pub struct FanoutFeed {
-    tx: mpsc::UnboundedSender<ChannelEvent>,
+    tx: mpsc::UnboundedSender<Queued>,
 }
 
 /// The receiving side, drained by the node's fan-out task.
 #[derive(Debug)]
 pub struct FanoutQueue {
-    pub(crate) rx: mpsc::UnboundedReceiver<ChannelEvent>,
+    pub(crate) rx: mpsc::UnboundedReceiver<Queued>,
 }
 
 /// A connected feed and queue.
@@ -33,7 +41,16 @@ pub fn channel() -> (FanoutFeed, FanoutQueue) {
 impl FanoutFeed {
     /// Queues an event; silently dropped only if the node has shut down.
     pub fn push(&self, event: ChannelEvent) {
-        let _ = self.tx.send(event);
+        let _ = self.tx.send(Queued::Event(event));
+    }
+
+    /// Resolves once every event queued before the call has been handed to the broker (at
+    /// once if the fan-out task is gone).
+    pub async fn drained(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Queued::Drained(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use crate::broker::Broker;
 use crate::channel::{ChannelName, ChannelRules};
 use crate::error::{ErrorCode, HeraldError};
-use crate::fanout::{FanoutFeed, FanoutQueue};
+use crate::fanout::{FanoutFeed, FanoutQueue, Queued};
 use crate::hub::{Hub, Subscriber, SubscriberId};
 use crate::idempotency::IdempotencyWindow;
 use crate::namespace::{NamespaceOptions, Namespaces};
@@ -552,9 +552,11 @@ impl Node {
         }
     }
 
-    /// Flushes history and stops the fan-out task once the queue is drained.
+    /// Flushes history, then waits until every committed publication has been handed to
+    /// the broker (so subscribers still connected get it), then stops the fan-out task.
     pub async fn shutdown(&self) -> Result<(), HeraldError> {
         self.inner.backends.history.flush().await?;
+        self.inner.feed.drained().await;
         let task = self.inner.fanout_task.lock().take();
         if let Some(task) = task {
             task.abort();
@@ -566,7 +568,14 @@ impl Node {
 async fn run_fanout(mut queue: FanoutQueue, broker: Arc<dyn Broker>, stats: Arc<NodeStats>) {
     let mut batch = Vec::with_capacity(256);
     while queue.rx.recv_many(&mut batch, 256).await > 0 {
-        for event in batch.drain(..) {
+        for queued in batch.drain(..) {
+            let event = match queued {
+                Queued::Event(event) => event,
+                Queued::Drained(done) => {
+                    let _ = done.send(());
+                    continue;
+                }
+            };
             match broker.publish(event).await {
                 Ok(outcome) => {
                     stats
@@ -739,8 +748,33 @@ mod tests {
         );
         assert!(node.publish(request).await.expect("second").duplicate);
         assert_eq!(rx.recv().await, Some(0));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Everything queued for fan-out so far has been delivered: a duplicate would be here.
+        node.inner.feed.drained().await;
         assert!(rx.try_recv().is_err(), "duplicate must not be delivered");
+    }
+
+    /// Shutdown hands every committed publication to the subscribers still connected before
+    /// it stops the fan-out task (it used to abort it, losing what was still queued).
+    #[tokio::test]
+    async fn shutdown_delivers_everything_committed() {
+        let node = node();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (channel, _) = node.resolve("news").expect("valid");
+        node.subscribe(&channel, Arc::new(Forward(tx)))
+            .await
+            .expect("subscribe");
+        let count = 2_000;
+        for n in 0..count {
+            node.publish(PublishRequest::new("news", Payload::Json(n.to_string().into())))
+                .await
+                .expect("publish");
+        }
+        node.shutdown().await.expect("shutdown");
+        let mut offsets = Vec::new();
+        while let Ok(offset) = rx.try_recv() {
+            offsets.push(offset);
+        }
+        assert_eq!(offsets, (1..=count).collect::<Vec<u64>>());
     }
 
     #[tokio::test]
