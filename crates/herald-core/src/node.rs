@@ -765,9 +765,12 @@ mod tests {
             .expect("subscribe");
         let count = 2_000;
         for n in 0..count {
-            node.publish(PublishRequest::new("news", Payload::Json(n.to_string().into())))
-                .await
-                .expect("publish");
+            node.publish(PublishRequest::new(
+                "news",
+                Payload::Json(n.to_string().into()),
+            ))
+            .await
+            .expect("publish");
         }
         node.shutdown().await.expect("shutdown");
         let mut offsets = Vec::new();

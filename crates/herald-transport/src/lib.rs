@@ -5,6 +5,7 @@
 //! transport talks to [`herald_core::Node`] (subscribe, recover, publish, history, presence)
 //! and to the core's permission check; it never touches a store.
 
+pub mod budget;
 pub mod chanmap;
 pub mod oneway;
 pub mod outbound;

@@ -396,7 +396,7 @@ impl OneWaySession {
             None => None,
         };
         state.connections.fetch_add(1, Ordering::Relaxed);
-        let outbound = Outbound::new(state.config.max_queue_bytes);
+        let outbound = state.new_outbound();
         let registration = state.sessions.register(
             &credentials.user,
             &info.client,

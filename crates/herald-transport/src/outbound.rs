@@ -19,6 +19,7 @@ use herald_core::hub::{Delivery, Subscriber};
 use herald_core::publication::ChannelEvent;
 use parking_lot::Mutex;
 
+use crate::budget::{GRANULE, QueueBudget};
 use crate::chanmap::ChannelMap;
 
 /// Why the server closes a connection: a protocol disconnect code and its reason text.
@@ -159,6 +160,10 @@ struct ChannelState {
 struct State {
     frames: VecDeque<Frame>,
     bytes: usize,
+    /// Taken by the writer and handed to the socket, not yet flushed.
+    in_flight: usize,
+    /// What the process budget was last told this queue holds.
+    reported: usize,
     closed: Option<CloseReason>,
     channels: ChannelMap<ChannelState>,
 }
@@ -172,6 +177,16 @@ pub struct Outbound {
     /// The connection's writer, waiting for frames.
     ready: AtomicWaker,
     max_bytes: usize,
+    /// The process-wide budget and this queue's id in it.
+    budget: Option<(Arc<QueueBudget>, u64)>,
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        if let Some((budget, id)) = &self.budget {
+            budget.deregister(*id, self.state.get_mut().reported);
+        }
+    }
 }
 
 impl std::fmt::Debug for Outbound {
@@ -184,18 +199,74 @@ impl std::fmt::Debug for Outbound {
     }
 }
 
+fn new_state() -> Mutex<State> {
+    Mutex::new(State {
+        frames: VecDeque::new(),
+        bytes: 0,
+        in_flight: 0,
+        reported: 0,
+        closed: None,
+        channels: ChannelMap::new(),
+    })
+}
+
 impl Outbound {
+    /// A queue bounded by `max_bytes` alone (tests, tools).
     pub fn new(max_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
-            state: Mutex::new(State {
-                frames: VecDeque::new(),
-                bytes: 0,
-                closed: None,
-                channels: ChannelMap::new(),
-            }),
+            state: new_state(),
             ready: AtomicWaker::new(),
             max_bytes,
+            budget: None,
         })
+    }
+
+    /// A queue bounded by `max_bytes` that also counts against the process-wide `budget`.
+    pub fn with_budget(max_bytes: usize, budget: &Arc<QueueBudget>) -> Arc<Self> {
+        Arc::new_cyclic(|this| Self {
+            state: new_state(),
+            ready: AtomicWaker::new(),
+            max_bytes,
+            budget: Some((budget.clone(), budget.register(this.clone()))),
+        })
+    }
+
+    /// Tells the budget what the queue holds now, when it moved enough to matter.
+    fn account_locked(&self, state: &mut State) {
+        let Some((budget, _)) = &self.budget else {
+            return;
+        };
+        let held = state.bytes + state.in_flight;
+        if held.abs_diff(state.reported) >= GRANULE || (held == 0 && state.reported != 0) {
+            budget.report(state.reported, held);
+            state.reported = held;
+        }
+    }
+
+    /// After the queue's lock is released: if the process is over its budget, close the
+    /// connections holding the most.
+    fn enforce_budget(&self) {
+        if let Some((budget, _)) = &self.budget
+            && budget.over()
+        {
+            budget.enforce();
+        }
+    }
+
+    /// Bytes queued plus bytes handed to the socket and not yet flushed.
+    pub fn held_bytes(&self) -> usize {
+        let state = self.state.lock();
+        state.bytes + state.in_flight
+    }
+
+    /// Closes with `reason` unless already closed; true if this call closed it.
+    pub fn close_if_open(&self, reason: CloseReason) -> bool {
+        let mut state = self.state.lock();
+        if state.closed.is_some() {
+            return false;
+        }
+        self.close_locked(&mut state, reason);
+        true
     }
 
     fn close_locked(&self, state: &mut State, reason: CloseReason) {
@@ -207,6 +278,7 @@ impl Outbound {
             if reason == CloseReason::SLOW || reason == CloseReason::CONNECTION_CLOSED {
                 state.frames.clear();
                 state.bytes = 0;
+                self.account_locked(state);
             }
             state.channels.clear();
         }
@@ -225,6 +297,7 @@ impl Outbound {
         }
         state.bytes += frame.bytes.len();
         state.frames.push_back(frame);
+        self.account_locked(state);
         self.ready.wake();
         true
     }
@@ -262,8 +335,12 @@ impl Outbound {
 
     /// Queues a frame that is not a channel event (a reply, a ping). False if closed.
     pub fn push(&self, frame: impl Into<Frame>) -> bool {
-        let mut state = self.state.lock();
-        self.push_locked(&mut state, frame.into())
+        let pushed = {
+            let mut state = self.state.lock();
+            self.push_locked(&mut state, frame.into())
+        };
+        self.enforce_budget();
+        pushed
     }
 
     /// Closes the queue; the writer sees `reason` once it has drained nothing more.
@@ -288,6 +365,17 @@ impl Outbound {
     /// Queues `reply` (which carries the recovered publications up to `last_offset`), then
     /// every held live event after `last_offset`, and lets live events flow again.
     pub fn finish_recovery(
+        &self,
+        channel: &Arc<str>,
+        replies: Vec<Frame>,
+        last_offset: u64,
+        encoder: &dyn EventEncoder,
+    ) {
+        self.queue_recovery(channel, replies, last_offset, encoder);
+        self.enforce_budget();
+    }
+
+    fn queue_recovery(
         &self,
         channel: &Arc<str>,
         replies: Vec<Frame>,
@@ -353,6 +441,18 @@ impl Outbound {
         encoder: &dyn EventEncoder,
         conflate: bool,
     ) -> Delivery {
+        let delivery = self.deliver_within_budget(channel, event, encoder, conflate);
+        self.enforce_budget();
+        delivery
+    }
+
+    fn deliver_within_budget(
+        &self,
+        channel: &Arc<str>,
+        event: &ChannelEvent,
+        encoder: &dyn EventEncoder,
+        conflate: bool,
+    ) -> Delivery {
         // Encode outside the lock: the first subscriber pays, the rest share the cached bytes.
         let mut frame = encoder.encode(event);
         if conflate
@@ -396,8 +496,11 @@ impl Outbound {
         // Register before looking, so a frame pushed in between wakes this task.
         self.ready.register(cx.waker());
         let mut state = self.state.lock();
+        // The writer takes again only once it has written what it took before: what it takes
+        // now is what it holds (the process budget counts it until the next take).
+        state.in_flight = std::mem::take(&mut state.bytes);
+        self.account_locked(&mut state);
         if !state.frames.is_empty() {
-            state.bytes = 0;
             return Poll::Ready(Ok(std::mem::take(&mut state.frames)));
         }
         match state.closed {

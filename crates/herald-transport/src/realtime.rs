@@ -14,6 +14,8 @@ use herald_core::auth::Authenticator;
 use herald_core::proxy::BackendProxy;
 use herald_core::rate::KeyedLimiter;
 
+use crate::budget::QueueBudget;
+use crate::outbound::Outbound;
 use crate::registry::Sessions;
 
 /// Real-time settings shared by every connection (`[client]` in config).
@@ -27,6 +29,9 @@ pub struct RealtimeConfig {
     pub pong_timeout: Duration,
     /// Bytes queued for one connection before it is disconnected as slow.
     pub max_queue_bytes: usize,
+    /// Bytes queued for all connections together before the ones holding the most are
+    /// disconnected as slow; 0: no limit.
+    pub max_total_queue_bytes: usize,
     /// Largest accepted incoming WebSocket message.
     pub max_message_size: usize,
     /// Most publications one subscribe may recover; more means "not recovered".
@@ -54,6 +59,7 @@ impl Default for RealtimeConfig {
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(8),
             max_queue_bytes: 1024 * 1024,
+            max_total_queue_bytes: 0,
             max_message_size: 64 * 1024,
             recovery_max_publications: 1000,
             max_subscriptions: 1024,
@@ -81,6 +87,8 @@ pub struct RealtimeState {
     pub publish_rate: KeyedLimiter<String>,
     /// The application's backend, when `[proxy]` is configured.
     pub proxy: Option<Arc<dyn BackendProxy>>,
+    /// Bytes queued for all connections (`max_total_queue_bytes`).
+    pub queue_budget: Arc<QueueBudget>,
 }
 
 impl RealtimeState {
@@ -93,6 +101,7 @@ impl RealtimeState {
             sessions: Arc::new(Sessions::default()),
             publish_rate: KeyedLimiter::new(config.publications_per_second_per_user, 65_536),
             proxy: None,
+            queue_budget: QueueBudget::new(config.max_total_queue_bytes),
             config,
         }
     }
@@ -101,6 +110,12 @@ impl RealtimeState {
     pub fn with_proxy(mut self, proxy: Option<Arc<dyn BackendProxy>>) -> Self {
         self.proxy = proxy;
         self
+    }
+
+    /// A new connection's outbound queue, bounded by `max_queue_bytes` and counted against
+    /// the process budget.
+    pub fn new_outbound(&self) -> Arc<Outbound> {
+        Outbound::with_budget(self.config.max_queue_bytes, &self.queue_budget)
     }
 
     /// The one admission path, as this server is configured (see

@@ -123,7 +123,7 @@ fn run_connection(
 ) -> impl Future<Output = ()> + Send {
     async move {
         state.connections.fetch_add(1, Ordering::Relaxed);
-        let outbound = Outbound::new(state.config.max_queue_bytes);
+        let outbound = state.new_outbound();
         let mut session = Session {
             state: state.clone(),
             encoding,

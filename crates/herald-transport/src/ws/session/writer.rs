@@ -137,13 +137,13 @@ impl SocketWriter {
                         }
                     }
                     Poll::Ready(Err(_)) => return self.end(WriteEnd::Failed),
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => return self.stalled(outbound),
                 }
             }
             match Pin::new(&mut *socket).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => return self.end(WriteEnd::Failed),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => return self.stalled(outbound),
             }
             let mut frames = match outbound.poll_take(cx) {
                 Poll::Ready(Ok(frames)) => frames,
@@ -165,6 +165,16 @@ impl SocketWriter {
         // More is queued than one turn should write: come back after the other work.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// The socket takes nothing more for now. A queue closed as slow (over its own bound or
+    /// the process budget) ends the write side at once: what the socket still holds is
+    /// useless to a client that recovers from history, and must be freed.
+    fn stalled(&mut self, outbound: &Outbound) -> Poll<WriteEnd> {
+        match outbound.closed() {
+            Some(CloseReason::SLOW) => self.end(WriteEnd::Closed(CloseReason::SLOW)),
+            _ => Poll::Pending,
+        }
     }
 
     fn end(&mut self, end: WriteEnd) -> Poll<WriteEnd> {
