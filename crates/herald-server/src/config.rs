@@ -591,14 +591,87 @@ impl Config {
     }
 }
 
-/// `HERALD_SERVER__LISTEN=…` → `server.listen`. `HERALD_CONFIG` (the config path) and
-/// `HERALD_TEST_*` (test-suite settings) are not config keys.
-fn env_provider() -> Env {
-    Env::prefixed(ENV_PREFIX).split("__").filter(|key| {
-        // figment hands the key over with its original case.
-        let key = key.as_str().to_ascii_lowercase();
-        key != "config" && !key.starts_with("test_")
+/// The top-level keys of [`Config`]: a `HERALD_<SECTION>__<KEY>` variable addresses one.
+const SECTIONS: [&str; 10] = [
+    "server",
+    "api",
+    "token",
+    "storage",
+    "log",
+    "client",
+    "channels",
+    "namespace",
+    "namespaces",
+    "proxy",
+];
+
+/// What a `HERALD_*` variable is, from its name without the prefix and its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EnvVariable {
+    /// A configuration key: read, and a bad key or value is an error (as in the file).
+    Config,
+    /// Ours but not configuration (`HERALD_CONFIG`, `HERALD_TEST_*`): silently skipped.
+    Known,
+    /// Not configuration (`HERALD_BIN`, set by deployment tooling): skipped with a warning.
+    Foreign,
+}
+
+/// `SERVER__LISTEN` (a key inside a section) and `NAMESPACES='[…]'` (a whole section as a
+/// TOML array or table) are configuration; `BIN`, `LOG=/var/log/x` or `SERVER_LISTEN` (one
+/// `_`) are not, since no key of ours can be meant by them.
+fn classify_env(name: &str, value: &str) -> EnvVariable {
+    let key = name.to_ascii_lowercase();
+    if key == "config" || key.starts_with("test_") {
+        return EnvVariable::Known;
+    }
+    let (section, nested) = match key.split_once("__") {
+        Some((section, _)) => (section, true),
+        None => (key.as_str(), false),
+    };
+    let whole_section = value.trim_start().starts_with(['[', '{']);
+    if SECTIONS.contains(&section) && (nested || whole_section) {
+        EnvVariable::Config
+    } else {
+        EnvVariable::Foreign
+    }
+}
+
+/// The `HERALD_*` variables (name without the prefix, value) in the process environment; the
+/// prefix matches in any case, as figment's does.
+fn herald_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os().filter_map(|(name, value)| {
+        let name = name.into_string().ok()?;
+        let prefix = name.get(..ENV_PREFIX.len())?;
+        if !prefix.eq_ignore_ascii_case(ENV_PREFIX) {
+            return None;
+        }
+        let value = value.into_string().unwrap_or_default();
+        Some((name[ENV_PREFIX.len()..].to_owned(), value))
     })
+}
+
+/// `HERALD_*` variables that are not configuration keys, by full name, sorted: `serve` and
+/// the other commands name them in one warning line instead of refusing to start.
+pub fn foreign_env_variables() -> Vec<String> {
+    let mut names: Vec<String> = herald_env()
+        .filter(|(name, value)| classify_env(name, value) == EnvVariable::Foreign)
+        .map(|(name, _)| format!("{ENV_PREFIX}{name}"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `HERALD_SERVER__LISTEN=…` → `server.listen`. Only variables [`classify_env`] calls
+/// configuration are read.
+fn env_provider() -> Env {
+    let config: std::collections::HashSet<String> = herald_env()
+        .filter(|(name, value)| classify_env(name, value) == EnvVariable::Config)
+        .map(|(name, _)| name.to_ascii_lowercase())
+        .collect();
+    // figment hands the key over without the prefix, in its original case.
+    Env::prefixed(ENV_PREFIX)
+        .filter(move |key| config.contains(&key.as_str().to_ascii_lowercase()))
+        .split("__")
 }
 
 #[cfg(test)]
@@ -644,6 +717,27 @@ mod tests {
         let file = write("[[namespaces]]\nname = \"chat\"\nhistroy_size = 5\n");
         let err = Config::load(Some(file.path()), &CliOverrides::default()).expect_err("typo");
         assert!(err.to_string().contains("histroy_size"), "{err}");
+    }
+
+    #[test]
+    fn which_variables_are_configuration() {
+        use EnvVariable::{Config, Foreign, Known};
+        for (name, value, expected) in [
+            ("SERVER__LISTEN", "0.0.0.0:8000", Config),
+            ("server__lisen", "x", Config),
+            ("NAMESPACE__HISTORY_SIZE", "5", Config),
+            ("NAMESPACES", "[{name=\"chat\"}]", Config),
+            ("API", " {keys=[]}", Config),
+            ("CONFIG", "herald.toml", Known),
+            ("TEST_REDIS_URL", "redis://", Known),
+            ("BIN", "/usr/bin/herald", Foreign),
+            ("LOG", "/var/log/herald", Foreign),
+            ("SERVER_LISTEN", "0.0.0.0:8000", Foreign),
+            ("DEPLOY__ID", "42", Foreign),
+            ("", "", Foreign),
+        ] {
+            assert_eq!(classify_env(name, value), expected, "{name}={value}");
+        }
     }
 
     #[test]

@@ -266,7 +266,22 @@ fn config_path(args: &ConfigArgs) -> Option<PathBuf> {
 
 const DEFAULT_CONFIG_FILE: &str = "herald.toml";
 
+/// One line naming the `HERALD_*` variables that are not configuration keys (set by
+/// deployment tooling, or a key written with one `_` where `__` was meant), or `None`.
+fn foreign_env_warning() -> Option<String> {
+    let names = herald_server::config::foreign_env_variables();
+    (!names.is_empty()).then(|| {
+        format!(
+            "ignoring environment variables that are not configuration keys (a key inside a section is HERALD_<SECTION>__<KEY>): {}",
+            names.join(", ")
+        )
+    })
+}
+
 fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    if let Some(warning) = foreign_env_warning() {
+        eprintln!("warning: {warning}");
+    }
     let overrides = CliOverrides {
         data_dir: args.data_dir.clone(),
         ..CliOverrides::default()
@@ -457,6 +472,9 @@ fn use_generated_token_secret(
 
 async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<ExitCode> {
     init_logging(&config)?;
+    if let Some(warning) = foreign_env_warning() {
+        tracing::warn!("{warning}");
+    }
     herald_server::tls::install_crypto_provider();
     let generated = match config.storage.engine {
         _ if config.api.has_keys() && !config.token.hmac_secret.is_empty() => None,
