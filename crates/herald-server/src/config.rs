@@ -2,8 +2,8 @@
 //! merged by figment in that order (later wins). Unknown keys are rejected with a message that
 //! names the key and where it came from.
 //!
-//! Owns the config schema and its validation; building objects from it happens in
-//! [`crate::build`].
+//! Owns the config schema and the checks that need nothing built; building objects from it
+//! (and failing on what does not build) happens in [`crate::build`] only.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -74,7 +74,8 @@ impl Default for ProxyConfig {
 }
 
 impl ProxyConfig {
-    fn endpoints(&self) -> [(&'static str, &String); 5] {
+    /// Every endpoint with its key name.
+    pub fn endpoints(&self) -> [(&'static str, &String); 5] {
         [
             ("connect_endpoint", &self.connect_endpoint),
             ("refresh_endpoint", &self.refresh_endpoint),
@@ -103,6 +104,9 @@ pub struct ServerConfig {
     pub max_publication_size: usize,
     /// How long a graceful shutdown may take before in-flight requests are cut.
     pub shutdown_timeout: HumanDuration,
+    /// How long the server keeps accepting after SIGTERM while `/ready` answers 503, so load
+    /// balancers take it out of rotation before it stops listening.
+    pub shutdown_delay: HumanDuration,
     /// Longest a server API request may take, from reading its body to the response (408 after).
     pub request_timeout: HumanDuration,
     /// Most open connections (HTTP and real-time together); 0: no limit but the OS's.
@@ -127,6 +131,7 @@ impl Default for ServerConfig {
             max_body_size: 1024 * 1024,
             max_publication_size: 64 * 1024,
             shutdown_timeout: HumanDuration::from_secs(10),
+            shutdown_delay: HumanDuration::from_secs(0),
             request_timeout: HumanDuration::from_secs(30),
             max_connections: 0,
             max_connections_per_ip: 0,
@@ -489,7 +494,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks rules serde cannot express.
+    /// Checks rules serde cannot express, without building anything: files, keys, URLs and
+    /// namespaces are checked when [`crate::build`] builds them.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.max_publication_size == 0 {
             return Err(ConfigError::Invalid(
@@ -521,10 +527,6 @@ impl Config {
                     .into(),
             ));
         }
-        if let Some((cert, key)) = self.server.tls_files() {
-            crate::tls::install_crypto_provider();
-            crate::tls::Tls::load(cert, key).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        }
         for (key, url) in self.proxy.endpoints() {
             if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::Invalid(format!(
@@ -549,10 +551,6 @@ impl Config {
                 )));
             }
         }
-        // Builds every configured key, so a bad PEM or algorithm fails start-up and
-        // `herald check-config`, naming the key.
-        crate::jwt::KeySet::from_config(&self.token)
-            .map_err(|error| ConfigError::Invalid(error.to_string()))?;
         if self.storage.max_batch == 0 || self.storage.readers == 0 {
             return Err(ConfigError::Invalid(
                 "storage.max_batch and storage.readers must be above 0".into(),
@@ -564,7 +562,6 @@ impl Config {
                 .validate()
                 .map_err(|e| ConfigError::Invalid(format!("storage: {e}")))?;
         }
-        self.namespaces()?;
         Ok(())
     }
 
