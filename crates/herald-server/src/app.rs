@@ -46,6 +46,8 @@ pub struct AppState {
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// The token verifier (also the real-time authenticator), for revocations.
     pub tokens: Arc<TokenVerifier>,
+    /// `server.trusted_proxies`: whose forwarded header names the client.
+    pub proxy_trust: Arc<crate::forwarded::ProxyTrust>,
 }
 
 /// The OpenAPI document of the server API (also at `docs/openapi.json`).
@@ -148,8 +150,9 @@ pub(crate) async fn serve(
         listener,
         app,
         gate,
+        state.proxy_trust.clone(),
         state.tls.clone(),
-        move |reason| metrics_state.metrics.connection_refused(reason),
+        Arc::new(move |reason| metrics_state.metrics.connection_refused(reason)),
         shutdown,
     )
     .await;

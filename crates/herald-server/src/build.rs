@@ -25,6 +25,7 @@ use herald_transport::ws::RealtimeState;
 use crate::app::AppState;
 use crate::auth::ApiKeys;
 use crate::config::{Config, ConfigError, Engine, TokenConfig};
+use crate::forwarded::ProxyTrust;
 use crate::jwt::revocation::{REVOCATIONS_FILE, RevocationFileError};
 use crate::jwt::{KeyError, KeySet, TokenVerifier};
 use crate::secrets::{GeneratedSecrets, SecretsError};
@@ -49,6 +50,8 @@ pub enum BuildError {
     Secrets(#[from] SecretsError),
     #[error(transparent)]
     Revocations(#[from] RevocationFileError),
+    #[error("server.trusted_proxies: {0}")]
+    TrustedProxies(String),
 }
 
 /// The objects that build without side effects (no file written, no socket, no runtime).
@@ -57,6 +60,7 @@ struct Parts {
     token_keys: KeySet,
     tls: Option<Arc<Tls>>,
     proxy: Option<Arc<dyn BackendProxy>>,
+    proxy_trust: ProxyTrust,
     node_config: NodeConfig,
 }
 
@@ -74,6 +78,11 @@ fn parts(config: &Config) -> Result<Parts, BuildError> {
         token_keys: KeySet::from_config(&config.token)?,
         tls,
         proxy: backend_proxy(config)?,
+        proxy_trust: ProxyTrust::new(
+            &config.server.trusted_proxies,
+            config.server.forwarded_header,
+        )
+        .map_err(BuildError::TrustedProxies)?,
         node_config: node_config(config)?,
     })
 }
@@ -230,6 +239,7 @@ pub fn server(mut config: Config) -> Result<Built, BuildError> {
         ready: AtomicBool::new(false),
         tls: parts.tls,
         tokens,
+        proxy_trust: Arc::new(parts.proxy_trust),
         config,
     });
     let reloader = Reloader {

@@ -121,6 +121,11 @@ pub struct ServerConfig {
     pub tls_cert_file: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `tls_cert_file`.
     pub tls_key_file: PathBuf,
+    /// Reverse proxies and load balancers (CIDRs or addresses) whose `forwarded_header` names
+    /// the client: per-IP limits and logs then use the client's address.
+    pub trusted_proxies: Vec<String>,
+    /// The header the trusted proxies set: `x-forwarded-for` or `forwarded` (RFC 7239).
+    pub forwarded_header: crate::forwarded::ForwardedHeader,
 }
 
 impl Default for ServerConfig {
@@ -139,6 +144,8 @@ impl Default for ServerConfig {
             header_read_timeout: HumanDuration::from_secs(10),
             tls_cert_file: PathBuf::new(),
             tls_key_file: PathBuf::new(),
+            trusted_proxies: Vec::new(),
+            forwarded_header: crate::forwarded::ForwardedHeader::XForwardedFor,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod app;
 pub mod auth;
 pub mod build;
 pub mod config;
+pub mod forwarded;
 pub mod jwt;
 pub mod listener;
 pub mod metrics;
