@@ -1,4 +1,5 @@
-//! The HTTP application: routes, shared state and the serve loop with graceful shutdown.
+//! The HTTP application: routes, the shared state handlers use (built by [`crate::build`])
+//! and the serve loop with graceful shutdown.
 //!
 //! Routes: `/health` (process is up), `/ready` (accepting work), `/metrics` (Prometheus),
 //! `/api/openapi.json`, and `POST /api/{method}` (see [`crate::api`]).
@@ -39,58 +40,14 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Real-time connections' shared state.
     pub realtime: Arc<RealtimeState>,
-    /// False before start-up completes and once shutdown begins.
+    /// False before serving starts and once shutdown begins (set by [`crate::Server::run`]).
     pub ready: AtomicBool,
     /// HTTPS/WSS, when `server.tls_*` are set (reloaded on SIGHUP).
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// The token verifier (also the real-time authenticator), for revocations.
     pub tokens: Arc<TokenVerifier>,
-}
-
-impl AppState {
-    pub fn new(node: Node, config: Config, api_keys: ApiKeys) -> Self {
-        let publish_rate_per_key = config.api.publish_rate_per_key;
-        let tokens = Arc::new(TokenVerifier::from_config(&config.token));
-        let tls = config.server.tls_files().and_then(|(cert, key)| {
-            crate::tls::install_crypto_provider();
-            crate::tls::Tls::load(cert, key)
-                .inspect_err(|error| tracing::error!(error = %error, "TLS not usable"))
-                .ok()
-        });
-        let mut realtime_config = config.client.realtime();
-        realtime_config.proxy_headers = config
-            .proxy
-            .http_headers
-            .iter()
-            .map(|h| h.to_ascii_lowercase())
-            .collect();
-        let proxy: Option<Arc<dyn herald_core::proxy::BackendProxy>> = if config.proxy.is_enabled()
-        {
-            match crate::proxy::HttpProxy::new(&config.proxy) {
-                Ok(proxy) => Some(Arc::new(proxy)),
-                Err(error) => {
-                    tracing::error!(error = %error, "backend proxy not usable");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let realtime = Arc::new(
-            RealtimeState::new(node.clone(), tokens.clone(), realtime_config).with_proxy(proxy),
-        );
-        Self {
-            node,
-            config,
-            api_keys: parking_lot::RwLock::new(api_keys),
-            publish_rate: herald_core::rate::KeyedLimiter::new(publish_rate_per_key, 4096),
-            metrics: Metrics::new(),
-            realtime,
-            ready: AtomicBool::new(true),
-            tls,
-            tokens,
-        }
-    }
+    /// `server.trusted_proxies`: whose forwarded header names the client.
+    pub proxy_trust: Arc<crate::forwarded::ProxyTrust>,
 }
 
 /// The OpenAPI document of the server API (also at `docs/openapi.json`).
@@ -148,10 +105,9 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let info = state.node.info();
-    let connections = state.realtime.connections.load(Ordering::Relaxed);
     let body = state
         .metrics
-        .render(state.node.stats(), connections, info.num_channels);
+        .render(state.node.stats(), &state.realtime, info.num_channels);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -178,32 +134,25 @@ async fn not_found() -> Response {
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.
-/// Connection limits (`[server] max_connections…`) apply before any request is read.
-pub async fn serve(
+/// Connection limits (`[server] max_connections…`) apply before any request is read. The
+/// server's life around this (readiness, the shutdown delay, draining, flushing) is
+/// [`crate::Server::run`].
+pub(crate) async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     let app = router(state.clone());
-    if state.config.server.tls_files().is_some() && state.tls.is_none() {
-        return Err(std::io::Error::other(
-            "server.tls_cert_file/tls_key_file are set but could not be loaded",
-        ));
-    }
     let gate = crate::listener::Gate::new(state.config.server.connection_limits());
-    let state_for_shutdown = state.clone();
     let metrics_state = state.clone();
     crate::listener::serve_connections(
         listener,
         app,
         gate,
+        state.proxy_trust.clone(),
         state.tls.clone(),
-        move |reason| metrics_state.metrics.connection_refused(reason),
-        async move {
-            shutdown.await;
-            state_for_shutdown.ready.store(false, Ordering::Relaxed);
-        },
+        Arc::new(move |reason| metrics_state.metrics.connection_refused(reason)),
+        shutdown,
     )
     .await;
-    Ok(())
 }

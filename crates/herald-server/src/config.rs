@@ -2,8 +2,8 @@
 //! merged by figment in that order (later wins). Unknown keys are rejected with a message that
 //! names the key and where it came from.
 //!
-//! Owns the config schema and its validation; building objects from it happens in
-//! [`crate::build`].
+//! Owns the config schema and the checks that need nothing built; building objects from it
+//! (and failing on what does not build) happens in [`crate::build`] only.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -74,7 +74,8 @@ impl Default for ProxyConfig {
 }
 
 impl ProxyConfig {
-    fn endpoints(&self) -> [(&'static str, &String); 5] {
+    /// Every endpoint with its key name.
+    pub fn endpoints(&self) -> [(&'static str, &String); 5] {
         [
             ("connect_endpoint", &self.connect_endpoint),
             ("refresh_endpoint", &self.refresh_endpoint),
@@ -103,6 +104,9 @@ pub struct ServerConfig {
     pub max_publication_size: usize,
     /// How long a graceful shutdown may take before in-flight requests are cut.
     pub shutdown_timeout: HumanDuration,
+    /// How long the server keeps accepting after SIGTERM while `/ready` answers 503, so load
+    /// balancers take it out of rotation before it stops listening.
+    pub shutdown_delay: HumanDuration,
     /// Longest a server API request may take, from reading its body to the response (408 after).
     pub request_timeout: HumanDuration,
     /// Most open connections (HTTP and real-time together); 0: no limit but the OS's.
@@ -117,6 +121,11 @@ pub struct ServerConfig {
     pub tls_cert_file: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `tls_cert_file`.
     pub tls_key_file: PathBuf,
+    /// Reverse proxies and load balancers (CIDRs or addresses) whose `forwarded_header` names
+    /// the client: per-IP limits and logs then use the client's address.
+    pub trusted_proxies: Vec<String>,
+    /// The header the trusted proxies set: `x-forwarded-for` or `forwarded` (RFC 7239).
+    pub forwarded_header: crate::forwarded::ForwardedHeader,
 }
 
 impl Default for ServerConfig {
@@ -127,6 +136,7 @@ impl Default for ServerConfig {
             max_body_size: 1024 * 1024,
             max_publication_size: 64 * 1024,
             shutdown_timeout: HumanDuration::from_secs(10),
+            shutdown_delay: HumanDuration::from_secs(0),
             request_timeout: HumanDuration::from_secs(30),
             max_connections: 0,
             max_connections_per_ip: 0,
@@ -134,6 +144,8 @@ impl Default for ServerConfig {
             header_read_timeout: HumanDuration::from_secs(10),
             tls_cert_file: PathBuf::new(),
             tls_key_file: PathBuf::new(),
+            trusted_proxies: Vec::new(),
+            forwarded_header: crate::forwarded::ForwardedHeader::XForwardedFor,
         }
     }
 }
@@ -328,6 +340,11 @@ pub struct ClientConfig {
     pub pong_timeout: HumanDuration,
     /// Bytes queued for one connection before it is disconnected as slow (code 3008).
     pub max_queue_bytes: usize,
+    /// Bytes queued for all connections together before the connections holding the most
+    /// are disconnected as slow (3008); 0: no limit. Unset: a quarter of the memory the
+    /// process may use (the machine's, or the cgroup's limit when lower).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_total_queue_bytes: Option<usize>,
     /// Largest incoming WebSocket message.
     pub max_message_size: usize,
     /// Most publications one subscribe may recover; beyond it the answer is "not recovered".
@@ -356,6 +373,7 @@ impl Default for ClientConfig {
             ping_interval: HumanDuration(rt.ping_interval),
             pong_timeout: HumanDuration(rt.pong_timeout),
             max_queue_bytes: rt.max_queue_bytes,
+            max_total_queue_bytes: None,
             max_message_size: rt.max_message_size,
             recovery_max_publications: rt.recovery_max_publications,
             max_subscriptions: rt.max_subscriptions,
@@ -387,12 +405,17 @@ impl ServerConfig {
 }
 
 impl ClientConfig {
-    pub fn realtime(&self) -> herald_transport::ws::RealtimeConfig {
+    /// The real-time settings; `memory` is what the process may use, for the default
+    /// `max_total_queue_bytes`.
+    pub fn realtime(&self, memory: Option<u64>) -> herald_transport::ws::RealtimeConfig {
         herald_transport::ws::RealtimeConfig {
             allow_anonymous: self.allow_anonymous,
             ping_interval: self.ping_interval.as_duration(),
             pong_timeout: self.pong_timeout.as_duration(),
             max_queue_bytes: self.max_queue_bytes,
+            max_total_queue_bytes: self.max_total_queue_bytes.unwrap_or_else(|| {
+                memory.map_or(0, |bytes| usize::try_from(bytes / 4).unwrap_or(usize::MAX))
+            }),
             max_message_size: self.max_message_size,
             recovery_max_publications: self.recovery_max_publications,
             max_subscriptions: self.max_subscriptions,
@@ -489,7 +512,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks rules serde cannot express.
+    /// Checks rules serde cannot express, without building anything: files, keys, URLs and
+    /// namespaces are checked when [`crate::build`] builds them.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.max_publication_size == 0 {
             return Err(ConfigError::Invalid(
@@ -521,10 +545,6 @@ impl Config {
                     .into(),
             ));
         }
-        if let Some((cert, key)) = self.server.tls_files() {
-            crate::tls::install_crypto_provider();
-            crate::tls::Tls::load(cert, key).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        }
         for (key, url) in self.proxy.endpoints() {
             if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::Invalid(format!(
@@ -549,10 +569,6 @@ impl Config {
                 )));
             }
         }
-        // Builds every configured key, so a bad PEM or algorithm fails start-up and
-        // `herald check-config`, naming the key.
-        crate::jwt::KeySet::from_config(&self.token)
-            .map_err(|error| ConfigError::Invalid(error.to_string()))?;
         if self.storage.max_batch == 0 || self.storage.readers == 0 {
             return Err(ConfigError::Invalid(
                 "storage.max_batch and storage.readers must be above 0".into(),
@@ -564,7 +580,6 @@ impl Config {
                 .validate()
                 .map_err(|e| ConfigError::Invalid(format!("storage: {e}")))?;
         }
-        self.namespaces()?;
         Ok(())
     }
 
@@ -591,14 +606,87 @@ impl Config {
     }
 }
 
-/// `HERALD_SERVER__LISTEN=…` → `server.listen`. `HERALD_CONFIG` (the config path) and
-/// `HERALD_TEST_*` (test-suite settings) are not config keys.
-fn env_provider() -> Env {
-    Env::prefixed(ENV_PREFIX).split("__").filter(|key| {
-        // figment hands the key over with its original case.
-        let key = key.as_str().to_ascii_lowercase();
-        key != "config" && !key.starts_with("test_")
+/// The top-level keys of [`Config`]: a `HERALD_<SECTION>__<KEY>` variable addresses one.
+const SECTIONS: [&str; 10] = [
+    "server",
+    "api",
+    "token",
+    "storage",
+    "log",
+    "client",
+    "channels",
+    "namespace",
+    "namespaces",
+    "proxy",
+];
+
+/// What a `HERALD_*` variable is, from its name without the prefix and its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EnvVariable {
+    /// A configuration key: read, and a bad key or value is an error (as in the file).
+    Config,
+    /// Ours but not configuration (`HERALD_CONFIG`, `HERALD_TEST_*`): silently skipped.
+    Known,
+    /// Not configuration (`HERALD_BIN`, set by deployment tooling): skipped with a warning.
+    Foreign,
+}
+
+/// `SERVER__LISTEN` (a key inside a section) and `NAMESPACES='[…]'` (a whole section as a
+/// TOML array or table) are configuration; `BIN`, `LOG=/var/log/x` or `SERVER_LISTEN` (one
+/// `_`) are not, since no key of ours can be meant by them.
+fn classify_env(name: &str, value: &str) -> EnvVariable {
+    let key = name.to_ascii_lowercase();
+    if key == "config" || key.starts_with("test_") {
+        return EnvVariable::Known;
+    }
+    let (section, nested) = match key.split_once("__") {
+        Some((section, _)) => (section, true),
+        None => (key.as_str(), false),
+    };
+    let whole_section = value.trim_start().starts_with(['[', '{']);
+    if SECTIONS.contains(&section) && (nested || whole_section) {
+        EnvVariable::Config
+    } else {
+        EnvVariable::Foreign
+    }
+}
+
+/// The `HERALD_*` variables (name without the prefix, value) in the process environment; the
+/// prefix matches in any case, as figment's does.
+fn herald_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os().filter_map(|(name, value)| {
+        let name = name.into_string().ok()?;
+        let prefix = name.get(..ENV_PREFIX.len())?;
+        if !prefix.eq_ignore_ascii_case(ENV_PREFIX) {
+            return None;
+        }
+        let value = value.into_string().unwrap_or_default();
+        Some((name[ENV_PREFIX.len()..].to_owned(), value))
     })
+}
+
+/// `HERALD_*` variables that are not configuration keys, by full name, sorted: `serve` and
+/// the other commands name them in one warning line instead of refusing to start.
+pub fn foreign_env_variables() -> Vec<String> {
+    let mut names: Vec<String> = herald_env()
+        .filter(|(name, value)| classify_env(name, value) == EnvVariable::Foreign)
+        .map(|(name, _)| format!("{ENV_PREFIX}{name}"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `HERALD_SERVER__LISTEN=…` → `server.listen`. Only variables [`classify_env`] calls
+/// configuration are read.
+fn env_provider() -> Env {
+    let config: std::collections::HashSet<String> = herald_env()
+        .filter(|(name, value)| classify_env(name, value) == EnvVariable::Config)
+        .map(|(name, _)| name.to_ascii_lowercase())
+        .collect();
+    // figment hands the key over without the prefix, in its original case.
+    Env::prefixed(ENV_PREFIX)
+        .filter(move |key| config.contains(&key.as_str().to_ascii_lowercase()))
+        .split("__")
 }
 
 #[cfg(test)]
@@ -644,6 +732,27 @@ mod tests {
         let file = write("[[namespaces]]\nname = \"chat\"\nhistroy_size = 5\n");
         let err = Config::load(Some(file.path()), &CliOverrides::default()).expect_err("typo");
         assert!(err.to_string().contains("histroy_size"), "{err}");
+    }
+
+    #[test]
+    fn which_variables_are_configuration() {
+        use EnvVariable::{Config, Foreign, Known};
+        for (name, value, expected) in [
+            ("SERVER__LISTEN", "0.0.0.0:8000", Config),
+            ("server__lisen", "x", Config),
+            ("NAMESPACE__HISTORY_SIZE", "5", Config),
+            ("NAMESPACES", "[{name=\"chat\"}]", Config),
+            ("API", " {keys=[]}", Config),
+            ("CONFIG", "herald.toml", Known),
+            ("TEST_REDIS_URL", "redis://", Known),
+            ("BIN", "/usr/bin/herald", Foreign),
+            ("LOG", "/var/log/herald", Foreign),
+            ("SERVER_LISTEN", "0.0.0.0:8000", Foreign),
+            ("DEPLOY__ID", "42", Foreign),
+            ("", "", Foreign),
+        ] {
+            assert_eq!(classify_env(name, value), expected, "{name}={value}");
+        }
     }
 
     #[test]

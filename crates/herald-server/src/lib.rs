@@ -1,17 +1,23 @@
 //! The Herald server: configuration, the server HTTP API, metrics and operations endpoints,
 //! and the wiring from config to running objects. The `herald` binary (`main.rs`) is the CLI
-//! on top of this library; tests start servers in-process through [`app::serve`].
+//! on top of this library. The binary and the tests start servers the same way: [`run`], or
+//! [`Server::build`] then [`Server::run`]; [`build`] is the one place that makes objects from
+//! config.
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod build;
 pub mod config;
+pub mod forwarded;
 pub mod jwt;
 pub mod listener;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;
 pub mod secrets;
+pub mod server;
 pub mod tls;
 pub mod token;
+
+pub use server::{RunError, Server, run};

@@ -8,17 +8,33 @@
 //! also after a WebSocket upgrade. Per-IP rate state is bounded in memory
 //! ([`herald_core::rate`]).
 //!
+//! Behind trusted proxies (`server.trusted_proxies`, see [`crate::forwarded`]) the socket's
+//! peer is the proxy, which carries many clients, and the client's address is only known once
+//! a request's headers are read. So a trusted proxy's socket is exempt from the per-IP checks
+//! at accept time (it still counts toward `max_connections`, the process's real limit), and
+//! every request it carries is admitted per client by [`client_address`]: it takes one place in
+//! the client's per-IP count for as long as it lasts — its response body, or the whole
+//! upgraded connection for a WebSocket — and one token of the client's accept rate. Direct
+//! and proxied connections of one client share the same count. Every request gets its
+//! [`ClientAddr`] (and axum's `ConnectInfo<SocketAddr>` holding the client's address) as a
+//! request extension, and runs in a `request` span naming the client.
+//!
 //! May touch: the listening socket and accepted sockets.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use herald_core::rate::KeyedLimiter;
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -26,6 +42,10 @@ use hyper_util::service::TowerToHyperService;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
+use tracing::Instrument;
+
+use crate::forwarded::ProxyTrust;
 
 /// The limits, from `[server]` in config; 0 means no limit.
 #[derive(Clone, Debug, Default)]
@@ -63,18 +83,32 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    fn status(self) -> StatusCode {
+        match self {
+            Self::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyFromIp | Self::TooFast => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    fn body(self) -> String {
+        let detail = match self {
+            Self::ServerFull => "the server is full",
+            Self::TooManyFromIp => "too many connections from one IP",
+            Self::TooFast => "new connections arrive too fast",
+        };
+        format!(
+            "{{\"error\":{{\"code\":111,\"message\":\"too many requests\",\"detail\":\"{detail}\"}}}}"
+        )
+    }
+
     /// A complete HTTP/1.1 response: short enough to fit the socket buffer of a new socket.
     fn response(self) -> Vec<u8> {
-        let (status, detail) = match self {
-            Self::ServerFull => ("503 Service Unavailable", "the server is full"),
-            Self::TooManyFromIp => ("429 Too Many Requests", "too many connections from one IP"),
-            Self::TooFast => ("429 Too Many Requests", "new connections arrive too fast"),
-        };
-        let body = format!(
-            "{{\"error\":{{\"code\":111,\"message\":\"too many requests\",\"detail\":\"{detail}\"}}}}"
-        );
+        let status = self.status();
+        let body = self.body();
         format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            status.as_str(),
+            status.canonical_reason().unwrap_or_default(),
             body.len()
         )
         .into_bytes()
@@ -89,21 +123,43 @@ impl Refusal {
     }
 }
 
-/// Held by an admitted connection; releases its place when dropped.
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (
+            self.status(),
+            [
+                (axum::http::header::CONTENT_TYPE, "application/json"),
+                (axum::http::header::RETRY_AFTER, "1"),
+            ],
+            self.body(),
+        )
+            .into_response()
+    }
+}
+
+/// Held by an admitted connection (or a request through a trusted proxy); releases its place
+/// when dropped.
 #[derive(Debug)]
 pub struct Permit {
     gate: Arc<Gate>,
-    ip: IpAddr,
+    /// The address counted per IP, if any (a trusted proxy's socket is not).
+    ip: Option<IpAddr>,
+    /// Whether it counts toward `max_connections` (sockets do, proxied requests do not).
+    total: bool,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut state = self.gate.state.lock();
-        state.total = state.total.saturating_sub(1);
-        if let Some(count) = state.per_ip.get_mut(&self.ip) {
+        if self.total {
+            state.total = state.total.saturating_sub(1);
+        }
+        if let Some(ip) = self.ip
+            && let Some(count) = state.per_ip.get_mut(&ip)
+        {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                state.per_ip.remove(&self.ip);
+                state.per_ip.remove(&ip);
             }
         }
     }
@@ -118,26 +174,52 @@ impl Gate {
         })
     }
 
-    /// Admits a connection from `ip`, or says why not.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Permit, Refusal> {
-        let limits = &self.limits;
+    /// Admits a connection from `ip`, or says why not. A trusted proxy's connection is
+    /// counted in the total only: its clients are admitted per request ([`Gate::admit_client`]).
+    pub fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        trusted_proxy: bool,
+        now: Instant,
+    ) -> Result<Permit, Refusal> {
         let mut state = self.state.lock();
-        if limits.max_connections > 0 && state.total >= limits.max_connections {
+        if self.limits.max_connections > 0 && state.total >= self.limits.max_connections {
             return Err(Refusal::ServerFull);
         }
+        if !trusted_proxy {
+            self.take_ip(&mut state, ip, now)?;
+        }
+        state.total += 1;
+        Ok(Permit {
+            gate: self.clone(),
+            ip: (!trusted_proxy).then_some(ip),
+            total: true,
+        })
+    }
+
+    /// Admits one request of the client at `ip` that came through a trusted proxy: the same
+    /// per-IP count and accept rate as a direct connection, not the total.
+    pub fn admit_client(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Permit, Refusal> {
+        let mut state = self.state.lock();
+        self.take_ip(&mut state, ip, now)?;
+        Ok(Permit {
+            gate: self.clone(),
+            ip: Some(ip),
+            total: false,
+        })
+    }
+
+    /// Checks and takes one place and one accept token of `ip`.
+    fn take_ip(&self, state: &mut GateState, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
         let from_ip = state.per_ip.get(&ip).copied().unwrap_or(0);
-        if limits.max_connections_per_ip > 0 && from_ip >= limits.max_connections_per_ip {
+        if self.limits.max_connections_per_ip > 0 && from_ip >= self.limits.max_connections_per_ip {
             return Err(Refusal::TooManyFromIp);
         }
         if !self.accepts.try_take(&ip, now) {
             return Err(Refusal::TooFast);
         }
-        state.total += 1;
         *state.per_ip.entry(ip).or_default() += 1;
-        Ok(Permit {
-            gate: self.clone(),
-            ip,
-        })
+        Ok(())
     }
 
     /// Open connections now (for metrics and tests).
@@ -146,10 +228,87 @@ impl Gate {
     }
 }
 
+/// One accepted connection, as request handlers see it (a request extension).
+#[derive(Debug)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    /// The peer is in `server.trusted_proxies`.
+    pub via_trusted_proxy: bool,
+    /// The client's place of an upgraded request through a trusted proxy (a WebSocket): the
+    /// socket is the client's from then on, so the place lives as long as the socket.
+    upgraded: Mutex<Option<Permit>>,
+}
+
+/// The client's address for one request: the TCP peer's, or — from a trusted proxy — the one
+/// its forwarded header names (see [`crate::forwarded`]). A request extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr {
+    pub ip: IpAddr,
+    /// The TCP peer (the proxy, when there is one).
+    pub peer: SocketAddr,
+}
+
+/// State of [`client_address`].
+#[derive(Clone)]
+pub struct ClientGate {
+    gate: Arc<Gate>,
+    trust: Arc<ProxyTrust>,
+    on_refusal: Arc<dyn Fn(&'static str) + Send + Sync>,
+}
+
+/// Resolves every request's client address, and admits requests that came through a trusted
+/// proxy under their client's per-IP limits (see the module header).
+pub async fn client_address(
+    State(clients): State<ClientGate>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(connection) = request.extensions().get::<Arc<Connection>>().cloned() else {
+        return next.run(request).await;
+    };
+    let peer = connection.peer;
+    let ip = clients.trust.client_ip(peer.ip(), request.headers());
+    let port = if ip == peer.ip().to_canonical() {
+        peer.port()
+    } else {
+        0
+    };
+    request.extensions_mut().insert(ClientAddr { ip, peer });
+    request
+        .extensions_mut()
+        .insert(ConnectInfo(SocketAddr::new(ip, port)));
+    let span = tracing::info_span!("request", client = %ip);
+    if !connection.via_trusted_proxy {
+        return next.run(request).instrument(span).await;
+    }
+    let permit = match clients.gate.admit_client(ip, Instant::now()) {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            (clients.on_refusal)(refusal.label());
+            tracing::debug!(client = %ip, %peer, reason = refusal.label(), "request refused");
+            return refusal.into_response();
+        }
+    };
+    let response = next.run(request).instrument(span).await;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        *connection.upgraded.lock() = Some(permit);
+        response
+    } else {
+        // The place is held until the body ends: a stream (SSE, long-poll) keeps it.
+        response.map(|body| {
+            axum::body::Body::new(body.map_frame(move |frame| {
+                let _held = &permit;
+                frame
+            }))
+        })
+    }
+}
+
 /// An accepted socket that holds its connection's [`Permit`].
 pub struct CountedStream {
     inner: TcpStream,
     _permit: Permit,
+    _connection: Arc<Connection>,
 }
 
 impl AsyncRead for CountedStream {
@@ -198,10 +357,19 @@ pub async fn serve_connections(
     listener: TcpListener,
     app: Router,
     gate: Arc<Gate>,
+    trust: Arc<ProxyTrust>,
     tls: Option<Arc<crate::tls::Tls>>,
-    on_refusal: impl Fn(&'static str) + Send + 'static,
+    on_refusal: Arc<dyn Fn(&'static str) + Send + Sync>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        ClientGate {
+            gate: gate.clone(),
+            trust: trust.clone(),
+            on_refusal: on_refusal.clone(),
+        },
+        client_address,
+    ));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -222,7 +390,8 @@ pub async fn serve_connections(
             },
             () = &mut shutdown => break,
         };
-        let permit = match gate.admit(peer.ip(), Instant::now()) {
+        let trusted = trust.is_trusted(peer.ip());
+        let permit = match gate.admit(peer.ip(), trusted, Instant::now()) {
             Ok(permit) => permit,
             Err(refusal) => {
                 on_refusal(refusal.label());
@@ -233,11 +402,23 @@ pub async fn serve_connections(
             }
         };
         let _ = stream.set_nodelay(true);
+        let connection = Arc::new(Connection {
+            peer,
+            via_trusted_proxy: trusted,
+            upgraded: Mutex::new(None),
+        });
+        let service = TowerToHyperService::new(app.clone().map_request({
+            let connection = connection.clone();
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(connection.clone());
+                request
+            }
+        }));
         let counted = CountedStream {
             inner: stream,
             _permit: permit,
+            _connection: connection,
         };
-        let service = TowerToHyperService::new(app.clone());
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let handshake_timeout = gate.limits.header_read_timeout;
@@ -289,14 +470,23 @@ mod tests {
             ..Default::default()
         });
         let now = Instant::now();
-        let a1 = gate.admit(ip(1), now).expect("first");
-        let _a2 = gate.admit(ip(1), now).expect("second");
-        assert_eq!(gate.admit(ip(1), now).err(), Some(Refusal::TooManyFromIp));
-        let _b1 = gate.admit(ip(2), now).expect("another IP");
-        assert_eq!(gate.admit(ip(3), now).err(), Some(Refusal::ServerFull));
+        let a1 = gate.admit(ip(1), false, now).expect("first");
+        let _a2 = gate.admit(ip(1), false, now).expect("second");
+        assert_eq!(
+            gate.admit(ip(1), false, now).err(),
+            Some(Refusal::TooManyFromIp)
+        );
+        let _b1 = gate.admit(ip(2), false, now).expect("another IP");
+        assert_eq!(
+            gate.admit(ip(3), false, now).err(),
+            Some(Refusal::ServerFull)
+        );
         drop(a1);
         assert_eq!(gate.open(), 2);
-        assert!(gate.admit(ip(1), now).is_ok(), "a place was released");
+        assert!(
+            gate.admit(ip(1), false, now).is_ok(),
+            "a place was released"
+        );
     }
 
     #[test]
@@ -307,14 +497,62 @@ mod tests {
         });
         let start = Instant::now();
         let _held = [
-            gate.admit(ip(1), start).expect("1"),
-            gate.admit(ip(1), start).expect("2"),
+            gate.admit(ip(1), false, start).expect("1"),
+            gate.admit(ip(1), false, start).expect("2"),
         ];
-        assert_eq!(gate.admit(ip(1), start).err(), Some(Refusal::TooFast));
-        assert!(gate.admit(ip(2), start).is_ok(), "per IP");
+        assert_eq!(
+            gate.admit(ip(1), false, start).err(),
+            Some(Refusal::TooFast)
+        );
+        assert!(gate.admit(ip(2), false, start).is_ok(), "per IP");
         let later = start + Duration::from_millis(600);
-        assert!(gate.admit(ip(1), later).is_ok(), "refilled one token");
-        assert_eq!(gate.admit(ip(1), later).err(), Some(Refusal::TooFast));
+        assert!(
+            gate.admit(ip(1), false, later).is_ok(),
+            "refilled one token"
+        );
+        assert_eq!(
+            gate.admit(ip(1), false, later).err(),
+            Some(Refusal::TooFast)
+        );
+    }
+
+    #[test]
+    fn trusted_proxy_sockets_count_in_total_only_and_clients_per_request() {
+        let gate = Gate::new(ConnectionLimits {
+            max_connections: 3,
+            max_connections_per_ip: 1,
+            accepts_per_ip_per_second: 2,
+            ..Default::default()
+        });
+        let now = Instant::now();
+        let proxy = ip(2);
+        let _sockets = [
+            gate.admit(proxy, true, now).expect("1"),
+            gate.admit(proxy, true, now)
+                .expect("2, over the per-IP limit"),
+        ];
+        let client = ip(9);
+        let request = gate.admit_client(client, now).expect("the client's first");
+        assert_eq!(gate.open(), 2, "requests do not count as sockets");
+        assert_eq!(
+            gate.admit_client(client, now).err(),
+            Some(Refusal::TooManyFromIp)
+        );
+        assert_eq!(
+            gate.admit(client, false, now).err(),
+            Some(Refusal::TooManyFromIp),
+            "direct and proxied share the count"
+        );
+        drop(request);
+        let _direct = gate.admit(client, false, now).expect("released");
+        assert_eq!(
+            gate.admit_client(client, now).err(),
+            Some(Refusal::TooManyFromIp)
+        );
+        assert_eq!(
+            gate.admit(proxy, true, now).err(),
+            Some(Refusal::ServerFull)
+        );
     }
 
     #[test]

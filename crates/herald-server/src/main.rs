@@ -5,13 +5,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use herald_client::{Client, HistoryOptions, PublishOptions};
-use herald_server::app::{AppState, serve};
+use herald_server::Server;
 use herald_server::config::{CliOverrides, Config, Engine, LogFormat};
 use herald_server::secrets::{GeneratedSecrets, random_secret};
 use herald_server::token::{ConnectionClaims, mint};
@@ -235,7 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::CheckConfig { config } => {
             let path = config_path(&config);
-            load_config(&config)?;
+            herald_server::build::check(&load_config(&config)?)?;
             match path {
                 Some(path) => println!("{}: ok", path.display()),
                 None => println!("defaults and environment: ok"),
@@ -266,7 +264,22 @@ fn config_path(args: &ConfigArgs) -> Option<PathBuf> {
 
 const DEFAULT_CONFIG_FILE: &str = "herald.toml";
 
+/// One line naming the `HERALD_*` variables that are not configuration keys (set by
+/// deployment tooling, or a key written with one `_` where `__` was meant), or `None`.
+fn foreign_env_warning() -> Option<String> {
+    let names = herald_server::config::foreign_env_variables();
+    (!names.is_empty()).then(|| {
+        format!(
+            "ignoring environment variables that are not configuration keys (a key inside a section is HERALD_<SECTION>__<KEY>): {}",
+            names.join(", ")
+        )
+    })
+}
+
 fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    if let Some(warning) = foreign_env_warning() {
+        eprintln!("warning: {warning}");
+    }
     let overrides = CliOverrides {
         data_dir: args.data_dir.clone(),
         ..CliOverrides::default()
@@ -395,87 +408,16 @@ struct Reload {
     overrides: CliOverrides,
 }
 
-impl Reload {
-    /// Re-reads the config and swaps in its API keys and its token keys. Secrets `serve`
-    /// generated are kept, since they live outside the config, under the same rules as at
-    /// start-up. A config that does not load keeps everything in use; keys that do not build
-    /// keep the ones of their kind in use.
-    fn apply(&self, state: &AppState, generated: Option<&GeneratedSecrets>, generated_key: bool) {
-        let mut config = match Config::load(self.path.as_deref(), &self.overrides) {
-            Ok(config) => config,
-            Err(error) => {
-                tracing::error!(error = %error, "SIGHUP: config not reloaded; the API keys and token keys in use stay");
-                return;
-            }
-        };
-        if let Some(secrets) = generated.filter(|_| generated_key)
-            && !config.api.has_keys()
-        {
-            config.api.keys.push(secrets.api_key.clone());
-        }
-        match config.api.api_keys() {
-            Ok(keys) => {
-                let count = keys.len();
-                *state.api_keys.write() = keys;
-                tracing::info!(keys = count, "SIGHUP: API keys reloaded");
-            }
-            Err(error) => {
-                tracing::error!(error = %error, "SIGHUP: API keys not reloaded; the ones in use stay");
-            }
-        }
-        use_generated_token_secret(&mut config.token, generated);
-        match herald_server::jwt::KeySet::from_config(&config.token) {
-            Ok(keys) => {
-                if keys.is_empty() {
-                    tracing::warn!("SIGHUP: no token key configured; every token is refused");
-                }
-                state.tokens.replace_keys(keys);
-                tracing::info!("SIGHUP: token keys reloaded");
-            }
-            Err(error) => {
-                tracing::error!(error = %error, "SIGHUP: token keys not reloaded; the ones in use stay");
-            }
-        }
-    }
-}
-
-/// The generated HMAC secret verifies tokens only when no token key is configured at all:
-/// with `[[token.keys]]` or a JWKS, an extra HMAC key would let anyone who can read the data
-/// folder mint tokens.
-fn use_generated_token_secret(
-    token: &mut herald_server::config::TokenConfig,
-    generated: Option<&GeneratedSecrets>,
-) {
-    if token.hmac_secret.is_empty()
-        && token.keys.is_empty()
-        && token.jwks_url.is_empty()
-        && let Some(secrets) = generated
-    {
-        token.hmac_secret = secrets.hmac_secret.clone();
-    }
-}
-
-async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<ExitCode> {
+async fn serve_command(config: Config, reload: Reload) -> anyhow::Result<ExitCode> {
     init_logging(&config)?;
-    herald_server::tls::install_crypto_provider();
-    let generated = match config.storage.engine {
-        _ if config.api.has_keys() && !config.token.hmac_secret.is_empty() => None,
-        Engine::Sqlite => Some(GeneratedSecrets::load_or_create(&config.storage.data_dir)?),
-        Engine::Memory => Some(GeneratedSecrets::generate()),
-    };
-    let key_source = if !config.api.has_keys() {
-        let secrets = generated.as_ref().context("generated secrets missing")?;
-        config.api.keys.push(secrets.api_key.clone());
-        Some(secrets.api_key.clone())
-    } else {
-        None
-    };
-    use_generated_token_secret(&mut config.token, generated.as_ref());
-    let node = herald_server::build::build_node(&config)?;
-    let listener = listen(config.server.listen)
-        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    if let Some(warning) = foreign_env_warning() {
+        tracing::warn!("{warning}");
+    }
+    let listen_on = config.server.listen;
+    let server = Server::build(config)?;
+    let listener = listen(listen_on).with_context(|| format!("cannot listen on {listen_on}"))?;
     let addr = listener.local_addr()?;
-    let api_keys = config.api.api_keys()?;
+    let config = &server.state().config;
     let storage = match config.storage.engine {
         Engine::Sqlite => format!(
             "sqlite in {} (sync={:?})",
@@ -485,32 +427,18 @@ async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<Exi
         .to_lowercase(),
         Engine::Memory => "memory (nothing survives a restart)".to_owned(),
     };
-    let scheme = if config.server.tls_files().is_some() {
+    let scheme = if server.state().tls.is_some() {
         "https"
     } else {
         "http"
     };
-    let shutdown_timeout = config.server.shutdown_timeout.as_duration();
-    // Revocations are kept where history is: in the data folder with SQLite, in memory
-    // (forgotten on restart, like everything else) with the memory engine.
-    let revocations_file = matches!(config.storage.engine, Engine::Sqlite).then(|| {
-        config
-            .storage
-            .data_dir
-            .join(herald_server::jwt::revocation::REVOCATIONS_FILE)
-    });
-    let state = Arc::new(AppState::new(node.clone(), config, api_keys));
-    if let Some(path) = revocations_file {
-        let now = herald_core::time::now_ms() / 1000;
-        let loaded = state.tokens.revocations.persist_to(&path, now)?;
-        tracing::info!(path = %path.display(), loaded, "token revocations loaded");
-    }
     println!(
         "Herald {} listening on {scheme}://{addr}",
         env!("CARGO_PKG_VERSION")
     );
     println!("  storage: {storage}");
-    match &key_source {
+    let reloader = server.reloader();
+    match reloader.generated_api_key() {
         Some(key) => {
             println!("  API key: {key}");
             println!(
@@ -520,65 +448,44 @@ async fn serve_command(mut config: Config, reload: Reload) -> anyhow::Result<Exi
         None => println!("  API key: from configuration"),
     }
     tracing::info!(%addr, "herald started");
-    let realtime = state.realtime.clone();
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hangups = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
-        let state = state.clone();
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
-                reload.apply(&state, generated.as_ref(), key_source.is_some());
-                if let Some(tls) = &state.tls {
-                    match tls.reload() {
-                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                        Err(error) => {
-                            tracing::error!(error = %error, "SIGHUP: TLS certificate not reloaded; the one in use stays")
-                        }
+                match Config::load(reload.path.as_deref(), &reload.overrides) {
+                    Ok(config) => reloader.apply(config),
+                    Err(error) => {
+                        tracing::error!(error = %error, "SIGHUP: config not reloaded; the API keys, token keys and certificate in use stay");
                     }
                 }
             }
         });
     }
-    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, state, async move {
-        let _ = signal_rx.await;
-    }));
-    let signal = wait_for_signal().await?;
-    tracing::info!(
-        signal,
-        "shutting down: no new connections, finishing in-flight requests"
-    );
-    let _ = signal_tx.send(());
-    // Upgraded and streaming connections outlive the HTTP server's graceful shutdown: tell
-    // them to close (3001) so clients reconnect elsewhere and resume.
-    realtime.shut_down();
-    match tokio::time::timeout(shutdown_timeout, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(err))) => tracing::warn!(error = %err, "server stopped with an error"),
-        Ok(Err(err)) => tracing::warn!(error = %err, "server task failed"),
-        Err(_) => tracing::warn!(
-            ?shutdown_timeout,
-            "in-flight requests did not finish in time; closing them"
-        ),
-    }
-    match tokio::time::timeout(
-        Duration::from_secs(5).max(shutdown_timeout),
-        node.shutdown(),
-    )
-    .await
-    {
-        Ok(Ok(())) => tracing::info!("history flushed; bye"),
-        Ok(Err(err)) => {
-            tracing::error!(error = %err, "flushing history failed");
-            return Ok(ExitCode::FAILURE);
+    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<&'static str>();
+    tokio::spawn(async move {
+        match wait_for_signal().await {
+            Ok(signal) => {
+                let _ = signal_tx.send(signal);
+            }
+            Err(error) => tracing::error!(error = %error, "cannot watch signals"),
         }
-        Err(_) => {
-            tracing::error!("flushing history timed out");
-            return Ok(ExitCode::FAILURE);
+    });
+    let shutdown = async move {
+        if let Ok(signal) = signal_rx.await {
+            tracing::info!(signal, "signal received");
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    match server.run(listener, shutdown).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(error) => {
+            tracing::error!(error = %error, "shutdown failed");
+            Ok(ExitCode::FAILURE)
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {

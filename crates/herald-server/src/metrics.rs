@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use herald_core::node::NodeStats;
+use herald_transport::realtime::RealtimeState;
 use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
@@ -92,7 +93,14 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with node counters brought up to date.
-    pub fn render(&self, stats: &Arc<NodeStats>, connections: u64, channels: u64) -> String {
+    pub fn render(
+        &self,
+        stats: &Arc<NodeStats>,
+        realtime: &RealtimeState,
+        channels: u64,
+    ) -> String {
+        let connections = realtime.connections.load(Ordering::Relaxed);
+        let budget = &realtime.queue_budget;
         let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         self.counter("herald_publications_total", vec![])
             .absolute(load(&stats.publications));
@@ -108,6 +116,14 @@ impl Metrics {
             .absolute(load(&stats.errors));
         self.gauge("herald_connections").set(connections as f64);
         self.gauge("herald_channels").set(channels as f64);
+        self.gauge("herald_outbound_queued_bytes")
+            .set(budget.used() as f64);
+        if budget.limit() != usize::MAX {
+            self.gauge("herald_outbound_queued_bytes_limit")
+                .set(budget.limit() as f64);
+        }
+        self.counter("herald_slow_disconnects_over_budget_total", vec![])
+            .absolute(budget.closed_over_budget());
         self.handle.render()
     }
 }

@@ -308,17 +308,87 @@ fn json_logs_are_one_object_per_line() {
         .spawn()
         .expect("spawn");
     let stderr = child.stderr.take().expect("stderr");
-    let first = BufReader::new(stderr)
-        .lines()
-        .next()
-        .expect("a log line")
-        .expect("utf-8");
+    // A warning about foreign HERALD_* variables (the test suite sets HERALD_BIN) may come
+    // first: every line must be JSON, up to the start-up line.
+    let mut started = None;
+    for text in BufReader::new(stderr).lines().take(5) {
+        let text = text.expect("utf-8");
+        let line: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        if line["fields"]["message"] == "herald started" {
+            started = Some(line);
+            break;
+        }
+    }
     let _ = child.kill();
     let _ = child.wait();
-    let line: Value =
-        serde_json::from_str(&first).unwrap_or_else(|e| panic!("not JSON ({e}): {first}"));
+    let line = started.expect("a `herald started` line");
     assert_eq!(line["level"], "INFO", "{line}");
-    assert_eq!(line["fields"]["message"], "herald started", "{line}");
+}
+
+/// Deployment tooling sets variables such as `HERALD_BIN`: `serve` names them in one warning
+/// line and starts; keys inside a section (`HERALD_SERVER__LISEN`) stay errors.
+#[test]
+fn foreign_herald_variables_are_named_in_one_warning() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(common::process::herald_bin())
+        .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+        .env("HERALD_BIN", "/usr/bin/herald")
+        .env("HERALD_DEPLOY_ID", "42")
+        .env("HERALD_LOG__LEVEL", "info")
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let listening = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.contains("listening on"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(listening.is_some(), "serve did not start: {stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("HERALD_BIN"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("HERALD_DEPLOY_ID"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("HERALD_LOG__LEVEL"),
+        "config keys are not named: {stderr}"
+    );
+
+    // The other commands warn too, and a key inside a section is still checked.
+    let output = std::process::Command::new(common::process::herald_bin())
+        .args(["check-config"])
+        .env("HERALD_BIN", "/usr/bin/herald")
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("HERALD_BIN"),
+        "{stderr}"
+    );
+    let output = std::process::Command::new(common::process::herald_bin())
+        .args(["check-config"])
+        .env("HERALD_BIN", "/usr/bin/herald")
+        .env("HERALD_SERVER__LISEN", "x")
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("lisen"));
 }
 
 #[tokio::test]

@@ -143,7 +143,7 @@ async fn https_and_wss_with_a_certificate_swapped_in_place() {
     config.server.tls_cert_file = dir.path().join("cert.pem");
     config.server.tls_key_file = dir.path().join("key.pem");
     config.token.hmac_secret = "tls-test-secret-0123456789abcdef0123".into();
-    config.validate().expect("the TLS files load");
+    herald_server::build::check(&config).expect("the TLS files load");
     let server = TestServer::start_with(config, None).await;
     let addr = server.url.trim_start_matches("http://").to_owned();
     let https = format!("https://{addr}");
@@ -230,7 +230,7 @@ async fn https_and_wss_with_a_certificate_swapped_in_place() {
 }
 
 #[test]
-fn half_a_tls_config_or_bad_files_are_refused_by_validation() {
+fn half_a_tls_config_or_bad_files_are_refused_at_start_up() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = common::test_config(Engine::Memory);
     config.server.tls_cert_file = dir.path().join("cert.pem");
@@ -239,6 +239,8 @@ fn half_a_tls_config_or_bad_files_are_refused_by_validation() {
     config.server.tls_key_file = dir.path().join("key.pem");
     std::fs::write(dir.path().join("cert.pem"), "not a certificate").expect("write");
     std::fs::write(dir.path().join("key.pem"), "not a key").expect("write");
-    let error = config.validate().expect_err("bad files").to_string();
+    let error = herald_server::build::check(&config)
+        .expect_err("bad files")
+        .to_string();
     assert!(error.contains("cert.pem"), "{error}");
 }

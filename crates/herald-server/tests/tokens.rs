@@ -165,7 +165,7 @@ async fn every_algorithm_from_config_keys_pinned_per_key() {
         ..TokenConfig::default()
     };
     herald_server::jwt::KeySet::from_config(&config).expect("keys build");
-    let verifier = TokenVerifier::from_config(&config);
+    let verifier = TokenVerifier::from_config(&config).expect("keys build");
     for (i, pair) in pairs.iter().enumerate() {
         let user = format!("user{i}");
         // With the kid, and without one (every key is tried).
@@ -196,7 +196,7 @@ async fn the_classic_attacks_are_refused() {
         keys: vec![rsa.config_key("main")],
         ..TokenConfig::default()
     };
-    let verifier = TokenVerifier::from_config(&config);
+    let verifier = TokenVerifier::from_config(&config).expect("keys build");
     let public_pem = std::fs::read(&rsa.public_pem_path).expect("pem");
     // 1. The RSA public key (which is public) used as an HMAC secret, alg switched to HS256.
     for kid in [Some("main"), None] {
@@ -293,7 +293,8 @@ async fn jwks_keys_rotate_and_refresh_is_bounded() {
         jwks_url: jwks.url.clone(),
         jwks_min_refresh: herald_core::duration::HumanDuration::from_secs(1),
         ..TokenConfig::default()
-    });
+    })
+    .expect("keys build");
     let token = first.sign(Some("2026-a"), &claims("alice"));
     assert_eq!(
         verifier.authenticate(&token).await.expect("jwks key").user,

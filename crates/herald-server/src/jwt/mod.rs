@@ -81,20 +81,10 @@ impl TokenVerifier {
         *self.keys.write() = Arc::new(keys);
     }
 
-    /// The verifier for `config`; a config that does not build (it was validated at start-up,
-    /// so only a key file that vanished since) refuses every token and says why in the log.
-    pub fn from_config(config: &TokenConfig) -> Self {
-        match KeySet::from_config(config) {
-            Ok(keys) => Self::new(keys),
-            Err(error) => {
-                tracing::error!(error = %error, "token keys unusable: every token is refused");
-                Self::new(
-                    KeySet::from_config(&TokenConfig::default()).unwrap_or_else(|_| {
-                        unreachable!("the default token config has no key to fail")
-                    }),
-                )
-            }
-        }
+    /// The verifier for `config`; keys that do not build are an error (start-up builds
+    /// them through [`crate::build`], which stops on it).
+    pub fn from_config(config: &TokenConfig) -> Result<Self, KeyError> {
+        Ok(Self::new(KeySet::from_config(config)?))
     }
 
     /// Verifies the signature (with the key the `kid` names, or every key), `exp`, `nbf`,
@@ -208,6 +198,7 @@ mod tests {
             hmac_secret: secret.into(),
             ..TokenConfig::default()
         })
+        .expect("keys build")
     }
 
     #[tokio::test]
@@ -291,7 +282,8 @@ mod tests {
             audience: "herald".into(),
             issuer: "https://auth.example".into(),
             ..TokenConfig::default()
-        });
+        })
+        .expect("keys build");
         let claims = |aud: &str, iss: &str| json!({"sub": "bob", "aud": aud, "iss": iss});
         let good = sign(
             claims("herald", "https://auth.example"),

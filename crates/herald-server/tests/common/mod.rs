@@ -1,5 +1,5 @@
-//! Shared test helpers: in-process servers on 127.0.0.1:0 (this file) and the real binary
-//! ([`process`]). Each test binary uses a different subset, hence the dead-code allowance.
+//! Shared test helpers: in-process servers on 127.0.0.1:0 started through the same entry as
+//! `herald serve` ([`herald_server::Server`], this file) and the real binary ([`process`]). Each test binary uses a different subset, hence the dead-code allowance.
 #![allow(dead_code)]
 
 pub mod process;
@@ -7,8 +7,9 @@ pub mod subscribe;
 
 use std::sync::Arc;
 
-use herald_server::app::{AppState, serve};
+use herald_server::app::AppState;
 use herald_server::config::{Config, Engine};
+use herald_server::{RunError, Server};
 use serde_json::Value;
 
 pub const API_KEY: &str = "test-api-key-0123456789";
@@ -18,6 +19,8 @@ pub struct TestServer {
     pub http: reqwest::Client,
     pub state: Arc<AppState>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The server's `run`, finished once it has shut down and flushed.
+    running: Option<tokio::task::JoinHandle<Result<(), RunError>>>,
     pub data_dir: Option<tempfile::TempDir>,
 }
 
@@ -61,15 +64,14 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config, data_dir: Option<tempfile::TempDir>) -> Self {
-        let node = herald_server::build::build_node(&config).expect("build node");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let keys = config.api.api_keys().expect("valid API keys");
-        let state = Arc::new(AppState::new(node, config, keys));
+        let server = Server::build(config).expect("the server builds");
+        let state = server.state().clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(serve(listener, state.clone(), async move {
+        let running = tokio::spawn(server.run(listener, async move {
             let _ = rx.await;
         }));
         Self {
@@ -77,8 +79,18 @@ impl TestServer {
             http: reqwest::Client::new(),
             state,
             shutdown: Some(tx),
+            running: Some(running),
             data_dir,
         }
+    }
+
+    /// Begins the shutdown (as SIGTERM does) and returns the server's run, which finishes once
+    /// it has drained and flushed.
+    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<Result<(), RunError>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.running.take().expect("the server is running")
     }
 
     /// POSTs raw `body` to `/api/{method}` with the test key; returns status and JSON body.

@@ -1,0 +1,134 @@
+//! The server's life: build it from config ([`Server::build`]), serve on a listener until a
+//! shutdown future resolves, then shut down in order ([`Server::run`]). [`run`] is both in one
+//! call. The `herald serve` command and the tests start servers through this module only, so
+//! the tests exercise what users run.
+//!
+//! Shutdown order: `/ready` answers 503 at once; the listener keeps accepting for
+//! `server.shutdown_delay` (load balancers notice and stop sending clients); then it stops
+//! accepting, real-time connections are told to go (3001), in-flight requests get
+//! `server.shutdown_timeout` to finish, and the history store is flushed.
+//!
+//! May touch: the listener it is given; everything else through [`crate::build`] and
+//! [`crate::app`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::app::AppState;
+use crate::build::{BuildError, Reloader};
+use crate::config::Config;
+
+/// Why a server stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("flushing history failed: {0}")]
+    Flush(String),
+    #[error("flushing history did not finish within {0:?}")]
+    FlushTimeout(Duration),
+}
+
+/// A server built from config, not yet serving.
+#[derive(Debug)]
+pub struct Server {
+    state: Arc<AppState>,
+    reloader: Reloader,
+}
+
+impl Server {
+    /// Builds every object from `config` (see [`crate::build`]); fails on anything that does
+    /// not build. Needs a Tokio runtime.
+    pub fn build(config: Config) -> Result<Self, BuildError> {
+        let built = crate::build::server(config)?;
+        Ok(Self {
+            state: built.state,
+            reloader: built.reloader,
+        })
+    }
+
+    /// What request handlers share (for the banner, metrics and tests).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Applies a re-read config to the running server (SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then shuts down in order (see the
+    /// module header). Returns once the history is flushed.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RunError> {
+        let state = self.state;
+        let server = &state.config.server;
+        let delay = server.shutdown_delay.as_duration();
+        let drain_timeout = server.shutdown_timeout.as_duration();
+        let (begun_tx, begun_rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = {
+            let state = state.clone();
+            async move {
+                shutdown.await;
+                state.ready.store(false, Ordering::SeqCst);
+                tracing::info!(
+                    ?delay,
+                    "shutting down: /ready answers 503; accepting until the shutdown delay ends"
+                );
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                tracing::info!("no new connections; finishing in-flight requests");
+                // Upgraded and streaming connections outlive the HTTP server's graceful
+                // shutdown: tell them to close (3001) so clients reconnect elsewhere and
+                // resume.
+                state.realtime.shut_down();
+                let _ = begun_tx.send(());
+            }
+        };
+        state.ready.store(true, Ordering::SeqCst);
+        let mut serving = tokio::spawn(crate::app::serve(listener, state.clone(), stop));
+        // Drain time counts from the end of the shutdown delay.
+        let finished = tokio::select! {
+            _ = &mut serving => true,
+            _ = begun_rx => false,
+        };
+        if !finished
+            && tokio::time::timeout(drain_timeout, &mut serving)
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                ?drain_timeout,
+                "in-flight requests did not finish in time; closing them"
+            );
+            serving.abort();
+        }
+        let flush_timeout = Duration::from_secs(5).max(drain_timeout);
+        match tokio::time::timeout(flush_timeout, state.node.shutdown()).await {
+            Ok(Ok(())) => {
+                tracing::info!("history flushed; bye");
+                Ok(())
+            }
+            Ok(Err(error)) => Err(RunError::Flush(error.to_string())),
+            Err(_) => Err(RunError::FlushTimeout(flush_timeout)),
+        }
+    }
+}
+
+/// Builds a server from `config` and runs it on `listener` until `shutdown` resolves: the
+/// one-call form of [`Server::build`] and [`Server::run`].
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    Server::build(config)?.run(listener, shutdown).await
+}
