@@ -113,16 +113,23 @@ impl QueueBudget {
             .values()
             .filter_map(Weak::upgrade)
             .collect();
-        let mut held: Vec<(usize, Arc<Outbound>)> = queues
-            .into_iter()
-            .map(|queue| (queue.held_bytes(), queue))
-            .filter(|(bytes, _)| *bytes > 0)
-            .collect();
-        held.sort_unstable_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
-        let target = self.limit / 1000 * LOW_WATERMARK_PER_MILLE;
+        // Queues already closed free what they hold as their connections end (a writer stuck
+        // on a stalled socket gives its bytes back when the socket is dropped): count them as
+        // gone, or every enforcement until then would close more connections than needed.
         let mut projected = self.used();
+        let mut open: Vec<(usize, Arc<Outbound>)> = Vec::with_capacity(queues.len());
+        for queue in queues {
+            let bytes = queue.held_bytes();
+            if queue.closed().is_some() {
+                projected = projected.saturating_sub(bytes);
+            } else if bytes > 0 {
+                open.push((bytes, queue));
+            }
+        }
+        open.sort_unstable_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
+        let target = self.limit / 1000 * LOW_WATERMARK_PER_MILLE;
         let mut closed = 0;
-        for (bytes, queue) in &held {
+        for (bytes, queue) in &open {
             if projected <= target {
                 break;
             }
@@ -141,7 +148,7 @@ impl QueueBudget {
         }
         self.enforcing.store(false, Ordering::Release);
         // Dropped after the flag is clear: a last reference may deregister its queue.
-        drop(held);
+        drop(open);
     }
 }
 
@@ -199,9 +206,9 @@ mod tests {
         // The writer takes it all, writes it, and takes again: nothing is held.
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        assert!(queue.poll_take(&mut cx).is_ready());
+        assert!(queue.poll_take(&mut cx, usize::MAX).is_ready());
         assert!(budget.used() >= GRANULE, "in flight until written");
-        assert!(queue.poll_take(&mut cx).is_pending());
+        assert!(queue.poll_take(&mut cx, usize::MAX).is_pending());
         assert_eq!(budget.used(), 0);
     }
 }

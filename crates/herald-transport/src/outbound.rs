@@ -168,6 +168,9 @@ struct State {
     channels: ChannelMap<ChannelState>,
 }
 
+/// Most bytes a WebSocket writer takes from its queue for one message.
+pub const MAX_TAKE_BYTES: usize = 256 * 1024;
+
 /// Most live events held per channel while it recovers.
 pub const MAX_HELD_EVENTS: usize = 10_000;
 
@@ -353,6 +356,14 @@ impl Outbound {
         self.state.lock().closed
     }
 
+    /// [`Self::closed`], and wakes the calling task when the queue is closed later (or
+    /// anything is queued): for a writer waiting on a stalled socket, which must still hear
+    /// that its queue was closed.
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Option<CloseReason> {
+        self.ready.register(cx.waker());
+        self.closed()
+    }
+
     /// Starts holding back live events of `channel` (call before subscribing in the hub).
     pub fn begin_recovery(&self, channel: &Arc<str>) {
         let mut state = self.state.lock();
@@ -492,16 +503,43 @@ impl Outbound {
 
     /// Hands over every queued frame (the queue keeps no capacity while it waits), or, once
     /// the queue is closed and empty, the close reason. Only one task may take frames.
-    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Result<VecDeque<Frame>, CloseReason>> {
+    /// At most `max_bytes` are taken (always at least one frame): a writer that turns what it
+    /// takes into one message holds it twice while writing, so a backlog is better written
+    /// in slices than whole.
+    pub fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        max_bytes: usize,
+    ) -> Poll<Result<VecDeque<Frame>, CloseReason>> {
         // Register before looking, so a frame pushed in between wakes this task.
         self.ready.register(cx.waker());
         let mut state = self.state.lock();
-        // The writer takes again only once it has written what it took before: what it takes
-        // now is what it holds (the process budget counts it until the next take).
-        state.in_flight = std::mem::take(&mut state.bytes);
-        self.account_locked(&mut state);
-        if !state.frames.is_empty() {
-            return Poll::Ready(Ok(std::mem::take(&mut state.frames)));
+        if state.bytes <= max_bytes {
+            // The writer takes again only once it has written what it took before: what it
+            // takes now is what it holds (the process budget counts it until the next take).
+            state.in_flight = std::mem::take(&mut state.bytes);
+            self.account_locked(&mut state);
+            if !state.frames.is_empty() {
+                return Poll::Ready(Ok(std::mem::take(&mut state.frames)));
+            }
+        } else {
+            let mut taken_bytes = 0;
+            let count = state
+                .frames
+                .iter()
+                .take_while(|frame| {
+                    let first = taken_bytes == 0;
+                    taken_bytes += frame.bytes.len();
+                    first || taken_bytes <= max_bytes
+                })
+                .count();
+            let rest = state.frames.split_off(count);
+            let taken = std::mem::replace(&mut state.frames, rest);
+            let taken_bytes: usize = taken.iter().map(|f| f.bytes.len()).sum();
+            state.bytes -= taken_bytes;
+            state.in_flight = taken_bytes;
+            self.account_locked(&mut state);
+            return Poll::Ready(Ok(taken));
         }
         match state.closed {
             Some(reason) => Poll::Ready(Err(reason)),
@@ -512,7 +550,7 @@ impl Outbound {
     /// Waits for frames and moves all queued ones into `out`. Once the queue is closed and
     /// empty, returns the close reason.
     pub async fn drain(&self, out: &mut Vec<Frame>) -> Result<(), CloseReason> {
-        let frames = std::future::poll_fn(|cx| self.poll_take(cx)).await?;
+        let frames = std::future::poll_fn(|cx| self.poll_take(cx, usize::MAX)).await?;
         out.extend(frames);
         Ok(())
     }

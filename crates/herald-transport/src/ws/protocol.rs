@@ -393,8 +393,14 @@ pub fn push<T: Serialize>(channel: &str, kind: &str, body: &T) -> Bytes {
     let mut map = HashMap::with_capacity(1);
     map.insert(kind, body);
     let inner = Push { channel, body: map };
-    let text = serde_json::to_string(&inner).unwrap_or_default();
-    Bytes::from(format!("{{\"push\":{text}}}"))
+    let text = serde_json::to_vec(&inner).unwrap_or_default();
+    // Sized exactly: a queued frame holds its whole allocation, and `format!` or a growing
+    // buffer would keep up to twice the length (the process budget counts the length).
+    let mut out = Vec::with_capacity(text.len() + 9);
+    out.extend_from_slice(b"{\"push\":");
+    out.extend_from_slice(&text);
+    out.push(b'}');
+    Bytes::from(out)
 }
 
 #[cfg(test)]

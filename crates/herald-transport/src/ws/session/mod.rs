@@ -149,7 +149,8 @@ fn run_connection(
         // Stops deliveries into the queue; a reason set earlier (with replies to flush) wins.
         outbound.close(reason);
         Box::pin(session.cleanup()).await;
-        // Write what is still queued and the close frame, within bounds.
+        // Write what is still queued and the close frame, within bounds. (A queue closed as
+        // slow was emptied; what its socket still holds is one taken slice at most.)
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
             writer.finish(&mut socket, &outbound),

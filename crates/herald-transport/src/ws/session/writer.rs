@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{Sink, SinkExt};
 
-use crate::outbound::{CloseReason, Outbound};
+use crate::outbound::{CloseReason, MAX_TAKE_BYTES, Outbound};
 use crate::ws::codec::Encoding;
 
 /// Batches written in one poll before giving other work of the connection a turn.
@@ -137,15 +137,15 @@ impl SocketWriter {
                         }
                     }
                     Poll::Ready(Err(_)) => return self.end(WriteEnd::Failed),
-                    Poll::Pending => return self.stalled(outbound),
+                    Poll::Pending => return self.stalled(cx, outbound),
                 }
             }
             match Pin::new(&mut *socket).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => return self.end(WriteEnd::Failed),
-                Poll::Pending => return self.stalled(outbound),
+                Poll::Pending => return self.stalled(cx, outbound),
             }
-            let mut frames = match outbound.poll_take(cx) {
+            let mut frames = match outbound.poll_take(cx, MAX_TAKE_BYTES) {
                 Poll::Ready(Ok(frames)) => frames,
                 Poll::Ready(Err(reason)) => return self.end(WriteEnd::Closed(reason)),
                 Poll::Pending => return Poll::Pending,
@@ -170,8 +170,8 @@ impl SocketWriter {
     /// The socket takes nothing more for now. A queue closed as slow (over its own bound or
     /// the process budget) ends the write side at once: what the socket still holds is
     /// useless to a client that recovers from history, and must be freed.
-    fn stalled(&mut self, outbound: &Outbound) -> Poll<WriteEnd> {
-        match outbound.closed() {
+    fn stalled(&mut self, cx: &mut Context<'_>, outbound: &Outbound) -> Poll<WriteEnd> {
+        match outbound.poll_closed(cx) {
             Some(CloseReason::SLOW) => self.end(WriteEnd::Closed(CloseReason::SLOW)),
             _ => Poll::Pending,
         }
