@@ -15,11 +15,11 @@ use axum::Json;
 use axum::http::HeaderMap;
 use common::TestServer;
 use common::subscribe::{Outcome, Transport, subscribe};
-use futures::{SinkExt, StreamExt};
+use common::ws::command;
+use futures::StreamExt;
 use herald_server::config::{Config, Engine};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "admission-test-secret-0123456789abcdef";
 
@@ -272,32 +272,6 @@ async fn connected(server: &TestServer, user: &str) -> Socket {
     let reply = command(&mut socket, 1, json!({"connect": {"token": token(user)}})).await;
     assert!(reply["connect"].is_object(), "{reply}");
     socket
-}
-
-/// Sends one command and returns its reply (skipping pushes).
-async fn command(socket: &mut Socket, id: u32, body: Value) -> Value {
-    let mut command = body;
-    command["id"] = json!(id);
-    socket
-        .send(Message::text(command.to_string()))
-        .await
-        .expect("send");
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(5), socket.next())
-            .await
-            .expect("a reply within 5s")
-            .expect("open")
-            .expect("ok");
-        let Message::Text(text) = message else {
-            continue;
-        };
-        for line in text.as_str().lines() {
-            let reply: Value = serde_json::from_str(line).expect("json");
-            if reply["id"] == id {
-                return reply;
-            }
-        }
-    }
 }
 
 /// Client publications in a `proxy_publish` namespace: granted (and rewritten), refused with

@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::process::ServerProcess;
-use futures::{SinkExt, StreamExt};
+use common::ws::command;
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -70,32 +71,6 @@ async fn connect(url: &str) -> Socket {
         .await
         .expect("handshake")
         .0
-}
-
-/// Sends one command (its id is `id`) and returns its reply.
-async fn command(socket: &mut Socket, id: u32, body: Value) -> Value {
-    let mut command = body;
-    command["id"] = json!(id);
-    socket
-        .send(Message::text(command.to_string()))
-        .await
-        .expect("send");
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
-            .await
-            .expect("a reply within 10s")
-            .expect("open")
-            .expect("ok");
-        let Message::Text(text) = message else {
-            continue;
-        };
-        for line in text.as_str().lines() {
-            let reply: Value = serde_json::from_str(line).expect("json");
-            if reply["id"] == id {
-                return reply;
-            }
-        }
-    }
 }
 
 /// Connects and subscribes to `channel`; returns the socket and the subscription's epoch.

@@ -4,6 +4,7 @@
 
 pub mod process;
 pub mod subscribe;
+pub mod ws;
 
 use std::sync::Arc;
 
