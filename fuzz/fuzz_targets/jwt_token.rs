@@ -39,7 +39,8 @@ fn env() -> &'static Env {
         verifier: TokenVerifier::from_config(&TokenConfig {
             hmac_secret: SECRET.into(),
             ..TokenConfig::default()
-        }),
+        })
+        .expect("an HMAC secret builds"),
         key: EncodingKey::from_secret(SECRET.as_bytes()),
     })
 }

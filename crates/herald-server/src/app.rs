@@ -17,10 +17,11 @@ use herald_core::Node;
 use tokio::net::TcpListener;
 
 use herald_transport::poll::poll_handler;
+use herald_transport::realtime::RealtimeState;
 use herald_transport::sse::sse_handler;
 use herald_transport::stream::stream_handler;
 use herald_transport::uniws::uni_websocket_handler;
-use herald_transport::ws::{RealtimeState, websocket_handler};
+use herald_transport::ws::websocket_handler;
 
 use crate::auth::ApiKeys;
 use crate::config::Config;

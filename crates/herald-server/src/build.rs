@@ -20,7 +20,7 @@ use herald_core::memory::{MemoryHistoryStore, MemoryPresenceStore};
 use herald_core::node::{Backends, NodeConfig};
 use herald_core::proxy::BackendProxy;
 use herald_core::{HistoryStore, Hub, Node};
-use herald_transport::ws::RealtimeState;
+use herald_transport::realtime::RealtimeState;
 
 use crate::app::AppState;
 use crate::auth::ApiKeys;

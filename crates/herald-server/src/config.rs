@@ -367,7 +367,7 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        let rt = herald_transport::ws::RealtimeConfig::default();
+        let rt = herald_transport::realtime::RealtimeConfig::default();
         Self {
             allow_anonymous: rt.allow_anonymous,
             ping_interval: HumanDuration(rt.ping_interval),
@@ -407,8 +407,8 @@ impl ServerConfig {
 impl ClientConfig {
     /// The real-time settings; `memory` is what the process may use, for the default
     /// `max_total_queue_bytes`.
-    pub fn realtime(&self, memory: Option<u64>) -> herald_transport::ws::RealtimeConfig {
-        herald_transport::ws::RealtimeConfig {
+    pub fn realtime(&self, memory: Option<u64>) -> herald_transport::realtime::RealtimeConfig {
+        herald_transport::realtime::RealtimeConfig {
             allow_anonymous: self.allow_anonymous,
             ping_interval: self.ping_interval.as_duration(),
             pong_timeout: self.pong_timeout.as_duration(),

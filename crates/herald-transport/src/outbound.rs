@@ -579,6 +579,9 @@ impl Subscriber for ChannelSink {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use herald_core::publication::{Payload, Publication, PublicationEvent};
+
     #[test]
     fn backend_disconnect_codes_keep_their_meaning() {
         assert_eq!(CloseReason::from_backend(3000).code, 3000);
@@ -594,9 +597,6 @@ mod tests {
             CloseReason::FORCE_DISCONNECT
         );
     }
-
-    use super::*;
-    use herald_core::publication::{Payload, Publication, PublicationEvent};
 
     struct Offsets;
     impl EventEncoder for Offsets {

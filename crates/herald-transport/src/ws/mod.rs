@@ -12,5 +12,4 @@ pub mod proto;
 pub mod protocol;
 pub mod session;
 
-pub use crate::realtime::{RealtimeConfig, RealtimeState};
 pub use session::websocket_handler;
