@@ -426,6 +426,7 @@ impl OneWaySession {
             let start = StartFrom {
                 since: since.as_ref().map(|positions| positions[index].clone()),
                 max_recovery: state.config.recovery_max_publications,
+                max_recovery_bytes: state.config.max_recovery_bytes(),
                 reject_unrecovered: false,
             };
             let subscribed = subscribe_with_recovery(

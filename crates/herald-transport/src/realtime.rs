@@ -52,6 +52,16 @@ pub struct RealtimeConfig {
     pub proxy_headers: Vec<String>,
 }
 
+impl RealtimeConfig {
+    /// Most bytes of publication data one subscription recovers: half the connection's
+    /// queue, leaving room for the encoding and for live events behind it. More missed is
+    /// answered "not recovered" (the client refetches state) instead of a reply that would
+    /// close the connection as slow on every reconnect.
+    pub fn max_recovery_bytes(&self) -> usize {
+        self.max_queue_bytes / 2
+    }
+}
+
 impl Default for RealtimeConfig {
     fn default() -> Self {
         Self {

@@ -24,6 +24,10 @@ pub struct StartFrom {
     pub since: Option<StreamPosition>,
     /// Most publications recovered; more missed means "not recovered".
     pub max_recovery: usize,
+    /// Most bytes of publication data recovered; more means "not recovered". What is
+    /// recovered goes through the connection's queue, and a recovery the queue cannot hold
+    /// would close the connection as slow on every reconnect.
+    pub max_recovery_bytes: usize,
     /// An unrecoverable `since` is refused with error 112 instead of `recovered: false`.
     pub reject_unrecovered: bool,
 }
@@ -106,7 +110,16 @@ async fn read_start(
     }
     match &start.since {
         Some(since) => {
-            let recovery = node.recover(name, since, start.max_recovery).await?;
+            let mut recovery = node.recover(name, since, start.max_recovery).await?;
+            let bytes: usize = recovery
+                .publications
+                .iter()
+                .map(|p| p.data.bytes().len())
+                .sum();
+            if bytes > start.max_recovery_bytes {
+                recovery.recovered = false;
+                recovery.publications = Vec::new();
+            }
             if !recovery.recovered && start.reject_unrecovered {
                 return Err(HeraldError::new(ErrorCode::UnrecoverablePosition, ""));
             }

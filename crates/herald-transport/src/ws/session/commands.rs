@@ -342,6 +342,7 @@ impl Session {
                 .recover
                 .then(|| StreamPosition::new(request.offset, request.epoch.clone())),
             max_recovery: self.state.config.recovery_max_publications,
+            max_recovery_bytes: self.state.config.max_recovery_bytes(),
             reject_unrecovered: request.flag & FLAG_REJECT_UNRECOVERED != 0,
         };
         let encoder = PushEncoder::shared(self.encoding, admitted.options.join_leave);
