@@ -14,7 +14,10 @@
 //! counted by [`SeqTracker`], which tolerates reordering: a peer's publications may go out on
 //! several publisher connections at once, so they can arrive in another order.
 
+use std::sync::LazyLock;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use memchr::memmem::{Finder, FinderRev};
 
 /// Nanoseconds since the Unix epoch (CLOCK_REALTIME): the clock every process of the bench
 /// shares, so a timestamp written by the publisher can be read by any subscriber process.
@@ -109,7 +112,8 @@ fn publication_fields<'a>(head: &'a str, body: &'a str) -> Option<Received<'a>> 
     let channel = string_after(head, "\"channel\":\"")?;
     let sent_ns = find(body, "\"data\":").and_then(|at| number_after(&body[at..], "\"t\":"));
     // The last `"offset":` is the publication's: it follows `data`, which the bench wrote.
-    let offset = memchr::memmem::rfind(body.as_bytes(), b"\"offset\":")
+    let offset = OFFSET_REV
+        .rfind(body.as_bytes())
         .and_then(|at| number_after(&body[at..], "\"offset\":"))
         .unwrap_or(0);
     Some(Received {
@@ -119,12 +123,35 @@ fn publication_fields<'a>(head: &'a str, body: &'a str) -> Option<Received<'a>> 
     })
 }
 
+/// The keys the scanner looks for, each with its searcher built once.
+static FINDERS: LazyLock<Vec<(&'static str, Finder<'static>)>> = LazyLock::new(|| {
+    [
+        "\"pub\":",
+        "\"data\":",
+        "\"t\":",
+        "\"s\":",
+        "\"offset\":",
+        "\"channel\":\"",
+        "\\\"t\\\":",
+        "\\\"s\\\":",
+    ]
+    .into_iter()
+    .map(|key| (key, Finder::new(key.as_bytes())))
+    .collect()
+});
+
+/// The last `"offset":` (a publication's own follows its data).
+static OFFSET_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\"offset\":"));
+
 /// Where `key` first occurs in `text`. `str::find` with a string pattern sets up a two-way
 /// searcher on every call, which was about a third of a subscriber process's CPU at a million
-/// deliveries per second (several searches per line); `memchr::memmem` is cheap to start.
+/// deliveries per second (several searches per line); the keys' searchers are built once.
 /// Keys are ASCII, so the index is a character boundary.
 fn find(text: &str, key: &str) -> Option<usize> {
-    memchr::memmem::find(text.as_bytes(), key.as_bytes())
+    match FINDERS.iter().find(|(k, _)| *k == key) {
+        Some((_, finder)) => finder.find(text.as_bytes()),
+        None => memchr::memmem::find(text.as_bytes(), key.as_bytes()),
+    }
 }
 
 /// The string value right after `key` (which ends with the opening quote). Channel names
