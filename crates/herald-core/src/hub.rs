@@ -29,6 +29,20 @@ pub enum Delivery {
 /// Something that receives channel events without blocking.
 pub trait Subscriber: Send + Sync + 'static {
     fn deliver(&self, event: &ChannelEvent) -> Delivery;
+
+    /// Delivers `events`, all of one channel and in its order, adding what happened to each
+    /// to `outcome`; false if the subscriber is gone (the hub removes it). Subscribers that
+    /// can take a run of events at once (one lock, one wake-up) override this.
+    fn deliver_many(&self, events: &[ChannelEvent], outcome: &mut BroadcastOutcome) -> bool {
+        for event in events {
+            match self.deliver(event) {
+                Delivery::Queued => outcome.queued += 1,
+                Delivery::Dropped => outcome.dropped += 1,
+                Delivery::Closed => return false,
+            }
+        }
+        true
+    }
 }
 
 type Subscribers = Vec<(SubscriberId, Arc<dyn Subscriber>)>;
@@ -134,6 +148,34 @@ impl Hub {
         outcome
     }
 
+    /// Delivers a run of events of one channel (`events[0]`'s; every event must be of it),
+    /// in order, to every local subscriber of the channel: each subscriber takes the whole run
+    /// at once, so it is locked and woken once per run instead of once per event.
+    pub fn broadcast_many(&self, events: &[ChannelEvent]) -> BroadcastOutcome {
+        let mut outcome = BroadcastOutcome::default();
+        let Some(first) = events.first() else {
+            return outcome;
+        };
+        let channel = first.channel();
+        debug_assert!(events.iter().all(|e| e.channel() == channel));
+        let mut closed = Vec::new();
+        {
+            let shard = self.shard(channel).read();
+            let Some(subs) = shard.get(&**channel) else {
+                return outcome;
+            };
+            for (id, sub) in subs {
+                if !sub.deliver_many(events, &mut outcome) {
+                    closed.push(*id);
+                }
+            }
+        }
+        for id in closed {
+            self.unsubscribe(channel, id);
+        }
+        outcome
+    }
+
     /// Number of local subscribers of `channel`.
     pub fn num_subscribers(&self, channel: &str) -> usize {
         self.shard(channel).read().get(channel).map_or(0, Vec::len)
@@ -228,6 +270,33 @@ mod tests {
         assert_eq!(gone.seen.lock().len(), 1);
         assert_eq!(hub.num_channels(), 2);
         assert_eq!(hub.num_subscriptions(), 2);
+    }
+
+    #[test]
+    fn a_run_goes_to_every_subscriber_in_order_and_closed_ones_are_removed() {
+        let hub = Hub::new();
+        let a = Arc::new(Recorder {
+            seen: Mutex::new(vec![]),
+            answer: Delivery::Queued,
+        });
+        let gone = Arc::new(Recorder {
+            seen: Mutex::new(vec![]),
+            answer: Delivery::Closed,
+        });
+        let ch: Arc<str> = Arc::from("a");
+        hub.subscribe(&ch, a.clone());
+        hub.subscribe(&ch, gone.clone());
+        let run = [join("a"), join("a"), join("a")];
+        let outcome = hub.broadcast_many(&run);
+        assert_eq!(outcome.queued, 3);
+        assert_eq!(a.seen.lock().len(), 3);
+        assert_eq!(
+            gone.seen.lock().len(),
+            1,
+            "stopped at the first closed answer"
+        );
+        assert_eq!(hub.num_subscribers("a"), 1, "closed subscriber removed");
+        assert_eq!(hub.broadcast_many(&[]), BroadcastOutcome::default());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
-use herald_core::hub::{Delivery, Subscriber};
+use herald_core::hub::{BroadcastOutcome, Delivery, Subscriber};
 use herald_core::publication::ChannelEvent;
 use parking_lot::Mutex;
 
@@ -298,10 +298,17 @@ impl Outbound {
             self.close_locked(state, CloseReason::SLOW);
             return false;
         }
+        // Only a push onto an empty queue needs to wake the writer: `poll_take` registers the
+        // waker and then empties the queue, so while frames are queued, the push that queued
+        // the first of them has already woken (and used up) the registration. Skipping the
+        // wake saves an atomic read-modify-write per delivery when the writer is behind.
+        let wake = state.frames.is_empty();
         state.bytes += frame.bytes.len();
         state.frames.push_back(frame);
         self.account_locked(state);
-        self.ready.wake();
+        if wake {
+            self.ready.wake();
+        }
         true
     }
 
@@ -465,14 +472,52 @@ impl Outbound {
         conflate: bool,
     ) -> Delivery {
         // Encode outside the lock: the first subscriber pays, the rest share the cached bytes.
-        let mut frame = encoder.encode(event);
-        if conflate
-            && matches!(event, ChannelEvent::Publication(_))
-            && let Some(frame) = frame.as_mut()
-        {
-            frame.conflate_key = Some(channel.clone());
-        }
+        let frame = encode_live(channel, event, encoder, conflate);
         let mut state = self.state.lock();
+        self.deliver_locked(&mut state, channel, event, frame)
+    }
+
+    /// Queues a run of live events of `channel`, in order, under one lock (and so with at
+    /// most one wake-up of the writer), adding what happened to each to `outcome`. False once
+    /// the queue is closed.
+    pub fn deliver_many(
+        &self,
+        channel: &Arc<str>,
+        events: &[ChannelEvent],
+        encoder: &dyn EventEncoder,
+        conflate: bool,
+        outcome: &mut BroadcastOutcome,
+    ) -> bool {
+        let open = {
+            let mut state = self.state.lock();
+            let mut open = true;
+            for event in events {
+                // Encoded under the lock: after the first subscriber this is a cached copy.
+                let frame = encode_live(channel, event, encoder, conflate);
+                match self.deliver_locked(&mut state, channel, event, frame) {
+                    Delivery::Queued => outcome.queued += 1,
+                    Delivery::Dropped => outcome.dropped += 1,
+                    Delivery::Closed => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            open
+        };
+        self.enforce_budget();
+        open
+    }
+
+    /// One live event, already encoded (`frame`), with the queue locked: held back while its
+    /// channel recovers, dropped if a duplicate, queued otherwise.
+    fn deliver_locked(
+        &self,
+        state: &mut State,
+        channel: &Arc<str>,
+        event: &ChannelEvent,
+        frame: Option<Frame>,
+    ) -> Delivery {
         if state.closed.is_some() {
             return Delivery::Closed;
         }
@@ -480,19 +525,19 @@ impl Outbound {
             && let Some(held) = entry.held.as_mut()
         {
             if held.len() >= MAX_HELD_EVENTS {
-                self.close_locked(&mut state, CloseReason::INSUFFICIENT_STATE);
+                self.close_locked(state, CloseReason::INSUFFICIENT_STATE);
                 return Delivery::Dropped;
             }
             held.push(event.clone());
             return Delivery::Queued;
         }
-        if !self.accept_locked(&mut state, channel, event) {
+        if !self.accept_locked(state, channel, event) {
             return Delivery::Queued;
         }
         match frame {
             None => Delivery::Queued,
             Some(frame) => {
-                if self.push_locked(&mut state, frame) {
+                if self.push_locked(state, frame) {
                     Delivery::Queued
                 } else {
                     Delivery::Dropped
@@ -561,6 +606,23 @@ impl Outbound {
     }
 }
 
+/// The frame of a live event (with its conflation key when the channel conflates).
+fn encode_live(
+    channel: &Arc<str>,
+    event: &ChannelEvent,
+    encoder: &dyn EventEncoder,
+    conflate: bool,
+) -> Option<Frame> {
+    let mut frame = encoder.encode(event);
+    if conflate
+        && matches!(event, ChannelEvent::Publication(_))
+        && let Some(frame) = frame.as_mut()
+    {
+        frame.conflate_key = Some(channel.clone());
+    }
+    frame
+}
+
 /// The hub-facing subscriber of one connection on one channel.
 pub struct ChannelSink {
     pub channel: Arc<str>,
@@ -574,6 +636,16 @@ impl Subscriber for ChannelSink {
     fn deliver(&self, event: &ChannelEvent) -> Delivery {
         self.outbound
             .deliver(&self.channel, event, &*self.encoder, self.conflate)
+    }
+
+    fn deliver_many(&self, events: &[ChannelEvent], outcome: &mut BroadcastOutcome) -> bool {
+        self.outbound.deliver_many(
+            &self.channel,
+            events,
+            &*self.encoder,
+            self.conflate,
+            outcome,
+        )
     }
 }
 
@@ -654,6 +726,55 @@ mod tests {
         outbound.deliver(&channel, &publication(&channel, 7), &Offsets, false);
         outbound.deliver(&channel, &publication(&channel, 7), &Offsets, false);
         assert_eq!(drained(&outbound).await, vec!["reply:3,4,5", "6", "7"]);
+    }
+
+    #[tokio::test]
+    async fn a_run_of_events_keeps_the_gate_and_dedup_and_wakes_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::task::Wake;
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let outbound = Outbound::new(1 << 20);
+        let channel: Arc<str> = Arc::from("c");
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(outbound.poll_take(&mut cx).is_pending());
+        outbound.begin_recovery(&channel);
+        let mut outcome = BroadcastOutcome::default();
+        let held: Vec<_> = (4..=6).map(|o| publication(&channel, o)).collect();
+        assert!(outbound.deliver_many(&channel, &held, &Offsets, false, &mut outcome));
+        assert_eq!(outcome.queued, 3);
+        assert_eq!(outbound.queued_bytes(), 0, "held back during recovery");
+        outbound.finish_recovery(&channel, vec![Bytes::from_static(b"r").into()], 5, &Offsets);
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            1,
+            "one wake-up for the queue"
+        );
+        // A run with a repeat and a later offset: the repeat is dropped, one wake-up at most.
+        let run: Vec<_> = [6, 7, 7, 8]
+            .into_iter()
+            .map(|o| publication(&channel, o))
+            .collect();
+        assert!(outbound.deliver_many(&channel, &run, &Offsets, false, &mut outcome));
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            1,
+            "already woken, not again"
+        );
+        assert_eq!(drained(&outbound).await, vec!["r", "6", "7", "8"]);
+        // Emptied by the writer: the next run wakes it once more.
+        assert!(outbound.poll_take(&mut cx).is_pending());
+        let run: Vec<_> = (9..=11).map(|o| publication(&channel, o)).collect();
+        assert!(outbound.deliver_many(&channel, &run, &Offsets, false, &mut outcome));
+        assert_eq!(count.0.load(Ordering::Relaxed), 2);
+        outbound.close(CloseReason::SHUTDOWN);
+        assert!(!outbound.deliver_many(&channel, &run, &Offsets, false, &mut outcome));
     }
 
     #[tokio::test]
