@@ -743,7 +743,7 @@ mod tests {
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = std::task::Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
-        assert!(outbound.poll_take(&mut cx).is_pending());
+        assert!(outbound.poll_take(&mut cx, usize::MAX).is_pending());
         outbound.begin_recovery(&channel);
         let mut outcome = BroadcastOutcome::default();
         let held: Vec<_> = (4..=6).map(|o| publication(&channel, o)).collect();
@@ -769,7 +769,7 @@ mod tests {
         );
         assert_eq!(drained(&outbound).await, vec!["r", "6", "7", "8"]);
         // Emptied by the writer: the next run wakes it once more.
-        assert!(outbound.poll_take(&mut cx).is_pending());
+        assert!(outbound.poll_take(&mut cx, usize::MAX).is_pending());
         let run: Vec<_> = (9..=11).map(|o| publication(&channel, o)).collect();
         assert!(outbound.deliver_many(&channel, &run, &Offsets, false, &mut outcome));
         assert_eq!(count.0.load(Ordering::Relaxed), 2);
