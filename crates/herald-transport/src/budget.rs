@@ -33,8 +33,9 @@ const LOW_WATERMARK_PER_MILLE: usize = 900;
 pub struct QueueBudget {
     limit: usize,
     used: AtomicUsize,
-    queues: Mutex<HashMap<u64, Weak<Outbound>>>,
-    next_id: AtomicU64,
+    /// Queues holding at least [`GRANULE`] bytes, by address: the only candidates for
+    /// closing (a queue is listed on its first report and unlisted when it empties).
+    queues: Mutex<HashMap<usize, Weak<Outbound>>>,
     enforcing: AtomicBool,
     closed: AtomicU64,
 }
@@ -55,7 +56,6 @@ impl QueueBudget {
             limit: if limit == 0 { usize::MAX } else { limit },
             used: AtomicUsize::new(0),
             queues: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(0),
             enforcing: AtomicBool::new(false),
             closed: AtomicU64::new(0),
         })
@@ -76,15 +76,18 @@ impl QueueBudget {
         self.closed.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn register(&self, queue: Weak<Outbound>) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.queues.lock().insert(id, queue);
-        id
+    pub(crate) fn register(&self, key: usize, queue: Weak<Outbound>) {
+        self.queues.lock().insert(key, queue);
     }
 
-    pub(crate) fn deregister(&self, id: u64, reported: usize) {
-        self.queues.lock().remove(&id);
-        self.used.fetch_sub(reported, Ordering::Relaxed);
+    pub(crate) fn deregister(&self, key: usize) {
+        self.queues.lock().remove(&key);
+    }
+
+    /// Queues listed as holding something (for tests).
+    #[cfg(test)]
+    fn listed(&self) -> usize {
+        self.queues.lock().len()
     }
 
     /// A queue that reported `from` bytes now holds `to`.
@@ -201,8 +204,10 @@ mod tests {
         let queue = Outbound::with_budget(1 << 20, &budget);
         queue.push(Bytes::from_static(b"a small frame"));
         assert_eq!(budget.used(), 0, "below the granule");
+        assert_eq!(budget.listed(), 0, "a queue holding little is not listed");
         queue.push(kib(GRANULE / 1024));
         assert!(budget.used() >= GRANULE);
+        assert_eq!(budget.listed(), 1, "listed once it holds a granule");
         // The writer takes it all, writes it, and takes again: nothing is held.
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
@@ -210,5 +215,6 @@ mod tests {
         assert!(budget.used() >= GRANULE, "in flight until written");
         assert!(queue.poll_take(&mut cx, usize::MAX).is_pending());
         assert_eq!(budget.used(), 0);
+        assert_eq!(budget.listed(), 0, "unlisted once empty");
     }
 }

@@ -10,7 +10,7 @@
 //! May touch: nothing but its own state; it is fed by the hub through [`ChannelSink`].
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -180,14 +180,21 @@ pub struct Outbound {
     /// The connection's writer, waiting for frames.
     ready: AtomicWaker,
     max_bytes: usize,
-    /// The process-wide budget and this queue's id in it.
-    budget: Option<(Arc<QueueBudget>, u64)>,
+    /// The process-wide budget. The queue is listed in it only while it holds something
+    /// worth reporting, so idle connections cost the budget nothing.
+    budget: Option<Arc<QueueBudget>>,
+    /// This queue, for the budget's list.
+    this: Weak<Outbound>,
 }
 
 impl Drop for Outbound {
     fn drop(&mut self) {
-        if let Some((budget, id)) = &self.budget {
-            budget.deregister(*id, self.state.get_mut().reported);
+        let reported = self.state.get_mut().reported;
+        if let Some(budget) = &self.budget
+            && reported > 0
+        {
+            budget.report(reported, 0);
+            budget.deregister(self.budget_key());
         }
     }
 }
@@ -221,6 +228,7 @@ impl Outbound {
             ready: AtomicWaker::new(),
             max_bytes,
             budget: None,
+            this: Weak::new(),
         })
     }
 
@@ -230,26 +238,37 @@ impl Outbound {
             state: new_state(),
             ready: AtomicWaker::new(),
             max_bytes,
-            budget: Some((budget.clone(), budget.register(this.clone()))),
+            budget: Some(budget.clone()),
+            this: this.clone(),
         })
     }
 
     /// Tells the budget what the queue holds now, when it moved enough to matter.
     fn account_locked(&self, state: &mut State) {
-        let Some((budget, _)) = &self.budget else {
+        let Some(budget) = &self.budget else {
             return;
         };
         let held = state.bytes + state.in_flight;
         if held.abs_diff(state.reported) >= GRANULE || (held == 0 && state.reported != 0) {
+            if state.reported == 0 {
+                budget.register(self.budget_key(), self.this.clone());
+            } else if held == 0 {
+                budget.deregister(self.budget_key());
+            }
             budget.report(state.reported, held);
             state.reported = held;
         }
     }
 
+    /// The queue's key in the budget's list (its address, unique while it lives).
+    fn budget_key(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
     /// After the queue's lock is released: if the process is over its budget, close the
     /// connections holding the most.
     fn enforce_budget(&self) {
-        if let Some((budget, _)) = &self.budget
+        if let Some(budget) = &self.budget
             && budget.over()
         {
             budget.enforce();
