@@ -308,7 +308,9 @@ pub async fn client_address(
 pub struct CountedStream {
     inner: TcpStream,
     _permit: Permit,
-    _connection: Arc<Connection>,
+    /// Only for a trusted proxy's socket, whose upgraded request holds its client's place
+    /// here; a direct socket does not keep it (the bytes count in every idle connection).
+    _connection: Option<Arc<Connection>>,
 }
 
 impl AsyncRead for CountedStream {
@@ -417,7 +419,7 @@ pub async fn serve_connections(
         let counted = CountedStream {
             inner: stream,
             _permit: permit,
-            _connection: connection,
+            _connection: trusted.then_some(connection),
         };
         let builder = builder.clone();
         let watcher = graceful.watcher();
