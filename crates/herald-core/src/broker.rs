@@ -18,22 +18,10 @@ pub struct BrokerError(pub String);
 /// Moves events between nodes.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// Sends `event` to every node subscribed to its channel (including this one).
-    async fn publish(&self, event: ChannelEvent) -> Result<BroadcastOutcome, BrokerError>;
-    /// Sends a run of events of one channel, in order (the fan-out task hands over what it
-    /// has queued for a channel at once). By default, one [`Broker::publish`] each.
-    async fn publish_many(
-        &self,
-        events: Vec<ChannelEvent>,
-    ) -> Result<BroadcastOutcome, BrokerError> {
-        let mut total = BroadcastOutcome::default();
-        for event in events {
-            let outcome = self.publish(event).await?;
-            total.queued += outcome.queued;
-            total.dropped += outcome.dropped;
-        }
-        Ok(total)
-    }
+    /// Sends a run of events of one channel, in order, to every node subscribed to it
+    /// (including this one). The fan-out task hands over what it has queued for a channel at
+    /// once, so subscribers take a busy channel's events a run at a time.
+    async fn publish(&self, events: &[ChannelEvent]) -> Result<BroadcastOutcome, BrokerError>;
     /// This node gained its first local subscriber to `channel`.
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError>;
     /// This node lost its last local subscriber to `channel`.
@@ -54,15 +42,8 @@ impl LocalBroker {
 
 #[async_trait]
 impl Broker for LocalBroker {
-    async fn publish(&self, event: ChannelEvent) -> Result<BroadcastOutcome, BrokerError> {
-        Ok(self.hub.broadcast(&event))
-    }
-
-    async fn publish_many(
-        &self,
-        events: Vec<ChannelEvent>,
-    ) -> Result<BroadcastOutcome, BrokerError> {
-        Ok(self.hub.broadcast_many(&events))
+    async fn publish(&self, events: &[ChannelEvent]) -> Result<BroadcastOutcome, BrokerError> {
+        Ok(self.hub.broadcast(events))
     }
 
     async fn subscribe(&self, _channel: &str) -> Result<(), BrokerError> {

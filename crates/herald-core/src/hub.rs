@@ -124,34 +124,10 @@ impl Hub {
         }
     }
 
-    /// Delivers `event` to every local subscriber of its channel.
-    pub fn broadcast(&self, event: &ChannelEvent) -> BroadcastOutcome {
-        let channel = event.channel();
-        let mut outcome = BroadcastOutcome::default();
-        let mut closed = Vec::new();
-        {
-            let shard = self.shard(channel).read();
-            let Some(subs) = shard.get(&**channel) else {
-                return outcome;
-            };
-            for (id, sub) in subs {
-                match sub.deliver(event) {
-                    Delivery::Queued => outcome.queued += 1,
-                    Delivery::Dropped => outcome.dropped += 1,
-                    Delivery::Closed => closed.push(*id),
-                }
-            }
-        }
-        for id in closed {
-            self.unsubscribe(channel, id);
-        }
-        outcome
-    }
-
     /// Delivers a run of events of one channel (`events[0]`'s; every event must be of it),
     /// in order, to every local subscriber of the channel: each subscriber takes the whole run
     /// at once, so it is locked and woken once per run instead of once per event.
-    pub fn broadcast_many(&self, events: &[ChannelEvent]) -> BroadcastOutcome {
+    pub fn broadcast(&self, events: &[ChannelEvent]) -> BroadcastOutcome {
         let mut outcome = BroadcastOutcome::default();
         let Some(first) = events.first() else {
             return outcome;
@@ -218,6 +194,13 @@ mod tests {
         answer: Delivery,
     }
 
+    fn recorder(answer: Delivery) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            seen: Mutex::new(vec![]),
+            answer,
+        })
+    }
+
     impl Subscriber for Recorder {
         fn deliver(&self, event: &ChannelEvent) -> Delivery {
             self.seen.lock().push(event.channel().to_string());
@@ -240,33 +223,21 @@ mod tests {
     #[test]
     fn delivers_only_to_the_channel_and_removes_closed() {
         let hub = Hub::new();
-        let a = Arc::new(Recorder {
-            seen: Mutex::new(vec![]),
-            answer: Delivery::Queued,
-        });
-        let gone = Arc::new(Recorder {
-            seen: Mutex::new(vec![]),
-            answer: Delivery::Closed,
-        });
+        let a = recorder(Delivery::Queued);
+        let gone = recorder(Delivery::Closed);
         let ch_a: Arc<str> = Arc::from("a");
         let (_, first) = hub.subscribe(&ch_a, a.clone());
         assert!(first);
         let (_, first) = hub.subscribe(&ch_a, gone.clone());
         assert!(!first);
-        hub.subscribe(
-            &Arc::from("b"),
-            Arc::new(Recorder {
-                seen: Mutex::new(vec![]),
-                answer: Delivery::Queued,
-            }),
-        );
+        hub.subscribe(&Arc::from("b"), recorder(Delivery::Queued));
 
-        let outcome = hub.broadcast(&join("a"));
+        let outcome = hub.broadcast(&[join("a")]);
         assert_eq!(outcome.queued, 1);
         assert_eq!(a.seen.lock().len(), 1);
         assert_eq!(gone.seen.lock().len(), 1);
         assert_eq!(hub.num_subscribers("a"), 1, "closed subscriber removed");
-        hub.broadcast(&join("a"));
+        hub.broadcast(&[join("a")]);
         assert_eq!(gone.seen.lock().len(), 1);
         assert_eq!(hub.num_channels(), 2);
         assert_eq!(hub.num_subscriptions(), 2);
@@ -275,19 +246,13 @@ mod tests {
     #[test]
     fn a_run_goes_to_every_subscriber_in_order_and_closed_ones_are_removed() {
         let hub = Hub::new();
-        let a = Arc::new(Recorder {
-            seen: Mutex::new(vec![]),
-            answer: Delivery::Queued,
-        });
-        let gone = Arc::new(Recorder {
-            seen: Mutex::new(vec![]),
-            answer: Delivery::Closed,
-        });
+        let a = recorder(Delivery::Queued);
+        let gone = recorder(Delivery::Closed);
         let ch: Arc<str> = Arc::from("a");
         hub.subscribe(&ch, a.clone());
         hub.subscribe(&ch, gone.clone());
         let run = [join("a"), join("a"), join("a")];
-        let outcome = hub.broadcast_many(&run);
+        let outcome = hub.broadcast(&run);
         assert_eq!(outcome.queued, 3);
         assert_eq!(a.seen.lock().len(), 3);
         assert_eq!(
@@ -296,17 +261,14 @@ mod tests {
             "stopped at the first closed answer"
         );
         assert_eq!(hub.num_subscribers("a"), 1, "closed subscriber removed");
-        assert_eq!(hub.broadcast_many(&[]), BroadcastOutcome::default());
+        assert_eq!(hub.broadcast(&[]), BroadcastOutcome::default());
     }
 
     #[test]
     fn last_unsubscribe_drops_the_channel() {
         let hub = Hub::new();
         let ch: Arc<str> = Arc::from("x");
-        let sub = Arc::new(Recorder {
-            seen: Mutex::new(vec![]),
-            answer: Delivery::Queued,
-        });
+        let sub = recorder(Delivery::Queued);
         let (id1, _) = hub.subscribe(&ch, sub.clone());
         let (id2, _) = hub.subscribe(&ch, sub);
         assert!(!hub.unsubscribe("x", id1));

@@ -580,29 +580,28 @@ async fn run_fanout(mut queue: FanoutQueue, broker: Arc<dyn Broker>, stats: Arc<
                         .first()
                         .is_some_and(|first| first.channel() != event.channel())
                     {
-                        publish_run(&*broker, &stats, std::mem::take(&mut run)).await;
+                        publish_run(&*broker, &stats, &mut run).await;
                     }
                     run.push(event);
                 }
                 Queued::Drained(done) => {
-                    publish_run(&*broker, &stats, std::mem::take(&mut run)).await;
+                    publish_run(&*broker, &stats, &mut run).await;
                     let _ = done.send(());
                 }
             }
         }
-        publish_run(&*broker, &stats, std::mem::take(&mut run)).await;
+        publish_run(&*broker, &stats, &mut run).await;
     }
 }
 
-async fn publish_run(broker: &dyn Broker, stats: &NodeStats, run: Vec<ChannelEvent>) {
-    let result = match run.len() {
-        0 => return,
-        1 => match run.into_iter().next() {
-            Some(event) => broker.publish(event).await,
-            None => return,
-        },
-        _ => broker.publish_many(run).await,
-    };
+/// Hands `run` (events of one channel) to the broker and empties it, keeping its capacity:
+/// no allocation per run.
+async fn publish_run(broker: &dyn Broker, stats: &NodeStats, run: &mut Vec<ChannelEvent>) {
+    if run.is_empty() {
+        return;
+    }
+    let result = broker.publish(run).await;
+    run.clear();
     match result {
         Ok(outcome) => {
             stats
@@ -660,6 +659,16 @@ mod tests {
         }
     }
 
+    /// Subscribes a [`Forward`] to `channel`: the offsets it is delivered.
+    async fn forwarded(node: &Node, channel: &str) -> mpsc::UnboundedReceiver<u64> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (channel, _) = node.resolve(channel).expect("valid");
+        node.subscribe(&channel, Arc::new(Forward(tx)))
+            .await
+            .expect("subscribe");
+        rx
+    }
+
     fn node() -> Node {
         let no_history = NamespaceOptions {
             history_size: 0,
@@ -697,16 +706,8 @@ mod tests {
     #[tokio::test]
     async fn queued_runs_of_several_channels_keep_each_channels_order() {
         let node = node();
-        let (tx_a, mut rx_a) = mpsc::unbounded_channel();
-        let (tx_b, mut rx_b) = mpsc::unbounded_channel();
-        let (a, _) = node.resolve("a").expect("valid");
-        let (b, _) = node.resolve("b").expect("valid");
-        node.subscribe(&a, Arc::new(Forward(tx_a)))
-            .await
-            .expect("a");
-        node.subscribe(&b, Arc::new(Forward(tx_b)))
-            .await
-            .expect("b");
+        let mut rx_a = forwarded(&node, "a").await;
+        let mut rx_b = forwarded(&node, "b").await;
         // Published together, so the fan-out task finds runs of `a` broken up by `b`.
         let channels = ["a", "a", "a", "b", "a", "b", "b", "a"].repeat(20);
         let publishes: Vec<_> = channels
@@ -741,11 +742,7 @@ mod tests {
     #[tokio::test]
     async fn publishes_in_order_to_subscribers_after_history() {
         let node = node();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (channel, _) = node.resolve("news").expect("valid");
-        node.subscribe(&channel, Arc::new(Forward(tx)))
-            .await
-            .expect("subscribe");
+        let mut rx = forwarded(&node, "news").await;
         for expected in 1..=50 {
             let result = node
                 .publish(PublishRequest::new("news", json("{}")))
@@ -801,11 +798,7 @@ mod tests {
     #[tokio::test]
     async fn idempotency_without_history_publishes_once() {
         let node = node();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (channel, _) = node.resolve("live:x").expect("valid");
-        node.subscribe(&channel, Arc::new(Forward(tx)))
-            .await
-            .expect("subscribe");
+        let mut rx = forwarded(&node, "live:x").await;
         let mut request = PublishRequest::new("live:x", json("1"));
         request.idempotency_key = Some("k".into());
         assert!(
@@ -827,11 +820,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_delivers_everything_committed() {
         let node = node();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (channel, _) = node.resolve("news").expect("valid");
-        node.subscribe(&channel, Arc::new(Forward(tx)))
-            .await
-            .expect("subscribe");
+        let mut rx = forwarded(&node, "news").await;
         let count = 2_000;
         for n in 0..count {
             node.publish(PublishRequest::new(
