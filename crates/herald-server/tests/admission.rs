@@ -114,12 +114,7 @@ fn config(backend: &str) -> Config {
 
 fn token(user: &str) -> String {
     let claims = json!({"sub": user, "exp": herald_core::time::now_ms() / 1000 + 600});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("sign")
+    common::hs256(SECRET, &claims)
 }
 
 /// What each transport must answer, per channel: the WebSocket's error code, and a one-way

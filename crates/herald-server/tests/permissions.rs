@@ -44,12 +44,7 @@ fn config() -> Config {
 
 /// `claims` signed with the test secret (HS256).
 fn sign(claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("sign")
+    common::hs256(SECRET, &claims)
 }
 
 fn now() -> u64 {

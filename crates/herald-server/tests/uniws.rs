@@ -22,12 +22,7 @@ fn config() -> Config {
 
 fn token() -> String {
     let now = herald_core::time::now_ms() / 1000;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": "alice", "exp": now + 3600}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("sign")
+    common::hs256(SECRET, &json!({"sub": "alice", "exp": now + 3600}))
 }
 
 type Socket =

@@ -15,6 +15,16 @@ use serde_json::Value;
 
 pub const API_KEY: &str = "test-api-key-0123456789";
 
+/// `claims` signed with `secret` (HS256), as a connection or subscription token.
+pub fn hs256(secret: &str, claims: &impl serde::Serialize) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign")
+}
+
 pub struct TestServer {
     pub url: String,
     pub http: reqwest::Client,
