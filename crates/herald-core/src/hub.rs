@@ -3,6 +3,9 @@
 //! The registry is sharded by channel so that subscribes and broadcasts on different
 //! channels do not contend. Delivery is a non-blocking call into each subscriber (which
 //! queues the event for its connection); a subscriber that reports itself closed is removed.
+//! The channel's first subscriber and its last one leaving (however it left: unsubscribed or
+//! found closed) are told to the [`ChannelInterest`] under the channel's lock, so those calls
+//! reach the engine in the order they happened.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -10,8 +13,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
+use tokio::sync::oneshot;
 
 use crate::publication::ChannelEvent;
+use crate::store::StoreError;
+
+/// Resolves once events of a channel from every node reach this one (or with why not).
+pub type InterestWait = oneshot::Receiver<Result<(), StoreError>>;
+
+/// Told which channels this node has local subscribers of (the engine, in a cluster).
+/// Both calls are made under the hub's lock of the channel: they must not block, only queue.
+pub trait ChannelInterest: Send + Sync + 'static {
+    /// `channel` gained its first local subscriber. The wait resolves once the node receives
+    /// the channel's events from other nodes.
+    fn gained(&self, channel: &Arc<str>) -> InterestWait;
+    /// `channel` lost its last local subscriber.
+    fn lost(&self, channel: &Arc<str>);
+}
 
 pub type SubscriberId = u64;
 
@@ -55,6 +73,7 @@ pub struct Hub {
     shards: Box<[Shard]>,
     hasher: RandomState,
     next_id: AtomicU64,
+    interest: Option<Arc<dyn ChannelInterest>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -80,10 +99,16 @@ pub struct BroadcastOutcome {
 
 impl Hub {
     pub fn new() -> Self {
+        Self::with_interest(None)
+    }
+
+    /// A hub that tells `interest` about each channel's first and last local subscriber.
+    pub fn with_interest(interest: Option<Arc<dyn ChannelInterest>>) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             next_id: AtomicU64::new(1),
+            interest,
         }
     }
 
@@ -92,12 +117,14 @@ impl Hub {
         &self.shards[index]
     }
 
-    /// Adds a subscriber; returns its id and whether it is the channel's first local one.
+    /// Adds a subscriber; returns its id and, when it is the channel's first local one and
+    /// the hub has a [`ChannelInterest`], what to wait for before the subscriber can count
+    /// on events from other nodes.
     pub fn subscribe(
         &self,
         channel: &Arc<str>,
         subscriber: Arc<dyn Subscriber>,
-    ) -> (SubscriberId, bool) {
+    ) -> (SubscriberId, Option<InterestWait>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut shard = self.shard(channel).write();
         let subs = shard.entry(channel.clone()).or_default();
@@ -106,7 +133,11 @@ impl Hub {
             subs.reserve_exact(subs.len().max(1));
         }
         subs.push((id, subscriber));
-        (id, subs.len() == 1)
+        let wait = match &self.interest {
+            Some(interest) if subs.len() == 1 => Some(interest.gained(channel)),
+            _ => None,
+        };
+        (id, wait)
     }
 
     /// Removes a subscriber; returns true if the channel has no local subscribers left.
@@ -116,12 +147,15 @@ impl Hub {
             return false;
         };
         subs.retain(|(sid, _)| *sid != id);
-        if subs.is_empty() {
-            shard.remove(channel);
-            true
-        } else {
-            false
+        if !subs.is_empty() {
+            return false;
         }
+        if let Some((name, _)) = shard.remove_entry(channel)
+            && let Some(interest) = &self.interest
+        {
+            interest.lost(&name);
+        }
+        true
     }
 
     /// Delivers a run of events of one channel (`events[0]`'s; every event must be of it),
@@ -226,10 +260,8 @@ mod tests {
         let a = recorder(Delivery::Queued);
         let gone = recorder(Delivery::Closed);
         let ch_a: Arc<str> = Arc::from("a");
-        let (_, first) = hub.subscribe(&ch_a, a.clone());
-        assert!(first);
-        let (_, first) = hub.subscribe(&ch_a, gone.clone());
-        assert!(!first);
+        hub.subscribe(&ch_a, a.clone());
+        hub.subscribe(&ch_a, gone.clone());
         hub.subscribe(&Arc::from("b"), recorder(Delivery::Queued));
 
         let outcome = hub.broadcast(&[join("a")]);
@@ -262,6 +294,40 @@ mod tests {
         );
         assert_eq!(hub.num_subscribers("a"), 1, "closed subscriber removed");
         assert_eq!(hub.broadcast(&[]), BroadcastOutcome::default());
+    }
+
+    /// Records what the hub tells the engine, in order.
+    #[derive(Default)]
+    struct Interest(Mutex<Vec<String>>);
+
+    impl ChannelInterest for Interest {
+        fn gained(&self, channel: &Arc<str>) -> InterestWait {
+            self.0.lock().push(format!("+{channel}"));
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Ok(()));
+            rx
+        }
+        fn lost(&self, channel: &Arc<str>) {
+            self.0.lock().push(format!("-{channel}"));
+        }
+    }
+
+    #[test]
+    fn interest_hears_first_and_last_however_the_last_left() {
+        let interest = Arc::new(Interest::default());
+        let hub = Hub::with_interest(Some(interest.clone()));
+        let ch: Arc<str> = Arc::from("x");
+        let (id1, wait) = hub.subscribe(&ch, recorder(Delivery::Queued));
+        assert!(wait.is_some(), "the first subscriber waits for the engine");
+        let (id2, wait) = hub.subscribe(&ch, recorder(Delivery::Queued));
+        assert!(wait.is_none());
+        hub.unsubscribe("x", id1);
+        hub.unsubscribe("x", id2);
+        // A subscriber found closed during a broadcast leaves too.
+        hub.subscribe(&ch, recorder(Delivery::Closed));
+        hub.broadcast(&[join("x")]);
+        assert_eq!(hub.num_channels(), 0);
+        assert_eq!(*interest.0.lock(), ["+x", "-x", "+x", "-x"]);
     }
 
     #[test]

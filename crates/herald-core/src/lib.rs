@@ -3,7 +3,7 @@
 //! Owns: channel names and namespace rules, publications and stream positions, the error
 //! codes every API shares, the in-process hub that fans publications out to local
 //! subscribers, the [`Node`] facade (publish, history, presence, channels) and the small
-//! port traits backends implement ([`HistoryStore`], [`Broker`], [`PresenceStore`]) with
+//! port traits backends implement ([`Engine`], [`HistoryStore`], [`PresenceStore`]) with
 //! in-memory implementations and a conformance suite every backend must pass.
 //!
 //! May touch: nothing outside the process. Backends and transports live in other crates and
@@ -11,10 +11,10 @@
 
 pub mod admission;
 pub mod auth;
-pub mod broker;
 pub mod channel;
 pub mod conformance;
 pub mod duration;
+pub mod engine;
 pub mod error;
 pub mod fanout;
 pub mod hub;
@@ -26,13 +26,14 @@ pub mod presence;
 pub mod proxy;
 pub mod publication;
 pub mod rate;
+pub mod sequence;
 pub mod store;
 pub mod time;
 
-pub use broker::Broker;
 pub use channel::{ChannelName, ChannelRules};
+pub use engine::{Engine, LocalEngine, Publish, Published};
 pub use error::{ErrorCode, HeraldError};
-pub use hub::{Delivery, Hub, Subscriber, SubscriberId};
+pub use hub::{ChannelInterest, Delivery, Hub, Subscriber, SubscriberId};
 pub use namespace::{NamespaceOptions, Namespaces};
 pub use node::{Node, NodeConfig, PublishRequest, PublishResult};
 pub use presence::{PresenceStats, PresenceStore};

@@ -1,9 +1,10 @@
 //! The node facade: the one entry point transports and APIs use to publish, read history and
 //! presence, list channels and subscribe local subscribers.
 //!
-//! It applies channel and namespace rules, routes publications through history (or straight
-//! to fan-out when history is off), and owns the fan-out task that drains the ordered queue
-//! into the broker. It holds no transport or storage specifics.
+//! It applies channel and namespace rules, publishes through the [`Engine`] (which stores and
+//! delivers in one step), owns the fan-out task that drains the ordered queue of events the
+//! engine delivers into the hub, and keeps this node's presence entries fresh where the
+//! presence store expires them. It holds no transport or storage specifics.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -13,18 +14,15 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use crate::broker::Broker;
 use crate::channel::{ChannelName, ChannelRules};
+use crate::engine::{Engine, LocalEngine, Publish};
 use crate::error::{ErrorCode, HeraldError};
 use crate::fanout::{FanoutFeed, FanoutQueue, Queued};
 use crate::hub::{Hub, Subscriber, SubscriberId};
-use crate::idempotency::IdempotencyWindow;
 use crate::namespace::{NamespaceOptions, Namespaces};
 use crate::presence::{PresenceStats, PresenceStore};
-use crate::publication::{
-    ChannelEvent, ClientInfo, Payload, Publication, PublicationEvent, StreamPosition,
-};
-use crate::store::{AppendRequest, HistoryPage, HistoryQuery, HistoryStore, Retention};
+use crate::publication::{ChannelEvent, ClientInfo, Payload, Publication, StreamPosition};
+use crate::store::{HistoryPage, HistoryQuery, Retention, StoreError};
 use crate::time::now_ms;
 
 /// Node-wide settings.
@@ -51,9 +49,8 @@ impl Default for NodeConfig {
 
 /// The ports a node runs on.
 pub struct Backends {
-    pub history: Arc<dyn HistoryStore>,
+    pub engine: Arc<dyn Engine>,
     pub presence: Arc<dyn PresenceStore>,
-    pub broker: Arc<dyn Broker>,
 }
 
 /// A publish as the node sees it, whatever API it came from.
@@ -127,11 +124,17 @@ struct Inner {
     backends: Backends,
     hub: Arc<Hub>,
     feed: FanoutFeed,
-    unstored_idempotency: Mutex<IdempotencyWindow<()>>,
     stats: Arc<NodeStats>,
     started: Instant,
     fanout_task: Mutex<Option<JoinHandle<()>>>,
+    /// This node's presence entries, re-added before they expire (only where the presence
+    /// store expires entries: a shared store outlives the node that wrote them).
+    own_presence: Option<Arc<OwnPresence>>,
+    presence_task: Mutex<Option<JoinHandle<()>>>,
 }
+
+/// Presence entries this node wrote, by channel and client id.
+type OwnPresence = Mutex<HashMap<(Arc<str>, String), Arc<ClientInfo>>>;
 
 /// The node facade; cheap to clone.
 #[derive(Clone)]
@@ -149,17 +152,22 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Builds a node and starts its fan-out task. `feed` must be the listener the history
-    /// backend was built with, `queue` its other end. Needs a Tokio runtime.
+    /// Builds a node and starts its fan-out task. `feed` must be the handler the engine was
+    /// built with, `queue` its other end. Needs a Tokio runtime.
     pub fn new(
         config: NodeConfig,
         backends: Backends,
-        hub: Arc<Hub>,
         feed: FanoutFeed,
         queue: FanoutQueue,
     ) -> Self {
         let stats = Arc::new(NodeStats::default());
-        let fanout_task = tokio::spawn(run_fanout(queue, backends.broker.clone(), stats.clone()));
+        let hub = Arc::new(Hub::with_interest(backends.engine.interest()));
+        let fanout_task = tokio::spawn(run_fanout(queue, hub.clone(), stats.clone()));
+        let refresh = backends.presence.refresh_interval();
+        let own_presence = refresh.map(|_| Arc::new(OwnPresence::default()));
+        let presence_task = refresh.zip(own_presence.clone()).map(|(every, own)| {
+            tokio::spawn(refresh_presence(backends.presence.clone(), own, every))
+        });
         Self {
             inner: Arc::new(Inner {
                 uid: uuid::Uuid::new_v4().to_string(),
@@ -167,28 +175,36 @@ impl Node {
                 backends,
                 hub,
                 feed,
-                unstored_idempotency: Mutex::new(IdempotencyWindow::new(
-                    crate::memory::IDEMPOTENCY_CAPACITY,
-                )),
                 stats,
                 started: Instant::now(),
                 fanout_task: Mutex::new(Some(fanout_task)),
+                own_presence,
+                presence_task: Mutex::new(presence_task),
             }),
         }
     }
 
-    /// A node with in-memory history, presence and broker.
+    /// A node with in-memory history and presence.
     pub fn in_memory(config: NodeConfig) -> Self {
-        let hub = Arc::new(Hub::new());
         let (feed, queue) = crate::fanout::channel();
+        let history = Arc::new(crate::memory::MemoryHistoryStore::new(Arc::new(
+            feed.clone(),
+        )));
         let backends = Backends {
-            history: Arc::new(crate::memory::MemoryHistoryStore::new(Arc::new(
-                feed.clone(),
-            ))),
+            engine: Arc::new(LocalEngine::new(history, feed.clone())),
             presence: Arc::new(crate::memory::MemoryPresenceStore::new()),
-            broker: Arc::new(crate::broker::LocalBroker::new(hub.clone())),
         };
-        Self::new(config, backends, hub, feed, queue)
+        Self::new(config, backends, feed, queue)
+    }
+
+    /// This node's unique id.
+    pub fn uid(&self) -> &str {
+        &self.inner.uid
+    }
+
+    /// False while the engine cannot be reached.
+    pub fn engine_healthy(&self) -> bool {
+        self.inner.backends.engine.healthy()
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -253,55 +269,33 @@ impl Node {
             info: request.info,
         };
         let window = options.idempotency_window.as_duration();
+        let stored = options.history_enabled() && !request.skip_history;
+        let published = self
+            .inner
+            .backends
+            .engine
+            .publish(Publish {
+                channel: channel.as_arc().clone(),
+                publication,
+                history: stored.then(|| Retention {
+                    size: options.history_size,
+                    ttl: options.history_ttl.as_duration(),
+                }),
+                idempotency: request.idempotency_key.map(|key| (key, window)),
+            })
+            .await?;
         let stats = &self.inner.stats;
-        if options.history_enabled() && !request.skip_history {
-            let appended = self
-                .inner
-                .backends
-                .history
-                .append(AppendRequest {
-                    channel: channel.as_arc().clone(),
-                    publication,
-                    retention: Retention {
-                        size: options.history_size,
-                        ttl: options.history_ttl.as_duration(),
-                    },
-                    idempotency: request.idempotency_key.map(|key| (key, window)),
-                })
-                .await?;
-            if appended.duplicate {
-                stats.duplicate_publications.fetch_add(1, Ordering::Relaxed);
-            } else {
-                stats.publications.fetch_add(1, Ordering::Relaxed);
+        if published.duplicate {
+            stats.duplicate_publications.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.publications.fetch_add(1, Ordering::Relaxed);
+            if stored {
                 stats.history_writes.fetch_add(1, Ordering::Relaxed);
             }
-            return Ok(PublishResult {
-                position: Some(appended.position),
-                duplicate: appended.duplicate,
-            });
         }
-        if let Some(key) = &request.idempotency_key {
-            let now = now_ms();
-            let mut seen = self.inner.unstored_idempotency.lock();
-            if seen.get(channel.as_str(), key, now).is_some() {
-                stats.duplicate_publications.fetch_add(1, Ordering::Relaxed);
-                return Ok(PublishResult {
-                    position: None,
-                    duplicate: true,
-                });
-            }
-            let deadline =
-                now.saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
-            seen.insert(channel.as_str(), key, (), deadline);
-        }
-        stats.publications.fetch_add(1, Ordering::Relaxed);
-        let event = PublicationEvent::new(channel.as_arc().clone(), Arc::from(""), publication);
-        self.inner
-            .feed
-            .push(ChannelEvent::Publication(Arc::new(event)));
         Ok(PublishResult {
-            position: None,
-            duplicate: false,
+            position: published.position,
+            duplicate: published.duplicate,
         })
     }
 
@@ -327,7 +321,7 @@ impl Node {
             Ok(self
                 .inner
                 .backends
-                .history
+                .engine
                 .read(channel.as_str(), query)
                 .await?)
         }
@@ -356,13 +350,13 @@ impl Node {
             limit: Some(max.saturating_add(1)),
             reverse: false,
         };
-        let page = match self.inner.backends.history.read(name.as_str(), query).await {
+        let page = match self.inner.backends.engine.read(name.as_str(), query).await {
             Ok(page) => page,
             Err(crate::store::StoreError::UnrecoverablePosition(_)) => {
                 let top = self
                     .inner
                     .backends
-                    .history
+                    .engine
                     .read(
                         name.as_str(),
                         HistoryQuery {
@@ -408,7 +402,7 @@ impl Node {
                     "history is disabled for this namespace",
                 ));
             }
-            Ok(self.inner.backends.history.remove(channel.as_str()).await?)
+            Ok(self.inner.backends.engine.remove(channel.as_str()).await?)
         }
         .await;
         self.count_error(result)
@@ -474,10 +468,16 @@ impl Node {
         channel: &ChannelName,
         subscriber: Arc<dyn Subscriber>,
     ) -> Result<SubscriberId, HeraldError> {
-        let (id, first) = self.inner.hub.subscribe(channel.as_arc(), subscriber);
-        if first && let Err(err) = self.inner.backends.broker.subscribe(channel.as_str()).await {
-            self.inner.hub.unsubscribe(channel.as_str(), id);
-            return Err(HeraldError::internal(err.to_string()));
+        let (id, wait) = self.inner.hub.subscribe(channel.as_arc(), subscriber);
+        if let Some(wait) = wait {
+            let ready = wait
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("the engine stopped".to_owned())));
+            if let Err(err) = ready {
+                self.inner.hub.unsubscribe(channel.as_str(), id);
+                self.inner.stats.errors.fetch_add(1, Ordering::Relaxed);
+                return Err(err.into());
+            }
         }
         Ok(id)
     }
@@ -490,21 +490,29 @@ impl Node {
         options: &NamespaceOptions,
         info: Arc<ClientInfo>,
     ) {
-        if options.presence
-            && let Err(err) = self
+        if options.presence {
+            if let Some(own) = &self.inner.own_presence {
+                own.lock().insert(
+                    (channel.as_arc().clone(), info.client.clone()),
+                    info.clone(),
+                );
+            }
+            if let Err(err) = self
                 .inner
                 .backends
                 .presence
                 .add(channel.as_str(), (*info).clone())
                 .await
-        {
-            tracing::warn!(channel = channel.as_str(), error = %err, "presence add failed");
+            {
+                tracing::warn!(channel = channel.as_str(), error = %err, "presence add failed");
+            }
         }
         if options.join_leave {
-            self.inner.feed.push(ChannelEvent::Join {
+            self.announce(ChannelEvent::Join {
                 channel: channel.as_arc().clone(),
                 info,
-            });
+            })
+            .await;
         }
     }
 
@@ -515,30 +523,41 @@ impl Node {
         options: &NamespaceOptions,
         info: Arc<ClientInfo>,
     ) {
-        if options.presence
-            && let Err(err) = self
+        if options.presence {
+            if let Some(own) = &self.inner.own_presence {
+                own.lock()
+                    .remove(&(channel.as_arc().clone(), info.client.clone()));
+            }
+            if let Err(err) = self
                 .inner
                 .backends
                 .presence
                 .remove(channel.as_str(), &info.client)
                 .await
-        {
-            tracing::warn!(channel = channel.as_str(), error = %err, "presence remove failed");
+            {
+                tracing::warn!(channel = channel.as_str(), error = %err, "presence remove failed");
+            }
         }
         if options.join_leave {
-            self.inner.feed.push(ChannelEvent::Leave {
+            self.announce(ChannelEvent::Leave {
                 channel: channel.as_arc().clone(),
                 info,
-            });
+            })
+            .await;
         }
     }
 
-    pub async fn unsubscribe(&self, channel: &str, id: SubscriberId) {
-        if self.inner.hub.unsubscribe(channel, id)
-            && let Err(err) = self.inner.backends.broker.unsubscribe(channel).await
-        {
-            tracing::warn!(channel, error = %err, "broker unsubscribe failed");
+    /// Join and leave are best effort: a failure is logged, the subscription stands.
+    async fn announce(&self, event: ChannelEvent) {
+        if let Err(err) = self.inner.backends.engine.announce(event).await {
+            self.inner.stats.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %err, "join/leave announcement failed");
         }
+    }
+
+    /// Removes a local subscriber (the engine hears when it was the channel's last).
+    pub async fn unsubscribe(&self, channel: &str, id: SubscriberId) {
+        self.inner.hub.unsubscribe(channel, id);
     }
 
     pub fn info(&self) -> NodeInfo {
@@ -552,12 +571,16 @@ impl Node {
         }
     }
 
-    /// Flushes history, then waits until every committed publication has been handed to
-    /// the broker (so subscribers still connected get it), then stops the fan-out task.
+    /// Flushes the engine, then waits until every delivered event has been handed to the
+    /// hub (so subscribers still connected get it), then stops the node's tasks.
     pub async fn shutdown(&self) -> Result<(), HeraldError> {
-        self.inner.backends.history.flush().await?;
+        self.inner.backends.engine.flush().await?;
         self.inner.feed.drained().await;
         let task = self.inner.fanout_task.lock().take();
+        if let Some(task) = task {
+            task.abort();
+        }
+        let task = self.inner.presence_task.lock().take();
         if let Some(task) = task {
             task.abort();
         }
@@ -565,11 +588,34 @@ impl Node {
     }
 }
 
-/// Hands committed events to the broker in queue order. What is queued is taken in batches
-/// (up to 256), and each run of consecutive events of one channel goes to the broker at once,
-/// so a subscriber of a busy channel is locked and woken once per run rather than once per
-/// event. Events are never reordered, not even across channels.
-async fn run_fanout(mut queue: FanoutQueue, broker: Arc<dyn Broker>, stats: Arc<NodeStats>) {
+/// Re-adds this node's presence entries every `every`, so they outlive their expiry while
+/// the node lives and disappear within it once the node is gone.
+async fn refresh_presence(
+    presence: Arc<dyn PresenceStore>,
+    own: Arc<OwnPresence>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let entries: Vec<(Arc<str>, Arc<ClientInfo>)> = own
+            .lock()
+            .iter()
+            .map(|((channel, _), info)| (channel.clone(), info.clone()))
+            .collect();
+        if let Err(err) = presence.refresh(&entries).await {
+            tracing::warn!(error = %err, entries = entries.len(), "presence refresh failed");
+        }
+    }
+}
+
+/// Hands the events the engine delivers to the hub in queue order. What is queued is taken in
+/// batches (up to 256), and each run of consecutive events of one channel goes to the hub at
+/// once, so a subscriber of a busy channel is locked and woken once per run rather than once
+/// per event. Events are never reordered, not even across channels.
+async fn run_fanout(mut queue: FanoutQueue, hub: Arc<Hub>, stats: Arc<NodeStats>) {
     let mut batch = Vec::with_capacity(256);
     let mut run: Vec<ChannelEvent> = Vec::new();
     while queue.rx.recv_many(&mut batch, 256).await > 0 {
@@ -580,42 +626,34 @@ async fn run_fanout(mut queue: FanoutQueue, broker: Arc<dyn Broker>, stats: Arc<
                         .first()
                         .is_some_and(|first| first.channel() != event.channel())
                     {
-                        publish_run(&*broker, &stats, &mut run).await;
+                        publish_run(&hub, &stats, &mut run);
                     }
                     run.push(event);
                 }
                 Queued::Drained(done) => {
-                    publish_run(&*broker, &stats, &mut run).await;
+                    publish_run(&hub, &stats, &mut run);
                     let _ = done.send(());
                 }
             }
         }
-        publish_run(&*broker, &stats, &mut run).await;
+        publish_run(&hub, &stats, &mut run);
     }
 }
 
-/// Hands `run` (events of one channel) to the broker and empties it, keeping its capacity:
-/// no allocation per run.
-async fn publish_run(broker: &dyn Broker, stats: &NodeStats, run: &mut Vec<ChannelEvent>) {
+/// Hands `run` (events of one channel) to the hub and empties it, keeping its capacity: no
+/// allocation per run.
+fn publish_run(hub: &Hub, stats: &NodeStats, run: &mut Vec<ChannelEvent>) {
     if run.is_empty() {
         return;
     }
-    let result = broker.publish(run).await;
+    let outcome = hub.broadcast(run);
     run.clear();
-    match result {
-        Ok(outcome) => {
-            stats
-                .deliveries
-                .fetch_add(outcome.queued as u64, Ordering::Relaxed);
-            stats
-                .dropped_deliveries
-                .fetch_add(outcome.dropped as u64, Ordering::Relaxed);
-        }
-        Err(err) => {
-            stats.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %err, "fan-out through the broker failed");
-        }
-    }
+    stats
+        .deliveries
+        .fetch_add(outcome.queued as u64, Ordering::Relaxed);
+    stats
+        .dropped_deliveries
+        .fetch_add(outcome.dropped as u64, Ordering::Relaxed);
 }
 
 /// `*` matches any run of characters; everything else matches itself.

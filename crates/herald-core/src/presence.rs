@@ -1,6 +1,12 @@
 //! The presence port: who is subscribed to a channel right now.
+//!
+//! A shared store (a cluster's) expires each entry unless the node that wrote it refreshes
+//! it, so a dead node's clients disappear within a bounded time; the node refreshes its own
+//! entries every [`PresenceStore::refresh_interval`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -24,4 +30,19 @@ pub trait PresenceStore: Send + Sync + 'static {
     async fn remove(&self, channel: &str, client_id: &str) -> Result<(), PresenceError>;
     async fn get(&self, channel: &str) -> Result<HashMap<String, ClientInfo>, PresenceError>;
     async fn stats(&self, channel: &str) -> Result<PresenceStats, PresenceError>;
+
+    /// How often a node must re-add its own entries, for stores that expire them (a shared
+    /// store outlives the node that wrote an entry); `None` for stores that never expire
+    /// entries (one node's memory).
+    fn refresh_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Re-adds a node's entries so they do not expire while it lives.
+    async fn refresh(&self, entries: &[(Arc<str>, Arc<ClientInfo>)]) -> Result<(), PresenceError> {
+        for (channel, info) in entries {
+            self.add(channel, (**info).clone()).await?;
+        }
+        Ok(())
+    }
 }

@@ -139,13 +139,21 @@ pub enum ChannelEvent {
         channel: Arc<str>,
         info: Arc<ClientInfo>,
     },
+    /// This node could not deliver every publication of the channel in order (the engine
+    /// lost some and history no longer holds them): its subscribers must recover from their
+    /// own positions, which tells each of them exactly what it missed or that it cannot.
+    Unrecoverable {
+        channel: Arc<str>,
+    },
 }
 
 impl ChannelEvent {
     pub fn channel(&self) -> &Arc<str> {
         match self {
             Self::Publication(p) => &p.channel,
-            Self::Join { channel, .. } | Self::Leave { channel, .. } => channel,
+            Self::Join { channel, .. }
+            | Self::Leave { channel, .. }
+            | Self::Unrecoverable { channel } => channel,
         }
     }
 }

@@ -15,11 +15,10 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use herald_core::broker::LocalBroker;
 use herald_core::memory::{MemoryHistoryStore, MemoryPresenceStore};
 use herald_core::node::{Backends, NodeConfig};
 use herald_core::proxy::BackendProxy;
-use herald_core::{HistoryStore, Hub, Node};
+use herald_core::{HistoryStore, LocalEngine, Node};
 use herald_transport::realtime::RealtimeState;
 
 use crate::app::AppState;
@@ -132,7 +131,6 @@ fn backend_proxy(config: &Config) -> Result<Option<Arc<dyn BackendProxy>>, Build
 
 /// Builds the node with the configured engine. Needs a Tokio runtime.
 fn build_node(config: &Config, node_config: NodeConfig) -> Result<Node, BuildError> {
-    let hub = Arc::new(Hub::new());
     let (feed, queue) = herald_core::fanout::channel();
     let listener = Arc::new(feed.clone());
     let history: Arc<dyn HistoryStore> = match config.storage.engine {
@@ -140,11 +138,10 @@ fn build_node(config: &Config, node_config: NodeConfig) -> Result<Node, BuildErr
         Engine::Sqlite => open_sqlite(config, listener)?,
     };
     let backends = Backends {
-        history,
+        engine: Arc::new(LocalEngine::new(history, feed.clone())),
         presence: Arc::new(MemoryPresenceStore::new()),
-        broker: Arc::new(LocalBroker::new(hub.clone())),
     };
-    Ok(Node::new(node_config, backends, hub, feed, queue))
+    Ok(Node::new(node_config, backends, feed, queue))
 }
 
 #[cfg(feature = "sqlite")]

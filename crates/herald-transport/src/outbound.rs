@@ -540,6 +540,13 @@ impl Outbound {
         if state.closed.is_some() {
             return Delivery::Closed;
         }
+        if let ChannelEvent::Unrecoverable { .. } = event {
+            // The node lost publications of this channel that history no longer holds: the
+            // client reconnects and recovers from its own position, learning exactly what it
+            // missed or that it cannot be told. Never a silent gap.
+            self.close_locked(state, CloseReason::INSUFFICIENT_STATE);
+            return Delivery::Dropped;
+        }
         if let Some(entry) = state.channels.get_mut(channel)
             && let Some(held) = entry.held.as_mut()
         {
