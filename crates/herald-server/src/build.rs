@@ -136,6 +136,7 @@ fn build_node(config: &Config, node_config: NodeConfig) -> Result<Node, BuildErr
     let history: Arc<dyn HistoryStore> = match config.storage.engine {
         Engine::Memory => Arc::new(MemoryHistoryStore::new(listener)),
         Engine::Sqlite => open_sqlite(config, listener)?,
+        Engine::Redis => return Err(BuildError::Unsupported("redis")),
     };
     let backends = Backends {
         engine: Arc::new(LocalEngine::new(history, feed.clone())),
@@ -196,6 +197,14 @@ pub fn server(mut config: Config) -> Result<Built, BuildError> {
         _ if config.api.has_keys() && !config.token.hmac_secret.is_empty() => None,
         Engine::Sqlite => Some(GeneratedSecrets::load_or_create(&config.storage.data_dir)?),
         Engine::Memory => Some(GeneratedSecrets::generate()),
+        // Every node must accept the same keys and tokens: nothing can be generated per node.
+        Engine::Redis => {
+            return Err(BuildError::Config(ConfigError::Invalid(
+                "storage.engine = \"redis\" needs api.keys and a token key (token.hmac_secret, \
+                 token.keys or token.jwks_url) in the configuration, shared by every node"
+                    .into(),
+            )));
+        }
     };
     let generated_key = match &generated {
         Some(secrets) if !config.api.has_keys() => {

@@ -26,6 +26,8 @@ pub struct Config {
     pub api: ApiConfig,
     pub token: TokenConfig,
     pub storage: StorageConfig,
+    /// The cluster engine's Redis, used with `storage.engine = "redis"`.
+    pub redis: herald_store::redis::RedisConfig,
     pub log: LogConfig,
     pub client: ClientConfig,
     pub channels: ChannelRules,
@@ -286,6 +288,8 @@ pub enum Engine {
     #[default]
     Sqlite,
     Memory,
+    /// Several nodes sharing history, presence and fan-out through Redis (`[redis]`).
+    Redis,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -573,6 +577,11 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "storage.max_batch and storage.readers must be above 0".into(),
             ));
+        }
+        if self.storage.engine == Engine::Redis {
+            self.redis
+                .validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         #[cfg(feature = "sqlite")]
         if self.storage.engine == Engine::Sqlite {
