@@ -426,6 +426,11 @@ async fn serve_command(config: Config, reload: Reload) -> anyhow::Result<ExitCod
         )
         .to_lowercase(),
         Engine::Memory => "memory (nothing survives a restart)".to_owned(),
+        Engine::Redis => format!(
+            "redis, {} shard(s), key prefix {:?}",
+            config.redis.shards(),
+            config.redis.prefix
+        ),
     };
     let scheme = if server.state().tls.is_some() {
         "https"
