@@ -55,6 +55,9 @@ impl ErrorCode {
 pub struct HeraldError {
     pub code: ErrorCode,
     pub detail: String,
+    /// The engine could not be reached: nothing was done, and the same call may succeed
+    /// later (HTTP 503; `temporary` in the client protocol).
+    pub unavailable: bool,
 }
 
 impl HeraldError {
@@ -62,6 +65,15 @@ impl HeraldError {
         Self {
             code,
             detail: detail.into(),
+            unavailable: false,
+        }
+    }
+
+    /// The engine (history, fan-out between nodes) cannot be reached right now.
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self {
+            unavailable: true,
+            ..Self::new(ErrorCode::Internal, detail)
         }
     }
 
@@ -89,10 +101,9 @@ impl From<StoreError> for HeraldError {
             StoreError::UnrecoverablePosition(detail) => {
                 Self::new(ErrorCode::UnrecoverablePosition, detail)
             }
-            StoreError::Unavailable(detail) => Self::new(
-                ErrorCode::Internal,
-                format!("history store unavailable: {detail}"),
-            ),
+            StoreError::Unavailable(detail) => {
+                Self::unavailable(format!("engine unavailable: {detail}"))
+            }
             StoreError::Backend(detail) => Self::new(
                 ErrorCode::Internal,
                 format!("history store error: {detail}"),

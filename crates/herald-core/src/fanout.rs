@@ -54,6 +54,21 @@ impl FanoutFeed {
     }
 }
 
+impl FanoutQueue {
+    /// The next queued event, for whoever drains the queue other than the node (tests,
+    /// conformance suites); drain markers are answered on the way.
+    pub async fn next_event(&mut self) -> Option<ChannelEvent> {
+        loop {
+            match self.rx.recv().await? {
+                Queued::Event(event) => return Some(event),
+                Queued::Drained(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+}
+
 impl CommitListener for FanoutFeed {
     fn committed(&self, event: Arc<PublicationEvent>) {
         self.push(ChannelEvent::Publication(event));

@@ -10,13 +10,28 @@
 //! `ChannelOrder` per channel it receives, starting from the stream's top read right after it
 //! subscribed, and runs every stored publication it receives through [`heal`].
 //!
-//! May touch: history, only through the [`Engine`] it is given.
+//! May touch: history, only through the [`History`] it is given.
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
+
 use crate::engine::Engine;
 use crate::publication::{ChannelEvent, PublicationEvent, StreamPosition};
-use crate::store::HistoryQuery;
+use crate::store::{HistoryPage, HistoryQuery, StoreError};
+
+/// Where missed publications are read back from (an engine, or one shard of it).
+#[async_trait]
+pub trait History: Send + Sync {
+    async fn read(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError>;
+}
+
+#[async_trait]
+impl<T: Engine + ?Sized> History for T {
+    async fn read(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError> {
+        Engine::read(self, channel, query).await
+    }
+}
 
 /// Most publications read back to heal one gap; a larger gap makes subscribers recover.
 pub const MAX_HEAL: usize = 10_000;
@@ -69,7 +84,7 @@ impl ChannelOrder {
 /// Brings `order` up to `top` (read after a reconnect or a resubscribe) by reading what was
 /// missed from history; returns what to deliver, in order.
 pub async fn catch_up(
-    engine: &dyn Engine,
+    history: &dyn History,
     channel: &Arc<str>,
     order: &mut ChannelOrder,
     top: &StreamPosition,
@@ -84,7 +99,7 @@ pub async fn catch_up(
         return Vec::new();
     }
     let mut out = Vec::new();
-    read_missing(engine, channel, order, top.offset, &mut out).await;
+    read_missing(history, channel, order, top.offset, &mut out).await;
     out
 }
 
@@ -92,7 +107,7 @@ pub async fn catch_up(
 /// nothing (a duplicate), the publication, or the missed ones read back from history before
 /// it; [`ChannelEvent::Unrecoverable`] first when they cannot be read back. Updates `order`.
 pub async fn heal(
-    engine: &dyn Engine,
+    history: &dyn History,
     order: &mut ChannelOrder,
     event: Arc<PublicationEvent>,
 ) -> Vec<ChannelEvent> {
@@ -108,7 +123,7 @@ pub async fn heal(
         }
         Next::Missing => {
             let before = event.publication.offset;
-            read_missing(engine, &event.channel, order, before - 1, &mut out).await;
+            read_missing(history, &event.channel, order, before - 1, &mut out).await;
         }
     }
     order.last = event.publication.offset;
@@ -119,7 +134,7 @@ pub async fn heal(
 /// Reads offsets `order.last + 1 ..= to` into `out` and moves `order` to `to`; pushes
 /// [`ChannelEvent::Unrecoverable`] when history does not hold all of them.
 async fn read_missing(
-    engine: &dyn Engine,
+    history: &dyn History,
     channel: &Arc<str>,
     order: &mut ChannelOrder,
     to: u64,
@@ -134,7 +149,7 @@ async fn read_missing(
             limit: Some(missing as usize),
             reverse: false,
         };
-        match engine.read(channel, query).await {
+        match history.read(channel, query).await {
             Ok(page) => {
                 let contiguous = page
                     .publications

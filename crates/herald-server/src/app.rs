@@ -33,6 +33,8 @@ use crate::origin::{OriginPolicy, check_origin};
 #[derive(Debug)]
 pub struct AppState {
     pub node: Node,
+    /// The other nodes, with `storage.engine = "redis"`.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     pub config: Config,
     /// Replaced whole on reload (SIGHUP), so rotation needs no restart.
     pub api_keys: parking_lot::RwLock<ApiKeys>,
@@ -94,14 +96,17 @@ async fn health() -> Response {
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    if state.ready.load(Ordering::Relaxed) {
-        crate::api::json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+    let status = if !state.ready.load(Ordering::Relaxed) {
+        "shutting down"
+    } else if !state.node.engine_healthy() {
+        "engine unreachable"
     } else {
-        crate::api::json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"status": "shutting down"}),
-        )
-    }
+        return crate::api::json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}));
+    };
+    crate::api::json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({ "status": status }),
+    )
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

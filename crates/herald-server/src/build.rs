@@ -23,6 +23,7 @@ use herald_transport::realtime::RealtimeState;
 
 use crate::app::AppState;
 use crate::auth::ApiKeys;
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError, Engine, TokenConfig};
 use crate::forwarded::ProxyTrust;
 use crate::jwt::revocation::{REVOCATIONS_FILE, RevocationFileError};
@@ -129,20 +130,55 @@ fn backend_proxy(config: &Config) -> Result<Option<Arc<dyn BackendProxy>>, Build
     Ok(Some(Arc::new(proxy)))
 }
 
-/// Builds the node with the configured engine. Needs a Tokio runtime.
-fn build_node(config: &Config, node_config: NodeConfig) -> Result<Node, BuildError> {
+/// Builds the node with the configured engine (and, with Redis, the cluster handle). Needs a
+/// Tokio runtime; connects to Redis, failing when it cannot be reached.
+async fn build_node(
+    config: &Config,
+    node_config: NodeConfig,
+) -> Result<(Node, Option<Arc<Cluster>>), BuildError> {
     let (feed, queue) = herald_core::fanout::channel();
     let listener = Arc::new(feed.clone());
     let history: Arc<dyn HistoryStore> = match config.storage.engine {
         Engine::Memory => Arc::new(MemoryHistoryStore::new(listener)),
         Engine::Sqlite => open_sqlite(config, listener)?,
-        Engine::Redis => return Err(BuildError::Unsupported("redis")),
+        Engine::Redis => return build_cluster_node(config, node_config, feed, queue).await,
     };
     let backends = Backends {
         engine: Arc::new(LocalEngine::new(history, feed.clone())),
         presence: Arc::new(MemoryPresenceStore::new()),
     };
-    Ok(Node::new(node_config, backends, feed, queue))
+    Ok((Node::new(node_config, backends, feed, queue), None))
+}
+
+#[cfg(feature = "redis")]
+async fn build_cluster_node(
+    config: &Config,
+    node_config: NodeConfig,
+    feed: herald_core::fanout::FanoutFeed,
+    queue: herald_core::fanout::FanoutQueue,
+) -> Result<(Node, Option<Arc<Cluster>>), BuildError> {
+    use herald_store::redis::{NodeRegistry, RedisEngine};
+    let (engine, presence) = RedisEngine::connect(&config.redis, feed.clone())
+        .await
+        .map_err(|e| BuildError::Store(e.to_string()))?;
+    let engine = Arc::new(engine);
+    let registry = NodeRegistry::new(engine.shards().clone(), config.redis.node_ttl.as_duration());
+    let backends = Backends {
+        engine: engine.clone(),
+        presence: Arc::new(presence),
+    };
+    let node = Node::new(node_config, backends, feed, queue);
+    Ok((node, Some(Arc::new(Cluster::new(engine, registry)))))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn build_cluster_node(
+    _config: &Config,
+    _node_config: NodeConfig,
+    _feed: herald_core::fanout::FanoutFeed,
+    _queue: herald_core::fanout::FanoutQueue,
+) -> Result<(Node, Option<Arc<Cluster>>), BuildError> {
+    Err(BuildError::Unsupported("redis"))
 }
 
 #[cfg(feature = "sqlite")]
@@ -190,7 +226,7 @@ pub struct Built {
 /// Without configured API keys (or without a token secret and keys), secrets are generated:
 /// kept in the data folder with SQLite, in memory with the memory engine. With SQLite, token
 /// revocations are kept in the data folder too.
-pub fn server(mut config: Config) -> Result<Built, BuildError> {
+pub async fn server(mut config: Config) -> Result<Built, BuildError> {
     // Everything without side effects first, so that a bad file fails before any is written.
     parts(&config)?;
     let generated = match config.storage.engine {
@@ -198,6 +234,7 @@ pub fn server(mut config: Config) -> Result<Built, BuildError> {
         Engine::Sqlite => Some(GeneratedSecrets::load_or_create(&config.storage.data_dir)?),
         Engine::Memory => Some(GeneratedSecrets::generate()),
         // Every node must accept the same keys and tokens: nothing can be generated per node.
+        Engine::Redis if config.api.has_keys() && config.token.has_any_key() => None,
         Engine::Redis => {
             return Err(BuildError::Config(ConfigError::Invalid(
                 "storage.engine = \"redis\" needs api.keys and a token key (token.hmac_secret, \
@@ -216,7 +253,7 @@ pub fn server(mut config: Config) -> Result<Built, BuildError> {
     use_generated_token_secret(&mut config.token, generated.as_ref());
     let parts = parts(&config)?;
     // The store first: it creates the data folder the revocations file lives in.
-    let node = build_node(&config, parts.node_config)?;
+    let (node, cluster) = build_node(&config, parts.node_config).await?;
     let tokens = Arc::new(TokenVerifier::new(parts.token_keys));
     // Revocations are kept where history is: in the data folder with SQLite, in memory
     // (forgotten on restart, like everything else) with the memory engine.
@@ -238,6 +275,7 @@ pub fn server(mut config: Config) -> Result<Built, BuildError> {
     );
     let state = Arc::new(AppState {
         node,
+        cluster,
         api_keys: parking_lot::RwLock::new(parts.api_keys),
         publish_rate: herald_core::rate::KeyedLimiter::new(config.api.publish_rate_per_key, 4096),
         metrics: crate::metrics::Metrics::new(),

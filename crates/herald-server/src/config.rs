@@ -251,6 +251,13 @@ pub struct TokenConfig {
     pub jwks_cache_ttl: HumanDuration,
 }
 
+impl TokenConfig {
+    /// Whether any token key is configured (HMAC secret, pinned keys or a JWKS).
+    pub fn has_any_key(&self) -> bool {
+        !self.hmac_secret.is_empty() || !self.keys.is_empty() || !self.jwks_url.is_empty()
+    }
+}
+
 impl Default for TokenConfig {
     fn default() -> Self {
         Self {

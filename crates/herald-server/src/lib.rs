@@ -8,6 +8,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod build;
+pub mod cluster;
 pub mod config;
 pub mod forwarded;
 pub mod jwt;

@@ -414,7 +414,7 @@ async fn serve_command(config: Config, reload: Reload) -> anyhow::Result<ExitCod
         tracing::warn!("{warning}");
     }
     let listen_on = config.server.listen;
-    let server = Server::build(config)?;
+    let server = Server::build(config).await?;
     let listener = listen(listen_on).with_context(|| format!("cannot listen on {listen_on}"))?;
     let addr = listener.local_addr()?;
     let config = &server.state().config;

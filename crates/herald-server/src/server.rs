@@ -43,8 +43,8 @@ pub struct Server {
 impl Server {
     /// Builds every object from `config` (see [`crate::build`]); fails on anything that does
     /// not build. Needs a Tokio runtime.
-    pub fn build(config: Config) -> Result<Self, BuildError> {
-        let built = crate::build::server(config)?;
+    pub async fn build(config: Config) -> Result<Self, BuildError> {
+        let built = crate::build::server(config).await?;
         Ok(Self {
             state: built.state,
             reloader: built.reloader,
@@ -94,6 +94,8 @@ impl Server {
             }
         };
         state.ready.store(true, Ordering::SeqCst);
+        #[cfg(feature = "redis")]
+        let heartbeat = tokio::spawn(crate::cluster::Cluster::heartbeat(state.clone()));
         let mut serving = tokio::spawn(crate::app::serve(listener, state.clone(), stop));
         // Drain time counts from the end of the shutdown delay.
         let finished = tokio::select! {
@@ -110,6 +112,15 @@ impl Server {
                 "in-flight requests did not finish in time; closing them"
             );
             serving.abort();
+        }
+        #[cfg(feature = "redis")]
+        {
+            heartbeat.abort();
+            if let Some(cluster) = &state.cluster
+                && let Err(error) = cluster.registry.leave(state.node.uid()).await
+            {
+                tracing::warn!(%error, "could not leave the node registry");
+            }
         }
         let flush_timeout = Duration::from_secs(5).max(drain_timeout);
         match tokio::time::timeout(flush_timeout, state.node.shutdown()).await {
@@ -130,5 +141,5 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    Server::build(config)?.run(listener, shutdown).await
+    Server::build(config).await?.run(listener, shutdown).await
 }

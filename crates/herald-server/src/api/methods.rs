@@ -202,9 +202,18 @@ pub async fn call(
                 .connections
                 .load(std::sync::atomic::Ordering::Relaxed);
             result.num_users = state.realtime.sessions.user_count() as u64;
-            encode(&InfoResult {
-                nodes: vec![result],
-            })
+            #[allow(unused_mut)]
+            let mut nodes = vec![result];
+            #[cfg(feature = "redis")]
+            if let Some(cluster) = &state.cluster {
+                nodes = cluster
+                    .nodes(state)
+                    .await
+                    .into_iter()
+                    .map(NodeResult::from)
+                    .collect();
+            }
+            encode(&InfoResult { nodes })
         }
         other => Err(ApiError::new(
             StatusCode::NOT_FOUND,

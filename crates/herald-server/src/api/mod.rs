@@ -41,12 +41,15 @@ impl ApiError {
         }
     }
 
-    /// API-level errors keep HTTP 200 (what Centrifugo's clients expect).
+    /// API-level errors keep HTTP 200 (what Centrifugo's clients expect), except an
+    /// unreachable engine: 503, so load balancers and retrying clients see it for what it is.
     pub fn from_node(error: HeraldError) -> Self {
-        Self {
-            status: StatusCode::OK,
-            error,
-        }
+        let status = if error.unavailable {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        Self { status, error }
     }
 
     /// Publication data over `server.max_publication_size`: 413, like an oversized body.
@@ -95,7 +98,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody::from(&self.error);
         let mut response = json_response(self.status, &ErrorEnvelope { error: &body });
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));

@@ -400,6 +400,22 @@ impl From<NodeInfo> for NodeResult {
     }
 }
 
+#[cfg(feature = "redis")]
+impl From<herald_store::redis::NodeRecord> for NodeResult {
+    fn from(record: herald_store::redis::NodeRecord) -> Self {
+        Self {
+            uid: record.uid,
+            name: record.name,
+            version: record.version,
+            num_clients: record.num_clients,
+            num_users: record.num_users,
+            num_channels: record.num_channels,
+            num_subs: record.num_subs,
+            uptime: record.uptime_secs,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct InfoResult {
     pub nodes: Vec<NodeResult>,

@@ -79,7 +79,7 @@ impl TestServer {
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let server = Server::build(config).expect("the server builds");
+        let server = Server::build(config).await.expect("the server builds");
         let state = server.state().clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let running = tokio::spawn(server.run(listener, async move {

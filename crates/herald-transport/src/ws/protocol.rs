@@ -355,10 +355,11 @@ struct ErrorBody<'a> {
 /// What an error reply carries: code, message and whether retrying may help.
 pub fn error_fields(error: &herald_core::HeraldError) -> (u32, &'static str, bool) {
     let code = error.code;
-    let temporary = matches!(
-        code,
-        herald_core::ErrorCode::Internal | herald_core::ErrorCode::TooManyRequests
-    );
+    let temporary = error.unavailable
+        || matches!(
+            code,
+            herald_core::ErrorCode::Internal | herald_core::ErrorCode::TooManyRequests
+        );
     (code.as_u32(), code.message(), temporary)
 }
 

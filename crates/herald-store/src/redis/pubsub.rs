@@ -1,0 +1,401 @@
+//! One shard's pub/sub connection: events of other nodes in, in order, with gaps healed.
+//!
+//! Owns: the task that holds the shard's pub/sub connection and the channels this node wants
+//! (commands from the hub, applied in the order they were made), and what the node has
+//! delivered of each channel ([`ChannelOrder`]). It:
+//! - subscribes a channel, then reads the stream's top, so the node knows where the channel
+//!   stands; publications up to it are the subscribers' to recover, later ones come from here;
+//! - runs every stored publication through [`sequence::heal`]: a gap (a message pub/sub lost)
+//!   is read back from the stream before anything newer is delivered;
+//! - probes an idle connection with PING; a connection that fails or stops answering is
+//!   replaced (through the sentinels, when configured), every channel subscribed again and
+//!   caught up from the stream, so nothing published meanwhile is missed;
+//! - says whether it is connected (`/ready`).
+//!
+//! May touch: the shard's Redis (pub/sub connection, and reads through [`ShardStore`]), the
+//! node's [`FanoutFeed`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use herald_core::fanout::FanoutFeed;
+use herald_core::hub::InterestWait;
+use herald_core::publication::ChannelEvent;
+use herald_core::sequence::{self, ChannelOrder};
+use herald_core::store::{HistoryQuery, StoreError};
+use redis::aio::PubSubSink;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::codec;
+use super::history::ShardStore;
+
+/// What the hub asks of a shard's subscriber, in the order it asked.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Gained(Arc<str>, oneshot::Sender<Result<(), StoreError>>),
+    Lost(Arc<str>),
+}
+
+/// Counters of one shard's subscriber.
+#[derive(Debug, Default)]
+pub struct PubSubStats {
+    pub reconnects: AtomicU64,
+    pub healed: AtomicU64,
+    pub unrecoverable: AtomicU64,
+    pub undecodable: AtomicU64,
+}
+
+/// The handle of a shard's subscriber task.
+#[derive(Debug)]
+pub(crate) struct Subscriber {
+    commands: mpsc::UnboundedSender<Command>,
+    connected: Arc<AtomicBool>,
+    pub(crate) stats: Arc<PubSubStats>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Subscriber {
+    /// Starts the task; `connected` resolves once the first connection is up (or failed).
+    pub(crate) fn spawn(
+        store: Arc<ShardStore>,
+        feed: FanoutFeed,
+        ping_interval: Duration,
+        command_timeout: Duration,
+    ) -> (Self, oneshot::Receiver<Result<(), StoreError>>) {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let connected = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(PubSubStats::default());
+        let (first_tx, first_rx) = oneshot::channel();
+        let task = Task {
+            store,
+            feed,
+            commands: receiver,
+            wanted: HashMap::new(),
+            connected: connected.clone(),
+            ping_interval,
+            command_timeout,
+            stats: stats.clone(),
+        };
+        let task = tokio::spawn(task.run(first_tx));
+        (
+            Self {
+                commands,
+                connected,
+                stats,
+                task,
+            },
+            first_rx,
+        )
+    }
+
+    pub(crate) fn gained(&self, channel: &Arc<str>) -> InterestWait {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(Command::Gained(_, tx))) =
+            self.commands.send(Command::Gained(channel.clone(), tx))
+        {
+            let _ = tx.send(Err(StoreError::Unavailable(
+                "the redis engine stopped".into(),
+            )));
+        }
+        rx
+    }
+
+    pub(crate) fn lost(&self, channel: &Arc<str>) {
+        let _ = self.commands.send(Command::Lost(channel.clone()));
+    }
+
+    pub(crate) fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+struct Task {
+    store: Arc<ShardStore>,
+    feed: FanoutFeed,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Channels this node wants, with what it delivered of each (`None` until the top was
+    /// read after subscribing).
+    wanted: HashMap<Arc<str>, Option<ChannelOrder>>,
+    connected: Arc<AtomicBool>,
+    ping_interval: Duration,
+    command_timeout: Duration,
+    stats: Arc<PubSubStats>,
+}
+
+/// Why a session ended.
+type Lost = StoreError;
+
+impl Task {
+    async fn run(mut self, first: oneshot::Sender<Result<(), StoreError>>) {
+        let mut first = Some(first);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let error = self.session(&mut first).await;
+            let was_connected = self.connected.swap(false, Ordering::Relaxed);
+            if let Some(first) = first.take() {
+                let _ = first.send(Err(error));
+                // Start-up fails loudly: the engine is dropped, and this task with it.
+                return;
+            }
+            if was_connected {
+                self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(shard = self.store.link.name(), error = %error, "redis pub/sub connection lost; reconnecting");
+                backoff = Duration::from_millis(50);
+            }
+            // Subscribes asked for while there is no connection fail at once (the client
+            // gets a temporary error and retries) rather than hang.
+            let deadline = tokio::time::sleep(backoff);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    () = &mut deadline => break,
+                    command = self.commands.recv() => match command {
+                        None => return,
+                        Some(command) => self.refuse(command),
+                    },
+                }
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn refuse(&mut self, command: Command) {
+        match command {
+            Command::Gained(channel, ack) => {
+                self.wanted.entry(channel).or_insert(None);
+                let _ = ack.send(Err(self.store.link.unavailable("no pub/sub connection")));
+            }
+            Command::Lost(channel) => {
+                self.wanted.remove(&channel);
+            }
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        what: &str,
+        future: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Lost> {
+        match tokio::time::timeout(self.command_timeout, future).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(StoreError::Unavailable(format!("{what}: {error}"))),
+            Err(_) => Err(StoreError::Unavailable(format!("{what} timed out"))),
+        }
+    }
+
+    /// One connection's life; returns why it ended.
+    async fn session(
+        &mut self,
+        first: &mut Option<oneshot::Sender<Result<(), StoreError>>>,
+    ) -> Lost {
+        let pubsub = match self.store.link.pubsub().await {
+            Ok(pubsub) => pubsub,
+            Err(error) => return error,
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        let channels: Vec<Arc<str>> = self.wanted.keys().cloned().collect();
+        if let Err(error) = self.subscribe(&mut sink, &channels).await {
+            return error;
+        }
+        if let Err(error) = self.catch_up(&channels).await {
+            return error;
+        }
+        self.connected.store(true, Ordering::Relaxed);
+        self.store.link.reachable();
+        if let Some(first) = first.take() {
+            let _ = first.send(Ok(()));
+        }
+        if !channels.is_empty() {
+            tracing::info!(
+                shard = self.store.link.name(),
+                channels = channels.len(),
+                "redis pub/sub resubscribed"
+            );
+        }
+        let mut last_heard = Instant::now();
+        let mut probe = tokio::time::interval(self.ping_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => {
+                    let Some(command) = command else {
+                        return StoreError::Unavailable("the engine stopped".into());
+                    };
+                    let mut batch = vec![command];
+                    while let Ok(command) = self.commands.try_recv() {
+                        batch.push(command);
+                    }
+                    if let Err(error) = self.apply(&mut sink, batch).await {
+                        return error;
+                    }
+                }
+                message = stream.next() => {
+                    let Some(message) = message else {
+                        return StoreError::Unavailable("pub/sub connection closed".into());
+                    };
+                    last_heard = Instant::now();
+                    let channel = message.get_channel_name().to_owned();
+                    let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+                    self.on_message(&channel, payload).await;
+                }
+                _ = probe.tick() => {
+                    if last_heard.elapsed() >= self.ping_interval {
+                        if let Err(error) = self.timed("pub/sub ping", sink.ping::<redis::Value>()).await {
+                            return error;
+                        }
+                        self.store.link.reachable();
+                        last_heard = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&self, sink: &mut PubSubSink, channels: &[Arc<str>]) -> Result<(), Lost> {
+        for chunk in channels.chunks(1000) {
+            let names: Vec<String> = chunk.iter().map(|c| self.store.keys.pubsub(c)).collect();
+            self.timed("subscribe", sink.subscribe(names)).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads each channel's top; brings channels the node knew up to it from the stream.
+    async fn catch_up(&mut self, channels: &[Arc<str>]) -> Result<(), Lost> {
+        for chunk in channels.chunks(200) {
+            let tops = futures::future::join_all(chunk.iter().map(|channel| {
+                let query = HistoryQuery {
+                    limit: Some(0),
+                    ..HistoryQuery::default()
+                };
+                self.store.read_page(channel, query)
+            }))
+            .await;
+            for (channel, top) in chunk.iter().zip(tops) {
+                let top = top?.position;
+                let Some(order) = self.wanted.get_mut(channel) else {
+                    continue;
+                };
+                match order {
+                    None => *order = Some(ChannelOrder::at(&top)),
+                    Some(order) => {
+                        let events = sequence::catch_up(&*self.store, channel, order, &top).await;
+                        self.count(&events, 0);
+                        for event in events {
+                            self.feed.push(event);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a batch of hub commands: each channel ends as its last command left it.
+    async fn apply(&mut self, sink: &mut PubSubSink, batch: Vec<Command>) -> Result<(), Lost> {
+        let mut want: HashMap<Arc<str>, bool> = HashMap::new();
+        let mut acks = Vec::new();
+        for command in batch {
+            match command {
+                Command::Gained(channel, ack) => {
+                    want.insert(channel, true);
+                    acks.push(ack);
+                }
+                Command::Lost(channel) => {
+                    want.insert(channel, false);
+                }
+            }
+        }
+        let mut gained = Vec::new();
+        let mut lost = Vec::new();
+        for (channel, wanted) in want {
+            match (wanted, self.wanted.contains_key(&channel)) {
+                (true, false) => gained.push(channel),
+                (false, true) => lost.push(channel),
+                _ => {}
+            }
+        }
+        let result = async {
+            if !lost.is_empty() {
+                for channel in &lost {
+                    self.wanted.remove(channel);
+                }
+                let names: Vec<String> = lost.iter().map(|c| self.store.keys.pubsub(c)).collect();
+                self.timed("unsubscribe", sink.unsubscribe(names)).await?;
+            }
+            if !gained.is_empty() {
+                for channel in &gained {
+                    self.wanted.insert(channel.clone(), None);
+                }
+                self.subscribe(sink, &gained).await?;
+                self.catch_up(&gained).await?;
+            }
+            Ok(())
+        }
+        .await;
+        for ack in acks {
+            let _ = ack.send(result.clone());
+        }
+        result
+    }
+
+    async fn on_message(&mut self, pubsub_channel: &str, payload: Bytes) {
+        let Some(name) = self.store.keys.channel_of(pubsub_channel) else {
+            return;
+        };
+        let Some(channel) = self.wanted.get_key_value(name).map(|(key, _)| key.clone()) else {
+            return;
+        };
+        let event = match codec::decode_message(&channel, payload) {
+            Ok(event) => event,
+            Err(error) => {
+                self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(channel = &*channel, %error, "undecodable pub/sub message dropped");
+                return;
+            }
+        };
+        let ChannelEvent::Publication(publication) = &event else {
+            self.feed.push(event);
+            return;
+        };
+        if publication.publication.offset == 0 {
+            self.feed.push(event);
+            return;
+        }
+        let publication = publication.clone();
+        let Some(Some(order)) = self.wanted.get_mut(&channel) else {
+            // Not possible: the top is read before a channel's messages are looked at.
+            return;
+        };
+        let events = sequence::heal(&*self.store, order, publication).await;
+        self.count(&events, 1);
+        for event in events {
+            self.feed.push(event);
+        }
+    }
+
+    /// Counts what healing produced; `received` of `events` came from pub/sub itself.
+    fn count(&self, events: &[ChannelEvent], received: usize) {
+        let unrecoverable = events
+            .iter()
+            .filter(|e| matches!(e, ChannelEvent::Unrecoverable { .. }))
+            .count();
+        self.stats
+            .unrecoverable
+            .fetch_add(unrecoverable as u64, Ordering::Relaxed);
+        let healed = events.len().saturating_sub(received + unrecoverable);
+        self.stats
+            .healed
+            .fetch_add(healed as u64, Ordering::Relaxed);
+    }
+}
