@@ -13,20 +13,51 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 use crate::publication::ChannelEvent;
 use crate::store::StoreError;
 
-/// Resolves once events of a channel from every node reach this one (or with why not).
-pub type InterestWait = oneshot::Receiver<Result<(), StoreError>>;
+/// What a subscriber waits for before it may count on the channel's events from other
+/// nodes: `Some(Ok)` once they reach this node, `Some(Err)` if they cannot.
+pub type InterestWait = watch::Receiver<Option<Result<(), StoreError>>>;
+
+/// The engine's side of an [`InterestWait`]: resolved once, when the channel's events reach
+/// this node (or cannot). Dropped unresolved, the wait fails.
+#[derive(Debug)]
+pub struct InterestReady(watch::Sender<Option<Result<(), StoreError>>>);
+
+impl InterestReady {
+    pub fn resolve(self, result: Result<(), StoreError>) {
+        self.0.send_replace(Some(result));
+    }
+}
+
+/// A connected ready/wait pair.
+pub fn interest_wait() -> (InterestReady, InterestWait) {
+    let (tx, rx) = watch::channel(None);
+    (InterestReady(tx), rx)
+}
+
+/// Waits for `wait` to resolve.
+pub async fn interest_ready(mut wait: InterestWait) -> Result<(), StoreError> {
+    match wait.wait_for(Option::is_some).await {
+        Ok(result) => result
+            .clone()
+            .unwrap_or_else(|| Err(StoreError::Unavailable("engine stopped".into()))),
+        Err(_) => Err(StoreError::Unavailable(
+            "the engine stopped before the channel was subscribed".into(),
+        )),
+    }
+}
 
 /// Told which channels this node has local subscribers of (the engine, in a cluster).
 /// Both calls are made under the hub's lock of the channel: they must not block, only queue.
 pub trait ChannelInterest: Send + Sync + 'static {
-    /// `channel` gained its first local subscriber. The wait resolves once the node receives
-    /// the channel's events from other nodes.
-    fn gained(&self, channel: &Arc<str>) -> InterestWait;
+    /// `channel` gained its first local subscriber: resolve `ready` once the node receives
+    /// the channel's events from other nodes. Every subscriber that arrives meanwhile waits
+    /// on it too.
+    fn gained(&self, channel: &Arc<str>, ready: InterestReady);
     /// `channel` lost its last local subscriber.
     fn lost(&self, channel: &Arc<str>);
 }
@@ -63,8 +94,15 @@ pub trait Subscriber: Send + Sync + 'static {
     }
 }
 
-type Subscribers = Vec<(SubscriberId, Arc<dyn Subscriber>)>;
-type Shard = RwLock<HashMap<Arc<str>, Subscribers>>;
+/// One channel's local subscribers, and (with a [`ChannelInterest`]) what each of them waits
+/// for before counting on events from other nodes.
+#[derive(Default)]
+struct Channel {
+    subs: Vec<(SubscriberId, Arc<dyn Subscriber>)>,
+    ready: Option<InterestWait>,
+}
+
+type Shard = RwLock<HashMap<Arc<str>, Channel>>;
 
 const SHARDS: usize = 64;
 
@@ -127,27 +165,31 @@ impl Hub {
     ) -> (SubscriberId, Option<InterestWait>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut shard = self.shard(channel).write();
-        let subs = shard.entry(channel.clone()).or_default();
+        let entry = shard.entry(channel.clone()).or_default();
+        let subs = &mut entry.subs;
         if subs.len() == subs.capacity() {
             // Personal channels have one subscriber: room for one, not the default four.
             subs.reserve_exact(subs.len().max(1));
         }
         subs.push((id, subscriber));
-        let wait = match &self.interest {
-            Some(interest) if subs.len() == 1 => Some(interest.gained(channel)),
-            _ => None,
-        };
-        (id, wait)
+        if let Some(interest) = &self.interest
+            && subs.len() == 1
+        {
+            let (ready, wait) = interest_wait();
+            entry.ready = Some(wait);
+            interest.gained(channel, ready);
+        }
+        (id, entry.ready.clone())
     }
 
     /// Removes a subscriber; returns true if the channel has no local subscribers left.
     pub fn unsubscribe(&self, channel: &str, id: SubscriberId) -> bool {
         let mut shard = self.shard(channel).write();
-        let Some(subs) = shard.get_mut(channel) else {
+        let Some(entry) = shard.get_mut(channel) else {
             return false;
         };
-        subs.retain(|(sid, _)| *sid != id);
-        if !subs.is_empty() {
+        entry.subs.retain(|(sid, _)| *sid != id);
+        if !entry.subs.is_empty() {
             return false;
         }
         if let Some((name, _)) = shard.remove_entry(channel)
@@ -171,10 +213,10 @@ impl Hub {
         let mut closed = Vec::new();
         {
             let shard = self.shard(channel).read();
-            let Some(subs) = shard.get(&**channel) else {
+            let Some(entry) = shard.get(&**channel) else {
                 return outcome;
             };
-            for (id, sub) in subs {
+            for (id, sub) in &entry.subs {
                 if !sub.deliver_many(events, &mut outcome) {
                     closed.push(*id);
                 }
@@ -188,7 +230,10 @@ impl Hub {
 
     /// Number of local subscribers of `channel`.
     pub fn num_subscribers(&self, channel: &str) -> usize {
-        self.shard(channel).read().get(channel).map_or(0, Vec::len)
+        self.shard(channel)
+            .read()
+            .get(channel)
+            .map_or(0, |entry| entry.subs.len())
     }
 
     /// Channels with local subscribers, with their subscriber counts.
@@ -199,7 +244,7 @@ impl Hub {
                 shard
                     .read()
                     .iter()
-                    .map(|(name, subs)| (name.clone(), subs.len())),
+                    .map(|(name, entry)| (name.clone(), entry.subs.len())),
             );
         }
         out
@@ -212,7 +257,7 @@ impl Hub {
     pub fn num_subscriptions(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.read().values().map(Vec::len).sum::<usize>())
+            .map(|s| s.read().values().map(|e| e.subs.len()).sum::<usize>())
             .sum()
     }
 }
@@ -301,11 +346,9 @@ mod tests {
     struct Interest(Mutex<Vec<String>>);
 
     impl ChannelInterest for Interest {
-        fn gained(&self, channel: &Arc<str>) -> InterestWait {
+        fn gained(&self, channel: &Arc<str>, ready: InterestReady) {
             self.0.lock().push(format!("+{channel}"));
-            let (tx, rx) = oneshot::channel();
-            let _ = tx.send(Ok(()));
-            rx
+            ready.resolve(Ok(()));
         }
         fn lost(&self, channel: &Arc<str>) {
             self.0.lock().push(format!("-{channel}"));
@@ -320,7 +363,10 @@ mod tests {
         let (id1, wait) = hub.subscribe(&ch, recorder(Delivery::Queued));
         assert!(wait.is_some(), "the first subscriber waits for the engine");
         let (id2, wait) = hub.subscribe(&ch, recorder(Delivery::Queued));
-        assert!(wait.is_none());
+        assert!(
+            wait.is_some(),
+            "a later subscriber waits on the same subscription"
+        );
         hub.unsubscribe("x", id1);
         hub.unsubscribe("x", id2);
         // A subscriber found closed during a broadcast leaves too.

@@ -22,7 +22,7 @@ use crate::hub::{Hub, Subscriber, SubscriberId};
 use crate::namespace::{NamespaceOptions, Namespaces};
 use crate::presence::{PresenceStats, PresenceStore};
 use crate::publication::{ChannelEvent, ClientInfo, Payload, Publication, StreamPosition};
-use crate::store::{HistoryPage, HistoryQuery, Retention, StoreError};
+use crate::store::{HistoryPage, HistoryQuery, Retention};
 use crate::time::now_ms;
 
 /// Node-wide settings.
@@ -470,10 +470,7 @@ impl Node {
     ) -> Result<SubscriberId, HeraldError> {
         let (id, wait) = self.inner.hub.subscribe(channel.as_arc(), subscriber);
         if let Some(wait) = wait {
-            let ready = wait
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Unavailable("the engine stopped".to_owned())));
-            if let Err(err) = ready {
+            if let Err(err) = crate::hub::interest_ready(wait).await {
                 self.inner.hub.unsubscribe(channel.as_str(), id);
                 self.inner.stats.errors.fetch_add(1, Ordering::Relaxed);
                 return Err(err.into());

@@ -44,7 +44,7 @@ mod engine {
     use async_trait::async_trait;
     use herald_core::engine::{Engine, Publish, Published};
     use herald_core::fanout::FanoutFeed;
-    use herald_core::hub::{ChannelInterest, InterestWait};
+    use herald_core::hub::{ChannelInterest, InterestReady};
     use herald_core::publication::ChannelEvent;
     use herald_core::store::{HistoryPage, HistoryQuery, StoreError};
 
@@ -117,8 +117,8 @@ mod engine {
     }
 
     impl ChannelInterest for Interest {
-        fn gained(&self, channel: &Arc<str>) -> InterestWait {
-            self.subscribers[shard_index(channel, self.subscribers.len())].gained(channel)
+        fn gained(&self, channel: &Arc<str>, ready: InterestReady) {
+            self.subscribers[shard_index(channel, self.subscribers.len())].gained(channel, ready);
         }
 
         fn lost(&self, channel: &Arc<str>) {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_core::fanout::FanoutFeed;
-use herald_core::hub::InterestWait;
+use herald_core::hub::InterestReady;
 use herald_core::publication::ChannelEvent;
 use herald_core::sequence::{self, ChannelOrder};
 use herald_core::store::{HistoryQuery, StoreError};
@@ -37,7 +37,7 @@ use super::history::ShardStore;
 /// What the hub asks of a shard's subscriber, in the order it asked.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Gained(Arc<str>, oneshot::Sender<Result<(), StoreError>>),
+    Gained(Arc<str>, InterestReady),
     Lost(Arc<str>),
 }
 
@@ -99,16 +99,14 @@ impl Subscriber {
         )
     }
 
-    pub(crate) fn gained(&self, channel: &Arc<str>) -> InterestWait {
-        let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(Command::Gained(_, tx))) =
-            self.commands.send(Command::Gained(channel.clone(), tx))
+    pub(crate) fn gained(&self, channel: &Arc<str>, ready: InterestReady) {
+        if let Err(mpsc::error::SendError(Command::Gained(_, ready))) =
+            self.commands.send(Command::Gained(channel.clone(), ready))
         {
-            let _ = tx.send(Err(StoreError::Unavailable(
+            ready.resolve(Err(StoreError::Unavailable(
                 "the redis engine stopped".into(),
             )));
         }
-        rx
     }
 
     pub(crate) fn lost(&self, channel: &Arc<str>) {
@@ -174,7 +172,7 @@ impl Task {
         match command {
             Command::Gained(channel, ack) => {
                 self.wanted.entry(channel).or_insert(None);
-                let _ = ack.send(Err(self.store.link.unavailable("no pub/sub connection")));
+                ack.resolve(Err(self.store.link.unavailable("no pub/sub connection")));
             }
             Command::Lost(channel) => {
                 self.wanted.remove(&channel);
@@ -344,7 +342,7 @@ impl Task {
         }
         .await;
         for ack in acks {
-            let _ = ack.send(result.clone());
+            ack.resolve(result.clone());
         }
         result
     }

@@ -39,10 +39,10 @@ async fn node(config: &RedisConfig) -> (Arc<RedisEngine>, FanoutQueue) {
 
 async fn want(engine: &RedisEngine, channel: &str) {
     let interest = engine.interest().expect("a cluster engine has interest");
-    interest
-        .gained(&Arc::from(channel))
+    let (ready, wait) = herald_core::hub::interest_wait();
+    interest.gained(&Arc::from(channel), ready);
+    herald_core::hub::interest_ready(wait)
         .await
-        .expect("engine alive")
         .expect("subscribed");
 }
 
