@@ -4,7 +4,7 @@
 //! codes every API shares, the in-process hub that fans publications out to local
 //! subscribers, the [`Node`] facade (publish, history, presence, channels) and the small
 //! port traits backends implement ([`Engine`], [`HistoryStore`], [`PresenceStore`]) with
-//! in-memory implementations and a conformance suite every backend must pass.
+//! in-memory implementations and the conformance suites every backend must pass.
 //!
 //! May touch: nothing outside the process. Backends and transports live in other crates and
 //! depend on this one, never the other way round.

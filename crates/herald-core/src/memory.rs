@@ -236,6 +236,7 @@ impl PresenceStore for MemoryPresenceStore {
 mod tests {
     use super::*;
     use crate::conformance;
+    use crate::engine::Engine;
 
     #[tokio::test]
     async fn memory_history_passes_conformance() {
@@ -243,6 +244,24 @@ mod tests {
             Ok(Arc::new(MemoryHistoryStore::new(listener)) as Arc<dyn HistoryStore>)
         })
         .await;
+    }
+
+    async fn local_engine_suite() {
+        conformance::run_engine_suite(|feed| async move {
+            let history = Arc::new(MemoryHistoryStore::new(Arc::new(feed.clone())));
+            Ok(Arc::new(crate::engine::LocalEngine::new(history, feed)) as Arc<dyn Engine>)
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_engine_over_memory_passes_engine_conformance() {
+        local_engine_suite().await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn local_engine_over_memory_passes_engine_conformance_on_one_thread() {
+        local_engine_suite().await;
     }
 
     #[tokio::test]

@@ -1,8 +1,8 @@
-//! The conformance suite every [`HistoryStore`] backend must pass.
+//! The history suite: the rules every [`HistoryStore`] backend keeps.
 //!
-//! Backends call [`run_history_suite`] from their tests with a factory that builds a fresh,
-//! empty store (a new database for durable backends) wired to the given listener. Panics
-//! with a message naming the broken rule.
+//! Owns: [`run_history_suite`] and [`RecordingListener`]. Backends call the suite from their
+//! tests with a factory that builds a fresh, empty store (a new database for durable
+//! backends) wired to the given listener. Panics with a message naming the broken rule.
 
 use std::collections::BTreeMap;
 use std::future::Future;
