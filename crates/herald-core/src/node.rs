@@ -469,12 +469,12 @@ impl Node {
         subscriber: Arc<dyn Subscriber>,
     ) -> Result<SubscriberId, HeraldError> {
         let (id, wait) = self.inner.hub.subscribe(channel.as_arc(), subscriber);
-        if let Some(wait) = wait {
-            if let Err(err) = crate::hub::interest_ready(wait).await {
-                self.inner.hub.unsubscribe(channel.as_str(), id);
-                self.inner.stats.errors.fetch_add(1, Ordering::Relaxed);
-                return Err(err.into());
-            }
+        if let Some(wait) = wait
+            && let Err(err) = crate::hub::interest_ready(wait).await
+        {
+            self.inner.hub.unsubscribe(channel.as_str(), id);
+            self.inner.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(err.into());
         }
         Ok(id)
     }

@@ -17,7 +17,7 @@ use crate::publication::{ChannelEvent, StreamPosition};
 use crate::store::{HistoryQuery, StoreError};
 
 use super::{
-    Probe, SETTLE, client, describe, joined, keyed, position_of, publish, resolved, stored,
+    Probe, SETTLE, client, describe, gain, joined, keyed, position_of, publish, resolved, stored,
     subscribe, unstored,
 };
 
@@ -285,10 +285,10 @@ async fn quick_interest_changes(backend: &impl ClusterBackend) {
     let channel: Arc<str> = Arc::from("conf:flap");
     let mut waits = Vec::new();
     for _ in 0..2 {
-        waits.push(interest.gained(&channel));
+        waits.push(gain(&*interest, &channel));
         interest.lost(&channel);
     }
-    let last = interest.gained(&channel);
+    let last = gain(&*interest, &channel);
     for (n, wait) in waits.into_iter().enumerate() {
         // Resolving to an error is fine: that subscriber was gone already.
         let _ = resolved(
@@ -312,7 +312,7 @@ async fn quick_interest_changes(backend: &impl ClusterBackend) {
     let name: Arc<str> = Arc::from(channel);
     b.subscribe(marker, FLAP_UNSUBSCRIBED).await;
     c.subscribe(channel, FLAP_UNSUBSCRIBED).await;
-    let wait = interest.gained(&name);
+    let wait = gain(&*interest, &name);
     interest.lost(&name);
     let _ = resolved(wait, "node B's gained of \"conf:flop\"", WAITS_RESOLVE).await;
     tokio::time::sleep(SETTLE).await;

@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
 
 use crate::engine::{Engine, Publish, Published, deadline_after};
 use crate::fanout::FanoutFeed;
-use crate::hub::{ChannelInterest, InterestWait};
+use crate::hub::{ChannelInterest, InterestReady};
 use crate::idempotency::IdempotencyWindow;
 use crate::memory::MemoryHistoryStore;
 use crate::presence::{PresenceError, PresenceStats, PresenceStore};
@@ -122,11 +121,9 @@ struct FakeNode {
 struct Interest(Arc<NodeState>);
 
 impl ChannelInterest for Interest {
-    fn gained(&self, channel: &Arc<str>) -> InterestWait {
+    fn gained(&self, channel: &Arc<str>, ready: InterestReady) {
         self.0.channels.lock().insert(channel.clone());
-        let (tx, rx) = oneshot::channel();
-        let _ = tx.send(Ok(()));
-        rx
+        ready.resolve(Ok(()));
     }
 
     fn lost(&self, channel: &Arc<str>) {

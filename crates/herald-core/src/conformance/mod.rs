@@ -41,7 +41,7 @@ use tokio::task::JoinHandle;
 
 use crate::engine::{Engine, Publish, Published};
 use crate::fanout::{FanoutFeed, FanoutQueue, Queued};
-use crate::hub::InterestWait;
+use crate::hub::{ChannelInterest, InterestWait, interest_ready, interest_wait};
 use crate::publication::{ChannelEvent, ClientInfo, Payload, Publication, PublicationEvent};
 use crate::store::{Retention, StoreError};
 
@@ -131,13 +131,17 @@ fn position_of(published: &Published, rule: &str) -> crate::publication::StreamP
 
 /// Waits for an interest wait to resolve, whatever it resolves to.
 async fn resolved(wait: InterestWait, what: &str, rule: &str) -> Result<(), StoreError> {
-    match tokio::time::timeout(WAIT, wait).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(StoreError::Unavailable(format!(
-            "{what}: the engine dropped the wait"
-        ))),
+    match tokio::time::timeout(WAIT, interest_ready(wait)).await {
+        Ok(result) => result.map_err(|err| StoreError::Unavailable(format!("{what}: {err}"))),
         Err(_) => panic!("{rule}: {what} did not resolve within {WAIT:?}"),
     }
+}
+
+/// Tells `interest` its node gained `channel`; the wait resolves as the engine decides.
+fn gain(interest: &dyn ChannelInterest, channel: &Arc<str>) -> InterestWait {
+    let (ready, wait) = interest_wait();
+    interest.gained(channel, ready);
+    wait
 }
 
 /// Tells `engine` that its node gained a subscriber of `channel` and waits until the node
@@ -148,7 +152,7 @@ async fn subscribe(engine: &dyn Engine, node: &str, channel: &str, rule: &str) {
         return;
     };
     let what = format!("{node}'s interest in {channel:?}");
-    let wait = interest.gained(&Arc::from(channel));
+    let wait = gain(&*interest, &Arc::from(channel));
     if let Err(err) = resolved(wait, &what, rule).await {
         panic!("{rule}: {what} failed: {err}");
     }

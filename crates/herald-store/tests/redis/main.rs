@@ -2,6 +2,7 @@
 //! `redis://127.0.0.1:6379`), each test under its own key prefix: two engines stand for two
 //! nodes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,4 +125,163 @@ async fn a_killed_pubsub_connection_is_healed_from_the_stream() {
     let (reconnects, _, unrecoverable) = b.pubsub_totals();
     assert!(reconnects >= 1, "B noticed the lost connection");
     assert_eq!(unrecoverable, 0);
+}
+
+/// Nodes on one Redis under one fresh prefix.
+struct RedisCluster {
+    config: RedisConfig,
+}
+
+#[async_trait::async_trait]
+impl herald_core::conformance::ClusterBackend for RedisCluster {
+    async fn node(
+        &self,
+        feed: herald_core::fanout::FanoutFeed,
+    ) -> Result<Arc<dyn Engine>, herald_core::store::StoreError> {
+        let (engine, _) = RedisEngine::connect(&self.config, feed).await?;
+        Ok(Arc::new(engine))
+    }
+
+    async fn presence(
+        &self,
+    ) -> Result<Arc<dyn herald_core::presence::PresenceStore>, herald_core::store::StoreError> {
+        let (feed, _queue) = fanout::channel();
+        let (_, presence) = RedisEngine::connect(&self.config, feed).await?;
+        Ok(Arc::new(presence))
+    }
+}
+
+fn fresh_cluster() -> RedisCluster {
+    let mut config = config("cluster");
+    config.presence_ttl = herald_core::duration::HumanDuration::from_secs(1);
+    RedisCluster { config }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_passes_the_engine_suite() {
+    herald_core::conformance::run_engine_suite(|feed| async move {
+        let (engine, _) = RedisEngine::connect(&config("engine"), feed).await?;
+        Ok(Arc::new(engine) as Arc<dyn Engine>)
+    })
+    .await;
+}
+
+/// The Redis engine seen as a history store, so the history suite (offsets, epochs,
+/// retention, paging, position errors) runs on it: appends publish with history, and what
+/// the engine delivers goes to the suite's listener (the node subscribes to a channel before
+/// its first append, as a node with a subscriber would). An append returns once the
+/// listener has seen it, as a local store's does.
+struct EngineHistory {
+    engine: Arc<RedisEngine>,
+    subscribed: parking_lot::Mutex<HashMap<Arc<str>, Arc<tokio::sync::OnceCell<()>>>>,
+    delivered: Arc<Delivered>,
+    _drain: tokio::task::JoinHandle<()>,
+}
+
+/// The highest offset delivered per channel.
+#[derive(Default)]
+struct Delivered {
+    offsets: parking_lot::Mutex<HashMap<Arc<str>, u64>>,
+    changed: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl herald_core::store::HistoryStore for EngineHistory {
+    async fn append(
+        &self,
+        request: herald_core::store::AppendRequest,
+    ) -> Result<herald_core::store::Appended, herald_core::store::StoreError> {
+        let once = self
+            .subscribed
+            .lock()
+            .entry(request.channel.clone())
+            .or_default()
+            .clone();
+        once.get_or_init(|| want(&self.engine, &request.channel))
+            .await;
+        let channel = request.channel.clone();
+        let published = self
+            .engine
+            .publish(Publish {
+                channel: request.channel,
+                publication: request.publication,
+                history: Some(request.retention),
+                idempotency: request.idempotency,
+            })
+            .await?;
+        let position = published.position.expect("stored");
+        if !published.duplicate {
+            let wait = async {
+                loop {
+                    let changed = self.delivered.changed.notified();
+                    let seen = self.delivered.offsets.lock().get(&channel).copied();
+                    if seen >= Some(position.offset) {
+                        return;
+                    }
+                    changed.await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), wait)
+                .await
+                .expect("the engine delivers what it stored");
+        }
+        Ok(herald_core::store::Appended {
+            position,
+            duplicate: published.duplicate,
+        })
+    }
+
+    async fn read(
+        &self,
+        channel: &str,
+        query: herald_core::store::HistoryQuery,
+    ) -> Result<herald_core::store::HistoryPage, herald_core::store::StoreError> {
+        self.engine.read(channel, query).await
+    }
+
+    async fn remove(&self, channel: &str) -> Result<(), herald_core::store::StoreError> {
+        self.engine.remove(channel).await
+    }
+
+    async fn flush(&self) -> Result<(), herald_core::store::StoreError> {
+        self.engine.flush().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_passes_the_history_suite() {
+    herald_core::conformance::run_history_suite(|listener| async move {
+        let (feed, mut queue) = fanout::channel();
+        let (engine, _) = RedisEngine::connect(&config("history"), feed).await?;
+        let delivered = Arc::new(Delivered::default());
+        let seen = delivered.clone();
+        let drain = tokio::spawn(async move {
+            while let Some(event) = queue.next_event().await {
+                if let ChannelEvent::Publication(publication) = event {
+                    let (channel, offset) =
+                        (publication.channel.clone(), publication.publication.offset);
+                    listener.committed(publication);
+                    seen.offsets.lock().insert(channel, offset);
+                    seen.changed.notify_waiters();
+                }
+            }
+        });
+        Ok(Arc::new(EngineHistory {
+            engine: Arc::new(engine),
+            subscribed: Default::default(),
+            delivered,
+            _drain: drain,
+        }) as Arc<dyn herald_core::store::HistoryStore>)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_passes_the_cluster_suite() {
+    herald_core::conformance::run_cluster_suite(|| async { fresh_cluster() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_passes_the_presence_suite() {
+    herald_core::conformance::run_presence_suite(|| async { fresh_cluster() }).await;
 }
