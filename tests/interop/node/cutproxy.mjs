@@ -56,10 +56,12 @@ class FrameDecoder {
 
 /**
  * Starts a proxy on 127.0.0.1 (random port) to `target` (an http:// URL of herald).
- * Resolves to {wsUrl, frames, connections, cut(), hold, resume(), wire(), close()}.
+ * Resolves to {wsUrl, frames, connections, cut(), hold, resume(), retarget(), upstreams, wire(),
+ * close()}.
  */
 export async function startCutProxy(target) {
-  const { hostname, port } = new URL(target);
+  let upstreamUrl = target;
+  const upstreams = [];
   const pairs = new Set();
   const held = [];
   const frames = [];
@@ -93,6 +95,9 @@ export async function startCutProxy(target) {
 
   const forward = (client) => {
     const conn = ++connections;
+    const { hostname, port } = new URL(upstreamUrl);
+    upstreams.push(upstreamUrl);
+    frames.push({ conn, dir: '--', t: Date.now() - started, kind: 'upstream', text: upstreamUrl });
     const upstream = net.connect({ host: hostname, port: Number(port) });
     const pair = { client, upstream, conn };
     pairs.add(pair);
@@ -145,6 +150,17 @@ export async function startCutProxy(target) {
         pair.upstream.destroy();
       }
     },
+    /**
+     * Forwards connections made from now on to `newTarget` (another herald node, as a load
+     * balancer would after a node died). With {hold: true} they wait for resume() first.
+     * Open connections are left alone.
+     */
+    retarget(newTarget, { hold = false } = {}) {
+      upstreamUrl = newTarget;
+      if (hold) holding = true;
+    },
+    /** The upstream URL of each forwarded connection, in order. */
+    get upstreams() { return [...upstreams]; },
     /** How many connections are waiting for resume(). */
     get held() { return held.length; },
     /** Forwards the held connections and stops holding. */

@@ -46,15 +46,15 @@ export function randomToken(length) {
   return out;
 }
 
-function configText(apiKey, hmacSecret, dataDir, extraConfig) {
-  return `[api]
+function configText(apiKey, hmacSecret, dataDir, extraConfig, { engine, name }) {
+  return `${name ? `[server]\nname = ${JSON.stringify(name)}\n\n` : ''}[api]
 keys = ["${apiKey}"]
 
 [token]
 hmac_secret = "${hmacSecret}"
 
 [storage]
-engine = "sqlite"
+engine = "${engine}"
 data_dir = ${JSON.stringify(dataDir)}
 
 [namespace]
@@ -88,19 +88,19 @@ export function mintToken(secret, { sub, ttlSeconds, info, channels, channel } =
 
 /**
  * Starts a server on a fresh temp dir; resolves to {url, apiUrl, wsUrl, apiKey, hmacSecret,
- * stop()}. `extraConfig` is TOML appended to the config (e.g. a `[client]` table or more
- * `[[namespaces]]`).
+ * stop(), kill()}. `extraConfig` is TOML appended to the config (e.g. a `[client]` table or more
+ * `[[namespaces]]`). For several nodes of one cluster: `engine: 'redis'` with a `[redis]` table
+ * in `extraConfig`, the same `apiKey` and `hmacSecret` for each (random when omitted), and a
+ * `name` per node (`server.name`).
  */
-export async function startHerald({ extraConfig = '' } = {}) {
+export async function startHerald({ extraConfig = '', engine = 'sqlite', apiKey = randomToken(32), hmacSecret = randomToken(48), name } = {}) {
   const bin = heraldBin();
   if (!existsSync(bin)) {
     throw new Error(`herald binary not found at ${bin}: run \`cargo build -p herald-server --bin herald\` or set HERALD_BIN`);
   }
   const root = mkdtempSync(path.join(tmpdir(), 'herald-node-'));
-  const apiKey = randomToken(32);
-  const hmacSecret = randomToken(48);
   const config = path.join(root, 'herald.toml');
-  writeFileSync(config, configText(apiKey, hmacSecret, path.join(root, 'data'), extraConfig));
+  writeFileSync(config, configText(apiKey, hmacSecret, path.join(root, 'data'), extraConfig, { engine, name }));
   const logPath = path.join(root, 'herald.log');
   const logFd = openSync(logPath, 'a');
 
@@ -147,6 +147,7 @@ export async function startHerald({ extraConfig = '' } = {}) {
   });
 
   let stopped = false;
+  let killed = false;
   return {
     url,
     apiUrl: `${url}/api`,
@@ -155,9 +156,20 @@ export async function startHerald({ extraConfig = '' } = {}) {
     hmacSecret,
     /** The tail of the server's stderr log (for failure messages). */
     diagnostics,
+    /** SIGKILL (a crashed node); resolves once the process is gone. stop() is a no-op after it. */
+    async kill() {
+      stopped = true;
+      killed = true;
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      await exited;
+    },
     /** SIGTERM; resolves to the exit code, rejects unless it is 0 within 10 s. */
     async stop() {
-      if (stopped) return 0;
+      if (stopped) {
+        // After kill(): nothing left to stop; its files were kept for diagnostics until now.
+        if (killed) rmSync(root, { recursive: true, force: true });
+        return 0;
+      }
       stopped = true;
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
       let timer;
