@@ -52,7 +52,7 @@ pub struct RedisConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
-            addresses: vec!["redis://127.0.0.1:6379".to_owned()],
+            addresses: Vec::new(),
             sentinels: Vec::new(),
             prefix: "herald".to_owned(),
             command_timeout: HumanDuration::from_secs(2),
