@@ -1,18 +1,146 @@
-//! This node's place in a cluster (`storage.engine = "redis"`).
+//! This node's place in a cluster (`storage.engine = "redis"`), and the commands that act on
+//! every node.
 //!
-//! Owns: [`Cluster`]: the node registry heartbeat (every node writes what it holds; `info`
-//! lists every live node) and the engine's cluster counters for `/metrics`.
+//! Owns: [`ControlCommand`] — what the server API's `disconnect`, `unsubscribe`,
+//! `revoke_token` and `invalidate_user_tokens` do, applied by [`apply`] on this node and,
+//! in a cluster, sent to every other node through the engine's control channel; and
+//! [`Cluster`]: the node registry heartbeat (every node writes what it holds; `info` lists
+//! every live node) and the task that applies other nodes' commands here.
 //!
 //! May touch: the Redis engine and registry (through `herald-store`), the application state
-//! it reports on.
+//! it acts on (connections by user, token revocations).
 
 use std::sync::Arc;
+#[cfg(feature = "redis")]
 use std::sync::atomic::Ordering;
+
+use herald_core::error::HeraldError;
+use herald_transport::outbound::CloseReason;
+use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "redis")]
 use herald_store::redis::{NodeRecord, NodeRegistry, RedisEngine};
 
 use crate::app::AppState;
+
+/// A server API command that acts on every node's connections or token checks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlCommand {
+    /// Close the user's connections (one, or all but `whitelist`) with `code`.
+    Disconnect {
+        user: String,
+        client: Option<String>,
+        whitelist: Vec<String>,
+        code: u16,
+    },
+    /// End the user's subscriptions to `channel`.
+    Unsubscribe {
+        user: String,
+        client: Option<String>,
+        channel: String,
+    },
+    /// Refuse the token with this `jti` until `until` (Unix seconds).
+    RevokeToken { uid: String, until: u64 },
+    /// Refuse the user's tokens issued before `before`, until `until` (Unix seconds).
+    InvalidateUser {
+        user: String,
+        before: u64,
+        until: u64,
+    },
+}
+
+/// What travels on the control channel: the command and the node that sent it (which applied
+/// it already).
+#[derive(Debug, Serialize, Deserialize)]
+struct ControlMessage {
+    from: String,
+    command: ControlCommand,
+}
+
+/// The close reason of a server API disconnect code (`None`: force disconnect). Codes from
+/// 3000 to 3499 make clients reconnect, from 3500 to 4999 not.
+pub fn disconnect_reason(code: Option<u16>) -> Result<CloseReason, HeraldError> {
+    match code {
+        None => Ok(CloseReason::FORCE_DISCONNECT),
+        Some(code @ 3000..=3499) => Ok(CloseReason {
+            code,
+            reason: "force reconnect",
+        }),
+        Some(code @ 3500..=4999) => Ok(CloseReason {
+            code,
+            reason: "force disconnect",
+        }),
+        Some(code) => Err(HeraldError::bad_request(format!(
+            "disconnect.code {code} is outside 3000..=4999"
+        ))),
+    }
+}
+
+/// Applies `command` to this node.
+pub fn apply(state: &AppState, command: &ControlCommand) -> Result<(), HeraldError> {
+    let now = herald_core::time::now_ms() / 1000;
+    match command {
+        ControlCommand::Disconnect {
+            user,
+            client,
+            whitelist,
+            code,
+        } => {
+            let reason = disconnect_reason(Some(*code))?;
+            let closed =
+                state
+                    .realtime
+                    .sessions
+                    .disconnect(user, client.as_deref(), whitelist, reason);
+            tracing::info!(%user, closed, code, "disconnected by the server API");
+        }
+        ControlCommand::Unsubscribe {
+            user,
+            client,
+            channel,
+        } => {
+            state
+                .realtime
+                .sessions
+                .unsubscribe(user, client.as_deref(), channel);
+        }
+        ControlCommand::RevokeToken { uid, until } => {
+            state.tokens.revocations.revoke_token(uid, *until, now)?;
+        }
+        ControlCommand::InvalidateUser {
+            user,
+            before,
+            until,
+        } => {
+            state
+                .tokens
+                .revocations
+                .invalidate_user(user, *before, *until, now)?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies `command` here and, in a cluster, on every other node. Fails (503) when the other
+/// nodes could not be told; applying again is harmless, so the caller may retry.
+pub async fn apply_everywhere(
+    state: &AppState,
+    command: ControlCommand,
+) -> Result<(), HeraldError> {
+    apply(state, &command)?;
+    #[cfg(feature = "redis")]
+    if let Some(cluster) = &state.cluster {
+        let message = ControlMessage {
+            from: state.node.uid().to_owned(),
+            command,
+        };
+        let bytes =
+            serde_json::to_vec(&message).map_err(|e| HeraldError::internal(e.to_string()))?;
+        cluster.engine.send_control(bytes).await?;
+    }
+    Ok(())
+}
 
 /// The cluster engine and registry of this node.
 #[derive(Debug)]
@@ -45,17 +173,28 @@ impl Cluster {
         }
     }
 
-    /// Writes this node's record every heartbeat interval until the task is aborted.
-    pub async fn heartbeat(state: Arc<AppState>) {
+    /// Writes this node's record every heartbeat interval, and applies the commands other
+    /// nodes send, until the task is aborted.
+    pub async fn run(state: Arc<AppState>) {
         let Some(cluster) = state.cluster.clone() else {
             return;
         };
+        let mut control = cluster.engine.control_messages();
         let mut tick = tokio::time::interval(cluster.registry.heartbeat_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            if let Err(error) = cluster.registry.heartbeat(Self::record(&state)).await {
-                tracing::debug!(%error, "node heartbeat failed");
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(error) = cluster.registry.heartbeat(Self::record(&state)).await {
+                        tracing::debug!(%error, "node heartbeat failed");
+                    }
+                }
+                message = async { control.as_mut()?.recv().await }, if control.is_some() => {
+                    match message {
+                        Some(bytes) => apply_remote(&state, &bytes),
+                        None => control = None,
+                    }
+                }
             }
         }
     }
@@ -70,5 +209,54 @@ impl Cluster {
                 vec![Self::record(state)]
             }
         }
+    }
+}
+
+/// Applies another node's command here (this node's own were applied when they were made).
+#[cfg(feature = "redis")]
+fn apply_remote(state: &AppState, bytes: &[u8]) {
+    match serde_json::from_slice::<ControlMessage>(bytes) {
+        Ok(message) if message.from == state.node.uid() => {}
+        Ok(message) => {
+            if let Err(error) = apply(state, &message.command) {
+                tracing::warn!(%error, command = ?message.command, "a cluster command failed here");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "undecodable cluster command ignored"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_travel_as_tagged_json() {
+        let command = ControlCommand::RevokeToken {
+            uid: "jti-1".into(),
+            until: 9,
+        };
+        let json = serde_json::to_string(&ControlMessage {
+            from: "n".into(),
+            command: command.clone(),
+        })
+        .expect("encode");
+        assert_eq!(
+            json,
+            r#"{"from":"n","command":{"op":"revoke_token","uid":"jti-1","until":9}}"#
+        );
+        let back: ControlMessage = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back.command, command);
+    }
+
+    #[test]
+    fn disconnect_codes_outside_the_range_are_refused() {
+        assert_eq!(disconnect_reason(None).map(|r| r.code), Ok(3503));
+        assert_eq!(
+            disconnect_reason(Some(3001)).map(|r| r.reason),
+            Ok("force reconnect")
+        );
+        assert!(disconnect_reason(Some(2999)).is_err());
+        assert!(disconnect_reason(Some(5000)).is_err());
     }
 }

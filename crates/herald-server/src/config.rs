@@ -623,11 +623,12 @@ impl Config {
 }
 
 /// The top-level keys of [`Config`]: a `HERALD_<SECTION>__<KEY>` variable addresses one.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "server",
     "api",
     "token",
     "storage",
+    "redis",
     "log",
     "client",
     "channels",

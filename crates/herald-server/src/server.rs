@@ -95,7 +95,7 @@ impl Server {
         };
         state.ready.store(true, Ordering::SeqCst);
         #[cfg(feature = "redis")]
-        let heartbeat = tokio::spawn(crate::cluster::Cluster::heartbeat(state.clone()));
+        let heartbeat = tokio::spawn(crate::cluster::Cluster::run(state.clone()));
         let mut serving = tokio::spawn(crate::app::serve(listener, state.clone(), stop));
         // Drain time counts from the end of the shutdown delay.
         let finished = tokio::select! {

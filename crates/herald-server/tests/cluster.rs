@@ -814,3 +814,111 @@ async fn sentinel_failover_command_publishing_resumes_and_nothing_acknowledged_i
 async fn sentinel_primary_killed_publishing_resumes_and_nothing_acknowledged_is_lost() {
     publishing_survives_a_sentinel_failover(Failover::KillPrimary).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// (g) Server API commands act on every node
+
+/// The `connect` reply of a WebSocket connection to `node` with `token`, or
+/// `{"closed": code}` when the server closed it instead (a refused token).
+async fn connect_with(node: &HeraldNode, token: &str) -> Value {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut socket, _) = tokio_tungstenite::connect_async(node.ws_url())
+        .await
+        .expect("websocket upgrade");
+    let connect = json!({"id": 1, "connect": {"token": token}});
+    socket
+        .send(Message::text(connect.to_string()))
+        .await
+        .expect("send");
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .expect("an answer within 5 s");
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                return serde_json::from_str(&text).expect("JSON reply");
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return json!({"closed": frame.map_or(1005, |f| u16::from(f.code))});
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return json!({"closed": 1006}),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_and_revocations_through_one_node_act_on_every_node() {
+    let redis = RedisProcess::start();
+    let spec = ClusterSpec::new(&redis, "control");
+    let nodes = block_in_place(|| HeraldNode::start_many(&spec, &["node-a", "node-b"]));
+    let (a, b) = (&nodes[0], &nodes[1]);
+
+    // A disconnect through A closes the user's connection on B with the code asked for.
+    let carol = Subscriber::start(b, "carol", "news", false).await;
+    a.api
+        .ok(
+            "disconnect",
+            json!({"user": "carol", "disconnect": {"code": 4500}}),
+        )
+        .await;
+    let closed = async {
+        while !carol.with_log(|log| log.closes.contains(&4500)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .unwrap_or_else(|_| panic!("carol on B not closed with 4500: {}", carol.summary()));
+
+    // A token revoked through A is refused by B.
+    let now = herald_core::time::now_ms() / 1000;
+    let token = common::hs256(
+        common::cluster::CLUSTER_SECRET,
+        &json!({"sub": "dave", "exp": now + 3600, "jti": "dave-token-1"}),
+    );
+    let before = connect_with(b, &token).await;
+    assert!(
+        before.get("connect").is_some(),
+        "the token works before: {before}"
+    );
+    a.api
+        .ok("revoke_token", json!({"uid": "dave-token-1"}))
+        .await;
+    let refused = async {
+        loop {
+            let reply = connect_with(b, &token).await;
+            if reply.get("connect").is_none() {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(5), refused)
+        .await
+        .expect("B refuses the revoked token within 5 s");
+    assert_eq!(reply["closed"], 3500, "closed as an invalid token: {reply}");
+
+    // Invalidating a user's tokens through B refuses them on A.
+    let erin = common::cluster::token("erin");
+    assert!(connect_with(a, &erin).await.get("connect").is_some());
+    b.api
+        .ok(
+            "invalidate_user_tokens",
+            json!({"user": "erin", "issued_before": now + 5}),
+        )
+        .await;
+    let refused = async {
+        loop {
+            let reply = connect_with(a, &erin).await;
+            if reply.get("connect").is_none() {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), refused)
+        .await
+        .expect("A refuses erin's tokens within 5 s");
+}

@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use super::ApiError;
 use super::types::*;
 use crate::app::AppState;
-use herald_transport::outbound::CloseReason;
+use crate::cluster::{ControlCommand, apply_everywhere, disconnect_reason};
 
 const METHODS: &[&str] = &[
     "revoke_token",
@@ -84,30 +84,15 @@ pub async fn call(
         "disconnect" => {
             let params: DisconnectParams = parse(params)?;
             require_user(&params.user)?;
-            let reason = match params.disconnect.map(|d| d.code) {
-                None => CloseReason::FORCE_DISCONNECT,
-                Some(code @ 3000..=3499) => CloseReason {
-                    code,
-                    reason: "force reconnect",
-                },
-                Some(code @ 3500..=4999) => CloseReason {
-                    code,
-                    reason: "force disconnect",
-                },
-                Some(code) => {
-                    return Err(node_err(HeraldError::bad_request(format!(
-                        "disconnect.code {code} is outside 3000..=4999"
-                    ))));
-                }
+            let code = params.disconnect.map(|d| d.code);
+            let reason = disconnect_reason(code).map_err(node_err)?;
+            let command = ControlCommand::Disconnect {
+                user: params.user,
+                client: params.client,
+                whitelist: params.whitelist,
+                code: reason.code,
             };
-            let sessions = &state.realtime.sessions;
-            let closed = sessions.disconnect(
-                &params.user,
-                params.client.as_deref(),
-                &params.whitelist,
-                reason,
-            );
-            tracing::info!(user = %params.user, closed, code = reason.code, "disconnected by the server API");
+            apply_everywhere(state, command).await.map_err(node_err)?;
             encode(&EmptyResult {})
         }
         "revoke_token" => {
@@ -119,24 +104,23 @@ pub async fn call(
             }
             let now = herald_core::time::now_ms() / 1000;
             let until = params.expire_at.unwrap_or(now + DEFAULT_REVOCATION_SECS);
-            state
-                .tokens
-                .revocations
-                .revoke_token(&params.uid, until, now)
-                .map_err(node_err)?;
+            let command = ControlCommand::RevokeToken {
+                uid: params.uid,
+                until,
+            };
+            apply_everywhere(state, command).await.map_err(node_err)?;
             encode(&EmptyResult {})
         }
         "invalidate_user_tokens" => {
             let params: InvalidateUserTokensParams = parse(params)?;
             require_user(&params.user)?;
             let now = herald_core::time::now_ms() / 1000;
-            let before = params.issued_before.unwrap_or(now);
-            let until = params.expire_at.unwrap_or(now + DEFAULT_REVOCATION_SECS);
-            state
-                .tokens
-                .revocations
-                .invalidate_user(&params.user, before, until, now)
-                .map_err(node_err)?;
+            let command = ControlCommand::InvalidateUser {
+                user: params.user,
+                before: params.issued_before.unwrap_or(now),
+                until: params.expire_at.unwrap_or(now + DEFAULT_REVOCATION_SECS),
+            };
+            apply_everywhere(state, command).await.map_err(node_err)?;
             encode(&EmptyResult {})
         }
         "unsubscribe" => {
@@ -145,11 +129,12 @@ pub async fn call(
             require_channel(&params.channel)?;
             // An unknown channel is the caller's mistake: say so rather than doing nothing.
             node.resolve(&params.channel).map_err(node_err)?;
-            state.realtime.sessions.unsubscribe(
-                &params.user,
-                params.client.as_deref(),
-                &params.channel,
-            );
+            let command = ControlCommand::Unsubscribe {
+                user: params.user,
+                client: params.client,
+                channel: params.channel,
+            };
+            apply_everywhere(state, command).await.map_err(node_err)?;
             encode(&EmptyResult {})
         }
         "publish" => publish(node, parse(params)?).await,

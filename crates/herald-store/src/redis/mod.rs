@@ -42,11 +42,13 @@ mod engine {
     use std::sync::atomic::Ordering;
 
     use async_trait::async_trait;
+    use bytes::Bytes;
     use herald_core::engine::{Engine, Publish, Published};
     use herald_core::fanout::FanoutFeed;
     use herald_core::hub::{ChannelInterest, InterestReady};
     use herald_core::publication::ChannelEvent;
     use herald_core::store::{HistoryPage, HistoryQuery, StoreError};
+    use tokio::sync::mpsc;
 
     use super::codec;
     use super::conn::{Link, Source, Timeouts};
@@ -101,6 +103,7 @@ mod engine {
     pub struct RedisEngine {
         shards: Arc<Shards>,
         interest: Arc<Interest>,
+        control: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Bytes>>>,
     }
 
     impl std::fmt::Debug for RedisEngine {
@@ -163,10 +166,13 @@ mod engine {
                 )));
             }
             let mut subscribers = Vec::new();
+            let (control_tx, control_rx) = mpsc::unbounded_channel();
+            let mut control_tx = Some(control_tx);
             for store in &list {
                 let (subscriber, connected) = Subscriber::spawn(
                     store.clone(),
                     feed.clone(),
+                    control_tx.take(),
                     config.ping_interval.as_duration(),
                     timeouts.command,
                 );
@@ -182,6 +188,7 @@ mod engine {
                 Self {
                     shards,
                     interest: Arc::new(Interest { subscribers }),
+                    control: parking_lot::Mutex::new(Some(control_rx)),
                 },
                 presence,
             ))
@@ -189,6 +196,28 @@ mod engine {
 
         pub fn shards(&self) -> &Arc<Shards> {
             &self.shards
+        }
+
+        /// Messages sent with [`RedisEngine::send_control`] by any node, this one included,
+        /// in the order Redis received them; only the first call gets the receiver.
+        pub fn control_messages(&self) -> Option<mpsc::UnboundedReceiver<Bytes>> {
+            self.control.lock().take()
+        }
+
+        /// Sends a cluster-wide command to every node.
+        pub async fn send_control(&self, message: Vec<u8>) -> Result<(), StoreError> {
+            let shard = self.shards.first();
+            let channel = shard.keys.control();
+            shard
+                .link
+                .run(|mut connection| async move {
+                    redis::cmd("PUBLISH")
+                        .arg(channel)
+                        .arg(message)
+                        .query_async::<()>(&mut connection)
+                        .await
+                })
+                .await
         }
 
         /// Counters of each shard's pub/sub subscriber.

@@ -70,6 +70,7 @@ impl Subscriber {
     pub(crate) fn spawn(
         store: Arc<ShardStore>,
         feed: FanoutFeed,
+        control: Option<mpsc::UnboundedSender<Bytes>>,
         ping_interval: Duration,
         command_timeout: Duration,
     ) -> (Self, oneshot::Receiver<Result<(), StoreError>>) {
@@ -77,9 +78,11 @@ impl Subscriber {
         let connected = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(PubSubStats::default());
         let (first_tx, first_rx) = oneshot::channel();
+        let control = control.map(|sender| (store.keys.control(), sender));
         let task = Task {
             store,
             feed,
+            control,
             commands: receiver,
             wanted: HashMap::new(),
             connected: connected.clone(),
@@ -121,6 +124,8 @@ impl Subscriber {
 struct Task {
     store: Arc<ShardStore>,
     feed: FanoutFeed,
+    /// The cluster's control channel and where its messages go (on the first shard only).
+    control: Option<(String, mpsc::UnboundedSender<Bytes>)>,
     commands: mpsc::UnboundedReceiver<Command>,
     /// Channels this node wants, with what it delivered of each (`None` until the top was
     /// read after subscribing).
@@ -204,6 +209,11 @@ impl Task {
         let (mut sink, mut stream) = pubsub.split();
         let channels: Vec<Arc<str>> = self.wanted.keys().cloned().collect();
         if let Err(error) = self.subscribe(&mut sink, &channels).await {
+            return error;
+        }
+        if let Some((control, _)) = &self.control
+            && let Err(error) = self.timed("subscribe", sink.subscribe(control)).await
+        {
             return error;
         }
         if let Err(error) = self.catch_up(&channels).await {
@@ -348,6 +358,12 @@ impl Task {
     }
 
     async fn on_message(&mut self, pubsub_channel: &str, payload: Bytes) {
+        if let Some((control, sender)) = &self.control
+            && pubsub_channel == control
+        {
+            let _ = sender.send(payload);
+            return;
+        }
         let Some(name) = self.store.keys.channel_of(pubsub_channel) else {
             return;
         };

@@ -64,6 +64,11 @@ impl Keys {
         format!("{}:q:{{{channel}}}", self.prefix)
     }
 
+    /// The pub/sub channel of cluster-wide commands (disconnects, revocations, …).
+    pub(crate) fn control(&self) -> String {
+        format!("{}:control", self.prefix)
+    }
+
     /// The node registry (node uid -> JSON with its last heartbeat).
     pub(crate) fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)
