@@ -111,6 +111,19 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let info = state.node.info();
+    #[cfg(feature = "redis")]
+    if let Some(cluster) = &state.cluster {
+        let (reconnects, healed, unrecoverable) = cluster.engine.pubsub_totals();
+        state
+            .metrics
+            .record_cluster(&crate::metrics::ClusterCounters {
+                healthy: state.node.engine_healthy(),
+                unreachable_errors: cluster.engine.shards().errors() as u64,
+                reconnects,
+                healed,
+                unrecoverable,
+            });
+    }
     let body = state
         .metrics
         .render(state.node.stats(), &state.realtime, info.num_channels);

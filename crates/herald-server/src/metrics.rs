@@ -126,4 +126,28 @@ impl Metrics {
             .absolute(budget.closed_over_budget());
         self.handle.render()
     }
+
+    /// The cluster engine's counters (`storage.engine = "redis"`).
+    pub fn record_cluster(&self, cluster: &ClusterCounters) {
+        self.gauge("herald_engine_healthy")
+            .set(if cluster.healthy { 1.0 } else { 0.0 });
+        self.counter("herald_engine_unreachable_errors_total", vec![])
+            .absolute(cluster.unreachable_errors);
+        self.counter("herald_engine_pubsub_reconnects_total", vec![])
+            .absolute(cluster.reconnects);
+        self.counter("herald_engine_gap_publications_healed_total", vec![])
+            .absolute(cluster.healed);
+        self.counter("herald_engine_unrecoverable_gaps_total", vec![])
+            .absolute(cluster.unrecoverable);
+    }
+}
+
+/// What [`Metrics::record_cluster`] exports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClusterCounters {
+    pub healthy: bool,
+    pub unreachable_errors: u64,
+    pub reconnects: u64,
+    pub healed: u64,
+    pub unrecoverable: u64,
 }
