@@ -139,9 +139,10 @@ pub enum ChannelEvent {
         channel: Arc<str>,
         info: Arc<ClientInfo>,
     },
-    /// This node could not deliver every publication of the channel in order (the engine
-    /// lost some and history no longer holds them): its subscribers must recover from their
-    /// own positions, which tells each of them exactly what it missed or that it cannot.
+    /// This node cannot vouch for every publication of the channel in order (the engine
+    /// lost some that history no longer holds, or the node has not reached its engine for
+    /// too long): its subscribers must recover from their own positions — here later, or on
+    /// another node — which tells each of them exactly what it missed or that it cannot.
     Unrecoverable {
         channel: Arc<str>,
     },

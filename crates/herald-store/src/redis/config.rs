@@ -47,6 +47,9 @@ pub struct RedisConfig {
     pub history_meta_ttl: HumanDuration,
     /// A node not heard of for this long is gone from `/api/info`.
     pub node_ttl: HumanDuration,
+    /// How long a node that cannot reach Redis keeps its clients' subscriptions; then they
+    /// are closed with 3010 so they reconnect (to a node that can) and recover.
+    pub outage_disconnect: HumanDuration,
 }
 
 impl Default for RedisConfig {
@@ -62,6 +65,7 @@ impl Default for RedisConfig {
             presence_ttl: HumanDuration::from_secs(60),
             history_meta_ttl: HumanDuration::from_secs(30 * 24 * 3600),
             node_ttl: HumanDuration::from_secs(10),
+            outage_disconnect: HumanDuration::from_secs(5),
         }
     }
 }

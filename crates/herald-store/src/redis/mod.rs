@@ -54,7 +54,7 @@ mod engine {
     use super::conn::{Link, Source, Timeouts};
     use super::history::ShardStore;
     use super::presence::RedisPresenceStore;
-    use super::pubsub::Subscriber;
+    use super::pubsub::{Subscriber, Timing};
     use super::scripts::Keys;
     use super::{PubSubStats, RedisConfig};
 
@@ -173,8 +173,11 @@ mod engine {
                     store.clone(),
                     feed.clone(),
                     control_tx.take(),
-                    config.ping_interval.as_duration(),
-                    timeouts.command,
+                    Timing {
+                        ping_interval: config.ping_interval.as_duration(),
+                        command_timeout: timeouts.command,
+                        outage_disconnect: config.outage_disconnect.as_duration(),
+                    },
                 );
                 connected.await.unwrap_or_else(|_| {
                     Err(StoreError::Unavailable("pub/sub task stopped".into()))

@@ -71,8 +71,7 @@ impl Subscriber {
         store: Arc<ShardStore>,
         feed: FanoutFeed,
         control: Option<mpsc::UnboundedSender<Bytes>>,
-        ping_interval: Duration,
-        command_timeout: Duration,
+        timing: Timing,
     ) -> (Self, oneshot::Receiver<Result<(), StoreError>>) {
         let (commands, receiver) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));
@@ -86,8 +85,7 @@ impl Subscriber {
             commands: receiver,
             wanted: HashMap::new(),
             connected: connected.clone(),
-            ping_interval,
-            command_timeout,
+            timing,
             stats: stats.clone(),
         };
         let task = tokio::spawn(task.run(first_tx));
@@ -131,9 +129,19 @@ struct Task {
     /// read after subscribing).
     wanted: HashMap<Arc<str>, Option<ChannelOrder>>,
     connected: Arc<AtomicBool>,
-    ping_interval: Duration,
-    command_timeout: Duration,
+    timing: Timing,
     stats: Arc<PubSubStats>,
+}
+
+/// The subscriber's clocks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timing {
+    /// How often an idle connection is probed.
+    pub ping_interval: Duration,
+    /// Longest wait for a subscribe, a probe or a read.
+    pub command_timeout: Duration,
+    /// How long local subscribers are kept through an outage before they are told to go.
+    pub outage_disconnect: Duration,
 }
 
 /// Why a session ended.
@@ -143,9 +151,33 @@ impl Task {
     async fn run(mut self, first: oneshot::Sender<Result<(), StoreError>>) {
         let mut first = Some(first);
         let mut backoff = Duration::from_millis(50);
+        // When the current outage began, and whether local subscribers were told to go.
+        let mut outage: Option<(Instant, bool)> = None;
         loop {
             let error = self.session(&mut first).await;
             let was_connected = self.connected.swap(false, Ordering::Relaxed);
+            if was_connected {
+                outage = Some((Instant::now(), false));
+            }
+            if let Some((since, told)) = &mut outage
+                && !*told
+                && since.elapsed() >= self.timing.outage_disconnect
+            {
+                // This node cannot vouch for these channels any more: their subscribers
+                // reconnect (to a node that reaches Redis, if the load balancer routes on
+                // /ready) and recover from their own positions.
+                *told = true;
+                tracing::warn!(
+                    shard = self.store.link.name(),
+                    channels = self.wanted.len(),
+                    "redis unreachable for longer than redis.outage_disconnect: closing subscribers (3010) so they recover elsewhere"
+                );
+                for channel in self.wanted.keys() {
+                    self.feed.push(ChannelEvent::Unrecoverable {
+                        channel: channel.clone(),
+                    });
+                }
+            }
             if let Some(first) = first.take() {
                 let _ = first.send(Err(error));
                 // Start-up fails loudly: the engine is dropped, and this task with it.
@@ -190,7 +222,7 @@ impl Task {
         what: &str,
         future: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, Lost> {
-        match tokio::time::timeout(self.command_timeout, future).await {
+        match tokio::time::timeout(self.timing.command_timeout, future).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(StoreError::Unavailable(format!("{what}: {error}"))),
             Err(_) => Err(StoreError::Unavailable(format!("{what} timed out"))),
@@ -232,7 +264,7 @@ impl Task {
             );
         }
         let mut last_heard = Instant::now();
-        let mut probe = tokio::time::interval(self.ping_interval);
+        let mut probe = tokio::time::interval(self.timing.ping_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -258,7 +290,7 @@ impl Task {
                     self.on_message(&channel, payload).await;
                 }
                 _ = probe.tick() => {
-                    if last_heard.elapsed() >= self.ping_interval {
+                    if last_heard.elapsed() >= self.timing.ping_interval {
                         if let Err(error) = self.timed("pub/sub ping", sink.ping::<redis::Value>()).await {
                             return error;
                         }
