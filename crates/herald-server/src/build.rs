@@ -286,6 +286,15 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
         proxy_trust: Arc::new(parts.proxy_trust),
         config,
     });
+    // A node that joins a cluster refuses what the others revoked before it started.
+    #[cfg(feature = "redis")]
+    if let Some(cluster) = &state.cluster {
+        let applied = cluster
+            .apply_kept(&state)
+            .await
+            .map_err(|e| BuildError::Store(format!("reading the cluster's revocations: {e}")))?;
+        tracing::info!(applied, "cluster revocations applied");
+    }
     let reloader = Reloader {
         state: state.clone(),
         generated,

@@ -137,6 +137,12 @@ pub async fn apply_everywhere(
         };
         let bytes =
             serde_json::to_vec(&message).map_err(|e| HeraldError::internal(e.to_string()))?;
+        // Revocations must hold on nodes that start later too.
+        if let ControlCommand::RevokeToken { until, .. }
+        | ControlCommand::InvalidateUser { until, .. } = &message.command
+        {
+            cluster.engine.keep_control(bytes.clone(), *until).await?;
+        }
         cluster.engine.send_control(bytes).await?;
     }
     Ok(())
@@ -197,6 +203,23 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Applies the revocations other nodes kept (before this node serves anything).
+    pub async fn apply_kept(&self, state: &AppState) -> Result<usize, HeraldError> {
+        let now = herald_core::time::now_ms() / 1000;
+        let kept = self.engine.kept_controls(now).await?;
+        let mut applied = 0;
+        for bytes in &kept {
+            match serde_json::from_slice::<ControlMessage>(bytes) {
+                Ok(message) => {
+                    apply(state, &message.command)?;
+                    applied += 1;
+                }
+                Err(error) => tracing::warn!(%error, "undecodable kept cluster command ignored"),
+            }
+        }
+        Ok(applied)
     }
 
     /// Every live node (this one from memory if the registry cannot be read).

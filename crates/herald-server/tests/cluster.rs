@@ -849,7 +849,7 @@ async fn connect_with(node: &HeraldNode, token: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disconnect_and_revocations_through_one_node_act_on_every_node() {
+async fn disconnect_and_revocations_through_one_node_act_on_every_node_and_later_ones() {
     let redis = RedisProcess::start();
     let spec = ClusterSpec::new(&redis, "control");
     let nodes = block_in_place(|| HeraldNode::start_many(&spec, &["node-a", "node-b"]));
@@ -899,6 +899,11 @@ async fn disconnect_and_revocations_through_one_node_act_on_every_node() {
         .await
         .expect("B refuses the revoked token within 5 s");
     assert_eq!(reply["closed"], 3500, "closed as an invalid token: {reply}");
+
+    // A node that starts after the revocation refuses the token too.
+    let c = block_in_place(|| HeraldNode::start(&spec, "node-c"));
+    let reply = connect_with(&c, &token).await;
+    assert_eq!(reply["closed"], 3500, "a later node refuses it: {reply}");
 
     // Invalidating a user's tokens through B refuses them on A.
     let erin = common::cluster::token("erin");

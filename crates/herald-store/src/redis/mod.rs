@@ -207,6 +207,48 @@ mod engine {
             self.control.lock().take()
         }
 
+        /// Keeps a cluster-wide command (a revocation) for nodes that start later, until
+        /// `until` (Unix seconds).
+        pub async fn keep_control(&self, message: Vec<u8>, until: u64) -> Result<(), StoreError> {
+            let shard = self.shards.first();
+            let key = shard.keys.kept_controls();
+            shard
+                .link
+                .run(|mut connection| async move {
+                    redis::cmd("ZADD")
+                        .arg(key)
+                        .arg(until)
+                        .arg(message)
+                        .query_async::<()>(&mut connection)
+                        .await
+                })
+                .await
+        }
+
+        /// The kept commands that still matter at `now` (Unix seconds); expired ones are
+        /// deleted.
+        pub async fn kept_controls(&self, now: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+            let shard = self.shards.first();
+            let key = shard.keys.kept_controls();
+            shard
+                .link
+                .run(|mut connection| async move {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("ZREMRANGEBYSCORE")
+                        .arg(&key)
+                        .arg("-inf")
+                        .arg(format!("({now}"))
+                        .ignore()
+                        .cmd("ZRANGE")
+                        .arg(&key)
+                        .arg(0)
+                        .arg(-1);
+                    let (kept,): (Vec<Vec<u8>>,) = pipe.query_async(&mut connection).await?;
+                    Ok(kept)
+                })
+                .await
+        }
+
         /// Sends a cluster-wide command to every node.
         pub async fn send_control(&self, message: Vec<u8>) -> Result<(), StoreError> {
             let shard = self.shards.first();

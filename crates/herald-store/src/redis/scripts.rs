@@ -69,6 +69,12 @@ impl Keys {
         format!("{}:control", self.prefix)
     }
 
+    /// Cluster-wide commands kept for nodes that start later (member: the command, score:
+    /// until when it matters, in Unix seconds).
+    pub(crate) fn kept_controls(&self) -> String {
+        format!("{}:kept", self.prefix)
+    }
+
     /// The node registry (node uid -> JSON with its last heartbeat).
     pub(crate) fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)

@@ -285,3 +285,50 @@ async fn redis_passes_the_cluster_suite() {
 async fn redis_passes_the_presence_suite() {
     herald_core::conformance::run_presence_suite(|| async { fresh_cluster() }).await;
 }
+
+/// Two shards (two databases of the test Redis: separate keyspaces) under one prefix.
+fn fresh_sharded_cluster() -> RedisCluster {
+    let mut config = config("sharded");
+    let base = redis_url();
+    let base = base.trim_end_matches('/');
+    config.addresses = vec![format!("{base}/1"), format!("{base}/2")];
+    config.presence_ttl = herald_core::duration::HumanDuration::from_secs(1);
+    RedisCluster { config }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shards_pass_the_cluster_and_presence_suites() {
+    herald_core::conformance::run_cluster_suite(|| async { fresh_sharded_cluster() }).await;
+    herald_core::conformance::run_presence_suite(|| async { fresh_sharded_cluster() }).await;
+}
+
+#[tokio::test]
+async fn channels_are_spread_over_the_shards() {
+    let cluster = fresh_sharded_cluster();
+    let (a, _qa) = node(&cluster.config).await;
+    for n in 0..40 {
+        a.publish(publish(&format!("spread:{n}"), 1))
+            .await
+            .expect("publish");
+    }
+    let mut per_shard = Vec::new();
+    for db in [1, 2] {
+        let client = redis::Client::open(format!("{}/{db}", redis_url().trim_end_matches('/')))
+            .expect("url");
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:s:*", cluster.config.prefix))
+            .query_async(&mut connection)
+            .await
+            .expect("keys");
+        per_shard.push(keys.len());
+    }
+    assert_eq!(per_shard.iter().sum::<usize>(), 40, "{per_shard:?}");
+    assert!(
+        per_shard.iter().all(|n| *n >= 8),
+        "both shards hold channels: {per_shard:?}"
+    );
+}
