@@ -927,3 +927,78 @@ async fn disconnect_and_revocations_through_one_node_act_on_every_node_and_later
         .await
         .expect("A refuses erin's tokens within 5 s");
 }
+
+// ---------------------------------------------------------------------------------------------
+// (b') Redis restarted without its data: explicit "not recovered", never a silent gap
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_without_its_data_tells_subscribers_they_cannot_recover() {
+    let mut redis = RedisProcess::start();
+    let spec = ClusterSpec::new(&redis, "dataloss");
+    let nodes = block_in_place(|| HeraldNode::start_many(&spec, &["node-a", "node-b"]));
+    let channel = "news";
+    let sub = Subscriber::start(&nodes[1], "reader", channel, true).await;
+    for n in 1..=5u64 {
+        nodes[0].api.publish_ok(channel, json!({"n": n})).await;
+    }
+    sub.wait_for_offset(5, CATCH_UP).await;
+    let first_epoch = sub.with_log(|log| log.epochs[0].clone());
+
+    block_in_place(|| {
+        redis.kill();
+        redis.restart();
+    });
+    // The node notices, finds every stream gone (a new epoch) and closes the subscriber with
+    // 3010; the subscriber comes back asking to recover from offset 5 of the old epoch and is
+    // told it cannot be: explicit, not a silent restart at offset 1.
+    let told = async {
+        loop {
+            let (closed, not_recovered, epochs) = sub.with_log(|log| {
+                (
+                    log.closes.contains(&3010),
+                    log.failures
+                        .iter()
+                        .any(|f| f.contains("resubscribe not recovered")),
+                    log.epochs.clone(),
+                )
+            });
+            if closed && not_recovered && epochs.len() >= 2 {
+                return epochs;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let epochs = tokio::time::timeout(Duration::from_secs(20), told)
+        .await
+        .unwrap_or_else(|_| panic!("the subscriber was not told: {}", sub.summary()));
+    assert_ne!(
+        epochs.last(),
+        Some(&first_epoch),
+        "the new stream has a new epoch"
+    );
+    // Publishing goes on in the new stream, delivered to the resubscribed client.
+    let published = async {
+        loop {
+            match nodes[0].api.publish(channel, json!({"n": 6})).await {
+                PublishOutcome::Acked { offset, epoch } => return (offset, epoch),
+                PublishOutcome::Unavailable(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                PublishOutcome::Failed(error) => panic!("publish failed: {error}"),
+            }
+        }
+    };
+    let (offset, epoch) = tokio::time::timeout(Duration::from_secs(10), published)
+        .await
+        .expect("publishing resumes within 10 s");
+    assert_eq!(offset, 1, "the new stream starts at 1");
+    assert_eq!(Some(&epoch), epochs.last());
+    let arrived = async {
+        while !sub.with_log(|log| log.pubs.iter().any(|p| p.data == json!({"n": 6}))) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), arrived)
+        .await
+        .unwrap_or_else(|_| panic!("the new publication did not arrive: {}", sub.summary()));
+}

@@ -184,6 +184,15 @@ impl Link {
         }
     }
 
+    /// Drops every command connection (the pub/sub side saw the server go away: they are
+    /// most likely dead too), so the next commands connect afresh instead of failing once on
+    /// a stale connection after the server is back.
+    pub(crate) async fn reset(&self) {
+        for slot in &self.slots {
+            *slot.lock().await = None;
+        }
+    }
+
     fn succeeded(&self) {
         self.healthy.store(true, Ordering::Relaxed);
         if self.reported.swap(false, Ordering::Relaxed) {

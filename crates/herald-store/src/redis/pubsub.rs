@@ -156,6 +156,7 @@ impl Task {
         loop {
             let error = self.session(&mut first).await;
             let was_connected = self.connected.swap(false, Ordering::Relaxed);
+            self.store.link.reset().await;
             if was_connected {
                 outage = Some((Instant::now(), false));
             }
