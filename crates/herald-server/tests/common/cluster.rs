@@ -46,6 +46,8 @@ pub struct ClusterSpec {
     pub node_ttl: String,
     /// TOML appended to each node's config.
     pub extra: String,
+    /// More `[redis]` keys (`key = value` lines).
+    pub redis_extra: String,
 }
 
 impl ClusterSpec {
@@ -59,6 +61,7 @@ impl ClusterSpec {
             presence_ttl: "60s".into(),
             node_ttl: "10s".into(),
             extra: String::new(),
+            redis_extra: String::new(),
         }
     }
 
@@ -137,6 +140,7 @@ connect_timeout = "{connect_timeout}"
 ping_interval = "{ping_interval}"
 presence_ttl = "{presence_ttl}"
 node_ttl = "{node_ttl}"
+{redis_extra}
 {sentinels}
 {extra}
 "#,
@@ -147,6 +151,7 @@ node_ttl = "{node_ttl}"
             ping_interval = self.ping_interval,
             presence_ttl = self.presence_ttl,
             node_ttl = self.node_ttl,
+            redis_extra = self.redis_extra,
             extra = self.extra,
         )
     }

@@ -50,6 +50,12 @@ pub struct RedisConfig {
     /// How long a node that cannot reach Redis keeps its clients' subscriptions; then they
     /// are closed with 3010 so they reconnect (to a node that can) and recover.
     pub outage_disconnect: HumanDuration,
+    /// Replicas that must hold a publication before it is acknowledged (Redis `WAIT`), so a
+    /// failover cannot lose it; 0: the primary's answer is enough.
+    pub wait_replicas: u32,
+    /// Longest wait for those replicas; a publication they did not confirm in time is
+    /// answered 503 (it may still be stored: retry with the same idempotency key).
+    pub wait_timeout: HumanDuration,
 }
 
 impl Default for RedisConfig {
@@ -66,6 +72,8 @@ impl Default for RedisConfig {
             history_meta_ttl: HumanDuration::from_secs(30 * 24 * 3600),
             node_ttl: HumanDuration::from_secs(10),
             outage_disconnect: HumanDuration::from_secs(5),
+            wait_replicas: 0,
+            wait_timeout: HumanDuration::from_secs(1),
         }
     }
 }
@@ -98,6 +106,11 @@ impl RedisConfig {
             if value < Duration::from_millis(10) {
                 return Err(format!("redis.{name} must be at least 10ms"));
             }
+        }
+        if self.wait_replicas > 0
+            && self.wait_timeout.as_duration() >= self.command_timeout.as_duration()
+        {
+            return Err("redis.wait_timeout must be shorter than redis.command_timeout".into());
         }
         if self.connections == 0 {
             return Err("redis.connections must be above 0".into());

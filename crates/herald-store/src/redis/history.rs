@@ -28,6 +28,9 @@ pub(crate) struct ShardStore {
     pub(crate) keys: Keys,
     /// How long a channel's offset and epoch outlive its last publication.
     meta_ttl: Duration,
+    /// Replicas that must have a publication before it is acknowledged (0: the primary's
+    /// answer is enough), and how long to wait for them.
+    replicas: (u32, Duration),
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -51,11 +54,17 @@ fn parse_position(text: &str) -> Result<Option<StreamPosition>, StoreError> {
 }
 
 impl ShardStore {
-    pub(crate) fn new(link: Arc<Link>, keys: Keys, meta_ttl: Duration) -> Self {
+    pub(crate) fn new(
+        link: Arc<Link>,
+        keys: Keys,
+        meta_ttl: Duration,
+        replicas: (u32, Duration),
+    ) -> Self {
         Self {
             link,
             keys,
             meta_ttl,
+            replicas,
         }
     }
 
@@ -97,10 +106,31 @@ impl ShardStore {
             .arg(self.keys.pubsub(channel))
             .arg(now)
             .arg(expires);
-        let (duplicate, position): (u8, String) = self
+        let (replicas, replica_timeout) = self.replicas;
+        let (duplicate, position, confirmed): (u8, String, u32) = self
             .link
-            .run(|mut connection| async move { invocation.invoke_async(&mut connection).await })
+            .run(|mut connection| async move {
+                let (duplicate, position): (u8, String) =
+                    invocation.invoke_async(&mut connection).await?;
+                if replicas == 0 {
+                    return Ok((duplicate, position, 0));
+                }
+                // WAIT counts the replicas that have every write made on this connection so
+                // far, this publication's included.
+                let confirmed: u32 = redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(millis(replica_timeout))
+                    .query_async(&mut connection)
+                    .await?;
+                Ok((duplicate, position, confirmed))
+            })
             .await?;
+        if confirmed < replicas {
+            return Err(StoreError::Unavailable(format!(
+                "stored on the primary but confirmed by {confirmed} of {replicas} replicas \
+                 within {replica_timeout:?}; retry with the same idempotency key"
+            )));
+        }
         Ok(Published {
             position: parse_position(&position)?,
             duplicate: duplicate == 1,

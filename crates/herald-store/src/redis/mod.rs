@@ -163,6 +163,7 @@ mod engine {
                     link,
                     keys.clone(),
                     config.history_meta_ttl.as_duration(),
+                    (config.wait_replicas, config.wait_timeout.as_duration()),
                 )));
             }
             let mut subscribers = Vec::new();

@@ -332,3 +332,21 @@ async fn channels_are_spread_over_the_shards() {
         "both shards hold channels: {per_shard:?}"
     );
 }
+
+#[tokio::test]
+async fn a_publication_no_replica_confirmed_is_not_acknowledged() {
+    let mut config = config("wait");
+    config.wait_replicas = 1;
+    config.wait_timeout = herald_core::duration::HumanDuration(Duration::from_millis(100));
+    let (a, _qa) = node(&config).await;
+    let error = a
+        .publish(publish("durable", 1))
+        .await
+        .expect_err("the test Redis has no replica: nothing may be acknowledged");
+    match error {
+        herald_core::store::StoreError::Unavailable(detail) => {
+            assert!(detail.contains("confirmed by 0 of 1 replicas"), "{detail}");
+        }
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+}
