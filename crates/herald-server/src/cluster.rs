@@ -10,6 +10,7 @@
 //! May touch: the Redis engine and registry (through `herald-store`), the application state
 //! it acts on (connections by user, token revocations).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 #[cfg(feature = "redis")]
 use std::sync::atomic::Ordering;
@@ -47,6 +48,12 @@ pub enum ControlCommand {
         user: String,
         before: u64,
         until: u64,
+    },
+    /// A query, not an action: every node records its channels matching `pattern` (with
+    /// subscriber counts) as its answer to `request`.
+    Channels {
+        request: String,
+        pattern: Option<String>,
     },
 }
 
@@ -118,6 +125,8 @@ pub fn apply(state: &AppState, command: &ControlCommand) -> Result<(), HeraldErr
                 .revocations
                 .invalidate_user(user, *before, *until, now)?;
         }
+        // Answered by the cluster task, which can reach the engine.
+        ControlCommand::Channels { .. } => {}
     }
     Ok(())
 }
@@ -197,7 +206,7 @@ impl Cluster {
                 }
                 message = async { control.as_mut()?.recv().await }, if control.is_some() => {
                     match message {
-                        Some(bytes) => apply_remote(&state, &bytes),
+                        Some(bytes) => cluster.apply_remote(&state, &bytes).await,
                         None => control = None,
                     }
                 }
@@ -235,18 +244,103 @@ impl Cluster {
     }
 }
 
-/// Applies another node's command here (this node's own were applied when they were made).
 #[cfg(feature = "redis")]
-fn apply_remote(state: &AppState, bytes: &[u8]) {
-    match serde_json::from_slice::<ControlMessage>(bytes) {
-        Ok(message) if message.from == state.node.uid() => {}
-        Ok(message) => {
-            if let Err(error) = apply(state, &message.command) {
-                tracing::warn!(%error, command = ?message.command, "a cluster command failed here");
+impl Cluster {
+    /// Applies another node's command here (this node's own were applied when they were
+    /// made), or answers its query.
+    async fn apply_remote(&self, state: &AppState, bytes: &[u8]) {
+        let message = match serde_json::from_slice::<ControlMessage>(bytes) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "undecodable cluster command ignored");
+                return;
+            }
+        };
+        if message.from == state.node.uid() {
+            return;
+        }
+        if let ControlCommand::Channels { request, pattern } = &message.command {
+            let channels = channel_counts(state, pattern.as_deref());
+            let result = match serde_json::to_vec(&channels) {
+                Ok(answer) => self.engine.answer(request, state.node.uid(), answer).await,
+                Err(error) => Err(herald_core::store::StoreError::Backend(error.to_string())),
+            };
+            if let Err(error) = result {
+                tracing::warn!(%error, "could not answer a channels query");
+            }
+            return;
+        }
+        if let Err(error) = apply(state, &message.command) {
+            tracing::warn!(%error, command = ?message.command, "a cluster command failed here");
+        }
+    }
+
+    /// Channels with subscribers on any live node matching `pattern`, with the number of
+    /// subscribers over all nodes. Nodes that do not answer within a second are left out.
+    pub async fn channels(
+        &self,
+        state: &AppState,
+        pattern: Option<&str>,
+    ) -> Result<BTreeMap<String, u64>, HeraldError> {
+        let others = self
+            .registry
+            .live()
+            .await?
+            .iter()
+            .filter(|node| node.uid != state.node.uid())
+            .count();
+        let mut total = channel_counts(state, pattern);
+        if others == 0 {
+            return Ok(total);
+        }
+        let request = format!(
+            "{}-{}",
+            state.node.uid(),
+            herald_core::publication::new_epoch()
+        );
+        let message = ControlMessage {
+            from: state.node.uid().to_owned(),
+            command: ControlCommand::Channels {
+                request: request.clone(),
+                pattern: pattern.map(str::to_owned),
+            },
+        };
+        let bytes =
+            serde_json::to_vec(&message).map_err(|e| HeraldError::internal(e.to_string()))?;
+        self.engine.send_control(bytes).await?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        let mut answers = self.engine.answers(&request).await?;
+        while answers.len() < others && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            answers = self.engine.answers(&request).await?;
+        }
+        if answers.len() < others {
+            tracing::warn!(
+                answered = answers.len(),
+                others,
+                "not every node answered the channels query in time"
+            );
+        }
+        for (_, answer) in answers {
+            let Ok(counts) = serde_json::from_slice::<BTreeMap<String, u64>>(&answer) else {
+                continue;
+            };
+            for (channel, count) in counts {
+                *total.entry(channel).or_default() += count;
             }
         }
-        Err(error) => tracing::warn!(%error, "undecodable cluster command ignored"),
+        Ok(total)
     }
+}
+
+/// This node's channels matching `pattern`, with their local subscriber counts.
+pub fn channel_counts(state: &AppState, pattern: Option<&str>) -> BTreeMap<String, u64> {
+    state
+        .node
+        .channels(pattern)
+        .into_iter()
+        .map(|(name, count)| (name.to_string(), count as u64))
+        .collect()
 }
 
 #[cfg(test)]

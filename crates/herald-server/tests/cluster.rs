@@ -1002,3 +1002,27 @@ async fn redis_restarted_without_its_data_tells_subscribers_they_cannot_recover(
         .await
         .unwrap_or_else(|_| panic!("the new publication did not arrive: {}", sub.summary()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_counts_subscribers_on_every_node() {
+    let redis = RedisProcess::start();
+    let spec = ClusterSpec::new(&redis, "channels");
+    let nodes = block_in_place(|| HeraldNode::start_many(&spec, &["node-a", "node-b"]));
+    let _subs = [
+        Subscriber::start(&nodes[0], "u1", "news", false).await,
+        Subscriber::start(&nodes[0], "u2", "news", false).await,
+        Subscriber::start(&nodes[1], "u3", "news", false).await,
+        Subscriber::start(&nodes[1], "u4", "other", false).await,
+    ];
+    for node in &nodes {
+        let result = node.api.ok("channels", json!({})).await;
+        assert_eq!(result["channels"]["news"]["num_clients"], 3, "{result}");
+        assert_eq!(result["channels"]["other"]["num_clients"], 1, "{result}");
+        let filtered = node.api.ok("channels", json!({"pattern": "oth*"})).await;
+        assert_eq!(
+            filtered["channels"].as_object().map(|c| c.len()),
+            Some(1),
+            "{filtered}"
+        );
+    }
+}

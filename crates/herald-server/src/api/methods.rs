@@ -165,17 +165,16 @@ pub async fn call(
         }
         "channels" => {
             let params: ChannelsParams = parse(params)?;
-            let channels: BTreeMap<String, ChannelInfo> = node
-                .channels(params.pattern.as_deref())
+            let pattern = params.pattern.as_deref();
+            #[allow(unused_mut)]
+            let mut counts = crate::cluster::channel_counts(state, pattern);
+            #[cfg(feature = "redis")]
+            if let Some(cluster) = &state.cluster {
+                counts = cluster.channels(state, pattern).await.map_err(node_err)?;
+            }
+            let channels: BTreeMap<String, ChannelInfo> = counts
                 .into_iter()
-                .map(|(name, count)| {
-                    (
-                        name.to_string(),
-                        ChannelInfo {
-                            num_clients: count as u64,
-                        },
-                    )
-                })
+                .map(|(name, num_clients)| (name, ChannelInfo { num_clients }))
                 .collect();
             encode(&ChannelsResult { channels })
         }

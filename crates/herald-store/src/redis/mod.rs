@@ -250,6 +250,44 @@ mod engine {
                 .await
         }
 
+        /// Records this node's answer to a cluster-wide query (kept for a minute).
+        pub async fn answer(
+            &self,
+            request: &str,
+            uid: &str,
+            answer: Vec<u8>,
+        ) -> Result<(), StoreError> {
+            let shard = self.shards.first();
+            let key = shard.keys.answers(request);
+            let uid = uid.to_owned();
+            shard
+                .link
+                .run(|mut connection| async move {
+                    let mut pipe = redis::pipe();
+                    pipe.hset(&key, uid, answer)
+                        .ignore()
+                        .expire(&key, 60)
+                        .ignore();
+                    pipe.query_async::<()>(&mut connection).await
+                })
+                .await
+        }
+
+        /// The answers recorded so far to a cluster-wide query, by node uid.
+        pub async fn answers(&self, request: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            let shard = self.shards.first();
+            let key = shard.keys.answers(request);
+            shard
+                .link
+                .run(|mut connection| async move {
+                    redis::cmd("HGETALL")
+                        .arg(key)
+                        .query_async(&mut connection)
+                        .await
+                })
+                .await
+        }
+
         /// Sends a cluster-wide command to every node.
         pub async fn send_control(&self, message: Vec<u8>) -> Result<(), StoreError> {
             let shard = self.shards.first();

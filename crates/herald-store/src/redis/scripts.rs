@@ -75,6 +75,11 @@ impl Keys {
         format!("{}:kept", self.prefix)
     }
 
+    /// Nodes' answers to one cluster-wide query (node uid -> answer).
+    pub(crate) fn answers(&self, request: &str) -> String {
+        format!("{}:answers:{request}", self.prefix)
+    }
+
     /// The node registry (node uid -> JSON with its last heartbeat).
     pub(crate) fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)
