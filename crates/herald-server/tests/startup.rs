@@ -207,3 +207,29 @@ async fn ready_answers_503_once_shutdown_begins_while_work_drains() {
     );
     assert!(get(&ready_url).await.is_err(), "no longer listening");
 }
+
+/// A Redis engine that cannot be reached stops start-up with an error naming it; nothing
+/// falls back to another engine.
+#[tokio::test]
+async fn an_unreachable_redis_stops_start_up() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut config = config();
+    config.storage.engine = Engine::Redis;
+    config.api.keys = vec!["startup-test-api-key".into()];
+    config.redis.addresses = vec![format!("redis://127.0.0.1:{port}")];
+    config.redis.connect_timeout = HumanDuration::from_secs(1);
+    let (error, text) = start_up_error(config).await;
+    assert!(
+        matches!(error, RunError::Build(BuildError::Store(_))),
+        "{error:?}"
+    );
+    assert!(
+        text.contains(&port.to_string()),
+        "names the address: {text}"
+    );
+}
