@@ -89,12 +89,23 @@ pub trait Engine: Send + Sync + 'static {
     }
 }
 
+/// Where an engine hands the events it delivers (the node's [`FanoutFeed`]).
+pub trait EventSink: Send + Sync + 'static {
+    fn deliver(&self, event: ChannelEvent);
+}
+
+impl EventSink for FanoutFeed {
+    fn deliver(&self, event: ChannelEvent) {
+        self.push(event);
+    }
+}
+
 /// The single-node engine: a [`HistoryStore`] whose commit listener is the node's
 /// [`FanoutFeed`], so stored publications are delivered by the store after commit, and
 /// publications that skip history go straight to the feed.
 pub struct LocalEngine {
     history: Arc<dyn HistoryStore>,
-    feed: FanoutFeed,
+    feed: Arc<dyn EventSink>,
     /// Idempotency of publications that are not stored (stored ones are the store's).
     unstored_idempotency: Mutex<IdempotencyWindow<()>>,
 }
@@ -107,10 +118,10 @@ impl std::fmt::Debug for LocalEngine {
 
 impl LocalEngine {
     /// `history` must have been built with `feed` as its commit listener.
-    pub fn new(history: Arc<dyn HistoryStore>, feed: FanoutFeed) -> Self {
+    pub fn new(history: Arc<dyn HistoryStore>, feed: impl EventSink) -> Self {
         Self {
             history,
-            feed,
+            feed: Arc::new(feed),
             unstored_idempotency: Mutex::new(IdempotencyWindow::new(
                 crate::memory::IDEMPOTENCY_CAPACITY,
             )),
@@ -153,12 +164,13 @@ impl Engine for LocalEngine {
             seen.insert(&publish.channel, key, (), deadline_after(now, *window));
         }
         let event = PublicationEvent::new(publish.channel, Arc::from(""), publish.publication);
-        self.feed.push(ChannelEvent::Publication(Arc::new(event)));
+        self.feed
+            .deliver(ChannelEvent::Publication(Arc::new(event)));
         Ok(Published::default())
     }
 
     async fn announce(&self, event: ChannelEvent) -> Result<(), StoreError> {
-        self.feed.push(event);
+        self.feed.deliver(event);
         Ok(())
     }
 

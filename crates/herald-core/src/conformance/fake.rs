@@ -13,17 +13,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use crate::engine::{Engine, Publish, Published, deadline_after};
+use crate::engine::{Engine, EventSink, LocalEngine, Publish, Published};
 use crate::fanout::FanoutFeed;
 use crate::hub::{ChannelInterest, InterestReady};
-use crate::idempotency::IdempotencyWindow;
 use crate::memory::MemoryHistoryStore;
 use crate::presence::{PresenceError, PresenceStats, PresenceStore};
 use crate::publication::{ChannelEvent, ClientInfo, PublicationEvent};
-use crate::store::{
-    AppendRequest, CommitListener, HistoryPage, HistoryQuery, HistoryStore, StoreError,
-};
-use crate::time::now_ms;
+use crate::store::{CommitListener, HistoryPage, HistoryQuery, StoreError};
 
 use super::ClusterBackend;
 
@@ -68,10 +64,20 @@ impl CommitListener for Router {
     }
 }
 
+/// The router as the shared engine's sink.
+struct RouterSink(Arc<Router>);
+
+impl EventSink for RouterSink {
+    fn deliver(&self, event: ChannelEvent) {
+        self.0.deliver(event);
+    }
+}
+
 struct FakeCluster {
     router: Arc<Router>,
-    history: Arc<MemoryHistoryStore>,
-    unstored_idempotency: Arc<Mutex<IdempotencyWindow<()>>>,
+    /// History, idempotency and delivery shared by every node: one engine whose sink routes
+    /// events to the nodes interested in their channel.
+    engine: Arc<LocalEngine>,
     presence: Arc<ExpiringPresence>,
     flaw: Flaw,
 }
@@ -79,10 +85,10 @@ struct FakeCluster {
 impl FakeCluster {
     fn new(flaw: Flaw) -> Self {
         let router = Arc::new(Router::default());
+        let history = Arc::new(MemoryHistoryStore::new(router.clone()));
         Self {
-            history: Arc::new(MemoryHistoryStore::new(router.clone())),
+            engine: Arc::new(LocalEngine::new(history, RouterSink(router.clone()))),
             router,
-            unstored_idempotency: Arc::new(Mutex::new(IdempotencyWindow::new(1000))),
             presence: Arc::new(ExpiringPresence::new(Duration::from_millis(600))),
             flaw,
         }
@@ -100,9 +106,7 @@ impl ClusterBackend for FakeCluster {
         self.router.nodes.lock().push(state.clone());
         Ok(Arc::new(FakeNode {
             state,
-            router: self.router.clone(),
-            history: self.history.clone(),
-            unstored_idempotency: self.unstored_idempotency.clone(),
+            engine: self.engine.clone(),
         }))
     }
 
@@ -113,9 +117,7 @@ impl ClusterBackend for FakeCluster {
 
 struct FakeNode {
     state: Arc<NodeState>,
-    router: Arc<Router>,
-    history: Arc<MemoryHistoryStore>,
-    unstored_idempotency: Arc<Mutex<IdempotencyWindow<()>>>,
+    engine: Arc<LocalEngine>,
 }
 
 struct Interest(Arc<NodeState>);
@@ -136,53 +138,23 @@ impl ChannelInterest for Interest {
 #[async_trait]
 impl Engine for FakeNode {
     async fn publish(&self, publish: Publish) -> Result<Published, StoreError> {
-        if let Some(retention) = publish.history {
-            let appended = self
-                .history
-                .append(AppendRequest {
-                    channel: publish.channel,
-                    publication: publish.publication,
-                    retention,
-                    idempotency: publish.idempotency,
-                })
-                .await?;
-            return Ok(Published {
-                position: Some(appended.position),
-                duplicate: appended.duplicate,
-            });
-        }
-        if let Some((key, window)) = &publish.idempotency {
-            let now = now_ms();
-            let mut seen = self.unstored_idempotency.lock();
-            if seen.get(&publish.channel, key, now).is_some() {
-                return Ok(Published {
-                    position: None,
-                    duplicate: true,
-                });
-            }
-            seen.insert(&publish.channel, key, (), deadline_after(now, *window));
-        }
-        let event = PublicationEvent::new(publish.channel, Arc::from(""), publish.publication);
-        self.router
-            .deliver(ChannelEvent::Publication(Arc::new(event)));
-        Ok(Published::default())
+        self.engine.publish(publish).await
     }
 
     async fn announce(&self, event: ChannelEvent) -> Result<(), StoreError> {
-        self.router.deliver(event);
-        Ok(())
+        self.engine.announce(event).await
     }
 
     async fn read(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError> {
-        self.history.read(channel, query).await
+        Engine::read(&*self.engine, channel, query).await
     }
 
     async fn remove(&self, channel: &str) -> Result<(), StoreError> {
-        self.history.remove(channel).await
+        self.engine.remove(channel).await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        Ok(())
+        self.engine.flush().await
     }
 
     fn interest(&self) -> Option<Arc<dyn ChannelInterest>> {

@@ -193,6 +193,24 @@ impl Link {
         }
     }
 
+    /// Runs one command (see [`Link::run`]).
+    pub(crate) async fn query<T: redis::FromRedisValue + Send>(
+        &self,
+        command: redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.run(|mut connection| async move { command.query_async(&mut connection).await })
+            .await
+    }
+
+    /// Runs a pipeline (see [`Link::run`]).
+    pub(crate) async fn pipeline<T: redis::FromRedisValue + Send>(
+        &self,
+        pipeline: redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        self.run(|mut connection| async move { pipeline.query_async(&mut connection).await })
+            .await
+    }
+
     fn succeeded(&self) {
         self.healthy.store(true, Ordering::Relaxed);
         if self.reported.swap(false, Ordering::Relaxed) {

@@ -140,13 +140,7 @@ impl ShardStore {
     pub(crate) async fn announce(&self, channel: &str, message: Vec<u8>) -> Result<(), StoreError> {
         let pubsub = self.keys.pubsub(channel);
         self.link
-            .run(|mut connection| async move {
-                redis::cmd("PUBLISH")
-                    .arg(pubsub)
-                    .arg(message)
-                    .query_async::<()>(&mut connection)
-                    .await
-            })
+            .query::<()>(redis::cmd("PUBLISH").arg(pubsub).arg(message).to_owned())
             .await
     }
 
@@ -199,12 +193,7 @@ impl ShardStore {
     pub(crate) async fn remove(&self, channel: &str) -> Result<(), StoreError> {
         let stream = self.keys.stream(channel);
         self.link
-            .run(|mut connection| async move {
-                redis::cmd("DEL")
-                    .arg(stream)
-                    .query_async::<()>(&mut connection)
-                    .await
-            })
+            .query::<()>(redis::cmd("DEL").arg(stream).to_owned())
             .await
     }
 }

@@ -155,10 +155,7 @@ mod engine {
                         (None, None) => break,
                     };
                 let link = Arc::new(Link::new(name, source, timeouts, config.connections));
-                link.run(|mut connection| async move {
-                    redis::cmd("PING").query_async::<()>(&mut connection).await
-                })
-                .await?;
+                link.query::<()>(redis::cmd("PING").to_owned()).await?;
                 list.push(Arc::new(ShardStore::new(
                     link,
                     keys.clone(),
@@ -215,14 +212,13 @@ mod engine {
             let key = shard.keys.kept_controls();
             shard
                 .link
-                .run(|mut connection| async move {
+                .query::<()>(
                     redis::cmd("ZADD")
                         .arg(key)
                         .arg(until)
                         .arg(message)
-                        .query_async::<()>(&mut connection)
-                        .await
-                })
+                        .to_owned(),
+                )
                 .await
         }
 
@@ -279,12 +275,7 @@ mod engine {
             let key = shard.keys.answers(request);
             shard
                 .link
-                .run(|mut connection| async move {
-                    redis::cmd("HGETALL")
-                        .arg(key)
-                        .query_async(&mut connection)
-                        .await
-                })
+                .query(redis::cmd("HGETALL").arg(key).to_owned())
                 .await
         }
 
@@ -294,13 +285,7 @@ mod engine {
             let channel = shard.keys.control();
             shard
                 .link
-                .run(|mut connection| async move {
-                    redis::cmd("PUBLISH")
-                        .arg(channel)
-                        .arg(message)
-                        .query_async::<()>(&mut connection)
-                        .await
-                })
+                .query::<()>(redis::cmd("PUBLISH").arg(channel).arg(message).to_owned())
                 .await
         }
 

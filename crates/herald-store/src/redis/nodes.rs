@@ -56,14 +56,13 @@ impl NodeRegistry {
         let key = shard.keys.nodes();
         shard
             .link
-            .run(|mut connection| async move {
+            .query::<()>(
                 redis::cmd("HSET")
                     .arg(key)
                     .arg(record.uid)
                     .arg(json)
-                    .query_async::<()>(&mut connection)
-                    .await
-            })
+                    .to_owned(),
+            )
             .await
     }
 
@@ -74,13 +73,7 @@ impl NodeRegistry {
         let uid = uid.to_owned();
         shard
             .link
-            .run(|mut connection| async move {
-                redis::cmd("HDEL")
-                    .arg(key)
-                    .arg(uid)
-                    .query_async::<()>(&mut connection)
-                    .await
-            })
+            .query::<()>(redis::cmd("HDEL").arg(key).arg(uid).to_owned())
             .await
     }
 
@@ -92,12 +85,7 @@ impl NodeRegistry {
             let key = key.clone();
             shard
                 .link
-                .run(|mut connection| async move {
-                    redis::cmd("HGETALL")
-                        .arg(key)
-                        .query_async(&mut connection)
-                        .await
-                })
+                .query(redis::cmd("HGETALL").arg(key).to_owned())
                 .await?
         };
         let now = now_ms();
@@ -113,13 +101,7 @@ impl NodeRegistry {
         if !stale.is_empty() {
             let result = shard
                 .link
-                .run(|mut connection| async move {
-                    redis::cmd("HDEL")
-                        .arg(key)
-                        .arg(stale)
-                        .query_async::<()>(&mut connection)
-                        .await
-                })
+                .query::<()>(redis::cmd("HDEL").arg(key).arg(stale).to_owned())
                 .await;
             if let Err(error) = result {
                 tracing::debug!(%error, "could not delete stale node records");

@@ -53,11 +53,7 @@ impl RedisPresenceStore {
         let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
         pipe.pexpire(&hash, ttl_ms).ignore();
         pipe.pexpire(&zset, ttl_ms).ignore();
-        shard
-            .link
-            .run(|mut connection| async move { pipe.query_async::<()>(&mut connection).await })
-            .await
-            .map_err(error)
+        shard.link.pipeline::<()>(pipe).await.map_err(error)
     }
 }
 
@@ -75,11 +71,7 @@ impl PresenceStore for RedisPresenceStore {
             .ignore()
             .zrem(shard.keys.presence_expiry(channel), client_id)
             .ignore();
-        shard
-            .link
-            .run(|mut connection| async move { pipe.query_async::<()>(&mut connection).await })
-            .await
-            .map_err(error)
+        shard.link.pipeline::<()>(pipe).await.map_err(error)
     }
 
     async fn get(&self, channel: &str) -> Result<HashMap<String, ClientInfo>, PresenceError> {
