@@ -176,6 +176,27 @@ fn acked_publications(
     acked
 }
 
+/// Every subscriber catches up to the last acknowledged publication and has received every
+/// acknowledged one (in order, no gap or duplicate), and every node's history holds them.
+async fn assert_nothing_acknowledged_lost(
+    subs: &[Subscriber],
+    nodes: &[HeraldNode],
+    channel: &str,
+    acked: &BTreeMap<u64, Value>,
+) {
+    let top = *acked.keys().last().expect("acknowledged publications");
+    for sub in subs {
+        sub.wait_for_offset(top, CATCH_UP).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // a duplicate would arrive now
+    for sub in subs {
+        assert_received_every_acked(sub, acked);
+    }
+    for node in nodes {
+        assert_history_holds(node, channel, acked).await;
+    }
+}
+
 /// Every acknowledged publication is in the channel's history as node `api` reads it.
 async fn assert_history_holds(node: &HeraldNode, channel: &str, acked: &BTreeMap<u64, Value>) {
     let result = node
@@ -444,18 +465,8 @@ async fn redis_killed_and_restarted_during_a_publish_stream_loses_nothing_acknow
         "publishes while Redis was down must be refused with 503\n{}",
         describe_attempts(&attempts, started.elapsed())
     );
-    let top = *acked.keys().last().expect("acknowledged publications");
-    for sub in &subs {
-        sub.wait_for_offset(top, CATCH_UP).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for sub in &subs {
-        assert_received_every_acked(sub, &acked);
-    }
     // The AOF kept the stream: both nodes read every acknowledged publication back.
-    for node in &nodes {
-        assert_history_holds(node, channel, &acked).await;
-    }
+    assert_nothing_acknowledged_lost(&subs, &nodes, channel, &acked).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -792,17 +803,7 @@ async fn publishing_survives_a_sentinel_failover(how: Failover) {
         .await;
     let attempts = publisher.stop().await;
     let acked = acked_publications(&attempts, true, started.elapsed());
-    let top = *acked.keys().last().expect("acknowledged");
-    for sub in &subs {
-        sub.wait_for_offset(top, CATCH_UP).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for sub in &subs {
-        assert_received_every_acked(sub, &acked);
-    }
-    for node in &nodes {
-        assert_history_holds(node, channel, &acked).await;
-    }
+    assert_nothing_acknowledged_lost(&subs, &nodes, channel, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
