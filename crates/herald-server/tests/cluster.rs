@@ -2,7 +2,8 @@
 //! outside: publications through any node reach subscribers on every node in one order per
 //! channel; a Redis SIGKILL + restart (AOF), lost pub/sub connections and a Sentinel failover
 //! lose nothing that was acknowledged; `/api/info` and presence forget a SIGKILLed node within
-//! their TTLs. Each test starts its own redis-server(s) (`common::redis`) and nodes
+//! their TTLs; a node cut off from Redis by a network partition (a network namespace) says
+//! so, hands its subscribers over and comes back by itself. Each test starts its own redis-server(s) (`common::redis`) and nodes
 //! (`common::cluster`) and kills them on drop; none takes more than about 40 s.
 //!
 //! The `harness_*` tests check the Redis harness itself (start, commands, SIGKILL, restart on
@@ -14,10 +15,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    Attempt, ClusterSpec, HeraldNode, PublishOutcome, Publisher, Subscriber, describe_attempts,
-    runs,
+    Attempt, ClusterSpec, HeraldNode, PublishOutcome, Publisher, RedisTarget, Subscriber,
+    describe_attempts, runs,
 };
-use common::redis::{RedisProcess, Resp, Sentinels, wait_until};
+use common::netns::Netns;
+use common::redis::{RedisOptions, RedisProcess, Resp, Sentinels, wait_until};
 use serde_json::{Value, json};
 use tokio::task::block_in_place;
 
@@ -1026,4 +1028,326 @@ async fn channels_counts_subscribers_on_every_node() {
             "{filtered}"
         );
     }
+}
+// (h) A network partition between one node and Redis
+
+/// Polls `check` every 20 ms until it returns `Some`; panics with `what` and `story()` after
+/// `timeout`.
+async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+    story: impl Fn() -> String,
+) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "waited {timeout:?} for {what}\n{}",
+            story()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The offset of the publisher's last acknowledged publish (0: none yet).
+fn last_acked_offset(publisher: &Publisher) -> u64 {
+    publisher
+        .attempts()
+        .iter()
+        .rev()
+        .find_map(|attempt| match attempt.outcome {
+            PublishOutcome::Acked { offset, .. } => Some(offset),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// Node A in the root namespace and node B in a network namespace of its own share one
+/// Redis; then only B's traffic to Redis is dropped (both ways, silently) while a publisher
+/// keeps publishing through A. B must say it cannot serve (`/ready` 503, publishes 503 / code
+/// 100), keep its subscribers through `redis.outage_disconnect` and then close them with
+/// 3010; they reconnect to A and recover. A never notices. Once the link is back, B is
+/// ready again by itself and serves new subscribers. Nothing acknowledged is lost: every
+/// subscriber ends with exactly the channel's stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_partitioned_from_redis_says_so_its_clients_move_and_nothing_acknowledged_is_lost() {
+    const PING_INTERVAL: Duration = Duration::from_millis(500);
+    const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+    const OUTAGE_DISCONNECT: Duration = Duration::from_secs(2);
+    /// The longest pause of a node's pub/sub task between two connection attempts.
+    const MAX_BACKOFF: Duration = Duration::from_secs(2);
+    const SLACK: Duration = Duration::from_secs(1);
+    let test_started = Instant::now();
+    let mut timeline: Vec<String> = Vec::new();
+    let mut mark = |what: String| {
+        let line = format!("{:>6}ms {what}", test_started.elapsed().as_millis());
+        eprintln!("partition: {line}");
+        timeline.push(line);
+    };
+
+    // Declared first, so dropped last (also on a panic): the nodes and Redis go before the
+    // namespace and its link.
+    let netns = block_in_place(Netns::create);
+    let redis = block_in_place(|| {
+        RedisProcess::start_with(RedisOptions {
+            extra_bind: vec![netns.host_ip().into()],
+            ..RedisOptions::default()
+        })
+    });
+    let mut spec = ClusterSpec::new(&redis, "partition");
+    spec.command_timeout = "1s".into();
+    spec.connect_timeout = "1s".into();
+    spec.ping_interval = "500ms".into();
+    spec.outage_disconnect = Some("2s".into());
+    // B reaches the same Redis (same prefix: one cluster) at the host side of its link.
+    let mut spec_b = spec.clone();
+    spec_b.redis = RedisTarget::Addresses(vec![redis.url_on(netns.host_ip().into())]);
+    let (a, b) = block_in_place(|| {
+        std::thread::scope(|scope| {
+            let a = scope.spawn(|| HeraldNode::start(&spec, "node-a"));
+            let b = HeraldNode::start_in_netns(&spec_b, "node-b", &netns);
+            let a = a
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (a, b)
+        })
+    });
+    assert!(
+        b.api.url.contains(&netns.ns_ip().to_string()),
+        "node-b listens in the namespace: {}",
+        b.api.url
+    );
+    for node in [&a, &b] {
+        node.api
+            .wait_ready_status(200, Duration::from_secs(10))
+            .await;
+    }
+    mark(format!(
+        "node-a at {}, node-b at {} in netns {} (Redis {} and {})",
+        a.api.url,
+        b.api.url,
+        netns.name(),
+        redis.url(),
+        redis.url_on(netns.host_ip().into())
+    ));
+
+    let channel = "partitioned";
+    // Bob's node is B; when B closes him, his load balancer sends him to A.
+    let bob = Subscriber::start_moving(&b, "bob", channel, &[&a]).await;
+    let alice = Subscriber::start(&a, "alice", channel, true).await;
+    let started = Instant::now();
+    let publisher = Publisher::spawn(&a, channel, Duration::from_millis(10));
+    publisher.wait_acked(30, Duration::from_secs(10)).await;
+    // B delivers live before the cut.
+    bob.wait_for_offset(30, Duration::from_secs(10)).await;
+
+    // ---- The partition: B <-/-> Redis; B's listener, A and Redis untouched.
+    block_in_place(|| netns.cut(redis.port()));
+    let cut = Instant::now();
+    let acked_at_cut = publisher.acked();
+    mark(format!(
+        "cut node-b <-> Redis port {} ({acked_at_cut} acked)",
+        redis.port()
+    ));
+
+    // B says so on /ready...
+    let ready_bound = PING_INTERVAL + COMMAND_TIMEOUT + Duration::from_secs(2);
+    let not_ready_after = b.api.wait_ready_status(503, ready_bound).await;
+    mark(format!(
+        "node-b /ready 503 after {:?} (bound {ready_bound:?})",
+        cut.elapsed()
+    ));
+    assert_eq!(a.api.ready().await, Some(200), "node-a stays ready");
+    // ...and refuses publishes with 503 / code 100, fast.
+    let asked = Instant::now();
+    let through_b = b
+        .api
+        .publish(channel, json!({"via": "node-b", "during": "partition"}))
+        .await;
+    let refusal_took = asked.elapsed();
+    mark(format!(
+        "publish through node-b answered after {refusal_took:?}: {through_b:?}"
+    ));
+    assert!(
+        matches!(&through_b, PublishOutcome::Unavailable(body) if body["error"]["message"].is_string()),
+        "a publish through the partitioned node is refused with 503 / code 100: {through_b:?}"
+    );
+    let refusal_bound = COMMAND_TIMEOUT + CONNECT_TIMEOUT + SLACK;
+    assert!(
+        refusal_took <= refusal_bound,
+        "the refusal took {refusal_took:?} (bound {refusal_bound:?})"
+    );
+
+    // B keeps its subscribers through redis.outage_disconnect, then closes them with 3010.
+    let close_bound =
+        PING_INTERVAL + COMMAND_TIMEOUT + OUTAGE_DISCONNECT + CONNECT_TIMEOUT + MAX_BACKOFF + SLACK;
+    let closes = wait_for(
+        "node-b to close bob",
+        close_bound.saturating_sub(cut.elapsed()),
+        || bob.with_log(|log| (!log.closes.is_empty()).then(|| log.closes.clone())),
+        || bob.summary(),
+    )
+    .await;
+    let closed_after = cut.elapsed();
+    mark(format!(
+        "bob closed with {closes:?} after {closed_after:?} (bound {close_bound:?})"
+    ));
+    assert_eq!(
+        closes,
+        [3010],
+        "closed with 3010 (reconnect and recover)\n{}",
+        bob.summary()
+    );
+    assert!(
+        closed_after >= OUTAGE_DISCONNECT,
+        "closed {closed_after:?} after the cut: before redis.outage_disconnect ({OUTAGE_DISCONNECT:?})\n{}",
+        bob.summary()
+    );
+    // He reconnects to A and recovers from his position.
+    let moved = wait_for(
+        "bob to resubscribe on node-a",
+        Duration::from_secs(5),
+        || bob.with_log(|log| log.sessions.get(1).cloned()),
+        || bob.summary(),
+    )
+    .await;
+    mark(format!("bob resubscribed: {moved:?}"));
+    assert_eq!(moved.node, "node-a", "{}", bob.summary());
+    assert_eq!(
+        moved.recovered,
+        Some(true),
+        "recovered on node-a\n{}",
+        bob.summary()
+    );
+    // A kept acknowledging throughout; bob follows on A while B is still cut off.
+    publisher
+        .wait_acked(acked_at_cut + 100, Duration::from_secs(10))
+        .await;
+    let top_cut = last_acked_offset(&publisher);
+    bob.wait_for_offset(top_cut, CATCH_UP).await;
+    assert_eq!(
+        b.api.ready().await,
+        Some(503),
+        "node-b is still partitioned"
+    );
+    let dropped = block_in_place(|| netns.dropped());
+    assert!(dropped > 0, "the cut dropped packets");
+    mark(format!(
+        "{} acked during the partition, bob at {top_cut} on node-a; the cut dropped {dropped} packets",
+        publisher.acked() - acked_at_cut
+    ));
+
+    // ---- The partition heals: B reconnects and catches up by itself.
+    block_in_place(|| netns.restore());
+    let restored = Instant::now();
+    let back_bound = CONNECT_TIMEOUT + MAX_BACKOFF + COMMAND_TIMEOUT + Duration::from_secs(2);
+    b.api.wait_ready_status(200, back_bound).await;
+    let back_after = restored.elapsed();
+    mark(format!(
+        "restored; node-b /ready 200 after {back_after:?} (bound {back_bound:?})"
+    ));
+    let acked_before_carol = last_acked_offset(&publisher);
+    let carol = Subscriber::start(&b, "carol", channel, false).await;
+    // The top her subscribe reply names: everything after it must reach her.
+    let carol_top = carol
+        .with_log(|log| log.sessions.first().and_then(|s| s.offset))
+        .unwrap_or_else(|| panic!("carol's subscribe reply has an offset\n{}", carol.summary()));
+    assert!(
+        carol_top >= acked_before_carol,
+        "carol's subscribe reply names offset {carol_top}, before the acknowledged {acked_before_carol}"
+    );
+    publisher
+        .wait_acked(publisher.acked() + 50, Duration::from_secs(10))
+        .await;
+    let attempts = publisher.stop().await;
+    let elapsed = started.elapsed();
+    // Every publish through A was acknowledged: A never noticed.
+    let acked = acked_publications(&attempts, false, elapsed);
+    let top = *acked.keys().last().expect("acknowledged publications");
+    for sub in [&bob, &alice, &carol] {
+        sub.wait_for_offset(top, CATCH_UP).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mark(format!(
+        "publisher stopped: {} attempts, {} acked, top offset {top}",
+        attempts.len(),
+        acked.len()
+    ));
+
+    // The stream holds every acknowledged publication; anything else in it can only be the
+    // publish B refused (a 503 does not promise the command never reached Redis: it may be
+    // delivered once the link is back).
+    let history = a
+        .api
+        .ok("history", json!({"channel": channel, "limit": -1}))
+        .await;
+    let stream: BTreeMap<u64, Value> = history["publications"]
+        .as_array()
+        .unwrap_or_else(|| panic!("history without publications: {history}"))
+        .iter()
+        .map(|p| (p["offset"].as_u64().expect("offset"), p["data"].clone()))
+        .collect();
+    assert_history_holds(&a, channel, &acked).await;
+    assert_history_holds(&b, channel, &stream).await;
+    let unacknowledged: Vec<(&u64, &Value)> = stream
+        .iter()
+        .filter(|(offset, _)| !acked.contains_key(offset))
+        .collect();
+    assert!(
+        unacknowledged
+            .iter()
+            .all(|(_, data)| data["via"] == "node-b"),
+        "the stream holds publications nobody published: {unacknowledged:?}"
+    );
+    if !unacknowledged.is_empty() {
+        mark(format!(
+            "the publish node-b refused reached Redis after all: {unacknowledged:?}"
+        ));
+    }
+    let want: Vec<u64> = (1..=top).collect();
+    assert_eq!(
+        stream.keys().copied().collect::<Vec<_>>(),
+        want,
+        "the stream runs 1..={top}"
+    );
+
+    // Bob and alice have exactly the stream, in order, no gap, no duplicate.
+    assert_received_exactly(&bob, &stream);
+    assert_received_exactly(&alice, &stream);
+    let (bob_closes, bob_sessions) = bob.with_log(|log| (log.closes.clone(), log.sessions.len()));
+    assert_eq!(
+        (bob_closes, bob_sessions),
+        (vec![3010], 2),
+        "bob moved once\n{}",
+        bob.summary()
+    );
+    assert_never_disconnected(&alice);
+    // Carol, new on B after the partition, gets exactly what was published after the top
+    // her subscribe reply named.
+    let carol_stream: BTreeMap<u64, Value> = stream
+        .range(carol_top + 1..)
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    assert!(
+        !carol_stream.is_empty(),
+        "publications followed carol's subscribe"
+    );
+    assert_received_exactly(&carol, &carol_stream);
+    assert_never_disconnected(&carol);
+
+    mark(format!(
+        "done; /ready 503 after {not_ready_after:?}, publish refused after {refusal_took:?}, \
+         bob closed after {closed_after:?}, /ready 200 {back_after:?} after the restore"
+    ));
+    assert!(
+        test_started.elapsed() < Duration::from_secs(40),
+        "the test took {:?}:\n{}",
+        test_started.elapsed(),
+        timeline.join("\n")
+    );
 }

@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+use super::netns::Netns;
 use super::process::ServerProcess;
 use super::redis::{RedisProcess, Sentinels};
 
@@ -44,6 +45,8 @@ pub struct ClusterSpec {
     pub ping_interval: String,
     pub presence_ttl: String,
     pub node_ttl: String,
+    /// `redis.outage_disconnect` (None: the default).
+    pub outage_disconnect: Option<String>,
     /// TOML appended to each node's config.
     pub extra: String,
     /// More `[redis]` keys (`key = value` lines).
@@ -60,6 +63,7 @@ impl ClusterSpec {
             ping_interval: "500ms".into(),
             presence_ttl: "60s".into(),
             node_ttl: "10s".into(),
+            outage_disconnect: None,
             extra: String::new(),
             redis_extra: String::new(),
         }
@@ -83,6 +87,11 @@ impl ClusterSpec {
 
     /// The config file of node `name`.
     pub fn toml(&self, name: &str, data_dir: &Path) -> String {
+        self.toml_listening(name, data_dir, "127.0.0.1:0")
+    }
+
+    /// The config file of node `name` listening on `listen` (`server.listen`).
+    pub fn toml_listening(&self, name: &str, data_dir: &Path, listen: &str) -> String {
         let quote = |items: &[String]| {
             items
                 .iter()
@@ -108,7 +117,7 @@ impl ClusterSpec {
         format!(
             r#"[server]
 name = "{name}"
-listen = "127.0.0.1:0"
+listen = "{listen}"
 
 [api]
 keys = ["{CLUSTER_API_KEY}"]
@@ -140,7 +149,7 @@ connect_timeout = "{connect_timeout}"
 ping_interval = "{ping_interval}"
 presence_ttl = "{presence_ttl}"
 node_ttl = "{node_ttl}"
-{redis_extra}
+{outage_disconnect}{redis_extra}
 {sentinels}
 {extra}
 "#,
@@ -152,6 +161,11 @@ node_ttl = "{node_ttl}"
             presence_ttl = self.presence_ttl,
             node_ttl = self.node_ttl,
             redis_extra = self.redis_extra,
+            outage_disconnect = self
+                .outage_disconnect
+                .as_ref()
+                .map(|d| format!("outage_disconnect = \"{d}\"\n"))
+                .unwrap_or_default(),
             extra = self.extra,
         )
     }
@@ -336,8 +350,25 @@ impl HeraldNode {
         Self::start_with_config(name, |data_dir| spec.toml(name, data_dir))
     }
 
+    /// Starts a node inside `netns` (`ip netns exec NS herald serve ...`), listening on the
+    /// namespace's address, so it is reachable from the host and its traffic to Redis can be
+    /// cut. `spec` must name Redis at an address the namespace reaches (the host side of the
+    /// link: [`RedisProcess::url_on`]`(netns.host_ip())`).
+    pub fn start_in_netns(spec: &ClusterSpec, name: &str, netns: &Netns) -> Self {
+        let listen = format!("{}:0", netns.ns_ip());
+        Self::launch(name, &netns.exec_prefix(), |data_dir| {
+            spec.toml_listening(name, data_dir, &listen)
+        })
+    }
+
     /// Starts a node with the config `config(data_dir)` returns.
     pub fn start_with_config(name: &str, config: impl FnOnce(&Path) -> String) -> Self {
+        Self::launch(name, &[], config)
+    }
+
+    /// Writes the config `config(data_dir)` returns in a new temp dir and runs
+    /// `PREFIX... herald serve --config it`.
+    fn launch(name: &str, prefix: &[String], config: impl FnOnce(&Path) -> String) -> Self {
         let dir = tempfile::Builder::new()
             .prefix(&format!("herald-{name}-"))
             .tempdir()
@@ -346,7 +377,7 @@ impl HeraldNode {
         let config = dir.path().join("herald.toml");
         std::fs::write(&config, text).expect("write config");
         let config = config.to_str().expect("utf-8 path").to_owned();
-        let process = ServerProcess::start(&["--config", &config], dir.path());
+        let process = ServerProcess::start_via(prefix, &["--config", &config], dir.path());
         let api = Api::new(&process.url);
         Self {
             name: name.to_owned(),
@@ -402,11 +433,27 @@ pub struct Received {
     pub data: Value,
 }
 
+/// One successful connect + subscribe of a [`Subscriber`].
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// When the subscribe was answered, since the subscriber started.
+    pub at: Duration,
+    /// The node it connected to.
+    pub node: String,
+    pub client: String,
+    /// `recovered` of the reply, when it subscribed with recovery (None: a fresh subscribe).
+    pub recovered: Option<bool>,
+    /// The stream's top in the reply (`offset`): live publications continue after it.
+    pub offset: Option<u64>,
+}
+
 /// Everything a [`Subscriber`] saw.
 #[derive(Debug, Default)]
 pub struct SubscriberLog {
     /// The client id of each connection, in order.
     pub client_ids: Vec<String>,
+    /// Each connection, in order.
+    pub sessions: Vec<Session>,
     pub pubs: Vec<Received>,
     /// The epoch of each successful subscribe, in order.
     pub epochs: Vec<String>,
@@ -436,8 +483,9 @@ impl Drop for Subscriber {
     }
 }
 
-/// Connects and subscribes (recovering from `position` when given).
+/// Connects to `node` at `url` and subscribes (recovering from `position` when given).
 async fn session(
+    node: &str,
     url: &str,
     user: &str,
     channel: &str,
@@ -448,11 +496,12 @@ async fn session(
     let (mut socket, _) = tokio_tungstenite::connect_async(url)
         .await
         .map_err(|e| format!("connect to {url}: {e}"))?;
-    let connect = request(
+    let connected = request(
         &mut socket,
         json!({"id": 1, "connect": {"token": token(user)}}),
     )
     .await?;
+    let connect = &connected.reply;
     let client = connect["connect"]["client"]
         .as_str()
         .ok_or_else(|| format!("connect refused: {connect}"))?
@@ -463,18 +512,84 @@ async fn session(
         subscribe["offset"] = json!(offset);
         subscribe["epoch"] = json!(epoch);
     }
-    let reply = request(&mut socket, json!({"id": 2, "subscribe": subscribe})).await?;
+    let subscribed = request(&mut socket, json!({"id": 2, "subscribe": subscribe})).await?;
+    let reply = &subscribed.reply;
     let result = &reply["subscribe"];
     if !result.is_object() {
         return Err(format!("subscribe refused: {reply}"));
     }
+    // What came before the subscribe reply: nothing of the channel may (the server holds its
+    // live publications back until the reply is queued).
+    for line in connected
+        .before
+        .iter()
+        .chain(&connected.after)
+        .chain(&subscribed.before)
+    {
+        let early: Option<Value> = serde_json::from_str(line).ok();
+        if early
+            .as_ref()
+            .is_some_and(|m| m["push"]["channel"] == channel && m["push"]["pub"].is_object())
+        {
+            log.lock().failures.push(format!(
+                "a publication arrived before the subscribe reply: {line}"
+            ));
+            continue;
+        }
+        if !matches!(
+            handle_line(&mut socket, line, channel, log, started).await,
+            Line::Next
+        ) {
+            return Err(format!("unsubscribed or dropped while subscribing: {line}"));
+        }
+    }
+    record_subscribed(node, &client, &position, reply, log, started);
+    // What came right after the reply in its message: the live publications held back while
+    // the subscription recovered, first of all.
+    if !subscribed.after.is_empty() {
+        log.lock().events.push(format!(
+            "{}ms {} more frame(s) in the subscribe reply's message",
+            started.elapsed().as_millis(),
+            subscribed.after.len()
+        ));
+    }
+    for line in &subscribed.after {
+        if !matches!(
+            handle_line(&mut socket, line, channel, log, started).await,
+            Line::Next
+        ) {
+            return Err(format!(
+                "unsubscribed or dropped right after subscribing: {line}"
+            ));
+        }
+    }
+    Ok(socket)
+}
+
+/// Records a successful subscribe (and the publications it recovered).
+fn record_subscribed(
+    node: &str,
+    client: &str,
+    position: &Option<(u64, String)>,
+    reply: &Value,
+    log: &Mutex<SubscriberLog>,
+    started: Instant,
+) {
+    let result = &reply["subscribe"];
     let mut log = log.lock();
     let t = started.elapsed().as_millis();
-    log.client_ids.push(client.clone());
+    log.client_ids.push(client.to_owned());
+    log.sessions.push(Session {
+        at: started.elapsed(),
+        node: node.to_owned(),
+        client: client.to_owned(),
+        recovered: position.as_ref().map(|_| result["recovered"] == true),
+        offset: result["offset"].as_u64(),
+    });
     log.epochs
         .push(result["epoch"].as_str().unwrap_or_default().to_owned());
     log.events.push(format!(
-        "{t}ms connected as {client}, subscribed (recovering from {position:?}): offset {} epoch {} recovered {}",
+        "{t}ms connected to {node} as {client}, subscribed (recovering from {position:?}): offset {} epoch {} recovered {}",
         result["offset"], result["epoch"], result["recovered"]
     ));
     if position.is_some() && result["recovered"] != true {
@@ -492,17 +607,28 @@ async fn session(
             )),
         }
     }
-    Ok(socket)
+}
+
+/// The reply to one command, and every other line the server sent while it was awaited.
+struct Reply {
+    reply: Value,
+    /// Lines before the reply (in earlier messages, or earlier in its message).
+    before: Vec<String>,
+    /// Lines after the reply in its message: the server writes several frames in one message
+    /// (newline-separated), e.g. a subscribe reply and then the live publications it held
+    /// back while the subscription recovered. Dropping them would lose publications.
+    after: Vec<String>,
 }
 
 /// Sends `command` and waits (10 s at most) for the reply with its id.
-async fn request(socket: &mut Socket, command: Value) -> Result<Value, String> {
+async fn request(socket: &mut Socket, command: Value) -> Result<Reply, String> {
     let id = command["id"].clone();
     socket
         .send(Message::text(command.to_string()))
         .await
         .map_err(|e| format!("send: {e}"))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut before = Vec::new();
     loop {
         let message = tokio::time::timeout_at(deadline, socket.next())
             .await
@@ -511,12 +637,18 @@ async fn request(socket: &mut Socket, command: Value) -> Result<Value, String> {
             .map_err(|e| format!("socket error: {e}"))?;
         match message {
             Message::Text(text) => {
-                for line in text.as_str().lines() {
+                let mut lines = text.as_str().lines();
+                while let Some(line) = lines.next() {
                     let reply: Value =
                         serde_json::from_str(line).map_err(|_| format!("not JSON: {line:?}"))?;
                     if reply["id"] == id {
-                        return Ok(reply);
+                        return Ok(Reply {
+                            reply,
+                            before,
+                            after: lines.map(str::to_owned).collect(),
+                        });
                     }
+                    before.push(line.to_owned());
                 }
             }
             Message::Close(frame) => return Err(format!("closed before replying: {frame:?}")),
@@ -557,44 +689,70 @@ async fn read_until_closed(
             _ => continue,
         };
         for line in text.as_str().lines() {
-            let Ok(message) = serde_json::from_str::<Value>(line) else {
-                log.lock().failures.push(format!("not JSON: {line:?}"));
-                continue;
-            };
-            if message == json!({}) {
-                // A ping: answer it.
-                if socket.send(Message::text("{}")).await.is_err() {
-                    return Ended::Closed(1006);
-                }
-                continue;
-            }
-            let push = &message["push"];
-            let publication = &push["pub"];
-            let mut log = log.lock();
-            if publication.is_object() && push["channel"] == channel {
-                match publication["offset"].as_u64() {
-                    Some(offset) => log.pubs.push(Received {
-                        offset,
-                        data: publication["data"].clone(),
-                    }),
-                    None => log
-                        .failures
-                        .push(format!("publication without an offset: {message}")),
-                }
-                continue;
-            }
-            log.events.push(format!(
-                "{}ms push {message}",
-                started.elapsed().as_millis()
-            ));
-            if push.is_object() {
-                log.other_pushes.push(message.clone());
-            }
-            if push["unsubscribe"].is_object() && push["channel"] == channel {
-                return Ended::Unsubscribed;
+            match handle_line(socket, line, channel, log, started).await {
+                Line::Next => {}
+                Line::Unsubscribed => return Ended::Unsubscribed,
+                Line::Dropped => return Ended::Closed(1006),
             }
         }
     }
+}
+
+/// What one line from the server meant for the subscription.
+enum Line {
+    Next,
+    /// An unsubscribe push for the channel.
+    Unsubscribed,
+    /// The connection dropped (answering a ping failed).
+    Dropped,
+}
+
+/// Handles one line (one protocol frame) from the server: answers a ping, records a
+/// publication of `channel` or another push.
+async fn handle_line(
+    socket: &mut Socket,
+    line: &str,
+    channel: &str,
+    log: &Mutex<SubscriberLog>,
+    started: Instant,
+) -> Line {
+    let Ok(message) = serde_json::from_str::<Value>(line) else {
+        log.lock().failures.push(format!("not JSON: {line:?}"));
+        return Line::Next;
+    };
+    if message == json!({}) {
+        // A ping: answer it.
+        if socket.send(Message::text("{}")).await.is_err() {
+            return Line::Dropped;
+        }
+        return Line::Next;
+    }
+    let push = &message["push"];
+    let publication = &push["pub"];
+    let mut log = log.lock();
+    if publication.is_object() && push["channel"] == channel {
+        match publication["offset"].as_u64() {
+            Some(offset) => log.pubs.push(Received {
+                offset,
+                data: publication["data"].clone(),
+            }),
+            None => log
+                .failures
+                .push(format!("publication without an offset: {message}")),
+        }
+        return Line::Next;
+    }
+    log.events.push(format!(
+        "{}ms push {message}",
+        started.elapsed().as_millis()
+    ));
+    if push.is_object() {
+        log.other_pushes.push(message.clone());
+    }
+    if push["unsubscribe"].is_object() && push["channel"] == channel {
+        return Line::Unsubscribed;
+    }
+    Line::Next
 }
 
 impl Subscriber {
@@ -604,13 +762,42 @@ impl Subscriber {
     /// connections to the same node (every 200 ms until one works) that subscribe with
     /// recovery from the last publication received; without it the subscriber stays closed.
     pub async fn start(node: &HeraldNode, user: &str, channel: &str, reconnect: bool) -> Self {
+        let targets = reconnect.then(|| vec![(node.name.clone(), node.ws_url())]);
+        Self::connect(node, user, channel, targets).await
+    }
+
+    /// Like [`start`](Self::start) with reconnect, except that every reconnection goes to
+    /// the nodes of `reconnect_to` (one attempt each, in turn) instead of `node`: a client
+    /// whose load balancer sends it to another node once its node closed it.
+    pub async fn start_moving(
+        node: &HeraldNode,
+        user: &str,
+        channel: &str,
+        reconnect_to: &[&HeraldNode],
+    ) -> Self {
+        assert!(!reconnect_to.is_empty(), "start_moving: no node to move to");
+        let targets = reconnect_to
+            .iter()
+            .map(|node| (node.name.clone(), node.ws_url()))
+            .collect();
+        Self::connect(node, user, channel, Some(targets)).await
+    }
+
+    /// Connects to `node` and subscribes; on a reconnect-close, reconnects to `targets` (name,
+    /// URL) in turn, or stays closed without them.
+    async fn connect(
+        node: &HeraldNode,
+        user: &str,
+        channel: &str,
+        targets: Option<Vec<(String, String)>>,
+    ) -> Self {
         let url = node.ws_url();
         let label = format!("{user}@{}", node.name);
         let started = Instant::now();
         let log = Arc::new(Mutex::new(SubscriberLog::default()));
         let socket = tokio::time::timeout(
             Duration::from_secs(10),
-            session(&url, user, channel, None, &log, started),
+            session(&node.name, &url, user, channel, None, &log, started),
         )
         .await
         .unwrap_or_else(|_| panic!("{label}: connect and subscribe to {channel} took over 10s"))
@@ -619,6 +806,7 @@ impl Subscriber {
             let (log, channel, user) = (log.clone(), channel.to_owned(), user.to_owned());
             tokio::spawn(async move {
                 let mut socket = socket;
+                let mut attempts = 0usize;
                 loop {
                     let ended = read_until_closed(&mut socket, &channel, &log, started).await;
                     let code = match ended {
@@ -628,7 +816,7 @@ impl Subscriber {
                         }
                         Ended::Unsubscribed => None,
                     };
-                    if !reconnect {
+                    let Some(targets) = &targets else {
                         if code.is_none() {
                             // Still connected: keep answering pings.
                             if let Ended::Closed(code) =
@@ -638,7 +826,7 @@ impl Subscriber {
                             }
                         }
                         return;
-                    }
+                    };
                     if let Some(code) = code
                         && (3500..=4999).contains(&code)
                     {
@@ -656,7 +844,11 @@ impl Subscriber {
                             let offset = log.pubs.last().map_or(0, |p| p.offset);
                             (offset, epoch)
                         };
-                        match session(&url, &user, &channel, Some(position), &log, started).await {
+                        let (node, url) = &targets[attempts % targets.len()];
+                        attempts += 1;
+                        match session(node, url, &user, &channel, Some(position), &log, started)
+                            .await
+                        {
                             Ok(socket) => break socket,
                             Err(e) => log.lock().events.push(format!(
                                 "{}ms reconnect failed: {e}",

@@ -1,10 +1,11 @@
 //! Shared test helpers: in-process servers on 127.0.0.1:0 started through the same entry as
 //! `herald serve` ([`herald_server::Server`], this file) and the real binary ([`process`]);
 //! redis-server processes owned by a test ([`redis`]) and clusters of real nodes on them
-//! ([`cluster`]). Each test binary uses a different subset, hence the dead-code allowance.
+//! ([`cluster`]), some in network namespaces of their own ([`netns`]). Each test binary uses a different subset, hence the dead-code allowance.
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod netns;
 pub mod process;
 pub mod redis;
 pub mod subscribe;

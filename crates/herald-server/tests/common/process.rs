@@ -20,7 +20,22 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `herald serve ARGS` and waits for its "listening on" line.
     pub fn start(args: &[&str], cwd: &Path) -> Self {
-        let mut child = Command::new(herald_bin())
+        Self::start_via(&[], args, cwd)
+    }
+
+    /// Starts `PREFIX... herald serve ARGS` (e.g. `ip netns exec NS herald serve ...`: a
+    /// prefix that ends by exec'ing herald, so the child is herald itself) and waits for its
+    /// "listening on" line.
+    pub fn start_via(prefix: &[String], args: &[&str], cwd: &Path) -> Self {
+        let mut command = match prefix.split_first() {
+            None => Command::new(herald_bin()),
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(herald_bin());
+                command
+            }
+        };
+        let mut child = command
             .arg("serve")
             .args(args)
             .current_dir(cwd)

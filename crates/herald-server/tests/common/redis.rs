@@ -1,5 +1,5 @@
-//! Real `redis-server` processes owned by one test: a primary on a free 127.0.0.1 port with its
-//! own temp dir (persistence off, or AOF with `appendfsync always`), that can be SIGKILLed and
+//! Real `redis-server` processes owned by one test: a primary on a free 127.0.0.1 port (and on
+//! other addresses when asked: [`RedisOptions::extra_bind`]) with its own temp dir (persistence off, or AOF with `appendfsync always`), that can be SIGKILLed and
 //! restarted on the same port and dir; replicas of it; and three Sentinels watching it (quorum
 //! 2) for failover tests. Everything is killed on drop.
 //!
@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -213,12 +213,16 @@ fn log_tail(path: &Path, max: usize) -> String {
 // ---------------------------------------------------------------------------------------------
 // One redis-server (or sentinel) process
 
-/// How a [`RedisProcess`] persists.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How a [`RedisProcess`] persists, and where it listens.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RedisOptions {
     /// `appendonly yes` + `appendfsync always`: every acknowledged write survives SIGKILL and
     /// is loaded back by [`RedisProcess::restart`]. Off: no persistence at all (no RDB either).
     pub aof: bool,
+    /// Addresses to listen on besides 127.0.0.1 (same port), e.g. the host side of a
+    /// [`Netns`](super::netns::Netns) link so a node in the namespace can reach it. Each must
+    /// be assigned to an interface already.
+    pub extra_bind: Vec<IpAddr>,
 }
 
 /// A `redis-server` this test owns, on 127.0.0.1:[`port`](Self::port), killed on drop.
@@ -238,7 +242,10 @@ impl RedisProcess {
 
     /// A primary with AOF and `appendfsync always`.
     pub fn start_aof() -> Self {
-        Self::start_with(RedisOptions { aof: true })
+        Self::start_with(RedisOptions {
+            aof: true,
+            ..RedisOptions::default()
+        })
     }
 
     pub fn start_with(options: RedisOptions) -> Self {
@@ -247,7 +254,7 @@ impl RedisProcess {
         } else {
             "appendonly no\n"
         };
-        Self::spawn_with_config(persistence, false)
+        Self::spawn_bound(persistence, false, &options.extra_bind)
     }
 
     /// A replica of `primary` (no persistence), returned once its link to the primary is up.
@@ -273,6 +280,16 @@ impl RedisProcess {
     /// and starts the server (a Sentinel with `sentinel`), retrying on another port if the
     /// chosen one was taken in between.
     fn spawn_with_config(extra: &str, sentinel: bool) -> Self {
+        Self::spawn_bound(extra, sentinel, &[])
+    }
+
+    /// [`spawn_with_config`](Self::spawn_with_config), listening on `extra_bind` as well as
+    /// 127.0.0.1.
+    fn spawn_bound(extra: &str, sentinel: bool, extra_bind: &[IpAddr]) -> Self {
+        let bind: String = std::iter::once("127.0.0.1".to_owned())
+            .chain(extra_bind.iter().map(IpAddr::to_string))
+            .collect::<Vec<_>>()
+            .join(" ");
         let bin = redis_server_bin();
         let mut last_failure = String::new();
         for _ in 0..5 {
@@ -287,7 +304,7 @@ impl RedisProcess {
                 "redis.conf"
             });
             let text = format!(
-                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {dir}\nlogfile {log}\nsave \"\"\n{extra}",
+                "port {port}\nbind {bind}\nprotected-mode no\ndaemonize no\ndir {dir}\nlogfile {log}\nsave \"\"\n{extra}",
                 dir = dir.path().display(),
                 log = dir.path().join("redis.log").display(),
             );
@@ -362,6 +379,12 @@ impl RedisProcess {
     /// `redis://127.0.0.1:PORT`, as `redis.addresses` takes it.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis://IP:PORT`: the same server on another of its addresses (see
+    /// [`RedisOptions::extra_bind`]).
+    pub fn url_on(&self, ip: IpAddr) -> String {
+        format!("redis://{ip}:{}", self.port)
     }
 
     pub fn dir(&self) -> &Path {
