@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::publish::{Latency, ServerUsage, sample_usage};
 use crate::publisher::{self, PublishOutcome, PublisherConfig};
+use crate::redisstat::{self, RedisCommands};
 use crate::spawn::{self, WorkerSet, WorkerSpec};
 use crate::sysstat::{self, CoreUsage};
 use crate::target::{PeerArgs, Target};
@@ -37,9 +38,12 @@ pub enum Mode {
 /// Flags of `herald-bench fanout`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FanoutArgs {
-    /// Server base URL, e.g. http://127.0.0.1:8000.
-    #[arg(long)]
-    pub url: String,
+    /// Server base URL, e.g. http://127.0.0.1:8000. Several (comma-separated or the flag
+    /// repeated), e.g. the nodes of a cluster: the subscribers are spread evenly over them,
+    /// in order (the first share on the first), and publications go to the first (unless
+    /// `--publish-url`).
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub url: Vec<String>,
     /// Server API key (sent as X-API-Key; Herald only).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -56,6 +60,10 @@ pub struct FanoutArgs {
     /// Subscribers in total.
     #[arg(long, default_value_t = 1000)]
     pub subscribers: usize,
+    /// Broadcast over this many channels: subscriber i on channel i mod N, publications
+    /// taking the channels in turn (personal: one channel per subscriber, always).
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
     /// Publications per second, in total over all channels.
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,
@@ -91,6 +99,9 @@ pub struct FanoutArgs {
     /// Longest wait for every subscriber to be subscribed.
     #[arg(long, default_value = "120s", value_parser = crate::parse_duration)]
     pub setup_timeout: Duration,
+    /// Hold every subscriber idle this long once all are subscribed, before publishing.
+    #[arg(long, default_value = "0s", value_parser = crate::parse_duration)]
+    pub hold: Duration,
     /// Publisher keep-alive connections (requests in flight at most).
     #[arg(long, default_value_t = 8)]
     pub publisher_connections: usize,
@@ -104,9 +115,19 @@ pub struct FanoutArgs {
     #[arg(long)]
     pub cpu: Option<usize>,
     /// Also report this process's CPU and memory over the measured window (the server's; its
-    /// child processes included, for servers made of several).
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// child processes included, for servers made of several). Several (comma-separated or
+    /// repeated), e.g. the nodes of a cluster: their use is added up.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+    /// Processes measured apart from the server (e.g. the Redis behind a cluster; with
+    /// descendants, added up): `aux` in the report.
+    #[arg(long, value_delimiter = ',')]
+    pub aux_pid: Vec<u32>,
+    /// Redis shards (`redis://host:port`, comma-separated or repeated) whose
+    /// `INFO commandstats` is read at both edges of the measured window: the commands the
+    /// nodes sent per publication.
+    #[arg(long, value_delimiter = ',')]
+    pub redis: Vec<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -137,16 +158,34 @@ impl std::fmt::Display for Setup {
     }
 }
 
+/// The subscribers of one server URL (with several `--url`).
+#[derive(Debug, Serialize)]
+pub struct UrlShare {
+    pub url: String,
+    pub subscribers: usize,
+    pub subscribed: u64,
+    /// Deliveries of publications sent inside the window.
+    pub deliveries: u64,
+    pub missed: u64,
+    pub latency: Latency,
+}
+
 /// What one run measured.
 #[derive(Debug, Serialize)]
 pub struct FanoutReport {
     pub scenario: &'static str,
     pub target: Target,
+    /// The server URLs, comma-separated.
     pub url: String,
+    /// Where publications went.
+    pub publish_url: String,
     pub transport: Transport,
     pub mode: Mode,
     pub subscribers: usize,
     pub channels: usize,
+    /// Per server URL, in order (only with several).
+    pub by_url: Vec<UrlShare>,
+    pub hold_s: f64,
     pub workers: usize,
     pub source_addrs: usize,
     pub payload_bytes: usize,
@@ -188,14 +227,22 @@ pub struct FanoutReport {
     pub server: Option<ServerUsage>,
     /// The server's CPU per delivery, µs (`server.cpu_us_per_publication` is per publication).
     pub server_cpu_us_per_delivery: f64,
+    /// The `--aux-pid` processes over the window.
+    pub aux: Option<ServerUsage>,
+    pub aux_cpu_us_per_delivery: f64,
+    /// The commands the `--redis` shards ran over the window.
+    pub redis: Option<RedisCommands>,
     pub cores: Vec<CoreUsage>,
     /// CPU of every other user-space process on the machine over the window (not the server,
-    /// not the load generator), percent of one core: what competed.
+    /// not the load generator, not the `--aux-pid` processes), percent of one core: what
+    /// competed.
     pub other_processes_cpu_percent: f64,
 }
 
 /// Histogram from the workers' (value, count) pairs.
-pub fn merge_latency(reports: &[WorkerReport]) -> anyhow::Result<Histogram<u64>> {
+pub fn merge_latency<'a>(
+    reports: impl IntoIterator<Item = &'a WorkerReport>,
+) -> anyhow::Result<Histogram<u64>> {
     let mut histogram =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("cannot create histogram")?;
     for report in reports {
@@ -257,13 +304,22 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     if args.subscribers == 0 || args.rate <= 0.0 || args.batch == 0 || args.duration.is_zero() {
         bail!("--subscribers, --rate, --batch and --duration must be above 0");
     }
+    if args.url.is_empty() {
+        bail!("--url is required");
+    }
     let channels = match args.mode {
-        Mode::Broadcast => 1,
+        Mode::Broadcast if args.channels == 0 || args.channels > args.subscribers => {
+            bail!("--channels must be between 1 and --subscribers")
+        }
+        Mode::Broadcast => args.channels,
+        Mode::Personal if args.channels != 1 => {
+            bail!("--channels is for broadcast (personal: one channel per subscriber)")
+        }
         Mode::Personal => args.subscribers,
     };
     let prefix = args.prefix.clone().unwrap_or_else(|| unique_prefix("fan"));
     let transport = args.target.transport(args.transport);
-    let publish_url = args.peer.publish_url.as_deref().unwrap_or(&args.url);
+    let publish_url = args.peer.publish_url.as_deref().unwrap_or(&args.url[0]);
     let publish_url = match publish_url.strip_prefix("nats://") {
         Some(rest) => format!("http://{rest}"),
         None => publish_url.to_owned(),
@@ -290,7 +346,7 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     publisher::probe(&publisher, &format!("{prefix}-probe")).await?;
 
     let spec = WorkerSpec {
-        url: args.url.clone(),
+        url: args.url[0].clone(),
         transport,
         prefix,
         channels,
@@ -299,9 +355,35 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         connect_only: false,
         app_key: args.peer.app_key.clone(),
     };
-    let plans = spawn::plan(0, args.subscribers, args.per_worker, args.source_addrs, 0);
+    // Subscribers split evenly over the URLs, in order; workers numbered on across them, so
+    // they take the source addresses in turn.
     let setup_started = Instant::now();
-    let mut workers = WorkerSet::spawn(&spec, &plans)?;
+    let mut workers = WorkerSet::default();
+    let mut worker_url = Vec::new();
+    let mut url_subscribers = Vec::new();
+    let (base, extra) = (
+        args.subscribers / args.url.len(),
+        args.subscribers % args.url.len(),
+    );
+    let mut first = 0;
+    for (k, url) in args.url.iter().enumerate() {
+        let count = base + usize::from(k < extra);
+        let plans = spawn::plan(
+            first,
+            count,
+            args.per_worker,
+            args.source_addrs,
+            worker_url.len(),
+        );
+        let spec = WorkerSpec {
+            url: url.clone(),
+            ..spec.clone()
+        };
+        workers.extend(WorkerSet::spawn(&spec, &plans)?);
+        worker_url.extend(std::iter::repeat_n(k, plans.len()));
+        url_subscribers.push(count);
+        first += count;
+    }
     let readies = workers.ready(args.setup_timeout).await?;
     let setup_s = setup_started.elapsed().as_secs_f64();
     let subscribed: u64 = readies.iter().map(|r| r.subscribed).sum();
@@ -319,6 +401,10 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         );
     }
 
+    if !args.hold.is_zero() {
+        tokio::time::sleep(args.hold).await;
+    }
+
     let start = Instant::now();
     let start_ns = crate::push::now_ns();
     let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -327,7 +413,23 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     let from_ns = start_ns + nanos(args.warmup);
     let to_ns = from_ns + nanos(args.duration);
     workers.send(&Command::Window { from_ns, to_ns }).await?;
-    let sampler = tokio::spawn(sample_usage(args.server_pid, from, end));
+    let sampler = tokio::spawn(sample_usage(
+        args.server_pid.clone(),
+        args.aux_pid.clone(),
+        from,
+        end,
+    ));
+    let redis_urls = args.redis.clone();
+    let redis_window = tokio::spawn(async move {
+        if redis_urls.is_empty() {
+            return Ok(None);
+        }
+        tokio::time::sleep_until(from.into()).await;
+        let before = redisstat::commandstats_all(&redis_urls).await?;
+        tokio::time::sleep_until(end.into()).await;
+        let after = redisstat::commandstats_all(&redis_urls).await?;
+        anyhow::Ok(Some((before, after)))
+    });
     let everything = tokio::spawn(async move {
         tokio::time::sleep_until(from.into()).await;
         let start = (Instant::now(), sysstat::all_processes_cpu_seconds());
@@ -338,6 +440,10 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     let outcome = publisher::run(publisher.clone(), start, end, (from_ns, to_ns)).await?;
     let usage = sampler.await.context("sampler task panicked")??;
     let everything_percent = everything.await.context("sampler task panicked")?;
+    let redis_window = redis_window
+        .await
+        .context("Redis sampler task panicked")?
+        .context("cannot read the Redis command counts")?;
     let final_offsets = outcome.final_offsets.clone();
     let drain_s = drain(&mut workers, &final_offsets, args.drain, args.drain_max).await?;
     let worker_count = workers.len();
@@ -345,6 +451,34 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
 
     let seconds = args.duration.as_secs_f64();
     let histogram = merge_latency(&reports)?;
+    let by_url = if args.url.len() > 1 {
+        let mut shares = Vec::with_capacity(args.url.len());
+        for (k, url) in args.url.iter().enumerate() {
+            let mine = |i: &usize| worker_url.get(*i) == Some(&k);
+            let own: Vec<&WorkerReport> = reports
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mine(i))
+                .map(|(_, r)| r)
+                .collect();
+            shares.push(UrlShare {
+                url: url.clone(),
+                subscribers: url_subscribers[k],
+                subscribed: readies
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| mine(i))
+                    .map(|(_, r)| r.subscribed)
+                    .sum(),
+                deliveries: own.iter().map(|r| r.deliveries_in_window).sum(),
+                missed: own.iter().map(|r| r.missed).sum(),
+                latency: latency_of(&merge_latency(own.iter().copied())?),
+            });
+        }
+        shares
+    } else {
+        Vec::new()
+    };
     let deliveries: u64 = reports.iter().map(|r| r.deliveries_in_window).sum();
     let deliveries_per_sec = deliveries as f64 / seconds;
     let publications_per_sec = outcome.publications_in_window as f64 / seconds;
@@ -366,7 +500,8 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     let other_processes_cpu_percent = (everything_percent
         - usage.loadgen_cpu_percent
         - subscribers_cpu
-        - server.as_ref().map_or(0.0, |s| s.cpu_percent))
+        - server.as_ref().map_or(0.0, |s| s.cpu_percent)
+        - usage.aux.as_ref().map_or(0.0, |a| a.cpu_percent))
     .max(0.0);
     let server_cpu_us_per_delivery = server
         .as_ref()
@@ -374,14 +509,32 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     if let Some(server) = &mut server {
         server.cpu_us_per_publication = per(server.cpu_percent, publications_per_sec);
     }
+    let mut aux = usage.aux;
+    let aux_cpu_us_per_delivery = aux
+        .as_ref()
+        .map_or(0.0, |a| per(a.cpu_percent, deliveries_per_sec));
+    if let Some(aux) = &mut aux {
+        aux.cpu_us_per_publication = per(aux.cpu_percent, publications_per_sec);
+    }
+    let redis = redis_window.map(|(before, after)| {
+        RedisCommands::between(
+            args.redis.len(),
+            &before,
+            &after,
+            outcome.publications_in_window,
+        )
+    });
     Ok(FanoutReport {
         scenario: "fanout",
         target: args.target,
-        url: args.url.clone(),
+        url: args.url.join(","),
+        publish_url,
         transport,
         mode: args.mode,
         subscribers: args.subscribers,
         channels,
+        by_url,
+        hold_s: args.hold.as_secs_f64(),
         workers: worker_count,
         source_addrs: args.source_addrs.min(worker_count),
         payload_bytes: args.payload,
@@ -415,6 +568,9 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         loadgen_cpu: args.cpu,
         server,
         server_cpu_us_per_delivery,
+        aux,
+        aux_cpu_us_per_delivery,
+        redis,
         cores: usage.cores,
         other_processes_cpu_percent,
         setup,
@@ -501,12 +657,50 @@ impl FanoutReport {
         );
         if let Some(server) = &self.server {
             println!(
-                "  server pid {}:  {:.0}% CPU, {:.2} µs CPU/delivery, RSS {:.1} MiB (peak {:.1} MiB)",
-                server.pid,
+                "  server pid {:?}:  {:.0}% CPU, {:.2} µs CPU/delivery, RSS {:.1} MiB (peak {:.1} MiB)",
+                server.pids,
                 server.cpu_percent,
                 self.server_cpu_us_per_delivery,
                 server.rss_bytes_end as f64 / 1048576.0,
                 server.rss_bytes_peak as f64 / 1048576.0
+            );
+        }
+        for share in &self.by_url {
+            let l = &share.latency;
+            println!(
+                "  via {}: {} of {} subscribed, {} deliveries, missed {}, p50 {} p99 {} max {}",
+                share.url,
+                share.subscribed,
+                share.subscribers,
+                share.deliveries,
+                share.missed,
+                ms(l.p50_us),
+                ms(l.p99_us),
+                ms(l.max_us)
+            );
+        }
+        if let Some(aux) = &self.aux {
+            println!(
+                "  aux pids {:?}: {:.0}% CPU, {:.2} µs CPU/delivery, {:.2} µs CPU/publication, RSS {:.1} MiB",
+                aux.pids,
+                aux.cpu_percent,
+                self.aux_cpu_us_per_delivery,
+                aux.cpu_us_per_publication,
+                aux.rss_bytes_end as f64 / 1048576.0
+            );
+        }
+        if let Some(redis) = &self.redis {
+            let calls: Vec<String> = redis
+                .per_publication
+                .iter()
+                .map(|(name, per)| format!("{name} {per:.3}"))
+                .collect();
+            println!(
+                "  redis ({} shard(s)), calls per publication: scripts {:.3}, all {:.3} ({})",
+                redis.shards,
+                redis.scripts_per_publication,
+                redis.all_per_publication,
+                calls.join(", ")
             );
         }
         let cores: Vec<String> = self

@@ -14,6 +14,7 @@ mod publisher;
 mod push;
 mod pusher;
 mod rawhttp;
+mod redisstat;
 mod spawn;
 mod sseclient;
 mod storm;
@@ -48,7 +49,7 @@ enum Command {
     Summarize(summary::SummarizeArgs),
     /// Subscribers over WebSocket or SSE (in worker processes), a publisher at a fixed rate:
     /// deliveries/s, publish-to-receive latency, missed/duplicate publications.
-    Fanout(fanout::FanoutArgs),
+    Fanout(Box<fanout::FanoutArgs>),
     /// Server memory per idle subscribed connection (RSS growth ÷ connections).
     Idle(idle::IdleArgs),
     /// Markdown table rows (or the header) from `fanout --json` / `idle --json` reports.

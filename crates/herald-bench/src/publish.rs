@@ -92,7 +92,10 @@ pub struct Latency {
 /// The server's resource use over the measured window.
 #[derive(Debug, Serialize)]
 pub struct ServerUsage {
+    /// The first process measured.
     pub pid: u32,
+    /// Every process measured (each with its descendants); their use is added up.
+    pub pids: Vec<u32>,
     /// Percent of one core (above 100 when it used several).
     pub cpu_percent: f64,
     /// RSS when measuring ended.
@@ -461,48 +464,98 @@ async fn connection_loop(
 pub(crate) struct Usage {
     pub(crate) loadgen_cpu_percent: f64,
     pub(crate) server: Option<ServerUsage>,
+    /// Other processes measured apart from the server (e.g. the Redis behind a cluster).
+    pub(crate) aux: Option<ServerUsage>,
     pub(crate) cores: Vec<CoreUsage>,
 }
 
-/// Samples this process's CPU, `server_pid`'s CPU and RSS (with its descendants'; peak every 250 ms) and every
-/// core's use from `measure_from` to `end`. Also used by the fan-out scenario.
+/// CPU and RSS of several process trees added up, from `start` on.
+struct TreeSet {
+    pids: Vec<u32>,
+    start: Option<CpuSample>,
+    peak: u64,
+}
+
+impl TreeSet {
+    fn begin(pids: Vec<u32>) -> anyhow::Result<Self> {
+        let start = Self::cpu(&pids)?;
+        Ok(Self {
+            pids,
+            start,
+            peak: 0,
+        })
+    }
+
+    /// Every tree's CPU time in one sample (`None`: no process given).
+    fn cpu(pids: &[u32]) -> anyhow::Result<Option<CpuSample>> {
+        let mut total: Option<CpuSample> = None;
+        for &pid in pids {
+            let sample = CpuSample::read_tree(pid)?;
+            total = Some(match total {
+                Some(sum) => sum.plus(&sample),
+                None => sample,
+            });
+        }
+        Ok(total)
+    }
+
+    fn rss(&self) -> anyhow::Result<u64> {
+        self.pids
+            .iter()
+            .map(|&pid| sysstat::tree_rss_bytes(pid))
+            .sum()
+    }
+
+    fn sample_rss(&mut self) -> anyhow::Result<()> {
+        if !self.pids.is_empty() {
+            self.peak = self.peak.max(self.rss()?);
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> anyhow::Result<Option<ServerUsage>> {
+        let (Some(start), Some(end)) = (self.start, Self::cpu(&self.pids)?) else {
+            return Ok(None);
+        };
+        let rss = self.rss()?;
+        Ok(Some(ServerUsage {
+            pid: self.pids[0],
+            pids: self.pids,
+            cpu_percent: end.percent_since(&start),
+            rss_bytes_end: rss,
+            rss_bytes_peak: self.peak.max(rss),
+            // Filled in once the publications are counted.
+            cpu_us_per_publication: 0.0,
+        }))
+    }
+}
+
+/// Samples this process's CPU, the server's CPU and RSS (every process of `server_pids`, each
+/// with its descendants; peak every 250 ms), the same for `aux_pids` apart, and every core's
+/// use from `measure_from` to `end`. Also used by the fan-out scenario.
 pub(crate) async fn sample_usage(
-    server_pid: Option<u32>,
+    server_pids: Vec<u32>,
+    aux_pids: Vec<u32>,
     measure_from: Instant,
     end: Instant,
 ) -> anyhow::Result<Usage> {
     tokio::time::sleep_until(measure_from.into()).await;
     let system_start = SystemSample::read()?;
     let self_start = CpuSample::read(None)?;
-    let server_start = server_pid.map(CpuSample::read_tree).transpose()?;
-    let mut peak = 0u64;
+    let mut server = TreeSet::begin(server_pids)?;
+    let mut aux = TreeSet::begin(aux_pids)?;
     let mut interval = tokio::time::interval(Duration::from_millis(250));
     while Instant::now() < end {
         interval.tick().await;
-        if let Some(pid) = server_pid {
-            peak = peak.max(sysstat::tree_rss_bytes(pid)?);
-        }
+        server.sample_rss()?;
+        aux.sample_rss()?;
     }
     let self_end = CpuSample::read(None)?;
     let cores = SystemSample::read()?.usage_since(&system_start);
-    let server = match (server_pid, server_start) {
-        (Some(pid), Some(start)) => {
-            let cpu = CpuSample::read_tree(pid)?;
-            let rss = sysstat::tree_rss_bytes(pid)?;
-            Some(ServerUsage {
-                pid,
-                cpu_percent: cpu.percent_since(&start),
-                rss_bytes_end: rss,
-                rss_bytes_peak: peak.max(rss),
-                // Filled in once the publications are counted.
-                cpu_us_per_publication: 0.0,
-            })
-        }
-        _ => None,
-    };
     Ok(Usage {
         loadgen_cpu_percent: self_end.percent_since(&self_start),
-        server,
+        server: server.finish()?,
+        aux: aux.finish()?,
         cores,
     })
 }
@@ -612,7 +665,12 @@ pub async fn run(args: &PublishArgs) -> anyhow::Result<PublishReport> {
     let start = Instant::now();
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
-    let sampler = tokio::spawn(sample_usage(args.server_pid, measure_from, end));
+    let sampler = tokio::spawn(sample_usage(
+        args.server_pid.into_iter().collect(),
+        Vec::new(),
+        measure_from,
+        end,
+    ));
     let tasks: Vec<_> = connections
         .into_iter()
         .map(|connection| {

@@ -138,6 +138,7 @@ struct Worker {
 }
 
 /// Running workers.
+#[derive(Default)]
 pub struct WorkerSet {
     workers: Vec<Worker>,
 }
@@ -195,6 +196,11 @@ impl WorkerSet {
 
     pub fn len(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Takes `other`'s workers in after this set's own (e.g. workers of another server URL).
+    pub fn extend(&mut self, other: WorkerSet) {
+        self.workers.extend(other.workers);
     }
 
     /// Waits for every worker's `ready` (all its subscribers set up or failed).

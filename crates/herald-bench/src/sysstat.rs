@@ -61,6 +61,15 @@ impl CpuSample {
         Ok(total)
     }
 
+    /// Two samples taken together (of different processes) as one: their CPU times added,
+    /// the later reading time.
+    pub fn plus(&self, other: &Self) -> Self {
+        Self {
+            seconds: self.seconds + other.seconds,
+            at: self.at.max(other.at),
+        }
+    }
+
     /// CPU used between `earlier` and `self`, as a percentage of one core (above 100 when
     /// several threads ran at once).
     pub fn percent_since(&self, earlier: &Self) -> f64 {
