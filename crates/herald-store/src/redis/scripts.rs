@@ -114,11 +114,14 @@ end
 local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', size, '0-' .. offset, 'x', ARGV[9], 'p', ARGV[1])
 local now = tonumber(ARGV[8])
-local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 16)
-for _, entry in ipairs(head) do
-  local expires = tonumber(entry[2][2])
+-- Expired entries are at the head: look at one entry at a time (most publishes find the
+-- head alive at the first look; reading 16 entries with their payloads cost Redis ~25 us).
+for _ = 1, 16 do
+  local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  if #head == 0 then break end
+  local expires = tonumber(head[1][2][2])
   if expires ~= 0 and expires <= now then
-    redis.call('XDEL', KEYS[1], entry[1])
+    redis.call('XDEL', KEYS[1], head[1][1])
   else
     break
   end
