@@ -286,9 +286,8 @@ impl Task {
                         return StoreError::Unavailable("pub/sub connection closed".into());
                     };
                     last_heard = Instant::now();
-                    let channel = message.get_channel_name().to_owned();
                     let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-                    self.on_message(&channel, payload).await;
+                    self.on_message(message.get_channel_name(), payload).await;
                 }
                 _ = probe.tick() => {
                     if last_heard.elapsed() >= self.timing.ping_interval {
