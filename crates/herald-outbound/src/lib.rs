@@ -8,4 +8,6 @@
 //! May touch: the network (providers' HTTP APIs, SMTP) and the ports it is given (the queue,
 //! the device registry). Never the node's stores directly.
 
+pub mod push;
 pub mod sender;
+pub mod worker;

@@ -1,0 +1,128 @@
+//! The `push.<provider>` jobs: one attempt to hand one notification to its provider, and what
+//! follows from the answer — recorded, retried, or the device removed because its token is
+//! dead (token hygiene, as each provider's documentation asks).
+//!
+//! Owns: [`DeliveryHandler`] and [`AnySender`], the object-safe face of a provider's
+//! [`Sender`] that takes the notification as the job stored it.
+//!
+//! May touch: the device registry (removing dead tokens) and the sender.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use herald_core::device::{DeviceStore, Provider};
+use herald_core::outbound::Job;
+use herald_core::time::now_ms;
+use serde::de::DeserializeOwned;
+
+use super::{Delivery, PushStats};
+use crate::sender::{SendError, Sender, Sent, Target};
+use crate::worker::{JobHandler, JobResult};
+
+/// A [`Sender`] that takes its notification as JSON.
+#[async_trait]
+pub trait AnySender: Send + Sync + 'static {
+    async fn send_json(
+        &self,
+        target: &Target,
+        notification: &serde_json::Value,
+    ) -> Result<Sent, SendError>;
+}
+
+#[async_trait]
+impl<S> AnySender for S
+where
+    S: Sender,
+    S::Notification: DeserializeOwned,
+{
+    async fn send_json(
+        &self,
+        target: &Target,
+        notification: &serde_json::Value,
+    ) -> Result<Sent, SendError> {
+        let notification = <S::Notification as serde::Deserialize>::deserialize(notification)
+            .map_err(|e| SendError::Rejected {
+                reason: format!("malformed {} notification: {e}", target.provider),
+            })?;
+        self.send(target, &notification).await
+    }
+}
+
+/// Delivers one provider's jobs.
+pub struct DeliveryHandler {
+    pub provider: Provider,
+    pub sender: Option<Arc<dyn AnySender>>,
+    pub devices: Arc<dyn DeviceStore>,
+    pub stats: Arc<PushStats>,
+}
+
+#[async_trait]
+impl JobHandler for DeliveryHandler {
+    async fn run(&self, job: &Job) -> JobResult {
+        let delivery: Delivery = match serde_json::from_slice(&job.payload) {
+            Ok(delivery) => delivery,
+            Err(error) => {
+                return JobResult::Failed {
+                    reason: format!("unreadable delivery: {error}"),
+                };
+            }
+        };
+        let Some(sender) = &self.sender else {
+            PushStats::count(&self.stats.failed, self.provider);
+            return JobResult::Failed {
+                reason: format!("no {} credentials are configured", self.provider),
+            };
+        };
+        match sender
+            .send_json(&delivery.target, &delivery.notification)
+            .await
+        {
+            Ok(sent) => {
+                PushStats::count(&self.stats.sent, self.provider);
+                JobResult::Done {
+                    detail: sent.message_id,
+                }
+            }
+            Err(SendError::Retry { reason, after }) => {
+                PushStats::count(&self.stats.retried, self.provider);
+                JobResult::Retry { reason, after }
+            }
+            Err(SendError::Unregistered { reason, since }) => {
+                PushStats::count(&self.stats.failed, self.provider);
+                let reason = self.forget(&delivery, &reason, since).await;
+                JobResult::Failed { reason }
+            }
+            Err(SendError::Rejected { reason } | SendError::NotConfigured { reason }) => {
+                PushStats::count(&self.stats.failed, self.provider);
+                JobResult::Failed { reason }
+            }
+        }
+    }
+}
+
+impl DeliveryHandler {
+    /// Removes the registered device whose token the provider declared dead (unless it
+    /// re-registered after `since`); returns the reason to record.
+    async fn forget(&self, delivery: &Delivery, reason: &str, since: Option<u64>) -> String {
+        let (Some(_), crate::sender::Destination::Token(token)) =
+            (&delivery.device, &delivery.target.to)
+        else {
+            return format!("unregistered: {reason}");
+        };
+        match self
+            .devices
+            .remove_token(self.provider, token, reason, since, now_ms())
+            .await
+        {
+            Ok(Some(_)) => {
+                PushStats::count(&self.stats.removed_devices, self.provider);
+                format!("unregistered: {reason}; device removed")
+            }
+            Ok(None) => format!("unregistered: {reason}; device kept (re-registered since)"),
+            Err(error) => {
+                tracing::warn!(%error, provider = %self.provider, "removing a dead token failed");
+                format!("unregistered: {reason}; removing the device failed: {error}")
+            }
+        }
+    }
+}
