@@ -266,18 +266,16 @@ impl SendPush {
             return Err("notification has nothing to send (no fcm, apns, webpush or email)".into());
         }
         if let Some(limits) = &self.limit_strategy {
-            if let Some(rate) = &limits.rate_limit {
-                if rate.policies.is_empty()
+            if let Some(rate) = &limits.rate_limit
+                && (rate.policies.is_empty()
                     || rate
                         .policies
                         .iter()
-                        .any(|p| p.rate == 0 || p.interval_ms == 0)
-                {
-                    return Err(
-                        "limit_strategy.rate_limit needs policies with rate and interval_ms > 0"
-                            .into(),
-                    );
-                }
+                        .any(|p| p.rate == 0 || p.interval_ms == 0))
+            {
+                return Err(
+                    "limit_strategy.rate_limit needs policies with rate and interval_ms > 0".into(),
+                );
             }
             if let Some(time) = &limits.time_limit {
                 crate::push::limits::parse_time(&time.send_after_time)?;
