@@ -51,6 +51,8 @@ pub struct AppState {
     pub tokens: Arc<TokenVerifier>,
     /// `server.trusted_proxies`: whose forwarded header names the client.
     pub proxy_trust: Arc<crate::forwarded::ProxyTrust>,
+    /// Push notifications, with `[push] enabled = true`.
+    pub push: Option<Arc<crate::push::PushRuntime>>,
 }
 
 /// The OpenAPI document of the server API (also at `docs/openapi.json`).

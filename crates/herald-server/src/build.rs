@@ -273,7 +273,9 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
     let realtime = Arc::new(
         RealtimeState::new(node.clone(), tokens.clone(), realtime_config).with_proxy(parts.proxy),
     );
+    let push = build_push(&config).await?;
     let state = Arc::new(AppState {
+        push,
         node,
         cluster,
         api_keys: parking_lot::RwLock::new(parts.api_keys),
@@ -301,6 +303,15 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
         generated_key,
     };
     Ok(Built { state, reloader })
+}
+
+/// The push runtime, with `[push] enabled = true`: the registry and queue live where history
+/// does (the data folder with SQLite, memory with the memory engine, Redis in a cluster).
+async fn build_push(config: &Config) -> Result<Option<Arc<crate::push::PushRuntime>>, BuildError> {
+    if !config.push.enabled {
+        return Ok(None);
+    }
+    Err(BuildError::Unsupported("push"))
 }
 
 /// The memory this process may use: the cgroup's limit (v2 `memory.max`, v1

@@ -37,6 +37,8 @@ pub struct Config {
     pub namespaces: Vec<NamedNamespace>,
     /// The application's backend, asked about connects, subscriptions, publications, rpc.
     pub proxy: ProxyConfig,
+    /// Push notifications (FCM, APNs, Web Push, email) and the device registry.
+    pub push: crate::push::PushConfig,
 }
 
 /// `[proxy]`: HTTP endpoints of the application's backend (Centrifugo's proxy format). An
@@ -548,6 +550,7 @@ impl Config {
                 "token.hmac_secret must be at least 32 characters".into(),
             ));
         }
+        self.push.validate().map_err(ConfigError::Invalid)?;
         let cert = !self.server.tls_cert_file.as_os_str().is_empty();
         let key = !self.server.tls_key_file.as_os_str().is_empty();
         if cert != key {
@@ -623,7 +626,7 @@ impl Config {
 }
 
 /// The top-level keys of [`Config`]: a `HERALD_<SECTION>__<KEY>` variable addresses one.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "server",
     "api",
     "token",
@@ -635,6 +638,7 @@ const SECTIONS: [&str; 11] = [
     "namespace",
     "namespaces",
     "proxy",
+    "push",
 ];
 
 /// What a `HERALD_*` variable is, from its name without the prefix and its value.

@@ -16,6 +16,7 @@ pub mod listener;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;
+pub mod push;
 pub mod secrets;
 pub mod server;
 pub mod tls;

@@ -94,6 +94,7 @@ impl Server {
             }
         };
         state.ready.store(true, Ordering::SeqCst);
+        let mut push_tasks = state.push.as_ref().map(|push| push.start());
         #[cfg(feature = "redis")]
         let heartbeat = tokio::spawn(crate::cluster::Cluster::run(state.clone()));
         let mut serving = tokio::spawn(crate::app::serve(listener, state.clone(), stop));
@@ -120,6 +121,18 @@ impl Server {
                 && let Err(error) = cluster.registry.leave(state.node.uid()).await
             {
                 tracing::warn!(%error, "could not leave the node registry");
+            }
+        }
+        if let (Some(push), Some(tasks)) = (&state.push, push_tasks.as_mut()) {
+            // Sends in flight finish and are recorded; what is still queued stays queued.
+            push.stop();
+            let drained = async { while tasks.join_next().await.is_some() {} };
+            if tokio::time::timeout(drain_timeout.max(Duration::from_secs(1)), drained)
+                .await
+                .is_err()
+            {
+                tracing::warn!("push sends did not finish in time; their leases will expire");
+                tasks.abort_all();
             }
         }
         let flush_timeout = Duration::from_secs(5).max(drain_timeout);

@@ -34,7 +34,7 @@ const METHODS: &[&str] = &[
 ];
 
 pub fn is_known(method: &str) -> bool {
-    METHODS.contains(&method)
+    METHODS.contains(&method) || crate::push::api::is_method(method)
 }
 
 fn parse<T: DeserializeOwned>(params: &RawValue) -> Result<T, ApiError> {
@@ -198,6 +198,9 @@ pub async fn call(
                     .collect();
             }
             encode(&InfoResult { nodes })
+        }
+        push if crate::push::api::is_method(push) => {
+            crate::push::api::call(state, push, params).await
         }
         other => Err(ApiError::new(
             StatusCode::NOT_FOUND,

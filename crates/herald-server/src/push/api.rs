@@ -1,0 +1,759 @@
+//! The push methods of the server API, in Centrifugo PRO's shape so that `cent` and `cent.js`
+//! call them unchanged: the device registry (`device_*`, `*_topic_*`), `send_push_notification`,
+//! `cancel_push`, `update_push_status` — and Herald's own `push_status` and `device_removals`.
+//!
+//! Owns: the wire types of these methods and their mapping to the registry and the
+//! [`PushService`](herald_outbound::push::PushService).
+//!
+//! May touch: the push runtime in the application state.
+
+use std::collections::BTreeMap;
+
+use herald_core::device::{
+    Device, DeviceError, DeviceFilter, DeviceRegistration, DeviceTopicFilter, DeviceUpdate, Page,
+    PageRequest, Platform, Provider, TopicOp, UserTopicFilter,
+};
+use herald_core::error::{ErrorCode, HeraldError};
+use herald_core::outbound::{JobState, JobStatus, QueueError, StatusFilter};
+use herald_core::time::now_ms;
+use herald_outbound::push::{PushError, SendPush};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::PushRuntime;
+use crate::api::ApiError;
+use crate::app::AppState;
+
+pub const METHODS: &[&str] = &[
+    "device_register",
+    "device_update",
+    "device_remove",
+    "device_list",
+    "device_topic_list",
+    "device_topic_update",
+    "user_topic_list",
+    "user_topic_update",
+    "send_push_notification",
+    "update_push_status",
+    "cancel_push",
+    "push_status",
+    "device_removals",
+];
+
+pub fn is_method(method: &str) -> bool {
+    METHODS.contains(&method)
+}
+
+pub(crate) fn device_error(error: DeviceError) -> HeraldError {
+    match error {
+        DeviceError::Invalid(detail) => HeraldError::bad_request(detail),
+        DeviceError::NotFound(id) => HeraldError::bad_request(format!("device {id:?} not found")),
+        DeviceError::Unavailable(detail) => HeraldError::unavailable(detail),
+        DeviceError::Backend(detail) => HeraldError::internal(detail),
+    }
+}
+
+pub(crate) fn push_error(error: PushError) -> HeraldError {
+    match error {
+        PushError::Invalid(detail) => HeraldError::bad_request(detail),
+        PushError::Queue(error) => queue_error(error),
+    }
+}
+
+fn queue_error(error: QueueError) -> HeraldError {
+    match error {
+        QueueError::Invalid(detail) => HeraldError::bad_request(detail),
+        QueueError::Unavailable(detail) => HeraldError::unavailable(detail),
+        QueueError::Backend(detail) => HeraldError::internal(detail),
+    }
+}
+
+/// The push runtime, or the error that says push is off.
+pub(crate) fn runtime(state: &AppState) -> Result<&PushRuntime, HeraldError> {
+    state.push.as_deref().ok_or_else(|| {
+        HeraldError::new(
+            ErrorCode::NotAvailable,
+            "push notifications are not enabled ([push] enabled = true)",
+        )
+    })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(params: &RawValue) -> Result<T, ApiError> {
+    serde_json::from_str(params.get()).map_err(|e| ApiError::bad_json(&e))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Box<RawValue>, ApiError> {
+    serde_json::value::to_raw_value(value)
+        .map_err(|e| ApiError::from_node(HeraldError::internal(e.to_string())))
+}
+
+fn fail(error: HeraldError) -> ApiError {
+    ApiError::from_node(error)
+}
+
+#[derive(Serialize)]
+struct Empty {}
+
+// ---------------------------------------------------------------------------------------
+// Wire types
+
+/// `device_register`'s parameters (also the client's own registration).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterParams {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub provider: String,
+    pub token: String,
+    pub platform: String,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub app: Option<String>,
+    #[serde(default)]
+    pub timezone: Option<String>,
+    #[serde(default)]
+    pub locale: Option<String>,
+    #[serde(default)]
+    pub meta: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub topics: Option<Vec<String>>,
+}
+
+impl RegisterParams {
+    pub fn registration(self) -> Result<DeviceRegistration, HeraldError> {
+        let provider: Provider = self.provider.parse().map_err(device_error)?;
+        let platform: Platform = self.platform.parse().map_err(device_error)?;
+        if self.token.is_empty() {
+            return Err(HeraldError::bad_request("token is required"));
+        }
+        Ok(DeviceRegistration {
+            id: self.id.filter(|id| !id.is_empty()),
+            provider: Some(provider),
+            token: self.token,
+            platform: Some(platform),
+            user: self.user.unwrap_or_default(),
+            app: self.app.unwrap_or_default(),
+            timezone: self.timezone.unwrap_or_default(),
+            locale: self.locale.unwrap_or_default(),
+            topics: self.topics.unwrap_or_default(),
+            meta: self.meta.unwrap_or_default(),
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct RegisterResult {
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserUpdate {
+    user: String,
+}
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimezoneUpdate {
+    timezone: String,
+}
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocaleUpdate {
+    locale: String,
+}
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetaUpdate {
+    meta: BTreeMap<String, String>,
+}
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsUpdate {
+    pub op: String,
+    #[serde(default)]
+    pub topics: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateParams {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    user_update: Option<UserUpdate>,
+    #[serde(default)]
+    timezone_update: Option<TimezoneUpdate>,
+    #[serde(default)]
+    locale_update: Option<LocaleUpdate>,
+    #[serde(default)]
+    meta_update: Option<MetaUpdate>,
+    #[serde(default)]
+    topics_update: Option<TopicsUpdate>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveParams {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    users: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterParams {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    topics: Vec<String>,
+    #[serde(default)]
+    providers: Vec<String>,
+    #[serde(default)]
+    platforms: Vec<String>,
+}
+
+fn providers(names: &[String]) -> Result<Vec<Provider>, HeraldError> {
+    names
+        .iter()
+        .map(|p| p.parse().map_err(device_error))
+        .collect()
+}
+
+fn platforms(names: &[String]) -> Result<Vec<Platform>, HeraldError> {
+    names
+        .iter()
+        .map(|p| p.parse().map_err(device_error))
+        .collect()
+}
+
+impl FilterParams {
+    fn filter(self) -> Result<DeviceFilter, HeraldError> {
+        Ok(DeviceFilter {
+            providers: providers(&self.providers)?,
+            platforms: platforms(&self.platforms)?,
+            ids: self.ids,
+            users: self.users,
+            topics: self.topics,
+        })
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    #[serde(default)]
+    filter: Option<FilterParams>,
+    #[serde(default)]
+    include_total_count: bool,
+    #[serde(default)]
+    include_meta: bool,
+    #[serde(default)]
+    include_topics: bool,
+    #[serde(default)]
+    cursor: String,
+    #[serde(default)]
+    limit: usize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceTopicFilterParams {
+    #[serde(default)]
+    device_ids: Vec<String>,
+    #[serde(default)]
+    device_providers: Vec<String>,
+    #[serde(default)]
+    device_platforms: Vec<String>,
+    #[serde(default)]
+    device_users: Vec<String>,
+    #[serde(default)]
+    topics: Vec<String>,
+    #[serde(default)]
+    topic_prefix: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceTopicListParams {
+    #[serde(default)]
+    filter: Option<DeviceTopicFilterParams>,
+    #[serde(default)]
+    include_total_count: bool,
+    #[serde(default)]
+    include_device: bool,
+    #[serde(default)]
+    cursor: String,
+    #[serde(default)]
+    limit: usize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserTopicFilterParams {
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    topics: Vec<String>,
+    #[serde(default)]
+    topic_prefix: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserTopicListParams {
+    #[serde(default)]
+    filter: Option<UserTopicFilterParams>,
+    #[serde(default)]
+    include_total_count: bool,
+    #[serde(default)]
+    cursor: String,
+    #[serde(default)]
+    limit: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceTopicUpdateParams {
+    device_id: String,
+    op: String,
+    #[serde(default)]
+    topics: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserTopicUpdateParams {
+    user: String,
+    op: String,
+    #[serde(default)]
+    topics: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushStatusUpdate {
+    #[serde(default, alias = "uid")]
+    pub analytics_uid: String,
+    pub status: String,
+    #[serde(default)]
+    pub device_id: String,
+    /// Accepted for compatibility; the provider's message id is already recorded.
+    #[serde(default)]
+    pub msg_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelParams {
+    uid: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusParams {
+    #[serde(default)]
+    uid: String,
+    #[serde(default)]
+    device_id: String,
+    #[serde(default)]
+    states: Vec<String>,
+    #[serde(default)]
+    cursor: String,
+    #[serde(default)]
+    limit: usize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageParams {
+    #[serde(default)]
+    cursor: String,
+    #[serde(default)]
+    limit: usize,
+}
+
+/// A device on the wire (times in Unix seconds, like the rest of the API).
+#[derive(Debug, Serialize)]
+pub struct WireDevice {
+    pub id: String,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub provider: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub token: String,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub platform: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub app: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub timezone: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub locale: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub created_at: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub updated_at: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topics: Option<Vec<String>>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl WireDevice {
+    pub fn new(device: Device, meta: bool, topics: bool) -> Self {
+        Self {
+            id: device.id,
+            provider: device.provider.as_str(),
+            token: device.token,
+            platform: device.platform.as_str(),
+            user: device.user,
+            app: device.app,
+            timezone: device.timezone,
+            locale: device.locale,
+            created_at: device.created_at / 1000,
+            updated_at: device.updated_at / 1000,
+            meta: meta.then_some(device.meta),
+            topics: topics.then_some(device.topics),
+        }
+    }
+
+    fn id_only(id: String) -> Self {
+        Self {
+            id,
+            provider: "",
+            token: String::new(),
+            platform: "",
+            user: String::new(),
+            app: String::new(),
+            timezone: String::new(),
+            locale: String::new(),
+            created_at: 0,
+            updated_at: 0,
+            meta: None,
+            topics: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ListResult<T> {
+    items: Vec<T>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    next_cursor: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_count: Option<u64>,
+}
+
+impl<T> ListResult<T> {
+    fn from_page<U>(page: Page<U>, map: impl FnMut(U) -> T) -> Self {
+        Self {
+            items: page.items.into_iter().map(map).collect(),
+            next_cursor: page.next_cursor,
+            total_count: page.total,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WireDeviceTopic {
+    id: String,
+    topic: String,
+    device: WireDevice,
+}
+
+#[derive(Serialize)]
+struct WireUserTopic {
+    id: String,
+    user: String,
+    topic: String,
+}
+
+#[derive(Serialize)]
+struct WireStatus {
+    id: String,
+    uid: String,
+    kind: String,
+    recipient: String,
+    state: &'static str,
+    attempts: u32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    reason: String,
+    updated_at: u64,
+}
+
+impl From<JobStatus> for WireStatus {
+    fn from(status: JobStatus) -> Self {
+        Self {
+            id: status.id,
+            uid: status.group,
+            kind: status.kind,
+            recipient: status.recipient,
+            state: status.state.as_str(),
+            attempts: status.attempts,
+            reason: status.reason,
+            updated_at: status.updated_at / 1000,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WireRemoval {
+    device: WireDevice,
+    reason: String,
+    removed_at: u64,
+}
+
+#[derive(Serialize)]
+struct SendResult {
+    uid: String,
+}
+
+fn page(cursor: String, limit: usize, include_total: bool) -> PageRequest {
+    PageRequest {
+        cursor,
+        limit,
+        include_total,
+    }
+}
+
+fn topic_op(op: &str) -> Result<TopicOp, HeraldError> {
+    op.parse().map_err(device_error)
+}
+
+fn selection(ids: Vec<String>, users: Vec<String>) -> Result<DeviceFilter, HeraldError> {
+    if ids.is_empty() && users.is_empty() {
+        return Err(HeraldError::bad_request("ids or users is required"));
+    }
+    Ok(DeviceFilter {
+        ids,
+        users,
+        ..DeviceFilter::default()
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Dispatch
+
+/// Runs push method `method` with `params`.
+pub async fn call(
+    state: &AppState,
+    method: &str,
+    params: &RawValue,
+) -> Result<Box<RawValue>, ApiError> {
+    let push = runtime(state).map_err(fail)?;
+    let devices = push.service.devices();
+    let now = now_ms();
+    match method {
+        "device_register" => {
+            let params: RegisterParams = parse(params)?;
+            let device = devices
+                .register(params.registration().map_err(fail)?, now)
+                .await
+                .map_err(|e| fail(device_error(e)))?;
+            encode(&RegisterResult { id: device.id })
+        }
+        "device_update" => {
+            let params: UpdateParams = parse(params)?;
+            let filter = selection(params.ids, params.users).map_err(fail)?;
+            let topics = match params.topics_update {
+                Some(update) => Some((topic_op(&update.op).map_err(fail)?, update.topics)),
+                None => None,
+            };
+            let update = DeviceUpdate {
+                user: params.user_update.map(|u| u.user),
+                timezone: params.timezone_update.map(|u| u.timezone),
+                locale: params.locale_update.map(|u| u.locale),
+                meta: params.meta_update.map(|u| u.meta),
+                topics,
+            };
+            devices
+                .update(&filter, &update, now)
+                .await
+                .map_err(|e| fail(device_error(e)))?;
+            encode(&Empty {})
+        }
+        "device_remove" => {
+            let params: RemoveParams = parse(params)?;
+            let filter = selection(params.ids, params.users).map_err(fail)?;
+            devices
+                .remove(&filter, "api", now)
+                .await
+                .map_err(|e| fail(device_error(e)))?;
+            encode(&Empty {})
+        }
+        "device_list" => {
+            let params: ListParams = parse(params)?;
+            let filter = params.filter.unwrap_or_default().filter().map_err(fail)?;
+            let found = devices
+                .list(
+                    &filter,
+                    params.include_topics,
+                    &page(params.cursor, params.limit, params.include_total_count),
+                )
+                .await
+                .map_err(|e| fail(device_error(e)))?;
+            let (meta, topics) = (params.include_meta, params.include_topics);
+            encode(&ListResult::from_page(found, |d| {
+                WireDevice::new(d, meta, topics)
+            }))
+        }
+        "device_topic_list" => {
+            let params: DeviceTopicListParams = parse(params)?;
+            let f = params.filter.unwrap_or_default();
+            let filter = DeviceTopicFilter {
+                device_providers: providers(&f.device_providers).map_err(fail)?,
+                device_platforms: platforms(&f.device_platforms).map_err(fail)?,
+                device_ids: f.device_ids,
+                device_users: f.device_users,
+                topics: f.topics,
+                topic_prefix: f.topic_prefix,
+            };
+            let found = devices
+                .device_topics(
+                    &filter,
+                    &page(params.cursor, params.limit, params.include_total_count),
+                )
+                .await
+                .map_err(|e| fail(device_error(e)))?;
+            let include_device = params.include_device;
+            encode(&ListResult::from_page(found, |t| WireDeviceTopic {
+                id: t.id,
+                topic: t.topic,
+                device: if include_device {
+                    WireDevice::new(t.device, true, false)
+                } else {
+                    WireDevice::id_only(t.device.id)
+                },
+            }))
+        }
+        "device_topic_update" => {
+            let params: DeviceTopicUpdateParams = parse(params)?;
+            if params.device_id.is_empty() {
+                return Err(fail(HeraldError::bad_request("device_id is required")));
+            }
+            devices
+                .update_device_topics(
+                    &params.device_id,
+                    topic_op(&params.op).map_err(fail)?,
+                    &params.topics,
+                    now,
+                )
+                .await
+                .map_err(|e| fail(device_error(e)))?;
+            encode(&Empty {})
+        }
+        "user_topic_list" => {
+            let params: UserTopicListParams = parse(params)?;
+            let f = params.filter.unwrap_or_default();
+            let filter = UserTopicFilter {
+                users: f.users,
+                topics: f.topics,
+                topic_prefix: f.topic_prefix,
+            };
+            let found = devices
+                .user_topics(
+                    &filter,
+                    &page(params.cursor, params.limit, params.include_total_count),
+                )
+                .await
+                .map_err(|e| fail(device_error(e)))?;
+            encode(&ListResult::from_page(found, |t| WireUserTopic {
+                id: t.id,
+                user: t.user,
+                topic: t.topic,
+            }))
+        }
+        "user_topic_update" => {
+            let params: UserTopicUpdateParams = parse(params)?;
+            if params.user.is_empty() {
+                return Err(fail(HeraldError::bad_request("user is required")));
+            }
+            devices
+                .update_user_topics(
+                    &params.user,
+                    topic_op(&params.op).map_err(fail)?,
+                    &params.topics,
+                )
+                .await
+                .map_err(|e| fail(device_error(e)))?;
+            encode(&Empty {})
+        }
+        "send_push_notification" => {
+            let request: SendPush = parse(params)?;
+            let uid = push
+                .service
+                .send(request)
+                .await
+                .map_err(|e| fail(push_error(e)))?;
+            encode(&SendResult { uid })
+        }
+        "cancel_push" => {
+            let params: CancelParams = parse(params)?;
+            push.service
+                .cancel(&params.uid)
+                .await
+                .map_err(|e| fail(push_error(e)))?;
+            encode(&Empty {})
+        }
+        "update_push_status" => {
+            let params: PushStatusUpdate = parse(params)?;
+            push.service
+                .report(&params.analytics_uid, &params.device_id, &params.status)
+                .await
+                .map_err(|e| fail(push_error(e)))?;
+            encode(&Empty {})
+        }
+        "push_status" => {
+            let params: StatusParams = parse(params)?;
+            if params.uid.is_empty() && params.device_id.is_empty() && params.states.is_empty() {
+                return Err(fail(HeraldError::bad_request(
+                    "uid, device_id or states is required",
+                )));
+            }
+            let states = params
+                .states
+                .iter()
+                .map(|s| s.parse::<JobState>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| fail(queue_error(e)))?;
+            let filter = StatusFilter {
+                group: params.uid,
+                recipient: params.device_id,
+                states,
+            };
+            let found = push
+                .service
+                .statuses(&filter, &page(params.cursor, params.limit, false))
+                .await
+                .map_err(|e| fail(push_error(e)))?;
+            encode(&ListResult::from_page(found, WireStatus::from))
+        }
+        "device_removals" => {
+            let params: PageParams = parse(params)?;
+            let found = devices
+                .removals(&page(params.cursor, params.limit, false))
+                .await
+                .map_err(|e| fail(device_error(e)))?;
+            encode(&ListResult::from_page(found, |r| WireRemoval {
+                device: WireDevice::new(r.device, true, true),
+                reason: r.reason,
+                removed_at: r.removed_at / 1000,
+            }))
+        }
+        other => Err(fail(HeraldError::new(
+            ErrorCode::MethodNotFound,
+            format!("no API method {other:?}"),
+        ))),
+    }
+}

@@ -1,0 +1,187 @@
+//! Push notifications in the server: `[push]` config, the running parts built from it (the
+//! registry, the queue, the senders, the workers), the push API methods and the client's own
+//! device calls.
+//!
+//! Owns: [`PushRuntime`] and its background tasks (one worker per job kind, and maintenance:
+//! status retention and pruning inactive devices).
+//!
+//! May touch: the stores it is built with, the providers through the senders.
+
+pub mod api;
+pub mod config;
+
+use std::sync::Arc;
+
+use herald_core::device::{DeviceStore, Provider};
+use herald_core::outbound::OutboundQueue;
+use herald_core::time::now_ms;
+use herald_outbound::push::deliver::{AnySender, DeliveryHandler};
+use herald_outbound::push::fanout::FanoutHandler;
+use herald_outbound::push::{FANOUT_KIND, PushService, PushStats, delivery_kind};
+use herald_outbound::worker::{Backoff, JobHandler, Wakeup, WorkerConfig, run_worker};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use config::PushConfig;
+
+/// One sender per provider, where credentials are configured.
+#[derive(Clone, Default)]
+pub struct Senders {
+    pub fcm: Option<Arc<dyn AnySender>>,
+    pub apns: Option<Arc<dyn AnySender>>,
+    pub webpush: Option<Arc<dyn AnySender>>,
+    pub email: Option<Arc<dyn AnySender>>,
+}
+
+impl Senders {
+    fn get(&self, provider: Provider) -> Option<Arc<dyn AnySender>> {
+        match provider {
+            Provider::Fcm => self.fcm.clone(),
+            Provider::Apns => self.apns.clone(),
+            Provider::Webpush => self.webpush.clone(),
+            Provider::Email => self.email.clone(),
+        }
+    }
+}
+
+/// Everything push needs at run time.
+pub struct PushRuntime {
+    pub service: PushService,
+    pub config: PushConfig,
+    senders: Senders,
+    wakeup: Arc<Wakeup>,
+    stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for PushRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushRuntime").finish_non_exhaustive()
+    }
+}
+
+impl PushRuntime {
+    pub fn new(
+        config: PushConfig,
+        queue: Arc<dyn OutboundQueue>,
+        devices: Arc<dyn DeviceStore>,
+        senders: Senders,
+    ) -> Self {
+        let wakeup = Arc::new(Wakeup::default());
+        let stats = Arc::new(PushStats::default());
+        let service = PushService::new(queue, devices, wakeup.clone(), stats);
+        Self {
+            service,
+            config,
+            senders,
+            wakeup,
+            stop: watch::channel(false).0,
+        }
+    }
+
+    fn worker_config(&self, kind: &str, concurrency: usize) -> WorkerConfig {
+        let c = &self.config;
+        WorkerConfig {
+            kind: kind.to_string(),
+            concurrency,
+            batch: c.batch,
+            lease: c.lease.as_duration(),
+            poll_interval: c.poll_interval.as_duration(),
+            backoff: Backoff {
+                base: c.retry_base.as_duration(),
+                max: c.retry_max.as_duration(),
+                attempts: c.max_attempts,
+            },
+        }
+    }
+
+    /// Starts the workers and the maintenance task; they run until [`PushRuntime::stop`].
+    pub fn start(self: &Arc<Self>) -> JoinSet<()> {
+        let mut tasks = JoinSet::new();
+        let queue = self.service.queue().clone();
+        let devices = self.service.devices().clone();
+        let stats = self.service.stats().clone();
+        let fanout: Arc<dyn JobHandler> = Arc::new(FanoutHandler {
+            queue: queue.clone(),
+            devices: devices.clone(),
+            wakeup: self.wakeup.clone(),
+        });
+        let c = &self.config.concurrency;
+        let mut kinds: Vec<(Arc<dyn JobHandler>, WorkerConfig)> =
+            vec![(fanout, self.worker_config(FANOUT_KIND, c.fanout))];
+        for (provider, concurrency) in [
+            (Provider::Fcm, c.fcm),
+            (Provider::Apns, c.apns),
+            (Provider::Webpush, c.webpush),
+            (Provider::Email, c.email),
+        ] {
+            let handler: Arc<dyn JobHandler> = Arc::new(DeliveryHandler {
+                provider,
+                sender: self.senders.get(provider),
+                devices: devices.clone(),
+                stats: stats.clone(),
+            });
+            kinds.push((
+                handler,
+                self.worker_config(delivery_kind(provider), concurrency),
+            ));
+        }
+        for (handler, config) in kinds {
+            let stop = self.stopped();
+            tasks.spawn(run_worker(
+                queue.clone(),
+                handler,
+                config,
+                self.wakeup.clone(),
+                stop,
+            ));
+        }
+        tasks.spawn(maintain(self.clone()));
+        tasks
+    }
+
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        }
+    }
+
+    /// Tells the workers to stop claiming; running sends finish and are recorded.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Applies status retention and prunes inactive devices, every `maintenance_interval`.
+async fn maintain(push: Arc<PushRuntime>) {
+    let stop = push.stopped();
+    tokio::pin!(stop);
+    let every = push.config.maintenance_interval.as_duration();
+    loop {
+        let now = now_ms();
+        let retention = push.config.status_retention.as_duration().as_millis() as u64;
+        match push
+            .service
+            .queue()
+            .purge(now.saturating_sub(retention))
+            .await
+        {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "finished push deliveries past retention removed"),
+            Err(error) => tracing::warn!(%error, "purging finished push deliveries failed"),
+        }
+        let inactive = push.config.device_inactive_after.as_duration();
+        if !inactive.is_zero() {
+            let before = now.saturating_sub(inactive.as_millis() as u64);
+            match push.service.devices().prune(before, now).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "inactive devices removed"),
+                Err(error) => tracing::warn!(%error, "pruning inactive devices failed"),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = &mut stop => return,
+        }
+    }
+}
