@@ -9,3 +9,5 @@
 //! the device registry). Never the node's stores directly.
 
 pub mod sender;
+pub mod egress;
+pub mod webpush;
