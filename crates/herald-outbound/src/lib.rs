@@ -10,4 +10,5 @@
 
 pub mod sender;
 pub mod egress;
+pub mod email;
 pub mod webpush;
