@@ -118,9 +118,8 @@ impl Resolve for PublicOnlyResolver {
         let host = name.as_str().to_owned();
         Box::pin(async move {
             // Port 0: hyper puts the URL's port on the addresses it gets back.
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             check_resolved(&host, &addrs)?;
             let addrs: Addrs = Box::new(addrs.into_iter());
             Ok(addrs)
@@ -144,9 +143,7 @@ pub fn check_resolved(host: &str, addrs: &[SocketAddr]) -> Result<(), ForbiddenA
 
 /// The [`ForbiddenAddress`] somewhere in an error's source chain (reqwest wraps the resolver's
 /// error in its connect error), so the caller can tell "refused by policy" from "unreachable".
-pub fn forbidden_in_chain<'a>(
-    err: &'a (dyn StdError + 'static),
-) -> Option<&'a ForbiddenAddress> {
+pub fn forbidden_in_chain<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a ForbiddenAddress> {
     let mut current: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = current {
         if let Some(found) = e.downcast_ref::<ForbiddenAddress>() {

@@ -126,7 +126,9 @@ pub enum EmailConfigError {
     From { from: String, reason: String },
     #[error("email: username and password go together")]
     Credentials,
-    #[error("email: credentials need security = \"starttls\" or \"tls\" (they would cross the network in clear)")]
+    #[error(
+        "email: credentials need security = \"starttls\" or \"tls\" (they would cross the network in clear)"
+    )]
     CredentialsInClear,
     #[error("email: cannot read ca_file {path}: {source}")]
     CaFile {
@@ -208,12 +210,13 @@ fn at(stage: Stage) -> impl FnOnce(lettre::transport::smtp::Error) -> StageError
 
 impl EmailSender {
     pub fn new(config: &EmailConfig) -> Result<Self, EmailConfigError> {
-        let from: Mailbox = config.from.parse().map_err(|e: lettre::address::AddressError| {
-            EmailConfigError::From {
+        let from: Mailbox = config
+            .from
+            .parse()
+            .map_err(|e: lettre::address::AddressError| EmailConfigError::From {
                 from: config.from.clone(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         let credentials = match (&config.username, &config.password) {
             (Some(user), Some(pass)) => Some(Credentials::new(user.clone(), pass.clone())),
             (None, None) => None,
@@ -413,7 +416,10 @@ impl EmailSender {
         rand::rng().fill_bytes(&mut random);
         let message_id = format!(
             "<{}@{}>",
-            random.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            random
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
             self.from.email.domain()
         );
         let builder = Message::builder()

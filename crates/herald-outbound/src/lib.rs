@@ -8,7 +8,7 @@
 //! May touch: the network (providers' HTTP APIs, SMTP) and the ports it is given (the queue,
 //! the device registry). Never the node's stores directly.
 
-pub mod sender;
 pub mod egress;
 pub mod email;
+pub mod sender;
 pub mod webpush;

@@ -99,7 +99,10 @@ async fn ttl_urgency_and_topic_are_accepted_by_the_push_service() {
     let sub = service.subscribe(&k.public).await;
     let headers = [("TTL", "60"), ("urgency", "high"), ("Topic", "inbox-1")];
     sender
-        .send(&target("", &sub.token), &note("with headers".into(), &headers))
+        .send(
+            &target("", &sub.token),
+            &note("with headers".into(), &headers),
+        )
         .await
         .expect("sent");
     assert_eq!(service.messages(&sub).await, vec!["with headers"]);
@@ -109,12 +112,10 @@ async fn ttl_urgency_and_topic_are_accepted_by_the_push_service() {
 /// A subscription whose keys we hold, pointing at `endpoint`, so the body can be decrypted.
 fn own_subscription(endpoint: &str) -> (String, p256::SecretKey, [u8; 16]) {
     let (ua_private, _) = generate_vapid_keys();
-    let secret =
-        p256::SecretKey::from_slice(&URL_SAFE_NO_PAD.decode(ua_private).expect("b64")).expect("key");
-    let public = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(
-        &secret.public_key(),
-        false,
-    );
+    let secret = p256::SecretKey::from_slice(&URL_SAFE_NO_PAD.decode(ua_private).expect("b64"))
+        .expect("key");
+    let public =
+        p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false);
     let auth = [7u8; 16];
     let token = serde_json::json!({
         "endpoint": endpoint,
@@ -246,12 +247,18 @@ async fn two_apps_sign_with_their_own_keys() {
     let crossed = sender
         .send(&target("beta", &sub_a.token), &note("crossed".into(), &[]))
         .await;
-    assert!(matches!(crossed, Err(SendError::Rejected { .. })), "{crossed:?}");
+    assert!(
+        matches!(crossed, Err(SendError::Rejected { .. })),
+        "{crossed:?}"
+    );
     // An app that is not configured.
     let missing = sender
         .send(&target("gamma", &sub_a.token), &note("x".into(), &[]))
         .await;
-    assert!(matches!(missing, Err(SendError::NotConfigured { .. })), "{missing:?}");
+    assert!(
+        matches!(missing, Err(SendError::NotConfigured { .. })),
+        "{missing:?}"
+    );
 
     assert_eq!(service.messages(&sub_a).await, vec!["to a"]);
     assert_eq!(service.messages(&sub_b).await, vec!["to b"]);
@@ -264,19 +271,33 @@ async fn malformed_tokens_and_headers_are_rejected_with_a_reason() {
     let sender = sender(vec![app("", &k)], false);
     for (token, expected) in [
         ("not json", "PushSubscription"),
-        (r#"{"endpoint":"https://push.example/x","keys":{"p256dh":"AA","auth":"AA"}}"#, "p256dh"),
+        (
+            r#"{"endpoint":"https://push.example/x","keys":{"p256dh":"AA","auth":"AA"}}"#,
+            "p256dh",
+        ),
     ] {
-        match sender.send(&target("", token), &note("x".into(), &[])).await {
+        match sender
+            .send(&target("", token), &note("x".into(), &[]))
+            .await
+        {
             Err(SendError::Rejected { reason }) => {
-                assert!(reason.contains(expected), "{reason} should mention {expected}")
+                assert!(
+                    reason.contains(expected),
+                    "{reason} should mention {expected}"
+                )
             }
             other => panic!("expected Rejected, got {other:?}"),
         }
     }
     let (token, _, _) = own_subscription("https://push.example/x");
     for bad in [("urgency", "asap"), ("topic", "not/valid"), ("ttl", "-5")] {
-        let result = sender.send(&target("", &token), &note("x".into(), &[bad])).await;
-        assert!(matches!(result, Err(SendError::Rejected { .. })), "{bad:?}: {result:?}");
+        let result = sender
+            .send(&target("", &token), &note("x".into(), &[bad]))
+            .await;
+        assert!(
+            matches!(result, Err(SendError::Rejected { .. })),
+            "{bad:?}: {result:?}"
+        );
     }
 }
 
@@ -297,9 +318,16 @@ async fn non_public_endpoints_are_refused_without_a_request() {
         format!("http://localhost:{port}/push"),
     ] {
         let (token, _, _) = own_subscription(&endpoint);
-        match sender.send(&target("", &token), &note("x".into(), &[])).await {
+        match sender
+            .send(&target("", &token), &note("x".into(), &[]))
+            .await
+        {
             Err(SendError::Rejected { reason }) => {
-                let expected = if endpoint.starts_with("http:") { "https" } else { "loopback" };
+                let expected = if endpoint.starts_with("http:") {
+                    "https"
+                } else {
+                    "loopback"
+                };
                 assert!(reason.contains(expected), "{endpoint}: {reason}");
             }
             other => panic!("{endpoint}: expected Rejected, got {other:?}"),
@@ -318,7 +346,10 @@ async fn the_real_push_service_on_loopback_is_refused_unless_allowed() {
     let refused = strict
         .send(&target("", &sub.token), &note("x".into(), &[]))
         .await;
-    assert!(matches!(refused, Err(SendError::Rejected { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(SendError::Rejected { .. })),
+        "{refused:?}"
+    );
     // Same subscription with https (still loopback): refused by the resolver.
     let https_token = sub.token.replace("http://", "https://");
     let refused = strict
@@ -336,25 +367,48 @@ async fn the_real_push_service_on_loopback_is_refused_unless_allowed() {
 async fn responses_are_classified() {
     let k = keys();
     let sender = sender(vec![app("", &k)], true);
-    let cases: Vec<(u16, Vec<(&str, &str)>, &str, fn(&SendError) -> bool)> = vec![
-        (404, vec![], "", |e| matches!(e, SendError::Unregistered { .. })),
-        (410, vec![], "gone", |e| matches!(e, SendError::Unregistered { .. })),
-        (413, vec![], "", |e| {
-            matches!(e, SendError::Rejected { reason } if reason.contains("too large"))
+    type Check = fn(&SendError) -> bool;
+    type Case<'a> = (u16, Vec<(&'a str, &'a str)>, &'a str, Check);
+    let cases: Vec<Case> = vec![
+        (404, vec![], "", |e| {
+            matches!(e, SendError::Unregistered { .. })
         }),
-        (429, vec![("Retry-After", "30")], "", |e| {
-            matches!(e, SendError::Retry { after: Some(d), .. } if *d == Duration::from_secs(30))
+        (410, vec![], "gone", |e| {
+            matches!(e, SendError::Unregistered { .. })
         }),
-        (503, vec![("Retry-After", "7")], "", |e| {
-            matches!(e, SendError::Retry { after: Some(d), .. } if *d == Duration::from_secs(7))
+        (
+            413,
+            vec![],
+            "",
+            |e| matches!(e, SendError::Rejected { reason } if reason.contains("too large")),
+        ),
+        (
+            429,
+            vec![("Retry-After", "30")],
+            "",
+            |e| matches!(e, SendError::Retry { after: Some(d), .. } if *d == Duration::from_secs(30)),
+        ),
+        (
+            503,
+            vec![("Retry-After", "7")],
+            "",
+            |e| matches!(e, SendError::Retry { after: Some(d), .. } if *d == Duration::from_secs(7)),
+        ),
+        (500, vec![], "", |e| {
+            matches!(e, SendError::Retry { after: None, .. })
         }),
-        (500, vec![], "", |e| matches!(e, SendError::Retry { after: None, .. })),
-        (400, vec![], "UnauthorizedRegistration: bad payload", |e| {
-            matches!(e, SendError::Rejected { reason } if reason.contains("bad payload"))
-        }),
-        (401, vec![], "invalid JWT", |e| {
-            matches!(e, SendError::Rejected { reason } if reason.contains("VAPID") && reason.contains("invalid JWT"))
-        }),
+        (
+            400,
+            vec![],
+            "UnauthorizedRegistration: bad payload",
+            |e| matches!(e, SendError::Rejected { reason } if reason.contains("bad payload")),
+        ),
+        (
+            401,
+            vec![],
+            "invalid JWT",
+            |e| matches!(e, SendError::Rejected { reason } if reason.contains("VAPID") && reason.contains("invalid JWT")),
+        ),
         (403, vec![], "", |e| matches!(e, SendError::Rejected { .. })),
     ];
     for (status, headers, body, check) in cases {
@@ -428,7 +482,12 @@ async fn throughput_2000_sends_concurrency_64() {
         .await;
     let elapsed = started.elapsed();
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
     println!(
         "web push throughput: {TOTAL} sends, concurrency 64, {:.2} s, {:.0} sends/s",
         elapsed.as_secs_f64(),

@@ -64,8 +64,12 @@ impl Subscription {
                  ({{\"endpoint\": …, \"keys\": {{\"p256dh\": …, \"auth\": …}}}}): {e}"
             )
         })?;
-        let endpoint = Url::parse(&json.endpoint)
-            .map_err(|e| format!("subscription endpoint {:?} is not a URL: {e}", json.endpoint))?;
+        let endpoint = Url::parse(&json.endpoint).map_err(|e| {
+            format!(
+                "subscription endpoint {:?} is not a URL: {e}",
+                json.endpoint
+            )
+        })?;
         if endpoint.host().is_none() {
             return Err(format!("subscription endpoint {endpoint} has no host"));
         }
@@ -79,9 +83,9 @@ impl Subscription {
         let auth = decode_base64url(&json.keys.auth)
             .map_err(|e| format!("keys.auth is not base64url: {e}"))?;
         let auth_len = auth.len();
-        let auth: [u8; 16] = auth.try_into().map_err(|_| {
-            format!("keys.auth must be 16 bytes (RFC 8291), got {auth_len}")
-        })?;
+        let auth: [u8; 16] = auth
+            .try_into()
+            .map_err(|_| format!("keys.auth must be 16 bytes (RFC 8291), got {auth_len}"))?;
         let auth = Auth::from(auth);
         Ok(Self {
             endpoint,
@@ -258,7 +262,10 @@ mod tests {
         ];
         for (token, expected) in cases {
             let err = Subscription::parse(&token).expect_err("should be refused");
-            assert!(err.contains(expected), "{err:?} should mention {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{err:?} should mention {expected:?}"
+            );
         }
     }
 
@@ -343,6 +350,10 @@ mod tests {
         n.payload = serde_json::json!("x".repeat(MAX_PAYLOAD));
         assert!(payload_bytes(&n).is_ok());
         n.payload = serde_json::json!("x".repeat(MAX_PAYLOAD + 1));
-        assert!(payload_bytes(&n).expect_err("too big").contains("too large"));
+        assert!(
+            payload_bytes(&n)
+                .expect_err("too big")
+                .contains("too large")
+        );
     }
 }

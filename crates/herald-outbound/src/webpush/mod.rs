@@ -342,10 +342,12 @@ async fn classify_response(response: reqwest::Response) -> Result<Sent, SendErro
             "push endpoint redirected ({status}, to {}); redirects are not followed",
             location.as_deref().unwrap_or("nowhere")
         )),
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-            rejected(format!("push service refused the VAPID credentials ({detail})"))
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => rejected(format!(
+            "push service refused the VAPID credentials ({detail})"
+        )),
+        s if s.is_client_error() => {
+            rejected(format!("push service rejected the message ({detail})"))
         }
-        s if s.is_client_error() => rejected(format!("push service rejected the message ({detail})")),
         _ => SendError::Retry {
             reason: format!("unexpected push service response ({detail})"),
             after: retry_after,
@@ -419,7 +421,10 @@ mod tests {
             })
         };
         assert!(matches!(
-            build(vec![app("", Some(private.clone())), app("", Some(private.clone()))]),
+            build(vec![
+                app("", Some(private.clone())),
+                app("", Some(private.clone()))
+            ]),
             Err(WebpushConfigError::DuplicateApp(_))
         ));
         assert!(matches!(

@@ -128,7 +128,9 @@ pub fn validate_subject(subject: &str) -> Result<(), String> {
         if address.contains('@') && !address.contains(char::is_whitespace) {
             return Ok(());
         }
-        return Err(format!("subject {subject:?}: mailto: needs an email address"));
+        return Err(format!(
+            "subject {subject:?}: mailto: needs an email address"
+        ));
     }
     if subject.starts_with("https://") && url::Url::parse(subject).is_ok() {
         return Ok(());
@@ -276,7 +278,9 @@ mod tests {
         // padded and standard-alphabet forms are accepted too
         let padded = format!("{private}=");
         assert_eq!(
-            VapidKey::parse(&padded).expect("padded").public_key_base64url(),
+            VapidKey::parse(&padded)
+                .expect("padded")
+                .public_key_base64url(),
             public
         );
     }
@@ -329,7 +333,10 @@ mod tests {
         assert_eq!(claims["sub"], "mailto:ops@example.com");
         let exp = claims["exp"].as_u64().expect("exp");
         let now_s = now.duration_since(UNIX_EPOCH).expect("clock").as_secs();
-        assert!(exp > now_s && exp <= now_s + 24 * 3600, "exp {exp} now {now_s}");
+        assert!(
+            exp > now_s && exp <= now_s + 24 * 3600,
+            "exp {exp} now {now_s}"
+        );
     }
 
     #[test]

@@ -113,7 +113,10 @@ impl WebPushTesting {
             .expect("web-push-testing request");
         let status = response.status().as_u16();
         let text = response.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// A new subscription bound to `application_server_key` (base64url public VAPID key).
@@ -338,7 +341,10 @@ impl Tripwire {
 pub fn python_with_aiosmtpd() -> PathBuf {
     let candidates: Vec<PathBuf> = match std::env::var_os("HERALD_TEST_PYTHON") {
         Some(p) => vec![PathBuf::from(p)],
-        None => vec![tools_dir().join(".venv/bin/python"), PathBuf::from("python3")],
+        None => vec![
+            tools_dir().join(".venv/bin/python"),
+            PathBuf::from("python3"),
+        ],
     };
     for python in &candidates {
         let ok = std::process::Command::new(python)
@@ -363,9 +369,15 @@ pub fn python_with_aiosmtpd() -> PathBuf {
 pub enum SmtpTls<'a> {
     None,
     /// STARTTLS offered and required, with this cert and key (PEM files).
-    Starttls { cert: &'a Path, key: &'a Path },
+    Starttls {
+        cert: &'a Path,
+        key: &'a Path,
+    },
     /// Implicit TLS from the first byte.
-    Implicit { cert: &'a Path, key: &'a Path },
+    Implicit {
+        cert: &'a Path,
+        key: &'a Path,
+    },
 }
 
 /// `python3 -m aiosmtpd` with the `smtp_sink.Sink` handler writing to a temporary folder.
@@ -377,10 +389,19 @@ pub struct SmtpSink {
 
 impl SmtpSink {
     pub async fn start(tls: SmtpTls<'_>) -> Self {
+        for _ in 0..5 {
+            if let Some(sink) = Self::try_start(free_port(), &tls).await {
+                return sink;
+            }
+        }
+        panic!("aiosmtpd did not start (5 tries)");
+    }
+
+    /// A new server on a given port (e.g. the port of one that was stopped), if it starts.
+    pub async fn try_start(port: u16, tls: &SmtpTls<'_>) -> Option<Self> {
         let python = python_with_aiosmtpd();
         let folder = tempfile::tempdir().expect("tempdir");
-        for _ in 0..5 {
-            let port = free_port();
+        {
             let mut command = Command::new(&python);
             command
                 .args(["-m", "aiosmtpd", "-n", "-l"])
@@ -415,17 +436,22 @@ impl SmtpSink {
                     break;
                 }
                 if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                    return Self {
+                    return Some(Self {
                         child,
                         port,
                         folder,
-                    };
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let _ = child.kill().await;
         }
-        panic!("aiosmtpd did not start (5 tries)");
+        None
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
     }
 
     /// The messages received so far (the handler's JSON records), oldest first.

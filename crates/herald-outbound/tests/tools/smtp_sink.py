@@ -85,7 +85,10 @@ class Sink:
             "content_type": message.get_content_type(),
             "parts": parts,
             "peer": list(session.peer) if session.peer else None,
-            "tls": session.ssl is not None,
+            # session.ssl is set by STARTTLS only; implicit TLS shows on the transport.
+            "tls": session.ssl is not None
+            or (server.transport is not None
+                and server.transport.get_extra_info("ssl_object") is not None),
         }
         n = next(self.counter)
         path = os.path.join(self.folder, "%06d.json" % n)
