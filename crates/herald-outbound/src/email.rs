@@ -425,7 +425,9 @@ impl EmailSender {
         let builder = Message::builder()
             .from(self.from.clone())
             .to(Mailbox::new(None, to.clone()))
-            .subject(notification.subject.clone())
+            // A subject is one line; lettre would encode a line break rather than let it
+            // start a header, but a mail client would still show it broken.
+            .subject(notification.subject.replace(['\r', '\n'], " "))
             .message_id(Some(message_id.clone()));
         let message = match &notification.html {
             Some(html) => builder.multipart(MultiPart::alternative_plain_html(

@@ -115,6 +115,25 @@ async fn an_email_arrives_with_subject_from_to_text_and_html() {
 }
 
 #[tokio::test]
+async fn client_text_cannot_inject_headers_or_end_the_message_early() {
+    let sink = SmtpSink::start(SmtpTls::None).await;
+    let sender = EmailSender::new(&config(sink.port, SmtpSecurity::None)).expect("sender");
+    let subject = "Hi\r\nBcc: evil@example.org";
+    let text = "line one\r\n.\r\nRCPT TO:<evil@example.org>\r\n.\nend";
+    sender
+        .send(&target("alice@example.org"), &email(subject, text, None))
+        .await
+        .expect("sent");
+    let received = sink.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    let r = &received[0];
+    assert_eq!(r["rcpt_tos"], serde_json::json!(["alice@example.org"]));
+    // Still one Subject header, line break flattened; no Bcc header was made.
+    assert_eq!(r["subject"], "Hi  Bcc: evil@example.org");
+    assert_eq!(part(r, "text/plain").trim_end(), text.replace("\r\n", "\n"));
+}
+
+#[tokio::test]
 async fn smtp_replies_are_classified_by_command_and_code() {
     let sink = SmtpSink::start(SmtpTls::None).await;
     let sender = EmailSender::new(&config(sink.port, SmtpSecurity::None)).expect("sender");
