@@ -8,6 +8,9 @@
 //! May touch: the network (providers' HTTP APIs, SMTP) and the ports it is given (the queue,
 //! the device registry). Never the node's stores directly.
 
+pub mod egress;
+pub mod email;
 pub mod push;
 pub mod sender;
+pub mod webpush;
 pub mod worker;
