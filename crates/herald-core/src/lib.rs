@@ -12,6 +12,7 @@
 pub mod admission;
 pub mod auth;
 pub mod channel;
+pub mod client_methods;
 pub mod conformance;
 pub mod device;
 pub mod duration;

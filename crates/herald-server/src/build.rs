@@ -270,10 +270,16 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
         .iter()
         .map(|h| h.to_ascii_lowercase())
         .collect();
-    let realtime = Arc::new(
-        RealtimeState::new(node.clone(), tokens.clone(), realtime_config).with_proxy(parts.proxy),
-    );
     let push = build_push(&config).await?;
+    let client_methods = push.clone().map(|push| {
+        Arc::new(crate::push::client::PushClientMethods { push })
+            as Arc<dyn herald_core::client_methods::ClientMethods>
+    });
+    let realtime = Arc::new(
+        RealtimeState::new(node.clone(), tokens.clone(), realtime_config)
+            .with_proxy(parts.proxy)
+            .with_client_methods(client_methods),
+    );
     let state = Arc::new(AppState {
         push,
         node,

@@ -99,6 +99,8 @@ pub struct RealtimeState {
     pub proxy: Option<Arc<dyn BackendProxy>>,
     /// Bytes queued for all connections (`max_total_queue_bytes`).
     pub queue_budget: Arc<QueueBudget>,
+    /// RPC methods Herald answers itself (`herald.*`: push devices, acknowledgements).
+    pub client_methods: Option<Arc<dyn herald_core::client_methods::ClientMethods>>,
 }
 
 impl RealtimeState {
@@ -112,6 +114,7 @@ impl RealtimeState {
             publish_rate: KeyedLimiter::new(config.publications_per_second_per_user, 65_536),
             proxy: None,
             queue_budget: QueueBudget::new(config.max_total_queue_bytes),
+            client_methods: None,
             config,
         }
     }
@@ -119,6 +122,14 @@ impl RealtimeState {
     /// Lets the application's backend decide connects, subscriptions, publications and rpc.
     pub fn with_proxy(mut self, proxy: Option<Arc<dyn BackendProxy>>) -> Self {
         self.proxy = proxy;
+        self
+    }
+
+    pub fn with_client_methods(
+        mut self,
+        methods: Option<Arc<dyn herald_core::client_methods::ClientMethods>>,
+    ) -> Self {
+        self.client_methods = methods;
         self
     }
 

@@ -191,7 +191,7 @@ fn out_of_scope(key: &KeyMatch, method: &str) -> HeraldError {
 }
 
 /// Reads the body up to the configured limit.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|err| {
         let too_large = std::error::Error::source(&err)
             .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());

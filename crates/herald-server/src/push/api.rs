@@ -70,12 +70,14 @@ fn queue_error(error: QueueError) -> HeraldError {
 
 /// The push runtime, or the error that says push is off.
 pub(crate) fn runtime(state: &AppState) -> Result<&PushRuntime, HeraldError> {
-    state.push.as_deref().ok_or_else(|| {
-        HeraldError::new(
-            ErrorCode::NotAvailable,
-            "push notifications are not enabled ([push] enabled = true)",
-        )
-    })
+    state.push.as_deref().ok_or_else(not_enabled)
+}
+
+pub(crate) fn not_enabled() -> HeraldError {
+    HeraldError::new(
+        ErrorCode::NotAvailable,
+        "push notifications are not enabled ([push] enabled = true)",
+    )
 }
 
 fn parse<T: serde::de::DeserializeOwned>(params: &RawValue) -> Result<T, ApiError> {

@@ -8,6 +8,7 @@
 //! May touch: the stores it is built with, the providers through the senders.
 
 pub mod api;
+pub mod client;
 pub mod config;
 
 use std::sync::Arc;

@@ -122,7 +122,22 @@ impl Session {
                 Err(_) => return Err(CloseReason::INVALID_TOKEN),
             }
         } else if let Some(request) = command.rpc {
-            if self.state.proxy.as_ref().is_some_and(|p| p.handles_rpc()) {
+            let builtin = self
+                .state
+                .client_methods
+                .clone()
+                .filter(|methods| methods.handles(&request.method));
+            if let Some(methods) = builtin {
+                let caller = herald_core::client_methods::Caller {
+                    user: self.user().to_string(),
+                    client: self.client_id.clone(),
+                };
+                let outcome = methods
+                    .call(&caller, &request.method, request.data.as_ref())
+                    .await
+                    .map(|data| protocol::RpcResult { data: Some(data) });
+                self.reply_with(id, outcome, |r| ResultBody::Rpc(r));
+            } else if self.state.proxy.as_ref().is_some_and(|p| p.handles_rpc()) {
                 self.rpc_via_backend(id, request).await;
             } else {
                 self.reply_err(
