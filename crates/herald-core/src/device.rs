@@ -315,6 +315,12 @@ pub struct Page<T> {
     pub total: Option<u64>,
 }
 
+/// The id of a new device: a random (v4) UUID, the same kind from every backend. It holds
+/// no `:`, so a device–topic pair's id (`<device id>:<topic>`) splits at its first `:`.
+pub fn new_device_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 /// The cursor that continues a listing ordered by the pair `(first, second)` after that pair
 /// (device topics: device id and topic; user topics: user and topic). The item ids
 /// (`<first>:<second>`) cannot serve: users and topics may both hold `:`. The length prefix

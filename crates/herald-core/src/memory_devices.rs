@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use crate::device::{
     Device, DeviceError, DeviceFilter, DeviceRegistration, DeviceRemoval, DeviceStore, DeviceTopic,
     DeviceTopicFilter, DeviceUpdate, Page, PageRequest, Provider, TopicOp, UserTopic,
-    UserTopicFilter, apply_topic_op, merged_topics, pair_cursor, parse_pair_cursor,
+    UserTopicFilter, apply_topic_op, merged_topics, new_device_id, pair_cursor, parse_pair_cursor,
 };
 
 /// One page of `items` (already past the cursor, in listing order): at most `limit`, and the
@@ -202,7 +202,7 @@ impl DeviceStore for MemoryDeviceStore {
                 let platform = registration.platform.ok_or_else(|| {
                     DeviceError::Invalid("a new device needs a platform".to_owned())
                 })?;
-                let id = uuid::Uuid::new_v4().to_string();
+                let id = new_device_id();
                 state
                     .tokens
                     .insert((provider, registration.token.clone()), id.clone());
