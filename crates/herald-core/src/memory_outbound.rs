@@ -3,7 +3,7 @@
 //! life of the process.
 //!
 //! Owns: the jobs, the index of claimable jobs per kind, the per-`order_key` lines of jobs
-//! waiting their turn and the rate windows, all behind one mutex (every call is short and
+//! waiting their turn, the jobs of each group and the rate windows, all behind one mutex (every call is short and
 //! none awaits while holding it).
 //!
 //! May touch: nothing outside the process.
@@ -59,6 +59,9 @@ struct State {
     /// Per `order_key`, the ids of its jobs that are not final, in enqueue order. Only the
     /// first may be claimed.
     lines: HashMap<String, VecDeque<String>>,
+    /// Per group, the ids of its jobs: cancel and every delivery report look up one group,
+    /// not every job.
+    groups: HashMap<String, BTreeSet<String>>,
     /// Per rate key: the end of its current window and the uses counted in it.
     rates: HashMap<String, (u64, u32)>,
     next_seq: u64,
@@ -196,6 +199,11 @@ impl OutboundQueue for MemoryOutboundQueue {
             if let Some(key) = state.due_key(&job.id, &entry) {
                 state.claimable.insert(key);
             }
+            state
+                .groups
+                .entry(entry.group.clone())
+                .or_default()
+                .insert(job.id.clone());
             state.jobs.insert(job.id, entry);
             added += 1;
         }
@@ -304,10 +312,12 @@ impl OutboundQueue for MemoryOutboundQueue {
     async fn cancel(&self, group: &str, now: u64) -> Result<u64, QueueError> {
         let mut state = self.state.lock();
         let queued: Vec<String> = state
-            .jobs
-            .iter()
-            .filter(|(_, e)| e.group == group && e.state == JobState::Queued)
-            .map(|(id, _)| id.clone())
+            .groups
+            .get(group)
+            .into_iter()
+            .flatten()
+            .filter(|id| state.jobs[*id].state == JobState::Queued)
+            .cloned()
             .collect();
         for id in &queued {
             state.modify(id, |entry| {
@@ -331,10 +341,14 @@ impl OutboundQueue for MemoryOutboundQueue {
                 "a report is delivered or interacted, not {report}"
             )));
         }
-        let mut state = self.state.lock();
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
         let mut matched = false;
-        for entry in state.jobs.values_mut() {
-            if entry.group != group || entry.recipient != recipient {
+        for id in state.groups.get(group).into_iter().flatten() {
+            let Some(entry) = state.jobs.get_mut(id) else {
+                continue;
+            };
+            if entry.recipient != recipient {
                 continue;
             }
             match entry.state {
@@ -375,12 +389,22 @@ impl OutboundQueue for MemoryOutboundQueue {
     }
 
     async fn purge(&self, before: u64) -> Result<u64, QueueError> {
-        let mut state = self.state.lock();
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
         let count = state.jobs.len();
-        // Final jobs are in neither the claimable index nor a line.
-        state
-            .jobs
-            .retain(|_, entry| !(entry.state.is_final() && entry.updated_at < before));
+        // Final jobs are in neither the claimable index nor a line; only `groups` needs
+        // telling.
+        let groups = &mut state.groups;
+        state.jobs.retain(|id, entry| {
+            let keep = !(entry.state.is_final() && entry.updated_at < before);
+            if !keep && let Some(ids) = groups.get_mut(&entry.group) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    groups.remove(&entry.group);
+                }
+            }
+            keep
+        });
         state.rates.retain(|_, (end, _)| *end >= before);
         Ok((count - state.jobs.len()) as u64)
     }
