@@ -315,6 +315,48 @@ pub struct Page<T> {
     pub total: Option<u64>,
 }
 
+/// The id of a new device: a random (v4) UUID, the same kind from every backend. It holds
+/// no `:`, so a device–topic pair's id (`<device id>:<topic>`) splits at its first `:`.
+pub fn new_device_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The cursor that continues a listing ordered by the pair `(first, second)` after that pair
+/// (device topics: device id and topic; user topics: user and topic). The item ids
+/// (`<first>:<second>`) cannot serve: users and topics may both hold `:`. The length prefix
+/// makes the cursor unambiguous; callers treat it as opaque.
+pub fn pair_cursor(first: &str, second: &str) -> String {
+    format!("{}:{first}{second}", first.len())
+}
+
+/// The pair a [`pair_cursor`] encodes; `None` for the empty cursor (the first page).
+pub fn parse_pair_cursor(cursor: &str) -> Result<Option<(&str, &str)>, DeviceError> {
+    if cursor.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || DeviceError::Invalid(format!("invalid cursor {cursor:?}"));
+    let (len, rest) = cursor.split_once(':').ok_or_else(invalid)?;
+    let len: usize = len.parse().map_err(|_| invalid())?;
+    match (rest.get(..len), rest.get(len..)) {
+        (Some(first), Some(second)) => Ok(Some((first, second))),
+        _ => Err(invalid()),
+    }
+}
+
+/// A device's topics as [`DeviceStore::device_topics`] lists them: its own and its user's,
+/// sorted, each once, `true` where the topic comes from the user only (an own topic wins).
+pub fn merged_topics(own: &[String], user: &[String]) -> Vec<(String, bool)> {
+    let mut merged: Vec<(String, bool)> = own
+        .iter()
+        .map(|t| (t.clone(), false))
+        .chain(user.iter().map(|t| (t.clone(), true)))
+        .collect();
+    // `false` sorts first, so dedup keeps the own entry of a topic both have.
+    merged.sort();
+    merged.dedup_by(|later, earlier| later.0 == earlier.0);
+    merged
+}
+
 /// A device and one of its topics. The id is `<device id>:<topic>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceTopic {
@@ -360,7 +402,10 @@ pub enum DeviceError {
 #[async_trait]
 pub trait DeviceStore: Send + Sync + 'static {
     /// Registers or updates a device; returns it as stored. `now` sets `updated_at` (and
-    /// `created_at` of a new device).
+    /// `created_at` of a new device). A new device needs a provider, a token and a platform;
+    /// an update keeps the ones the registration leaves out (`None`, an empty token) and
+    /// replaces every other field. Moving a device to a token another device holds is
+    /// [`DeviceError::Invalid`].
     async fn register(
         &self,
         registration: DeviceRegistration,
@@ -432,7 +477,8 @@ pub trait DeviceStore: Send + Sync + 'static {
         page: &PageRequest,
     ) -> Result<Page<UserTopic>, DeviceError>;
 
-    /// Changes a user's topics (which every device of the user then has).
+    /// Changes a user's topics (which every device of the user then has). An empty user is
+    /// [`DeviceError::Invalid`]: anonymous devices share no topics.
     async fn update_user_topics(
         &self,
         user: &str,

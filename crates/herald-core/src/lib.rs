@@ -3,8 +3,9 @@
 //! Owns: channel names and namespace rules, publications and stream positions, the error
 //! codes every API shares, the in-process hub that fans publications out to local
 //! subscribers, the [`Node`] facade (publish, history, presence, channels) and the small
-//! port traits backends implement ([`Engine`], [`HistoryStore`], [`PresenceStore`]) with
-//! in-memory implementations and the conformance suites every backend must pass.
+//! port traits backends implement ([`Engine`], [`HistoryStore`], [`PresenceStore`], the
+//! device registry and the outbound queue) with in-memory implementations and the
+//! conformance suites every backend must pass.
 //!
 //! May touch: nothing outside the process. Backends and transports live in other crates and
 //! depend on this one, never the other way round.
@@ -22,6 +23,8 @@ pub mod fanout;
 pub mod hub;
 pub mod idempotency;
 pub mod memory;
+pub mod memory_devices;
+pub mod memory_outbound;
 pub mod namespace;
 pub mod node;
 pub mod outbound;

@@ -15,7 +15,8 @@
 //!   the job claimable again — so a job is delivered at least once, and twice only when its
 //!   holder died (or stalled past its lease) after sending and before finishing;
 //! - [`OutboundQueue::finish`] applies only to the attempt that holds the lease (a late finish
-//!   from an expired lease changes nothing);
+//!   from an expired lease that was claimed again changes nothing; one whose lease ran out
+//!   unclaimed still applies, which spares the provider a duplicate);
 //! - a job past `expire_at` is never handed out: the next claim that sees it marks it
 //!   [`JobState::Expired`];
 //! - jobs with the same `order_key` are handed out one at a time in enqueue order: the next is
@@ -212,7 +213,8 @@ pub trait OutboundQueue: Send + Sync + 'static {
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<usize, QueueError>;
 
     /// Leases up to `limit` due jobs of `kind` until `now + lease`, oldest `not_before`
-    /// first. Expired jobs it meets become [`JobState::Expired`] and are not returned.
+    /// first. Expired jobs it meets become [`JobState::Expired`] and are not returned. A zero
+    /// `lease` is [`QueueError::Invalid`].
     async fn claim(
         &self,
         kind: &str,
@@ -229,7 +231,9 @@ pub trait OutboundQueue: Send + Sync + 'static {
     async fn cancel(&self, group: &str, now: u64) -> Result<u64, QueueError>;
 
     /// Sets a sent job's state to [`JobState::Delivered`] or [`JobState::Interacted`] (the
-    /// app's report); `Interacted` wins over `Delivered`. Returns whether a job matched.
+    /// app's report); `Interacted` wins over `Delivered`. Returns whether a job matched (one
+    /// of `group` and `recipient` that is sent, delivered or interacted). Any other `state`
+    /// is [`QueueError::Invalid`].
     async fn report(
         &self,
         group: &str,
@@ -245,10 +249,14 @@ pub trait OutboundQueue: Send + Sync + 'static {
         page: &PageRequest,
     ) -> Result<Page<JobStatus>, QueueError>;
 
-    /// Removes finished jobs last updated before `before`; returns how many.
+    /// Removes finished jobs last updated before `before`; returns how many. Backends without
+    /// expiring keys also drop here the [`OutboundQueue::take_rate`] windows that ended
+    /// before `before`.
     async fn purge(&self, before: u64) -> Result<u64, QueueError>;
 
-    /// Queued jobs per kind that are due at `now` (for lag metrics).
+    /// Jobs per kind that a claim at `now` would consider (queued and due, or leased with the
+    /// lease run out; not those waiting behind an earlier job of their `order_key`), ordered
+    /// by kind, kinds with none left out (for lag metrics).
     async fn due(&self, now: u64) -> Result<Vec<(String, u64)>, QueueError>;
 
     /// Counts one use of `key` in the fixed window of `window` containing `now` and says

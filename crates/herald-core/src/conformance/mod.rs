@@ -7,7 +7,11 @@
 //! - [`run_cluster_suite`] (`cluster.rs`): several handles on one shared backend, standing for
 //!   the nodes of a cluster ([`ClusterBackend`]);
 //! - [`run_presence_suite`] (`presence.rs`): a shared
-//!   [`PresenceStore`](crate::presence::PresenceStore) seen from two nodes, expiry included.
+//!   [`PresenceStore`](crate::presence::PresenceStore) seen from two nodes, expiry included;
+//! - [`run_device_suite`] (`devices.rs`, `device_removals.rs`, `device_topics.rs`): a
+//!   [`DeviceStore`](crate::device::DeviceStore);
+//! - [`run_outbound_suite`] (`outbound.rs`, `outbound_status.rs`): an
+//!   [`OutboundQueue`](crate::outbound::OutboundQueue), racing claimers included.
 //!
 //! Backends call them from their tests with a factory that builds fresh, empty backends.
 //! Every panic names the broken rule first. Every wait is bounded ([`WAIT`] for each expected
@@ -21,15 +25,22 @@
 //! May touch: only what the factories build.
 
 mod cluster;
+mod device_removals;
+mod device_topics;
+mod devices;
 mod engine;
 #[cfg(test)]
 mod fake;
 mod history;
+mod outbound;
+mod outbound_status;
 mod presence;
 
 pub use cluster::{ClusterBackend, run_cluster_suite};
+pub use devices::run_device_suite;
 pub use engine::run_engine_suite;
 pub use history::{RecordingListener, run_history_suite};
+pub use outbound::run_outbound_suite;
 pub use presence::{MAX_REFRESH_INTERVAL, run_presence_suite};
 
 use std::collections::{BTreeMap, VecDeque};

@@ -1,4 +1,5 @@
-//! The embedded, durable history store: one SQLite database in the data directory.
+//! The embedded, durable stores: history in `<data_dir>/herald.db`, and the push side's
+//! device registry and outbound queue in `<data_dir>/outbound.db` (module `outbound`).
 //!
 //! Owns: [`SqliteHistoryStore`], the [`HistoryStore`] implementation that wires callers to
 //! the writer thread (appends, removes, flushes) and to the reader pool (reads), and the
@@ -15,6 +16,7 @@ mod checkpoint;
 mod codec;
 mod config;
 mod inbox;
+mod outbound;
 mod reader;
 mod schema;
 mod stats;
@@ -36,6 +38,9 @@ use tokio::sync::oneshot;
 
 pub use checkpoint::{WAL_HARD_LIMIT_BYTES, WAL_RESTART_BYTES};
 pub use config::{DATABASE_FILE, LOCK_FILE, SqliteConfig, SyncPolicy};
+pub use outbound::{
+    OUTBOUND_FILE, OUTBOUND_SCHEMA_VERSION, OutboundDb, SqliteDeviceStore, SqliteOutboundQueue,
+};
 pub use schema::{OpenError, SCHEMA_VERSION};
 pub use stats::StoreStats;
 

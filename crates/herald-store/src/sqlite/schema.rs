@@ -388,7 +388,7 @@ fn initialise(conn: &Connection, path: &Path) -> Result<Arc<str>, OpenError> {
 
 /// Creates `dir` (and missing parents) readable by its owner only: it holds history and
 /// secrets. An existing folder keeps its mode.
-fn private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
