@@ -52,6 +52,8 @@ pub enum BuildError {
     Revocations(#[from] RevocationFileError),
     #[error("server.trusted_proxies: {0}")]
     TrustedProxies(String),
+    #[error("push: {0}")]
+    Push(String),
 }
 
 /// The objects that build without side effects (no file written, no socket, no runtime).
@@ -317,7 +319,56 @@ async fn build_push(config: &Config) -> Result<Option<Arc<crate::push::PushRunti
     if !config.push.enabled {
         return Ok(None);
     }
-    Err(BuildError::Unsupported("push"))
+    let (queue, devices): (
+        Arc<dyn herald_core::outbound::OutboundQueue>,
+        Arc<dyn herald_core::device::DeviceStore>,
+    ) = match config.storage.engine {
+        Engine::Memory => (
+            Arc::new(herald_core::memory_outbound::MemoryOutboundQueue::new()),
+            Arc::new(herald_core::memory_devices::MemoryDeviceStore::new()),
+        ),
+        Engine::Sqlite => open_outbound_sqlite(config)?,
+        Engine::Redis => {
+            return Err(BuildError::Unsupported(
+                "push with storage.engine = \"redis\"",
+            ));
+        }
+    };
+    let senders = crate::push::senders(&config.push).map_err(BuildError::Push)?;
+    Ok(Some(Arc::new(crate::push::PushRuntime::new(
+        config.push.clone(),
+        queue,
+        devices,
+        senders,
+    ))))
+}
+
+#[cfg(feature = "sqlite")]
+fn open_outbound_sqlite(
+    config: &Config,
+) -> Result<
+    (
+        Arc<dyn herald_core::outbound::OutboundQueue>,
+        Arc<dyn herald_core::device::DeviceStore>,
+    ),
+    BuildError,
+> {
+    let db = herald_store::sqlite::OutboundDb::open(&config.sqlite())
+        .map_err(|e| BuildError::Store(e.to_string()))?;
+    Ok((Arc::new(db.queue()), Arc::new(db.devices())))
+}
+
+#[cfg(not(feature = "sqlite"))]
+fn open_outbound_sqlite(
+    _config: &Config,
+) -> Result<
+    (
+        Arc<dyn herald_core::outbound::OutboundQueue>,
+        Arc<dyn herald_core::device::DeviceStore>,
+    ),
+    BuildError,
+> {
+    Err(BuildError::Unsupported("sqlite"))
 }
 
 /// The memory this process may use: the cgroup's limit (v2 `memory.max`, v1

@@ -53,6 +53,10 @@ pub struct PushConfig {
     pub device_inactive_after: HumanDuration,
     /// How often retention and inactivity are applied.
     pub maintenance_interval: HumanDuration,
+    /// Web Push (VAPID key sets per app).
+    pub webpush: Option<herald_outbound::webpush::WebpushConfig>,
+    /// Email over SMTP, the fallback for users without a device.
+    pub email: Option<herald_outbound::email::EmailConfig>,
 }
 
 impl Default for PushConfig {
@@ -69,6 +73,8 @@ impl Default for PushConfig {
             status_retention: HumanDuration::from_secs(7 * 24 * 3600),
             device_inactive_after: HumanDuration::from_secs(270 * 24 * 3600),
             maintenance_interval: HumanDuration::from_secs(3600),
+            webpush: None,
+            email: None,
         }
     }
 }

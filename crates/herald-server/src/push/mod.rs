@@ -45,6 +45,22 @@ impl Senders {
     }
 }
 
+/// Builds a sender for each provider that has credentials in `config`.
+pub fn senders(config: &PushConfig) -> Result<Senders, String> {
+    let mut senders = Senders::default();
+    if let Some(webpush) = &config.webpush {
+        let sender = herald_outbound::webpush::WebpushSender::new(webpush)
+            .map_err(|e| format!("push.webpush: {e}"))?;
+        senders.webpush = Some(Arc::new(sender));
+    }
+    if let Some(email) = &config.email {
+        let sender = herald_outbound::email::EmailSender::new(email)
+            .map_err(|e| format!("push.email: {e}"))?;
+        senders.email = Some(Arc::new(sender));
+    }
+    Ok(senders)
+}
+
 /// Everything push needs at run time.
 pub struct PushRuntime {
     pub service: PushService,
