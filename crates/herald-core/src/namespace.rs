@@ -46,6 +46,18 @@ pub struct NamespaceOptions {
     pub proxy_subscribe: bool,
     /// Client publications are decided (and may be rewritten) by the backend's publish proxy.
     pub proxy_publish: bool,
+    /// Live first, push when offline: a publication on a user-limited channel (`inbox:#alice`)
+    /// is pushed to the devices of each of the channel's users who has no live subscription
+    /// to it on any node (needs `[push] enabled`). Subscriptions are tracked as presence for
+    /// this, whether or not `presence` exposes them.
+    pub push_offline: bool,
+    /// With `push_offline`: a user who is subscribed must acknowledge the publication
+    /// (`herald.ack`) within this time, or gets the push too. `0s`: no acknowledgements.
+    pub push_ack_timeout: HumanDuration,
+    /// The push's title and body: `{data.field}` (a dotted path into the publication's JSON
+    /// data), `{channel}` and `{offset}` are replaced; a missing field is empty.
+    pub push_title: String,
+    pub push_body: String,
 }
 
 impl Default for NamespaceOptions {
@@ -64,11 +76,20 @@ impl Default for NamespaceOptions {
             require_subscription_token: false,
             proxy_subscribe: false,
             proxy_publish: false,
+            push_offline: false,
+            push_ack_timeout: HumanDuration::ZERO,
+            push_title: "{data.title}".into(),
+            push_body: "{data.body}".into(),
         }
     }
 }
 
 impl NamespaceOptions {
+    /// Whether subscriptions are recorded in presence (for presence, or to know who is live).
+    pub fn tracks_presence(&self) -> bool {
+        self.presence || self.push_offline
+    }
+
     pub fn history_enabled(&self) -> bool {
         self.history_size > 0 && !self.history_ttl.is_zero()
     }

@@ -62,6 +62,9 @@ pub struct PublishRequest {
     pub skip_history: bool,
     pub idempotency_key: Option<String>,
     pub info: Option<Arc<ClientInfo>>,
+    /// The server API's `push` section, handed as is to the [`PublishObserver`] (the node
+    /// does not read it).
+    pub push: Option<Arc<serde_json::Value>>,
 }
 
 impl PublishRequest {
@@ -73,8 +76,41 @@ impl PublishRequest {
             skip_history: false,
             idempotency_key: None,
             info: None,
+            push: None,
         }
     }
+}
+
+/// A publication that was just published (not a duplicate), for what follows a publish
+/// outside the node: push notifications to users who are offline.
+#[derive(Debug)]
+pub struct Published<'a> {
+    pub channel: &'a ChannelName,
+    pub options: &'a NamespaceOptions,
+    /// Its place in history, when stored.
+    pub position: Option<&'a StreamPosition>,
+    pub publication: &'a Publication,
+    /// The request's `push` section.
+    pub push: Option<&'a serde_json::Value>,
+}
+
+/// Told about every publication after it is published and before `publish` returns, so what
+/// it queues is queued when the publisher hears "published". Its errors are its own to report:
+/// the publication stands.
+#[async_trait::async_trait]
+pub trait PublishObserver: Send + Sync + 'static {
+    /// Whether [`PublishObserver::published`] needs to see a publication with these options
+    /// and `push` section (so publications nobody watches cost nothing).
+    /// Checked before publishing: a `push` section it cannot use is the publisher's error
+    /// and nothing is published.
+    fn wants(
+        &self,
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        push: Option<&serde_json::Value>,
+    ) -> Result<bool, HeraldError>;
+
+    async fn published(&self, published: Published<'_>);
 }
 
 /// Where a publication landed; `position` is `None` when it was not stored in history.
@@ -131,6 +167,8 @@ struct Inner {
     /// store expires entries: a shared store outlives the node that wrote them).
     own_presence: Option<Arc<OwnPresence>>,
     presence_task: Mutex<Option<JoinHandle<()>>>,
+    /// Set once, after the node is built (push is built on top of it).
+    observer: std::sync::OnceLock<Arc<dyn PublishObserver>>,
 }
 
 /// Presence entries this node wrote, by channel and client id.
@@ -180,6 +218,7 @@ impl Node {
                 fanout_task: Mutex::new(Some(fanout_task)),
                 own_presence,
                 presence_task: Mutex::new(presence_task),
+                observer: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -268,6 +307,11 @@ impl Node {
             tags: request.tags,
             info: request.info,
         };
+        let observer = match self.inner.observer.get() {
+            Some(o) if o.wants(&channel, &options, request.push.as_deref())? => Some(o),
+            _ => None,
+        };
+        let observed = observer.map(|_| publication.clone());
         let window = options.idempotency_window.as_duration();
         let stored = options.history_enabled() && !request.skip_history;
         let published = self
@@ -291,6 +335,20 @@ impl Node {
             stats.publications.fetch_add(1, Ordering::Relaxed);
             if stored {
                 stats.history_writes.fetch_add(1, Ordering::Relaxed);
+            }
+            if let (Some(observer), Some(mut publication)) = (observer, observed) {
+                if let Some(position) = &published.position {
+                    publication.offset = position.offset;
+                }
+                observer
+                    .published(Published {
+                        channel: &channel,
+                        options: &options,
+                        position: published.position.as_ref(),
+                        publication: &publication,
+                        push: request.push.as_deref(),
+                    })
+                    .await;
             }
         }
         Ok(PublishResult {
@@ -479,6 +537,27 @@ impl Node {
         Ok(id)
     }
 
+    /// The users with a live subscription to `channel` on any node, from presence (tracked
+    /// where [`NamespaceOptions::tracks_presence`]).
+    pub async fn live_users(&self, channel: &str) -> Result<Vec<String>, HeraldError> {
+        let present = self
+            .inner
+            .backends
+            .presence
+            .get(channel)
+            .await
+            .map_err(|e| HeraldError::unavailable(e.to_string()))?;
+        let mut users: Vec<String> = present.into_values().map(|info| info.user).collect();
+        users.sort();
+        users.dedup();
+        Ok(users)
+    }
+
+    /// Sets the observer of publications (once; a second call is ignored and returns false).
+    pub fn observe_publications(&self, observer: Arc<dyn PublishObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
+    }
+
     /// A client joined `channel`: recorded in presence and announced to subscribers, as the
     /// namespace asks.
     pub async fn join(
@@ -487,7 +566,7 @@ impl Node {
         options: &NamespaceOptions,
         info: Arc<ClientInfo>,
     ) {
-        if options.presence {
+        if options.tracks_presence() {
             if let Some(own) = &self.inner.own_presence {
                 own.lock().insert(
                     (channel.as_arc().clone(), info.client.clone()),
@@ -520,7 +599,7 @@ impl Node {
         options: &NamespaceOptions,
         info: Arc<ClientInfo>,
     ) {
-        if options.presence {
+        if options.tracks_presence() {
             if let Some(own) = &self.inner.own_presence {
                 own.lock()
                     .remove(&(channel.as_arc().clone(), info.client.clone()));

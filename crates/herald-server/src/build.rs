@@ -274,7 +274,12 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
         .collect();
     let push = build_push(&config).await?;
     let client_methods = push.clone().map(|push| {
-        Arc::new(crate::push::client::PushClientMethods { push })
+        let live = Arc::new(crate::push::live::LiveFirst {
+            push: push.clone(),
+            node: node.clone(),
+        });
+        node.observe_publications(live.clone());
+        Arc::new(crate::push::client::PushClientMethods { push, live })
             as Arc<dyn herald_core::client_methods::ClientMethods>
     });
     let realtime = Arc::new(

@@ -124,12 +124,23 @@ impl PushService {
 
     /// Accepts a push: validates it and stores it durably as one fan-out job (a repeated
     /// `uid` is accepted again and sends nothing twice). Returns the uid.
-    pub async fn send(&self, mut request: SendPush) -> Result<String, PushError> {
+    pub async fn send(&self, request: SendPush) -> Result<String, PushError> {
+        let not_before = request.send_at.map(|s| s.saturating_mul(1000));
+        self.send_after(request, not_before).await
+    }
+
+    /// [`PushService::send`], not before `not_before` (ms; `None`: now) — for pushes that wait
+    /// for something to not happen, such as an acknowledgement.
+    pub async fn send_after(
+        &self,
+        mut request: SendPush,
+        not_before: Option<u64>,
+    ) -> Result<String, PushError> {
         let uid = request.validate().map_err(PushError::Invalid)?;
         request.uid = Some(uid.clone());
         request.analytics_uid = None;
         let now = now_ms();
-        let not_before = request.send_at.map_or(now, |s| s.saturating_mul(1000));
+        let not_before = not_before.unwrap_or(now);
         let expire_at = request
             .notification
             .expire_at

@@ -73,6 +73,14 @@ fn require_channel(channel: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A `push` section needs push notifications on: say so rather than ignore it.
+fn require_push_if_asked(state: &AppState, asked: bool) -> Result<(), ApiError> {
+    if asked && state.push.is_none() {
+        return Err(node_err(crate::push::api::not_enabled()));
+    }
+    Ok(())
+}
+
 /// Runs `method` with `params`; the result is the method's result object.
 pub async fn call(
     state: &AppState,
@@ -137,8 +145,16 @@ pub async fn call(
             apply_everywhere(state, command).await.map_err(node_err)?;
             encode(&EmptyResult {})
         }
-        "publish" => publish(node, parse(params)?).await,
-        "broadcast" => broadcast(node, parse(params)?).await,
+        "publish" => {
+            let params: PublishParams = parse(params)?;
+            require_push_if_asked(state, params.push.is_some())?;
+            publish(node, params).await
+        }
+        "broadcast" => {
+            let params: BroadcastParams = parse(params)?;
+            require_push_if_asked(state, params.push.is_some())?;
+            broadcast(node, params).await
+        }
         "history" => history(node, parse(params)?).await,
         "history_remove" => {
             let params: ChannelParams = parse(params)?;
@@ -234,6 +250,7 @@ async fn publish(node: &Node, params: PublishParams) -> Result<Box<RawValue>, Ap
         skip_history: params.skip_history,
         idempotency_key: params.idempotency_key.filter(|k| !k.is_empty()),
         info: None,
+        push: params.push.map(std::sync::Arc::new),
     };
     let result = node.publish(request).await.map_err(node_err)?;
     encode(&PublishResult::from(result))
@@ -267,6 +284,7 @@ async fn broadcast(node: &Node, params: BroadcastParams) -> Result<Box<RawValue>
     }
     let data = checked_payload(node, params.data, params.b64data)?;
     let idempotency_key = params.idempotency_key.filter(|k| !k.is_empty());
+    let push = params.push.map(std::sync::Arc::new);
     let publishes = params.channels.into_iter().map(|channel| {
         let request = PublishRequest {
             channel,
@@ -275,6 +293,7 @@ async fn broadcast(node: &Node, params: BroadcastParams) -> Result<Box<RawValue>
             skip_history: params.skip_history,
             idempotency_key: idempotency_key.clone(),
             info: None,
+            push: push.clone(),
         };
         async move {
             if request.channel.is_empty() {

@@ -117,6 +117,9 @@ pub struct PublishParams {
     /// Accepted for compatibility; delta compression is not implemented, so it has no effect.
     #[serde(default)]
     pub delta: bool,
+    /// Push the publication to users' devices (see docs/push.md, "Live first").
+    #[serde(default)]
+    pub push: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +139,9 @@ pub struct BroadcastParams {
     pub idempotency_key: Option<String>,
     #[serde(default)]
     pub delta: bool,
+    /// Push each publication to its channel's users' devices, as for `publish`.
+    #[serde(default)]
+    pub push: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]

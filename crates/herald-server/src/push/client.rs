@@ -39,11 +39,13 @@ pub const METHODS: &[&str] = &[
     "device_update",
     "device_remove",
     "update_push_status",
+    "ack",
 ];
 
 /// The client methods push adds.
 pub struct PushClientMethods {
     pub push: Arc<PushRuntime>,
+    pub live: Arc<super::live::LiveFirst>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +175,7 @@ impl PushClientMethods {
                     .map_err(push_error)?;
                 Ok(json(serde_json::json!({})))
             }
+            "ack" => self.live.ack(user, data).await,
             other => Err(HeraldError::new(
                 ErrorCode::MethodNotFound,
                 format!("no client method {other:?}"),
@@ -275,7 +278,13 @@ async fn handle_inner(
         .map_err(status_of)?;
     let body = crate::api::read_body(body, state.config.server.max_body_size).await?;
     let data = Payload::Json(body);
-    let methods = PushClientMethods { push };
+    let methods = PushClientMethods {
+        live: Arc::new(super::live::LiveFirst {
+            push: push.clone(),
+            node: state.node.clone(),
+        }),
+        push,
+    };
     let caller = Caller {
         user: credentials.user,
         client: String::new(),

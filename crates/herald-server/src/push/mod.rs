@@ -10,6 +10,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod live;
 
 use std::sync::Arc;
 
