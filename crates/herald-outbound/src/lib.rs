@@ -8,4 +8,8 @@
 //! May touch: the network (providers' HTTP APIs, SMTP) and the ports it is given (the queue,
 //! the device registry). Never the node's stores directly.
 
+pub mod apns;
+pub mod clock;
+pub mod fcm;
+mod push_http;
 pub mod sender;

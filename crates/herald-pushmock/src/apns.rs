@@ -106,6 +106,8 @@ pub struct ApnsRecord {
     pub team_id: String,
     /// The provider token's `iat`.
     pub jwt_iat: u64,
+    /// `HTTP/2.0` from a proper APNs client.
+    pub http_version: String,
     pub time_ms: u64,
 }
 
@@ -135,6 +137,8 @@ fn one() -> u32 {
 pub struct ApnsStats {
     pub requests: u64,
     pub accepted: u64,
+    /// TCP connections accepted (HTTP/2 senders should need one per host).
+    pub connections: u64,
     /// Refusals by reason.
     pub rejected: BTreeMap<String, u64>,
     /// Distinct provider tokens (JWTs) presented.
@@ -172,6 +176,7 @@ struct State {
     rejected: Mutex<BTreeMap<String, u64>>,
     requests: AtomicU64,
     accepted: AtomicU64,
+    connections: AtomicU64,
     expire_next: AtomicU32,
     latency_ms: AtomicU64,
 }
@@ -204,6 +209,7 @@ impl ApnsMock {
                 rejected: Mutex::new(BTreeMap::new()),
                 requests: AtomicU64::new(0),
                 accepted: AtomicU64::new(0),
+                connections: AtomicU64::new(0),
                 expire_next: AtomicU32::new(0),
                 latency_ms: AtomicU64::new(config.latency_ms),
             }),
@@ -314,6 +320,7 @@ impl ApnsMock {
         ApnsStats {
             requests: self.requests(),
             accepted: self.accepted(),
+            connections: self.state.connections.load(Ordering::Relaxed),
             rejected: self.state.rejected.lock().clone(),
             provider_tokens: self.state.provider_tokens.lock().len() as u64,
         }
@@ -600,6 +607,7 @@ impl ApnsMock {
             key_id: auth.key_id,
             team_id: auth.team_id,
             jwt_iat: auth.iat,
+            http_version: format!("{:?}", head.version),
             time_ms: self.state.clock.now_ms(),
         };
         self.state.records.lock().push(record);
@@ -613,6 +621,10 @@ impl ApnsMock {
 }
 
 impl Service for ApnsMock {
+    fn connected(&self) {
+        self.state.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
     async fn call(self: Arc<Self>, head: Parts, body: Bytes) -> Response {
         self.handle(head, body).await
     }

@@ -28,6 +28,9 @@ pub const MAX_BODY: usize = 1 << 20;
 pub trait Service: Send + Sync + 'static {
     fn call(self: Arc<Self>, head: Parts, body: Bytes) -> impl Future<Output = Response> + Send;
 
+    /// A client connected (for connection-reuse assertions).
+    fn connected(&self) {}
+
     /// The answer to a body above [`MAX_BODY`].
     fn too_large(&self) -> Response {
         json(
@@ -62,6 +65,7 @@ pub async fn serve<S: Service>(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        service.connected();
         let builder = builder.clone();
         let service = service.clone();
         let mut shutdown = shutdown.clone();

@@ -96,6 +96,7 @@ pub struct FcmRecord {
     pub name: String,
     /// The service account whose access token authorised it.
     pub client_email: String,
+    pub http_version: String,
     pub time_ms: u64,
 }
 
@@ -126,6 +127,8 @@ fn one() -> u32 {
 pub struct FcmStats {
     pub requests: u64,
     pub accepted: u64,
+    /// TCP connections accepted (HTTP/2 senders should need one per host).
+    pub connections: u64,
     /// Refusals by FCM error code (or `google.rpc` status when FCM sends no code).
     pub rejected: BTreeMap<String, u64>,
     pub token_requests: u64,
@@ -161,6 +164,7 @@ struct State {
     rejected: Mutex<BTreeMap<String, u64>>,
     requests: AtomicU64,
     accepted: AtomicU64,
+    connections: AtomicU64,
     token_requests: AtomicU64,
     tokens_issued: AtomicU64,
     latency_ms: AtomicU64,
@@ -278,6 +282,7 @@ impl FcmMock {
                 rejected: Mutex::new(BTreeMap::new()),
                 requests: AtomicU64::new(0),
                 accepted: AtomicU64::new(0),
+                connections: AtomicU64::new(0),
                 token_requests: AtomicU64::new(0),
                 tokens_issued: AtomicU64::new(0),
                 latency_ms: AtomicU64::new(config.latency_ms),
@@ -379,6 +384,7 @@ impl FcmMock {
         FcmStats {
             requests: s.requests.load(Ordering::Relaxed),
             accepted: s.accepted.load(Ordering::Relaxed),
+            connections: s.connections.load(Ordering::Relaxed),
             rejected: s.rejected.lock().clone(),
             token_requests: s.token_requests.load(Ordering::Relaxed),
             tokens_issued: s.tokens_issued.load(Ordering::Relaxed),
@@ -453,7 +459,7 @@ impl FcmMock {
                 "Method not allowed",
             ));
         }
-        match self.send(project, &head.headers, &body) {
+        match self.send(project, &head, &body) {
             Ok(response) => response,
             Err(refusal) => self.refuse(refusal),
         }
@@ -490,8 +496,8 @@ impl FcmMock {
         Ok(issued.client_email.clone())
     }
 
-    fn send(&self, project: &str, headers: &HeaderMap, body: &Bytes) -> Result<Response, Refusal> {
-        let client_email = self.authenticate(headers, project)?;
+    fn send(&self, project: &str, head: &Parts, body: &Bytes) -> Result<Response, Refusal> {
+        let client_email = self.authenticate(&head.headers, project)?;
         let request: Value = serde_json::from_slice(body).map_err(|e| {
             Refusal::fcm(
                 "INVALID_ARGUMENT",
@@ -569,6 +575,7 @@ impl FcmMock {
             validate_only,
             name: name.clone(),
             client_email,
+            http_version: format!("{:?}", head.version),
             time_ms: self.state.clock.now_ms(),
         });
         self.state.accepted.fetch_add(1, Ordering::Relaxed);
@@ -725,6 +732,10 @@ fn validate_message(message: &Value) -> Result<Target<'_>, Refusal> {
 }
 
 impl Service for FcmMock {
+    fn connected(&self) {
+        self.state.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
     async fn call(self: Arc<Self>, head: Parts, body: Bytes) -> Response {
         self.handle(head, body).await
     }
