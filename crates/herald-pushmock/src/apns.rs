@@ -150,7 +150,6 @@ struct Key {
     decoding: DecodingKey,
 }
 
-#[derive(Clone)]
 struct Verified {
     key_id: String,
     team_id: String,
@@ -169,7 +168,7 @@ struct State {
     clock: MockClock,
     keys: RwLock<HashMap<String, Key>>,
     team_topics: RwLock<HashMap<String, HashSet<String>>>,
-    verified: Mutex<HashMap<String, Verified>>,
+    verified: Mutex<HashMap<String, Arc<Verified>>>,
     provider_tokens: Mutex<Vec<String>>,
     script: Mutex<Script>,
     records: Mutex<Ring<ApnsRecord>>,
@@ -354,7 +353,7 @@ impl ApnsMock {
     }
 
     /// Verifies the `authorization: bearer <jwt>` header.
-    fn authenticate(&self, headers: &HeaderMap) -> Result<Verified, Refusal> {
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Verified>, Refusal> {
         const INVALID: Refusal = (StatusCode::FORBIDDEN, "InvalidProviderToken");
         let Some(value) = headers.get("authorization") else {
             return Err((StatusCode::FORBIDDEN, "MissingProviderToken"));
@@ -371,7 +370,7 @@ impl ApnsMock {
         let verified = match cached {
             Some(verified) => verified,
             None => {
-                let verified = self.verify(jwt).ok_or(INVALID)?;
+                let verified = Arc::new(self.verify(jwt).ok_or(INVALID)?);
                 let mut cache = self.state.verified.lock();
                 if cache.len() >= VERIFIED_CACHE {
                     cache.clear();
@@ -604,8 +603,8 @@ impl ApnsMock {
                 .collect(),
             payload,
             apns_id: apns_id.clone(),
-            key_id: auth.key_id,
-            team_id: auth.team_id,
+            key_id: auth.key_id.clone(),
+            team_id: auth.team_id.clone(),
             jwt_iat: auth.iat,
             http_version: format!("{:?}", head.version),
             time_ms: self.state.clock.now_ms(),
