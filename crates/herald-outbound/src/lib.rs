@@ -8,9 +8,13 @@
 //! May touch: the network (providers' HTTP APIs, SMTP) and the ports it is given (the queue,
 //! the device registry). Never the node's stores directly.
 
+pub mod apns;
+pub mod clock;
 pub mod egress;
 pub mod email;
+pub mod fcm;
 pub mod push;
+mod push_http;
 pub mod sender;
 pub mod webpush;
 pub mod worker;
