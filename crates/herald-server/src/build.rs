@@ -68,6 +68,10 @@ struct Parts {
 
 fn parts(config: &Config) -> Result<Parts, BuildError> {
     config.validate()?;
+    if config.push.enabled {
+        // Reads the providers' key files, so a bad one fails check-config too.
+        crate::push::senders(&config.push).map_err(BuildError::Push)?;
+    }
     let tls = match config.server.tls_files() {
         Some((cert, key)) => {
             crate::tls::install_crypto_provider();

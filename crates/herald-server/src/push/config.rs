@@ -53,6 +53,10 @@ pub struct PushConfig {
     pub device_inactive_after: HumanDuration,
     /// How often retention and inactivity are applied.
     pub maintenance_interval: HumanDuration,
+    /// APNs (token auth, a `.p8` key per app).
+    pub apns: Option<herald_outbound::apns::ApnsConfig>,
+    /// FCM HTTP v1 (a service account per app).
+    pub fcm: Option<herald_outbound::fcm::FcmConfig>,
     /// Web Push (VAPID key sets per app).
     pub webpush: Option<herald_outbound::webpush::WebpushConfig>,
     /// Email over SMTP, the fallback for users without a device.
@@ -73,6 +77,8 @@ impl Default for PushConfig {
             status_retention: HumanDuration::from_secs(7 * 24 * 3600),
             device_inactive_after: HumanDuration::from_secs(270 * 24 * 3600),
             maintenance_interval: HumanDuration::from_secs(3600),
+            apns: None,
+            fcm: None,
             webpush: None,
             email: None,
         }

@@ -49,6 +49,16 @@ impl Senders {
 /// Builds a sender for each provider that has credentials in `config`.
 pub fn senders(config: &PushConfig) -> Result<Senders, String> {
     let mut senders = Senders::default();
+    if let Some(apns) = &config.apns {
+        let sender =
+            herald_outbound::apns::ApnsSender::new(apns).map_err(|e| format!("push.apns: {e}"))?;
+        senders.apns = Some(Arc::new(sender));
+    }
+    if let Some(fcm) = &config.fcm {
+        let sender =
+            herald_outbound::fcm::FcmSender::new(fcm).map_err(|e| format!("push.fcm: {e}"))?;
+        senders.fcm = Some(Arc::new(sender));
+    }
     if let Some(webpush) = &config.webpush {
         let sender = herald_outbound::webpush::WebpushSender::new(webpush)
             .map_err(|e| format!("push.webpush: {e}"))?;
