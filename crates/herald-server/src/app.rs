@@ -77,6 +77,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/openapi.json", get(openapi))
         .route(
+            "/client/vapid_public_key",
+            get(crate::push::client::vapid_public_key),
+        )
+        .route(
             "/client/{method}",
             post(crate::push::client::handle).fallback(method_not_allowed),
         )

@@ -322,6 +322,7 @@ fn genconfig(output: &Path, force: bool) -> anyhow::Result<()> {
     if output.exists() && !force {
         bail!("{} exists; pass --force to overwrite", output.display());
     }
+    let vapid = herald_outbound::webpush::generate_vapid_keys();
     let text = format!(
         r#"# Herald configuration. Every key is documented in docs/configuration.md.
 # Environment variables override it: HERALD_SERVER__LISTEN=0.0.0.0:8000, …
@@ -360,9 +361,32 @@ history_size = 100
 history_ttl = "1h"
 presence = true
 join_leave = true
+
+# Push notifications (docs/push.md): FCM, APNs, Web Push, email. Uncomment to enable.
+# [push]
+# enabled = true
+#
+# Web Push: a VAPID key pair generated for this config. Browsers subscribe with the public key
+# (applicationServerKey = "{vapid_public}"), also served at GET /client/vapid_public_key.
+# [push.webpush]
+# [[push.webpush.apps]]
+# vapid_private_key = "{vapid_private}"
+# subject = "mailto:ops@example.com"
+#
+# [[push.apns.apps]]
+# key_file = "AuthKey_XXXXXXXXXX.p8"
+# key_id = "XXXXXXXXXX"
+# team_id = "YYYYYYYYYY"
+# topic = "com.example.app"
+# environment = "production"   # or "sandbox"
+#
+# [[push.fcm.apps]]
+# credentials_file = "firebase-service-account.json"
 "#,
         api_key = random_secret(32),
         hmac = random_secret(48),
+        vapid_public = vapid.1,
+        vapid_private = vapid.0,
     );
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

@@ -294,3 +294,30 @@ async fn handle_inner(
         .await
         .map_err(status_of)
 }
+
+/// `GET /client/vapid_public_key?app=<app>`: the Web Push public key (`applicationServerKey`)
+/// browsers subscribe with. Public by nature: no token needed.
+pub async fn vapid_public_key(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let app = query.get("app").map_or("", String::as_str);
+    let key = state
+        .push
+        .as_ref()
+        .and_then(|push| push.vapid_public_key(app).map(str::to_string));
+    match key {
+        Some(key) => crate::api::json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "app": app, "public_key": key }),
+        ),
+        None => ApiError {
+            status: StatusCode::NOT_FOUND,
+            error: HeraldError::new(
+                ErrorCode::NotAvailable,
+                format!("no Web Push app {app:?} is configured"),
+            ),
+        }
+        .into_response(),
+    }
+}

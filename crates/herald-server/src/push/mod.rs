@@ -33,6 +33,8 @@ pub struct Senders {
     pub apns: Option<Arc<dyn AnySender>>,
     pub webpush: Option<Arc<dyn AnySender>>,
     pub email: Option<Arc<dyn AnySender>>,
+    /// Each Web Push app's VAPID public key (base64url), which browsers subscribe with.
+    pub vapid_public_keys: std::collections::BTreeMap<String, String>,
 }
 
 impl Senders {
@@ -62,6 +64,13 @@ pub fn senders(config: &PushConfig) -> Result<Senders, String> {
     if let Some(webpush) = &config.webpush {
         let sender = herald_outbound::webpush::WebpushSender::new(webpush)
             .map_err(|e| format!("push.webpush: {e}"))?;
+        for app in &webpush.apps {
+            if let Some(key) = sender.public_key(&app.app) {
+                senders
+                    .vapid_public_keys
+                    .insert(app.app.clone(), key.to_string());
+            }
+        }
         senders.webpush = Some(Arc::new(sender));
     }
     if let Some(email) = &config.email {
@@ -172,6 +181,11 @@ impl PushRuntime {
         async move {
             let _ = rx.wait_for(|stopped| *stopped).await;
         }
+    }
+
+    /// The VAPID public key of Web Push app `app`, for browsers to subscribe with.
+    pub fn vapid_public_key(&self, app: &str) -> Option<&str> {
+        self.senders.vapid_public_keys.get(app).map(String::as_str)
     }
 
     /// Tells the workers to stop claiming; running sends finish and are recorded.
