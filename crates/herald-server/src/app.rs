@@ -134,6 +134,16 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 unrecoverable,
             });
     }
+    if let Some(push) = &state.push {
+        let due = match push.service.queue().due(herald_core::time::now_ms()).await {
+            Ok(due) => due,
+            Err(error) => {
+                tracing::warn!(%error, "reading the outbound queue's lag failed");
+                Vec::new()
+            }
+        };
+        state.metrics.record_push(push.service.stats(), &due);
+    }
     let body = state
         .metrics
         .render(state.node.stats(), &state.realtime, info.num_channels);

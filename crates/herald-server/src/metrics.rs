@@ -142,6 +142,38 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Push counters per provider and the queue's due jobs per kind (its lag).
+    pub fn record_push(&self, stats: &herald_outbound::push::PushStats, due: &[(String, u64)]) {
+        use herald_core::device::Provider;
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        self.counter("herald_push_accepted_total", vec![])
+            .absolute(load(&stats.accepted));
+        for (index, provider) in Provider::ALL.into_iter().enumerate() {
+            let label = || vec![Label::new("provider", provider.as_str())];
+            self.counter("herald_push_sent_total", label())
+                .absolute(load(&stats.sent[index]));
+            self.counter("herald_push_failed_total", label())
+                .absolute(load(&stats.failed[index]));
+            self.counter("herald_push_retried_total", label())
+                .absolute(load(&stats.retried[index]));
+            self.counter("herald_push_devices_removed_total", label())
+                .absolute(load(&stats.removed_devices[index]));
+        }
+        for (kind, count) in due {
+            self.recorder
+                .register_gauge(
+                    &Key::from_parts(
+                        "herald_outbound_jobs_due",
+                        vec![Label::new("kind", kind.clone())],
+                    ),
+                    &METADATA,
+                )
+                .set(*count as f64);
+        }
+    }
+}
+
 /// What [`Metrics::record_cluster`] exports.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ClusterCounters {
