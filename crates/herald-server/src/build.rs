@@ -322,16 +322,19 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
     Ok(Built { state, reloader })
 }
 
+/// Where push keeps its queue and its device registry.
+type PushStores = (
+    Arc<dyn herald_core::outbound::OutboundQueue>,
+    Arc<dyn herald_core::device::DeviceStore>,
+);
+
 /// The push runtime, with `[push] enabled = true`: the registry and queue live where history
 /// does (the data folder with SQLite, memory with the memory engine, Redis in a cluster).
 async fn build_push(config: &Config) -> Result<Option<Arc<crate::push::PushRuntime>>, BuildError> {
     if !config.push.enabled {
         return Ok(None);
     }
-    let (queue, devices): (
-        Arc<dyn herald_core::outbound::OutboundQueue>,
-        Arc<dyn herald_core::device::DeviceStore>,
-    ) = match config.storage.engine {
+    let (queue, devices): PushStores = match config.storage.engine {
         Engine::Memory => (
             Arc::new(herald_core::memory_outbound::MemoryOutboundQueue::new()),
             Arc::new(herald_core::memory_devices::MemoryDeviceStore::new()),
@@ -353,30 +356,14 @@ async fn build_push(config: &Config) -> Result<Option<Arc<crate::push::PushRunti
 }
 
 #[cfg(feature = "sqlite")]
-fn open_outbound_sqlite(
-    config: &Config,
-) -> Result<
-    (
-        Arc<dyn herald_core::outbound::OutboundQueue>,
-        Arc<dyn herald_core::device::DeviceStore>,
-    ),
-    BuildError,
-> {
+fn open_outbound_sqlite(config: &Config) -> Result<PushStores, BuildError> {
     let db = herald_store::sqlite::OutboundDb::open(&config.sqlite())
         .map_err(|e| BuildError::Store(e.to_string()))?;
     Ok((Arc::new(db.queue()), Arc::new(db.devices())))
 }
 
 #[cfg(not(feature = "sqlite"))]
-fn open_outbound_sqlite(
-    _config: &Config,
-) -> Result<
-    (
-        Arc<dyn herald_core::outbound::OutboundQueue>,
-        Arc<dyn herald_core::device::DeviceStore>,
-    ),
-    BuildError,
-> {
+fn open_outbound_sqlite(_config: &Config) -> Result<PushStores, BuildError> {
     Err(BuildError::Unsupported("sqlite"))
 }
 
