@@ -223,7 +223,7 @@ mod engine {
             let shard = self.shards.first();
             let base = shard.keys.push();
             (
-                RedisOutboundQueue::new(shard.link.clone(), base.clone()),
+                RedisOutboundQueue::new(shard.link.clone(), base.clone(), shard.replicas()),
                 RedisDeviceStore::new(shard.link.clone(), base),
             )
         }

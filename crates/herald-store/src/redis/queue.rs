@@ -11,6 +11,13 @@
 //! Redis core runs (the scripts do a handful of O(log n) commands per job) and its size what
 //! one Redis holds; more shards spread channels, not jobs.
 //!
+//! Durability is Redis's: run it with AOF (`appendfsync everysec` or `always`) and
+//! `maxmemory-policy noeviction` — the queue is the only copy of a job, and an evicted key
+//! would break the indexes. With `redis.wait_replicas`, an enqueue returns only once that
+//! many replicas have it (as a publish does), so a failover does not lose accepted jobs;
+//! claims and finishes are not waited for (one lost in a failover sends a job again, which
+//! at-least-once allows).
+//!
 //! Work whose size the caller does not bound (cancel of a whole group, purge, status scans)
 //! runs as several scripts of at most [`SCAN`] ids each, so Redis never stalls on one
 //! call; each job's change is still atomic, and a concurrent claim sees each job either
@@ -50,6 +57,9 @@ const RATE_GRACE_MS: u64 = 1_000;
 pub struct RedisOutboundQueue {
     link: Arc<Link>,
     base: String,
+    /// Replicas an enqueue must reach (0: the primary's answer is enough), and how long to
+    /// wait for them.
+    replicas: (u32, Duration),
 }
 
 impl std::fmt::Debug for RedisOutboundQueue {
@@ -114,9 +124,46 @@ fn after(id: &str) -> String {
 }
 
 impl RedisOutboundQueue {
-    /// The queue under `base` (see `Keys::push`) on the Redis behind `link`.
-    pub(crate) fn new(link: Arc<Link>, base: String) -> Self {
-        Self { link, base }
+    /// The queue under `base` (see `Keys::push`) on the Redis behind `link`; enqueues wait
+    /// for `replicas`.
+    pub(crate) fn new(link: Arc<Link>, base: String, replicas: (u32, Duration)) -> Self {
+        Self {
+            link,
+            base,
+            replicas,
+        }
+    }
+
+    /// Runs one enqueue script and, when replicas are required, waits for them on the same
+    /// connection (WAIT counts the replicas that have every write made on it so far).
+    async fn enqueue_chunk(
+        &self,
+        invocation: ScriptInvocation<'static>,
+    ) -> Result<usize, QueueError> {
+        let (replicas, timeout) = self.replicas;
+        let (added, confirmed): (usize, u32) = self
+            .link
+            .run(|mut connection| async move {
+                let added: usize = invocation.invoke_async(&mut connection).await?;
+                if replicas == 0 {
+                    return Ok((added, 0));
+                }
+                let confirmed: u32 = redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(millis(timeout))
+                    .query_async(&mut connection)
+                    .await?;
+                Ok((added, confirmed))
+            })
+            .await
+            .map_err(queue_error)?;
+        if confirmed < replicas {
+            return Err(QueueError::Unavailable(format!(
+                "jobs stored on the primary but confirmed by {confirmed} of {replicas} replicas \
+                 within {timeout:?}; enqueue them again (known ids are skipped)"
+            )));
+        }
+        Ok(added)
     }
 
     async fn run<T: FromRedisValue + Send>(
@@ -285,7 +332,7 @@ impl OutboundQueue for RedisOutboundQueue {
                     None => invocation.arg("-"),
                 };
             }
-            added += self.run::<usize>(invocation).await?;
+            added += self.enqueue_chunk(invocation).await?;
         }
         Ok(added)
     }

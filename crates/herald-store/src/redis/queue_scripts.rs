@@ -294,7 +294,8 @@ local matched = 0
 for _, id in ipairs(redis.call('ZRANGE', smaller, 0, -1)) do
   local key = jk(id)
   local f = redis.call('HMGET', key, 'd', 's')
-  local _, g, r = cmsgpack.unpack(f[1])
+  local g, r
+  if f[1] then _, g, r = cmsgpack.unpack(f[1]) end
   if g == group and r == recipient then
     if f[2] == 'interacted' then
       matched = 1

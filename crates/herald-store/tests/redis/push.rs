@@ -409,3 +409,30 @@ async fn a_redis_that_goes_away_gives_unavailable_and_comes_back() {
         .await
         .expect("list after the restart");
 }
+
+#[tokio::test]
+async fn an_enqueue_no_replica_confirmed_is_unavailable_and_safe_to_repeat() {
+    let space = Namespace::new("wait");
+    let mut config = space.fresh();
+    config.wait_replicas = 1;
+    config.wait_timeout = HumanDuration(Duration::from_millis(100));
+    let (queue, _) = space.node(&config).await;
+    let result = queue.enqueue(vec![job("w")]).await;
+    match result {
+        Err(QueueError::Unavailable(detail)) => {
+            assert!(detail.contains("confirmed by 0 of 1 replicas"), "{detail}");
+        }
+        other => panic!("the test Redis has no replica: expected unavailable, got {other:?}"),
+    }
+    // Stored on the primary all the same: the retry adds nothing, and the job is there once.
+    let again = queue.enqueue(vec![job("w")]).await;
+    assert!(
+        matches!(again, Err(QueueError::Unavailable(_))),
+        "{again:?}"
+    );
+    config.wait_replicas = 0;
+    let (plain, _) = space.node(&config).await;
+    assert_eq!(plain.enqueue(vec![job("w")]).await.expect("enqueue"), 0);
+    let claimed = plain.claim(KIND, 10, LEASE, T0).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+}
