@@ -436,3 +436,125 @@ async fn an_enqueue_no_replica_confirmed_is_unavailable_and_safe_to_repeat() {
     let claimed = plain.claim(KIND, 10, LEASE, T0).await.expect("claim");
     assert_eq!(claimed.len(), 1);
 }
+
+/// Every device id `filter` lists, `limit` at a time, checking order and that no id comes
+/// twice; and the total the first page reports.
+async fn list_ids(
+    store: &RedisDeviceStore,
+    filter: &DeviceFilter,
+    limit: usize,
+) -> (Vec<String>, Option<u64>) {
+    let mut ids: Vec<String> = Vec::new();
+    let mut cursor = String::new();
+    let mut total = None;
+    loop {
+        let page = store
+            .list(
+                filter,
+                false,
+                &PageRequest {
+                    cursor: cursor.clone(),
+                    limit,
+                    include_total: cursor.is_empty(),
+                },
+            )
+            .await
+            .expect("list");
+        if cursor.is_empty() {
+            total = page.total;
+        }
+        assert!(page.items.len() <= limit);
+        for device in page.items {
+            assert!(
+                ids.last().is_none_or(|last| *last < device.id),
+                "{} after {:?}: out of order or twice",
+                device.id,
+                ids.last()
+            );
+            ids.push(device.id);
+        }
+        if page.next_cursor.is_empty() {
+            return (ids, total);
+        }
+        cursor = page.next_cursor;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_listings_over_big_and_many_sets_page_without_gaps() {
+    let space = Namespace::new("topics");
+    let (_, store) = space.node(&space.fresh()).await;
+    let register = |store: RedisDeviceStore, token: String, user: String, own: Vec<String>| async move {
+        store
+            .register(
+                DeviceRegistration {
+                    provider: Some(Provider::Fcm),
+                    token,
+                    platform: Some(Platform::Android),
+                    user,
+                    topics: own,
+                    ..DeviceRegistration::default()
+                },
+                T0,
+            )
+            .await
+            .expect("register")
+            .id
+    };
+    // "big": 600 devices with it as their own topic and 600 devices of one user who has it,
+    // so the walk merges two sets longer than one read of either.
+    // "wide": one device each of 150 users who have it: too many users to merge their sets,
+    // so the walk goes over every device.
+    let mut tasks = Vec::new();
+    for i in 0..1_350 {
+        let (token, user, own) = match i {
+            0..600 => (format!("own-{i}"), String::new(), vec!["big".to_owned()]),
+            600..1_200 => (format!("heavy-{i}"), "heavy".to_owned(), vec![]),
+            _ => (format!("wide-{i}"), format!("user-{i}"), vec![]),
+        };
+        tasks.push(tokio::spawn(register(store.clone(), token, user, own)));
+    }
+    let mut big = Vec::new();
+    let mut wide = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let id = task.await.expect("task");
+        if i < 1_200 {
+            big.push(id);
+        } else {
+            wide.push(id);
+        }
+    }
+    big.sort();
+    wide.sort();
+    store
+        .update_user_topics(
+            "heavy",
+            herald_core::device::TopicOp::Set,
+            &["big".to_owned()],
+        )
+        .await
+        .expect("user topics");
+    for i in 1_200..1_350 {
+        store
+            .update_user_topics(
+                &format!("user-{i}"),
+                herald_core::device::TopicOp::Add,
+                &["wide".to_owned()],
+            )
+            .await
+            .expect("user topics");
+    }
+    for (topic, expected) in [("big", &big), ("wide", &wide)] {
+        let filter = DeviceFilter {
+            topics: vec![topic.to_owned()],
+            ..DeviceFilter::default()
+        };
+        for limit in [7, 499, 500, 1_000] {
+            let (ids, total) = list_ids(&store, &filter, limit).await;
+            assert_eq!(&ids, expected, "{topic}, pages of {limit}");
+            assert_eq!(total, Some(expected.len() as u64), "{topic}: total");
+        }
+    }
+    let (all, total) = list_ids(&store, &DeviceFilter::default(), 333).await;
+    assert_eq!((all.len(), total), (1_350, Some(1_350)));
+}
