@@ -38,6 +38,7 @@ use redis::{FromRedisValue, ScriptInvocation, Value};
 use super::conn::Link;
 use super::queue_scripts::{
     CANCEL, CLAIM, CLAIM_FIELDS, DUE, ENQUEUE, FINISH, PURGE, REPORT, STATUS_FIELDS, STATUSES,
+    TAKE_RATE,
 };
 
 /// Jobs per `enqueue` script call (a push fan-out writes batches of about this size).
@@ -513,22 +514,14 @@ impl OutboundQueue for RedisOutboundQueue {
         }
         let end = (now - now % window).saturating_add(window);
         let counter = format!("{}:rate:{window}:{end}:{key}", self.base);
-        // Uses over the limit are counted too, but only `used <= limit` is ever read, so a
-        // counter past the limit answers the same as one at it. The counter's life is
-        // relative (PEXPIRE, not PEXPIREAT): `now` is the caller's clock, not Redis's.
+        // The counter's life is relative (PEXPIRE, not PEXPIREAT): `now` is the caller's
+        // clock, not Redis's.
         let ttl = end
             .saturating_sub(now)
             .saturating_add(RATE_GRACE_MS)
             .min(i64::MAX as u64);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("INCR")
-            .arg(&counter)
-            .cmd("PEXPIRE")
-            .arg(&counter)
-            .arg(ttl)
-            .ignore();
-        let (used,): (u64,) = self.link.pipeline(pipe).await.map_err(queue_error)?;
-        Ok(used <= u64::from(limit))
+        let mut invocation = TAKE_RATE.key(&self.base);
+        invocation.key(counter).arg(limit).arg(ttl);
+        Ok(self.run::<u8>(invocation).await? == 1)
     }
 }

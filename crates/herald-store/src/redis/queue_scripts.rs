@@ -393,6 +393,22 @@ return #ids
 "#,
     )
 });
+/// KEYS[2]: the counter of one rate window. ARGV: limit, how long the counter lives (ms).
+/// Counts one use unless the window is full (a use over the limit is not counted, so a
+/// later call with a higher limit sees only the uses that went through). Returns 1 when
+/// the use counted.
+pub(crate) static TAKE_RATE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+if used >= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"#,
+    )
+});
+
 /// ARGV: now. Returns `kind, count, …` for every kind with due jobs (queued and due, or
 /// leased with the lease run out).
 pub(crate) static DUE: LazyLock<Script> = LazyLock::new(|| {

@@ -558,3 +558,37 @@ async fn topic_listings_over_big_and_many_sets_page_without_gaps() {
     let (all, total) = list_ids(&store, &DeviceFilter::default(), 333).await;
     assert_eq!((all.len(), total), (1_350, Some(1_350)));
 }
+
+#[tokio::test]
+async fn rate_windows_are_shared_by_nodes_and_count_only_uses_that_went_through() {
+    let space = Namespace::new("rate");
+    let config = space.fresh();
+    let (a, _) = space.node(&config).await;
+    let (b, _) = space.node(&config).await;
+    let window = Duration::from_secs(10);
+    let take = |queue: &RedisOutboundQueue, limit: u32, at: u64| {
+        let queue = queue.clone();
+        async move {
+            queue
+                .take_rate("user:alice", limit, window, at)
+                .await
+                .expect("take_rate")
+        }
+    };
+    assert!(take(&a, 2, T0).await);
+    assert!(
+        take(&b, 2, T0 + 1).await,
+        "the second use, on the other node"
+    );
+    assert!(
+        !take(&a, 2, T0 + 2).await,
+        "the window is full on every node"
+    );
+    assert!(!take(&b, 2, T0 + 3).await);
+    assert!(
+        take(&b, 3, T0 + 4).await,
+        "refused uses were not counted: a higher limit has room for one more"
+    );
+    assert!(!take(&a, 3, T0 + 5).await);
+    assert!(take(&a, 2, T0 + 10_000).await, "the next window");
+}
