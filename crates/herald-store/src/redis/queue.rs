@@ -9,7 +9,9 @@
 //! a batch enqueue, a claim of up to 256 jobs, a batch finish — is one Lua script, atomic
 //! against every other node. The queue therefore does not shard: its throughput is what one
 //! Redis core runs (the scripts do a handful of O(log n) commands per job) and its size what
-//! one Redis holds; more shards spread channels, not jobs.
+//! one Redis holds; more shards spread channels, not jobs. The first entry of
+//! `redis.addresses` (or `redis.sentinels`) holds them: reordering that list moves the
+//! queue and the registry to an empty Redis.
 //!
 //! Durability is Redis's: run it with AOF (`appendfsync everysec` or `always`) and
 //! `maxmemory-policy noeviction` — the queue is the only copy of a job, and an evicted key
@@ -21,7 +23,12 @@
 //! Work whose size the caller does not bound (cancel of a whole group, purge, status scans)
 //! runs as several scripts of at most [`SCAN`] ids each, so Redis never stalls on one
 //! call; each job's change is still atomic, and a concurrent claim sees each job either
-//! before or after.
+//! before or after. A status query walks the group's or the recipient's index when the
+//! filter names one; by state alone it walks every retained job, so it costs O(jobs).
+//!
+//! Measured (`examples/outbound_throughput.rs redis=URL`, one local Redis 7, a shared
+//! 2-core machine): about 30,000 jobs/s enqueue + claim + finish; a finished job keeps about
+//! 1.2 KB until purged.
 
 use std::sync::Arc;
 use std::time::Duration;
