@@ -1,21 +1,25 @@
-//! Measures the SQLite outbound queue: enqueue, claim and finish of many jobs in batches (not
-//! a test; no assertions).
+//! Measures an outbound queue — SQLite, or Redis with `redis=URL` — enqueue, claim and finish
+//! of many jobs in batches (not a test; no assertions).
 //!
 //! `cargo run --release -p herald-store --example outbound_throughput -- [key=value ...]`
+//! `cargo run --release -p herald-store --features redis --example outbound_throughput --
+//! redis=redis://127.0.0.1:6379 [key=value ...]`
 //!
 //! Keys: `jobs=50000`, `enqueue_batch=1000` (jobs per `enqueue` call, as one push's fan-out
 //! writes them), `claim_batch=256` (jobs per `claim`, and per `finish`), `workers=2`
 //! (claim-and-finish loops in the pipelined run), `payload=200` (bytes per job),
-//! `sync=normal` (or `full`).
+//! `sync=normal` (or `full`; SQLite), `redis=URL` (measure the Redis queue there instead,
+//! under a fresh key prefix; needs the `redis` feature).
 //!
-//! Two runs on fresh databases:
+//! Two runs on fresh queues:
 //! - phases: all enqueues, then claim and finish until the queue is empty, timed apart;
 //! - pipelined: one producer enqueues while `workers` tasks claim and finish, as the push
 //!   pipeline runs; timed from the first enqueue until the last job is finished.
 //!
 //! Prints jobs/s for each phase and end to end (enqueue + claim + finish of every job).
 //!
-//! May touch: a temporary directory, removed at exit.
+//! May touch: a temporary directory, removed at exit; with `redis=URL`, keys under a fresh
+//! prefix on that Redis, deleted at exit.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use herald_core::outbound::{Finished, NewJob, OutboundQueue, Outcome};
-use herald_store::sqlite::{OutboundDb, SqliteOutboundQueue, SyncPolicy};
+use herald_store::sqlite::{OutboundDb, SyncPolicy};
 
 const KIND: &str = "push.fcm";
 const LEASE: Duration = Duration::from_secs(60);
@@ -35,6 +39,8 @@ struct Options {
     workers: usize,
     payload: usize,
     sync: SyncPolicy,
+    /// Measure the Redis queue at this URL.
+    redis: Option<String>,
 }
 
 fn options() -> Options {
@@ -45,6 +51,7 @@ fn options() -> Options {
         workers: 2,
         payload: 200,
         sync: SyncPolicy::Normal,
+        redis: None,
     };
     for arg in std::env::args().skip(1) {
         let Some((key, value)) = arg.split_once('=') else {
@@ -64,6 +71,7 @@ fn options() -> Options {
             "payload" => options.payload = number(),
             "sync" if value == "full" => options.sync = SyncPolicy::Full,
             "sync" => options.sync = SyncPolicy::Normal,
+            "redis" => options.redis = Some(value.to_owned()),
             other => eprintln!("ignoring unknown key {other:?}"),
         }
     }
@@ -99,7 +107,7 @@ fn now() -> u64 {
 
 /// Claims and finishes (as sent) until `done` is set and the queue has nothing due; returns
 /// how many jobs it finished.
-async fn worker(queue: SqliteOutboundQueue, limit: usize, done: Arc<AtomicBool>) -> usize {
+async fn worker(queue: Arc<dyn OutboundQueue>, limit: usize, done: Arc<AtomicBool>) -> usize {
     let mut finished = 0;
     loop {
         let jobs = queue.claim(KIND, limit, LEASE, now()).await.expect("claim");
@@ -125,6 +133,151 @@ async fn worker(queue: SqliteOutboundQueue, limit: usize, done: Arc<AtomicBool>)
     }
 }
 
+/// A fresh queue and what holds its storage (removed when dropped).
+enum Storage {
+    Sqlite {
+        _dir: tempfile::TempDir,
+        db: OutboundDb,
+        sync: SyncPolicy,
+    },
+    #[cfg(feature = "redis")]
+    Redis(redis_storage::Fresh),
+}
+
+impl Storage {
+    async fn open(options: &Options) -> Self {
+        if let Some(url) = &options.redis {
+            #[cfg(feature = "redis")]
+            return Storage::Redis(redis_storage::Fresh::connect(url).await);
+            #[cfg(not(feature = "redis"))]
+            panic!("redis={url}: build the example with --features redis");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = OutboundDb::open_dir(dir.path(), options.sync).expect("open");
+        Storage::Sqlite {
+            _dir: dir,
+            db,
+            sync: options.sync,
+        }
+    }
+
+    fn queue(&self) -> Arc<dyn OutboundQueue> {
+        match self {
+            Storage::Sqlite { db, .. } => Arc::new(db.queue()),
+            #[cfg(feature = "redis")]
+            Storage::Redis(fresh) => Arc::new(fresh.queue.clone()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Storage::Sqlite { sync, .. } => format!("sqlite, sync={sync:?}"),
+            #[cfg(feature = "redis")]
+            Storage::Redis(fresh) => format!("redis at {}", fresh.url),
+        }
+    }
+
+    async fn report(&self) {
+        match self {
+            Storage::Sqlite { db, .. } => {
+                let size = std::fs::metadata(db.path()).map(|m| m.len()).unwrap_or(0);
+                println!("  database file {:.1} MB", size as f64 / 1e6);
+            }
+            #[cfg(feature = "redis")]
+            Storage::Redis(fresh) => fresh.report().await,
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+mod redis_storage {
+    use herald_store::redis::{RedisConfig, RedisEngine, RedisOutboundQueue};
+
+    /// The Redis queue under a fresh prefix; its keys are deleted when dropped.
+    pub struct Fresh {
+        pub url: String,
+        pub queue: RedisOutboundQueue,
+        prefix: String,
+        memory_before: u64,
+        _engine: RedisEngine,
+    }
+
+    impl Fresh {
+        pub async fn connect(url: &str) -> Self {
+            let prefix = format!(
+                "herald-throughput-{}",
+                herald_core::publication::new_epoch()
+            );
+            let config = RedisConfig {
+                addresses: vec![url.to_owned()],
+                prefix: prefix.clone(),
+                ..RedisConfig::default()
+            };
+            let (feed, _queue) = herald_core::fanout::channel();
+            let (engine, _presence) = RedisEngine::connect(&config, feed)
+                .await
+                .unwrap_or_else(|e| panic!("redis at {url}: {e}"));
+            let (queue, _devices) = engine.outbound();
+            let mut fresh = Self {
+                url: url.to_owned(),
+                queue,
+                prefix,
+                memory_before: 0,
+                _engine: engine,
+            };
+            fresh.memory_before = fresh.used_memory();
+            fresh
+        }
+
+        fn connection(&self) -> redis::Connection {
+            redis::Client::open(self.url.as_str())
+                .and_then(|client| client.get_connection())
+                .expect("redis connection")
+        }
+
+        fn keys(&self, connection: &mut redis::Connection) -> Vec<String> {
+            redis::cmd("KEYS")
+                .arg(format!("{}:*", self.prefix))
+                .query(connection)
+                .expect("KEYS")
+        }
+
+        /// Redis's `used_memory`, for the difference a run makes (other clients of the same
+        /// Redis blur it).
+        pub fn used_memory(&self) -> u64 {
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query(&mut self.connection())
+                .expect("INFO");
+            info.lines()
+                .find_map(|line| line.strip_prefix("used_memory:"))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0)
+        }
+
+        pub async fn report(&self) {
+            let keys = self.keys(&mut self.connection()).len();
+            let grown = self.used_memory().saturating_sub(self.memory_before);
+            println!(
+                "  redis: {keys} keys, used_memory +{:.1} MB (finished jobs keep their status \
+                 until purged)",
+                grown as f64 / 1e6
+            );
+        }
+    }
+
+    impl Drop for Fresh {
+        fn drop(&mut self) {
+            let mut connection = self.connection();
+            let keys = self.keys(&mut connection);
+            for chunk in keys.chunks(1000) {
+                let _: redis::RedisResult<()> =
+                    redis::cmd("UNLINK").arg(chunk).query(&mut connection);
+            }
+        }
+    }
+}
+
 fn rate(jobs: usize, took: Duration) -> String {
     format!(
         "{:>9.0} jobs/s ({:.3} s)",
@@ -134,9 +287,8 @@ fn rate(jobs: usize, took: Duration) -> String {
 }
 
 async fn phases(options: &Options) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = OutboundDb::open_dir(dir.path(), options.sync).expect("open");
-    let queue = db.queue();
+    let storage = Storage::open(options).await;
+    let queue = storage.queue();
     let batches = batches(options);
     let started = Instant::now();
     for batch in batches {
@@ -173,7 +325,7 @@ async fn phases(options: &Options) {
     }
     let total = started.elapsed();
     assert_eq!(count, options.jobs, "every job was claimed once");
-    println!("phases ({} jobs, sync={:?}):", options.jobs, options.sync);
+    println!("phases ({} jobs, {}):", options.jobs, storage.describe());
     println!(
         "  enqueue  (batches of {:>5}) {}",
         options.enqueue_batch,
@@ -193,20 +345,18 @@ async fn phases(options: &Options) {
         "  enqueue + claim + finish     {}",
         rate(options.jobs, total)
     );
-    let size = std::fs::metadata(db.path()).map(|m| m.len()).unwrap_or(0);
-    println!("  database file {:.1} MB", size as f64 / 1e6);
+    storage.report().await;
 }
 
 async fn pipelined(options: &Options) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = OutboundDb::open_dir(dir.path(), options.sync).expect("open");
+    let storage = Storage::open(options).await;
     let batches = batches(options);
     let done = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let workers: Vec<_> = (0..options.workers)
-        .map(|_| tokio::spawn(worker(db.queue(), options.claim_batch, done.clone())))
+        .map(|_| tokio::spawn(worker(storage.queue(), options.claim_batch, done.clone())))
         .collect();
-    let queue = db.queue();
+    let queue = storage.queue();
     for batch in batches {
         queue.enqueue(batch).await.expect("enqueue");
     }

@@ -68,6 +68,12 @@ impl ShardStore {
         }
     }
 
+    /// Replicas a write must reach before it is acknowledged, and how long to wait for them
+    /// (`redis.wait_replicas`, `redis.wait_timeout`).
+    pub(crate) fn replicas(&self) -> (u32, Duration) {
+        self.replicas
+    }
+
     pub(crate) async fn publish(&self, publish: Publish) -> Result<Published, StoreError> {
         let channel = &*publish.channel;
         let stored = codec::encode_publication(&publish.publication)

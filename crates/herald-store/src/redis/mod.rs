@@ -3,9 +3,11 @@
 //! Owns: `[redis]` configuration ([`RedisConfig`], always compiled so every build reads the
 //! same configuration file) and, with the `redis` feature, [`RedisEngine`] (the
 //! [`Engine`] port: publish = one script that stores and publishes; history in streams;
-//! events of other nodes through each shard's pub/sub subscriber), [`RedisPresenceStore`]
-//! and the node registry. Channels are spread over shards by a consistent hash of their
-//! name, so every node must list the same shards in the same order.
+//! events of other nodes through each shard's pub/sub subscriber), [`RedisPresenceStore`],
+//! the node registry, and the push side's [`RedisOutboundQueue`] and [`RedisDeviceStore`]
+//! ([`RedisEngine::outbound`]). Channels are spread over shards by a consistent hash of their
+//! name, so every node must list the same shards in the same order; the queue and the device
+//! registry do not shard: all their keys are on the first shard.
 //!
 //! May touch: the configured Redis servers.
 
@@ -17,6 +19,12 @@ mod codec;
 #[cfg(feature = "redis")]
 mod conn;
 #[cfg(feature = "redis")]
+mod device_listing;
+#[cfg(feature = "redis")]
+mod device_scripts;
+#[cfg(feature = "redis")]
+mod devices;
+#[cfg(feature = "redis")]
 mod history;
 #[cfg(feature = "redis")]
 mod nodes;
@@ -25,7 +33,14 @@ mod presence;
 #[cfg(feature = "redis")]
 mod pubsub;
 #[cfg(feature = "redis")]
+mod queue;
+#[cfg(feature = "redis")]
+mod queue_scripts;
+#[cfg(feature = "redis")]
 mod scripts;
+
+#[cfg(feature = "redis")]
+pub use devices::RedisDeviceStore;
 
 #[cfg(feature = "redis")]
 pub use engine::{RedisEngine, Shards};
@@ -35,6 +50,8 @@ pub use nodes::{NodeRecord, NodeRegistry};
 pub use presence::RedisPresenceStore;
 #[cfg(feature = "redis")]
 pub use pubsub::PubSubStats;
+#[cfg(feature = "redis")]
+pub use queue::RedisOutboundQueue;
 
 #[cfg(feature = "redis")]
 mod engine {
@@ -56,7 +73,7 @@ mod engine {
     use super::presence::RedisPresenceStore;
     use super::pubsub::{Subscriber, Timing};
     use super::scripts::Keys;
-    use super::{PubSubStats, RedisConfig};
+    use super::{PubSubStats, RedisConfig, RedisDeviceStore, RedisOutboundQueue};
 
     /// The shards, and which one holds a channel.
     #[derive(Debug)]
@@ -197,6 +214,18 @@ mod engine {
 
         pub fn shards(&self) -> &Arc<Shards> {
             &self.shards
+        }
+
+        /// The push side's outbound queue and device registry, on this engine's connections
+        /// to the first shard (every node builds them the same way and shares them). Cheap:
+        /// call it once per node and clone the handles.
+        pub fn outbound(&self) -> (RedisOutboundQueue, RedisDeviceStore) {
+            let shard = self.shards.first();
+            let base = shard.keys.push();
+            (
+                RedisOutboundQueue::new(shard.link.clone(), base.clone(), shard.replicas()),
+                RedisDeviceStore::new(shard.link.clone(), base),
+            )
         }
 
         /// Messages sent with [`RedisEngine::send_control`] by any node, this one included,

@@ -84,6 +84,13 @@ impl Keys {
     pub(crate) fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)
     }
+
+    /// The base of every key of the outbound queue and the device registry. The `{push}`
+    /// hash tag puts them all in one slot, so one script may touch any of them (see
+    /// `queue_scripts.rs` and `device_scripts.rs` for the layout).
+    pub(crate) fn push(&self) -> String {
+        format!("{}:{{push}}", self.prefix)
+    }
 }
 
 /// KEYS: stream, meta, idempotency key (or "" for none).
@@ -198,5 +205,6 @@ mod tests {
         assert_eq!(keys.idempotency("chat:1", "k"), "h:i:{chat:1}:k");
         assert_eq!(keys.channel_of(&keys.pubsub("a:b")), Some("a:b"));
         assert_eq!(keys.channel_of("other:c:a"), None);
+        assert_eq!(keys.push(), "h:{push}");
     }
 }

@@ -1,6 +1,9 @@
 //! The Redis engine against a real Redis (`HERALD_TEST_REDIS_URL`, default
 //! `redis://127.0.0.1:6379`), each test under its own key prefix: two engines stand for two
-//! nodes.
+//! nodes. The push side's queue and registry are in `push.rs`.
+
+mod push;
+mod server;
 
 use std::collections::HashMap;
 use std::sync::Arc;
