@@ -276,7 +276,7 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
         .iter()
         .map(|h| h.to_ascii_lowercase())
         .collect();
-    let push = build_push(&config).await?;
+    let push = build_push(&config, cluster.as_ref())?;
     let client_methods = push.clone().map(|push| {
         let live = Arc::new(crate::push::live::LiveFirst {
             push: push.clone(),
@@ -330,7 +330,10 @@ type PushStores = (
 
 /// The push runtime, with `[push] enabled = true`: the registry and queue live where history
 /// does (the data folder with SQLite, memory with the memory engine, Redis in a cluster).
-async fn build_push(config: &Config) -> Result<Option<Arc<crate::push::PushRuntime>>, BuildError> {
+fn build_push(
+    config: &Config,
+    cluster: Option<&Arc<Cluster>>,
+) -> Result<Option<Arc<crate::push::PushRuntime>>, BuildError> {
     if !config.push.enabled {
         return Ok(None);
     }
@@ -340,11 +343,7 @@ async fn build_push(config: &Config) -> Result<Option<Arc<crate::push::PushRunti
             Arc::new(herald_core::memory_devices::MemoryDeviceStore::new()),
         ),
         Engine::Sqlite => open_outbound_sqlite(config)?,
-        Engine::Redis => {
-            return Err(BuildError::Unsupported(
-                "push with storage.engine = \"redis\"",
-            ));
-        }
+        Engine::Redis => cluster_push_stores(cluster)?,
     };
     let senders = crate::push::senders(&config.push).map_err(BuildError::Push)?;
     Ok(Some(Arc::new(crate::push::PushRuntime::new(
@@ -353,6 +352,20 @@ async fn build_push(config: &Config) -> Result<Option<Arc<crate::push::PushRunti
         devices,
         senders,
     ))))
+}
+
+/// In a cluster the registry and the queue live on the cluster's Redis (its first shard), so
+/// every node sees every device and any node may send any push.
+#[cfg(feature = "redis")]
+fn cluster_push_stores(cluster: Option<&Arc<Cluster>>) -> Result<PushStores, BuildError> {
+    let cluster = cluster.ok_or(BuildError::Unsupported("push without the cluster engine"))?;
+    let (queue, devices) = cluster.engine.outbound();
+    Ok((Arc::new(queue), Arc::new(devices)))
+}
+
+#[cfg(not(feature = "redis"))]
+fn cluster_push_stores(_cluster: Option<&Arc<Cluster>>) -> Result<PushStores, BuildError> {
+    Err(BuildError::Unsupported("redis"))
 }
 
 #[cfg(feature = "sqlite")]

@@ -120,14 +120,19 @@ async fn pushes_accepted_by_any_node_go_out_once_and_every_node_sends() {
     register_devices(&apis[0], DEVICES).await;
     // The registry is shared: another node sees the devices.
     let listed = apis[2]
-        .ok("device_list", json!({"filter": {"topics": ["news"]}, "include_total_count": true}))
+        .ok(
+            "device_list",
+            json!({"filter": {"topics": ["news"]}, "include_total_count": true}),
+        )
         .await;
     assert_eq!(listed["total_count"], DEVICES, "{listed}");
     let uids: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
     for (i, uid) in uids.iter().enumerate() {
         apis[i % 3].ok("send_push_notification", push(uid)).await;
         // The same uid through another node adds nothing.
-        apis[(i + 1) % 3].ok("send_push_notification", push(uid)).await;
+        apis[(i + 1) % 3]
+            .ok("send_push_notification", push(uid))
+            .await;
     }
     let total = (DEVICES * uids.len()) as u64;
     wait_for_accepted(&mock, total, Duration::from_secs(60)).await;
@@ -144,9 +149,14 @@ async fn pushes_accepted_by_any_node_go_out_once_and_every_node_sends() {
         }
     }
     assert!(senders >= 2, "the work is shared: {senders} node(s) sent");
-    let status = apis[1].ok("push_status", json!({"uid": "p0", "limit": 1000})).await;
+    let status = apis[1]
+        .ok("push_status", json!({"uid": "p0", "limit": 1000}))
+        .await;
     let items = status["items"].as_array().expect("items");
-    let sent = items.iter().filter(|s| s["state"] == "sent" && s["kind"] == "push.apns").count();
+    let sent = items
+        .iter()
+        .filter(|s| s["state"] == "sent" && s["kind"] == "push.apns")
+        .count();
     assert_eq!(sent, DEVICES, "statuses are shared too: {status}");
 }
 
@@ -196,8 +206,13 @@ async fn a_node_killed_while_sending_loses_no_push() {
         duplicates <= CONCURRENCY,
         "only deliveries in flight at the kill may go twice: {duplicates} > {CONCURRENCY}"
     );
-    let status = api_b.ok("push_status", json!({"uid": "k1", "limit": 1000})).await;
+    let status = api_b
+        .ok("push_status", json!({"uid": "k1", "limit": 1000}))
+        .await;
     let items = status["items"].as_array().expect("items");
-    let sent = items.iter().filter(|s| s["state"] == "sent" && s["kind"] == "push.apns").count();
+    let sent = items
+        .iter()
+        .filter(|s| s["state"] == "sent" && s["kind"] == "push.apns")
+        .count();
     assert_eq!(sent, DEVICES, "{status}");
 }
