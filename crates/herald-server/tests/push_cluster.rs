@@ -117,7 +117,7 @@ async fn pushes_accepted_by_any_node_go_out_once_and_every_node_sends() {
     let nodes = HeraldNode::start_many(&spec, &["a", "b", "c"]);
     let apis: Vec<&Api> = nodes.iter().map(|n| &n.api).collect();
     const DEVICES: usize = 100;
-    register_devices(&apis[0], DEVICES).await;
+    register_devices(apis[0], DEVICES).await;
     // The registry is shared: another node sees the devices.
     let listed = apis[2]
         .ok(
