@@ -5,7 +5,8 @@
 //
 // cent.js 6.1.0 has typed methods only for the real-time API (publish … info) and no push
 // method, and its `pipeline()` posts Centrifugo v4's newline-delimited commands to the bare API
-// URL, which Herald (like Centrifugo v5+) does not serve. The push calls therefore go through
+// URL, which Herald (like Centrifugo v5+) does not serve (Herald answers 404 with an `error`
+// body, which `pipeline()` turns into `[undefined]` without failing). The push calls go through
 // cent.js's one generic request path, the `methodFactory(method)` that every typed method is
 // built from (TypeScript-private, plain JS at runtime): same URL scheme, X-API-Key header, JSON
 // body, `result` unwrapping and `CentException` on `error` as `cent.publish`.
