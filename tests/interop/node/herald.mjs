@@ -1,8 +1,9 @@
 // Runs a real `herald serve` process for the Node interop tests.
 //
 // The binary is $HERALD_BIN, or <repo>/target/debug/herald ($CARGO_TARGET_DIR/debug/herald when
-// set). Each server gets a temp config with a random API key, SQLite storage in a temp data dir
-// and `--listen 127.0.0.1:0`; the URL comes from the stdout line
+// set); the push emulator's (pushmock.mjs) is $HERALD_PUSHMOCK_BIN, found the same way. Each
+// server gets a temp config with a random API key, SQLite storage in a temp data dir and
+// `--listen 127.0.0.1:0`; the URL comes from the stdout line
 // `Herald <version> listening on http://127.0.0.1:PORT`. stop() sends SIGTERM and requires a
 // graceful exit (code 0) within 10 seconds.
 
@@ -24,10 +25,21 @@ process.on('exit', () => {
   for (const child of running) child.kill('SIGKILL');
 });
 
-export function heraldBin() {
-  if (process.env.HERALD_BIN) return process.env.HERALD_BIN;
+function targetBin(name) {
   const target = path.resolve(REPO, process.env.CARGO_TARGET_DIR || 'target');
-  return path.join(target, 'debug', 'herald');
+  return path.join(target, 'debug', name);
+}
+
+export function heraldBin() {
+  return process.env.HERALD_BIN || targetBin('herald');
+}
+
+/**
+ * The APNs + FCM emulator binary (pushmock.mjs starts it): $HERALD_PUSHMOCK_BIN, or
+ * <repo>/target/debug/herald-pushmock ($CARGO_TARGET_DIR/debug/herald-pushmock when set).
+ */
+export function pushmockBin() {
+  return process.env.HERALD_PUSHMOCK_BIN || targetBin('herald-pushmock');
 }
 
 // The test environment minus HERALD_* variables: herald reads every HERALD_* variable as a
