@@ -1,10 +1,11 @@
 """Fixtures that run a real `herald serve` process for the interop tests.
 
 The binary is `$HERALD_BIN`, or `<repo>/target/debug/herald` (`$CARGO_TARGET_DIR/debug/herald`
-when that is set). Each server gets its own temp config with a random API key, SQLite storage
-in a temp data dir, and `--listen 127.0.0.1:0`; the URL is read from the first stdout line
-(`Herald <version> listening on http://127.0.0.1:PORT`). Stopping sends SIGTERM and requires a
-graceful exit (code 0) within 10 seconds.
+when that is set); the push tests' APNs/FCM emulator is `$HERALD_PUSHMOCK_BIN`, or
+`<target>/debug/herald-pushmock`. Each server gets its own temp config with a random API key,
+SQLite storage in a temp data dir, and `--listen 127.0.0.1:0`; the URL is read from the first
+stdout line (`Herald <version> listening on http://127.0.0.1:PORT`). Stopping sends SIGTERM and
+requires a graceful exit (code 0) within 10 seconds.
 """
 
 from __future__ import annotations
@@ -30,14 +31,27 @@ SHUTDOWN_TIMEOUT = 10.0
 LISTENING = re.compile(r"listening on (http://\S+)")
 
 
+def target_dir() -> Path:
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+    if not target.is_absolute():
+        target = REPO / target
+    return target
+
+
 def herald_bin() -> Path:
     explicit = os.environ.get("HERALD_BIN")
     if explicit:
         return Path(explicit)
-    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
-    if not target.is_absolute():
-        target = REPO / target
-    return target / "debug" / "herald"
+    return target_dir() / "debug" / "herald"
+
+
+def pushmock_bin() -> Path:
+    """The APNs/FCM emulator the push tests send to: `$HERALD_PUSHMOCK_BIN`, or
+    `<target>/debug/herald-pushmock` (built by `scripts/test build`)."""
+    explicit = os.environ.get("HERALD_PUSHMOCK_BIN")
+    if explicit:
+        return Path(explicit)
+    return target_dir() / "debug" / "herald-pushmock"
 
 
 def server_env() -> dict:
