@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use herald_core::outbound::{Finished, Job, OutboundQueue, Outcome};
 use herald_core::time::now_ms;
 use rand::Rng;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 /// How one run of a job ended, as the handler sees it.
@@ -96,7 +96,10 @@ pub async fn run_worker(
     stop: impl std::future::Future<Output = ()> + Send,
 ) {
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<Finished>();
+    // A result travels with its concurrency permit, which is released only once the result
+    // is written: the sends not yet recorded — what a crash could send twice — never exceed
+    // `concurrency`.
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<(Finished, OwnedSemaphorePermit)>();
     let recorder = tokio::spawn(record(queue.clone(), done_rx, config.kind.clone()));
     let mut running = JoinSet::new();
     tokio::pin!(stop);
@@ -151,12 +154,12 @@ pub async fn run_worker(
             running.spawn(async move {
                 let result = handler.run(&job).await;
                 let outcome = outcome(&job, result, backoff);
-                let _ = done.send(Finished {
+                let finished = Finished {
                     id: job.id,
                     attempt: job.attempt,
                     outcome,
-                });
-                drop(permit);
+                };
+                let _ = done.send((finished, permit));
             });
         }
         // Reap finished tasks so the set does not grow.
@@ -194,13 +197,14 @@ fn outcome(job: &Job, result: JobResult, backoff: Backoff) -> Outcome {
 /// in the next, so a busy worker writes few, large batches and an idle one writes at once.
 async fn record(
     queue: Arc<dyn OutboundQueue>,
-    mut done: mpsc::UnboundedReceiver<Finished>,
+    mut done: mpsc::UnboundedReceiver<(Finished, OwnedSemaphorePermit)>,
     kind: String,
 ) {
     const MAX_BATCH: usize = 1024;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while done.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let finished = std::mem::take(&mut batch);
+        let (finished, permits): (Vec<Finished>, Vec<OwnedSemaphorePermit>) =
+            std::mem::take(&mut batch).into_iter().unzip();
         let mut delay = Duration::from_millis(50);
         loop {
             match queue.finish(finished.clone(), now_ms()).await {
@@ -214,6 +218,7 @@ async fn record(
                 }
             }
         }
+        drop(permits);
     }
 }
 
