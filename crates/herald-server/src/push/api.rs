@@ -122,8 +122,17 @@ pub struct RegisterParams {
     pub topics: Option<Vec<String>>,
 }
 
+/// Topics are names: none may be empty.
+fn check_topics(topics: &[String]) -> Result<(), HeraldError> {
+    if topics.iter().any(String::is_empty) {
+        return Err(HeraldError::bad_request("a topic must not be empty"));
+    }
+    Ok(())
+}
+
 impl RegisterParams {
     pub fn registration(self) -> Result<DeviceRegistration, HeraldError> {
+        check_topics(self.topics.as_deref().unwrap_or_default())?;
         let provider: Provider = self.provider.parse().map_err(device_error)?;
         let platform: Platform = self.platform.parse().map_err(device_error)?;
         if self.token.is_empty() {
@@ -569,7 +578,10 @@ pub async fn call(
             let params: UpdateParams = parse(params)?;
             let filter = selection(params.ids, params.users).map_err(fail)?;
             let topics = match params.topics_update {
-                Some(update) => Some((topic_op(&update.op).map_err(fail)?, update.topics)),
+                Some(update) => {
+                    check_topics(&update.topics).map_err(fail)?;
+                    Some((topic_op(&update.op).map_err(fail)?, update.topics))
+                }
                 None => None,
             };
             let update = DeviceUpdate {
@@ -644,6 +656,7 @@ pub async fn call(
             if params.device_id.is_empty() {
                 return Err(fail(HeraldError::bad_request("device_id is required")));
             }
+            check_topics(&params.topics).map_err(fail)?;
             devices
                 .update_device_topics(
                     &params.device_id,
@@ -681,6 +694,7 @@ pub async fn call(
             if params.user.is_empty() {
                 return Err(fail(HeraldError::bad_request("user is required")));
             }
+            check_topics(&params.topics).map_err(fail)?;
             devices
                 .update_user_topics(
                     &params.user,
