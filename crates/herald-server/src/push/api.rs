@@ -22,6 +22,7 @@ use serde_json::value::RawValue;
 
 use super::PushRuntime;
 use crate::api::ApiError;
+use crate::api::types::integer;
 use crate::app::AppState;
 
 pub const METHODS: &[&str] = &[
@@ -268,8 +269,8 @@ struct ListParams {
     include_topics: bool,
     #[serde(default)]
     cursor: String,
-    #[serde(default)]
-    limit: usize,
+    #[serde(default, deserialize_with = "integer::required")]
+    limit: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -300,8 +301,8 @@ struct DeviceTopicListParams {
     include_device: bool,
     #[serde(default)]
     cursor: String,
-    #[serde(default)]
-    limit: usize,
+    #[serde(default, deserialize_with = "integer::required")]
+    limit: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -324,8 +325,8 @@ struct UserTopicListParams {
     include_total_count: bool,
     #[serde(default)]
     cursor: String,
-    #[serde(default)]
-    limit: usize,
+    #[serde(default, deserialize_with = "integer::required")]
+    limit: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -376,8 +377,8 @@ struct StatusParams {
     states: Vec<String>,
     #[serde(default)]
     cursor: String,
-    #[serde(default)]
-    limit: usize,
+    #[serde(default, deserialize_with = "integer::required")]
+    limit: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -385,8 +386,8 @@ struct StatusParams {
 struct PageParams {
     #[serde(default)]
     cursor: String,
-    #[serde(default)]
-    limit: usize,
+    #[serde(default, deserialize_with = "integer::required")]
+    limit: u64,
 }
 
 /// A device on the wire (times in Unix seconds, like the rest of the API).
@@ -530,10 +531,10 @@ struct SendResult {
     uid: String,
 }
 
-fn page(cursor: String, limit: usize, include_total: bool) -> PageRequest {
+fn page(cursor: String, limit: u64, include_total: bool) -> PageRequest {
     PageRequest {
         cursor,
-        limit,
+        limit: usize::try_from(limit).unwrap_or(usize::MAX),
         include_total,
     }
 }
