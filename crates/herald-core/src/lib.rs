@@ -22,6 +22,7 @@ pub mod error;
 pub mod fanout;
 pub mod hub;
 pub mod idempotency;
+pub mod integer;
 pub mod memory;
 pub mod memory_devices;
 pub mod memory_outbound;

@@ -291,11 +291,6 @@ def test_push_methods_answer_as_documented(push_server, tmp_path) -> None:
             push_server.api_key,
             tmp_path,
             selection=["--include-path-regex", f"^/api/({'|'.join(PUSH_METHODS + ['publish', 'broadcast', 'batch'])})$"],
-            # Server bug: send_push_notification's integers (`send_at`, `expire_at`,
-            # `limit_strategy.rate_limit.policies[].rate`/`interval_ms`) refuse `2.0` with
-            # HTTP 400, where every other integer parameter takes it as `2` (see the document's
-            # "Integers" note and `integer` in crates/herald-server/src/api/types.rs).
-            known_bugs={"POST /api/send_push_notification": ["positive_data_acceptance"]},
         )
     except AssertionError as failure:
         raise AssertionError(f"{failure}{push_server.process.diagnostics() if push_server.process else ''}") from None

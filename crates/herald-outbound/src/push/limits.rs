@@ -16,7 +16,7 @@ use herald_core::device::Device;
 pub fn parse_time(text: &str) -> Result<Time, String> {
     let parts: Vec<&str> = text.split(':').collect();
     let number = |s: &str, max: i8| -> Option<i8> {
-        (s.len() == 2)
+        (s.len() == 2 && s.bytes().all(|b| b.is_ascii_digit()))
             .then(|| s.parse::<i8>().ok())
             .flatten()
             .filter(|n| (0..=max).contains(n))
@@ -105,7 +105,15 @@ mod tests {
     fn times_parse_strictly() {
         assert!(parse_time("09:00:00").is_ok());
         assert!(parse_time("23:59").is_ok());
-        for bad in ["9:00:00", "24:00:00", "12:60:00", "noon", "12:00:00:00", ""] {
+        for bad in [
+            "9:00:00",
+            "24:00:00",
+            "12:60:00",
+            "noon",
+            "12:00:00:00",
+            "",
+            "+1:+2:+3",
+        ] {
             assert!(parse_time(bad).is_err(), "{bad}");
         }
     }

@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 
 use herald_core::device::{DeviceFilter, Platform, Provider};
+use herald_core::integer;
 use serde::{Deserialize, Serialize};
 
 use crate::sender::{ApnsNotification, EmailNotification, FcmNotification, WebpushNotification};
@@ -89,7 +90,11 @@ pub struct PushNotification {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hms: Option<serde_json::Value>,
     /// Unix seconds after which Herald stops trying (not the providers' own TTL fields).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "integer::optional"
+    )]
     pub expire_at: Option<u64>,
 }
 
@@ -120,7 +125,9 @@ impl PushNotification {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RatePolicy {
+    #[serde(deserialize_with = "integer::required")]
     pub rate: u32,
+    #[serde(deserialize_with = "integer::required")]
     pub interval_ms: u64,
 }
 
@@ -172,7 +179,11 @@ pub struct SendPush {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analytics_uid: Option<String>,
     /// Unix seconds: not before then.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "integer::optional"
+    )]
     pub send_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_strategy: Option<LimitStrategy>,

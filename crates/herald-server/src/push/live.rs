@@ -103,6 +103,15 @@ impl PublishObserver for LiveFirst {
             probe
                 .validate()
                 .map_err(|e| HeraldError::bad_request(format!("push: {e}")))?;
+            // What `send_push_notification` refuses must not be dropped after the publish.
+            if notification
+                .expire_at
+                .is_some_and(|expire| expire.saturating_mul(1000) <= now_ms())
+            {
+                return Err(HeraldError::bad_request(
+                    "push: notification.expire_at is in the past",
+                ));
+            }
         }
         Ok(true)
     }
