@@ -12,7 +12,14 @@ mod peersub;
 mod publish;
 mod publisher;
 mod push;
+mod pushapi;
+mod pushbare;
+mod pushbench;
 mod pusher;
+mod pushmeasure;
+mod pushprocs;
+mod pushtable;
+mod pushwire;
 mod rawhttp;
 mod redisstat;
 mod spawn;
@@ -63,6 +70,11 @@ enum Command {
     /// A reconnect storm: every client drops at once, misses publications, reconnects at
     /// once and resumes; time until every client has everything.
     Storm(storm::StormArgs),
+    /// Push notifications through the durable queue to the APNs/FCM emulators (fan-out and
+    /// request path), beside a bare HTTP/2 sender to the same emulator (the ceiling).
+    Push(Box<pushbench::PushArgs>),
+    /// The Markdown table of the push section from `push --json` lines (several runs).
+    PushTable(pushtable::PushTableArgs),
     /// One process of `fanout`/`idle` subscribers (started by them, not by hand).
     #[command(hide = true)]
     FanoutWorker(worker::WorkerArgs),
@@ -163,6 +175,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 storm::print(&report);
             }
+            Ok(())
+        }
+        Command::Push(args) => {
+            if let Some(cpu) = args.cpu.0 {
+                // Before the runtime exists, so every thread it starts inherits the mask.
+                sysstat::pin_current_thread(cpu)?;
+            }
+            let report = runtime(1)?.block_on(pushbench::run(&args))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                pushtable::print(&report);
+            }
+            Ok(())
+        }
+        Command::PushTable(args) => {
+            println!("{}", pushtable::run(&args)?);
             Ok(())
         }
         Command::FanoutWorker(args) => worker::run(&args),

@@ -27,7 +27,16 @@ impl CpuSample {
             Some(pid) => format!("/proc/{pid}/stat"),
             None => "/proc/self/stat".to_owned(),
         };
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        Self::read_path(&path)
+    }
+
+    /// CPU time of the calling thread alone (`/proc/thread-self/stat`).
+    pub fn read_thread() -> anyhow::Result<Self> {
+        Self::read_path("/proc/thread-self/stat")
+    }
+
+    fn read_path(path: &str) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
         let at = Instant::now();
         // The command name (field 2) is in parentheses and may hold spaces: count fields
         // from the last ')'. utime and stime are fields 14 and 15 of the whole line.

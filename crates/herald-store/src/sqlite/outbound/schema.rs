@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use herald_core::outbound::JobState;
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::sqlite::config::SyncPolicy;
@@ -211,6 +212,13 @@ pub fn open_writer(path: &Path, sync: SyncPolicy) -> Result<Connection, OpenErro
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
         .map_err(&err)?;
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
+        .map_err(&err)?;
+    // Plans that do not depend on bound values (the query planner stability guarantee).
+    // Without it SQLite marks a parameter that could steer the plan — a bound `LIMIT`, a
+    // state compared with a partial index's condition — and re-prepares the statement every
+    // time it is bound again: the claim's select once per claim and the finish's update once
+    // per job. Every query that needs a partial index states its condition in literals.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(&err)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     initialise(&conn, path)?;
