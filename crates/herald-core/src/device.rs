@@ -202,6 +202,68 @@ pub fn apply_topic_op(current: &mut Vec<String>, op: TopicOp, topics: &[String])
     current.dedup();
 }
 
+/// A topic list as stored: sorted, without duplicates.
+pub fn normalised_topics(topics: &[String]) -> Vec<String> {
+    let mut own = Vec::new();
+    apply_topic_op(&mut own, TopicOp::Set, topics);
+    own
+}
+
+/// The device `registration` makes of `known` (the device it updates) or of nothing (a new
+/// device, with a fresh id): the one rule every backend keeps. The token's uniqueness is the
+/// backend's to check.
+pub fn registered_device(
+    known: Option<&Device>,
+    registration: &DeviceRegistration,
+    now: u64,
+) -> Result<Device, DeviceError> {
+    let Some(current) = known else {
+        let provider = registration
+            .provider
+            .ok_or_else(|| DeviceError::Invalid("a new device needs a provider".to_owned()))?;
+        let platform = registration
+            .platform
+            .ok_or_else(|| DeviceError::Invalid("a new device needs a platform".to_owned()))?;
+        if registration.token.is_empty() {
+            return Err(DeviceError::Invalid(
+                "a new device needs a token".to_owned(),
+            ));
+        }
+        return Ok(Device {
+            id: new_device_id(),
+            provider,
+            token: registration.token.clone(),
+            platform,
+            user: registration.user.clone(),
+            app: registration.app.clone(),
+            timezone: registration.timezone.clone(),
+            locale: registration.locale.clone(),
+            topics: normalised_topics(&registration.topics),
+            meta: registration.meta.clone(),
+            created_at: now,
+            updated_at: now,
+        });
+    };
+    Ok(Device {
+        id: current.id.clone(),
+        provider: registration.provider.unwrap_or(current.provider),
+        token: if registration.token.is_empty() {
+            current.token.clone()
+        } else {
+            registration.token.clone()
+        },
+        platform: registration.platform.unwrap_or(current.platform),
+        user: registration.user.clone(),
+        app: registration.app.clone(),
+        timezone: registration.timezone.clone(),
+        locale: registration.locale.clone(),
+        topics: normalised_topics(&registration.topics),
+        meta: registration.meta.clone(),
+        created_at: current.created_at,
+        updated_at: now,
+    })
+}
+
 /// `device_update`: what changes; `None` leaves a field alone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeviceUpdate {
@@ -224,7 +286,40 @@ pub struct DeviceFilter {
     pub platforms: Vec<Platform>,
 }
 
+impl DeviceUpdate {
+    /// `device` with these changes, updated at `now`.
+    pub fn applied_to(&self, mut device: Device, now: u64) -> Device {
+        if let Some(user) = &self.user {
+            device.user.clone_from(user);
+        }
+        if let Some(timezone) = &self.timezone {
+            device.timezone.clone_from(timezone);
+        }
+        if let Some(locale) = &self.locale {
+            device.locale.clone_from(locale);
+        }
+        if let Some(meta) = &self.meta {
+            device.meta.clone_from(meta);
+        }
+        if let Some((op, topics)) = &self.topics {
+            apply_topic_op(&mut device.topics, *op, topics);
+        }
+        device.updated_at = now;
+        device
+    }
+}
+
 impl DeviceFilter {
+    /// Changing or removing "every device" needs a filter: an empty one is refused.
+    pub fn require_selection(&self) -> Result<(), DeviceError> {
+        if self.is_empty() {
+            return Err(DeviceError::Invalid(
+                "a filter is required: an empty one would match every device".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
             && self.users.is_empty()

@@ -15,7 +15,8 @@ use parking_lot::Mutex;
 use crate::device::{
     Device, DeviceError, DeviceFilter, DeviceRegistration, DeviceRemoval, DeviceStore, DeviceTopic,
     DeviceTopicFilter, DeviceUpdate, Page, PageRequest, Provider, TopicOp, UserTopic,
-    UserTopicFilter, apply_topic_op, merged_topics, new_device_id, pair_cursor, parse_pair_cursor,
+    UserTopicFilter, apply_topic_op, merged_topics, pair_cursor, parse_pair_cursor,
+    registered_device,
 };
 
 /// One page of `items` (already past the cursor, in listing order): at most `limit`, and the
@@ -95,21 +96,6 @@ impl State {
     }
 }
 
-fn non_empty(filter: &DeviceFilter) -> Result<(), DeviceError> {
-    if filter.is_empty() {
-        return Err(DeviceError::Invalid(
-            "a filter is required: an empty one would match every device".to_owned(),
-        ));
-    }
-    Ok(())
-}
-
-fn normalised(topics: &[String]) -> Vec<String> {
-    let mut own = Vec::new();
-    apply_topic_op(&mut own, TopicOp::Set, topics);
-    own
-}
-
 /// The device registry kept in process memory.
 #[derive(Default)]
 pub struct MemoryDeviceStore {
@@ -159,69 +145,21 @@ impl DeviceStore for MemoryDeviceStore {
                     .cloned()
             }
         };
-        let device = match known {
-            Some(current) => {
-                let provider = registration.provider.unwrap_or(current.provider);
-                let token = if registration.token.is_empty() {
-                    current.token.clone()
-                } else {
-                    registration.token
-                };
-                let key = (provider, token.clone());
-                if let Some(holder) = state.tokens.get(&key)
-                    && *holder != current.id
-                {
-                    return Err(DeviceError::Invalid(format!(
-                        "the token is registered to another device ({holder})"
-                    )));
-                }
-                state
-                    .tokens
-                    .remove(&(current.provider, current.token.clone()));
-                state.tokens.insert(key, current.id.clone());
-                Device {
-                    id: current.id,
-                    provider,
-                    token,
-                    platform: registration.platform.unwrap_or(current.platform),
-                    user: registration.user,
-                    app: registration.app,
-                    timezone: registration.timezone,
-                    locale: registration.locale,
-                    topics: normalised(&registration.topics),
-                    meta: registration.meta,
-                    created_at: current.created_at,
-                    updated_at: now,
-                }
-            }
-            None => {
-                // Checked above for a registration without an id.
-                let provider = registration.provider.ok_or_else(|| {
-                    DeviceError::Invalid("a new device needs a provider".to_owned())
-                })?;
-                let platform = registration.platform.ok_or_else(|| {
-                    DeviceError::Invalid("a new device needs a platform".to_owned())
-                })?;
-                let id = new_device_id();
-                state
-                    .tokens
-                    .insert((provider, registration.token.clone()), id.clone());
-                Device {
-                    id,
-                    provider,
-                    token: registration.token,
-                    platform,
-                    user: registration.user,
-                    app: registration.app,
-                    timezone: registration.timezone,
-                    locale: registration.locale,
-                    topics: normalised(&registration.topics),
-                    meta: registration.meta,
-                    created_at: now,
-                    updated_at: now,
-                }
-            }
-        };
+        let device = registered_device(known.as_ref(), &registration, now)?;
+        let key = (device.provider, device.token.clone());
+        if let Some(holder) = state.tokens.get(&key)
+            && *holder != device.id
+        {
+            return Err(DeviceError::Invalid(format!(
+                "the token is registered to another device ({holder})"
+            )));
+        }
+        if let Some(current) = &known {
+            state
+                .tokens
+                .remove(&(current.provider, current.token.clone()));
+        }
+        state.tokens.insert(key, device.id.clone());
         state.devices.insert(device.id.clone(), device.clone());
         Ok(device)
     }
@@ -232,29 +170,13 @@ impl DeviceStore for MemoryDeviceStore {
         update: &DeviceUpdate,
         now: u64,
     ) -> Result<u64, DeviceError> {
-        non_empty(filter)?;
+        filter.require_selection()?;
         let mut state = self.state.lock();
         let ids = state.matching_ids(filter);
         for id in &ids {
-            let Some(device) = state.devices.get_mut(id) else {
-                continue;
-            };
-            if let Some(user) = &update.user {
-                device.user.clone_from(user);
+            if let Some(device) = state.devices.get_mut(id) {
+                *device = update.applied_to(device.clone(), now);
             }
-            if let Some(timezone) = &update.timezone {
-                device.timezone.clone_from(timezone);
-            }
-            if let Some(locale) = &update.locale {
-                device.locale.clone_from(locale);
-            }
-            if let Some(meta) = &update.meta {
-                device.meta.clone_from(meta);
-            }
-            if let Some((op, topics)) = &update.topics {
-                apply_topic_op(&mut device.topics, *op, topics);
-            }
-            device.updated_at = now;
         }
         Ok(ids.len() as u64)
     }
@@ -265,7 +187,7 @@ impl DeviceStore for MemoryDeviceStore {
         reason: &str,
         now: u64,
     ) -> Result<Vec<Device>, DeviceError> {
-        non_empty(filter)?;
+        filter.require_selection()?;
         let mut state = self.state.lock();
         let ids = state.matching_ids(filter);
         Ok(ids

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use herald_core::device::{
     Device, DeviceError, DeviceFilter, DeviceRegistration, DeviceRemoval, DeviceStore, DeviceTopic,
     DeviceTopicFilter, DeviceUpdate, Page, PageRequest, Provider, TopicOp, UserTopic,
-    UserTopicFilter, apply_topic_op, new_device_id,
+    UserTopicFilter, apply_topic_op, registered_device,
 };
 use herald_core::store::StoreError;
 use redis::{FromRedisValue, ScriptInvocation};
@@ -99,21 +99,6 @@ pub(super) fn decode(json: &str, version: &str) -> Result<Stored, DeviceError> {
     Ok(Stored { device, version })
 }
 
-fn non_empty(filter: &DeviceFilter) -> Result<(), DeviceError> {
-    if filter.is_empty() {
-        return Err(DeviceError::Invalid(
-            "a filter is required: an empty one would match every device".to_owned(),
-        ));
-    }
-    Ok(())
-}
-
-fn normalised(topics: &[String]) -> Vec<String> {
-    let mut own = Vec::new();
-    apply_topic_op(&mut own, TopicOp::Set, topics);
-    own
-}
-
 /// Waits a little before recomputing a change another node beat: a random pause that grows
 /// with the tries, so nodes changing one device do not collide again in lock step.
 async fn back_off(tries: usize) {
@@ -130,76 +115,6 @@ fn too_busy(id: &str) -> DeviceError {
     DeviceError::Backend(format!(
         "device {id:?} kept changing under {MAX_TRIES} attempts to change it"
     ))
-}
-
-/// `update`'s changes applied to `device`.
-fn updated(mut device: Device, update: &DeviceUpdate, now: u64) -> Device {
-    if let Some(user) = &update.user {
-        device.user.clone_from(user);
-    }
-    if let Some(timezone) = &update.timezone {
-        device.timezone.clone_from(timezone);
-    }
-    if let Some(locale) = &update.locale {
-        device.locale.clone_from(locale);
-    }
-    if let Some(meta) = &update.meta {
-        device.meta.clone_from(meta);
-    }
-    if let Some((op, topics)) = &update.topics {
-        apply_topic_op(&mut device.topics, *op, topics);
-    }
-    device.updated_at = now;
-    device
-}
-
-/// The device a registration makes of `known` (the device it updates) or of nothing (a new
-/// device): the rules every backend keeps.
-fn registered(
-    known: Option<&Device>,
-    registration: &DeviceRegistration,
-    now: u64,
-) -> Result<Device, DeviceError> {
-    let Some(current) = known else {
-        let provider = registration
-            .provider
-            .ok_or_else(|| DeviceError::Invalid("a new device needs a provider".to_owned()))?;
-        let platform = registration
-            .platform
-            .ok_or_else(|| DeviceError::Invalid("a new device needs a platform".to_owned()))?;
-        return Ok(Device {
-            id: new_device_id(),
-            provider,
-            token: registration.token.clone(),
-            platform,
-            user: registration.user.clone(),
-            app: registration.app.clone(),
-            timezone: registration.timezone.clone(),
-            locale: registration.locale.clone(),
-            topics: normalised(&registration.topics),
-            meta: registration.meta.clone(),
-            created_at: now,
-            updated_at: now,
-        });
-    };
-    Ok(Device {
-        id: current.id.clone(),
-        provider: registration.provider.unwrap_or(current.provider),
-        token: if registration.token.is_empty() {
-            current.token.clone()
-        } else {
-            registration.token.clone()
-        },
-        platform: registration.platform.unwrap_or(current.platform),
-        user: registration.user.clone(),
-        app: registration.app.clone(),
-        timezone: registration.timezone.clone(),
-        locale: registration.locale.clone(),
-        topics: normalised(&registration.topics),
-        meta: registration.meta.clone(),
-        created_at: current.created_at,
-        updated_at: now,
-    })
 }
 
 impl RedisDeviceStore {
@@ -346,7 +261,7 @@ impl DeviceStore for RedisDeviceStore {
                         .await?
                 }
             };
-            let device = registered(known.as_ref().map(|s| &s.device), &registration, now)?;
+            let device = registered_device(known.as_ref().map(|s| &s.device), &registration, now)?;
             let version = known.as_ref().map_or(0, |s| s.version);
             match self.save(&device, version).await? {
                 Saved::Ok => return Ok(device),
@@ -369,7 +284,7 @@ impl DeviceStore for RedisDeviceStore {
         update: &DeviceUpdate,
         now: u64,
     ) -> Result<u64, DeviceError> {
-        non_empty(filter)?;
+        filter.require_selection()?;
         let mut changed = 0;
         for found in self.matching(filter).await? {
             let mut current = Some(found);
@@ -384,7 +299,7 @@ impl DeviceStore for RedisDeviceStore {
                 }
                 let id = stored.device.id.clone();
                 match self
-                    .save(&updated(stored.device, update, now), stored.version)
+                    .save(&update.applied_to(stored.device, now), stored.version)
                     .await?
                 {
                     Saved::Ok => changed += 1,
@@ -406,7 +321,7 @@ impl DeviceStore for RedisDeviceStore {
         reason: &str,
         now: u64,
     ) -> Result<Vec<Device>, DeviceError> {
-        non_empty(filter)?;
+        filter.require_selection()?;
         let mut removed = Vec::new();
         for found in self.matching(filter).await? {
             let mut current = Some(found);

@@ -15,7 +15,8 @@ use async_trait::async_trait;
 use herald_core::device::{
     Device, DeviceError, DeviceFilter, DeviceRegistration, DeviceRemoval, DeviceStore, DeviceTopic,
     DeviceTopicFilter, DeviceUpdate, Page, PageRequest, Provider, TopicOp, UserTopic,
-    UserTopicFilter, apply_topic_op, merged_topics, new_device_id, pair_cursor, parse_pair_cursor,
+    UserTopicFilter, apply_topic_op, merged_topics, pair_cursor, parse_pair_cursor,
+    registered_device,
 };
 use rusqlite::types::Value;
 use rusqlite::{Connection, Row, params, params_from_iter};
@@ -241,12 +242,6 @@ fn delete(conn: &Connection, device: &Device, reason: &str, now: u64) -> Result<
     Ok(())
 }
 
-fn normalised(topics: &[String]) -> Vec<String> {
-    let mut own = Vec::new();
-    apply_topic_op(&mut own, TopicOp::Set, topics);
-    own
-}
-
 fn register(
     conn: &Connection,
     registration: DeviceRegistration,
@@ -264,57 +259,16 @@ fn register(
             by_token(conn, provider, &registration.token)?
         }
     };
-    let device = match known {
-        Some(current) => {
-            let provider = registration.provider.unwrap_or(current.provider);
-            let token = if registration.token.is_empty() {
-                current.token.clone()
-            } else {
-                registration.token
-            };
-            if (provider, token.as_str()) != (current.provider, current.token.as_str())
-                && let Some(holder) = by_token(conn, provider, &token)?
-            {
-                return Err(DbError::Invalid(format!(
-                    "the token is registered to another device ({})",
-                    holder.id
-                )));
-            }
-            Device {
-                id: current.id,
-                provider,
-                token,
-                platform: registration.platform.unwrap_or(current.platform),
-                user: registration.user,
-                app: registration.app,
-                timezone: registration.timezone,
-                locale: registration.locale,
-                topics: normalised(&registration.topics),
-                meta: registration.meta,
-                created_at: current.created_at,
-                updated_at: now,
-            }
-        }
-        None => Device {
-            id: new_device_id(),
-            // Checked above for a registration without an id.
-            provider: registration
-                .provider
-                .ok_or_else(|| DbError::Invalid("a new device needs a provider".to_owned()))?,
-            token: registration.token,
-            platform: registration
-                .platform
-                .ok_or_else(|| DbError::Invalid("a new device needs a platform".to_owned()))?,
-            user: registration.user,
-            app: registration.app,
-            timezone: registration.timezone,
-            locale: registration.locale,
-            topics: normalised(&registration.topics),
-            meta: registration.meta,
-            created_at: now,
-            updated_at: now,
-        },
-    };
+    let device = registered_device(known.as_ref(), &registration, now)?;
+    if let Some(current) = &known
+        && (device.provider, device.token.as_str()) != (current.provider, current.token.as_str())
+        && let Some(holder) = by_token(conn, device.provider, &device.token)?
+    {
+        return Err(DbError::Invalid(format!(
+            "the token is registered to another device ({})",
+            holder.id
+        )));
+    }
     save(conn, &device)?;
     Ok(device)
 }
@@ -326,24 +280,8 @@ fn update(
     now: u64,
 ) -> Result<u64, DbError> {
     let devices = matching(conn, filter)?;
-    for mut device in devices.iter().cloned() {
-        if let Some(user) = &update.user {
-            device.user.clone_from(user);
-        }
-        if let Some(timezone) = &update.timezone {
-            device.timezone.clone_from(timezone);
-        }
-        if let Some(locale) = &update.locale {
-            device.locale.clone_from(locale);
-        }
-        if let Some(meta) = &update.meta {
-            device.meta.clone_from(meta);
-        }
-        if let Some((op, topics)) = &update.topics {
-            apply_topic_op(&mut device.topics, *op, topics);
-        }
-        device.updated_at = now;
-        save(conn, &device)?;
+    for device in devices.iter().cloned() {
+        save(conn, &update.applied_to(device, now))?;
     }
     Ok(devices.len() as u64)
 }
