@@ -289,6 +289,8 @@ async fn fanout_phase(ctx: &Ctx<'_>) -> anyhow::Result<PhaseReport> {
     let started_us = now_us();
     let returned_us = pushapi::send_one(&ctx.api, &body).await?;
     let stats = wait_accepted(ctx.control, provider, 1 + expected, ctx.args.drain_max).await?;
+    // Before the records are fetched: the window is the sending, not the bench's reading.
+    let usage = meter.finish(stats.accepted.saturating_sub(1))?;
     let receipts = ctx.control.receipts(provider).await?;
     let matched = match_receipts(
         &receipts,
@@ -296,7 +298,6 @@ async fn fanout_phase(ctx: &Ctx<'_>) -> anyhow::Result<PhaseReport> {
         |_| Some(returned_us),
         true,
     )?;
-    let usage = meter.finish(matched.delivered)?;
     let seconds = matched.last_us.saturating_sub(started_us) as f64 / 1e6;
     Ok(PhaseReport {
         phase: Phase::Fanout,
@@ -347,6 +348,7 @@ async fn request_phase(ctx: &Ctx<'_>, phase: Phase) -> anyhow::Result<PhaseRepor
     )
     .await?;
     let stats = wait_accepted(ctx.control, provider, 1 + load.accepted, args.drain_max).await?;
+    let usage = meter.finish(stats.accepted.saturating_sub(1))?;
     let receipts = ctx.control.receipts(provider).await?;
     let returned = &load.returned_us;
     let matched = match_receipts(
@@ -355,7 +357,6 @@ async fn request_phase(ctx: &Ctx<'_>, phase: Phase) -> anyhow::Result<PhaseRepor
         |k| returned.get(k as usize).copied(),
         false,
     )?;
-    let usage = meter.finish(matched.delivered)?;
     let sending = load.last_return_us.saturating_sub(load.first_start_us) as f64 / 1e6;
     let seconds = matched.last_us.saturating_sub(load.first_start_us) as f64 / 1e6;
     Ok(PhaseReport {

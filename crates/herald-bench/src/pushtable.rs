@@ -164,7 +164,13 @@ pub fn table(runs: &[Value]) -> anyhow::Result<String> {
         if !bare.is_empty() {
             let (_, _, _, at) = median(&bare_rates);
             let b = &bare[at];
-            let [_, _, mock, loadgen, others] = usage_cells(&b["usage"], false);
+            // The sender is a thread of the load generator: its own CPU is shown apart.
+            let mut usage = b["usage"].clone();
+            usage["loadgen_cpu_percent"] = (f(&usage["loadgen_cpu_percent"])
+                - f(&b["cpu_percent"]))
+            .max(0.0)
+            .into();
+            let [_, _, mock, loadgen, others] = usage_cells(&usage, false);
             out.push(format!(
                 "| {name} | bare HTTP/2 sender ({} in flight, sender CPU {:.0}% = {:.1} µs/push) | {} | — | {} | — | RTT {} / {} | — | — | — | {mock} | {loadgen} | {others} | {} |",
                 first["concurrency"],
