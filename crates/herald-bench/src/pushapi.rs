@@ -20,6 +20,9 @@ use crate::push::now_ns;
 use crate::pushwire::{self, Provider};
 use crate::rawhttp::{RawConnection, encode_post};
 
+/// Longest wait for one API answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Unix time in microseconds.
 pub fn now_us() -> u64 {
     now_ns() / 1000
@@ -67,9 +70,10 @@ impl Api {
         body: &[u8],
     ) -> Result<Vec<u8>, Failure> {
         let request = encode_post(&format!("/api/{method}"), &self.host, &self.key, body);
-        let reply = conn
-            .round_trip(&request)
+        // Bounded, so a stuck server fails the run instead of hanging it.
+        let reply = tokio::time::timeout(CALL_TIMEOUT, conn.round_trip(&request))
             .await
+            .map_err(|_| Failure::Transport(format!("no answer in {CALL_TIMEOUT:?}")))?
             .map_err(Failure::Transport)?;
         let ok = reply.status == 200
             && if method == "batch" {
