@@ -305,24 +305,7 @@ fn initialise(conn: &Connection, path: &Path) -> Result<Arc<str>, OpenError> {
     let result = (|| {
         // The version is checked before anything is created, so a database in another
         // layout is left exactly as it was.
-        let has_meta: bool = conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'meta')",
-                [],
-                |row| row.get(0),
-            )
-            .map_err(&err)?;
-        let version: Option<String> = if has_meta {
-            conn.query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |row| row.get(0),
-            )
-            .optional()
-            .map_err(&err)?
-        } else {
-            None
-        };
+        let (_, version) = stored_schema_version(conn).map_err(&err)?;
         match version {
             None => {
                 conn.execute_batch(SCHEMA).map_err(&err)?;
@@ -397,4 +380,25 @@ pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
         builder.mode(0o700);
     }
     builder.create(dir)
+}
+
+/// Whether the database has a `meta` table, and the `schema_version` it records: read before
+/// anything is created (shared by `herald.db` and `outbound.db`).
+pub(super) fn stored_schema_version(conn: &Connection) -> rusqlite::Result<(bool, Option<String>)> {
+    let has_meta: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'meta')",
+        [],
+        |row| row.get(0),
+    )?;
+    let version = if has_meta {
+        conn.query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?
+    } else {
+        None
+    };
+    Ok((has_meta, version))
 }

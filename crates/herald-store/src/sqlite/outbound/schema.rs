@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use herald_core::outbound::JobState;
 use rusqlite::config::DbConfig;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, params};
 
 use crate::sqlite::config::SyncPolicy;
 use crate::sqlite::schema::OpenError;
@@ -257,24 +257,8 @@ fn initialise(conn: &Connection, path: &Path) -> Result<(), OpenError> {
     let result = (|| {
         // Checked before anything is created, so a database in another layout is left
         // exactly as it was.
-        let has_meta: bool = conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'meta')",
-                [],
-                |row| row.get(0),
-            )
-            .map_err(&err)?;
-        let version: Option<String> = if has_meta {
-            conn.query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |row| row.get(0),
-            )
-            .optional()
-            .map_err(&err)?
-        } else {
-            None
-        };
+        let (has_meta, version) =
+            super::super::schema::stored_schema_version(conn).map_err(&err)?;
         match version {
             None if has_meta => Err(OpenError::Invalid {
                 path: shown(),
