@@ -167,8 +167,9 @@ struct Inner {
     /// store expires entries: a shared store outlives the node that wrote them).
     own_presence: Option<Arc<OwnPresence>>,
     presence_task: Mutex<Option<JoinHandle<()>>>,
-    /// Set once, after the node is built (push is built on top of it).
-    observer: std::sync::OnceLock<Arc<dyn PublishObserver>>,
+    /// Added after the node is built (push, webhooks and bridges are built on top of it);
+    /// each sees every publication it wants, in the order they were added.
+    observers: parking_lot::RwLock<Arc<[Arc<dyn PublishObserver>]>>,
 }
 
 /// Presence entries this node wrote, by channel and client id.
@@ -218,7 +219,7 @@ impl Node {
                 fanout_task: Mutex::new(Some(fanout_task)),
                 own_presence,
                 presence_task: Mutex::new(presence_task),
-                observer: std::sync::OnceLock::new(),
+                observers: parking_lot::RwLock::new(Arc::from(Vec::new())),
             }),
         }
     }
@@ -307,11 +308,14 @@ impl Node {
             tags: request.tags,
             info: request.info,
         };
-        let observer = match self.inner.observer.get() {
-            Some(o) if o.wants(&channel, &options, request.push.as_deref())? => Some(o),
-            _ => None,
-        };
-        let observed = observer.map(|_| publication.clone());
+        let observers = self.inner.observers.read().clone();
+        let mut wanting: Vec<&Arc<dyn PublishObserver>> = Vec::new();
+        for observer in observers.iter() {
+            if observer.wants(&channel, &options, request.push.as_deref())? {
+                wanting.push(observer);
+            }
+        }
+        let observed = (!wanting.is_empty()).then(|| publication.clone());
         let window = options.idempotency_window.as_duration();
         let stored = options.history_enabled() && !request.skip_history;
         let published = self
@@ -336,19 +340,23 @@ impl Node {
             if stored {
                 stats.history_writes.fetch_add(1, Ordering::Relaxed);
             }
-            if let (Some(observer), Some(mut publication)) = (observer, observed) {
+            if let Some(mut publication) = observed {
                 if let Some(position) = &published.position {
                     publication.offset = position.offset;
                 }
-                observer
-                    .published(Published {
-                        channel: &channel,
-                        options: &options,
-                        position: published.position.as_ref(),
-                        publication: &publication,
-                        push: request.push.as_deref(),
-                    })
-                    .await;
+                // Awaited before the publish returns: what the publisher saw acknowledged has
+                // been handed to every observer (which enqueue durably).
+                for observer in wanting {
+                    observer
+                        .published(Published {
+                            channel: &channel,
+                            options: &options,
+                            position: published.position.as_ref(),
+                            publication: &publication,
+                            push: request.push.as_deref(),
+                        })
+                        .await;
+                }
             }
         }
         Ok(PublishResult {
@@ -553,9 +561,13 @@ impl Node {
         Ok(users)
     }
 
-    /// Sets the observer of publications (once; a second call is ignored and returns false).
-    pub fn observe_publications(&self, observer: Arc<dyn PublishObserver>) -> bool {
-        self.inner.observer.set(observer).is_ok()
+    /// Adds an observer of publications (push, webhooks, bridges out); observers see each
+    /// publication in the order they were added.
+    pub fn observe_publications(&self, observer: Arc<dyn PublishObserver>) {
+        let mut observers = self.inner.observers.write();
+        let mut list: Vec<_> = observers.iter().cloned().collect();
+        list.push(observer);
+        *observers = Arc::from(list);
     }
 
     /// A client joined `channel`: recorded in presence and announced to subscribers, as the
