@@ -83,9 +83,9 @@ pub struct PushArgs {
     /// flight.
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
-    /// Herald's `[push.concurrency] fanout`: requests expanded into deliveries at once (4 is
+    /// Herald's `[push.concurrency] fanout`: requests expanded into deliveries at once (64 is
     /// Herald's default).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 64)]
     pub fanout_concurrency: usize,
     /// Herald's `[push] batch` (most jobs one claim takes).
     #[arg(long, default_value_t = 256)]

@@ -196,9 +196,11 @@ impl Pipeline {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let all = self.statuses(uid).await;
+            // No push.fanout entry: the request was expanded when it was accepted.
             let fanout_done = all
                 .iter()
-                .any(|s| s.kind == FANOUT_KIND && s.state.is_final());
+                .filter(|s| s.kind == FANOUT_KIND)
+                .all(|s| s.state.is_final());
             let deliveries: Vec<JobStatus> =
                 all.into_iter().filter(|s| s.kind != FANOUT_KIND).collect();
             if fanout_done && deliveries.iter().all(|s| s.state.is_final()) {
@@ -267,6 +269,54 @@ async fn a_push_reaches_every_device_of_its_users_once_even_when_sent_again() {
         "{deliveries:?}"
     );
     assert_eq!(p.apns.sent_to(), vec!["a1", "a2", "b1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_few_device_ids_is_expanded_when_accepted_and_sent_once() {
+    let p = Pipeline::start();
+    let a1 = p.device(Provider::Apns, "a1", "alice").await;
+    let b1 = p.device(Provider::Apns, "b1", "bob").await;
+    p.device(Provider::Apns, "c1", "carol").await;
+    let mut push = to_users(&[], "ids");
+    push.recipient.filter = Some(RecipientFilter {
+        ids: vec![a1.clone(), b1.clone(), "no-such-device".into()],
+        ..RecipientFilter::default()
+    });
+    p.service.send(push.clone()).await.expect("send");
+    // Its deliveries are stored when `send` returns, and there is no fan-out job.
+    let accepted = p.statuses("ids").await;
+    let mut recipients: Vec<&str> = accepted.iter().map(|s| s.recipient.as_str()).collect();
+    recipients.sort_unstable();
+    let mut expected = vec![a1.as_str(), b1.as_str()];
+    expected.sort_unstable();
+    assert_eq!(recipients, expected, "{accepted:?}");
+    assert!(accepted.iter().all(|s| s.kind != FANOUT_KIND), "{accepted:?}");
+    // Sent again with the same uid, before and after delivery: nothing is sent twice.
+    p.service.send(push.clone()).await.expect("send again");
+    let deliveries = p.settled("ids").await;
+    assert!(
+        deliveries.iter().all(|s| s.state == JobState::Sent),
+        "{deliveries:?}"
+    );
+    p.service.send(push).await.expect("send after it was sent");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(p.apns.sent_to(), vec!["a1", "b1"]);
+
+    // A scheduled push to the same ids still waits in a fan-out job.
+    let mut later = to_users(&[], "ids-later");
+    later.recipient.filter = Some(RecipientFilter {
+        ids: vec![a1],
+        ..RecipientFilter::default()
+    });
+    later.send_at = Some(now_ms() / 1000 + 3600);
+    p.service.send(later).await.expect("send later");
+    let waiting = p.statuses("ids-later").await;
+    assert_eq!(
+        waiting.iter().map(|s| s.kind.as_str()).collect::<Vec<_>>(),
+        vec![FANOUT_KIND],
+        "{waiting:?}"
+    );
+    assert!(p.service.cancel("ids-later").await.expect("cancel") == 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,19 +14,17 @@ use herald_core::device::{DeviceStore, Provider};
 use herald_core::outbound::Job;
 use herald_core::time::now_ms;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
 use super::{Delivery, PushStats};
 use crate::sender::{SendError, Sender, Sent, Target};
 use crate::worker::{JobHandler, JobResult};
 
-/// A [`Sender`] that takes its notification as JSON.
+/// A [`Sender`] that takes its notification as the JSON text the job stored (decoded
+/// straight into the provider's type: no intermediate `Value` tree per send).
 #[async_trait]
 pub trait AnySender: Send + Sync + 'static {
-    async fn send_json(
-        &self,
-        target: &Target,
-        notification: &serde_json::Value,
-    ) -> Result<Sent, SendError>;
+    async fn send_json(&self, target: &Target, notification: &RawValue) -> Result<Sent, SendError>;
 }
 
 #[async_trait]
@@ -35,14 +33,12 @@ where
     S: Sender,
     S::Notification: DeserializeOwned,
 {
-    async fn send_json(
-        &self,
-        target: &Target,
-        notification: &serde_json::Value,
-    ) -> Result<Sent, SendError> {
-        let notification = <S::Notification as serde::Deserialize>::deserialize(notification)
-            .map_err(|e| SendError::Rejected {
-                reason: format!("malformed {} notification: {e}", target.provider),
+    async fn send_json(&self, target: &Target, notification: &RawValue) -> Result<Sent, SendError> {
+        let notification =
+            serde_json::from_str::<S::Notification>(notification.get()).map_err(|e| {
+                SendError::Rejected {
+                    reason: format!("malformed {} notification: {e}", target.provider),
+                }
             })?;
         self.send(target, &notification).await
     }

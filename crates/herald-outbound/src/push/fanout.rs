@@ -19,6 +19,7 @@ use bytes::Bytes;
 use herald_core::device::{Device, DeviceStore, PageRequest, Provider};
 use herald_core::outbound::{Job, NewJob, OutboundQueue};
 use herald_core::time::now_ms;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use super::request::{LimitStrategy, SendPush};
@@ -37,17 +38,48 @@ pub struct FanoutHandler {
 
 /// What an expansion produced.
 #[derive(Debug, Default)]
-struct Counts {
-    deliveries: u64,
+pub(crate) struct Counts {
+    pub deliveries: u64,
     /// Devices of providers the notification has nothing for.
-    skipped: u64,
+    pub skipped: u64,
     /// Dropped by `rate_limit.drop_if_rate_limited`.
-    rate_limited: u64,
+    pub rate_limited: u64,
+}
+
+/// Expands `request` (known as `uid`) into delivery jobs on `queue`: the `push.fanout` job's
+/// work, and [`super::PushService`]'s for the small requests it expands when accepting them.
+pub(crate) async fn expand(
+    queue: &dyn OutboundQueue,
+    devices: &dyn DeviceStore,
+    wakeup: &Wakeup,
+    request: &SendPush,
+    uid: &str,
+    expire_at: Option<u64>,
+) -> Result<Counts, String> {
+    let mut expansion = Expansion {
+        queue,
+        devices,
+        wakeup,
+        request,
+        // Encoded once here, copied into each delivery.
+        parts: Provider::ALL.map(|provider| request.notification.part(provider)),
+        uid,
+        expire_at,
+        now: now_ms(),
+        pending: Vec::new(),
+        counts: Counts::default(),
+    };
+    expansion.run().await?;
+    Ok(expansion.counts)
 }
 
 struct Expansion<'a> {
-    handler: &'a FanoutHandler,
+    queue: &'a dyn OutboundQueue,
+    devices: &'a dyn DeviceStore,
+    wakeup: &'a Wakeup,
     request: &'a SendPush,
+    /// The notification's part per provider (index of [`Provider::ALL`]).
+    parts: [Option<Box<RawValue>>; 4],
     uid: &'a str,
     expire_at: Option<u64>,
     now: u64,
@@ -66,23 +98,21 @@ impl JobHandler for FanoutHandler {
                 };
             }
         };
-        let mut expansion = Expansion {
-            handler: self,
-            request: &request,
-            uid: &job.group,
-            expire_at: job.expire_at,
-            now: now_ms(),
-            pending: Vec::new(),
-            counts: Counts::default(),
-        };
-        match expansion.run().await {
-            Ok(()) => JobResult::Done {
+        let expanded = expand(
+            self.queue.as_ref(),
+            self.devices.as_ref(),
+            &self.wakeup,
+            &request,
+            &job.group,
+            job.expire_at,
+        )
+        .await;
+        match expanded {
+            Ok(counts) => JobResult::Done {
                 detail: format!(
                     "{} deliveries, {} devices without a notification for their provider, {} \
                      rate limited",
-                    expansion.counts.deliveries,
-                    expansion.counts.skipped,
-                    expansion.counts.rate_limited
+                    counts.deliveries, counts.skipped, counts.rate_limited
                 ),
             },
             Err(reason) => JobResult::Retry {
@@ -140,7 +170,6 @@ impl Expansion<'_> {
                 include_total: false,
             };
             let page = self
-                .handler
                 .devices
                 .list(&filter, false, &page)
                 .await
@@ -243,7 +272,6 @@ impl Expansion<'_> {
             for (index, policy) in rate.policies.iter().enumerate() {
                 let window = std::time::Duration::from_millis(policy.interval_ms);
                 let allowed = self
-                    .handler
                     .queue
                     .take_rate(&format!("{key}:{index}"), policy.rate, window, at)
                     .await
@@ -269,7 +297,11 @@ impl Expansion<'_> {
         device: Option<String>,
         not_before: u64,
     ) -> Result<(), String> {
-        let Some(notification) = self.request.notification.part(target.provider) else {
+        let part = Provider::ALL
+            .iter()
+            .position(|p| *p == target.provider)
+            .and_then(|index| self.parts[index].clone());
+        let Some(notification) = part else {
             self.counts.skipped += 1;
             return Ok(());
         };
@@ -302,12 +334,11 @@ impl Expansion<'_> {
             return Ok(());
         }
         let jobs = std::mem::take(&mut self.pending);
-        self.handler
-            .queue
+        self.queue
             .enqueue(jobs)
             .await
             .map_err(|e| format!("enqueueing deliveries: {e}"))?;
-        self.handler.wakeup.wake();
+        self.wakeup.wake();
         Ok(())
     }
 }

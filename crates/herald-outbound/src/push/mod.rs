@@ -5,7 +5,9 @@
 //! outbound queue — `push.fanout` (one per request: expands the recipient into deliveries,
 //! at `send_at`) and `push.<provider>` (one per device or raw token) — their handlers, and
 //! [`PushStats`]. Accepting a push is one durable enqueue; everything after runs in the
-//! queue's workers, on whichever node claims the job.
+//! queue's workers, on whichever node claims the job. A small explicit request (a few device
+//! ids or raw tokens, due now, no limits) is expanded in that enqueue instead of by a
+//! `push.fanout` job ([`SendPush::expands_when_accepted`]).
 //!
 //! May touch: the [`OutboundQueue`] and [`DeviceStore`] it is given, and the senders.
 
@@ -41,13 +43,15 @@ pub fn delivery_kind(provider: Provider) -> &'static str {
 }
 
 /// What a delivery job carries: where it goes and the provider's part of the notification.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Delivery {
     pub target: Target,
     /// The registered device, when it came from the registry (raw tokens have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-    pub notification: serde_json::Value,
+    /// The provider's part as JSON text: encoded once per expansion and copied into each
+    /// delivery, decoded once by the sender.
+    pub notification: Box<serde_json::value::RawValue>,
 }
 
 /// Why a push call failed.
@@ -149,6 +153,21 @@ impl PushService {
             return Err(PushError::Invalid(
                 "notification.expire_at is in the past".into(),
             ));
+        }
+        if not_before <= now && request.expands_when_accepted() {
+            // Delivery ids are `<uid>:<device>`, so a repeated uid adds nothing here either.
+            fanout::expand(
+                self.queue.as_ref(),
+                self.devices.as_ref(),
+                &self.wakeup,
+                &request,
+                &uid,
+                expire_at,
+            )
+            .await
+            .map_err(|reason| PushError::Queue(QueueError::Unavailable(reason)))?;
+            self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            return Ok(uid);
         }
         let payload =
             serde_json::to_vec(&request).map_err(|e| PushError::Invalid(e.to_string()))?;

@@ -109,13 +109,14 @@ impl PushNotification {
         }
     }
 
-    /// The provider's part as JSON, for a delivery job.
-    pub fn part(&self, provider: Provider) -> Option<serde_json::Value> {
+    /// The provider's part as JSON text, for delivery jobs.
+    pub fn part(&self, provider: Provider) -> Option<Box<serde_json::value::RawValue>> {
+        use serde_json::value::to_raw_value;
         let value = match provider {
-            Provider::Fcm => serde_json::to_value(self.fcm.as_ref()?),
-            Provider::Apns => serde_json::to_value(self.apns.as_ref()?),
-            Provider::Webpush => serde_json::to_value(self.webpush.as_ref()?),
-            Provider::Email => serde_json::to_value(self.email.as_ref()?),
+            Provider::Fcm => to_raw_value(self.fcm.as_ref()?),
+            Provider::Apns => to_raw_value(self.apns.as_ref()?),
+            Provider::Webpush => to_raw_value(self.webpush.as_ref()?),
+            Provider::Email => to_raw_value(self.email.as_ref()?),
         };
         value.ok()
     }
@@ -198,6 +199,10 @@ pub struct SendPush {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_meta: Option<bool>,
 }
+
+/// Most device ids or raw tokens a request may name and still be expanded when it is
+/// accepted, without a `push.fanout` job (see [`SendPush::expands_when_accepted`]).
+pub const EXPAND_WHEN_ACCEPTED: usize = 100;
 
 /// Longest `uid`.
 pub const MAX_UID: usize = 128;
@@ -304,6 +309,31 @@ impl SendPush {
             return Err(format!("uid must be 1 to {MAX_UID} bytes"));
         }
         Ok(uid)
+    }
+
+    /// Whether the request is small and explicit enough to become its delivery jobs right
+    /// away, in the enqueue that accepts it: up to [`EXPAND_WHEN_ACCEPTED`] device ids (a
+    /// filter by ids, optionally narrowed by provider or platform) or raw tokens, an FCM
+    /// topic or condition — without `limit_strategy`, whose outcome the `push.fanout` job
+    /// records. The common "this user's phone" push then costs one enqueue and no second job.
+    /// Scheduled pushes are never expanded early (the caller checks the time).
+    pub fn expands_when_accepted(&self) -> bool {
+        if self.limit_strategy.is_some() {
+            return false;
+        }
+        let r = &self.recipient;
+        if let Some(filter) = &r.filter {
+            return !filter.ids.is_empty()
+                && filter.ids.len() <= EXPAND_WHEN_ACCEPTED
+                && filter.users.is_empty()
+                && filter.topics.is_empty();
+        }
+        let raw: usize = [&r.fcm_tokens, &r.apns_tokens, &r.webpush_tokens, &r.emails]
+            .into_iter()
+            .flatten()
+            .map(Vec::len)
+            .sum();
+        raw <= EXPAND_WHEN_ACCEPTED
     }
 
     /// The providers this request can reach.

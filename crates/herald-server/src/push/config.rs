@@ -23,7 +23,7 @@ impl Default for Concurrency {
             apns: 256,
             webpush: 64,
             email: 8,
-            fanout: 4,
+            fanout: 64,
         }
     }
 }
