@@ -83,9 +83,7 @@ impl AmqpSource {
             .with("exchange", delivery.exchange.as_str())
             .with("queue", self.config.queue.clone());
         if let Some(id) = delivery.properties.message_id() {
-            message = message
-                .with("message_id", id.as_str())
-                .with_id(id.as_str());
+            message = message.with("message_id", id.as_str()).with_id(id.as_str());
         }
         if let Some(headers) = delivery.properties.headers() {
             for (name, value) in headers {
@@ -129,8 +127,8 @@ impl Source for AmqpSource {
             ConnectionProperties::default()
                 .with_connection_name(self.config.connection_name.as_str().into()),
         )
-            .await
-            .map_err(fail)?;
+        .await
+        .map_err(fail)?;
         let channel = connection.create_channel().await.map_err(fail)?;
         channel
             .basic_qos(self.config.prefetch, BasicQosOptions::default())

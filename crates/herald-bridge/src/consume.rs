@@ -244,7 +244,6 @@ impl<S: Source> Loop<S> {
             _ = self.stopped.wait_for(|stop| *stop) => {}
         }
     }
-
 }
 
 /// Maps and publishes batches (apart from the source, which is used by one task at a time).
@@ -276,7 +275,9 @@ impl Publisher {
                 }
             }
         }
-        let runs = groups.into_values().map(|group| self.publish_channel(group));
+        let runs = groups
+            .into_values()
+            .map(|group| self.publish_channel(group));
         let mut retry = None;
         for (done, error) in futures::future::join_all(runs).await {
             for (index, outcome) in done {

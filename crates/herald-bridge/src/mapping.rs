@@ -84,10 +84,7 @@ pub enum MappingError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Piece {
     Text(String),
-    Attribute {
-        name: String,
-        token: Option<usize>,
-    },
+    Attribute { name: String, token: Option<usize> },
 }
 
 /// A parsed `{name}` / `{name.N}` template.
@@ -311,7 +308,10 @@ mod tests {
         .expect("valid");
         let request = mapping.map(&message()).expect("maps");
         assert_eq!(request.channel, "sensors:kitchen-acme");
-        assert_eq!(request.data, Payload::Json(Bytes::from_static(b"{\"t\":21.5}")));
+        assert_eq!(
+            request.data,
+            Payload::Json(Bytes::from_static(b"{\"t\":21.5}"))
+        );
         assert_eq!(request.idempotency_key.as_deref(), Some("s:42"));
     }
 
@@ -343,7 +343,15 @@ mod tests {
 
     #[test]
     fn bad_templates_are_refused_when_configured() {
-        for bad in ["{", "a}", "{}", "{subjet}", "{header.}", "{routing_key}", "{{id}}"] {
+        for bad in [
+            "{",
+            "a}",
+            "{}",
+            "{subjet}",
+            "{header.}",
+            "{routing_key}",
+            "{{id}}",
+        ] {
             assert!(
                 Template::parse(bad, KNOWN).is_err(),
                 "{bad:?} should be refused"
@@ -359,12 +367,16 @@ mod tests {
     #[test]
     fn an_envelope_names_channel_data_and_key() {
         let mapping = Mapping::new("src", None, None, KNOWN).expect("valid");
-        let body = br#"{"channel":"news:1","data":{"a":[1,2]},"idempotency_key":"k1","tags":{"t":"v"}}"#;
+        let body =
+            br#"{"channel":"news:1","data":{"a":[1,2]},"idempotency_key":"k1","tags":{"t":"v"}}"#;
         let request = mapping
             .map(&Received::new(&body[..]).with_id("9"))
             .expect("maps");
         assert_eq!(request.channel, "news:1");
-        assert_eq!(request.data, Payload::Json(Bytes::from_static(b"{\"a\":[1,2]}")));
+        assert_eq!(
+            request.data,
+            Payload::Json(Bytes::from_static(b"{\"a\":[1,2]}"))
+        );
         assert_eq!(request.idempotency_key.as_deref(), Some("k1"));
         assert_eq!(request.tags.get("t").map(String::as_str), Some("v"));
         // Without a key of its own, the broker's id keys it.
@@ -372,7 +384,10 @@ mod tests {
         let request = mapping
             .map(&Received::new(&body[..]).with_id("9"))
             .expect("maps");
-        assert_eq!(request.data, Payload::Binary(Bytes::from_static(b"\x00\x01")));
+        assert_eq!(
+            request.data,
+            Payload::Binary(Bytes::from_static(b"\x00\x01"))
+        );
         assert_eq!(request.idempotency_key.as_deref(), Some("src:9"));
     }
 

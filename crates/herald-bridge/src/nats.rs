@@ -40,6 +40,11 @@ pub struct NatsConfig {
     pub connection_name: String,
 }
 
+/// How long one pull waits for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// How long a call may take beyond that before the connection is taken for lost.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The attributes templates may name.
 pub const ATTRIBUTES: &[&str] = &["subject", "stream", "header.", "id"];
 
@@ -97,12 +102,50 @@ impl Source for NatsSource {
     }
 
     async fn receive(&mut self, max: usize) -> Result<Vec<(Acker, Received)>, SourceError> {
+        // The server ends a pull after `expires`; without a connection nothing would end it.
+        tokio::time::timeout(PULL_EXPIRES + CALL_TIMEOUT, self.pull(max))
+            .await
+            .map_err(|_| SourceError::Receive("the pull did not end in time".into()))?
+    }
+
+    async fn settle(&mut self, settled: Vec<(Acker, Outcome)>) -> Result<(), SourceError> {
+        let (client, _) = self.connected()?;
+        let fail = |e: &dyn std::fmt::Display| SourceError::Settle(e.to_string());
+        let acks = async {
+            // Rejected messages are acknowledged too: JetStream would only deliver them again.
+            for (acker, _) in settled {
+                acker.ack().await.map_err(|e| fail(&e))?;
+            }
+            client.flush().await.map_err(|e| fail(&e))
+        };
+        tokio::time::timeout(CALL_TIMEOUT, acks)
+            .await
+            .map_err(|_| SourceError::Settle("acknowledgements not flushed in time".into()))?
+    }
+
+    async fn lag(&mut self) -> Option<u64> {
+        let (_, consumer) = self.connection.as_ref()?;
+        let info = tokio::time::timeout(CALL_TIMEOUT, consumer.get_info())
+            .await
+            .ok()?
+            .ok()?;
+        Some(info.num_pending + info.num_ack_pending as u64)
+    }
+
+    async fn disconnect(&mut self) {
+        // Unacknowledged messages come back after `ack_wait`.
+        self.connection = None;
+    }
+}
+
+impl NatsSource {
+    async fn pull(&mut self, max: usize) -> Result<Vec<(Acker, Received)>, SourceError> {
         let (_, consumer) = self.connected()?;
         let fail = |e: &dyn std::fmt::Display| SourceError::Receive(e.to_string());
         let mut batch = consumer
             .batch()
             .max_messages(max.max(1))
-            .expires(Duration::from_secs(1))
+            .expires(PULL_EXPIRES)
             .messages()
             .await
             .map_err(|e| fail(&e))?;
@@ -126,26 +169,5 @@ impl Source for NatsSource {
             received.push((acker, out));
         }
         Ok(received)
-    }
-
-    async fn settle(&mut self, settled: Vec<(Acker, Outcome)>) -> Result<(), SourceError> {
-        let (client, _) = self.connected()?;
-        let fail = |e: &dyn std::fmt::Display| SourceError::Settle(e.to_string());
-        // Rejected messages are acknowledged too: JetStream would only deliver them again.
-        for (acker, _) in settled {
-            acker.ack().await.map_err(|e| fail(&e))?;
-        }
-        client.flush().await.map_err(|e| fail(&e))
-    }
-
-    async fn lag(&mut self) -> Option<u64> {
-        let (_, consumer) = self.connection.as_ref()?;
-        let info = consumer.get_info().await.ok()?;
-        Some(info.num_pending + info.num_ack_pending as u64)
-    }
-
-    async fn disconnect(&mut self) {
-        // Unacknowledged messages come back after `ack_wait`.
-        self.connection = None;
     }
 }

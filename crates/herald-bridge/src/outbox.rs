@@ -147,7 +147,11 @@ impl OutboxSource {
         let table = self.config.table.clone();
         let connected = self.connected()?;
         let fail = |e: tokio_postgres::Error| SourceError::Receive(e.to_string());
-        connected.client.batch_execute("BEGIN").await.map_err(fail)?;
+        connected
+            .client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(fail)?;
         connected.in_transaction = true;
         let rows = connected
             .client
@@ -155,7 +159,11 @@ impl OutboxSource {
             .await
             .map_err(fail)?;
         if rows.is_empty() {
-            connected.client.batch_execute("COMMIT").await.map_err(fail)?;
+            connected
+                .client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(fail)?;
             connected.in_transaction = false;
             return Ok(Vec::new());
         }
@@ -211,7 +219,10 @@ impl Source for OutboxSource {
             // Wakes a waiting receive, whose next query then fails and reconnects.
             signal.notify_one();
         });
-        let listen = format!("LISTEN {}", quote_identifier(&self.config.notify_channel).map_err(SourceError::Connect)?);
+        let listen = format!(
+            "LISTEN {}",
+            quote_identifier(&self.config.notify_channel).map_err(SourceError::Connect)?
+        );
         client.batch_execute(&listen).await.map_err(fail)?;
         // Fail now, not on every claim, when the table is missing.
         client
@@ -248,10 +259,18 @@ impl Source for OutboxSource {
         // but be claimed again forever.
         let ids: Vec<i64> = settled.into_iter().map(|(id, _)| id).collect();
         if !ids.is_empty() {
-            connected.client.execute(&sql, &[&ids]).await.map_err(fail)?;
+            connected
+                .client
+                .execute(&sql, &[&ids])
+                .await
+                .map_err(fail)?;
         }
         // Rows left out are unlocked by the commit and claimed again.
-        connected.client.batch_execute("COMMIT").await.map_err(fail)?;
+        connected
+            .client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(fail)?;
         connected.in_transaction = false;
         Ok(())
     }
@@ -275,8 +294,14 @@ mod tests {
 
     #[test]
     fn names_are_checked_and_quoted() {
-        assert_eq!(quote_identifier("herald_outbox"), Ok("\"herald_outbox\"".into()));
-        assert_eq!(quote_identifier("app.outbox"), Ok("\"app\".\"outbox\"".into()));
+        assert_eq!(
+            quote_identifier("herald_outbox"),
+            Ok("\"herald_outbox\"".into())
+        );
+        assert_eq!(
+            quote_identifier("app.outbox"),
+            Ok("\"app\".\"outbox\"".into())
+        );
         for bad in ["", "a.b.c", "1x", "x;drop", "a b", "\"x\"", "a."] {
             assert!(quote_identifier(bad).is_err(), "{bad:?}");
         }

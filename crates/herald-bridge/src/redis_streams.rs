@@ -132,9 +132,10 @@ impl RedisStreamSource {
             if name == self.config.body_field {
                 message.body = bytes;
             } else {
-                message
-                    .attributes
-                    .push((format!("field.{name}"), String::from_utf8_lossy(&bytes).into()));
+                message.attributes.push((
+                    format!("field.{name}"),
+                    String::from_utf8_lossy(&bytes).into(),
+                ));
             }
         }
         (entry.id, message)

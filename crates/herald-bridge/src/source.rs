@@ -52,10 +52,7 @@ pub trait Source: Send + 'static {
 
     /// Waits a short while (about a second) for up to `max` messages, so the loop can notice
     /// a stop between calls. An empty batch is not an error.
-    async fn receive(
-        &mut self,
-        max: usize,
-    ) -> Result<Vec<(Self::Receipt, Received)>, SourceError>;
+    async fn receive(&mut self, max: usize) -> Result<Vec<(Self::Receipt, Received)>, SourceError>;
 
     /// Settles messages of the last batch. Messages of the batch left out are not
     /// acknowledged and will be delivered again.

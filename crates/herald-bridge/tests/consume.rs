@@ -129,7 +129,10 @@ fn config(batch: usize) -> ConsumeConfig {
 
 fn envelope(tag: u64, channel: &str, n: u64) -> (u64, Received) {
     let body = format!(r#"{{"channel":"{channel}","data":{{"n":{n}}}}}"#);
-    (tag, Received::new(body.into_bytes()).with_id(tag.to_string()))
+    (
+        tag,
+        Received::new(body.into_bytes()).with_id(tag.to_string()),
+    )
 }
 
 async fn settled_count(source: &ScriptedSource, want: usize) {
@@ -165,20 +168,23 @@ async fn messages_publish_in_order_per_channel_and_bad_ones_are_rejected_without
         script.queue.insert(9, envelope(101, "nope:x", 0));
         script.queue.insert(13, envelope(102, "big", 0));
         if let Some((_, message)) = script.queue.get_mut(13) {
-            message.body = format!(
-                r#"{{"channel":"big","data":"{}"}}"#,
-                "x".repeat(2000)
-            )
-            .into_bytes()
-            .into();
+            message.body = format!(r#"{{"channel":"big","data":"{}"}}"#, "x".repeat(2000))
+                .into_bytes()
+                .into();
         }
     }
     let node = node();
     let mapping = Mapping::new("test", None, None, &["id"]).expect("mapping");
     let handle = spawn_source(source.clone(), mapping, node.clone(), config(7));
     settled_count(&source, 43).await;
-    let odd: Vec<_> = (1..=40).filter(|n| n % 2 == 1).map(|n| serde_json::json!({"n": n})).collect();
-    let even: Vec<_> = (1..=40).filter(|n| n % 2 == 0).map(|n| serde_json::json!({"n": n})).collect();
+    let odd: Vec<_> = (1..=40)
+        .filter(|n| n % 2 == 1)
+        .map(|n| serde_json::json!({"n": n}))
+        .collect();
+    let even: Vec<_> = (1..=40)
+        .filter(|n| n % 2 == 0)
+        .map(|n| serde_json::json!({"n": n}))
+        .collect();
     assert_eq!(history(&node, "odd").await, odd);
     assert_eq!(history(&node, "even").await, even);
     let settled = source.0.lock().settled.clone();
@@ -209,11 +215,19 @@ async fn a_lost_acknowledgement_redelivers_and_the_idempotency_key_absorbs_it() 
     let handle = spawn_source(source.clone(), mapping, node.clone(), config(5));
     settled_count(&source, 20).await;
     let want: Vec<_> = (1..=20).map(|n| serde_json::json!({"n": n})).collect();
-    assert_eq!(history(&node, "c").await, want, "each message once, in order");
+    assert_eq!(
+        history(&node, "c").await,
+        want,
+        "each message once, in order"
+    );
     // The first batch of 5 was published, its acknowledgement lost, and delivered again.
     assert_eq!(count(&handle.stats), (20, 5, 0));
     assert_eq!(handle.stats.reconnects.load(Ordering::Relaxed), 1);
-    assert_eq!(source.0.lock().connects, 2, "three refusals, then two connections");
+    assert_eq!(
+        source.0.lock().connects,
+        2,
+        "three refusals, then two connections"
+    );
     handle.stop();
     handle.join(Duration::from_secs(5)).await;
 }
