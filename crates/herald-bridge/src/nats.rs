@@ -12,6 +12,8 @@
 //!
 //! May touch: the configured NATS server (its stream's consumer only).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
@@ -51,6 +53,10 @@ pub const ATTRIBUTES: &[&str] = &["subject", "stream", "header.", "id"];
 pub struct NatsSource {
     config: NatsConfig,
     connection: Option<(async_nats::Client, PullConsumer)>,
+    /// Set when the client reports its connection lost. The client would reconnect by
+    /// itself; the source reports the loss instead, so every source reconnects the same way
+    /// (the loop's backoff, logs and `reconnects` count).
+    lost: Arc<AtomicBool>,
 }
 
 impl NatsSource {
@@ -58,6 +64,7 @@ impl NatsSource {
         Self {
             config,
             connection: None,
+            lost: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -72,7 +79,17 @@ impl Source for NatsSource {
 
     async fn connect(&mut self) -> Result<(), SourceError> {
         let fail = |e: &dyn std::fmt::Display| SourceError::Connect(e.to_string());
+        let lost = Arc::new(AtomicBool::new(false));
+        self.lost = lost.clone();
         let client = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                let lost = lost.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Disconnected) {
+                        lost.store(true, Ordering::SeqCst);
+                    }
+                }
+            })
             .connection_timeout(Duration::from_secs(5))
             .name(&self.config.connection_name)
             .connect(self.config.url.as_str())
@@ -140,6 +157,9 @@ impl Source for NatsSource {
 
 impl NatsSource {
     async fn pull(&mut self, max: usize) -> Result<Vec<(Acker, Received)>, SourceError> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(SourceError::Receive("the connection was lost".into()));
+        }
         let (_, consumer) = self.connected()?;
         let fail = |e: &dyn std::fmt::Display| SourceError::Receive(e.to_string());
         let mut batch = consumer

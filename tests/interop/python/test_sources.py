@@ -307,7 +307,7 @@ class RabbitBroker(Broker):
 
     def drop_connections(self) -> None:
         listed = subprocess.run(
-            ["rabbitmqctl", "-q", "list_connections", "pid", "user_provided_name"],
+            ["rabbitmqctl", "-q", "list_connections", "--no-table-headers", "pid", "client_properties"],
             check=True, capture_output=True, text=True, timeout=60,
         ).stdout
         pids = [line.split("\t")[0] for line in listed.splitlines() if self.connection_name in line]
