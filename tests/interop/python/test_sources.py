@@ -69,17 +69,20 @@ def history_numbers(instance: HeraldInstance, channel: str) -> List[int]:
     return [pub["data"]["n"] for pub in pubs]
 
 
-def metric(instance: HeraldInstance, name: str, source: str, result: Optional[str] = None) -> float:
+def metric_value(instance: HeraldInstance, name: str, source: str, result: Optional[str] = None) -> Optional[float]:
+    """The sample of `name` for `source` (and `result`), or None when it is not exported."""
     text = requests.get(f"{instance.url}/metrics", timeout=10).text
-    labels = f'source="{source}"' if result is None else None
     for line in text.splitlines():
-        if not line.startswith(name + "{"):
+        if not line.startswith(name + "{") or f'source="{source}"' not in line:
             continue
-        if labels is not None and labels in line:
+        if result is None or f'result="{result}"' in line:
             return float(line.rsplit(" ", 1)[1])
-        if result is not None and f'source="{source}"' in line and f'result="{result}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return None
+
+
+def metric(instance: HeraldInstance, name: str, source: str, result: Optional[str] = None) -> float:
+    value = metric_value(instance, name, source, result)
+    return 0.0 if value is None else value
 
 
 def wait_until(what: str, predicate: Callable[[], Any], timeout: float = WAIT, details: Callable[[], str] = lambda: "") -> Any:
@@ -539,7 +542,13 @@ def test_kill9_mid_stream_then_restart_publishes_every_message_once(broker: Brok
     herald.kill()  # SIGKILL: batches in flight are neither finished nor acknowledged
     assert at_kill < len(messages), "the kill must land mid-stream"
     herald.start()
+    # The first lag is read right after connecting, before anything is received: the backlog.
+    backlog = wait_until("the lag reported", lambda: metric_value(herald, "herald_source_lag", broker.name) is not None
+                         and [metric_value(herald, "herald_source_lag", broker.name)], details=herald.process.diagnostics)[0]
+    assert backlog > 0, "the broker still held part of the stream after the kill"
     wait_until("every message after the restart", lambda: total(broker, [herald]) >= len(messages),
+               details=herald.process.diagnostics)
+    wait_until("the lag back to 0", lambda: metric_value(herald, "herald_source_lag", broker.name) == 0.0,
                details=herald.process.diagnostics)
     time.sleep(5)  # past ack_wait / claim_idle: a late redelivery would show up as a duplicate
     assert_each_once(broker, [herald], messages)
