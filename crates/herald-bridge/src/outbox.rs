@@ -115,6 +115,14 @@ struct Connected {
     in_transaction: bool,
 }
 
+impl Connected {
+    async fn commit(&mut self) -> Result<(), tokio_postgres::Error> {
+        self.client.batch_execute("COMMIT").await?;
+        self.in_transaction = false;
+        Ok(())
+    }
+}
+
 pub struct OutboxSource {
     config: OutboxConfig,
     table: String,
@@ -159,12 +167,7 @@ impl OutboxSource {
             .await
             .map_err(fail)?;
         if rows.is_empty() {
-            connected
-                .client
-                .batch_execute("COMMIT")
-                .await
-                .map_err(fail)?;
-            connected.in_transaction = false;
+            connected.commit().await.map_err(fail)?;
             return Ok(Vec::new());
         }
         let mut claimed = Vec::with_capacity(rows.len());
@@ -266,13 +269,7 @@ impl Source for OutboxSource {
                 .map_err(fail)?;
         }
         // Rows left out are unlocked by the commit and claimed again.
-        connected
-            .client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(fail)?;
-        connected.in_transaction = false;
-        Ok(())
+        connected.commit().await.map_err(fail)
     }
 
     async fn lag(&mut self) -> Option<u64> {

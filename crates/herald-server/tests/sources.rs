@@ -68,7 +68,10 @@ fn outbox_sql_prints_the_table_and_its_trigger() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (code, stdout, stderr) = run(&["outbox-sql", "--table", "app.events_outbox"], dir.path());
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("CREATE TABLE IF NOT EXISTS \"app\".\"events_outbox\""), "{stdout}");
+    assert!(
+        stdout.contains("CREATE TABLE IF NOT EXISTS \"app\".\"events_outbox\""),
+        "{stdout}"
+    );
     assert!(stdout.contains("pg_notify('app_events_outbox'"), "{stdout}");
     let (code, _, stderr) = run(&["outbox-sql", "--table", "bad name"], dir.path());
     assert_ne!(code, 0);

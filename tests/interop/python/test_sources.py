@@ -36,7 +36,8 @@ from centrifuge import Client, PublicationContext, SubscriptionEventHandler
 
 from conftest import HeraldInstance, herald_bin
 from cutproxy import CutProxy
-from test_centrifuge_python import mint_token
+from push_fixtures import wait_for
+from test_centrifuge_python import api, mint_token
 
 NAMESPACE = """
 [[namespaces]]
@@ -52,16 +53,6 @@ WAIT = 90.0
 
 def short_id() -> str:
     return uuid.uuid4().hex[:10]
-
-
-def api(instance: HeraldInstance, method: str, body: Dict[str, Any]) -> Dict[str, Any]:
-    response = requests.post(
-        f"{instance.api_url}/{method}", json=body, headers={"X-API-Key": instance.api_key}, timeout=10
-    )
-    assert response.status_code == 200, response.text
-    reply = response.json()
-    assert "error" not in reply, reply
-    return reply["result"]
 
 
 def history_numbers(instance: HeraldInstance, channel: str) -> List[int]:
@@ -83,17 +74,6 @@ def metric_value(instance: HeraldInstance, name: str, source: str, result: Optio
 def metric(instance: HeraldInstance, name: str, source: str, result: Optional[str] = None) -> float:
     value = metric_value(instance, name, source, result)
     return 0.0 if value is None else value
-
-
-def wait_until(what: str, predicate: Callable[[], Any], timeout: float = WAIT, details: Callable[[], str] = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{details()}")
-        time.sleep(0.05)
 
 
 class ThreadedProxy:
@@ -485,7 +465,7 @@ def assert_each_once(broker: Broker, instances: List[HeraldInstance], messages: 
 def test_messages_reach_history_and_a_subscriber_in_order_and_bad_ones_are_rejected(broker: Broker, nodes) -> None:
     herald = nodes(broker.source_toml())
     herald.start()
-    wait_until("the source to connect", lambda: metric(herald, "herald_source_connected", broker.name) == 1.0,
+    wait_for("the source to connect", timeout=WAIT, predicate=lambda: metric(herald, "herald_source_connected", broker.name) == 1.0,
                details=herald.process.diagnostics)
     live: List[int] = []
 
@@ -515,19 +495,19 @@ def test_messages_reach_history_and_a_subscriber_in_order_and_bad_ones_are_rejec
 
     asyncio.run(scenario())
     assert live == expected(messages, "a"), "the subscriber got the channel's messages in order, once"
-    wait_until("every message in history", lambda: total(broker, [herald]) >= len(messages))
+    wait_for("every message in history", timeout=WAIT, predicate=lambda: total(broker, [herald]) >= len(messages))
     for key in CHANNELS:
         assert history_numbers(herald, broker.channel(key)) == expected(messages, key)
-    wait_until("the rejections counted", lambda: metric(herald, "herald_source_messages_total", broker.name, "rejected") == bad,
+    wait_for("the rejections counted", timeout=WAIT, predicate=lambda: metric(herald, "herald_source_messages_total", broker.name, "rejected") == bad,
                details=herald.process.diagnostics)
     assert metric(herald, "herald_source_messages_total", broker.name, "published") == len(messages)
     if isinstance(broker, RabbitBroker):
-        wait_until("both bad messages dead-lettered", lambda: broker.dead_lettered() == bad)
+        wait_for("both bad messages dead-lettered", timeout=WAIT, predicate=lambda: broker.dead_lettered() == bad)
     # Written again with the same ids (a redelivery, as after a lost acknowledgement): nothing new.
     if isinstance(broker, RabbitBroker):
         broker.write(messages[:30])
-        wait_until("the redelivered copies seen as duplicates",
-                   lambda: metric(herald, "herald_source_messages_total", broker.name, "duplicate") == 30)
+        wait_for("the redelivered copies seen as duplicates", timeout=WAIT,
+                 predicate=lambda: metric(herald, "herald_source_messages_total", broker.name, "duplicate") == 30)
         assert_each_once(broker, [herald], messages)
     herald.stop()
 
@@ -537,18 +517,18 @@ def test_kill9_mid_stream_then_restart_publishes_every_message_once(broker: Brok
     broker.write(messages)
     herald = nodes(broker.source_toml(batch=50))
     herald.start()
-    at_kill = wait_until("part of the stream published", lambda: total(broker, [herald]) or None,
+    at_kill = wait_for("part of the stream published", timeout=WAIT, predicate=lambda: total(broker, [herald]) or None,
                          details=herald.process.diagnostics)
     herald.kill()  # SIGKILL: batches in flight are neither finished nor acknowledged
     assert at_kill < len(messages), "the kill must land mid-stream"
     herald.start()
     # The first lag is read right after connecting, before anything is received: the backlog.
-    backlog = wait_until("the lag reported", lambda: metric_value(herald, "herald_source_lag", broker.name) is not None
+    backlog = wait_for("the lag reported", timeout=WAIT, predicate=lambda: metric_value(herald, "herald_source_lag", broker.name) is not None
                          and [metric_value(herald, "herald_source_lag", broker.name)], details=herald.process.diagnostics)[0]
     assert backlog > 0, "the broker still held part of the stream after the kill"
-    wait_until("every message after the restart", lambda: total(broker, [herald]) >= len(messages),
+    wait_for("every message after the restart", timeout=WAIT, predicate=lambda: total(broker, [herald]) >= len(messages),
                details=herald.process.diagnostics)
-    wait_until("the lag back to 0", lambda: metric_value(herald, "herald_source_lag", broker.name) == 0.0,
+    wait_for("the lag back to 0", timeout=WAIT, predicate=lambda: metric_value(herald, "herald_source_lag", broker.name) == 0.0,
                details=herald.process.diagnostics)
     time.sleep(5)  # past ack_wait / claim_idle: a late redelivery would show up as a duplicate
     assert_each_once(broker, [herald], messages)
@@ -559,15 +539,15 @@ def test_connection_dropped_mid_stream_reconnects_and_loses_nothing(broker: Brok
     messages = stream(STREAM_SIZE)
     herald = nodes(broker.source_toml(batch=20, reconnect_base="100ms", reconnect_max="1s"))
     herald.start()
-    wait_until("the source to connect", lambda: metric(herald, "herald_source_connected", broker.name) == 1.0,
+    wait_for("the source to connect", timeout=WAIT, predicate=lambda: metric(herald, "herald_source_connected", broker.name) == 1.0,
                details=herald.process.diagnostics)
     broker.write(messages[: len(messages) // 2])
-    wait_until("part of the stream published", lambda: total(broker, [herald]) > 0)
+    wait_for("part of the stream published", timeout=WAIT, predicate=lambda: total(broker, [herald]) > 0)
     broker.drop_connections()
     broker.write(messages[len(messages) // 2:])
     time.sleep(1.0)
     broker.restore()
-    wait_until("every message after the reconnect", lambda: total(broker, [herald]) >= len(messages),
+    wait_for("every message after the reconnect", timeout=WAIT, predicate=lambda: total(broker, [herald]) >= len(messages),
                details=herald.process.diagnostics)
     time.sleep(4)
     assert_each_once(broker, [herald], messages)
@@ -584,11 +564,11 @@ def test_two_nodes_on_one_source_publish_each_message_once(broker: Broker, nodes
     first.start()
     second.start()
     for node in (first, second):
-        wait_until("both nodes connected", lambda: metric(node, "herald_source_connected", broker.name) == 1.0,
+        wait_for("both nodes connected", timeout=WAIT, predicate=lambda: metric(node, "herald_source_connected", broker.name) == 1.0,
                    details=node.process.diagnostics)
     messages = stream(STREAM_SIZE)
     broker.write(messages)
-    wait_until("every message on one node or the other", lambda: total(broker, [first, second]) >= len(messages))
+    wait_for("every message on one node or the other", timeout=WAIT, predicate=lambda: total(broker, [first, second]) >= len(messages))
     time.sleep(2)
     assert_each_once(broker, [first, second], messages)
     shares = [total(broker, [node]) for node in (first, second)]

@@ -188,7 +188,9 @@ impl SourceConfig {
             ));
         }
         let set = |value: &str| !value.is_empty();
-        let (needs, unused): (&[(&str, bool)], &[(&str, bool)]) = match self.kind {
+        // (key, whether it is set): keys the kind needs, and keys it does not use.
+        type Keys<'a> = &'a [(&'static str, bool)];
+        let (needs, unused): (Keys<'_>, Keys<'_>) = match self.kind {
             SourceKind::Nats => (
                 &[("stream", set(&self.stream))],
                 &[("queue", set(&self.queue)), ("table", set(&self.table))],

@@ -20,12 +20,11 @@ use herald_outbound::worker::Backoff;
 
 use self::config::{SourceConfig, SourceKind};
 
-/// A source built from config, not yet connected.
-enum Planned {
-    Nats(NatsSource),
-    Amqp(AmqpSource),
-    Redis(RedisStreamSource),
-    Outbox(OutboxSource),
+/// A source built from config, not yet connected: starting it spawns its loop.
+type Planned = Box<dyn FnOnce(Mapping, Node, ConsumeConfig) -> SourceHandle + Send>;
+
+fn planned<S: herald_bridge::Source>(source: S) -> Planned {
+    Box::new(move |mapping, node, consume| spawn_source(source, mapping, node, consume))
 }
 
 struct PlannedSource {
@@ -61,7 +60,7 @@ fn plan_one(config: &SourceConfig, node_uid: &str) -> Result<PlannedSource, Stri
     )
     .map_err(|e| at(&e))?;
     let source = match config.kind {
-        SourceKind::Nats => Planned::Nats(NatsSource::new(NatsConfig {
+        SourceKind::Nats => planned(NatsSource::new(NatsConfig {
             url: config.url.clone(),
             stream: config.stream.clone(),
             consumer: config.consumer.clone(),
@@ -70,14 +69,14 @@ fn plan_one(config: &SourceConfig, node_uid: &str) -> Result<PlannedSource, Stri
             max_ack_pending: i64::from(config.prefetch()),
             connection_name: connection_name(config),
         })),
-        SourceKind::Rabbitmq => Planned::Amqp(AmqpSource::new(AmqpConfig {
+        SourceKind::Rabbitmq => planned(AmqpSource::new(AmqpConfig {
             url: config.url.clone(),
             queue: config.queue.clone(),
             prefetch: config.prefetch(),
             consumer_tag: format!("herald-{node_uid}"),
             connection_name: connection_name(config),
         })),
-        SourceKind::Redis => Planned::Redis(RedisStreamSource::new(RedisStreamConfig {
+        SourceKind::Redis => planned(RedisStreamSource::new(RedisStreamConfig {
             url: config.url.clone(),
             stream: config.stream.clone(),
             group: config.consumer.clone(),
@@ -87,7 +86,7 @@ fn plan_one(config: &SourceConfig, node_uid: &str) -> Result<PlannedSource, Stri
             claim_idle: config.claim_idle.as_duration(),
             connection_name: connection_name(config),
         })),
-        SourceKind::Postgres => Planned::Outbox(
+        SourceKind::Postgres => planned(
             OutboxSource::new(OutboxConfig {
                 url: config.url.clone(),
                 table: config.table().to_owned(),
@@ -157,13 +156,7 @@ impl Sources {
             consume,
         } in planned
         {
-            let node = node.clone();
-            running.push(match source {
-                Planned::Nats(source) => spawn_source(source, mapping, node, consume),
-                Planned::Amqp(source) => spawn_source(source, mapping, node, consume),
-                Planned::Redis(source) => spawn_source(source, mapping, node, consume),
-                Planned::Outbox(source) => spawn_source(source, mapping, node, consume),
-            });
+            running.push(source(mapping, node.clone(), consume));
         }
     }
 
