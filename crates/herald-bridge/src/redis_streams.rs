@@ -7,6 +7,9 @@
 //! 0`): what it read before a dropped connection and did not acknowledge. The group is created
 //! (`MKSTREAM`) at `start` (`$`: only new entries; `0`: the whole stream) when missing.
 //!
+//! Consumers that hold nothing and stayed idle for twice `claim_idle` (nodes that stopped or
+//! died) are removed from the group.
+//!
 //! A message's attributes: `stream`, `field.NAME` for every field of the entry but the body
 //! field; its body is the `body_field` (default `data`); its id the entry id.
 //!
@@ -17,7 +20,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamInfoGroupsReply,
+    StreamReadReply,
+};
 use redis::{AsyncConnectionConfig, Value};
 
 use crate::mapping::Received;
@@ -118,7 +124,40 @@ impl RedisStreamSource {
         if !claimed.is_empty() {
             tracing::info!(stream = %self.config.stream, claimed = claimed.len(), "claimed entries an idle consumer left pending");
         }
+        self.forget_idle_consumers().await?;
         Ok(claimed)
+    }
+
+    /// Removes consumers of the group that hold nothing and have been idle for twice
+    /// `claim_idle`: the names of nodes that stopped or died (each node joins under a new
+    /// name), which would otherwise pile up in the group. A live consumer reads at least every
+    /// second, so it is never idle that long; were it removed, its next read adds it again.
+    async fn forget_idle_consumers(&mut self) -> Result<(), SourceError> {
+        let idle_ms = self.config.claim_idle.as_millis().saturating_mul(2);
+        let reply: StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .query_async(self.connection()?)
+            .await
+            .map_err(|e| SourceError::Receive(format!("XINFO CONSUMERS: {e}")))?;
+        for consumer in reply.consumers {
+            if consumer.pending == 0
+                && consumer.idle as u128 > idle_ms
+                && consumer.name != self.config.consumer
+            {
+                let _: u64 = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(&self.config.stream)
+                    .arg(&self.config.group)
+                    .arg(&consumer.name)
+                    .query_async(self.connection()?)
+                    .await
+                    .map_err(|e| SourceError::Receive(format!("XGROUP DELCONSUMER: {e}")))?;
+                tracing::info!(stream = %self.config.stream, consumer = %consumer.name, "removed an idle consumer that held nothing");
+            }
+        }
+        Ok(())
     }
 
     fn received(&self, entry: StreamId) -> (String, Received) {
