@@ -53,6 +53,8 @@ pub struct AppState {
     pub proxy_trust: Arc<crate::forwarded::ProxyTrust>,
     /// Push notifications, with `[push] enabled = true`.
     pub push: Option<Arc<crate::push::PushRuntime>>,
+    /// `[[sources]]`: brokers and outbox tables consumed into channels.
+    pub sources: crate::bridge::Sources,
 }
 
 /// The OpenAPI document of the server API (also at `docs/openapi.json`).
@@ -144,6 +146,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         };
         state.metrics.record_push(push.service.stats(), &due);
     }
+    state.metrics.record_sources(&state.sources.stats());
     let body = state
         .metrics
         .render(state.node.stats(), &state.realtime, info.num_channels);

@@ -54,6 +54,8 @@ pub enum BuildError {
     TrustedProxies(String),
     #[error("push: {0}")]
     Push(String),
+    #[error("{0}")]
+    Sources(String),
 }
 
 /// The objects that build without side effects (no file written, no socket, no runtime).
@@ -72,6 +74,7 @@ fn parts(config: &Config) -> Result<Parts, BuildError> {
         // Reads the providers' key files, so a bad one fails check-config too.
         crate::push::senders(&config.push).map_err(BuildError::Push)?;
     }
+    crate::bridge::check(&config.sources).map_err(BuildError::Sources)?;
     let tls = match config.server.tls_files() {
         Some((cert, key)) => {
             crate::tls::install_crypto_provider();
@@ -277,6 +280,8 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
         .map(|h| h.to_ascii_lowercase())
         .collect();
     let push = build_push(&config, cluster.as_ref())?;
+    let sources =
+        crate::bridge::Sources::new(&config.sources, node.uid()).map_err(BuildError::Sources)?;
     let client_methods = push.clone().map(|push| {
         let live = Arc::new(crate::push::live::LiveFirst {
             push: push.clone(),
@@ -293,6 +298,7 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
     );
     let state = Arc::new(AppState {
         push,
+        sources,
         node,
         cluster,
         api_keys: parking_lot::RwLock::new(parts.api_keys),

@@ -39,6 +39,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Push notifications (FCM, APNs, Web Push, email) and the device registry.
     pub push: crate::push::PushConfig,
+    /// Bridges in: brokers and outbox tables whose messages become publications.
+    pub sources: Vec<crate::bridge::config::SourceConfig>,
 }
 
 /// `[proxy]`: HTTP endpoints of the application's backend (Centrifugo's proxy format). An
@@ -551,6 +553,7 @@ impl Config {
             ));
         }
         self.push.validate().map_err(ConfigError::Invalid)?;
+        crate::bridge::config::validate(&self.sources).map_err(ConfigError::Invalid)?;
         let cert = !self.server.tls_cert_file.as_os_str().is_empty();
         let key = !self.server.tls_key_file.as_os_str().is_empty();
         if cert != key {

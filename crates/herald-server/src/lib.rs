@@ -7,6 +7,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod bridge;
 pub mod build;
 pub mod cluster;
 pub mod config;

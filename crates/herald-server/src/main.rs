@@ -1,5 +1,5 @@
 //! The `herald` command line: `serve`, `publish`, `history`, `genconfig`, `token`,
-//! `check-config`, `version`. Builds everything from config through the library and is the
+//! `check-config`, `outbox-sql`, `version`. Builds everything from config through the library and is the
 //! only place that uses `anyhow`.
 
 use std::net::SocketAddr;
@@ -112,6 +112,16 @@ enum Command {
     CheckConfig {
         #[command(flatten)]
         config: ConfigArgs,
+    },
+    /// Print the SQL that creates a PostgreSQL outbox table and its notify trigger
+    /// (`[[sources]]` with `kind = "postgres"`).
+    OutboxSql {
+        /// The table, `name` or `schema.name`.
+        #[arg(long, default_value = herald_bridge::outbox::DEFAULT_TABLE)]
+        table: String,
+        /// The LISTEN channel the trigger notifies (default: the table's name, `.` → `_`).
+        #[arg(long)]
+        notify_channel: Option<String>,
     },
     /// Print the version.
     Version,
@@ -238,6 +248,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(path) => println!("{}: ok", path.display()),
                 None => println!("defaults and environment: ok"),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::OutboxSql {
+            table,
+            notify_channel,
+        } => {
+            let notify = notify_channel
+                .unwrap_or_else(|| herald_bridge::outbox::default_notify_channel(&table));
+            let sql = herald_bridge::outbox::ddl(&table, &notify).map_err(anyhow::Error::msg)?;
+            print!("{sql}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Version => {
@@ -382,6 +402,15 @@ join_leave = true
 #
 # [[push.fcm.apps]]
 # credentials_file = "firebase-service-account.json"
+
+# Sources (docs/integrations.md): brokers and outbox tables consumed into channels.
+# [[sources]]
+# name = "sensors"
+# kind = "nats"                 # or "rabbitmq", "redis", "postgres"
+# url = "nats://127.0.0.1:4222"
+# stream = "SENSORS"
+# [sources.mapping]
+# channel = "sensors:{{subject.1}}"   # unset: each message is a JSON envelope
 "#,
         api_key = random_secret(32),
         hmac = random_secret(48),

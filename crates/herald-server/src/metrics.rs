@@ -174,6 +174,43 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Each source's messages by result, its reconnects, whether it is connected, and its lag
+    /// where the broker reports one.
+    pub fn record_sources(&self, sources: &[(String, Arc<herald_bridge::SourceStats>)]) {
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        for (name, stats) in sources {
+            let label = || Label::new("source", name.clone());
+            for (result, counter) in [
+                ("published", &stats.published),
+                ("duplicate", &stats.duplicates),
+                ("rejected", &stats.rejected),
+                ("failed", &stats.failed),
+            ] {
+                self.counter(
+                    "herald_source_messages_total",
+                    vec![label(), Label::new("result", result)],
+                )
+                .absolute(load(counter));
+            }
+            self.counter("herald_source_reconnects_total", vec![label()])
+                .absolute(load(&stats.reconnects));
+            let gauge = |name: &'static str| {
+                self.recorder
+                    .register_gauge(&Key::from_parts(name, vec![label()]), &METADATA)
+            };
+            gauge("herald_source_connected").set(if stats.connected.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            });
+            if let Some(lag) = stats.lag() {
+                gauge("herald_source_lag").set(lag as f64);
+            }
+        }
+    }
+}
+
 /// What [`Metrics::record_cluster`] exports.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ClusterCounters {

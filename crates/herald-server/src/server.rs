@@ -6,7 +6,8 @@
 //! Shutdown order: `/ready` answers 503 at once; the listener keeps accepting for
 //! `server.shutdown_delay` (load balancers notice and stop sending clients); then it stops
 //! accepting, real-time connections are told to go (3001), in-flight requests get
-//! `server.shutdown_timeout` to finish, and the history store is flushed.
+//! `server.shutdown_timeout` to finish, push workers and `[[sources]]` finish what they hold,
+//! and the history store is flushed.
 //!
 //! May touch: the listener it is given; everything else through [`crate::build`] and
 //! [`crate::app`].
@@ -95,6 +96,7 @@ impl Server {
         };
         state.ready.store(true, Ordering::SeqCst);
         let mut push_tasks = state.push.as_ref().map(|push| push.start());
+        state.sources.start(&state.node);
         #[cfg(feature = "redis")]
         let heartbeat = tokio::spawn(crate::cluster::Cluster::run(state.clone()));
         let mut serving = tokio::spawn(crate::app::serve(listener, state.clone(), stop));
@@ -135,6 +137,12 @@ impl Server {
                 tasks.abort_all();
             }
         }
+        // Sources finish publishing and acknowledging their batch in flight; the rest stays
+        // with the broker.
+        state
+            .sources
+            .stop(drain_timeout.max(Duration::from_secs(5)))
+            .await;
         let flush_timeout = Duration::from_secs(5).max(drain_timeout);
         match tokio::time::timeout(flush_timeout, state.node.shutdown()).await {
             Ok(Ok(())) => {
