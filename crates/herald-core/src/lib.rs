@@ -18,6 +18,7 @@ pub mod conformance;
 pub mod device;
 pub mod duration;
 pub mod engine;
+pub mod events;
 pub mod error;
 pub mod fanout;
 pub mod hub;
@@ -36,6 +37,7 @@ pub mod rate;
 pub mod sequence;
 pub mod store;
 pub mod time;
+pub mod webhook_store;
 
 pub use channel::{ChannelName, ChannelRules};
 pub use engine::{Engine, LocalEngine, Publish, Published};

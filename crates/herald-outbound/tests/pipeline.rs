@@ -111,11 +111,12 @@ impl Pipeline {
             batch: 16,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(20),
-            backoff: Backoff {
+            retry: Backoff {
                 base: Duration::from_millis(20),
                 max: Duration::from_millis(100),
                 attempts: 3,
-            },
+            }
+            .into(),
         };
         let fanout: Arc<dyn JobHandler> = Arc::new(FanoutHandler {
             queue: queue.clone(),

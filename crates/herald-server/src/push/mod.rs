@@ -123,11 +123,12 @@ impl PushRuntime {
             batch: c.batch,
             lease: c.lease.as_duration(),
             poll_interval: c.poll_interval.as_duration(),
-            backoff: Backoff {
+            retry: Backoff {
                 base: c.retry_base.as_duration(),
                 max: c.retry_max.as_duration(),
                 attempts: c.max_attempts,
-            },
+            }
+            .into(),
         }
     }
 
