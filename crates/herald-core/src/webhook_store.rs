@@ -53,6 +53,9 @@ pub trait WebhookStore: Send + Sync + 'static {
     /// Every document of `collection`, by id.
     async fn documents(&self, collection: &str) -> Result<BTreeMap<String, Bytes>, QueueError>;
 
+    /// One document of `collection`.
+    async fn document(&self, collection: &str, id: &str) -> Result<Option<Bytes>, QueueError>;
+
     /// Creates or replaces one document durably.
     async fn put_document(
         &self,
@@ -99,6 +102,14 @@ impl WebhookStore for MemoryWebhookStore {
             .filter(|((c, _), _)| c == collection)
             .map(|((_, id), doc)| (id.clone(), doc.clone()))
             .collect())
+    }
+
+    async fn document(&self, collection: &str, id: &str) -> Result<Option<Bytes>, QueueError> {
+        Ok(self
+            .documents
+            .lock()
+            .get(&(collection.to_owned(), id.to_owned()))
+            .cloned())
     }
 
     async fn put_document(

@@ -17,4 +17,5 @@ pub mod push;
 mod push_http;
 pub mod sender;
 pub mod webpush;
+pub mod webhook;
 pub mod worker;

@@ -134,6 +134,7 @@ impl Pipeline {
                 sender: Some(sender),
                 devices: devices.clone(),
                 stats: stats.clone(),
+                events: None,
             });
             workers.push((handler, config(delivery_kind(provider))));
         }

@@ -53,6 +53,10 @@ pub struct AppState {
     pub proxy_trust: Arc<crate::forwarded::ProxyTrust>,
     /// Push notifications, with `[push] enabled = true`.
     pub push: Option<Arc<crate::push::PushRuntime>>,
+    /// Webhooks, with `[webhooks] enabled = true`.
+    pub webhooks: Option<Arc<crate::webhook::WebhookRuntime>>,
+    /// The one outbound queue and the stores beside it, when push or webhooks are on.
+    pub outbound: Option<crate::outbound::OutboundStores>,
 }
 
 /// The OpenAPI document of the server API (also at `docs/openapi.json`).
@@ -134,15 +138,17 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 unrecoverable,
             });
     }
+    if let Some(outbound) = &state.outbound {
+        match outbound.queue.due(herald_core::time::now_ms()).await {
+            Ok(due) => state.metrics.record_outbound_due(&due),
+            Err(error) => tracing::warn!(%error, "reading the outbound queue's lag failed"),
+        }
+    }
     if let Some(push) = &state.push {
-        let due = match push.service.queue().due(herald_core::time::now_ms()).await {
-            Ok(due) => due,
-            Err(error) => {
-                tracing::warn!(%error, "reading the outbound queue's lag failed");
-                Vec::new()
-            }
-        };
-        state.metrics.record_push(push.service.stats(), &due);
+        state.metrics.record_push(push.service.stats());
+    }
+    if let Some(webhooks) = &state.webhooks {
+        state.metrics.record_webhooks(webhooks.stats());
     }
     let body = state
         .metrics

@@ -95,6 +95,20 @@ impl Server {
         };
         state.ready.store(true, Ordering::SeqCst);
         let mut push_tasks = state.push.as_ref().map(|push| push.start());
+        let mut webhook_tasks = match state.webhooks.as_ref().map(|w| w.start()).transpose() {
+            Ok(tasks) => tasks,
+            Err(error) => return Err(RunError::Build(BuildError::Webhooks(error))),
+        };
+        let (purge_stop, purge_stopped) = tokio::sync::oneshot::channel::<()>();
+        let purge = state
+            .outbound
+            .clone()
+            .zip(crate::build::outbound_retention(&state.config))
+            .map(|(stores, retention)| {
+                tokio::spawn(crate::outbound::purge_finished(stores, retention, async {
+                    let _ = purge_stopped.await;
+                }))
+            });
         #[cfg(feature = "redis")]
         let heartbeat = tokio::spawn(crate::cluster::Cluster::run(state.clone()));
         let mut serving = tokio::spawn(crate::app::serve(listener, state.clone(), stop));
@@ -134,6 +148,22 @@ impl Server {
                 tracing::warn!("push sends did not finish in time; their leases will expire");
                 tasks.abort_all();
             }
+        }
+        if let (Some(webhooks), Some(tasks)) = (&state.webhooks, webhook_tasks.as_mut()) {
+            // Deliveries in flight finish and are recorded; what is still queued stays queued.
+            webhooks.stop();
+            let drained = async { while tasks.join_next().await.is_some() {} };
+            if tokio::time::timeout(drain_timeout.max(Duration::from_secs(1)), drained)
+                .await
+                .is_err()
+            {
+                tracing::warn!("webhook deliveries did not finish in time; their leases will expire");
+                tasks.abort_all();
+            }
+        }
+        let _ = purge_stop.send(());
+        if let Some(purge) = purge {
+            let _ = purge.await;
         }
         let flush_timeout = Duration::from_secs(5).max(drain_timeout);
         match tokio::time::timeout(flush_timeout, state.node.shutdown()).await {

@@ -51,6 +51,16 @@ where
         "documents: put replaces, collections are apart"
     );
     assert_eq!(endpoints.len(), 1, "documents: collections are apart");
+    assert_eq!(
+        store.document(ENDPOINTS, "a").await.expect("get").as_deref(),
+        Some(&b"{\"v\":2}"[..]),
+        "documents: one is read by id"
+    );
+    assert_eq!(
+        store.document(ENDPOINTS, "b").await.expect("get"),
+        None,
+        "documents: a missing one is None"
+    );
     assert!(
         store.delete_document(ENDPOINTS, "a").await.expect("delete"),
         "documents: delete reports a removed document"

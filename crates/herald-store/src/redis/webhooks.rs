@@ -73,6 +73,20 @@ impl WebhookStore for RedisWebhookStore {
             .collect())
     }
 
+    async fn document(&self, collection: &str, id: &str) -> Result<Option<Bytes>, QueueError> {
+        let document: Option<Vec<u8>> = self
+            .link
+            .query(
+                redis::cmd("HGET")
+                    .arg(self.documents_key(collection))
+                    .arg(id)
+                    .clone(),
+            )
+            .await
+            .map_err(queue_error)?;
+        Ok(document.map(Bytes::from))
+    }
+
     async fn put_document(
         &self,
         collection: &str,

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use herald_core::outbound::QueueError;
 use herald_core::webhook_store::{AttemptRecord, MAX_ATTEMPTS_PER_MESSAGE, WebhookStore};
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 
 use super::{DbError, OutboundDb};
 use crate::sqlite::codec::{to_i64, to_u64};
@@ -50,6 +50,23 @@ impl WebhookStore for SqliteWebhookStore {
             })
             .await?;
         Ok(documents)
+    }
+
+    async fn document(&self, collection: &str, id: &str) -> Result<Option<Bytes>, QueueError> {
+        let (collection, id) = (collection.to_owned(), id.to_owned());
+        let document = self
+            .db
+            .read(move |conn| {
+                let document = conn
+                    .prepare_cached(
+                        "SELECT document FROM webhook_documents WHERE collection = ?1 AND id = ?2",
+                    )?
+                    .query_row(params![collection, id], |row| row.get::<_, Vec<u8>>(0))
+                    .optional()?;
+                Ok(document.map(Bytes::from))
+            })
+            .await?;
+        Ok(document)
     }
 
     async fn put_document(
