@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use herald_core::outbound::QueueError;
@@ -42,6 +43,9 @@ type Snapshot = Arc<BTreeMap<String, Arc<Entry>>>;
 pub struct Endpoints {
     store: Arc<dyn WebhookStore>,
     snapshot: RwLock<Snapshot>,
+    /// Bumped by every change made here, so a refresh that read the store before the change
+    /// does not put the older picture back over it.
+    generation: AtomicU64,
     config_ids: BTreeSet<String>,
 }
 
@@ -73,6 +77,7 @@ impl Endpoints {
         let endpoints = Self {
             store,
             snapshot: RwLock::new(Arc::new(BTreeMap::new())),
+            generation: AtomicU64::new(0),
             config_ids: configured.iter().map(|e| e.id.clone()).collect(),
         };
         endpoints.refresh().await?;
@@ -81,6 +86,7 @@ impl Endpoints {
 
     /// Reads every endpoint and its state from the store again.
     pub async fn refresh(&self) -> Result<(), QueueError> {
+        let started = self.generation.load(Ordering::Acquire);
         let definitions = self.store.documents(ENDPOINTS).await?;
         let states = self.store.documents(ENDPOINT_STATES).await?;
         let mut snapshot = BTreeMap::new();
@@ -98,7 +104,12 @@ impl Endpoints {
                 .unwrap_or_default();
             snapshot.insert(id, Arc::new(self.entry(endpoint, state)));
         }
-        *self.snapshot.write() = Arc::new(snapshot);
+        let mut current = self.snapshot.write();
+        // A change made here since the read is newer than what was read: keep it (the next
+        // refresh reads both).
+        if self.generation.load(Ordering::Acquire) == started {
+            *current = Arc::new(snapshot);
+        }
         Ok(())
     }
 
@@ -192,5 +203,6 @@ impl Endpoints {
         let mut map = (**snapshot).clone();
         change(&mut map);
         *snapshot = Arc::new(map);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
