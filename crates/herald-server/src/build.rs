@@ -399,7 +399,9 @@ fn build_push(
 /// send any job.
 #[cfg(feature = "redis")]
 fn cluster_outbound_stores(cluster: Option<&Arc<Cluster>>) -> Result<OutboundStores, BuildError> {
-    let cluster = cluster.ok_or(BuildError::Unsupported("outbound without the cluster engine"))?;
+    let cluster = cluster.ok_or(BuildError::Unsupported(
+        "outbound without the cluster engine",
+    ))?;
     let (queue, devices) = cluster.engine.outbound();
     Ok(OutboundStores {
         queue: Arc::new(queue),

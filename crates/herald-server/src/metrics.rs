@@ -183,9 +183,15 @@ impl Metrics {
         for (name, counter) in [
             ("herald_webhook_enqueued_total", &stats.enqueued),
             ("herald_webhook_delivered_total", &stats.delivered),
-            ("herald_webhook_failed_attempts_total", &stats.failed_attempts),
+            (
+                "herald_webhook_failed_attempts_total",
+                &stats.failed_attempts,
+            ),
             ("herald_webhook_dead_letters_total", &stats.dead),
-            ("herald_webhook_endpoints_disabled_total", &stats.disabled_endpoints),
+            (
+                "herald_webhook_endpoints_disabled_total",
+                &stats.disabled_endpoints,
+            ),
             ("herald_webhook_events_dropped_total", &stats.dropped_events),
         ] {
             self.counter(name, vec![]).absolute(load(counter));

@@ -137,29 +137,15 @@ impl Server {
                 tracing::warn!(%error, "could not leave the node registry");
             }
         }
+        // Sends in flight finish and are recorded; what is still queued stays queued.
+        let outbound_drain = drain_timeout.max(Duration::from_secs(1));
         if let (Some(push), Some(tasks)) = (&state.push, push_tasks.as_mut()) {
-            // Sends in flight finish and are recorded; what is still queued stays queued.
             push.stop();
-            let drained = async { while tasks.join_next().await.is_some() {} };
-            if tokio::time::timeout(drain_timeout.max(Duration::from_secs(1)), drained)
-                .await
-                .is_err()
-            {
-                tracing::warn!("push sends did not finish in time; their leases will expire");
-                tasks.abort_all();
-            }
+            drain_outbound("push sends", tasks, outbound_drain).await;
         }
         if let (Some(webhooks), Some(tasks)) = (&state.webhooks, webhook_tasks.as_mut()) {
-            // Deliveries in flight finish and are recorded; what is still queued stays queued.
             webhooks.stop();
-            let drained = async { while tasks.join_next().await.is_some() {} };
-            if tokio::time::timeout(drain_timeout.max(Duration::from_secs(1)), drained)
-                .await
-                .is_err()
-            {
-                tracing::warn!("webhook deliveries did not finish in time; their leases will expire");
-                tasks.abort_all();
-            }
+            drain_outbound("webhook deliveries", tasks, outbound_drain).await;
         }
         let _ = purge_stop.send(());
         if let Some(purge) = purge {
@@ -174,6 +160,16 @@ impl Server {
             Ok(Err(error)) => Err(RunError::Flush(error.to_string())),
             Err(_) => Err(RunError::FlushTimeout(flush_timeout)),
         }
+    }
+}
+
+/// Waits up to `timeout` for stopped outbound workers to finish what they are sending; past
+/// it they are cut (their jobs' leases run out and another claim sends them).
+async fn drain_outbound(what: &str, tasks: &mut tokio::task::JoinSet<()>, timeout: Duration) {
+    let drained = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(timeout, drained).await.is_err() {
+        tracing::warn!("{what} did not finish in time; their leases will expire");
+        tasks.abort_all();
     }
 }
 

@@ -40,7 +40,9 @@ async fn receiver(status: Arc<Mutex<u16>>) -> (String, Seen) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -92,10 +94,18 @@ async fn publications_and_client_events_reach_a_config_endpoint() {
     let (url, seen) = receiver(Arc::new(Mutex::new(200))).await;
     let server = server(&url).await;
     let result = server
-        .ok("publish", json!({"channel": "room:1", "data": {"text": "hi"}}))
+        .ok(
+            "publish",
+            json!({"channel": "room:1", "data": {"text": "hi"}}),
+        )
         .await;
-    server.ok("publish", json!({"channel": "other", "data": 1})).await;
-    until("the publication webhook", || !of_type(&seen, "publication").is_empty()).await;
+    server
+        .ok("publish", json!({"channel": "other", "data": 1}))
+        .await;
+    until("the publication webhook", || {
+        !of_type(&seen, "publication").is_empty()
+    })
+    .await;
     let publication = &of_type(&seen, "publication")[0];
     assert_eq!(publication["data"]["channel"], "room:1");
     assert_eq!(publication["data"]["data"], json!({"text": "hi"}));
@@ -125,17 +135,36 @@ async fn publications_and_client_events_reach_a_config_endpoint() {
             .all(|kind| !of_type(&seen, kind).is_empty())
     })
     .await;
-    assert_eq!(of_type(&seen, "client.connected")[0]["data"]["user"], "alice");
-    assert_eq!(of_type(&seen, "client.connected")[0]["data"]["transport"], "websocket");
-    assert_eq!(of_type(&seen, "client.subscribed")[0]["data"]["channel"], "room:2");
-    assert_eq!(of_type(&seen, "presence.join")[0]["data"]["channel"], "room:2");
+    assert_eq!(
+        of_type(&seen, "client.connected")[0]["data"]["user"],
+        "alice"
+    );
+    assert_eq!(
+        of_type(&seen, "client.connected")[0]["data"]["transport"],
+        "websocket"
+    );
+    assert_eq!(
+        of_type(&seen, "client.subscribed")[0]["data"]["channel"],
+        "room:2"
+    );
+    assert_eq!(
+        of_type(&seen, "presence.join")[0]["data"]["channel"],
+        "room:2"
+    );
     // Not asked for: nothing for "other", no disconnect events.
-    assert!(seen.lock().iter().all(|(_, b)| b["data"]["channel"] != "other"));
+    assert!(
+        seen.lock()
+            .iter()
+            .all(|(_, b)| b["data"]["channel"] != "other")
+    );
 
     // The deliveries and their attempts are queryable.
     let message = seen.lock()[0].0.clone();
     let deliveries = server
-        .ok("webhook_deliveries", json!({"endpoint": "from-config", "states": ["sent"]}))
+        .ok(
+            "webhook_deliveries",
+            json!({"endpoint": "from-config", "states": ["sent"]}),
+        )
         .await;
     assert!(
         deliveries["items"]
@@ -147,7 +176,9 @@ async fn publications_and_client_events_reach_a_config_endpoint() {
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let attempts = server.ok("webhook_attempts", json!({"message": message})).await;
+        let attempts = server
+            .ok("webhook_attempts", json!({"message": message}))
+            .await;
         if attempts["items"].as_array().is_some_and(|a| !a.is_empty()) {
             assert_eq!(attempts["items"][0]["status"], 200, "{attempts}");
             assert_eq!(attempts["items"][0]["endpoint"], "from-config");
@@ -169,48 +200,125 @@ async fn endpoints_are_managed_through_the_api_and_bad_input_is_refused() {
             json!({"id": "api-1", "url": url, "events": ["publication"], "channels": ["news*"]}),
         )
         .await;
-    let secret = created["endpoint"]["secrets"][0].as_str().expect("secret").to_owned();
-    assert!(secret.starts_with("whsec_") && secret.len() > 30, "{created}");
+    let secret = created["endpoint"]["secrets"][0]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    assert!(
+        secret.starts_with("whsec_") && secret.len() > 30,
+        "{created}"
+    );
     let listed = server.ok("webhook_endpoint_list", json!({})).await;
     let items = listed["items"].as_array().expect("items");
     assert_eq!(items.len(), 2, "{listed}");
     assert!(
-        items.iter().all(|e| e["secrets"][0].as_str().is_some_and(|s| s.starts_with("whsec_…"))),
+        items.iter().all(|e| e["secrets"][0]
+            .as_str()
+            .is_some_and(|s| s.starts_with("whsec_…"))),
         "listings hide secrets: {listed}"
     );
-    assert!(items.iter().any(|e| e["id"] == "from-config" && e["from_config"] == true));
+    assert!(
+        items
+            .iter()
+            .any(|e| e["id"] == "from-config" && e["from_config"] == true)
+    );
 
     for (params, needle) in [
-        (json!({"id": "api-1", "url": url, "events": ["publication"]}), "already exists"),
-        (json!({"id": "bad id", "url": url, "events": ["publication"]}), "id"),
-        (json!({"id": "x", "url": "ftp://example.com", "events": ["publication"]}), "http"),
-        (json!({"id": "x", "url": url, "events": ["nope"]}), "unknown event type"),
+        (
+            json!({"id": "api-1", "url": url, "events": ["publication"]}),
+            "already exists",
+        ),
+        (
+            json!({"id": "bad id", "url": url, "events": ["publication"]}),
+            "id",
+        ),
+        (
+            json!({"id": "x", "url": "ftp://example.com", "events": ["publication"]}),
+            "http",
+        ),
+        (
+            json!({"id": "x", "url": url, "events": ["nope"]}),
+            "unknown event type",
+        ),
         (json!({"id": "x", "url": url, "events": []}), "events"),
-        (json!({"id": "x", "url": url, "events": ["*"], "secrets": ["plain"]}), "whsec_"),
-        (json!({"id": "x", "url": url, "events": ["*"], "timeout": "1h"}), "timeout"),
+        (
+            json!({"id": "x", "url": url, "events": ["*"], "secrets": ["plain"]}),
+            "whsec_",
+        ),
+        (
+            json!({"id": "x", "url": url, "events": ["*"], "timeout": "1h"}),
+            "timeout",
+        ),
     ] {
-        let error = server.err("webhook_endpoint_create", params, 200, 107).await;
-        assert!(error["detail"].as_str().is_some_and(|d| d.contains(needle)), "{needle}: {error}");
+        let error = server
+            .err("webhook_endpoint_create", params, 200, 107)
+            .await;
+        assert!(
+            error["detail"].as_str().is_some_and(|d| d.contains(needle)),
+            "{needle}: {error}"
+        );
     }
     server
-        .err("webhook_endpoint_create", json!({"id": "x", "url": url}), 400, 107)
+        .err(
+            "webhook_endpoint_create",
+            json!({"id": "x", "url": url}),
+            400,
+            107,
+        )
         .await;
     server
-        .err("webhook_endpoint_create", json!({"id": "x", "url": url, "events": ["*"], "colour": 1}), 400, 107)
+        .err(
+            "webhook_endpoint_create",
+            json!({"id": "x", "url": url, "events": ["*"], "colour": 1}),
+            400,
+            107,
+        )
         .await;
-    server.err("webhook_endpoint_update", json!({"id": "nope"}), 200, 107).await;
     server
-        .err("webhook_endpoint_update", json!({"id": "from-config", "url": url}), 200, 107)
+        .err("webhook_endpoint_update", json!({"id": "nope"}), 200, 107)
         .await;
-    server.err("webhook_endpoint_delete", json!({"id": "from-config"}), 200, 107).await;
-    server.err("webhook_endpoint_delete", json!({}), 400, 107).await;
+    server
+        .err(
+            "webhook_endpoint_update",
+            json!({"id": "from-config", "url": url}),
+            200,
+            107,
+        )
+        .await;
+    server
+        .err(
+            "webhook_endpoint_delete",
+            json!({"id": "from-config"}),
+            200,
+            107,
+        )
+        .await;
+    server
+        .err("webhook_endpoint_delete", json!({}), 400, 107)
+        .await;
     server.err("webhook_deliveries", json!({}), 200, 107).await;
     server
-        .err("webhook_deliveries", json!({"endpoint": "api-1", "states": ["lost"]}), 200, 107)
+        .err(
+            "webhook_deliveries",
+            json!({"endpoint": "api-1", "states": ["lost"]}),
+            200,
+            107,
+        )
         .await;
-    server.err("webhook_attempts", json!({"message": ""}), 200, 107).await;
-    server.err("webhook_replay", json!({"endpoint": "nope"}), 200, 107).await;
-    server.err("webhook_replay", json!({"endpoint": "api-1", "message": ""}), 200, 107).await;
+    server
+        .err("webhook_attempts", json!({"message": ""}), 200, 107)
+        .await;
+    server
+        .err("webhook_replay", json!({"endpoint": "nope"}), 200, 107)
+        .await;
+    server
+        .err(
+            "webhook_replay",
+            json!({"endpoint": "api-1", "message": ""}),
+            200,
+            107,
+        )
+        .await;
 
     // Rotation: the new secret first, the old kept; the listing shows both (hidden).
     let rotated = server
@@ -219,18 +327,26 @@ async fn endpoints_are_managed_through_the_api_and_bad_input_is_refused() {
             json!({"id": "api-1", "secrets": [WHSEC, secret]}),
         )
         .await;
-    assert_eq!(rotated["endpoint"]["secrets"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        rotated["endpoint"]["secrets"].as_array().map(Vec::len),
+        Some(2)
+    );
 
     // A failing endpoint's deliveries become dead letters; replay sends them again with
     // the same webhook-id.
     *status.lock() = 500;
-    server.ok("publish", json!({"channel": "news", "data": 1})).await;
+    server
+        .ok("publish", json!({"channel": "news", "data": 1}))
+        .await;
     until("three failed attempts", || seen.lock().len() >= 3).await;
     let message = seen.lock()[0].0.clone();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let failed = server
-            .ok("webhook_deliveries", json!({"endpoint": "api-1", "states": ["failed"]}))
+            .ok(
+                "webhook_deliveries",
+                json!({"endpoint": "api-1", "states": ["failed"]}),
+            )
             .await;
         if failed["items"].as_array().is_some_and(|a| a.len() == 1) {
             break;
@@ -239,12 +355,16 @@ async fn endpoints_are_managed_through_the_api_and_bad_input_is_refused() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     *status.lock() = 200;
-    let replayed = server.ok("webhook_replay", json!({"endpoint": "api-1"})).await;
+    let replayed = server
+        .ok("webhook_replay", json!({"endpoint": "api-1"}))
+        .await;
     assert_eq!(replayed["replayed"], 1);
     until("the replayed delivery", || seen.lock().len() == 4).await;
     assert_eq!(seen.lock()[3].0, message, "a replay keeps the webhook-id");
 
-    server.ok("webhook_endpoint_delete", json!({"id": "api-1"})).await;
+    server
+        .ok("webhook_endpoint_delete", json!({"id": "api-1"}))
+        .await;
     let listed = server.ok("webhook_endpoint_list", json!({})).await;
     assert_eq!(listed["items"].as_array().map(Vec::len), Some(1));
 }
@@ -252,5 +372,7 @@ async fn endpoints_are_managed_through_the_api_and_bad_input_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_methods_say_when_webhooks_are_off() {
     let server = TestServer::start(Engine::Memory).await;
-    server.err("webhook_endpoint_list", json!({}), 200, 108).await;
+    server
+        .err("webhook_endpoint_list", json!({}), 200, 108)
+        .await;
 }

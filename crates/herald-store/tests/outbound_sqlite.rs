@@ -16,7 +16,9 @@ use herald_core::device::{
 use herald_core::outbound::{
     Finished, JobState, NewJob, OutboundQueue, Outcome, QueueError, StatusFilter,
 };
-use herald_store::sqlite::{OUTBOUND_FILE, OUTBOUND_SCHEMA_VERSION, OpenError, OutboundDb, SyncPolicy};
+use herald_store::sqlite::{
+    OUTBOUND_FILE, OUTBOUND_SCHEMA_VERSION, OpenError, OutboundDb, SyncPolicy,
+};
 use parking_lot::Mutex;
 use tempfile::TempDir;
 
@@ -224,7 +226,10 @@ async fn a_version_1_database_is_migrated_with_its_jobs() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let db = OutboundDb::open_dir(dir.path(), SyncPolicy::Normal).expect("create");
-        db.queue().enqueue(vec![job("kept", T0)]).await.expect("enqueue");
+        db.queue()
+            .enqueue(vec![job("kept", T0)])
+            .await
+            .expect("enqueue");
         db.close();
     }
     let path = dir.path().join(OUTBOUND_FILE);

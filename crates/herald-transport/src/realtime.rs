@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use herald_core::Node;
 use herald_core::admission::Admission;
-use herald_core::events::ClientEventKind;
-use herald_core::publication::ClientInfo;
 use herald_core::auth::Authenticator;
+use herald_core::events::ClientEventKind;
 use herald_core::proxy::BackendProxy;
+use herald_core::publication::ClientInfo;
 use herald_core::rate::KeyedLimiter;
 
 use crate::budget::QueueBudget;

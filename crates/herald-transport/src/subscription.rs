@@ -13,8 +13,8 @@ use std::sync::Arc;
 use herald_core::admission::Admitted;
 use herald_core::channel::ChannelName;
 use herald_core::events::ClientEventKind;
-use herald_core::namespace::NamespaceOptions;
 use herald_core::hub::SubscriberId;
+use herald_core::namespace::NamespaceOptions;
 use herald_core::publication::{ClientInfo, StreamPosition};
 use herald_core::store::HistoryQuery;
 use herald_core::{ErrorCode, HeraldError, Node, Publication};
@@ -92,12 +92,7 @@ pub async fn subscribe_with_recovery(
         }
     };
     if let Some(info) = info {
-        node.client_event(
-            ClientEventKind::Subscribed,
-            Some(name.as_arc()),
-            &info,
-            "",
-        );
+        node.client_event(ClientEventKind::Subscribed, Some(name.as_arc()), &info, "");
         node.join(name, &admitted.options, info).await;
     }
     Ok(subscribed)

@@ -280,9 +280,9 @@ def seed(api: Api) -> None:
     assert [(r["device"]["id"], r["reason"]) for r in removals] == [(gone, "api")], removals
 
 
-@pytest.fixture
-def push_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldInstance]:
-    instance = HeraldInstance(tmp_path_factory.mktemp("herald-push"), extra_config=PUSH_CONFIG)
+def running(tmp_path_factory: pytest.TempPathFactory, name: str, extra_config: str) -> Iterator[HeraldInstance]:
+    """A server with `extra_config`, stopped gracefully after the test (killed if it failed)."""
+    instance = HeraldInstance(tmp_path_factory.mktemp(name), extra_config=extra_config)
     instance.start()
     try:
         yield instance
@@ -290,6 +290,11 @@ def push_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldInst
         instance.kill()
         raise
     instance.stop()
+
+
+@pytest.fixture
+def push_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldInstance]:
+    yield from running(tmp_path_factory, "herald-push", PUSH_CONFIG)
 
 
 def test_push_methods_answer_as_documented(push_server, tmp_path) -> None:
@@ -329,14 +334,7 @@ poll_interval = "100ms"
 
 @pytest.fixture
 def webhook_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldInstance]:
-    instance = HeraldInstance(tmp_path_factory.mktemp("herald-webhooks"), extra_config=WEBHOOK_CONFIG)
-    instance.start()
-    try:
-        yield instance
-    except BaseException:
-        instance.kill()
-        raise
-    instance.stop()
+    yield from running(tmp_path_factory, "herald-webhooks", WEBHOOK_CONFIG)
 
 
 def test_webhook_methods_answer_as_documented(webhook_server, tmp_path) -> None:

@@ -52,7 +52,11 @@ where
     );
     assert_eq!(endpoints.len(), 1, "documents: collections are apart");
     assert_eq!(
-        store.document(ENDPOINTS, "a").await.expect("get").as_deref(),
+        store
+            .document(ENDPOINTS, "a")
+            .await
+            .expect("get")
+            .as_deref(),
         Some(&b"{\"v\":2}"[..]),
         "documents: one is read by id"
     );
@@ -111,7 +115,11 @@ where
         "attempts: purge forgets attempts made before the cut"
     );
     assert!(
-        store.attempts("unknown").await.expect("attempts").is_empty(),
+        store
+            .attempts("unknown")
+            .await
+            .expect("attempts")
+            .is_empty(),
         "attempts: an unknown message has none"
     );
 }

@@ -27,6 +27,7 @@ use super::event::unframe;
 use super::sign::signature_header;
 use super::{DeadLetter, WebhookService, WebhookStats};
 use crate::egress::{PublicOnlyResolver, forbidden_in_chain, literal_host_reason};
+use crate::sender::SendError;
 use crate::worker::{JobHandler, JobResult};
 
 /// Response bodies are read up to this much (and shown in the attempt log up to 256 bytes).
@@ -119,17 +120,13 @@ impl WebhookHandler {
                 if let Some(forbidden) = forbidden_in_chain(&error) {
                     return Answer::Refused(format!("egress refused: {forbidden}"));
                 }
-                let what = if error.is_timeout() {
-                    "timed out"
-                } else if error.is_connect() {
-                    "connection failed"
-                } else {
-                    "request failed"
-                };
-                return Answer::Failed {
-                    status: 0,
-                    reason: format!("{what}: {error}"),
-                    after: None,
+                return match crate::push_http::transport_error("webhook", &error) {
+                    SendError::Retry { reason, .. } => Answer::Failed {
+                        status: 0,
+                        reason,
+                        after: None,
+                    },
+                    other => Answer::Refused(other.to_string()),
                 };
             }
         };

@@ -216,14 +216,62 @@ mod tests {
     fn bad_definitions_are_refused_with_the_reason() {
         assert_eq!(endpoint().validate(), Ok(()));
         for (bad, needle) in [
-            (Endpoint { id: "a b".into(), ..endpoint() }, "id"),
-            (Endpoint { url: "ftp://x".into(), ..endpoint() }, "http"),
-            (Endpoint { url: "https://u:p@x".into(), ..endpoint() }, "credentials"),
-            (Endpoint { events: vec![], ..endpoint() }, "events"),
-            (Endpoint { events: vec!["nope".into()], ..endpoint() }, "unknown event"),
-            (Endpoint { secrets: vec![], ..endpoint() }, "secrets"),
-            (Endpoint { secrets: vec!["plain".into()], ..endpoint() }, "whsec_"),
-            (Endpoint { channels: vec![String::new()], ..endpoint() }, "pattern"),
+            (
+                Endpoint {
+                    id: "a b".into(),
+                    ..endpoint()
+                },
+                "id",
+            ),
+            (
+                Endpoint {
+                    url: "ftp://x".into(),
+                    ..endpoint()
+                },
+                "http",
+            ),
+            (
+                Endpoint {
+                    url: "https://u:p@x".into(),
+                    ..endpoint()
+                },
+                "credentials",
+            ),
+            (
+                Endpoint {
+                    events: vec![],
+                    ..endpoint()
+                },
+                "events",
+            ),
+            (
+                Endpoint {
+                    events: vec!["nope".into()],
+                    ..endpoint()
+                },
+                "unknown event",
+            ),
+            (
+                Endpoint {
+                    secrets: vec![],
+                    ..endpoint()
+                },
+                "secrets",
+            ),
+            (
+                Endpoint {
+                    secrets: vec!["plain".into()],
+                    ..endpoint()
+                },
+                "whsec_",
+            ),
+            (
+                Endpoint {
+                    channels: vec![String::new()],
+                    ..endpoint()
+                },
+                "pattern",
+            ),
         ] {
             let error = bad.validate().expect_err(needle);
             assert!(error.contains(needle), "{error}");
@@ -235,6 +283,9 @@ mod tests {
         let e = endpoint();
         let shown = e.redacted();
         assert!(shown.secrets[0].starts_with("whsec_…"));
-        assert_eq!(shown.secrets[0].chars().count(), "whsec_…".chars().count() + 4);
+        assert_eq!(
+            shown.secrets[0].chars().count(),
+            "whsec_…".chars().count() + 4
+        );
     }
 }

@@ -159,7 +159,9 @@ impl Endpoints {
         let state = match (clear_state, self.get(&endpoint.id)) {
             (false, Some(old)) => old.state.clone(),
             (true, Some(_)) => {
-                self.store.delete_document(ENDPOINT_STATES, &endpoint.id).await?;
+                self.store
+                    .delete_document(ENDPOINT_STATES, &endpoint.id)
+                    .await?;
                 EndpointState::default()
             }
             _ => EndpointState::default(),

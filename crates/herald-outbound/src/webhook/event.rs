@@ -218,8 +218,14 @@ mod tests {
     #[test]
     fn ids_are_stable_per_event_and_endpoint() {
         let event = |key: &str| {
-            Event::new(EventType::Publication, key.into(), None, 0, &serde_json::json!({}))
-                .expect("event")
+            Event::new(
+                EventType::Publication,
+                key.into(),
+                None,
+                0,
+                &serde_json::json!({}),
+            )
+            .expect("event")
         };
         let a = event("pub:chat:e:1");
         assert_eq!(a.message_id("x"), event("pub:chat:e:1").message_id("x"));

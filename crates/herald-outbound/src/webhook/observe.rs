@@ -175,7 +175,10 @@ impl ClientEventObserver for ClientEventWebhooks {
     }
 }
 
-async fn drain_client_events(service: Arc<WebhookService>, mut events: mpsc::Receiver<ClientEvent>) {
+async fn drain_client_events(
+    service: Arc<WebhookService>,
+    mut events: mpsc::Receiver<ClientEvent>,
+) {
     let mut batch = Vec::with_capacity(256);
     while events.recv_many(&mut batch, 256).await > 0 {
         let built: Vec<Event> = batch

@@ -106,6 +106,9 @@ mod tests {
         assert!(Secret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
         assert!(Secret::parse("whsec_%%%").is_err());
         assert!(Secret::parse("whsec_c2hvcnQ=").is_err());
-        assert_eq!(format!("{:?}", Secret::parse(&Secret::generate())), "Ok(Secret(…))");
+        assert_eq!(
+            format!("{:?}", Secret::parse(&Secret::generate())),
+            "Ok(Secret(…))"
+        );
     }
 }

@@ -8,10 +8,10 @@
 //!
 //! May touch: the webhook runtime in the application state.
 
+use herald_core::device::PageRequest;
 use herald_core::duration::HumanDuration;
 use herald_core::error::{ErrorCode, HeraldError};
 use herald_core::outbound::{JobState, JobStatus, QueueError, StatusFilter};
-use herald_core::device::PageRequest;
 use herald_core::webhook_store::AttemptRecord;
 use herald_outbound::webhook::endpoint::{Endpoint, validate_id};
 use herald_outbound::webhook::endpoints::Entry;
@@ -324,7 +324,10 @@ pub async fn call(
     method: &str,
     params: &RawValue,
 ) -> Result<Box<RawValue>, ApiError> {
-    let runtime = state.webhooks.as_deref().ok_or_else(|| fail(not_enabled()))?;
+    let runtime = state
+        .webhooks
+        .as_deref()
+        .ok_or_else(|| fail(not_enabled()))?;
     let endpoints = &runtime.service.endpoints;
     match method {
         "webhook_endpoint_create" => {
@@ -403,7 +406,10 @@ pub async fn call(
                 endpoint.description = description;
             }
             check(runtime, &endpoint)?;
-            endpoints.put(endpoint, enabling).await.map_err(queue_error)?;
+            endpoints
+                .put(endpoint, enabling)
+                .await
+                .map_err(queue_error)?;
             let entry = existing(runtime, &p.id)?;
             encode(&EndpointResult {
                 endpoint: WireEndpoint::new(&entry, false),
@@ -490,7 +496,9 @@ pub async fn call(
             let p: ReplayParams = parse(params)?;
             existing(runtime, &p.endpoint)?;
             if p.message.as_deref() == Some("") {
-                return Err(bad("message must not be empty (omit it to replay them all)"));
+                return Err(bad(
+                    "message must not be empty (omit it to replay them all)",
+                ));
             }
             let replayed = runtime
                 .service

@@ -79,7 +79,9 @@ impl WebhooksConfig {
             );
         }
         if self.poll_interval.is_zero() || self.refresh_interval.is_zero() {
-            return Err("webhooks.poll_interval and webhooks.refresh_interval must be above 0".into());
+            return Err(
+                "webhooks.poll_interval and webhooks.refresh_interval must be above 0".into(),
+            );
         }
         let mut ids = BTreeSet::new();
         for (index, endpoint) in self.endpoints.iter().enumerate() {
@@ -110,6 +112,8 @@ impl WebhooksConfig {
 
     /// The longest timeout a new endpoint (server API) may ask for under this lease.
     pub fn max_endpoint_timeout(&self) -> Duration {
-        self.lease.as_duration().saturating_sub(Duration::from_secs(5))
+        self.lease
+            .as_duration()
+            .saturating_sub(Duration::from_secs(5))
     }
 }

@@ -22,7 +22,9 @@ use herald_outbound::webhook::event::KIND;
 use herald_outbound::webhook::observe::{
     ClientEventWebhooks, PublicationWebhooks, PushFailureWebhooks,
 };
-use herald_outbound::webhook::{DEAD_LETTERS, DeadLetter, WebhookService, WebhookSettings, WebhookStats};
+use herald_outbound::webhook::{
+    DEAD_LETTERS, DeadLetter, WebhookService, WebhookSettings, WebhookStats,
+};
 use herald_outbound::worker::{JobHandler, RetrySchedule, Wakeup, WorkerConfig, run_worker};
 use parking_lot::Mutex;
 use tokio::sync::watch;

@@ -64,7 +64,11 @@ impl WebhookStore for RedisWebhookStore {
     async fn documents(&self, collection: &str) -> Result<BTreeMap<String, Bytes>, QueueError> {
         let all: Vec<(String, Vec<u8>)> = self
             .link
-            .query(redis::cmd("HGETALL").arg(self.documents_key(collection)).clone())
+            .query(
+                redis::cmd("HGETALL")
+                    .arg(self.documents_key(collection))
+                    .clone(),
+            )
             .await
             .map_err(queue_error)?;
         Ok(all
@@ -139,10 +143,7 @@ impl WebhookStore for RedisWebhookStore {
                 .arg(&attempt.message)
                 .ignore();
         }
-        self.link
-            .pipeline::<()>(pipe)
-            .await
-            .map_err(queue_error)
+        self.link.pipeline::<()>(pipe).await.map_err(queue_error)
     }
 
     async fn attempts(&self, message: &str) -> Result<Vec<AttemptRecord>, QueueError> {
@@ -192,11 +193,11 @@ impl WebhookStore for RedisWebhookStore {
             for message in &old {
                 pipe.cmd("DEL").arg(self.attempts_key(message)).ignore();
             }
-            pipe.cmd("ZREM").arg(self.attempted_key()).arg(&old).ignore();
-            self.link
-                .pipeline::<()>(pipe)
-                .await
-                .map_err(queue_error)?;
+            pipe.cmd("ZREM")
+                .arg(self.attempted_key())
+                .arg(&old)
+                .ignore();
+            self.link.pipeline::<()>(pipe).await.map_err(queue_error)?;
             purged += old.len() as u64;
         }
     }

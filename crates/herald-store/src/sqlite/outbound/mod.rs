@@ -38,8 +38,8 @@ use tokio::sync::{Semaphore, oneshot};
 
 pub use devices::SqliteDeviceStore;
 pub use queue::SqliteOutboundQueue;
-pub use webhooks::SqliteWebhookStore;
 pub use schema::{OUTBOUND_FILE, OUTBOUND_SCHEMA_VERSION};
+pub use webhooks::SqliteWebhookStore;
 
 use super::config::{SqliteConfig, SyncPolicy};
 use super::schema::OpenError;

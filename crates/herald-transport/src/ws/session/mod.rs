@@ -38,8 +38,8 @@ use self::writer::{PongDeadline, SocketWriter, WriteEnd};
 use super::codec::{Encoding, JSON_SUBPROTOCOL, PROTOBUF_SUBPROTOCOL};
 use crate::chanmap::ChannelMap;
 use crate::outbound::{CloseReason, Outbound};
-use crate::realtime::RealtimeState;
 use crate::realtime::ClientRegistration;
+use crate::realtime::RealtimeState;
 use crate::registry::{ControlMessage, Inbox};
 use herald_core::rate::TokenBucket;
 
