@@ -7,48 +7,14 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderMap;
 use common::TestServer;
+use common::webhooks::{of_type, receiver};
 use herald_server::config::Engine;
 use parking_lot::Mutex;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const SECRET: &str = "webhook-test-token-secret-0123456789abcdef";
 const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-type Seen = Arc<Mutex<Vec<(String, Value)>>>;
-
-/// A receiver answering `status` (shared, changeable); records (webhook-id, body).
-async fn receiver(status: Arc<Mutex<u16>>) -> (String, Seen) {
-    let seen: Seen = Arc::default();
-    let record = seen.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-            let record = record.clone();
-            let status = status.clone();
-            async move {
-                let id = headers
-                    .get("webhook-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                record.lock().push((id, body));
-                axum::http::StatusCode::from_u16(*status.lock())
-                    .unwrap_or(axum::http::StatusCode::OK)
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (url, seen)
-}
 
 async fn server(url: &str) -> TestServer {
     let mut config = common::test_config(Engine::Sqlite);
@@ -62,12 +28,16 @@ async fn server(url: &str) -> TestServer {
         [[endpoints]]
         id = "from-config"
         url = "{url}"
-        events = ["publication", "client.connected", "client.subscribed", "presence.join"]
+        events = ["publication", "client.connected", "client.disconnected", "client.subscribed",
+                  "client.unsubscribed", "presence.join", "presence.leave", "push.failed"]
         channels = ["room:*"]
         secrets = ["{WHSEC}"]
         "#
     ))
     .expect("webhooks config");
+    // Push without provider credentials: every delivery fails for good (push.failed).
+    config.push.enabled = true;
+    config.push.poll_interval = herald_core::duration::HumanDuration(Duration::from_millis(50));
     let dir = tempfile::tempdir().expect("tempdir");
     config.storage.data_dir = dir.path().to_owned();
     TestServer::start_with(config, Some(dir)).await
@@ -79,14 +49,6 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn of_type(seen: &Seen, kind: &str) -> Vec<Value> {
-    seen.lock()
-        .iter()
-        .filter(|(_, body)| body["type"] == kind)
-        .map(|(_, body)| body.clone())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,11 +113,42 @@ async fn publications_and_client_events_reach_a_config_endpoint() {
         of_type(&seen, "presence.join")[0]["data"]["channel"],
         "room:2"
     );
-    // Not asked for: nothing for "other", no disconnect events.
+    // Not asked for: nothing for "other".
     assert!(
         seen.lock()
             .iter()
             .all(|(_, b)| b["data"]["channel"] != "other")
+    );
+    socket.close(None).await.expect("close");
+    until("the way back", || {
+        [
+            "client.disconnected",
+            "client.unsubscribed",
+            "presence.leave",
+        ]
+        .iter()
+        .all(|kind| !of_type(&seen, kind).is_empty())
+    })
+    .await;
+    assert_eq!(of_type(&seen, "presence.leave")[0]["data"]["user"], "alice");
+
+    // A push that fails for good is told too.
+    server
+        .ok(
+            "send_push_notification",
+            json!({"recipient": {"fcm_tokens": ["dead-token"]},
+                   "notification": {"fcm": {"message": {"data": {"k": "v"}}}}, "uid": "p-1"}),
+        )
+        .await;
+    until("push.failed", || !of_type(&seen, "push.failed").is_empty()).await;
+    let failed = &of_type(&seen, "push.failed")[0];
+    assert_eq!(failed["data"]["uid"], "p-1");
+    assert_eq!(failed["data"]["provider"], "fcm");
+    assert!(
+        failed["data"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("credentials")),
+        "{failed}"
     );
 
     // The deliveries and their attempts are queryable.
