@@ -640,3 +640,32 @@ async fn the_rate_limit_spreads_deliveries_without_failing_them() {
         "none failed: {items:?}"
     );
 }
+
+#[tokio::test]
+async fn an_endpoint_dropped_from_the_config_file_is_removed_and_api_ones_stay() {
+    let store: Arc<dyn WebhookStore> = Arc::new(MemoryWebhookStore::new());
+    let url = || "https://example.com/hook".to_string();
+    let first = Endpoints::load(
+        store.clone(),
+        &[
+            endpoint("keep", url(), vec![Secret::generate()]),
+            endpoint("drop", url(), vec![Secret::generate()]),
+        ],
+    )
+    .await
+    .expect("load");
+    first
+        .put(endpoint("api", url(), vec![Secret::generate()]), true)
+        .await
+        .expect("api endpoint");
+    let second = Endpoints::load(
+        store.clone(),
+        &[endpoint("keep", url(), vec![Secret::generate()])],
+    )
+    .await
+    .expect("reload");
+    let ids: Vec<String> = second.all().keys().cloned().collect();
+    assert_eq!(ids, vec!["api".to_string(), "keep".to_string()]);
+    assert!(second.get("keep").is_some_and(|e| e.from_config));
+    assert!(second.get("api").is_some_and(|e| !e.from_config));
+}

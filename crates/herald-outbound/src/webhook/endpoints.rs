@@ -3,8 +3,9 @@
 //! to the store, and refreshed from it so changes made on other nodes arrive.
 //!
 //! Owns: [`Endpoints`] and [`Entry`]. Endpoints from the config file are written to the store
-//! at start-up (the file wins over what the store had for them) and are marked
-//! [`Entry::from_config`]: the server API does not change or delete them.
+//! at start-up (the file wins over what the store had for them; one the file no longer has is
+//! removed) and are marked [`Entry::from_config`]: the server API does not change or delete
+//! them. Every node of a cluster must have the same `[[webhooks.endpoints]]`.
 //!
 //! May touch: the [`WebhookStore`] it is given.
 
@@ -40,6 +41,9 @@ impl Entry {
 
 type Snapshot = Arc<BTreeMap<String, Arc<Entry>>>;
 
+/// The store collection marking the endpoints the config file wrote.
+const CONFIGURED: &str = "configured_endpoints";
+
 pub struct Endpoints {
     store: Arc<dyn WebhookStore>,
     snapshot: RwLock<Snapshot>,
@@ -69,9 +73,22 @@ impl Endpoints {
         store: Arc<dyn WebhookStore>,
         configured: &[Endpoint],
     ) -> Result<Self, QueueError> {
+        // Endpoints an earlier config file defined and this one does not are removed (the
+        // file owns them); the marks say which ones the file wrote.
+        let wanted: BTreeSet<&str> = configured.iter().map(|e| e.id.as_str()).collect();
+        for id in store.documents(CONFIGURED).await?.keys() {
+            if !wanted.contains(id.as_str()) {
+                store.delete_document(ENDPOINTS, id).await?;
+                store.delete_document(ENDPOINT_STATES, id).await?;
+                store.delete_document(CONFIGURED, id).await?;
+            }
+        }
         for endpoint in configured {
             store
                 .put_document(ENDPOINTS, &endpoint.id, encode(endpoint)?)
+                .await?;
+            store
+                .put_document(CONFIGURED, &endpoint.id, Bytes::from_static(b"{}"))
                 .await?;
         }
         let endpoints = Self {
