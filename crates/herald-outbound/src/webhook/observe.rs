@@ -8,6 +8,7 @@
 //! May touch: the [`WebhookService`] (its endpoints and queue).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_core::channel::ChannelName;
@@ -15,6 +16,7 @@ use herald_core::error::HeraldError;
 use herald_core::events::{ClientEvent, ClientEventKind, ClientEventObserver};
 use herald_core::namespace::NamespaceOptions;
 use herald_core::node::{PublishObserver, Published};
+use herald_core::outbound::QueueError;
 use herald_core::publication::Payload;
 use herald_core::time::now_ms;
 use serde::Serialize;
@@ -24,6 +26,9 @@ use tokio::sync::mpsc;
 use super::event::{Event, EventType, random_key};
 use super::{WebhookService, WebhookStats};
 use crate::push::deliver::{PushEvents, PushFailure};
+
+/// How long a publication's webhooks wait for an unreachable queue before they are dropped.
+const ENQUEUE_PATIENCE: Duration = Duration::from_secs(15);
 
 /// `data` of `publication`.
 #[derive(Serialize)]
@@ -121,11 +126,25 @@ impl PublishObserver for PublicationWebhooks {
                 return;
             }
         };
-        // The publication stands whatever happens here; a queue that is down loses this
-        // event's webhooks, which the log says loudly.
-        if let Err(error) = self.service.enqueue(&[event]).await {
-            WebhookStats::add(&self.service.stats.dropped_events, 1);
-            tracing::error!(channel = published.channel.as_str(), %error, "queueing publication webhooks failed");
+        // The publication stands whatever happens here. A queue that is briefly unreachable
+        // (a Redis restart) is waited for, holding the publisher's answer back, so that what
+        // it hears acknowledged has its webhooks queued; past the patience the event's
+        // webhooks are lost, which the log says loudly.
+        let deadline = tokio::time::Instant::now() + ENQUEUE_PATIENCE;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.service.enqueue(std::slice::from_ref(&event)).await {
+                Ok(_) => return,
+                Err(QueueError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => {
+                    WebhookStats::add(&self.service.stats.dropped_events, 1);
+                    tracing::error!(channel = published.channel.as_str(), %error, "queueing publication webhooks failed");
+                    return;
+                }
+            }
         }
     }
 }
