@@ -292,7 +292,10 @@ async fn a_push_to_a_few_device_ids_is_expanded_when_accepted_and_sent_once() {
     let mut expected = vec![a1.as_str(), b1.as_str()];
     expected.sort_unstable();
     assert_eq!(recipients, expected, "{accepted:?}");
-    assert!(accepted.iter().all(|s| s.kind != FANOUT_KIND), "{accepted:?}");
+    assert!(
+        accepted.iter().all(|s| s.kind != FANOUT_KIND),
+        "{accepted:?}"
+    );
     // Sent again with the same uid, before and after delivery: nothing is sent twice.
     p.service.send(push.clone()).await.expect("send again");
     let deliveries = p.settled("ids").await;
