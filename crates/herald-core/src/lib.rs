@@ -19,6 +19,7 @@ pub mod device;
 pub mod duration;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod fanout;
 pub mod hub;
 pub mod idempotency;
@@ -36,6 +37,7 @@ pub mod rate;
 pub mod sequence;
 pub mod store;
 pub mod time;
+pub mod webhook_store;
 
 pub use channel::{ChannelName, ChannelRules};
 pub use engine::{Engine, LocalEngine, Publish, Published};

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::channel::{ChannelName, ChannelRules};
 use crate::engine::{Engine, LocalEngine, Publish};
 use crate::error::{ErrorCode, HeraldError};
+use crate::events::{ClientEvent, ClientEventKind, ClientEventObserver};
 use crate::fanout::{FanoutFeed, FanoutQueue, Queued};
 use crate::hub::{Hub, Subscriber, SubscriberId};
 use crate::namespace::{NamespaceOptions, Namespaces};
@@ -170,6 +171,8 @@ struct Inner {
     /// Added after the node is built (push, webhooks and bridges are built on top of it);
     /// each sees every publication it wants, in the order they were added.
     observers: parking_lot::RwLock<Arc<[Arc<dyn PublishObserver>]>>,
+    /// Hear client lifecycle events (webhooks), added after the node is built.
+    event_observers: parking_lot::RwLock<Arc<[Arc<dyn ClientEventObserver>]>>,
 }
 
 /// Presence entries this node wrote, by channel and client id.
@@ -220,6 +223,7 @@ impl Node {
                 own_presence,
                 presence_task: Mutex::new(presence_task),
                 observers: parking_lot::RwLock::new(Arc::from(Vec::new())),
+                event_observers: parking_lot::RwLock::new(Arc::from(Vec::new())),
             }),
         }
     }
@@ -570,6 +574,47 @@ impl Node {
         *observers = Arc::from(list);
     }
 
+    /// Adds an observer of client lifecycle events (webhooks).
+    pub fn observe_client_events(&self, observer: Arc<dyn ClientEventObserver>) {
+        let mut observers = self.inner.event_observers.write();
+        let mut list: Vec<_> = observers.iter().cloned().collect();
+        list.push(observer);
+        *observers = Arc::from(list);
+    }
+
+    /// Whether any observer wants `kind` events on some channel (or connection events).
+    pub fn wants_client_events(&self, kind: ClientEventKind) -> bool {
+        let observers = self.inner.event_observers.read();
+        observers.iter().any(|o| o.wants(kind, None))
+    }
+
+    /// Tells every observer that wants it of a `kind` event on `channel`, about `info`'s
+    /// client. Costs one read lock and nothing else when nobody listens.
+    pub fn client_event(
+        &self,
+        kind: ClientEventKind,
+        channel: Option<&Arc<str>>,
+        info: &ClientInfo,
+        transport: &'static str,
+    ) {
+        let observers = self.inner.event_observers.read().clone();
+        let mut event: Option<ClientEvent> = None;
+        for observer in observers.iter() {
+            if !observer.wants(kind, channel.map(|c| &**c)) {
+                continue;
+            }
+            let event = event.get_or_insert_with(|| ClientEvent {
+                kind,
+                client: info.client.clone(),
+                user: info.user.clone(),
+                channel: channel.cloned(),
+                transport,
+                time_ms: now_ms(),
+            });
+            observer.observe(event.clone());
+        }
+    }
+
     /// A client joined `channel`: recorded in presence and announced to subscribers, as the
     /// namespace asks.
     pub async fn join(
@@ -579,6 +624,12 @@ impl Node {
         info: Arc<ClientInfo>,
     ) {
         if options.tracks_presence() {
+            self.client_event(
+                ClientEventKind::PresenceJoin,
+                Some(channel.as_arc()),
+                &info,
+                "",
+            );
             if let Some(own) = &self.inner.own_presence {
                 own.lock().insert(
                     (channel.as_arc().clone(), info.client.clone()),
@@ -612,6 +663,12 @@ impl Node {
         info: Arc<ClientInfo>,
     ) {
         if options.tracks_presence() {
+            self.client_event(
+                ClientEventKind::PresenceLeave,
+                Some(channel.as_arc()),
+                &info,
+                "",
+            );
             if let Some(own) = &self.inner.own_presence {
                 own.lock()
                     .remove(&(channel.as_arc().clone(), info.client.clone()));

@@ -106,6 +106,17 @@ fn embedded_low_v4(seg: &[u16; 8]) -> u32 {
     (u32::from(seg[6]) << 16) | u32::from(seg[7])
 }
 
+/// Why the host of `url` is refused when it is an IP literal that is not public (literals
+/// never reach the resolver); `None` for public literals and host names.
+pub fn literal_host_reason(url: &reqwest::Url) -> Option<&'static str> {
+    let ip = match url.host()? {
+        url::Host::Ipv4(ip) => IpAddr::V4(ip),
+        url::Host::Ipv6(ip) => IpAddr::V6(ip),
+        url::Host::Domain(_) => return None,
+    };
+    non_public_reason(ip)
+}
+
 /// A reqwest DNS resolver that resolves with the system resolver and fails with
 /// [`ForbiddenAddress`] unless every address is public. Refusing the whole host (rather than
 /// filtering out the bad addresses) is deliberate: a host that mixes private and public

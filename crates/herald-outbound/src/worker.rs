@@ -2,7 +2,7 @@
 //! them with bounded concurrency, and record how each attempt ended — with backoff and
 //! jitter for retries and a dead letter once retries run out.
 //!
-//! Owns: the claim/run/finish loop, [`Backoff`], and the [`JobHandler`] seam every kind of
+//! Owns: the claim/run/finish loop, the retry policies ([`Backoff`], [`RetrySchedule`]), and the [`JobHandler`] seam every kind of
 //! outbound work (push deliveries, the push fan-out, webhooks next) plugs into. One loop per
 //! kind, so a slow provider never holds up another.
 //!
@@ -31,6 +31,10 @@ pub enum JobResult {
     },
     /// Give up now (a dead letter).
     Failed { reason: String },
+    /// Not attempted (the far side's rate limit here): run again after `after`, whatever the
+    /// attempt count — a deferral never makes a dead letter. The queue still counts it as an
+    /// attempt, so a retry schedule moves on by one step.
+    Defer { reason: String, after: Duration },
 }
 
 /// One kind of outbound work.
@@ -61,6 +65,72 @@ impl Backoff {
     }
 }
 
+/// When retries happen: delays in a fixed list, one per failed attempt (Standard Webhooks'
+/// schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h), each stretched by up to a tenth at
+/// random so jobs failing together do not retry together. The first attempt is immediate;
+/// after the last delay's attempt fails, the job is a dead letter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetrySchedule {
+    delays: Arc<[Duration]>,
+}
+
+impl RetrySchedule {
+    pub fn new(delays: Vec<Duration>) -> Self {
+        Self {
+            delays: delays.into(),
+        }
+    }
+
+    /// Attempts in all: the first and one after each delay.
+    pub fn attempts(&self) -> u32 {
+        u32::try_from(self.delays.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(1)
+    }
+
+    /// The delay before the attempt after `attempt` (1-based); the last delay repeats past
+    /// the end (only reached by deferrals, which do not give up).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let index = (attempt.saturating_sub(1) as usize).min(self.delays.len().saturating_sub(1));
+        let Some(delay) = self.delays.get(index).copied() else {
+            return Duration::ZERO;
+        };
+        let spread = (delay / 10).as_millis() as u64;
+        delay + Duration::from_millis(rand::rng().random_range(0..=spread))
+    }
+}
+
+/// Which retry policy a kind follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// Exponential with jitter (push).
+    Exponential(Backoff),
+    /// A fixed list of delays (webhooks).
+    Schedule(RetrySchedule),
+}
+
+impl Retry {
+    fn attempts(&self) -> u32 {
+        match self {
+            Retry::Exponential(backoff) => backoff.attempts,
+            Retry::Schedule(schedule) => schedule.attempts(),
+        }
+    }
+
+    fn delay(&self, attempt: u32) -> Duration {
+        match self {
+            Retry::Exponential(backoff) => backoff.delay(attempt),
+            Retry::Schedule(schedule) => schedule.delay(attempt),
+        }
+    }
+}
+
+impl From<Backoff> for Retry {
+    fn from(backoff: Backoff) -> Self {
+        Retry::Exponential(backoff)
+    }
+}
+
 /// How one kind's loop runs.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -73,7 +143,7 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// How often an idle loop looks for jobs others enqueued or that became due.
     pub poll_interval: Duration,
-    pub backoff: Backoff,
+    pub retry: Retry,
 }
 
 /// Wakes the loops when this node enqueues (others find work by polling).
@@ -150,10 +220,10 @@ pub async fn run_worker(
             };
             let handler = handler.clone();
             let done = done_tx.clone();
-            let backoff = config.backoff;
+            let retry = config.retry.clone();
             running.spawn(async move {
                 let result = handler.run(&job).await;
-                let outcome = outcome(&job, result, backoff);
+                let outcome = outcome(&job, result, &retry);
                 let finished = Finished {
                     id: job.id,
                     attempt: job.attempt,
@@ -171,26 +241,28 @@ pub async fn run_worker(
 }
 
 /// Turns a handler's result into the queue's outcome (retry time, dead letter).
-fn outcome(job: &Job, result: JobResult, backoff: Backoff) -> Outcome {
-    match result {
-        JobResult::Done { detail } => Outcome::Sent { detail },
-        JobResult::Failed { reason } => Outcome::Failed { reason },
+fn outcome(job: &Job, result: JobResult, retry: &Retry) -> Outcome {
+    let (reason, delay) = match result {
+        JobResult::Done { detail } => return Outcome::Sent { detail },
+        JobResult::Failed { reason } => return Outcome::Failed { reason },
+        JobResult::Defer { reason, after } => (reason, after),
         JobResult::Retry { reason, after } => {
-            if job.attempt >= backoff.attempts {
+            if job.attempt >= retry.attempts() {
                 return Outcome::Failed {
                     reason: format!("gave up after {} attempts: {reason}", job.attempt),
                 };
             }
-            let delay = after.unwrap_or_else(|| backoff.delay(job.attempt));
-            let at = now_ms().saturating_add(delay.as_millis() as u64);
-            if job.expire_at.is_some_and(|expire| at >= expire) {
-                return Outcome::Expired {
-                    reason: format!("expires before the next attempt: {reason}"),
-                };
-            }
-            Outcome::Retry { at, reason }
+            let delay = after.unwrap_or_else(|| retry.delay(job.attempt));
+            (reason, delay)
         }
+    };
+    let at = now_ms().saturating_add(delay.as_millis() as u64);
+    if job.expire_at.is_some_and(|expire| at >= expire) {
+        return Outcome::Expired {
+            reason: format!("expires before the next attempt: {reason}"),
+        };
     }
+    Outcome::Retry { at, reason }
 }
 
 /// Records results in batches: whatever finished while the previous batch was written goes
@@ -256,21 +328,21 @@ mod tests {
 
     #[test]
     fn retries_stop_at_the_attempt_limit_and_at_expiry() {
-        let backoff = Backoff {
+        let backoff = Retry::Exponential(Backoff {
             base: Duration::from_secs(1),
             max: Duration::from_secs(60),
             attempts: 3,
-        };
+        });
         let retry = || JobResult::Retry {
             reason: "503".into(),
             after: None,
         };
         assert!(matches!(
-            outcome(&job(2, None), retry(), backoff),
+            outcome(&job(2, None), retry(), &backoff),
             Outcome::Retry { .. }
         ));
         assert!(matches!(
-            outcome(&job(3, None), retry(), backoff),
+            outcome(&job(3, None), retry(), &backoff),
             Outcome::Failed { reason } if reason.contains("gave up after 3")
         ));
         let soon = now_ms() + 100;
@@ -281,9 +353,41 @@ mod tests {
                     reason: "429".into(),
                     after: Some(Duration::from_secs(30)),
                 },
-                backoff
+                &backoff
             ),
             Outcome::Expired { .. }
+        ));
+    }
+
+    #[test]
+    fn a_schedule_follows_its_list_then_gives_up_and_deferrals_never_do() {
+        let schedule = Retry::Schedule(RetrySchedule::new(vec![
+            Duration::from_secs(5),
+            Duration::from_secs(300),
+        ]));
+        let retry = || JobResult::Retry {
+            reason: "500".into(),
+            after: None,
+        };
+        let delay_of = |attempt| match outcome(&job(attempt, None), retry(), &schedule) {
+            Outcome::Retry { at, .. } => at.saturating_sub(now_ms()),
+            other => panic!("attempt {attempt}: {other:?}"),
+        };
+        let first = delay_of(1);
+        assert!((4_900..=5_600).contains(&first), "{first}");
+        let second = delay_of(2);
+        assert!((299_000..=330_100).contains(&second), "{second}");
+        assert!(matches!(
+            outcome(&job(3, None), retry(), &schedule),
+            Outcome::Failed { reason } if reason.contains("gave up after 3")
+        ));
+        let deferred = JobResult::Defer {
+            reason: "rate limit".into(),
+            after: Duration::from_millis(200),
+        };
+        assert!(matches!(
+            outcome(&job(9, None), deferred, &schedule),
+            Outcome::Retry { .. }
         ));
     }
 }

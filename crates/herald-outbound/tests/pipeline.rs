@@ -111,11 +111,12 @@ impl Pipeline {
             batch: 16,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(20),
-            backoff: Backoff {
+            retry: Backoff {
                 base: Duration::from_millis(20),
                 max: Duration::from_millis(100),
                 attempts: 3,
-            },
+            }
+            .into(),
         };
         let fanout: Arc<dyn JobHandler> = Arc::new(FanoutHandler {
             queue: queue.clone(),
@@ -133,6 +134,7 @@ impl Pipeline {
                 sender: Some(sender),
                 devices: devices.clone(),
                 stats: stats.clone(),
+                events: None,
             });
             workers.push((handler, config(delivery_kind(provider))));
         }
@@ -290,7 +292,10 @@ async fn a_push_to_a_few_device_ids_is_expanded_when_accepted_and_sent_once() {
     let mut expected = vec![a1.as_str(), b1.as_str()];
     expected.sort_unstable();
     assert_eq!(recipients, expected, "{accepted:?}");
-    assert!(accepted.iter().all(|s| s.kind != FANOUT_KIND), "{accepted:?}");
+    assert!(
+        accepted.iter().all(|s| s.kind != FANOUT_KIND),
+        "{accepted:?}"
+    );
     // Sent again with the same uid, before and after delivery: nothing is sent twice.
     p.service.send(push.clone()).await.expect("send again");
     let deliveries = p.settled("ids").await;

@@ -55,6 +55,10 @@ pub struct AppState {
     pub push: Option<Arc<crate::push::PushRuntime>>,
     /// `[[sources]]`: brokers and outbox tables consumed into channels.
     pub sources: crate::bridge::Sources,
+    /// Webhooks, with `[webhooks] enabled = true`.
+    pub webhooks: Option<Arc<crate::webhook::WebhookRuntime>>,
+    /// The one outbound queue and the stores beside it, when push or webhooks are on.
+    pub outbound: Option<crate::outbound::OutboundStores>,
 }
 
 /// The OpenAPI document of the server API (also at `docs/openapi.json`).
@@ -136,15 +140,17 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 unrecoverable,
             });
     }
+    if let Some(outbound) = &state.outbound {
+        match outbound.queue.due(herald_core::time::now_ms()).await {
+            Ok(due) => state.metrics.record_outbound_due(&due),
+            Err(error) => tracing::warn!(%error, "reading the outbound queue's lag failed"),
+        }
+    }
     if let Some(push) = &state.push {
-        let due = match push.service.queue().due(herald_core::time::now_ms()).await {
-            Ok(due) => due,
-            Err(error) => {
-                tracing::warn!(%error, "reading the outbound queue's lag failed");
-                Vec::new()
-            }
-        };
-        state.metrics.record_push(push.service.stats(), &due);
+        state.metrics.record_push(push.service.stats());
+    }
+    if let Some(webhooks) = &state.webhooks {
+        state.metrics.record_webhooks(webhooks.stats());
     }
     state.metrics.record_sources(&state.sources.stats());
     let body = state

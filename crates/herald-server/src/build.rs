@@ -1,6 +1,6 @@
 //! The one place that turns validated configuration into running objects: the node and its
 //! store, API keys, token keys and revocations, TLS, the backend proxy, the trusted proxies,
-//! generated secrets and the application state. Anything that does not build is a
+//! generated secrets, the one outbound queue (push, webhooks) and the application state. Anything that does not build is a
 //! [`BuildError`] that stops start-up (or `herald check-config`): there is no silent fallback
 //! — no in-memory store for a configured one that failed, no token verifier that refuses
 //! everything, no proxy that quietly becomes `None`.
@@ -28,6 +28,7 @@ use crate::config::{Config, ConfigError, Engine, TokenConfig};
 use crate::forwarded::ProxyTrust;
 use crate::jwt::revocation::{REVOCATIONS_FILE, RevocationFileError};
 use crate::jwt::{KeyError, KeySet, TokenVerifier};
+use crate::outbound::OutboundStores;
 use crate::secrets::{GeneratedSecrets, SecretsError};
 use crate::tls::{Tls, TlsError};
 
@@ -56,6 +57,8 @@ pub enum BuildError {
     Push(String),
     #[error("{0}")]
     Sources(String),
+    #[error("webhooks: {0}")]
+    Webhooks(String),
 }
 
 /// The objects that build without side effects (no file written, no socket, no runtime).
@@ -279,7 +282,17 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
         .iter()
         .map(|h| h.to_ascii_lowercase())
         .collect();
-    let push = build_push(&config, cluster.as_ref())?;
+    let outbound = build_outbound(&config, cluster.as_ref())?;
+    let webhooks = match (&outbound, config.webhooks.enabled) {
+        (Some(stores), true) => Some(
+            crate::webhook::WebhookRuntime::build(config.webhooks.clone(), stores, &node)
+                .await
+                .map_err(BuildError::Webhooks)?,
+        ),
+        _ => None,
+    };
+    let push_events = webhooks.as_ref().map(|w| w.push_events());
+    let push = build_push(&config, outbound.as_ref(), push_events)?;
     let sources =
         crate::bridge::Sources::new(&config.sources, node.uid()).map_err(BuildError::Sources)?;
     let client_methods = push.clone().map(|push| {
@@ -299,6 +312,8 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
     let state = Arc::new(AppState {
         push,
         sources,
+        webhooks,
+        outbound,
         node,
         cluster,
         api_keys: parking_lot::RwLock::new(parts.api_keys),
@@ -328,61 +343,97 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
     Ok(Built { state, reloader })
 }
 
-/// Where push keeps its queue and its device registry.
-type PushStores = (
-    Arc<dyn herald_core::outbound::OutboundQueue>,
-    Arc<dyn herald_core::device::DeviceStore>,
-);
-
-/// The push runtime, with `[push] enabled = true`: the registry and queue live where history
-/// does (the data folder with SQLite, memory with the memory engine, Redis in a cluster).
-fn build_push(
+/// The one outbound queue of this server and the stores beside it, when push or webhooks
+/// need them: where history lives (the data folder's `outbound.db` with SQLite, memory with
+/// the memory engine, the cluster's Redis).
+fn build_outbound(
     config: &Config,
     cluster: Option<&Arc<Cluster>>,
-) -> Result<Option<Arc<crate::push::PushRuntime>>, BuildError> {
-    if !config.push.enabled {
+) -> Result<Option<OutboundStores>, BuildError> {
+    if !(config.push.enabled || config.webhooks.enabled) {
         return Ok(None);
     }
-    let (queue, devices): PushStores = match config.storage.engine {
-        Engine::Memory => (
-            Arc::new(herald_core::memory_outbound::MemoryOutboundQueue::new()),
-            Arc::new(herald_core::memory_devices::MemoryDeviceStore::new()),
-        ),
+    let stores = match config.storage.engine {
+        Engine::Memory => OutboundStores {
+            queue: Arc::new(herald_core::memory_outbound::MemoryOutboundQueue::new()),
+            devices: Arc::new(herald_core::memory_devices::MemoryDeviceStore::new()),
+            webhooks: Arc::new(herald_core::webhook_store::MemoryWebhookStore::new()),
+        },
         Engine::Sqlite => open_outbound_sqlite(config)?,
-        Engine::Redis => cluster_push_stores(cluster)?,
+        Engine::Redis => cluster_outbound_stores(cluster)?,
+    };
+    Ok(Some(stores))
+}
+
+/// How long finished outbound jobs are kept: the longest any enabled part asks for.
+pub fn outbound_retention(config: &Config) -> Option<crate::outbound::Retention> {
+    let push = config.push.enabled.then(|| crate::outbound::Retention {
+        keep: config.push.status_retention.as_duration(),
+        every: config.push.maintenance_interval.as_duration(),
+    });
+    let webhooks = config.webhooks.enabled.then(|| crate::outbound::Retention {
+        keep: config.webhooks.status_retention.as_duration(),
+        every: config.webhooks.maintenance_interval.as_duration(),
+    });
+    match (push, webhooks) {
+        (Some(a), Some(b)) => Some(a.merge(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The push runtime, with `[push] enabled = true`, on the server's outbound stores.
+fn build_push(
+    config: &Config,
+    stores: Option<&OutboundStores>,
+    events: Option<Arc<dyn herald_outbound::push::deliver::PushEvents>>,
+) -> Result<Option<Arc<crate::push::PushRuntime>>, BuildError> {
+    let (true, Some(stores)) = (config.push.enabled, stores) else {
+        return Ok(None);
     };
     let senders = crate::push::senders(&config.push).map_err(BuildError::Push)?;
     Ok(Some(Arc::new(crate::push::PushRuntime::new(
         config.push.clone(),
-        queue,
-        devices,
+        stores.queue.clone(),
+        stores.devices.clone(),
         senders,
+        events,
     ))))
 }
 
-/// In a cluster the registry and the queue live on the cluster's Redis (its first shard), so
-/// every node sees every device and any node may send any push.
+/// In a cluster the queue, the registry and the webhook endpoints live on the cluster's
+/// Redis (its first shard), so every node sees every device and endpoint and any node may
+/// send any job.
 #[cfg(feature = "redis")]
-fn cluster_push_stores(cluster: Option<&Arc<Cluster>>) -> Result<PushStores, BuildError> {
-    let cluster = cluster.ok_or(BuildError::Unsupported("push without the cluster engine"))?;
+fn cluster_outbound_stores(cluster: Option<&Arc<Cluster>>) -> Result<OutboundStores, BuildError> {
+    let cluster = cluster.ok_or(BuildError::Unsupported(
+        "outbound without the cluster engine",
+    ))?;
     let (queue, devices) = cluster.engine.outbound();
-    Ok((Arc::new(queue), Arc::new(devices)))
+    Ok(OutboundStores {
+        queue: Arc::new(queue),
+        devices: Arc::new(devices),
+        webhooks: Arc::new(cluster.engine.webhooks()),
+    })
 }
 
 #[cfg(not(feature = "redis"))]
-fn cluster_push_stores(_cluster: Option<&Arc<Cluster>>) -> Result<PushStores, BuildError> {
+fn cluster_outbound_stores(_cluster: Option<&Arc<Cluster>>) -> Result<OutboundStores, BuildError> {
     Err(BuildError::Unsupported("redis"))
 }
 
 #[cfg(feature = "sqlite")]
-fn open_outbound_sqlite(config: &Config) -> Result<PushStores, BuildError> {
+fn open_outbound_sqlite(config: &Config) -> Result<OutboundStores, BuildError> {
     let db = herald_store::sqlite::OutboundDb::open(&config.sqlite())
         .map_err(|e| BuildError::Store(e.to_string()))?;
-    Ok((Arc::new(db.queue()), Arc::new(db.devices())))
+    Ok(OutboundStores {
+        queue: Arc::new(db.queue()),
+        devices: Arc::new(db.devices()),
+        webhooks: Arc::new(db.webhooks()),
+    })
 }
 
 #[cfg(not(feature = "sqlite"))]
-fn open_outbound_sqlite(_config: &Config) -> Result<PushStores, BuildError> {
+fn open_outbound_sqlite(_config: &Config) -> Result<OutboundStores, BuildError> {
     Err(BuildError::Unsupported("sqlite"))
 }
 

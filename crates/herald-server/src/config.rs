@@ -41,6 +41,8 @@ pub struct Config {
     pub push: crate::push::PushConfig,
     /// Bridges in: brokers and outbox tables whose messages become publications.
     pub sources: Vec<crate::bridge::config::SourceConfig>,
+    /// Signed webhooks to the endpoints in `[[webhooks.endpoints]]` and the server API's.
+    pub webhooks: crate::webhook::WebhooksConfig,
 }
 
 /// `[proxy]`: HTTP endpoints of the application's backend (Centrifugo's proxy format). An
@@ -554,6 +556,7 @@ impl Config {
         }
         self.push.validate().map_err(ConfigError::Invalid)?;
         crate::bridge::config::validate(&self.sources).map_err(ConfigError::Invalid)?;
+        self.webhooks.validate().map_err(ConfigError::Invalid)?;
         let cert = !self.server.tls_cert_file.as_os_str().is_empty();
         let key = !self.server.tls_key_file.as_os_str().is_empty();
         if cert != key {
@@ -629,7 +632,7 @@ impl Config {
 }
 
 /// The top-level keys of [`Config`]: a `HERALD_<SECTION>__<KEY>` variable addresses one.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "server",
     "api",
     "token",
@@ -642,6 +645,7 @@ const SECTIONS: [&str; 12] = [
     "namespaces",
     "proxy",
     "push",
+    "webhooks",
 ];
 
 /// What a `HERALD_*` variable is, from its name without the prefix and its value.

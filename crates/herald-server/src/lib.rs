@@ -16,11 +16,13 @@ pub mod jwt;
 pub mod listener;
 pub mod metrics;
 pub mod origin;
+pub mod outbound;
 pub mod proxy;
 pub mod push;
 pub mod secrets;
 pub mod server;
 pub mod tls;
 pub mod token;
+pub mod webhook;
 
 pub use server::{RunError, Server, run};

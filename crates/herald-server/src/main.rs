@@ -411,11 +411,23 @@ join_leave = true
 # stream = "SENSORS"
 # [sources.mapping]
 # channel = "sensors:{{subject.1}}"   # unset: each message is a JSON envelope
+# Signed webhooks (docs/integrations.md#webhooks). Uncomment to enable; endpoints can also be
+# created with the server API (webhook_endpoint_create).
+# [webhooks]
+# enabled = true
+#
+# [[webhooks.endpoints]]
+# id = "orders"
+# url = "https://example.com/herald"
+# events = ["publication"]
+# channels = ["orders:*"]
+# secrets = ["{webhook_secret}"]
 "#,
         api_key = random_secret(32),
         hmac = random_secret(48),
         vapid_public = vapid.1,
         vapid_private = vapid.0,
+        webhook_secret = herald_outbound::webhook::sign::Secret::generate(),
     );
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

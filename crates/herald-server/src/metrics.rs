@@ -143,8 +143,8 @@ impl Metrics {
 }
 
 impl Metrics {
-    /// Push counters per provider and the queue's due jobs per kind (its lag).
-    pub fn record_push(&self, stats: &herald_outbound::push::PushStats, due: &[(String, u64)]) {
+    /// Push counters per provider.
+    pub fn record_push(&self, stats: &herald_outbound::push::PushStats) {
         use herald_core::device::Provider;
         let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         self.counter("herald_push_accepted_total", vec![])
@@ -160,6 +160,10 @@ impl Metrics {
             self.counter("herald_push_devices_removed_total", label())
                 .absolute(load(&stats.removed_devices[index]));
         }
+    }
+
+    /// Jobs due per kind in the one outbound queue (push, webhooks, …): its lag.
+    pub fn record_outbound_due(&self, due: &[(String, u64)]) {
         for (kind, count) in due {
             self.recorder
                 .register_gauge(
@@ -170,6 +174,27 @@ impl Metrics {
                     &METADATA,
                 )
                 .set(*count as f64);
+        }
+    }
+
+    /// Webhook counters.
+    pub fn record_webhooks(&self, stats: &herald_outbound::webhook::WebhookStats) {
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        for (name, counter) in [
+            ("herald_webhook_enqueued_total", &stats.enqueued),
+            ("herald_webhook_delivered_total", &stats.delivered),
+            (
+                "herald_webhook_failed_attempts_total",
+                &stats.failed_attempts,
+            ),
+            ("herald_webhook_dead_letters_total", &stats.dead),
+            (
+                "herald_webhook_endpoints_disabled_total",
+                &stats.disabled_endpoints,
+            ),
+            ("herald_webhook_events_dropped_total", &stats.dropped_events),
+        ] {
+            self.counter(name, vec![]).absolute(load(counter));
         }
     }
 }

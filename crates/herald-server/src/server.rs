@@ -97,6 +97,20 @@ impl Server {
         state.ready.store(true, Ordering::SeqCst);
         let mut push_tasks = state.push.as_ref().map(|push| push.start());
         state.sources.start(&state.node);
+        let mut webhook_tasks = match state.webhooks.as_ref().map(|w| w.start()).transpose() {
+            Ok(tasks) => tasks,
+            Err(error) => return Err(RunError::Build(BuildError::Webhooks(error))),
+        };
+        let (purge_stop, purge_stopped) = tokio::sync::oneshot::channel::<()>();
+        let purge = state
+            .outbound
+            .clone()
+            .zip(crate::build::outbound_retention(&state.config))
+            .map(|(stores, retention)| {
+                tokio::spawn(crate::outbound::purge_finished(stores, retention, async {
+                    let _ = purge_stopped.await;
+                }))
+            });
         #[cfg(feature = "redis")]
         let heartbeat = tokio::spawn(crate::cluster::Cluster::run(state.clone()));
         let mut serving = tokio::spawn(crate::app::serve(listener, state.clone(), stop));
@@ -125,17 +139,19 @@ impl Server {
                 tracing::warn!(%error, "could not leave the node registry");
             }
         }
+        // Sends in flight finish and are recorded; what is still queued stays queued.
+        let outbound_drain = drain_timeout.max(Duration::from_secs(1));
         if let (Some(push), Some(tasks)) = (&state.push, push_tasks.as_mut()) {
-            // Sends in flight finish and are recorded; what is still queued stays queued.
             push.stop();
-            let drained = async { while tasks.join_next().await.is_some() {} };
-            if tokio::time::timeout(drain_timeout.max(Duration::from_secs(1)), drained)
-                .await
-                .is_err()
-            {
-                tracing::warn!("push sends did not finish in time; their leases will expire");
-                tasks.abort_all();
-            }
+            drain_outbound("push sends", tasks, outbound_drain).await;
+        }
+        if let (Some(webhooks), Some(tasks)) = (&state.webhooks, webhook_tasks.as_mut()) {
+            webhooks.stop();
+            drain_outbound("webhook deliveries", tasks, outbound_drain).await;
+        }
+        let _ = purge_stop.send(());
+        if let Some(purge) = purge {
+            let _ = purge.await;
         }
         // Sources finish publishing and acknowledging their batch in flight; the rest stays
         // with the broker.
@@ -152,6 +168,16 @@ impl Server {
             Ok(Err(error)) => Err(RunError::Flush(error.to_string())),
             Err(_) => Err(RunError::FlushTimeout(flush_timeout)),
         }
+    }
+}
+
+/// Waits up to `timeout` for stopped outbound workers to finish what they are sending; past
+/// it they are cut (their jobs' leases run out and another claim sends them).
+async fn drain_outbound(what: &str, tasks: &mut tokio::task::JoinSet<()>, timeout: Duration) {
+    let drained = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(timeout, drained).await.is_err() {
+        tracing::warn!("{what} did not finish in time; their leases will expire");
+        tasks.abort_all();
     }
 }
 

@@ -9,14 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_core::conformance::{run_device_suite, run_outbound_suite};
+use herald_core::conformance::{run_device_suite, run_outbound_suite, run_webhook_store_suite};
 use herald_core::device::{
     DeviceError, DeviceFilter, DeviceRegistration, DeviceStore, PageRequest, Platform, Provider,
 };
 use herald_core::outbound::{
     Finished, JobState, NewJob, OutboundQueue, Outcome, QueueError, StatusFilter,
 };
-use herald_store::sqlite::{OUTBOUND_FILE, OpenError, OutboundDb, SyncPolicy};
+use herald_store::sqlite::{
+    OUTBOUND_FILE, OUTBOUND_SCHEMA_VERSION, OpenError, OutboundDb, SyncPolicy,
+};
 use parking_lot::Mutex;
 use tempfile::TempDir;
 
@@ -53,6 +55,15 @@ async fn suites(sync: SyncPolicy) {
                 .open(sync)
                 .map_err(|e| QueueError::Unavailable(e.to_string()))?;
             Ok(db.queue())
+        }
+    })
+    .await;
+    run_webhook_store_suite(|| {
+        let dirs = dirs.clone();
+        async move {
+            let db = dirs.open(sync).expect("open outbound.db");
+            std::sync::Arc::new(db.webhooks())
+                as std::sync::Arc<dyn herald_core::webhook_store::WebhookStore>
         }
     })
     .await;
@@ -207,6 +218,46 @@ async fn a_closed_database_refuses_writes_and_still_reads() {
     );
     let due = queue.due(T0).await.expect("reads still work");
     assert_eq!(due, vec![("push.fcm".to_owned(), 1)]);
+}
+
+/// A version-1 database (before webhooks) is migrated forward, its jobs kept.
+#[tokio::test]
+async fn a_version_1_database_is_migrated_with_its_jobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = OutboundDb::open_dir(dir.path(), SyncPolicy::Normal).expect("create");
+        db.queue()
+            .enqueue(vec![job("kept", T0)])
+            .await
+            .expect("enqueue");
+        db.close();
+    }
+    let path = dir.path().join(OUTBOUND_FILE);
+    {
+        let conn = rusqlite::Connection::open(&path).expect("raw open");
+        conn.execute_batch(
+            "DROP TABLE webhook_documents; DROP TABLE webhook_attempts;
+             UPDATE meta SET value = '1' WHERE key = 'schema_version';",
+        )
+        .expect("make it version 1");
+    }
+    let db = OutboundDb::open_dir(dir.path(), SyncPolicy::Normal).expect("migrate");
+    assert_eq!(db.queue().due(T0).await.expect("due").len(), 1, "jobs kept");
+    use herald_core::webhook_store::WebhookStore;
+    db.webhooks()
+        .put_document("endpoints", "e", bytes::Bytes::from_static(b"{}"))
+        .await
+        .expect("webhook tables exist");
+    drop(db);
+    let conn = rusqlite::Connection::open(&path).expect("raw open");
+    let version: String = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |row| row.get(0),
+        )
+        .expect("version");
+    assert_eq!(version, OUTBOUND_SCHEMA_VERSION.to_string());
 }
 
 #[tokio::test]

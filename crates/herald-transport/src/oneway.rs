@@ -242,7 +242,7 @@ pub struct OneWaySession {
     pub expires_at: Option<u64>,
     registered: Vec<Registered>,
     /// In the registry while the session lives (server API disconnects reach it).
-    _registration: Option<crate::registry::Registration>,
+    _registration: Option<Box<crate::realtime::ClientRegistration>>,
 }
 
 impl Drop for OneWaySession {
@@ -253,8 +253,14 @@ impl Drop for OneWaySession {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 for sub in registered {
-                    node.unsubscribe(sub.name.as_str(), sub.id).await;
-                    node.leave(&sub.name, &sub.options, sub.info).await;
+                    crate::subscription::end_subscription(
+                        &node,
+                        &sub.name,
+                        &sub.options,
+                        sub.id,
+                        Some(sub.info),
+                    )
+                    .await;
                 }
             });
         }
@@ -397,9 +403,9 @@ impl OneWaySession {
         };
         state.connections.fetch_add(1, Ordering::Relaxed);
         let outbound = state.new_outbound();
-        let registration = state.sessions.register(
-            &credentials.user,
-            &info.client,
+        let registration = state.register(
+            &info,
+            request.transport,
             crate::registry::Control::new(outbound.clone(), None),
         );
         let mut session = OneWaySession {

@@ -2,6 +2,10 @@
 //! uni-directional WebSocket, and the ones to come): settings, the node, the authenticator,
 //! the backend proxy, the registry of sessions, the server's shutdown signal and token expiry.
 //!
+//! Also the one place connections are announced: [`RealtimeState::register`] registers a
+//! connection after its connect and tells the node's lifecycle observers (`client.connected`),
+//! and dropping the [`ClientRegistration`] it returns tells them it went.
+//!
 //! May touch: nothing but what it holds; transports read it.
 
 use std::sync::Arc;
@@ -11,12 +15,14 @@ use std::time::Duration;
 use herald_core::Node;
 use herald_core::admission::Admission;
 use herald_core::auth::Authenticator;
+use herald_core::events::ClientEventKind;
 use herald_core::proxy::BackendProxy;
+use herald_core::publication::ClientInfo;
 use herald_core::rate::KeyedLimiter;
 
 use crate::budget::QueueBudget;
 use crate::outbound::Outbound;
-use crate::registry::Sessions;
+use crate::registry::{Control, Registration, Sessions};
 
 /// Real-time settings shared by every connection (`[client]` in config).
 #[derive(Clone, Debug)]
@@ -167,6 +173,52 @@ impl RealtimeState {
     /// Tells every real-time connection to close with 3001 `shutdown`.
     pub fn shut_down(&self) {
         self.shutdown.trigger();
+    }
+
+    /// A connection is connected as `info` over `transport`: registers it (named users only,
+    /// so the server API can reach it) and announces `client.connected`. Keep the result for
+    /// the connection's life; dropping it unregisters and announces `client.disconnected`.
+    /// `None` when there is nothing to hold (an anonymous client nobody listens for).
+    pub fn register(
+        &self,
+        info: &Arc<ClientInfo>,
+        transport: &'static str,
+        control: Control,
+    ) -> Option<Box<ClientRegistration>> {
+        let registration = self.sessions.register(&info.user, &info.client, control);
+        let announced = self.node.wants_client_events(ClientEventKind::Connected)
+            || self.node.wants_client_events(ClientEventKind::Disconnected);
+        if announced {
+            self.node
+                .client_event(ClientEventKind::Connected, None, info, transport);
+        }
+        if registration.is_none() && !announced {
+            return None;
+        }
+        Some(Box::new(ClientRegistration {
+            _registration: registration,
+            announced: announced.then(|| (self.node.clone(), info.clone(), transport)),
+        }))
+    }
+}
+
+/// A connected client, as long as it is held (see [`RealtimeState::register`]).
+pub struct ClientRegistration {
+    _registration: Option<Registration>,
+    announced: Option<(Node, Arc<ClientInfo>, &'static str)>,
+}
+
+impl Drop for ClientRegistration {
+    fn drop(&mut self) {
+        if let Some((node, info, transport)) = &self.announced {
+            node.client_event(ClientEventKind::Disconnected, None, info, transport);
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientRegistration").finish_non_exhaustive()
     }
 }
 

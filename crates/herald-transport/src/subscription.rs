@@ -1,6 +1,7 @@
 //! The one subscribe-with-recovery step every transport takes after admission: hold the
 //! channel's live events, subscribe in the hub, read what the client missed (or the stream's
-//! top), refuse or report an unrecoverable position, and announce the join. The transport
+//! top), refuse or report an unrecoverable position, and announce the join (and, in
+//! [`end_subscription`], the way back). The transport
 //! then queues its own reply with the recovered publications and calls
 //! [`Outbound::finish_recovery`], which lets the held live events follow in order.
 //!
@@ -10,7 +11,10 @@
 use std::sync::Arc;
 
 use herald_core::admission::Admitted;
+use herald_core::channel::ChannelName;
+use herald_core::events::ClientEventKind;
 use herald_core::hub::SubscriberId;
+use herald_core::namespace::NamespaceOptions;
 use herald_core::publication::{ClientInfo, StreamPosition};
 use herald_core::store::HistoryQuery;
 use herald_core::{ErrorCode, HeraldError, Node, Publication};
@@ -88,9 +92,31 @@ pub async fn subscribe_with_recovery(
         }
     };
     if let Some(info) = info {
+        node.client_event(ClientEventKind::Subscribed, Some(name.as_arc()), &info, "");
         node.join(name, &admitted.options, info).await;
     }
     Ok(subscribed)
+}
+
+/// Ends a subscription [`subscribe_with_recovery`] made: leaves the hub and presence and
+/// announces `client.unsubscribed` (every transport ends its subscriptions here).
+pub async fn end_subscription(
+    node: &Node,
+    name: &ChannelName,
+    options: &NamespaceOptions,
+    id: SubscriberId,
+    info: Option<Arc<ClientInfo>>,
+) {
+    node.unsubscribe(name.as_str(), id).await;
+    if let Some(info) = info {
+        node.client_event(
+            ClientEventKind::Unsubscribed,
+            Some(name.as_arc()),
+            &info,
+            "",
+        );
+        node.leave(name, options, info).await;
+    }
 }
 
 async fn read_start(

@@ -7,6 +7,8 @@ schemathesis's report (with a `curl` line reproducing each failure).
 Two servers are checked:
 - the shared one, with push notifications off: every operation, the push methods included
   (each answers error 108 there, as documented);
+- one with `[webhooks] enabled = true` and a seeded endpoint whose delivery failed: the webhook
+  methods;
 - one with `[push] enabled = true` and no provider credentials (a send to a provider without
   credentials ends `failed`, which is all these checks need): the push methods, `publish` and
   `broadcast` (their `push` section) and `batch`. It is seeded first with devices, topics, a
@@ -158,6 +160,10 @@ def test_server_answers_as_its_openapi_document_says(herald, tmp_path) -> None:
         path for path, item in document["paths"].items() if any("Push" in op.get("tags", []) for op in item.values())
     )
     assert tagged == sorted(f"/api/{method}" for method in PUSH_METHODS)
+    webhooks = sorted(
+        path for path, item in document["paths"].items() if any("Webhooks" in op.get("tags", []) for op in item.values())
+    )
+    assert webhooks == sorted(f"/api/{method}" for method in WEBHOOK_METHODS)
     # Push is off on the shared server: every push method, and a `push` section, is documented
     # to answer 108.
     publish = requests.post(
@@ -176,6 +182,9 @@ def test_server_answers_as_its_openapi_document_says(herald, tmp_path) -> None:
         )
         assert answer.status_code == 200, (method, answer.text)
         assert answer.json()["error"]["code"] == 108, (method, answer.text)
+    for method in WEBHOOK_METHODS:
+        answer = requests.post(f"{herald.api_url}/{method}", json={}, headers={"X-API-Key": herald.api_key}, timeout=10)
+        assert answer.status_code == 200 and answer.json()["error"]["code"] == 108, (method, answer.text)
     try:
         run_schemathesis(herald.url, herald.api_key, tmp_path)
     except AssertionError as failure:
@@ -271,9 +280,9 @@ def seed(api: Api) -> None:
     assert [(r["device"]["id"], r["reason"]) for r in removals] == [(gone, "api")], removals
 
 
-@pytest.fixture
-def push_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldInstance]:
-    instance = HeraldInstance(tmp_path_factory.mktemp("herald-push"), extra_config=PUSH_CONFIG)
+def running(tmp_path_factory: pytest.TempPathFactory, name: str, extra_config: str) -> Iterator[HeraldInstance]:
+    """A server with `extra_config`, stopped gracefully after the test (killed if it failed)."""
+    instance = HeraldInstance(tmp_path_factory.mktemp(name), extra_config=extra_config)
     instance.start()
     try:
         yield instance
@@ -281,6 +290,11 @@ def push_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldInst
         instance.kill()
         raise
     instance.stop()
+
+
+@pytest.fixture
+def push_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldInstance]:
+    yield from running(tmp_path_factory, "herald-push", PUSH_CONFIG)
 
 
 def test_push_methods_answer_as_documented(push_server, tmp_path) -> None:
@@ -298,3 +312,54 @@ def test_push_methods_answer_as_documented(push_server, tmp_path) -> None:
     assert re.search(rf"Tested: +{len(PUSH_METHODS) + 3}\b", report), report[-5000:]
     log = push_server.process.log_path.read_text(encoding="utf-8", errors="replace") if push_server.process else ""
     assert "panicked" not in log, push_server.process.diagnostics() if push_server.process else log
+
+
+WEBHOOK_METHODS = [
+    "webhook_endpoint_create",
+    "webhook_endpoint_update",
+    "webhook_endpoint_delete",
+    "webhook_endpoint_list",
+    "webhook_deliveries",
+    "webhook_attempts",
+    "webhook_replay",
+]
+WEBHOOK_CONFIG = """
+[webhooks]
+enabled = true
+allow_private_addresses = true
+retry_schedule = ["50ms"]
+poll_interval = "100ms"
+"""
+
+
+@pytest.fixture
+def webhook_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldInstance]:
+    yield from running(tmp_path_factory, "herald-webhooks", WEBHOOK_CONFIG)
+
+
+def test_webhook_methods_answer_as_documented(webhook_server, tmp_path) -> None:
+    api = Api(webhook_server)
+    # An endpoint nothing listens on: its delivery fails for good, so every listing has items.
+    created = api(
+        "webhook_endpoint_create",
+        {"id": "orders", "url": "http://127.0.0.1:9/hook", "events": ["publication"], "channels": ["orders-*"]},
+    )
+    assert created["endpoint"]["secrets"][0].startswith("whsec_")
+    api("publish", {"channel": "orders-1", "data": {"status": "paid"}})
+    deadline = time.monotonic() + WAIT
+    while not api("webhook_deliveries", {"endpoint": "orders", "states": ["failed"]})["items"]:
+        assert time.monotonic() < deadline, "the delivery did not fail"
+        time.sleep(0.2)
+    try:
+        report = run_schemathesis(
+            webhook_server.url,
+            webhook_server.api_key,
+            tmp_path,
+            selection=["--include-path-regex", f"^/api/({'|'.join(WEBHOOK_METHODS)})$"],
+        )
+    except AssertionError as failure:
+        diagnostics = webhook_server.process.diagnostics() if webhook_server.process else ""
+        raise AssertionError(f"{failure}{diagnostics}") from None
+    assert re.search(rf"Tested: +{len(WEBHOOK_METHODS)}\b", report), report[-5000:]
+    log = webhook_server.process.log_path.read_text(encoding="utf-8", errors="replace") if webhook_server.process else ""
+    assert "panicked" not in log, webhook_server.process.diagnostics() if webhook_server.process else log

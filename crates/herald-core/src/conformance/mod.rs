@@ -11,7 +11,9 @@
 //! - [`run_device_suite`] (`devices.rs`, `device_removals.rs`, `device_topics.rs`): a
 //!   [`DeviceStore`](crate::device::DeviceStore);
 //! - [`run_outbound_suite`] (`outbound.rs`, `outbound_status.rs`): an
-//!   [`OutboundQueue`](crate::outbound::OutboundQueue), racing claimers included.
+//!   [`OutboundQueue`](crate::outbound::OutboundQueue), racing claimers included;
+//! - [`run_webhook_store_suite`] (`webhook_store.rs`): a
+//!   [`WebhookStore`](crate::webhook_store::WebhookStore).
 //!
 //! Backends call them from their tests with a factory that builds fresh, empty backends.
 //! Every panic names the broken rule first. Every wait is bounded ([`WAIT`] for each expected
@@ -35,6 +37,7 @@ mod history;
 mod outbound;
 mod outbound_status;
 mod presence;
+mod webhook_store;
 
 pub use cluster::{ClusterBackend, run_cluster_suite};
 pub use devices::run_device_suite;
@@ -42,6 +45,7 @@ pub use engine::run_engine_suite;
 pub use history::{RecordingListener, run_history_suite};
 pub use outbound::run_outbound_suite;
 pub use presence::{MAX_REFRESH_INTERVAL, run_presence_suite};
+pub use webhook_store::run_webhook_store_suite;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;

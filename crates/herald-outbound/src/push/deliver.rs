@@ -2,10 +2,11 @@
 //! follows from the answer — recorded, retried, or the device removed because its token is
 //! dead (token hygiene, as each provider's documentation asks).
 //!
-//! Owns: [`DeliveryHandler`] and [`AnySender`], the object-safe face of a provider's
-//! [`Sender`] that takes the notification as the job stored it.
+//! Owns: [`DeliveryHandler`], [`AnySender`] (the object-safe face of a provider's
+//! [`Sender`] that takes the notification as the job stored it) and [`PushEvents`], the
+//! port through which failed deliveries and removed devices are told (webhooks).
 //!
-//! May touch: the device registry (removing dead tokens) and the sender.
+//! May touch: the device registry (removing dead tokens), the sender and the events port.
 
 use std::sync::Arc;
 
@@ -44,17 +45,60 @@ where
     }
 }
 
+/// A delivery that failed for good, or the device removed because of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushFailure {
+    /// The push's uid (the job's group).
+    pub uid: String,
+    /// The registered device, when there was one.
+    pub device: Option<String>,
+    pub provider: Provider,
+    pub app: String,
+    pub reason: String,
+    /// The device was removed from the registry (its token is dead).
+    pub device_removed: bool,
+}
+
+/// Hears about failed deliveries and removed devices; awaited before the job's outcome is
+/// recorded, so what it queues durably is not lost if the node dies after.
+#[async_trait]
+pub trait PushEvents: Send + Sync + 'static {
+    async fn push_failed(&self, failure: PushFailure);
+}
+
 /// Delivers one provider's jobs.
 pub struct DeliveryHandler {
     pub provider: Provider,
     pub sender: Option<Arc<dyn AnySender>>,
     pub devices: Arc<dyn DeviceStore>,
     pub stats: Arc<PushStats>,
+    /// Told of failures (webhooks), when anyone listens.
+    pub events: Option<Arc<dyn PushEvents>>,
 }
 
 #[async_trait]
 impl JobHandler for DeliveryHandler {
     async fn run(&self, job: &Job) -> JobResult {
+        let result = self.deliver(job).await;
+        if let (Some(events), JobResult::Failed { reason }) = (&self.events, &result) {
+            let delivery: Option<Delivery> = serde_json::from_slice(&job.payload).ok();
+            events
+                .push_failed(PushFailure {
+                    uid: job.group.clone(),
+                    device: delivery.as_ref().and_then(|d| d.device.clone()),
+                    provider: self.provider,
+                    app: delivery.map(|d| d.target.app).unwrap_or_default(),
+                    reason: reason.clone(),
+                    device_removed: reason.ends_with("; device removed"),
+                })
+                .await;
+        }
+        result
+    }
+}
+
+impl DeliveryHandler {
+    async fn deliver(&self, job: &Job) -> JobResult {
         let delivery: Delivery = match serde_json::from_slice(&job.payload) {
             Ok(delivery) => delivery,
             Err(error) => {
@@ -94,9 +138,7 @@ impl JobHandler for DeliveryHandler {
             }
         }
     }
-}
 
-impl DeliveryHandler {
     /// Removes the registered device whose token the provider declared dead (unless it
     /// re-registered after `since`); returns the reason to record.
     async fn forget(&self, delivery: &Delivery, reason: &str, since: Option<u64>) -> String {

@@ -34,7 +34,9 @@ const METHODS: &[&str] = &[
 ];
 
 pub fn is_known(method: &str) -> bool {
-    METHODS.contains(&method) || crate::push::api::is_method(method)
+    METHODS.contains(&method)
+        || crate::push::api::is_method(method)
+        || crate::webhook::api::is_method(method)
 }
 
 fn parse<T: DeserializeOwned>(params: &RawValue) -> Result<T, ApiError> {
@@ -217,6 +219,9 @@ pub async fn call(
         }
         push if crate::push::api::is_method(push) => {
             crate::push::api::call(state, push, params).await
+        }
+        webhook if crate::webhook::api::is_method(webhook) => {
+            crate::webhook::api::call(state, webhook, params).await
         }
         other => Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -2,8 +2,8 @@
 //! registry, the queue, the senders, the workers), the push API methods and the client's own
 //! device calls.
 //!
-//! Owns: [`PushRuntime`] and its background tasks (one worker per job kind, and maintenance:
-//! status retention and pruning inactive devices).
+//! Owns: [`PushRuntime`] and its background tasks (one worker per job kind, and pruning
+//! inactive devices).
 //!
 //! May touch: the stores it is built with, the providers through the senders.
 
@@ -88,6 +88,8 @@ pub struct PushRuntime {
     senders: Senders,
     wakeup: Arc<Wakeup>,
     stop: watch::Sender<bool>,
+    /// Told of failed deliveries and removed devices (webhooks), when they are on.
+    events: Option<Arc<dyn herald_outbound::push::deliver::PushEvents>>,
 }
 
 impl std::fmt::Debug for PushRuntime {
@@ -102,6 +104,7 @@ impl PushRuntime {
         queue: Arc<dyn OutboundQueue>,
         devices: Arc<dyn DeviceStore>,
         senders: Senders,
+        events: Option<Arc<dyn herald_outbound::push::deliver::PushEvents>>,
     ) -> Self {
         let wakeup = Arc::new(Wakeup::default());
         let stats = Arc::new(PushStats::default());
@@ -112,6 +115,7 @@ impl PushRuntime {
             senders,
             wakeup,
             stop: watch::channel(false).0,
+            events,
         }
     }
 
@@ -123,11 +127,12 @@ impl PushRuntime {
             batch: c.batch,
             lease: c.lease.as_duration(),
             poll_interval: c.poll_interval.as_duration(),
-            backoff: Backoff {
+            retry: Backoff {
                 base: c.retry_base.as_duration(),
                 max: c.retry_max.as_duration(),
                 attempts: c.max_attempts,
-            },
+            }
+            .into(),
         }
     }
 
@@ -156,6 +161,7 @@ impl PushRuntime {
                 sender: self.senders.get(provider),
                 devices: devices.clone(),
                 stats: stats.clone(),
+                events: self.events.clone(),
             });
             kinds.push((
                 handler,
@@ -194,26 +200,16 @@ impl PushRuntime {
     }
 }
 
-/// Applies status retention and prunes inactive devices, every `maintenance_interval`.
+/// Prunes inactive devices, every `maintenance_interval` (finished jobs are purged by the
+/// outbound queue's own retention task, [`crate::outbound::purge_finished`]).
 async fn maintain(push: Arc<PushRuntime>) {
     let stop = push.stopped();
     tokio::pin!(stop);
     let every = push.config.maintenance_interval.as_duration();
     loop {
-        let now = now_ms();
-        let retention = push.config.status_retention.as_duration().as_millis() as u64;
-        match push
-            .service
-            .queue()
-            .purge(now.saturating_sub(retention))
-            .await
-        {
-            Ok(0) => {}
-            Ok(purged) => tracing::info!(purged, "finished push deliveries past retention removed"),
-            Err(error) => tracing::warn!(%error, "purging finished push deliveries failed"),
-        }
         let inactive = push.config.device_inactive_after.as_duration();
         if !inactive.is_zero() {
+            let now = now_ms();
             let before = now.saturating_sub(inactive.as_millis() as u64);
             match push.service.devices().prune(before, now).await {
                 Ok(0) => {}

@@ -9,6 +9,7 @@ pub mod netns;
 pub mod process;
 pub mod redis;
 pub mod subscribe;
+pub mod webhooks;
 pub mod ws;
 
 use std::sync::Arc;

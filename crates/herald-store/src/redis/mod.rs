@@ -38,6 +38,8 @@ mod queue;
 mod queue_scripts;
 #[cfg(feature = "redis")]
 mod scripts;
+#[cfg(feature = "redis")]
+mod webhooks;
 
 #[cfg(feature = "redis")]
 pub use devices::RedisDeviceStore;
@@ -52,6 +54,8 @@ pub use presence::RedisPresenceStore;
 pub use pubsub::PubSubStats;
 #[cfg(feature = "redis")]
 pub use queue::RedisOutboundQueue;
+#[cfg(feature = "redis")]
+pub use webhooks::RedisWebhookStore;
 
 #[cfg(feature = "redis")]
 mod engine {
@@ -226,6 +230,13 @@ mod engine {
                 RedisOutboundQueue::new(shard.link.clone(), base.clone(), shard.replicas()),
                 RedisDeviceStore::new(shard.link.clone(), base),
             )
+        }
+
+        /// Webhook endpoints and the attempt log, beside the outbound queue (first shard,
+        /// same hash tag).
+        pub fn webhooks(&self) -> super::RedisWebhookStore {
+            let shard = self.shards.first();
+            super::RedisWebhookStore::new(shard.link.clone(), shard.keys.push())
         }
 
         /// Messages sent with [`RedisEngine::send_control`] by any node, this one included,

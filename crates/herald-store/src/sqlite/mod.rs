@@ -40,6 +40,7 @@ pub use checkpoint::{WAL_HARD_LIMIT_BYTES, WAL_RESTART_BYTES};
 pub use config::{DATABASE_FILE, LOCK_FILE, SqliteConfig, SyncPolicy};
 pub use outbound::{
     OUTBOUND_FILE, OUTBOUND_SCHEMA_VERSION, OutboundDb, SqliteDeviceStore, SqliteOutboundQueue,
+    SqliteWebhookStore,
 };
 pub use schema::{OpenError, SCHEMA_VERSION};
 pub use stats::StoreStats;

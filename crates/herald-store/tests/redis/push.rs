@@ -134,6 +134,21 @@ async fn redis_queue_passes_the_outbound_suite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_store_passes_conformance() {
+    let space = Namespace::new("webhooks");
+    herald_core::conformance::run_webhook_store_suite(|| async {
+        let config = space.fresh();
+        let (feed, _queue) = herald_core::fanout::channel();
+        let (engine, _presence) = RedisEngine::connect(&config, feed)
+            .await
+            .expect("redis for the webhook store");
+        std::sync::Arc::new(engine.webhooks())
+            as std::sync::Arc<dyn herald_core::webhook_store::WebhookStore>
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_claiming_at_once_never_get_the_same_job() {
     let space = Namespace::new("race");
     let config = space.fresh();

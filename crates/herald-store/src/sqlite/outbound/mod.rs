@@ -2,8 +2,8 @@
 //! rate windows) in `<data_dir>/outbound.db`, apart from the history database.
 //!
 //! Owns: [`OutboundDb`] (opening the file, its writer thread and read connections, and its
-//! lifecycle), [`SqliteDeviceStore`] and [`SqliteOutboundQueue`] (in `devices.rs` and
-//! `queue.rs`), and the error type their database work shares.
+//! lifecycle), [`SqliteDeviceStore`], [`SqliteOutboundQueue`] and [`SqliteWebhookStore`] (in
+//! `devices.rs`, `queue.rs` and `webhooks.rs`), and the error type their database work shares.
 //!
 //! May touch: `<data_dir>/outbound.db` (and its WAL), one OS thread (the writer) and tokio's
 //! blocking pool for reads. Async callers never block: writes queue a closure for the writer
@@ -23,6 +23,7 @@
 mod devices;
 mod queue;
 mod schema;
+mod webhooks;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ use tokio::sync::{Semaphore, oneshot};
 pub use devices::SqliteDeviceStore;
 pub use queue::SqliteOutboundQueue;
 pub use schema::{OUTBOUND_FILE, OUTBOUND_SCHEMA_VERSION};
+pub use webhooks::SqliteWebhookStore;
 
 use super::config::{SqliteConfig, SyncPolicy};
 use super::schema::OpenError;
@@ -211,6 +213,11 @@ impl OutboundDb {
     /// The outbound queue in this database.
     pub fn queue(&self) -> SqliteOutboundQueue {
         SqliteOutboundQueue::new(self.clone())
+    }
+
+    /// Webhook endpoints and the attempt log in this database.
+    pub fn webhooks(&self) -> SqliteWebhookStore {
+        SqliteWebhookStore::new(self.clone())
     }
 
     /// The database file.

@@ -18,12 +18,41 @@ use crate::sqlite::schema::OpenError;
 /// Name of the database file inside the data directory.
 pub const OUTBOUND_FILE: &str = "outbound.db";
 
-/// The layout this code writes. Bump it on any change. A database with another version is
-/// refused, never rewritten (there is nothing to migrate from yet).
+/// The layout this code writes. Bump it on any change. A newer database is refused; an older
+/// one is migrated forward in the opening transaction ([`MIGRATIONS`]).
 ///
 /// - 1: devices, device and user topics, removals; jobs with a partial index of claimable
 ///   jobs; rate windows.
-pub const OUTBOUND_SCHEMA_VERSION: u32 = 1;
+/// - 2: webhook documents (endpoints and their state) and the attempt log.
+pub const OUTBOUND_SCHEMA_VERSION: u32 = 2;
+
+/// What takes a database from version `n` to `n + 1`, at index `n - 1`.
+const MIGRATIONS: [&str; 1] = [WEBHOOK_TABLES];
+
+/// Version 2: webhooks. Endpoints are JSON documents (their schema is the webhook module's);
+/// attempts are one row each, `seq` in the order they were recorded.
+const WEBHOOK_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS webhook_documents (
+    collection TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    document   BLOB NOT NULL,
+    PRIMARY KEY (collection, id)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+    seq         INTEGER PRIMARY KEY,
+    message     TEXT NOT NULL,
+    endpoint    TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    status      INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    error       TEXT NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS webhook_attempts_by_message ON webhook_attempts (message, seq);
+CREATE INDEX IF NOT EXISTS webhook_attempts_by_time ON webhook_attempts (at);
+";
 
 /// How long the writer waits for a lock held by someone else (an operator's `sqlite3` shell,
 /// a second `OutboundDb` on the same file) before failing the batch.
@@ -266,6 +295,9 @@ fn initialise(conn: &Connection, path: &Path) -> Result<(), OpenError> {
             }),
             None => {
                 conn.execute_batch(SCHEMA).map_err(&err)?;
+                for migration in MIGRATIONS {
+                    conn.execute_batch(migration).map_err(&err)?;
+                }
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
                     params![OUTBOUND_SCHEMA_VERSION.to_string()],
@@ -285,12 +317,23 @@ fn initialise(conn: &Connection, path: &Path) -> Result<(), OpenError> {
                         supported: OUTBOUND_SCHEMA_VERSION,
                     });
                 }
-                if found < OUTBOUND_SCHEMA_VERSION {
+                if found == 0 {
                     return Err(OpenError::OlderSchema {
                         path: shown(),
                         found,
                         supported: OUTBOUND_SCHEMA_VERSION,
                     });
+                }
+                if found < OUTBOUND_SCHEMA_VERSION {
+                    for migration in &MIGRATIONS[(found as usize - 1)..] {
+                        conn.execute_batch(migration).map_err(&err)?;
+                    }
+                    conn.execute(
+                        "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                        params![OUTBOUND_SCHEMA_VERSION.to_string()],
+                    )
+                    .map_err(&err)?;
+                    tracing::info!(path = %shown(), from = found, to = OUTBOUND_SCHEMA_VERSION, "outbound database migrated");
                 }
                 Ok(())
             }

@@ -226,19 +226,15 @@ impl Session {
         let server_side = credentials.channels.clone();
         // Only named users can be reached by the server API: anonymous connections get no
         // inbox (and no registry entry).
-        if !credentials.is_anonymous() {
-            let inbox = Arc::new(Inbox::default());
-            self.registration = self
-                .state
-                .sessions
-                .register(
-                    &credentials.user,
-                    &self.client_id,
-                    Control::new(self.outbound.clone(), Some(inbox.clone())),
-                )
-                .map(Box::new);
-            self.control = Some(inbox);
+        let inbox = (!credentials.is_anonymous()).then(|| Arc::new(Inbox::default()));
+        if let Some(info) = &self.info {
+            self.registration = self.state.register(
+                info,
+                "websocket",
+                Control::new(self.outbound.clone(), inbox.clone()),
+            );
         }
+        self.control = inbox;
         self.credentials = Some(credentials);
         let config = &self.state.config;
         let mut result = protocol::ConnectResult {
@@ -449,11 +445,15 @@ impl Session {
 
     pub(super) async fn unsubscribe(&mut self, channel: &str) {
         if let Some(sub) = self.subscriptions.remove(channel) {
-            self.state.node.unsubscribe(sub.name.as_str(), sub.id).await;
             self.outbound.forget(channel);
-            if let Some(info) = sub.info {
-                self.state.node.leave(&sub.name, &sub.options, info).await;
-            }
+            crate::subscription::end_subscription(
+                &self.state.node,
+                &sub.name,
+                &sub.options,
+                sub.id,
+                sub.info,
+            )
+            .await;
         }
     }
 

@@ -38,8 +38,9 @@ use self::writer::{PongDeadline, SocketWriter, WriteEnd};
 use super::codec::{Encoding, JSON_SUBPROTOCOL, PROTOBUF_SUBPROTOCOL};
 use crate::chanmap::ChannelMap;
 use crate::outbound::{CloseReason, Outbound};
+use crate::realtime::ClientRegistration;
 use crate::realtime::RealtimeState;
-use crate::registry::{ControlMessage, Inbox, Registration};
+use crate::registry::{ControlMessage, Inbox};
 use herald_core::rate::TokenBucket;
 
 /// `GET /connection/websocket`. The subprotocol `centrifuge-protobuf` (echoed back) or
@@ -102,7 +103,7 @@ struct Session {
     /// Handed to the registry at connect, so the server API can reach this connection.
     control: Option<Arc<Inbox>>,
     /// Boxed, like the rate below: most connections have neither (anonymous, no limit).
-    registration: Option<Box<Registration>>,
+    registration: Option<Box<ClientRegistration>>,
     /// `commands_per_second`, when set.
     command_rate: Option<Box<TokenBucket>>,
     /// Headers of the upgrade request for the backend proxy.
