@@ -16,5 +16,6 @@ pub mod fcm;
 pub mod push;
 mod push_http;
 pub mod sender;
+pub mod sink;
 pub mod webpush;
 pub mod worker;
