@@ -53,6 +53,8 @@ pub struct AppState {
     pub proxy_trust: Arc<crate::forwarded::ProxyTrust>,
     /// Push notifications, with `[push] enabled = true`.
     pub push: Option<Arc<crate::push::PushRuntime>>,
+    /// Delivery of publications to brokers, with enabled `[[sinks]]`.
+    pub sinks: Option<Arc<crate::sink::SinkRuntime>>,
 }
 
 /// The OpenAPI document of the server API (also at `docs/openapi.json`).
@@ -134,15 +136,23 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 unrecoverable,
             });
     }
+    // One queue serves push and sinks: its lag is read once.
+    let queue = match (&state.push, &state.sinks) {
+        (Some(push), _) => Some(push.service.queue().clone()),
+        (None, Some(sinks)) => Some(sinks.queue().clone()),
+        (None, None) => None,
+    };
+    if let Some(queue) = queue {
+        match queue.due(herald_core::time::now_ms()).await {
+            Ok(due) => state.metrics.record_outbound_due(&due),
+            Err(error) => tracing::warn!(%error, "reading the outbound queue's lag failed"),
+        }
+    }
     if let Some(push) = &state.push {
-        let due = match push.service.queue().due(herald_core::time::now_ms()).await {
-            Ok(due) => due,
-            Err(error) => {
-                tracing::warn!(%error, "reading the outbound queue's lag failed");
-                Vec::new()
-            }
-        };
-        state.metrics.record_push(push.service.stats(), &due);
+        state.metrics.record_push(push.service.stats());
+    }
+    if let Some(sinks) = &state.sinks {
+        state.metrics.record_sinks(sinks);
     }
     let body = state
         .metrics

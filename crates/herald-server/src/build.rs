@@ -54,6 +54,8 @@ pub enum BuildError {
     TrustedProxies(String),
     #[error("push: {0}")]
     Push(String),
+    #[error("sinks: {0}")]
+    Sink(String),
 }
 
 /// The objects that build without side effects (no file written, no socket, no runtime).
@@ -72,6 +74,7 @@ fn parts(config: &Config) -> Result<Parts, BuildError> {
         // Reads the providers' key files, so a bad one fails check-config too.
         crate::push::senders(&config.push).map_err(BuildError::Push)?;
     }
+    crate::sink::check(&config.sinks).map_err(BuildError::Sink)?;
     let tls = match config.server.tls_files() {
         Some((cert, key)) => {
             crate::tls::install_crypto_provider();
@@ -276,7 +279,15 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
         .iter()
         .map(|h| h.to_ascii_lowercase())
         .collect();
-    let push = build_push(&config, cluster.as_ref())?;
+    let outbound = build_outbound(&config, cluster.as_ref())?;
+    let push = build_push(&config, outbound.as_ref())?;
+    let sinks = build_sinks(&config, outbound.as_ref()).await?;
+    if let Some(sinks) = &sinks {
+        node.observe_publications(Arc::new(crate::sink::SinkObserver {
+            runtime: sinks.clone(),
+            node: node.clone(),
+        }));
+    }
     let client_methods = push.clone().map(|push| {
         let live = Arc::new(crate::push::live::LiveFirst {
             push: push.clone(),
@@ -293,6 +304,7 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
     );
     let state = Arc::new(AppState {
         push,
+        sinks,
         node,
         cluster,
         api_keys: parking_lot::RwLock::new(parts.api_keys),
@@ -322,28 +334,52 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
     Ok(Built { state, reloader })
 }
 
-/// Where push keeps its queue and its device registry.
+/// The outbound queue and push's device registry (they are stored together).
 type PushStores = (
     Arc<dyn herald_core::outbound::OutboundQueue>,
     Arc<dyn herald_core::device::DeviceStore>,
 );
 
-/// The push runtime, with `[push] enabled = true`: the registry and queue live where history
+/// The one outbound queue, when push or an enabled sink needs it: it lives where history
 /// does (the data folder with SQLite, memory with the memory engine, Redis in a cluster).
-fn build_push(
+fn build_outbound(
     config: &Config,
     cluster: Option<&Arc<Cluster>>,
-) -> Result<Option<Arc<crate::push::PushRuntime>>, BuildError> {
-    if !config.push.enabled {
+) -> Result<Option<PushStores>, BuildError> {
+    if !config.push.enabled && !config.sinks.iter().any(|sink| sink.enabled) {
         return Ok(None);
     }
-    let (queue, devices): PushStores = match config.storage.engine {
+    Ok(Some(match config.storage.engine {
         Engine::Memory => (
             Arc::new(herald_core::memory_outbound::MemoryOutboundQueue::new()),
             Arc::new(herald_core::memory_devices::MemoryDeviceStore::new()),
         ),
         Engine::Sqlite => open_outbound_sqlite(config)?,
         Engine::Redis => cluster_push_stores(cluster)?,
+    }))
+}
+
+/// The sinks and their workers, with enabled `[[sinks]]`, on the outbound queue.
+async fn build_sinks(
+    config: &Config,
+    outbound: Option<&PushStores>,
+) -> Result<Option<Arc<crate::sink::SinkRuntime>>, BuildError> {
+    let Some((queue, _)) = outbound else {
+        return Ok(None);
+    };
+    let runtime = crate::sink::SinkRuntime::build(&config.sinks, queue.clone())
+        .await
+        .map_err(BuildError::Sink)?;
+    Ok(runtime.map(Arc::new))
+}
+
+/// The push runtime, with `[push] enabled = true`, on the outbound queue.
+fn build_push(
+    config: &Config,
+    outbound: Option<&PushStores>,
+) -> Result<Option<Arc<crate::push::PushRuntime>>, BuildError> {
+    let Some((queue, devices)) = outbound.filter(|_| config.push.enabled).cloned() else {
+        return Ok(None);
     };
     let senders = crate::push::senders(&config.push).map_err(BuildError::Push)?;
     Ok(Some(Arc::new(crate::push::PushRuntime::new(

@@ -39,6 +39,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Push notifications (FCM, APNs, Web Push, email) and the device registry.
     pub push: crate::push::PushConfig,
+    /// Brokers publications are delivered to (`[[sinks]]`: Kafka, RabbitMQ, NATS).
+    pub sinks: Vec<crate::sink::SinkConfig>,
 }
 
 /// `[proxy]`: HTTP endpoints of the application's backend (Centrifugo's proxy format). An
@@ -551,6 +553,7 @@ impl Config {
             ));
         }
         self.push.validate().map_err(ConfigError::Invalid)?;
+        crate::sink::config::validate(&self.sinks).map_err(ConfigError::Invalid)?;
         let cert = !self.server.tls_cert_file.as_os_str().is_empty();
         let key = !self.server.tls_key_file.as_os_str().is_empty();
         if cert != key {

@@ -18,6 +18,9 @@ const METADATA: Metadata<'static> = Metadata::new("herald", Level::INFO, Some(mo
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Job kinds the queue reported due before: reported as 0 once none is due (the queue
+    /// leaves them out), so a lag gauge falls back instead of keeping its last value.
+    due_kinds: parking_lot::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -44,7 +47,11 @@ impl Metrics {
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        Self { recorder, handle }
+        Self {
+            recorder,
+            handle,
+            due_kinds: Default::default(),
+        }
     }
 
     fn counter(&self, name: &'static str, labels: Vec<Label>) -> metrics::Counter {
@@ -143,8 +150,8 @@ impl Metrics {
 }
 
 impl Metrics {
-    /// Push counters per provider and the queue's due jobs per kind (its lag).
-    pub fn record_push(&self, stats: &herald_outbound::push::PushStats, due: &[(String, u64)]) {
+    /// Push counters per provider.
+    pub fn record_push(&self, stats: &herald_outbound::push::PushStats) {
         use herald_core::device::Provider;
         let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         self.counter("herald_push_accepted_total", vec![])
@@ -160,7 +167,38 @@ impl Metrics {
             self.counter("herald_push_devices_removed_total", label())
                 .absolute(load(&stats.removed_devices[index]));
         }
-        for (kind, count) in due {
+    }
+
+    /// Sink counters per sink; their lag is `herald_outbound_jobs_due{kind="sink.<name>"}`.
+    pub fn record_sinks(&self, sinks: &crate::sink::SinkRuntime) {
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        for (name, kind, stats) in sinks.stats() {
+            let label = || {
+                vec![
+                    Label::new("sink", name.to_string()),
+                    Label::new("broker", kind.as_str()),
+                ]
+            };
+            self.counter("herald_sink_delivered_total", label())
+                .absolute(load(&stats.delivered));
+            self.counter("herald_sink_retried_total", label())
+                .absolute(load(&stats.retried));
+            self.counter("herald_sink_rejected_total", label())
+                .absolute(load(&stats.rejected));
+        }
+        self.counter("herald_sink_enqueue_errors_total", vec![])
+            .absolute(sinks.enqueue_errors());
+    }
+
+    /// The outbound queue's due jobs per kind (its lag).
+    pub fn record_outbound_due(&self, due: &[(String, u64)]) {
+        let mut kinds = self.due_kinds.lock();
+        kinds.extend(due.iter().map(|(kind, _)| kind.clone()));
+        for kind in kinds.iter() {
+            let count = due
+                .iter()
+                .find(|(due_kind, _)| due_kind == kind)
+                .map_or(0, |(_, count)| *count);
             self.recorder
                 .register_gauge(
                     &Key::from_parts(
@@ -169,7 +207,7 @@ impl Metrics {
                     ),
                     &METADATA,
                 )
-                .set(*count as f64);
+                .set(count as f64);
         }
     }
 }

@@ -95,6 +95,7 @@ impl Server {
         };
         state.ready.store(true, Ordering::SeqCst);
         let mut push_tasks = state.push.as_ref().map(|push| push.start());
+        let mut sink_tasks = state.sinks.as_ref().map(|sinks| sinks.start());
         #[cfg(feature = "redis")]
         let heartbeat = tokio::spawn(crate::cluster::Cluster::run(state.clone()));
         let mut serving = tokio::spawn(crate::app::serve(listener, state.clone(), stop));
@@ -132,6 +133,18 @@ impl Server {
                 .is_err()
             {
                 tracing::warn!("push sends did not finish in time; their leases will expire");
+                tasks.abort_all();
+            }
+        }
+        if let (Some(sinks), Some(tasks)) = (&state.sinks, sink_tasks.as_mut()) {
+            // Publishes in flight finish and are recorded; what is still queued stays queued.
+            sinks.stop();
+            let drained = async { while tasks.join_next().await.is_some() {} };
+            if tokio::time::timeout(drain_timeout.max(Duration::from_secs(1)), drained)
+                .await
+                .is_err()
+            {
+                tracing::warn!("sink publishes did not finish in time; their leases will expire");
                 tasks.abort_all();
             }
         }

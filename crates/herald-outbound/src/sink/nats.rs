@@ -2,6 +2,10 @@
 //! [`Template`]), with Herald's metadata as headers and the job id as `Nats-Msg-Id` (JetStream
 //! drops a redelivery within its stream's duplicate window).
 //!
+//! Whether a stream captures the subject is asked of JetStream (and remembered a few
+//! seconds), not found out by trying: a JetStream publish is a request, and a core
+//! subscriber on a subject without a stream would receive it and leave it unanswered.
+//!
 //! Acknowledged means, by [`NatsMode`]:
 //! - JetStream (a stream captures the subject): the stream's publish ack — the message is
 //!   stored in the stream (replicated, for a replicated stream);
@@ -13,10 +17,11 @@
 //! publishes time out and are retried).
 //! May touch: the NATS server named in the sink's URL.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishErrorKind};
 use async_trait::async_trait;
 
 use super::{Sink, SinkError, SinkMessage, Template};
@@ -49,7 +54,15 @@ pub struct NatsSink {
     client: async_nats::Client,
     jetstream: async_nats::jetstream::Context,
     config: NatsSinkConfig,
+    /// `auto` mode: whether a stream captures a subject, as JetStream said at that instant.
+    captured: parking_lot::Mutex<HashMap<String, (bool, Instant)>>,
 }
+
+/// How long `auto` mode trusts JetStream's answer about a subject (a stream created or
+/// deleted is noticed within this).
+const CAPTURED_TTL: Duration = Duration::from_secs(5);
+/// Subjects remembered before the table is cleared.
+const CAPTURED_MAX: usize = 10_000;
 
 impl std::fmt::Debug for NatsSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -76,7 +89,42 @@ impl NatsSink {
             client,
             jetstream,
             config,
+            captured: parking_lot::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Whether a JetStream stream captures `subject` (asked at most every
+    /// [`CAPTURED_TTL`]). Asked rather than tried: a JetStream publish to a subject without a
+    /// stream but with a core subscriber reaches that subscriber and never gets an ack.
+    async fn captured(&self, subject: &str) -> Result<bool, SinkError> {
+        if let Some((captured, at)) = self.captured.lock().get(subject)
+            && at.elapsed() < CAPTURED_TTL
+        {
+            return Ok(*captured);
+        }
+        let lookup = self.jetstream.stream_by_subject(subject);
+        let captured = match tokio::time::timeout(self.config.timeout, lookup).await {
+            Ok(Ok(_stream)) => true,
+            Ok(Err(error)) if error.kind() == GetStreamByNameErrorKind::NotFound => false,
+            Ok(Err(error)) => {
+                return Err(SinkError::Unavailable(format!(
+                    "NATS: asking JetStream which stream takes {subject:?}: {error} (without \
+                     JetStream, set nats_mode = \"core\")"
+                )));
+            }
+            Err(_) => {
+                return Err(SinkError::Unavailable(format!(
+                    "NATS: JetStream did not say within {:?} which stream takes {subject:?}",
+                    self.config.timeout
+                )));
+            }
+        };
+        let mut cache = self.captured.lock();
+        if cache.len() >= CAPTURED_MAX {
+            cache.clear();
+        }
+        cache.insert(subject.to_string(), (captured, Instant::now()));
+        Ok(captured)
     }
 
     async fn publish_core(
@@ -133,7 +181,12 @@ impl Sink for NatsSink {
     async fn publish(&self, id: &str, message: &SinkMessage) -> Result<String, SinkError> {
         let subject = self.config.subject.render(&message.channel);
         check_subject(&subject)?;
-        if self.config.mode == NatsMode::Core {
+        let jetstream = match self.config.mode {
+            NatsMode::Core => false,
+            NatsMode::Jetstream => true,
+            NatsMode::Auto => self.captured(&subject).await?,
+        };
+        if !jetstream {
             return self
                 .publish_core(subject, headers(id, message), message)
                 .await;
@@ -155,12 +208,12 @@ impl Sink for NatsSink {
                 ack.sequence,
                 if ack.duplicate { " (duplicate)" } else { "" }
             )),
-            Ok(Err(error))
-                if error.kind() == PublishErrorKind::StreamNotFound
-                    && self.config.mode == NatsMode::Auto =>
-            {
-                self.publish_core(subject, headers(id, message), message)
-                    .await
+            Ok(Err(error)) if error.kind() == PublishErrorKind::StreamNotFound => {
+                // The stream went away since we asked: ask again next time.
+                self.captured.lock().remove(&subject);
+                Err(SinkError::Unavailable(format!(
+                    "NATS JetStream: no stream takes {subject:?}"
+                )))
             }
             Ok(Err(error)) if error.kind() == PublishErrorKind::MaxPayloadExceeded => Err(
                 SinkError::Rejected(format!("NATS refused the message: {error}")),
