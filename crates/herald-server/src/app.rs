@@ -152,7 +152,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.metrics.record_push(push.service.stats());
     }
     if let Some(sinks) = &state.sinks {
-        state.metrics.record_sinks(sinks);
+        let backlogs = sinks.backlogs().await;
+        state.metrics.record_sinks(sinks, &backlogs);
     }
     let body = state
         .metrics

@@ -169,8 +169,29 @@ impl Metrics {
         }
     }
 
-    /// Sink counters per sink; their lag is `herald_outbound_jobs_due{kind="sink.<name>"}`.
-    pub fn record_sinks(&self, sinks: &crate::sink::SinkRuntime) {
+    /// Sink counters per sink, and each sink's backlog (publications its broker has not
+    /// acknowledged yet).
+    pub fn record_sinks(
+        &self,
+        sinks: &crate::sink::SinkRuntime,
+        backlogs: &[(&str, crate::sink::SinkKind, Option<u64>)],
+    ) {
+        for (name, kind, backlog) in backlogs {
+            if let Some(backlog) = backlog {
+                self.recorder
+                    .register_gauge(
+                        &Key::from_parts(
+                            "herald_sink_backlog",
+                            vec![
+                                Label::new("sink", name.to_string()),
+                                Label::new("broker", kind.as_str()),
+                            ],
+                        ),
+                        &METADATA,
+                    )
+                    .set(*backlog as f64);
+            }
+        }
         let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         for (name, kind, stats) in sinks.stats() {
             let label = || {

@@ -124,28 +124,18 @@ impl Server {
                 tracing::warn!(%error, "could not leave the node registry");
             }
         }
-        if let (Some(push), Some(tasks)) = (&state.push, push_tasks.as_mut()) {
-            // Sends in flight finish and are recorded; what is still queued stays queued.
+        // Both stop claiming first, then their sends in flight finish and are recorded; what
+        // is still queued stays queued.
+        if let Some(push) = &state.push {
             push.stop();
-            let drained = async { while tasks.join_next().await.is_some() {} };
-            if tokio::time::timeout(drain_timeout.max(Duration::from_secs(1)), drained)
-                .await
-                .is_err()
-            {
-                tracing::warn!("push sends did not finish in time; their leases will expire");
-                tasks.abort_all();
-            }
         }
-        if let (Some(sinks), Some(tasks)) = (&state.sinks, sink_tasks.as_mut()) {
-            // Publishes in flight finish and are recorded; what is still queued stays queued.
+        if let Some(sinks) = &state.sinks {
             sinks.stop();
-            let drained = async { while tasks.join_next().await.is_some() {} };
-            if tokio::time::timeout(drain_timeout.max(Duration::from_secs(1)), drained)
-                .await
-                .is_err()
-            {
-                tracing::warn!("sink publishes did not finish in time; their leases will expire");
-                tasks.abort_all();
+        }
+        let drain = drain_timeout.max(Duration::from_secs(1));
+        for (tasks, what) in [(push_tasks.as_mut(), "push"), (sink_tasks.as_mut(), "sink")] {
+            if let Some(tasks) = tasks {
+                drain_workers(tasks, drain, what).await;
             }
         }
         let flush_timeout = Duration::from_secs(5).max(drain_timeout);
@@ -157,6 +147,16 @@ impl Server {
             Ok(Err(error)) => Err(RunError::Flush(error.to_string())),
             Err(_) => Err(RunError::FlushTimeout(flush_timeout)),
         }
+    }
+}
+
+/// Waits up to `timeout` for stopped outbound workers to finish what they were sending;
+/// past it they are aborted (their jobs' leases run out and another claim sends them).
+async fn drain_workers(tasks: &mut tokio::task::JoinSet<()>, timeout: Duration, what: &str) {
+    let drained = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(timeout, drained).await.is_err() {
+        tracing::warn!("{what} sends did not finish in time; their leases will expire");
+        tasks.abort_all();
     }
 }
 

@@ -168,6 +168,40 @@ def kill9_mid_stream(herald: HeraldInstance, channels: List[str], read: Callable
     return f"{len(acked)} acknowledged, {undelivered} undelivered at the kill, {duplicates} duplicates"
 
 
+def outage_mid_stream(herald: HeraldInstance, sink: str, channels: List[str],
+                      read: Callable[[Callable[[List[Received]], bool]], List[Received]],
+                      down: Callable[[], None], up: Callable[[], None], max_duplicates: int) -> str:
+    """Publishes a stream; once deliveries flow, the broker goes away for a while (Herald keeps
+    acknowledging publications) and comes back. The backlog shows in /metrics and drains;
+    every acknowledged publication arrives, in order. Returns a summary line."""
+    publisher = Publisher(herald, channels, "outage")
+    read(count_at_least(40))
+    down()
+    wait_until("the sink's backlog to show in /metrics",
+               lambda: sink_metric(herald, "herald_sink_backlog", sink) > 0, timeout=10)
+    time.sleep(3)  # longer than the sink's timeout: attempts fail and are retried
+    up()
+    time.sleep(1)
+    acked = publisher.stop()
+    received = read(covers(acked))
+    wait_until("the sink's backlog to fall back to 0",
+               lambda: sink_metric(herald, "herald_sink_backlog", sink) == 0, timeout=20)
+    assert sink_metric(herald, "herald_outbound_jobs_due", sink) == 0
+    assert sink_metric(herald, "herald_sink_delivered_total", sink) >= len(acked)
+    assert sink_metric(herald, "herald_sink_retried_total", sink) > 0
+    duplicates = check_delivery(received, acked, max_duplicates=max_duplicates)
+    return f"{len(acked)} acknowledged, {duplicates} duplicates"
+
+
+def sink_metric(herald: HeraldInstance, name: str, sink: str) -> float:
+    """A sink's sample of `name` in /metrics (0 when absent)."""
+    text = requests.get(f"{herald.url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + "{") and (f'sink="{sink}"' in line or f'kind="sink.{sink}"' in line):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def herald_with_sink(root: Path, sink_toml: str) -> HeraldInstance:
     herald = HeraldInstance(root, extra_config=f"\n{sink_toml}")
     herald.start()
@@ -306,9 +340,9 @@ def kafka_snapshot(broker: Tansu, topic: str) -> List[Received]:
     return received
 
 
-def kafka_sink(broker_address: str, topic: str, channels_pattern: str) -> str:
+def kafka_sink(broker_address: str, topic: str, channels_pattern: str, name: str = "") -> str:
     return f"""[[sinks]]
-name = "kafka-{random_token(6)}"
+name = "{name or 'kafka-' + random_token(6)}"
 kind = "kafka"
 url = "{broker_address}"
 topic = "{topic}"
@@ -373,20 +407,16 @@ def test_kafka_broker_killed_and_restarted_mid_stream_loses_nothing(tansu: Tansu
     topic = kafka_topic(tansu)
     prefix = f"k{random_token(6)}"
     channels = channel_names(prefix, 4)
-    herald = herald_with_sink(tmp_path / "herald", kafka_sink(tansu.bootstrap, topic, f"{prefix}_*"))
+    name = f"kafka-{random_token(6)}"
+    herald = herald_with_sink(tmp_path / "herald", kafka_sink(tansu.bootstrap, topic, f"{prefix}_*", name))
     try:
-        publisher = Publisher(herald, channels, "outage")
-        kafka_read(tansu, topic, count_at_least(40))
-        tansu.kill()  # SIGKILL the broker; Herald keeps accepting publications
-        time.sleep(2)
-        tansu.start()
-        time.sleep(1)
-        acked = publisher.stop()
-        received, _ = kafka_read(tansu, topic, covers(acked))
-        duplicates = check_delivery(received, acked, max_duplicates=len(channels))
-        print(f"\nkafka broker restart: {len(acked)} acknowledged, {duplicates} duplicates")
-        metrics = requests.get(f"{herald.url}/metrics", timeout=10).text
-        assert "herald_sink_retried_total" in metrics
+        summary = outage_mid_stream(
+            herald, name, channels, read=lambda expect: kafka_read(tansu, topic, expect)[0],
+            down=tansu.kill,  # SIGKILL the broker
+            up=tansu.start,  # the same port and data
+            max_duplicates=len(channels),
+        )
+        print(f"\nkafka broker restart: {summary}")
         herald.stop()
     finally:
         herald.kill()
@@ -452,9 +482,9 @@ def rabbit() -> Iterator[RabbitQueue]:
     queue.close()
 
 
-def rabbit_sink(address: str, exchange: str, pattern: str) -> str:
+def rabbit_sink(address: str, exchange: str, pattern: str, name: str = "") -> str:
     return f"""[[sinks]]
-name = "rabbit-{random_token(6)}"
+name = "{name or 'rabbit-' + random_token(6)}"
 kind = "rabbitmq"
 url = "amqp://guest:guest@{address}/%2f"
 exchange = "{exchange}"
@@ -506,19 +536,13 @@ def test_rabbitmq_outage_mid_stream_loses_nothing(rabbit: RabbitQueue, tmp_path:
     proxy = OutageProxy(RABBITMQ)
     prefix = f"r{random_token(6)}"
     channels = channel_names(prefix, 4)
-    herald = herald_with_sink(tmp_path / "herald", rabbit_sink(proxy.address, rabbit.exchange, f"{prefix}_*"))
+    name = f"rabbit-{random_token(6)}"
+    herald = herald_with_sink(tmp_path / "herald", rabbit_sink(proxy.address, rabbit.exchange, f"{prefix}_*", name))
     try:
-        publisher = Publisher(herald, channels, "outage")
-        rabbit.read(count_at_least(40))
-        proxy.down()  # every connection reset, reconnects refused
-        time.sleep(2)
-        proxy.up()
-        time.sleep(1)
-        acked = publisher.stop()
-        rabbit.read(covers(acked))
-        duplicates = check_delivery(rabbit.received, acked, max_duplicates=len(channels))
+        summary = outage_mid_stream(herald, name, channels, read=rabbit.read, down=proxy.down, up=proxy.up,
+                                    max_duplicates=len(channels))
         assert proxy.connections >= 2, "Herald never reconnected"
-        print(f"\nrabbitmq outage: {len(acked)} acknowledged, {duplicates} duplicates")
+        print(f"\nrabbitmq outage: {summary}")
         herald.stop()
     finally:
         herald.kill()
@@ -601,9 +625,9 @@ def jetstream() -> Iterator[NatsStream]:
     stream.close()
 
 
-def nats_sink(address: str, prefix: str, pattern: str) -> str:
+def nats_sink(address: str, prefix: str, pattern: str, name: str = "") -> str:
     return f"""[[sinks]]
-name = "nats-{random_token(6)}"
+name = "{name or 'nats-' + random_token(6)}"
 kind = "nats"
 url = "nats://{address}"
 subject = "{prefix}.{{channel}}"
@@ -669,19 +693,14 @@ def test_nats_outage_mid_stream_loses_nothing(jetstream: NatsStream, tmp_path: P
     proxy = OutageProxy(NATS)
     prefix = f"n{random_token(6)}"
     channels = channel_names(prefix, 4)
-    herald = herald_with_sink(tmp_path / "herald", nats_sink(proxy.address, jetstream.prefix, f"{prefix}_*"))
+    name = f"nats-{random_token(6)}"
+    herald = herald_with_sink(tmp_path / "herald", nats_sink(proxy.address, jetstream.prefix, f"{prefix}_*", name))
     try:
-        publisher = Publisher(herald, channels, "outage")
-        jetstream.read(count_at_least(40))
-        proxy.down()
-        time.sleep(2)
-        proxy.up()
-        time.sleep(1)
-        acked = publisher.stop()
-        received = jetstream.read(covers(acked))
-        duplicates = check_delivery(received, acked, max_duplicates=0)
+        # JetStream drops a redelivery within its duplicate window (Nats-Msg-Id).
+        summary = outage_mid_stream(herald, name, channels, read=jetstream.read, down=proxy.down, up=proxy.up,
+                                    max_duplicates=0)
         assert proxy.connections >= 2, "Herald never reconnected"
-        print(f"\nnats outage: {len(acked)} acknowledged, {duplicates} duplicates")
+        print(f"\nnats outage: {summary}")
         herald.stop()
     finally:
         herald.kill()

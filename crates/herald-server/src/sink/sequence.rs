@@ -102,7 +102,8 @@ mod tests {
     async fn a_successor_waits_for_its_predecessor() {
         let sequence = Arc::new(ChannelSequence::default());
         assert!(sequence.turn("c", "e", 1).await.first);
-        assert!(!sequence.turn("c", "e", 2).await.first);
+        assert!(sequence.turn("d", "e", 1).await.first);
+        assert!(!sequence.turn("d", "e", 2).await.first);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let early = {
             let (sequence, tx) = (sequence.clone(), tx.clone());
