@@ -409,3 +409,135 @@ impl PublishObserver for SinkObserver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use herald_core::memory_outbound::MemoryOutboundQueue;
+    use herald_core::namespace::Namespaces;
+    use herald_core::{Node, NodeConfig, PublishRequest};
+    use herald_outbound::sink::SinkError;
+
+    use super::*;
+
+    struct Nowhere;
+    #[async_trait::async_trait]
+    impl Sink for Nowhere {
+        async fn publish(&self, _id: &str, _message: &SinkMessage) -> Result<String, SinkError> {
+            Err(SinkError::Unavailable("not used".into()))
+        }
+    }
+
+    fn node() -> Node {
+        let options = NamespaceOptions {
+            history_size: 100,
+            history_ttl: herald_core::duration::HumanDuration::from_secs(3600),
+            ..NamespaceOptions::default()
+        };
+        Node::in_memory(NodeConfig {
+            namespaces: Namespaces::new(options, Vec::new()).expect("namespaces"),
+            ..NodeConfig::default()
+        })
+    }
+
+    fn runtime(queue: Arc<dyn OutboundQueue>) -> Arc<SinkRuntime> {
+        let config = SinkConfig {
+            name: "s".into(),
+            kind: Some(SinkKind::Nats),
+            url: "nats://127.0.0.1:1".into(),
+            channels: vec!["c*".into()],
+            ..SinkConfig::default()
+        };
+        Arc::new(SinkRuntime {
+            queue,
+            wakeup: Arc::new(Wakeup::default()),
+            sinks: vec![RunningSink {
+                config,
+                sink: Arc::new(Nowhere),
+                stats: Arc::new(SinkStats::default()),
+            }],
+            sequence: sequence::ChannelSequence::default(),
+            enqueue_errors: AtomicU64::new(0),
+            stop: watch::channel(false).0,
+        })
+    }
+
+    async fn publish(node: &Node, channel: &str, n: u64) -> u64 {
+        let data = Payload::Json(bytes::Bytes::from(format!("{{\"n\":{n}}}")));
+        let result = node
+            .publish(PublishRequest::new(channel, data))
+            .await
+            .expect("publish");
+        result.position.expect("stored").offset
+    }
+
+    /// The offsets of the sink's jobs for `channel`, in the order the queue hands them out.
+    async fn queued_offsets(queue: &Arc<dyn OutboundQueue>, channel: &str) -> Vec<u64> {
+        let mut offsets = Vec::new();
+        loop {
+            let jobs = queue
+                .claim(&job_kind("s"), 10, Duration::from_secs(5), now_ms())
+                .await
+                .expect("claim");
+            let Some(job) = jobs.into_iter().find(|job| job.recipient == channel) else {
+                return offsets;
+            };
+            let message = SinkMessage::from_payload(&job.payload).expect("payload");
+            offsets.push(message.offset);
+            let finished = herald_core::outbound::Finished {
+                id: job.id,
+                attempt: job.attempt,
+                outcome: herald_core::outbound::Outcome::Sent {
+                    detail: String::new(),
+                },
+            };
+            queue
+                .finish(vec![finished], now_ms())
+                .await
+                .expect("finish");
+        }
+    }
+
+    #[tokio::test]
+    async fn publications_stored_but_never_queued_are_caught_up_in_order_once() {
+        let node = node();
+        let queue: Arc<dyn OutboundQueue> = Arc::new(MemoryOutboundQueue::new());
+        let runtime = runtime(queue.clone());
+        // Offsets 1 and 2 were queued before the "crash"; 3 was stored but never queued.
+        for n in 1..=3 {
+            publish(&node, "c1", n).await;
+        }
+        let epoch = node
+            .history("c1", herald_core::HistoryQuery::default())
+            .await
+            .expect("history")
+            .position
+            .epoch;
+        let queued_before: Vec<NewJob> = [1u64, 2]
+            .iter()
+            .flat_map(|&offset| {
+                let message = SinkMessage {
+                    channel: "c1".into(),
+                    epoch: epoch.clone(),
+                    offset,
+                    time_ms: now_ms(),
+                    data: bytes::Bytes::new(),
+                    binary: false,
+                    tags: Default::default(),
+                };
+                runtime.jobs(&message, now_ms())
+            })
+            .collect();
+        queue.enqueue(queued_before).await.expect("enqueue");
+        // The restarted node observes again; its first publication on c1 is offset 4.
+        node.observe_publications(Arc::new(SinkObserver {
+            runtime: runtime.clone(),
+            node: node.clone(),
+        }));
+        assert_eq!(publish(&node, "c1", 4).await, 4);
+        assert_eq!(publish(&node, "c1", 5).await, 5);
+        // 1 and 2 once (queued before), then the caught-up 3, then 4 and 5.
+        assert_eq!(queued_offsets(&queue, "c1").await, vec![1, 2, 3, 4, 5]);
+    }
+}
