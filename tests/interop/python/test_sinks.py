@@ -202,8 +202,20 @@ def sink_metric(herald: HeraldInstance, name: str, sink: str) -> float:
     return 0.0
 
 
-def herald_with_sink(root: Path, sink_toml: str) -> HeraldInstance:
-    herald = HeraldInstance(root, extra_config=f"\n{sink_toml}")
+def sink_toml(kind: str, url: str, pattern: str, name: str = "", **fields: str) -> str:
+    """A `[[sinks]]` entry with the tests' short timings (`name` random when empty)."""
+    lines = [
+        "[[sinks]]",
+        f'name = "{name or kind + "-" + random_token(6)}"',
+        f'kind = "{kind}"',
+        f'url = "{url}"',
+        f'channels = ["{pattern}"]',
+    ] + [f"{key} = {json.dumps(value)}" for key, value in fields.items()]
+    return "\n".join(lines) + "\n" + SINK_TIMINGS
+
+
+def herald_with_sink(root: Path, toml: str) -> HeraldInstance:
+    herald = HeraldInstance(root, extra_config=f"\n{toml}")
     herald.start()
     return herald
 
@@ -341,13 +353,7 @@ def kafka_snapshot(broker: Tansu, topic: str) -> List[Received]:
 
 
 def kafka_sink(broker_address: str, topic: str, channels_pattern: str, name: str = "") -> str:
-    return f"""[[sinks]]
-name = "{name or 'kafka-' + random_token(6)}"
-kind = "kafka"
-url = "{broker_address}"
-topic = "{topic}"
-channels = ["{channels_pattern}"]
-{SINK_TIMINGS}"""
+    return sink_toml("kafka", broker_address, channels_pattern, name, topic=topic)
 
 
 def count_at_least(n: int) -> Callable[[List[Received]], bool]:
@@ -483,14 +489,8 @@ def rabbit() -> Iterator[RabbitQueue]:
 
 
 def rabbit_sink(address: str, exchange: str, pattern: str, name: str = "") -> str:
-    return f"""[[sinks]]
-name = "{name or 'rabbit-' + random_token(6)}"
-kind = "rabbitmq"
-url = "amqp://guest:guest@{address}/%2f"
-exchange = "{exchange}"
-routing_key = "herald.{{channel}}"
-channels = ["{pattern}"]
-{SINK_TIMINGS}"""
+    return sink_toml("rabbitmq", f"amqp://guest:guest@{address}/%2f", pattern, name, exchange=exchange,
+                     routing_key="herald.{channel}")
 
 
 def test_rabbitmq_sink_delivers_each_channel_in_order_with_confirms(rabbit: RabbitQueue, tmp_path: Path) -> None:
@@ -626,13 +626,7 @@ def jetstream() -> Iterator[NatsStream]:
 
 
 def nats_sink(address: str, prefix: str, pattern: str, name: str = "") -> str:
-    return f"""[[sinks]]
-name = "{name or 'nats-' + random_token(6)}"
-kind = "nats"
-url = "nats://{address}"
-subject = "{prefix}.{{channel}}"
-channels = ["{pattern}"]
-{SINK_TIMINGS}"""
+    return sink_toml("nats", f"nats://{address}", pattern, name, subject=f"{prefix}.{{channel}}")
 
 
 def test_nats_jetstream_sink_delivers_each_channel_in_order_acked_by_the_stream(jetstream: NatsStream, tmp_path: Path) -> None:
