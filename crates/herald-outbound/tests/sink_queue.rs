@@ -69,6 +69,7 @@ async fn a_broker_outage_delays_deliveries_without_reordering_or_losing_any() {
     let handler = Arc::new(SinkHandler {
         sink: broker.clone(),
         stats: stats.clone(),
+        timeout: Duration::from_secs(5),
     });
     let wakeup = Arc::new(Wakeup::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -153,6 +154,7 @@ async fn a_rejected_message_fails_and_the_next_one_goes() {
     let handler = Arc::new(SinkHandler {
         sink: picky.clone(),
         stats: stats.clone(),
+        timeout: Duration::from_secs(5),
     });
     let jobs = (1..=3).map(|offset| job("p", "x", offset)).collect();
     queue.enqueue(jobs).await.expect("enqueue");

@@ -23,6 +23,7 @@ pub mod rabbitmq;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -170,6 +171,10 @@ pub struct SinkStats {
 pub struct SinkHandler {
     pub sink: Arc<dyn Sink>,
     pub stats: Arc<SinkStats>,
+    /// The most one run may take, connecting included: kept below the worker's lease, so a
+    /// job is never claimed again while its first run still goes on (which could reorder a
+    /// channel).
+    pub timeout: Duration,
 }
 
 #[async_trait]
@@ -182,7 +187,15 @@ impl JobHandler for SinkHandler {
                 return JobResult::Failed { reason };
             }
         };
-        match self.sink.publish(&job.id, &message).await {
+        let published = tokio::time::timeout(self.timeout, self.sink.publish(&job.id, &message))
+            .await
+            .unwrap_or_else(|_| {
+                Err(SinkError::Unavailable(format!(
+                    "no acknowledgement within {:?}",
+                    self.timeout
+                )))
+            });
+        match published {
             Ok(detail) => {
                 self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 JobResult::Done { detail }

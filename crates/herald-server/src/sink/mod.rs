@@ -208,6 +208,7 @@ impl SinkRuntime {
             let handler = Arc::new(SinkHandler {
                 sink: running.sink.clone(),
                 stats: running.stats.clone(),
+                timeout: c.timeout.as_duration(),
             });
             let mut stopped = self.stop.subscribe();
             tasks.spawn(run_worker(
