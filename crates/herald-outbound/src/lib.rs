@@ -16,6 +16,7 @@ pub mod fcm;
 pub mod push;
 mod push_http;
 pub mod sender;
+pub mod sink;
 pub mod webhook;
 pub mod webpush;
 pub mod worker;

@@ -170,7 +170,12 @@ pub async fn run_worker(
     // is written: the sends not yet recorded — what a crash could send twice — never exceed
     // `concurrency`.
     let (done_tx, done_rx) = mpsc::unbounded_channel::<(Finished, OwnedSemaphorePermit)>();
-    let recorder = tokio::spawn(record(queue.clone(), done_rx, config.kind.clone()));
+    let recorder = tokio::spawn(record(
+        queue.clone(),
+        done_rx,
+        config.kind.clone(),
+        wakeup.clone(),
+    ));
     let mut running = JoinSet::new();
     tokio::pin!(stop);
     loop {
@@ -271,6 +276,7 @@ async fn record(
     queue: Arc<dyn OutboundQueue>,
     mut done: mpsc::UnboundedReceiver<(Finished, OwnedSemaphorePermit)>,
     kind: String,
+    wakeup: Arc<Wakeup>,
 ) {
     const MAX_BATCH: usize = 1024;
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -291,6 +297,10 @@ async fn record(
             }
         }
         drop(permits);
+        // A finished job may have been holding back the next of its `order_key`: look for it
+        // now rather than at the next poll (which would cap an ordered stream at one job per
+        // poll interval).
+        wakeup.wake();
     }
 }
 

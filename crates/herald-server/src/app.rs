@@ -59,6 +59,8 @@ pub struct AppState {
     pub webhooks: Option<Arc<crate::webhook::WebhookRuntime>>,
     /// The one outbound queue and the stores beside it, when push or webhooks are on.
     pub outbound: Option<crate::outbound::OutboundStores>,
+    /// Delivery of publications to brokers, with enabled `[[sinks]]`.
+    pub sinks: Option<Arc<crate::sink::SinkRuntime>>,
 }
 
 /// The OpenAPI document of the server API (also at `docs/openapi.json`).
@@ -151,6 +153,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
     if let Some(webhooks) = &state.webhooks {
         state.metrics.record_webhooks(webhooks.stats());
+    }
+    if let Some(sinks) = &state.sinks {
+        let backlogs = sinks.backlogs().await;
+        state.metrics.record_sinks(sinks, &backlogs);
     }
     state.metrics.record_sources(&state.sources.stats());
     let body = state

@@ -59,6 +59,8 @@ pub enum BuildError {
     Sources(String),
     #[error("webhooks: {0}")]
     Webhooks(String),
+    #[error("sinks: {0}")]
+    Sink(String),
 }
 
 /// The objects that build without side effects (no file written, no socket, no runtime).
@@ -78,6 +80,7 @@ fn parts(config: &Config) -> Result<Parts, BuildError> {
         crate::push::senders(&config.push).map_err(BuildError::Push)?;
     }
     crate::bridge::check(&config.sources).map_err(BuildError::Sources)?;
+    crate::sink::check(&config.sinks).map_err(BuildError::Sink)?;
     let tls = match config.server.tls_files() {
         Some((cert, key)) => {
             crate::tls::install_crypto_provider();
@@ -295,6 +298,13 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
     let push = build_push(&config, outbound.as_ref(), push_events)?;
     let sources =
         crate::bridge::Sources::new(&config.sources, node.uid()).map_err(BuildError::Sources)?;
+    let sinks = build_sinks(&config, outbound.as_ref()).await?;
+    if let Some(sinks) = &sinks {
+        node.observe_publications(Arc::new(crate::sink::SinkObserver {
+            runtime: sinks.clone(),
+            node: node.clone(),
+        }));
+    }
     let client_methods = push.clone().map(|push| {
         let live = Arc::new(crate::push::live::LiveFirst {
             push: push.clone(),
@@ -314,6 +324,7 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
         sources,
         webhooks,
         outbound,
+        sinks,
         node,
         cluster,
         api_keys: parking_lot::RwLock::new(parts.api_keys),
@@ -350,7 +361,8 @@ fn build_outbound(
     config: &Config,
     cluster: Option<&Arc<Cluster>>,
 ) -> Result<Option<OutboundStores>, BuildError> {
-    if !(config.push.enabled || config.webhooks.enabled) {
+    let sinks = config.sinks.iter().any(|sink| sink.enabled);
+    if !(config.push.enabled || config.webhooks.enabled || sinks) {
         return Ok(None);
     }
     let stores = match config.storage.engine {
@@ -365,6 +377,20 @@ fn build_outbound(
     Ok(Some(stores))
 }
 
+/// The sinks and their workers, with enabled `[[sinks]]`, on the outbound queue.
+async fn build_sinks(
+    config: &Config,
+    outbound: Option<&OutboundStores>,
+) -> Result<Option<Arc<crate::sink::SinkRuntime>>, BuildError> {
+    let Some(stores) = outbound else {
+        return Ok(None);
+    };
+    let runtime = crate::sink::SinkRuntime::build(&config.sinks, stores.queue.clone())
+        .await
+        .map_err(BuildError::Sink)?;
+    Ok(runtime.map(Arc::new))
+}
+
 /// How long finished outbound jobs are kept: the longest any enabled part asks for.
 pub fn outbound_retention(config: &Config) -> Option<crate::outbound::Retention> {
     let push = config.push.enabled.then(|| crate::outbound::Retention {
@@ -375,10 +401,21 @@ pub fn outbound_retention(config: &Config) -> Option<crate::outbound::Retention>
         keep: config.webhooks.status_retention.as_duration(),
         every: config.webhooks.maintenance_interval.as_duration(),
     });
-    match (push, webhooks) {
-        (Some(a), Some(b)) => Some(a.merge(b)),
-        (a, b) => a.or(b),
-    }
+    // Finished sink jobs are kept a day: after a crash a sink re-queues up to an hour of a
+    // channel's publications by job id, and only ids still known are skipped.
+    let sinks =
+        config
+            .sinks
+            .iter()
+            .any(|sink| sink.enabled)
+            .then_some(crate::outbound::Retention {
+                keep: std::time::Duration::from_secs(24 * 3600),
+                every: std::time::Duration::from_secs(600),
+            });
+    [push, webhooks, sinks]
+        .into_iter()
+        .flatten()
+        .reduce(crate::outbound::Retention::merge)
 }
 
 /// The push runtime, with `[push] enabled = true`, on the server's outbound stores.

@@ -43,6 +43,8 @@ pub struct Config {
     pub sources: Vec<crate::bridge::config::SourceConfig>,
     /// Signed webhooks to the endpoints in `[[webhooks.endpoints]]` and the server API's.
     pub webhooks: crate::webhook::WebhooksConfig,
+    /// Brokers publications are delivered to (`[[sinks]]`: Kafka, RabbitMQ, NATS).
+    pub sinks: Vec<crate::sink::SinkConfig>,
 }
 
 /// `[proxy]`: HTTP endpoints of the application's backend (Centrifugo's proxy format). An
@@ -557,6 +559,7 @@ impl Config {
         self.push.validate().map_err(ConfigError::Invalid)?;
         crate::bridge::config::validate(&self.sources).map_err(ConfigError::Invalid)?;
         self.webhooks.validate().map_err(ConfigError::Invalid)?;
+        crate::sink::config::validate(&self.sinks).map_err(ConfigError::Invalid)?;
         let cert = !self.server.tls_cert_file.as_os_str().is_empty();
         let key = !self.server.tls_key_file.as_os_str().is_empty();
         if cert != key {

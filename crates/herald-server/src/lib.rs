@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod push;
 pub mod secrets;
 pub mod server;
+pub mod sink;
 pub mod tls;
 pub mod token;
 pub mod webhook;

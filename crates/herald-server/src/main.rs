@@ -422,6 +422,14 @@ join_leave = true
 # events = ["publication"]
 # channels = ["orders:*"]
 # secrets = ["{webhook_secret}"]
+# Sinks (docs/integrations.md): publications on matching channels delivered to a broker, in
+# order per channel, at least once. Uncomment to enable; one [[sinks]] per destination.
+# [[sinks]]
+# name = "orders-kafka"
+# kind = "kafka"                 # or "rabbitmq", "nats"
+# url = "127.0.0.1:9092"         # amqp://user:pass@host:5672/%2f, nats://host:4222
+# topic = "herald.orders"        # rabbitmq: exchange = "…" and routing_key = "{{channel}}"
+# channels = ["orders:*"]        # nats: subject = "herald.{{channel}}"
 "#,
         api_key = random_secret(32),
         hmac = random_secret(48),

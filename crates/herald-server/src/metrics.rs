@@ -18,6 +18,9 @@ const METADATA: Metadata<'static> = Metadata::new("herald", Level::INFO, Some(mo
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Job kinds the queue reported due before: reported as 0 once none is due (the queue
+    /// leaves them out), so a lag gauge falls back instead of keeping its last value.
+    due_kinds: parking_lot::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -44,7 +47,11 @@ impl Metrics {
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        Self { recorder, handle }
+        Self {
+            recorder,
+            handle,
+            due_kinds: Default::default(),
+        }
     }
 
     fn counter(&self, name: &'static str, labels: Vec<Label>) -> metrics::Counter {
@@ -162,9 +169,57 @@ impl Metrics {
         }
     }
 
-    /// Jobs due per kind in the one outbound queue (push, webhooks, …): its lag.
+    /// Sink counters per sink, and each sink's backlog (publications its broker has not
+    /// acknowledged yet).
+    pub fn record_sinks(
+        &self,
+        sinks: &crate::sink::SinkRuntime,
+        backlogs: &[(&str, crate::sink::SinkKind, Option<u64>)],
+    ) {
+        for (name, kind, backlog) in backlogs {
+            if let Some(backlog) = backlog {
+                self.recorder
+                    .register_gauge(
+                        &Key::from_parts(
+                            "herald_sink_backlog",
+                            vec![
+                                Label::new("sink", name.to_string()),
+                                Label::new("broker", kind.as_str()),
+                            ],
+                        ),
+                        &METADATA,
+                    )
+                    .set(*backlog as f64);
+            }
+        }
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        for (name, kind, stats) in sinks.stats() {
+            let label = || {
+                vec![
+                    Label::new("sink", name.to_string()),
+                    Label::new("broker", kind.as_str()),
+                ]
+            };
+            self.counter("herald_sink_delivered_total", label())
+                .absolute(load(&stats.delivered));
+            self.counter("herald_sink_retried_total", label())
+                .absolute(load(&stats.retried));
+            self.counter("herald_sink_rejected_total", label())
+                .absolute(load(&stats.rejected));
+        }
+        self.counter("herald_sink_enqueue_errors_total", vec![])
+            .absolute(sinks.enqueue_errors());
+    }
+
+    /// The outbound queue's due jobs per kind (its lag).
     pub fn record_outbound_due(&self, due: &[(String, u64)]) {
-        for (kind, count) in due {
+        let mut kinds = self.due_kinds.lock();
+        kinds.extend(due.iter().map(|(kind, _)| kind.clone()));
+        for kind in kinds.iter() {
+            let count = due
+                .iter()
+                .find(|(due_kind, _)| due_kind == kind)
+                .map_or(0, |(_, count)| *count);
             self.recorder
                 .register_gauge(
                     &Key::from_parts(
@@ -173,7 +228,7 @@ impl Metrics {
                     ),
                     &METADATA,
                 )
-                .set(*count as f64);
+                .set(count as f64);
         }
     }
 

@@ -111,6 +111,7 @@ impl Server {
                     let _ = purge_stopped.await;
                 }))
             });
+        let mut sink_tasks = state.sinks.as_ref().map(|sinks| sinks.start());
         #[cfg(feature = "redis")]
         let heartbeat = tokio::spawn(crate::cluster::Cluster::run(state.clone()));
         let mut serving = tokio::spawn(crate::app::serve(listener, state.clone(), stop));
@@ -139,15 +140,26 @@ impl Server {
                 tracing::warn!(%error, "could not leave the node registry");
             }
         }
-        // Sends in flight finish and are recorded; what is still queued stays queued.
-        let outbound_drain = drain_timeout.max(Duration::from_secs(1));
-        if let (Some(push), Some(tasks)) = (&state.push, push_tasks.as_mut()) {
+        // Every outbound worker stops claiming first, then its sends in flight finish and are
+        // recorded; what is still queued stays queued.
+        if let Some(push) = &state.push {
             push.stop();
-            drain_outbound("push sends", tasks, outbound_drain).await;
         }
-        if let (Some(webhooks), Some(tasks)) = (&state.webhooks, webhook_tasks.as_mut()) {
+        if let Some(webhooks) = &state.webhooks {
             webhooks.stop();
-            drain_outbound("webhook deliveries", tasks, outbound_drain).await;
+        }
+        if let Some(sinks) = &state.sinks {
+            sinks.stop();
+        }
+        let outbound_drain = drain_timeout.max(Duration::from_secs(1));
+        for (tasks, what) in [
+            (push_tasks.as_mut(), "push sends"),
+            (webhook_tasks.as_mut(), "webhook deliveries"),
+            (sink_tasks.as_mut(), "sink deliveries"),
+        ] {
+            if let Some(tasks) = tasks {
+                drain_outbound(what, tasks, outbound_drain).await;
+            }
         }
         let _ = purge_stop.send(());
         if let Some(purge) = purge {
