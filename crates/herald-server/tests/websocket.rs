@@ -524,7 +524,9 @@ async fn a_client_behind_a_backlog_is_not_taken_for_dead() {
     tokio::time::sleep_until(started + Duration::from_millis(5500)).await;
     let mut received = 0;
     let mut pongs = 0;
-    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    // Reading ~10 MB takes 2–6 s in a debug build on a busy 2-core machine; the window only
+    // bounds the test, what it checks is that no close (3012) comes while the client reads.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < until {
         let message = match tokio::time::timeout_at(until, socket.next()).await {
             Ok(message) => message,
