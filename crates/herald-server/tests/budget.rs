@@ -180,8 +180,8 @@ async fn stalled_readers_cannot_take_more_than_the_budget() {
 
     // Without the budget each stalled reader would hold what its socket does not take (the
     // kernel takes up to 4 MiB): measured, the peak grew by about 100 MiB (20 MiB with it
-    // when this test was written; 20–35 MiB in full `scripts/test` runs since the broker
-    // clients were linked in, 2026-12-07 — not explained yet, see the issue 15 note).
+    // when this test was written; 24–35 MiB with the workspace-built binary on a 2-core
+    // machine, measured 2026-12-07 at several commits — why it grew is not known yet).
     let peak = memory(server.pid(), "VmHWM:");
     let growth = peak.saturating_sub(baseline);
     // History is on disk (SQLite). The slack covers what the budget does not count: the
