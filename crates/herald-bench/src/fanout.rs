@@ -320,7 +320,10 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     let prefix = args.prefix.clone().unwrap_or_else(|| unique_prefix("fan"));
     let transport = args.target.transport(args.transport);
     let publish_url = args.peer.publish_url.as_deref().unwrap_or(&args.url[0]);
-    let publish_url = match publish_url.strip_prefix("nats://") {
+    let publish_url = match publish_url
+        .strip_prefix("nats://")
+        .or_else(|| publish_url.strip_prefix("mqtt://"))
+    {
         Some(rest) => format!("http://{rest}"),
         None => publish_url.to_owned(),
     };

@@ -7,6 +7,7 @@ mod ceiling;
 mod compare;
 mod fanout;
 mod idle;
+mod mqtt;
 mod peerpub;
 mod peersub;
 mod publish;

@@ -2,9 +2,11 @@
 //! and Socket.IO's `POST /pub/<channel>`, the signed Pusher API, Pushpin's publish endpoint
 //! with `http-stream` or `ws-message` items), how their replies are judged, and the NATS
 //! publisher (core protocol over TCP, `PUB` lines on one connection, open loop, then `PING`
-//! and its `PONG` to know every `PUB` was taken).
+//! and its `PONG` to know every `PUB` was taken), and the MQTT publisher (3.1.1 over TCP, one
+//! connection: at QoS 0 open loop then `PINGREQ`/`PINGRESP`, at QoS 1 each `PUBLISH` counted
+//! at its `PUBACK`, a bounded number in flight).
 //!
-//! Owns only the peers' wire formats and the NATS connection; the schedule and counting are
+//! Owns only the peers' wire formats and the NATS and MQTT connections; the schedule and counting are
 //! [`crate::publisher`]'s. May touch: the network (only the server it is given).
 
 use std::time::{Duration, Instant};
@@ -13,7 +15,8 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::publisher::{PublishKind, PublishOutcome, PublisherConfig, PushpinFormat};
+use crate::mqtt::{self, MqttEvent, MqttReader};
+use crate::publisher::{MqttPublish, PublishKind, PublishOutcome, PublisherConfig, PushpinFormat};
 use crate::push;
 use crate::rawhttp::{RawConnection, encode_request};
 
@@ -95,9 +98,16 @@ pub async fn probe(
     config: &PublisherConfig,
     channel: &str,
 ) -> anyhow::Result<()> {
-    if matches!(kind, PublishKind::Nats) {
-        let mut nats = NatsPublisher::connect(config).await?;
-        return nats.flush(Duration::from_secs(5)).await;
+    match kind {
+        PublishKind::Nats => {
+            let mut nats = NatsPublisher::connect(config).await?;
+            return nats.flush(Duration::from_secs(5)).await;
+        }
+        PublishKind::Mqtt(how) => {
+            let mut mqtt = MqttPublisher::connect(config, how).await?;
+            return mqtt.flush(Duration::from_secs(5)).await;
+        }
+        _ => {}
     }
     let mut connection = RawConnection::connect(config.addr)
         .await
@@ -239,6 +249,232 @@ pub async fn nats_run(
             outcome.final_offsets = sent;
         }
         Err(error) => outcome.error(format!("{error:#}")),
+    }
+    outcome
+}
+
+/// How long the MQTT publisher waits for the server's answers (CONNACK, the last PUBACKs,
+/// PINGRESP).
+const MQTT_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One MQTT connection that only publishes.
+struct MqttPublisher {
+    stream: TcpStream,
+    reader: MqttReader,
+}
+
+impl MqttPublisher {
+    /// Connects and waits for an accepting CONNACK.
+    async fn connect(config: &PublisherConfig, how: &MqttPublish) -> anyhow::Result<Self> {
+        let mut stream = TcpStream::connect(config.addr)
+            .await
+            .with_context(|| format!("cannot connect to the MQTT server at {}", config.addr))?;
+        stream.set_nodelay(true)?;
+        let mut hello = Vec::new();
+        let client_id = format!("herald-bench-publisher-{}", std::process::id());
+        mqtt::connect(&mut hello, &client_id, 60, how.password.as_deref());
+        stream.write_all(&hello).await?;
+        let mut publisher = Self {
+            stream,
+            reader: MqttReader::default(),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            for event in publisher.read(deadline).await? {
+                match event {
+                    MqttEvent::ConnAck { code: 0, .. } => return Ok(publisher),
+                    MqttEvent::ConnAck { code, .. } => {
+                        bail!("the MQTT server refused the publisher: CONNACK code {code}")
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The packets that arrived in the next read.
+    async fn read(&mut self, deadline: tokio::time::Instant) -> anyhow::Result<Vec<MqttEvent>> {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
+            .await
+            .context("the MQTT server did not answer in time")??;
+        if n == 0 {
+            bail!("the MQTT server closed the connection");
+        }
+        let mut events = Vec::new();
+        self.reader
+            .feed(&chunk[..n], &mut |event| events.push(event))
+            .map_err(anyhow::Error::msg)?;
+        Ok(events)
+    }
+
+    /// `PINGREQ`, then waits for the `PINGRESP`: the server has read everything sent before.
+    async fn flush(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        self.stream.write_all(&mqtt::PINGREQ).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.read(deadline).await?.contains(&MqttEvent::PingResp) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The MQTT publisher: publication j is due at `start + j / rate`, one `PUBLISH` on one
+/// connection (so they stay in order). At QoS 1 at most `inflight` wait for their `PUBACK`
+/// (a publication due while the window is full waits: the schedule's lag shows it) and the
+/// publications counted are the acknowledged ones; at QoS 0 a `PINGREQ` at the end confirms
+/// them all.
+pub async fn mqtt_run(
+    config: &PublisherConfig,
+    how: &MqttPublish,
+    start: Instant,
+    end: Instant,
+    window: (u64, u64),
+) -> PublishOutcome {
+    let mut outcome = PublishOutcome {
+        final_offsets: vec![0; config.channels.len()],
+        ..PublishOutcome::default()
+    };
+    let publisher = match MqttPublisher::connect(config, how).await {
+        Ok(publisher) => publisher,
+        Err(error) => {
+            outcome.error(format!("{error:#}"));
+            return outcome;
+        }
+    };
+    let MqttPublisher { stream, reader } = publisher;
+    let (mut read_half, mut write_half) = stream.into_split();
+    // QoS 1: the reader task gives a permit back per PUBACK (servers acknowledge QoS 1
+    // publishes in the order they were received, so a count is enough).
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(how.inflight.max(1)));
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (ping_tx, mut ping_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let reader_task = tokio::spawn({
+        let permits = permits.clone();
+        let acked = acked.clone();
+        let mut reader = reader;
+        async move {
+            let mut chunk = vec![0u8; 8192];
+            loop {
+                let n = match read_half.read(&mut chunk).await {
+                    Ok(0) => return Some("the MQTT server closed the connection".to_owned()),
+                    Ok(n) => n,
+                    Err(e) => return Some(format!("MQTT read: {e}")),
+                };
+                let fed = reader.feed(&chunk[..n], &mut |event| match event {
+                    MqttEvent::PubAck { .. } => {
+                        acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        permits.add_permits(1);
+                    }
+                    MqttEvent::PingResp => {
+                        let _ = ping_tx.send(());
+                    }
+                    _ => {}
+                });
+                if let Err(error) = fed {
+                    return Some(error);
+                }
+            }
+        }
+    });
+    let interval = 1.0 / config.rate;
+    let mut sent = vec![0u64; config.channels.len()];
+    let mut in_window = 0;
+    let mut packet = Vec::with_capacity(config.payload + 64);
+    let mut packet_id: u16 = 0;
+    let mut failure = None;
+    for j in 0u64.. {
+        let due = start + Duration::from_secs_f64(j as f64 * interval);
+        if due >= end {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        // QoS 1: a place in the window, given back by its PUBACK (or here, if it goes unused).
+        let permit = if how.qos > 0 {
+            match tokio::time::timeout_at(end.into(), permits.acquire()).await {
+                Ok(Ok(permit)) => Some(permit),
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    outcome.unsent_late += 1;
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let now = Instant::now();
+        if now >= end {
+            outcome.unsent_late += 1;
+            continue;
+        }
+        let lag = now.saturating_duration_since(due).as_micros();
+        outcome.max_lag_us = outcome
+            .max_lag_us
+            .max(u64::try_from(lag).unwrap_or(u64::MAX));
+        let (c, seq) = config.peer_publication(j);
+        let sent_ns = push::now_ns();
+        let data = push::seq_payload(sent_ns, seq, config.payload);
+        packet_id = packet_id.checked_add(1).unwrap_or(1);
+        packet.clear();
+        mqtt::publish(
+            &mut packet,
+            &config.channels[c],
+            data.as_bytes(),
+            how.qos,
+            packet_id,
+        );
+        if let Err(error) = write_half.write_all(&packet).await {
+            failure = Some(format!("MQTT write: {error}"));
+            break;
+        }
+        if let Some(permit) = permit {
+            permit.forget();
+        }
+        sent[c] += 1;
+        if sent_ns >= window.0 && sent_ns < window.1 {
+            in_window += 1;
+        }
+    }
+    let total: u64 = sent.iter().sum();
+    if failure.is_none() {
+        let confirmed = if how.qos > 0 {
+            // Every permit back: every PUBLISH acknowledged.
+            let all = u32::try_from(how.inflight.max(1)).unwrap_or(u32::MAX);
+            tokio::time::timeout(MQTT_ANSWER_TIMEOUT, permits.acquire_many(all))
+                .await
+                .is_ok_and(|permit| permit.is_ok())
+        } else {
+            write_half.write_all(&mqtt::PINGREQ).await.is_ok()
+                && tokio::time::timeout(MQTT_ANSWER_TIMEOUT, ping_rx.recv())
+                    .await
+                    .is_ok_and(|pong| pong.is_some())
+        };
+        if !confirmed {
+            failure = Some(format!(
+                "the MQTT server confirmed {} of {total} publications in time",
+                acked.load(std::sync::atomic::Ordering::Relaxed)
+            ));
+        }
+    }
+    let _ = write_half.write_all(&mqtt::DISCONNECT).await;
+    reader_task.abort();
+    if let Ok(Some(reason)) = reader_task.await
+        && failure.is_some()
+    {
+        failure = failure.map(|failure| format!("{failure} ({reason})"));
+    }
+    let acked = acked.load(std::sync::atomic::Ordering::Relaxed);
+    match failure {
+        None => {
+            outcome.publications = total;
+            outcome.publications_in_window = in_window;
+            outcome.final_offsets = sent;
+        }
+        Some(error) => {
+            outcome.publications = if how.qos > 0 { acked } else { 0 };
+            outcome.error(error);
+        }
     }
     outcome
 }

@@ -22,10 +22,17 @@
 //! - **Pushpin**, WebSocket: `/ws/<channel>` through Pushpin, which hands the opening to the
 //!   GRIP origin over WebSocket-over-HTTP; the origin subscribes the connection to the
 //!   channel and its first message is `subscribed`; after that it is read as **Plain**.
+//! - **MQTT** 3.1.1 over TCP (Mosquitto, Herald's MQTT listener): `CONNECT` (the token, if
+//!   any, as the password) and `SUBSCRIBE <channel>` at QoS 0 in one write, subscribed at the
+//!   `SUBACK`; every `PUBLISH` on the topic is one publication (QoS 1 ones are acknowledged);
+//!   a `PINGREQ` goes out every half keep-alive.
 
 use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::mqtt::{self, MqttEvent, MqttReader};
 use crate::push;
 use crate::sseclient::SseClient;
 use crate::worker::{Ctx, Transport, Ws};
@@ -34,6 +41,7 @@ use crate::worker::{Ctx, Transport, Ws};
 pub enum PeerConnection {
     Ws(Box<Ws>, Protocol),
     Sse(SseClient),
+    Mqtt(TcpStream, MqttReader),
 }
 
 /// Per-connection protocol state.
@@ -56,6 +64,7 @@ pub async fn setup(ctx: &Ctx, channel: &str) -> Result<PeerConnection, String> {
         Transport::Pusher => pusher_setup(ctx, channel).await,
         Transport::PushpinSse => pushpin_setup(ctx, channel).await,
         Transport::PushpinWs => pushpin_ws_setup(ctx, channel).await,
+        Transport::Mqtt => mqtt_setup(ctx, channel).await,
         Transport::Ws | Transport::Sse => Err("not a peer's transport".to_owned()),
     }
 }
@@ -278,10 +287,134 @@ async fn pushpin_ws_setup(ctx: &Ctx, channel: &str) -> Result<PeerConnection, St
     Ok(PeerConnection::Ws(Box::new(ws), Protocol::Plain))
 }
 
+/// MQTT keep-alive the subscribers ask for; they ping at half of it.
+const MQTT_KEEP_ALIVE_S: u16 = 60;
+
+/// The MQTT client id of subscriber `channel` in this process: unique per connection.
+fn mqtt_client_id(ctx: &Ctx, channel: &str) -> String {
+    let n = ctx.next_client_number();
+    format!("hb-{}-{n}-{channel}", std::process::id())
+}
+
+async fn mqtt_setup(ctx: &Ctx, channel: &str) -> Result<PeerConnection, String> {
+    let mut stream = ctx.connect().await?;
+    let mut hello = Vec::with_capacity(128);
+    mqtt::connect(
+        &mut hello,
+        &mqtt_client_id(ctx, channel),
+        MQTT_KEEP_ALIVE_S,
+        ctx.token.as_deref(),
+    );
+    mqtt::subscribe(&mut hello, 1, channel, 0);
+    stream
+        .write_all(&hello)
+        .await
+        .map_err(|e| format!("MQTT write: {e}"))?;
+    let mut reader = MqttReader::default();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("MQTT read while subscribing: {e}"))?;
+        if n == 0 {
+            return Err("the server closed the connection while subscribing".to_owned());
+        }
+        let mut outcome = None;
+        reader.feed(&chunk[..n], &mut |event| match event {
+            MqttEvent::ConnAck { code, .. } if code != 0 => {
+                outcome = Some(Err(format!("CONNACK refused the connection: code {code}")));
+            }
+            MqttEvent::SubAck { granted, .. } => {
+                outcome = Some(match granted.first() {
+                    Some(&qos) if qos < 0x80 => Ok(()),
+                    other => Err(format!("SUBACK refused the subscription: {other:?}")),
+                });
+            }
+            _ => {}
+        })?;
+        match outcome {
+            Some(Ok(())) => return Ok(PeerConnection::Mqtt(stream, reader)),
+            Some(Err(error)) => return Err(error),
+            None => {}
+        }
+    }
+}
+
+/// Reads MQTT publications until the connection ends; pings at half the keep-alive.
+async fn mqtt_run(
+    ctx: &Ctx,
+    slot: usize,
+    channel: &str,
+    mut stream: TcpStream,
+    mut reader: MqttReader,
+) {
+    let closed = |how: &str, error: Option<String>| {
+        ctx.state
+            .borrow_mut()
+            .on_closed(slot, how.to_owned(), error);
+    };
+    let mut ping = tokio::time::interval(std::time::Duration::from_secs(u64::from(
+        MQTT_KEEP_ALIVE_S / 2,
+    )));
+    ping.tick().await;
+    let mut chunk = vec![0u8; 4096];
+    let mut answer = Vec::new();
+    loop {
+        let n = tokio::select! {
+            read = stream.read(&mut chunk) => match read {
+                Ok(0) => return closed("eof", None),
+                Ok(n) => n,
+                Err(e) => return closed("error", Some(format!("read: {e}"))),
+            },
+            _ = ping.tick() => {
+                if let Err(e) = stream.write_all(&mqtt::PINGREQ).await {
+                    return closed("error", Some(format!("sending PINGREQ: {e}")));
+                }
+                continue;
+            }
+        };
+        let now = push::now_ns();
+        {
+            let mut state = ctx.state.borrow_mut();
+            let fed = reader.feed(&chunk[..n], &mut |event| match event {
+                MqttEvent::Publish {
+                    topic,
+                    payload,
+                    qos,
+                    packet_id,
+                } => {
+                    if qos > 0 {
+                        mqtt::puback(&mut answer, packet_id);
+                    }
+                    if topic == channel {
+                        state.on_peer_message(slot, &String::from_utf8_lossy(&payload), now);
+                    } else {
+                        state.on_foreign();
+                    }
+                }
+                MqttEvent::PingResp => state.on_ping(),
+                _ => {}
+            });
+            if let Err(error) = fed {
+                drop(state);
+                return closed("error", Some(error));
+            }
+        }
+        if !answer.is_empty() {
+            if let Err(e) = stream.write_all(&answer).await {
+                return closed("error", Some(format!("sending PUBACK: {e}")));
+            }
+            answer.clear();
+        }
+    }
+}
+
 /// Reads publications until the connection ends, answering the peer's pings.
 pub async fn run(ctx: &Ctx, slot: usize, channel: &str, connection: PeerConnection) {
     match connection {
         PeerConnection::Ws(ws, protocol) => ws_run(ctx, slot, channel, *ws, protocol).await,
+        PeerConnection::Mqtt(stream, reader) => mqtt_run(ctx, slot, channel, stream, reader).await,
         PeerConnection::Sse(mut client) => loop {
             let result = client
                 .read_events(&mut |_, data| {

@@ -40,6 +40,20 @@ pub enum PublishKind {
     Pushpin(PushpinFormat),
     /// NATS core protocol over TCP, `PUB` on one connection.
     Nats,
+    /// MQTT 3.1.1 over TCP, `PUBLISH` on one connection (Mosquitto, Herald's MQTT listener).
+    Mqtt(MqttPublish),
+}
+
+/// How the MQTT publisher publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttPublish {
+    /// The CONNECT password (Herald: a connection token allowed to publish).
+    pub password: Option<String>,
+    /// 0: fire and forget, a `PINGREQ`/`PINGRESP` at the end confirms the server read them
+    /// all. 1: every `PUBLISH` waits for its `PUBACK` (Herald sends it once the publication
+    /// is durable), at most `inflight` unacknowledged at a time.
+    pub qos: u8,
+    pub inflight: usize,
 }
 
 /// What a Pushpin publish item carries.
@@ -243,8 +257,12 @@ pub async fn run(
     if config.batch != 1 && !config.kind.takes_batches() {
         bail!(BATCH_ERROR);
     }
-    if matches!(config.kind, PublishKind::Nats) {
-        return Ok(peerpub::nats_run(&config, start, end, window).await);
+    match &config.kind {
+        PublishKind::Nats => return Ok(peerpub::nats_run(&config, start, end, window).await),
+        PublishKind::Mqtt(mqtt) => {
+            return Ok(peerpub::mqtt_run(&config, mqtt, start, end, window).await);
+        }
+        _ => {}
     }
     let outcome = Arc::new(Mutex::new(PublishOutcome {
         final_offsets: vec![0; config.channels.len()],

@@ -9,7 +9,7 @@
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::publisher::{PublishKind, PushpinFormat};
+use crate::publisher::{MqttPublish, PublishKind, PushpinFormat};
 use crate::pusher::PusherApp;
 use crate::worker::Transport;
 
@@ -36,6 +36,12 @@ pub enum Target {
     /// Pushpin: WebSocket through GRIP (the same origin, over WebSocket-over-HTTP), publishing
     /// `ws-message` items to the same endpoint.
     PushpinWs,
+    /// Mosquitto: MQTT 3.1.1 over TCP for subscribers and the publisher (`--url
+    /// http://HOST:PORT` names its MQTT port).
+    Mosquitto,
+    /// Herald's MQTT listener, like Mosquitto (`--token` for the subscribers,
+    /// `--mqtt-password` for the publisher).
+    HeraldMqtt,
 }
 
 impl Target {
@@ -49,6 +55,8 @@ impl Target {
             Self::Sockudo => "sockudo",
             Self::Pushpin => "pushpin",
             Self::PushpinWs => "pushpin-ws",
+            Self::Mosquitto => "mosquitto",
+            Self::HeraldMqtt => "herald-mqtt",
         }
     }
 
@@ -62,6 +70,7 @@ impl Target {
             Self::Sockudo => Transport::Pusher,
             Self::Pushpin => Transport::PushpinSse,
             Self::PushpinWs => Transport::PushpinWs,
+            Self::Mosquitto | Self::HeraldMqtt => Transport::Mqtt,
         }
     }
 
@@ -81,6 +90,14 @@ impl Target {
             Self::Nats => PublishKind::Nats,
             Self::Pushpin => PublishKind::Pushpin(PushpinFormat::HttpStream),
             Self::PushpinWs => PublishKind::Pushpin(PushpinFormat::WsMessage),
+            Self::Mosquitto | Self::HeraldMqtt => PublishKind::Mqtt(MqttPublish {
+                password: peer.mqtt_password.clone(),
+                qos: match peer.mqtt_qos {
+                    0 | 1 => peer.mqtt_qos,
+                    other => anyhow::bail!("--mqtt-qos {other}: the publisher speaks QoS 0 or 1"),
+                },
+                inflight: peer.mqtt_inflight.max(1),
+            }),
             Self::Sockudo => PublishKind::Pusher(PusherApp {
                 id: peer
                     .app_id
@@ -114,4 +131,13 @@ pub struct PeerArgs {
     /// Pusher application secret (Sockudo).
     #[arg(long, env = "PUSHER_APP_SECRET", hide_env_values = true)]
     pub app_secret: Option<String>,
+    /// MQTT: the publisher's QoS (0 or 1).
+    #[arg(long, default_value_t = 0)]
+    pub mqtt_qos: u8,
+    /// MQTT at QoS 1: publications awaiting their PUBACK at most.
+    #[arg(long, default_value_t = 256)]
+    pub mqtt_inflight: usize,
+    /// MQTT: the publisher's CONNECT password (Herald: a connection token that may publish).
+    #[arg(long, env = "HERALD_BENCH_MQTT_PASSWORD", hide_env_values = true)]
+    pub mqtt_password: Option<String>,
 }

@@ -60,6 +60,8 @@ pub enum Transport {
     PushpinSse,
     /// WebSocket through Pushpin (`/ws/<channel>`, subscribed by the GRIP origin).
     PushpinWs,
+    /// MQTT 3.1.1 over TCP, topic `<channel>` at QoS 0: Mosquitto, Herald's MQTT listener.
+    Mqtt,
 }
 
 impl Transport {
@@ -73,6 +75,7 @@ impl Transport {
             Self::Pusher => "pusher",
             Self::PushpinSse => "pushpin-sse",
             Self::PushpinWs => "pushpin-ws",
+            Self::Mqtt => "mqtt",
         }
     }
 
@@ -292,7 +295,10 @@ pub(crate) struct Ctx {
     source_ip: IpAddr,
     pub(crate) transport: Transport,
     pub(crate) app_key: Option<String>,
-    token: Option<String>,
+    /// The connection token: Herald's `connect`, the MQTT password.
+    pub(crate) token: Option<String>,
+    /// Numbers this process's connections (unique MQTT client ids).
+    client_numbers: Cell<u64>,
     connect_limit: Semaphore,
     connect_timeout: Duration,
     connect_only: bool,
@@ -302,6 +308,13 @@ pub(crate) struct Ctx {
 pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 impl Ctx {
+    /// 1, 2, … for this process's connections.
+    pub(crate) fn next_client_number(&self) -> u64 {
+        let n = self.client_numbers.get() + 1;
+        self.client_numbers.set(n);
+        n
+    }
+
     /// A TCP connection to the server from this worker's source address.
     pub(crate) async fn connect(&self) -> Result<TcpStream, String> {
         connect_from(self.source_ip, self.addr).await
@@ -358,6 +371,7 @@ async fn run_local(args: &WorkerArgs) -> anyhow::Result<()> {
         transport: args.transport,
         app_key: args.app_key.clone(),
         token: args.token.clone(),
+        client_numbers: Cell::new(0),
         connect_limit: Semaphore::new(args.share.connect_concurrency.max(1)),
         connect_timeout: args.connect_timeout,
         connect_only: args.connect_only,
