@@ -74,16 +74,12 @@ impl Metrics {
     }
 
     /// Counts one API request and its latency.
-    pub fn api_request(&self, method: &str, status: u16, elapsed: Duration) {
-        let method = if crate::api::methods::is_known(method) || method == "batch" {
-            method.to_owned()
-        } else {
-            "unknown".into()
-        };
+    pub fn api_request(&self, method: Option<crate::api::Method>, status: u16, elapsed: Duration) {
+        let method = method.map_or("unknown", crate::api::Method::name);
         self.counter(
             "herald_api_requests_total",
             vec![
-                Label::new("method", method.clone()),
+                Label::new("method", method),
                 Label::new("status", status.to_string()),
             ],
         )

@@ -1,0 +1,101 @@
+//! The server API over gRPC: Centrifugo's `CentrifugoApi` service (`proto/centrifugo/api.proto`,
+//! package `centrifugal.centrifugo.api`), a thin adapter over the typed API layer
+//! ([`crate::api`]), plus `grpc.health.v1` health checking and server reflection.
+//!
+//! Served on the HTTP listener itself (`[grpc_api] enabled = true`): gRPC is HTTP/2 with its
+//! own paths (`/centrifugal.centrifugo.api.CentrifugoApi/<Method>`), which the listener
+//! already speaks (h2c prior knowledge, and ALPN `h2` with TLS), so it shares the port, the
+//! TLS certificate, the connection limits and the graceful shutdown without a second
+//! listener to configure and secure. (Centrifugo uses a separate port; clients only need an
+//! address.)
+//!
+//! Requests carry the API key in metadata (`authorization: apikey <KEY>`, or `x-api-key`);
+//! scopes and the publish rate are the layer's, as on HTTP. A method that runs and fails
+//! answers with the response's `error` field, as Centrifugo does; everything that is not the
+//! method's answer is a gRPC status (see [`status`] and docs/grpc.md).
+//!
+//! May touch: the app state, through the API layer.
+
+pub mod codec;
+mod convert;
+mod service;
+
+use std::sync::Arc;
+
+use herald_core::error::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{CallError, Fault};
+use crate::app::AppState;
+
+/// The code generated from `proto/` at build time (see `build.rs`).
+pub mod proto {
+    #![allow(clippy::all, missing_docs, unreachable_pub)]
+    tonic::include_proto!("centrifugal.centrifugo.api");
+
+    /// Every published `.proto`, encoded, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("herald_descriptor");
+}
+
+/// The gRPC service name clients and health checks use.
+pub const API_SERVICE: &str = "centrifugal.centrifugo.api.CentrifugoApi";
+
+/// `[grpc_api]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcApiConfig {
+    /// Serve the gRPC API (and health, reflection) on the HTTP listener.
+    pub enabled: bool,
+}
+
+/// The gRPC routes, to merge into the HTTP router: the API (messages up to
+/// `server.max_body_size`, like an HTTP API body), health and reflection.
+pub fn router(state: Arc<AppState>) -> axum::Router {
+    let limit = state.config.server.max_body_size;
+    let api =
+        proto::centrifugo_api_server::CentrifugoApiServer::new(service::ApiService::new(state))
+            .max_decoding_message_size(limit);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // The API is served as long as the process is; readiness (engine, shutdown) is `/ready`.
+    // (The reporter's lock is fresh and uncontended: this completes at once.)
+    futures::executor::block_on(async {
+        for service in [API_SERVICE, ""] {
+            health
+                .set_service_status(service, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+    });
+    let mut routes = tonic::service::Routes::new(api).add_service(health_service);
+    // Both reflection versions: grpcurl asks v1 first, older tools only know v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => routes = routes.add_service(v1).add_service(v1alpha),
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::warn!(%error, "gRPC reflection is off: the descriptors do not load")
+        }
+    }
+    routes.into_axum_router()
+}
+
+/// What a failure that is not the method's own answer looks like to a gRPC client.
+pub fn status(error: CallError) -> tonic::Status {
+    let detail = error.error.detail;
+    match error.fault {
+        Fault::Unauthenticated => tonic::Status::unauthenticated(detail),
+        Fault::OutOfScope => tonic::Status::permission_denied(detail),
+        Fault::RateLimited => tonic::Status::resource_exhausted(detail),
+        // What tonic itself answers for a message over the size limit: one code for "too big".
+        Fault::TooLarge => tonic::Status::out_of_range(detail),
+        Fault::Malformed => tonic::Status::invalid_argument(detail),
+        Fault::UnknownMethod => tonic::Status::unimplemented(detail),
+        Fault::Method if error.error.unavailable => tonic::Status::unavailable(detail),
+        Fault::Method if error.error.code == ErrorCode::LimitExceeded => {
+            tonic::Status::resource_exhausted(detail)
+        }
+        Fault::Method => tonic::Status::invalid_argument(detail),
+    }
+}
