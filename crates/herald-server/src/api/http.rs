@@ -192,6 +192,7 @@ async fn handle_inner(
         &body
     };
     let params: &RawValue = serde_json::from_slice(body).map_err(|e| ApiError::bad_json(&e))?;
+    super::available(state, method)?;
     let request = Request::from_json(method, params).map_err(|e| ApiError::bad_json(&e))?;
     let reply = super::execute(state, &key, request).await?;
     Ok(match &reply {

@@ -65,7 +65,32 @@ methods! {
     WebhookReplay => "webhook_replay",
 }
 
+/// The service a method belongs to, which may be switched off in config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    Core,
+    /// `[push] enabled`.
+    Push,
+    /// `[webhooks] enabled`.
+    Webhooks,
+}
+
 impl Method {
+    /// The service behind this method.
+    pub fn service(self) -> Service {
+        use Method::*;
+        match self {
+            DeviceRegister | DeviceUpdate | DeviceRemove | DeviceList | DeviceTopicList
+            | DeviceTopicUpdate | UserTopicList | UserTopicUpdate | SendPushNotification
+            | CancelPush | UpdatePushStatus | PushStatus | DeviceRemovals => Service::Push,
+            WebhookEndpointCreate | WebhookEndpointUpdate | WebhookEndpointDelete
+            | WebhookEndpointList | WebhookDeliveries | WebhookAttempts | WebhookReplay => {
+                Service::Webhooks
+            }
+            _ => Service::Core,
+        }
+    }
+
     /// The method called `name`, if any.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL

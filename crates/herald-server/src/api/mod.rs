@@ -165,9 +165,24 @@ pub fn admit(state: &AppState, key: &KeyMatch, method: Method) -> Result<(), Cal
     Ok(())
 }
 
+/// Whether the service behind `method` is on (`[push]`, `[webhooks]`): answered before the
+/// parameters are decoded, so a client of a switched-off service learns that first (108).
+pub fn available(state: &AppState, method: Method) -> Result<(), CallError> {
+    match method.service() {
+        method::Service::Push if state.push.is_none() => {
+            Err(crate::push::api::not_enabled().into())
+        }
+        method::Service::Webhooks if state.webhooks.is_none() => {
+            Err(crate::webhook::api::not_enabled().into())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// [`admit`], then [`execute`].
 pub async fn call(state: &AppState, key: &KeyMatch, request: Request) -> Result<Reply, CallError> {
     admit(state, key, request.method())?;
+    available(state, request.method())?;
     execute(state, key, request).await
 }
 
@@ -248,6 +263,7 @@ async fn run_command(
 ) -> Result<(Method, Reply), HeraldError> {
     if let Some(method) = command.method {
         admit(state, key, method).map_err(|e| e.error)?;
+        available(state, method).map_err(|e| e.error)?;
     }
     let request = command.request?;
     let method = request.method();

@@ -44,7 +44,9 @@ impl ApiService {
     ) -> Result<pb::Reply, Status> {
         let key = self.key(request.metadata())?;
         api::admit(&self.state, &key, method).map_err(super::status)?;
-        let outcome = match decode(request.into_inner()) {
+        let outcome = match api::available(&self.state, method)
+            .and_then(|()| decode(request.into_inner()))
+        {
             Ok(request) => api::execute(&self.state, &key, request).await,
             Err(error) => Err(error),
         };

@@ -24,7 +24,7 @@ use super::WebhookRuntime;
 use crate::api::types::integer;
 use crate::app::AppState;
 
-fn not_enabled() -> HeraldError {
+pub(crate) fn not_enabled() -> HeraldError {
     HeraldError::new(
         ErrorCode::NotAvailable,
         "webhooks are not enabled ([webhooks] enabled = true)",
