@@ -83,10 +83,13 @@ impl Method {
             DeviceRegister | DeviceUpdate | DeviceRemove | DeviceList | DeviceTopicList
             | DeviceTopicUpdate | UserTopicList | UserTopicUpdate | SendPushNotification
             | CancelPush | UpdatePushStatus | PushStatus | DeviceRemovals => Service::Push,
-            WebhookEndpointCreate | WebhookEndpointUpdate | WebhookEndpointDelete
-            | WebhookEndpointList | WebhookDeliveries | WebhookAttempts | WebhookReplay => {
-                Service::Webhooks
-            }
+            WebhookEndpointCreate
+            | WebhookEndpointUpdate
+            | WebhookEndpointDelete
+            | WebhookEndpointList
+            | WebhookDeliveries
+            | WebhookAttempts
+            | WebhookReplay => Service::Webhooks,
             _ => Service::Core,
         }
     }

@@ -44,12 +44,11 @@ impl ApiService {
     ) -> Result<pb::Reply, Status> {
         let key = self.key(request.metadata())?;
         api::admit(&self.state, &key, method).map_err(super::status)?;
-        let outcome = match api::available(&self.state, method)
-            .and_then(|()| decode(request.into_inner()))
-        {
-            Ok(request) => api::execute(&self.state, &key, request).await,
-            Err(error) => Err(error),
-        };
+        let outcome =
+            match api::available(&self.state, method).and_then(|()| decode(request.into_inner())) {
+                Ok(request) => api::execute(&self.state, &key, request).await,
+                Err(error) => Err(error),
+            };
         match outcome {
             Ok(reply) => Ok(convert::reply(method, Ok(reply))),
             Err(error) if error.fault == Fault::Method && !error.error.unavailable => {

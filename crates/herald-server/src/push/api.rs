@@ -534,7 +534,8 @@ pub enum PushRequest {
     DeviceTopicUpdate(DeviceTopicUpdateParams),
     UserTopicList(UserTopicListParams),
     UserTopicUpdate(UserTopicUpdateParams),
-    SendPushNotification(SendPush),
+    // Boxed: far larger than the other requests.
+    SendPushNotification(Box<SendPush>),
     CancelPush(CancelParams),
     UpdatePushStatus(PushStatusUpdate),
     PushStatus(StatusParams),
@@ -695,7 +696,7 @@ pub async fn call(state: &AppState, request: PushRequest) -> Result<PushReply, H
             Ok(PushReply::Empty(Empty {}))
         }
         PushRequest::SendPushNotification(request) => {
-            let uid = push.service.send(request).await.map_err(push_error)?;
+            let uid = push.service.send(*request).await.map_err(push_error)?;
             Ok(PushReply::SendPushNotification(SendResult { uid }))
         }
         PushRequest::CancelPush(params) => {
