@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import importlib
 import json
+import re
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -26,6 +28,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect as ws_connect
 
+import conftest
 from conftest import REPO, HeraldInstance, random_token
 from push_fixtures import mint_token
 
@@ -443,3 +446,65 @@ def test_reflection_lists_and_describes_the_services(stack: Stack) -> None:
     described = database.FindFileContainingSymbol(SERVICE)
     assert described.package == "centrifugal.centrifugo.api"
     assert "PublishRequest" in [m.name for m in described.message_type]
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS: where the HTTP listener has it, gRPC has it (the same listener, ALPN h2)
+
+
+def openssl(args: list, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_certificates(directory: Path) -> None:
+    """A test CA and a certificate for 127.0.0.1 signed by it, made at run time."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl(["req", "-x509", *ec, "-days", "1", "-subj", "/CN=herald-test-ca", "-keyout", "ca.key", "-out", "ca.pem"], directory)
+    (directory / "leaf.ext").write_text(
+        "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+    )
+    openssl(["req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", "key.pem", "-out", "leaf.csr"], directory)
+    openssl(
+        ["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+         "-extfile", "leaf.ext", "-out", "cert.pem"],
+        directory,
+    )
+
+
+def test_grpc_over_tls_on_the_https_listener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "stubs").mkdir()
+    pb, pb_grpc = compile_stubs(tmp_path / "stubs")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    make_certificates(certs)
+    extra = f"""
+[grpc_api]
+enabled = true
+
+[server]
+tls_cert_file = {json.dumps(str(certs / "cert.pem"))}
+tls_key_file = {json.dumps(str(certs / "key.pem"))}
+"""
+    monkeypatch.setattr(conftest, "LISTENING", re.compile(r"listening on (https://\S+)"))
+    herald = HeraldInstance(tmp_path / "herald", extra_config=extra)
+    herald.start()
+    try:
+        target = herald.url.removeprefix("https://")
+        credentials = grpc.ssl_channel_credentials(root_certificates=(certs / "ca.pem").read_bytes())
+        metadata = (("authorization", f"apikey {herald.api_key}"),)
+        with grpc.secure_channel(target, credentials) as channel:
+            api = pb_grpc.CentrifugoApiStub(channel)
+            reply = api.Publish(pb.PublishRequest(channel="tls", data=b"1"), metadata=metadata, timeout=10)
+            assert reply.result.offset == 1
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        # Cleartext to the TLS listener does not work, and a client that does not trust the CA
+        # is refused.
+        with grpc.insecure_channel(target) as channel:
+            code, _ = status_of(lambda: pb_grpc.CentrifugoApiStub(channel).Info(pb.InfoRequest(), metadata=metadata, timeout=5))
+            assert code == grpc.StatusCode.UNAVAILABLE
+        with grpc.secure_channel(target, grpc.ssl_channel_credentials()) as channel:
+            code, _ = status_of(lambda: pb_grpc.CentrifugoApiStub(channel).Info(pb.InfoRequest(), metadata=metadata, timeout=5))
+            assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        herald.stop()
