@@ -8,7 +8,10 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     println!("cargo:rerun-if-changed={}", root.display());
-    let descriptors = protox::compile(["centrifugo/api.proto"], [&root])?;
+    let descriptors = protox::compile(
+        ["centrifugo/api.proto", "centrifugo/unistream.proto"],
+        [&root],
+    )?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out.join("herald_descriptor.bin"),

@@ -432,7 +432,7 @@ def test_oversized_messages_are_out_of_range(stack: Stack) -> None:
 
 def test_health_checking(stack: Stack) -> None:
     health = health_pb2_grpc.HealthStub(stack.channel)
-    for service in ("", SERVICE):
+    for service in ("", SERVICE, "centrifugal.centrifugo.unistream.CentrifugoUniStream"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     code, _ = status_of(lambda: health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10))
@@ -442,7 +442,7 @@ def test_health_checking(stack: Stack) -> None:
 def test_reflection_lists_and_describes_the_services(stack: Stack) -> None:
     database = ProtoReflectionDescriptorDatabase(stack.channel)
     services = set(database.get_services())
-    assert {SERVICE, "grpc.health.v1.Health"} <= services
+    assert {SERVICE, "centrifugal.centrifugo.unistream.CentrifugoUniStream", "grpc.health.v1.Health"} <= services
     described = database.FindFileContainingSymbol(SERVICE)
     assert described.package == "centrifugal.centrifugo.api"
     assert "PublishRequest" in [m.name for m in described.message_type]

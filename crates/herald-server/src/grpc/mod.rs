@@ -19,6 +19,7 @@
 pub mod codec;
 mod convert;
 mod service;
+mod unistream;
 
 use std::sync::Arc;
 
@@ -37,8 +38,16 @@ pub mod proto {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("herald_descriptor");
 }
 
+/// The code generated from `proto/centrifugo/unistream.proto`.
+pub mod uniproto {
+    #![allow(clippy::all, missing_docs, unreachable_pub)]
+    tonic::include_proto!("centrifugal.centrifugo.unistream");
+}
+
 /// The gRPC service name clients and health checks use.
 pub const API_SERVICE: &str = "centrifugal.centrifugo.api.CentrifugoApi";
+/// The server-streaming subscription service.
+pub const UNI_STREAM_SERVICE: &str = "centrifugal.centrifugo.unistream.CentrifugoUniStream";
 
 /// `[grpc_api]`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -52,20 +61,27 @@ pub struct GrpcApiConfig {
 /// `server.max_body_size`, like an HTTP API body), health and reflection.
 pub fn router(state: Arc<AppState>) -> axum::Router {
     let limit = state.config.server.max_body_size;
+    let realtime = state.realtime.clone();
     let api =
         proto::centrifugo_api_server::CentrifugoApiServer::new(service::ApiService::new(state))
             .max_decoding_message_size(limit);
+    let stream = uniproto::centrifugo_uni_stream_server::CentrifugoUniStreamServer::new(
+        unistream::UniStreamService::new(realtime),
+    )
+    .max_decoding_message_size(limit);
     let (health, health_service) = tonic_health::server::health_reporter();
     // The API is served as long as the process is; readiness (engine, shutdown) is `/ready`.
     // (The reporter's lock is fresh and uncontended: this completes at once.)
     futures::executor::block_on(async {
-        for service in [API_SERVICE, ""] {
+        for service in [API_SERVICE, UNI_STREAM_SERVICE, ""] {
             health
                 .set_service_status(service, tonic_health::ServingStatus::Serving)
                 .await;
         }
     });
-    let mut routes = tonic::service::Routes::new(api).add_service(health_service);
+    let mut routes = tonic::service::Routes::new(api)
+        .add_service(stream)
+        .add_service(health_service);
     // Both reflection versions: grpcurl asks v1 first, older tools only know v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
