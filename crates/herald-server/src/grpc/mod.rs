@@ -1,6 +1,8 @@
 //! The server API over gRPC: Centrifugo's `CentrifugoApi` service (`proto/centrifugo/api.proto`,
 //! package `centrifugal.centrifugo.api`), a thin adapter over the typed API layer
-//! ([`crate::api`]), plus `grpc.health.v1` health checking and server reflection.
+//! ([`crate::api`]); the server-streaming subscription `CentrifugoUniStream.Consume`
+//! ([`unistream`], `proto/centrifugo/unistream.proto`); `grpc.health.v1` health checking and
+//! server reflection.
 //!
 //! Served on the HTTP listener itself (`[grpc_api] enabled = true`): gRPC is HTTP/2 with its
 //! own paths (`/centrifugal.centrifugo.api.CentrifugoApi/<Method>`), which the listener
@@ -19,7 +21,7 @@
 pub mod codec;
 mod convert;
 mod service;
-mod unistream;
+pub mod unistream;
 
 use std::sync::Arc;
 
