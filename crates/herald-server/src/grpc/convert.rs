@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use herald_core::error::{ErrorCode, HeraldError};
-use herald_core::publication::{ClientInfo, Payload, Publication};
+use herald_core::publication::{ClientInfo, Publication};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
@@ -551,7 +551,8 @@ fn publish_result(r: PublishResult) -> pb::PublishResult {
     }
 }
 
-fn raw_bytes(raw: &Option<Box<RawValue>>) -> Vec<u8> {
+/// Optional JSON (a client's `conn_info`, `chan_info`) as the bytes of a proto field.
+pub(super) fn raw_bytes(raw: &Option<Box<RawValue>>) -> Vec<u8> {
     raw.as_ref()
         .map(|r| r.get().as_bytes().to_vec())
         .unwrap_or_default()
@@ -567,11 +568,8 @@ pub fn client_info(info: &ClientInfo) -> pb::ClientInfo {
 }
 
 pub fn publication(p: Publication) -> pb::Publication {
-    let data = match p.data {
-        Payload::Json(bytes) | Payload::Binary(bytes) => bytes.to_vec(),
-    };
     pb::Publication {
-        data,
+        data: p.data.bytes().to_vec(),
         info: p.info.as_deref().map(client_info),
         offset: p.offset,
         tags: p.tags,

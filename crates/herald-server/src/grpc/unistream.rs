@@ -20,7 +20,7 @@ use futures::Stream;
 use herald_core::ErrorCode;
 use herald_core::admission::Refusal;
 use herald_core::namespace::NamespaceOptions;
-use herald_core::publication::{ChannelEvent, ClientInfo, Payload, Publication};
+use herald_core::publication::{ChannelEvent, ClientInfo, Publication};
 use herald_transport::oneway::{OneWayRequest, OneWaySession, Started};
 use herald_transport::outbound::{CloseReason, EventEncoder, Frame, FramePosition};
 use herald_transport::realtime::RealtimeState;
@@ -127,28 +127,19 @@ fn refusal_status(refusal: &Refusal) -> Status {
 }
 
 fn client_info(info: &ClientInfo) -> pb::ClientInfo {
-    let raw = |value: &Option<Box<serde_json::value::RawValue>>| {
-        value
-            .as_ref()
-            .map(|r| r.get().as_bytes().to_vec())
-            .unwrap_or_default()
-    };
     pb::ClientInfo {
         user: info.user.clone(),
         client: info.client.clone(),
-        conn_info: raw(&info.conn_info),
-        chan_info: raw(&info.chan_info),
+        conn_info: super::convert::raw_bytes(&info.conn_info),
+        chan_info: super::convert::raw_bytes(&info.chan_info),
     }
 }
 
 fn publication_push(channel: &str, publication: &Publication) -> pb::Push {
-    let data = match &publication.data {
-        Payload::Json(bytes) | Payload::Binary(bytes) => bytes.to_vec(),
-    };
     pb::Push {
         channel: channel.to_owned(),
         r#pub: Some(pb::Publication {
-            data,
+            data: publication.data.bytes().to_vec(),
             info: publication.info.as_deref().map(client_info),
             offset: publication.offset,
             tags: publication.tags.clone(),
