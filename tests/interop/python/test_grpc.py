@@ -14,8 +14,10 @@ import base64
 import importlib
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, Tuple
@@ -506,5 +508,31 @@ tls_key_file = {json.dumps(str(certs / "key.pem"))}
         with grpc.secure_channel(target, grpc.ssl_channel_credentials()) as channel:
             code, _ = status_of(lambda: pb_grpc.CentrifugoApiStub(channel).Info(pb.InfoRequest(), metadata=metadata, timeout=5))
             assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        herald.stop()
+
+
+def test_health_turns_not_serving_when_shutdown_begins(tmp_path: Path) -> None:
+    herald = HeraldInstance(
+        tmp_path / "herald", extra_config='\n[grpc_api]\nenabled = true\n\n[server]\nshutdown_delay = "3s"\n'
+    )
+    process = herald.start()
+    try:
+        with grpc.insecure_channel(herald.url.removeprefix("http://")) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service=SERVICE)
+            assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            process.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 2
+            status = None
+            while time.monotonic() < deadline:
+                status = health.Check(request, timeout=5).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # Still answering during the shutdown delay, as /ready's 503 is.
+            assert requests.get(f"{herald.url}/ready", timeout=5).status_code == 503
+        assert process.proc.wait(timeout=15) == 0
     finally:
         herald.stop()

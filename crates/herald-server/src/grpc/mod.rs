@@ -64,6 +64,7 @@ pub struct GrpcApiConfig {
 pub fn router(state: Arc<AppState>) -> axum::Router {
     let limit = state.config.server.max_body_size;
     let realtime = state.realtime.clone();
+    let state_for_health = state.clone();
     let api =
         proto::centrifugo_api_server::CentrifugoApiServer::new(service::ApiService::new(state))
             .max_decoding_message_size(limit);
@@ -72,15 +73,11 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
     )
     .max_decoding_message_size(limit);
     let (health, health_service) = tonic_health::server::health_reporter();
-    // The API is served as long as the process is; readiness (engine, shutdown) is `/ready`.
-    // (The reporter's lock is fresh and uncontended: this completes at once.)
-    futures::executor::block_on(async {
-        for service in [API_SERVICE, UNI_STREAM_SERVICE, ""] {
-            health
-                .set_service_status(service, tonic_health::ServingStatus::Serving)
-                .await;
-        }
-    });
+    // Not serving until the server is ready; then in step with `/ready` (see below).
+    futures::executor::block_on(set_health(&health, false));
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(track_readiness(Arc::downgrade(&state_for_health), health));
+    }
     let mut routes = tonic::service::Routes::new(api)
         .add_service(stream)
         .add_service(health_service);
@@ -97,6 +94,45 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         }
     }
     routes.into_axum_router()
+}
+
+/// The services health checks name (`""` is the server as a whole).
+const HEALTH_SERVICES: [&str; 3] = [API_SERVICE, UNI_STREAM_SERVICE, ""];
+
+/// How often the health statuses are brought in step with readiness.
+const READINESS_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    for service in HEALTH_SERVICES {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// Keeps `grpc.health.v1` in step with `/ready`: SERVING while the server is ready and its
+/// engine reachable; NOT_SERVING from the moment shutdown begins (during
+/// `server.shutdown_delay`, so gRPC load balancers drain it too) and while the engine is
+/// unreachable. Ends with the server (its state is only held weakly).
+async fn track_readiness(
+    state: std::sync::Weak<AppState>,
+    health: tonic_health::server::HealthReporter,
+) {
+    let mut last = Some(false);
+    loop {
+        let Some(state) = state.upgrade() else { return };
+        let serving =
+            state.ready.load(std::sync::atomic::Ordering::Relaxed) && state.node.engine_healthy();
+        drop(state);
+        if last != Some(serving) {
+            set_health(&health, serving).await;
+            last = Some(serving);
+        }
+        tokio::time::sleep(READINESS_POLL).await;
+    }
 }
 
 /// What a failure that is not the method's own answer looks like to a gRPC client.
