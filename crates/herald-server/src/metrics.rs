@@ -95,6 +95,33 @@ impl Metrics {
             .record(elapsed.as_secs_f64());
     }
 
+    /// Counts one gRPC API call and its latency. `outcome`: `ok`, `error` (the method's own
+    /// error, in the response's `error` field) or the gRPC status code (`unauthenticated`, …).
+    pub fn grpc_request(
+        &self,
+        method: crate::api::Method,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
+        self.counter(
+            "herald_grpc_requests_total",
+            vec![
+                Label::new("method", method.name()),
+                Label::new("outcome", outcome),
+            ],
+        )
+        .increment(1);
+        self.recorder
+            .register_histogram(
+                &Key::from_parts(
+                    "herald_grpc_request_duration_seconds",
+                    vec![Label::new("method", method.name())],
+                ),
+                &METADATA,
+            )
+            .record(elapsed.as_secs_f64());
+    }
+
     /// The Prometheus text exposition, with node counters brought up to date.
     pub fn render(
         &self,

@@ -428,6 +428,32 @@ def test_oversized_messages_are_out_of_range(stack: Stack) -> None:
     assert stack.call("Publish", pb.PublishRequest(channel=ch, data=b"1")).result.offset == 1
 
 
+def grpc_metric(stack: Stack, method: str, outcome: str) -> float:
+    text = requests.get(f"{stack.herald.url}/metrics", timeout=10).text
+    pattern = re.compile(
+        r'^herald_grpc_requests_total\{(?=[^}]*method="%s")(?=[^}]*outcome="%s")[^}]*\} (\S+)$' % (method, outcome),
+        re.M,
+    )
+    match = pattern.search(text)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_calls_are_counted_by_method_and_outcome(stack: Stack) -> None:
+    pb = stack.pb
+    before = {key: grpc_metric(stack, *key) for key in
+              [("publish", "ok"), ("publish", "error"), ("info", "unauthenticated"), ("batch", "ok")]}
+    stack.call("Publish", pb.PublishRequest(channel=chan(), data=b"1"))
+    stack.call("Publish", pb.PublishRequest(channel="", data=b"1"))
+    stack.call("Publish", pb.PublishRequest(channel="", data=b"1"))
+    status_of(lambda: stack.api.Info(pb.InfoRequest(), timeout=10))
+    stack.call("Batch", pb.BatchRequest())
+    after = {key: grpc_metric(stack, *key) for key in before}
+    assert {key: after[key] - before[key] for key in before} == {
+        ("publish", "ok"): 1, ("publish", "error"): 2, ("info", "unauthenticated"): 1, ("batch", "ok"): 1}
+    text = requests.get(f"{stack.herald.url}/metrics", timeout=10).text
+    assert 'herald_grpc_request_duration_seconds_count{method="publish"}' in text
+
+
 # ---------------------------------------------------------------------------------------------
 # Health and reflection
 

@@ -35,8 +35,28 @@ impl ApiService {
     }
 
     /// Authenticates, admits `method`, decodes and runs: the method's outcome as a proto
-    /// `Reply`, or the status of a failure that is not the method's answer.
+    /// `Reply`, or the status of a failure that is not the method's answer. Counted in
+    /// `herald_grpc_requests_total`.
     async fn run<T>(
+        &self,
+        request: GrpcRequest<T>,
+        method: Method,
+        decode: fn(T) -> Result<Request, CallError>,
+    ) -> Result<pb::Reply, Status> {
+        let started = std::time::Instant::now();
+        let result = self.run_uncounted(request, method, decode).await;
+        let outcome = match &result {
+            Ok(reply) if reply.error.is_some() => "error",
+            Ok(_) => "ok",
+            Err(status) => code_name(status.code()),
+        };
+        self.state
+            .metrics
+            .grpc_request(method, outcome, started.elapsed());
+        result
+    }
+
+    async fn run_uncounted<T>(
         &self,
         request: GrpcRequest<T>,
         method: Method,
@@ -77,6 +97,23 @@ fn batch(request: pb::BatchRequest) -> Result<Request, CallError> {
     }))
 }
 
+/// A status code as a metrics label.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        InvalidArgument => "invalid_argument",
+        Unauthenticated => "unauthenticated",
+        PermissionDenied => "permission_denied",
+        ResourceExhausted => "resource_exhausted",
+        OutOfRange => "out_of_range",
+        Unimplemented => "unimplemented",
+        Unavailable => "unavailable",
+        Internal => "internal",
+        _ => "other",
+    }
+}
+
 fn not_in_herald(name: &str) -> Status {
     Status::unimplemented(format!("{name} is not available in Herald"))
 }
@@ -94,7 +131,13 @@ macro_rules! service {
                 &self,
                 request: GrpcRequest<pb::BatchRequest>,
             ) -> Result<Response<pb::BatchResponse>, Status> {
-                batch_response(self.run_batch(request).await?)
+                let started = std::time::Instant::now();
+                let result = self.run_batch(request).await;
+                let outcome = result.as_ref().map_or_else(|s| code_name(s.code()), |_| "ok");
+                self.state
+                    .metrics
+                    .grpc_request(Method::Batch, outcome, started.elapsed());
+                batch_response(result?)
             }
             $(
                 async fn $rpc(
