@@ -29,8 +29,8 @@ use tonic::{Request, Response, Status};
 
 use super::uniproto as pb;
 
-/// The transport's name, as the backend proxy and metrics see it.
-pub const TRANSPORT: &str = "grpc_unistream";
+/// The transport's name, as the backend proxy sees it (Centrifugo's name for it).
+pub const TRANSPORT: &str = "uni_grpc";
 
 /// Pushes waiting between the session's queue and the HTTP/2 stream.
 const STREAM_BUFFER: usize = 16;
