@@ -1,36 +1,23 @@
 //! Fuzz target `api_request`: server HTTP API request bodies (`POST /api/<method>`), decoded
-//! the way `herald_server::api` does before it calls the node: an all-whitespace body is `{}`,
-//! the body must be one JSON value, then the method's public request type from
-//! `api::types` (`batch`: `BatchParams`, then each command's own type), and for publish and
-//! broadcast `types::payload` turns `data` / `b64data` into the publication's payload.
-//! Never panics; `b64data` wins over `data` and yields exactly its decoded bytes; `data` is
-//! kept as the client's JSON text; a request with neither is refused.
+//! the way the HTTP adapter (`herald_server::api::http`) does before the typed layer runs
+//! them: an all-whitespace body is `{}`, the body must be one JSON value, then
+//! [`Request::from_json`] for the method (`batch`: each command decoded on its own), and for
+//! publish and broadcast `types::payload` turns `data` / `b64data` into the payload.
+//! Never panics; a decoded request calls the method it was decoded for; a batch command
+//! names a method other than `batch` exactly when it decoded or failed on its parameters;
+//! `b64data` wins over `data` and yields exactly its decoded bytes; `data` is kept as the
+//! client's JSON text; a request with neither is refused.
 //!
-//! Input: the first byte picks the method, the rest is the body.
+//! Input: the first byte picks the method (any of [`Method::ALL`]), the rest is the body.
 
 #![no_main]
 
 use base64::Engine as _;
 use herald_core::publication::Payload;
-use herald_server::api::methods;
-use herald_server::api::types::{
-    BatchParams, BroadcastParams, ChannelParams, ChannelsParams, EmptyParams, HistoryParams,
-    PublishParams, payload,
-};
+use herald_server::api::types::payload;
+use herald_server::api::{Method, Request};
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
-
-const METHODS: [&str; 9] = [
-    "publish",
-    "broadcast",
-    "history",
-    "history_remove",
-    "presence",
-    "presence_stats",
-    "channels",
-    "info",
-    "batch",
-];
 
 fn check_payload(data: Option<Box<RawValue>>, b64data: Option<String>) {
     let raw = data.as_ref().map(|d| d.get().to_owned());
@@ -53,32 +40,24 @@ fn check_payload(data: Option<Box<RawValue>>, b64data: Option<String>) {
     }
 }
 
-fn decode_params(method: &str, params: &RawValue) {
-    let text = params.get();
-    match method {
-        "publish" => {
-            if let Ok(p) = serde_json::from_str::<PublishParams>(text) {
-                check_payload(p.data, p.b64data);
+fn check_request(method: Method, request: Request) {
+    assert_eq!(request.method(), method);
+    match request {
+        Request::Publish(p) => check_payload(p.data, p.b64data),
+        Request::Broadcast(p) => check_payload(p.data, p.b64data),
+        Request::Batch(batch) => {
+            for command in batch.commands {
+                match (command.method, command.request) {
+                    (Some(method), Ok(request)) => {
+                        assert_ne!(method, Method::Batch);
+                        check_request(method, request);
+                    }
+                    (Some(method), Err(_)) => assert_ne!(method, Method::Batch),
+                    (None, request) => assert!(request.is_err(), "a command without a method"),
+                }
             }
         }
-        "broadcast" => {
-            if let Ok(p) = serde_json::from_str::<BroadcastParams>(text) {
-                check_payload(p.data, p.b64data);
-            }
-        }
-        "history" => {
-            let _ = serde_json::from_str::<HistoryParams>(text);
-        }
-        "history_remove" | "presence" | "presence_stats" => {
-            let _ = serde_json::from_str::<ChannelParams>(text);
-        }
-        "channels" => {
-            let _ = serde_json::from_str::<ChannelsParams>(text);
-        }
-        "info" => {
-            let _ = serde_json::from_str::<EmptyParams>(text);
-        }
-        other => panic!("not a method: {other}"),
+        _ => {}
     }
 }
 
@@ -86,29 +65,16 @@ fuzz_target!(|data: &[u8]| {
     let Some((&pick, body)) = data.split_first() else {
         return;
     };
-    let method = METHODS[usize::from(pick) % METHODS.len()];
-    assert_eq!(methods::is_known(method), method != "batch");
+    let method = Method::ALL[usize::from(pick) % Method::ALL.len()];
+    assert_eq!(Method::from_name(method.name()), Some(method));
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         body
     };
-    if method == "batch" {
-        let Ok(batch) = serde_json::from_slice::<BatchParams>(body) else {
-            return;
-        };
-        for command in batch.commands {
-            let mut entries = command.into_iter();
-            if let (Some((method, params)), None) = (entries.next(), entries.next())
-                && method != "batch"
-                && methods::is_known(&method)
-            {
-                decode_params(&method, &params);
-            }
-        }
-        return;
-    }
-    if let Ok(params) = serde_json::from_slice::<&RawValue>(body) {
-        decode_params(method, params);
+    if let Ok(params) = serde_json::from_slice::<&RawValue>(body)
+        && let Ok(request) = Request::from_json(method, params)
+    {
+        check_request(method, request);
     }
 });

@@ -67,6 +67,8 @@ pub struct AppState {
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
 pub fn router(state: Arc<AppState>) -> Router {
+    let grpc_enabled = state.config.grpc_api.enabled;
+    let grpc_state = state.clone();
     let timeout = state.config.server.request_timeout.as_duration();
     let realtime = Router::new()
         .route("/connection/websocket", get(websocket_handler))
@@ -106,7 +108,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .with_state(state);
     // Real-time connections live long: the request timeout applies to the API only.
-    api.merge(realtime).fallback(not_found)
+    let router = api.merge(realtime);
+    // gRPC answers its own errors (as statuses) and is not a browser API: outside the
+    // timeout and origin layers.
+    let router = if grpc_enabled {
+        router.merge(crate::grpc::router(grpc_state))
+    } else {
+        router
+    };
+    router.fallback(not_found)
 }
 
 async fn health() -> Response {

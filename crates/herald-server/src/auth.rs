@@ -1,7 +1,7 @@
 //! Server API keys: kept only as SHA-256 digests and compared in constant time, so neither
 //! the key nor its length leaks through timing. Each key has a scope — `admin` (every
-//! method), `publish` (`publish`, `broadcast`) or `read` (`history`, `presence`,
-//! `presence_stats`, `channels`, `info`) — and a name for logs.
+//! method), `publish` or `read` — and a name for logs; which methods a scope allows is
+//! decided in one place, [`crate::api::Method::allowed_for`].
 
 use std::sync::Arc;
 
@@ -26,20 +26,6 @@ impl std::fmt::Display for Scope {
             Self::Publish => "publish",
             Self::Read => "read",
         })
-    }
-}
-
-impl Scope {
-    /// Whether a key with this scope may call `method`.
-    pub fn allows(self, method: &str) -> bool {
-        match self {
-            Self::Admin => true,
-            Self::Publish => matches!(method, "publish" | "broadcast"),
-            Self::Read => matches!(
-                method,
-                "history" | "presence" | "presence_stats" | "channels" | "info"
-            ),
-        }
     }
 }
 
@@ -145,13 +131,5 @@ mod tests {
         assert!(keys.verify("first-key-012345678").is_none());
         assert!(keys.verify("").is_none());
         assert!(ApiKeys::default().verify("").is_none());
-    }
-
-    #[test]
-    fn scopes_allow_their_methods_only() {
-        assert!(Scope::Admin.allows("disconnect"));
-        assert!(Scope::Publish.allows("broadcast") && !Scope::Publish.allows("history"));
-        assert!(Scope::Read.allows("history") && !Scope::Read.allows("publish"));
-        assert!(!Scope::Read.allows("history_remove") && !Scope::Publish.allows("disconnect"));
     }
 }

@@ -45,6 +45,8 @@ pub struct Config {
     pub webhooks: crate::webhook::WebhooksConfig,
     /// Brokers publications are delivered to (`[[sinks]]`: Kafka, RabbitMQ, NATS).
     pub sinks: Vec<crate::sink::SinkConfig>,
+    /// The server API over gRPC, on the HTTP listener (`[grpc_api]`, docs/grpc.md).
+    pub grpc_api: crate::grpc::GrpcApiConfig,
 }
 
 /// `[proxy]`: HTTP endpoints of the application's backend (Centrifugo's proxy format). An

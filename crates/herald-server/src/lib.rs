@@ -12,6 +12,7 @@ pub mod build;
 pub mod cluster;
 pub mod config;
 pub mod forwarded;
+pub mod grpc;
 pub mod jwt;
 pub mod listener;
 pub mod metrics;

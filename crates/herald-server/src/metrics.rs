@@ -74,16 +74,12 @@ impl Metrics {
     }
 
     /// Counts one API request and its latency.
-    pub fn api_request(&self, method: &str, status: u16, elapsed: Duration) {
-        let method = if crate::api::methods::is_known(method) || method == "batch" {
-            method.to_owned()
-        } else {
-            "unknown".into()
-        };
+    pub fn api_request(&self, method: Option<crate::api::Method>, status: u16, elapsed: Duration) {
+        let method = method.map_or("unknown", crate::api::Method::name);
         self.counter(
             "herald_api_requests_total",
             vec![
-                Label::new("method", method.clone()),
+                Label::new("method", method),
                 Label::new("status", status.to_string()),
             ],
         )
@@ -93,6 +89,33 @@ impl Metrics {
                 &Key::from_parts(
                     "herald_api_request_duration_seconds",
                     vec![Label::new("method", method)],
+                ),
+                &METADATA,
+            )
+            .record(elapsed.as_secs_f64());
+    }
+
+    /// Counts one gRPC API call and its latency. `outcome`: `ok`, `error` (the method's own
+    /// error, in the response's `error` field) or the gRPC status code (`unauthenticated`, …).
+    pub fn grpc_request(
+        &self,
+        method: crate::api::Method,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
+        self.counter(
+            "herald_grpc_requests_total",
+            vec![
+                Label::new("method", method.name()),
+                Label::new("outcome", outcome),
+            ],
+        )
+        .increment(1);
+        self.recorder
+            .register_histogram(
+                &Key::from_parts(
+                    "herald_grpc_request_duration_seconds",
+                    vec![Label::new("method", method.name())],
                 ),
                 &METADATA,
             )

@@ -1,252 +1,191 @@
-//! One function per server API method, shared by the single-method endpoints and `batch`.
-//! Each decodes its parameters, calls the node facade and encodes its result.
+//! The core server API methods (publishing, history, presence, channels, info and the
+//! control commands): one typed function per method, called by the layer in [`super`] for
+//! every adapter. Each checks its parameters, calls the node facade (or applies a control
+//! command on every node) and returns its typed result.
+//!
+//! May touch: the node facade and the cluster control commands, through the app state.
 
 use std::collections::BTreeMap;
 
-use axum::http::StatusCode;
+use super::request::Reply;
+use super::types::*;
+use super::{CallError, ErrorBody};
+use crate::app::AppState;
+use crate::cluster::{ControlCommand, apply_everywhere, disconnect_reason};
 use herald_core::PublishRequest;
 use herald_core::error::{ErrorCode, HeraldError};
 use herald_core::node::Node;
 use herald_core::publication::StreamPosition;
 use herald_core::store::HistoryQuery;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
-
-use super::ApiError;
-use super::types::*;
-use crate::app::AppState;
-use crate::cluster::{ControlCommand, apply_everywhere, disconnect_reason};
-
-const METHODS: &[&str] = &[
-    "revoke_token",
-    "invalidate_user_tokens",
-    "disconnect",
-    "unsubscribe",
-    "publish",
-    "broadcast",
-    "history",
-    "history_remove",
-    "presence",
-    "presence_stats",
-    "channels",
-    "info",
-];
-
-pub fn is_known(method: &str) -> bool {
-    METHODS.contains(&method)
-        || crate::push::api::is_method(method)
-        || crate::webhook::api::is_method(method)
-}
-
-fn parse<T: DeserializeOwned>(params: &RawValue) -> Result<T, ApiError> {
-    serde_json::from_str(params.get()).map_err(|e| ApiError::bad_json(&e))
-}
-
-fn encode<T: Serialize>(value: &T) -> Result<Box<RawValue>, ApiError> {
-    serde_json::value::to_raw_value(value).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Internal,
-            e.to_string(),
-        )
-    })
-}
-
-fn node_err(error: HeraldError) -> ApiError {
-    ApiError::from_node(error)
-}
 
 /// How long a revocation is remembered without `expire_at`: a day (set `expire_at` to the
 /// latest `exp` of the tokens concerned when they live longer).
 const DEFAULT_REVOCATION_SECS: u64 = 24 * 3600;
 
-fn require_user(user: &str) -> Result<(), ApiError> {
+fn require_user(user: &str) -> Result<(), HeraldError> {
     if user.is_empty() {
-        return Err(node_err(HeraldError::bad_request("user is required")));
+        return Err(HeraldError::bad_request("user is required"));
     }
     Ok(())
 }
 
-fn require_channel(channel: &str) -> Result<(), ApiError> {
+fn require_channel(channel: &str) -> Result<(), HeraldError> {
     if channel.is_empty() {
-        return Err(node_err(HeraldError::bad_request("channel is required")));
+        return Err(HeraldError::bad_request("channel is required"));
     }
     Ok(())
 }
 
 /// A `push` section needs push notifications on: say so rather than ignore it.
-fn require_push_if_asked(state: &AppState, asked: bool) -> Result<(), ApiError> {
+fn require_push_if_asked(state: &AppState, asked: bool) -> Result<(), HeraldError> {
     if asked && state.push.is_none() {
-        return Err(node_err(crate::push::api::not_enabled()));
+        return Err(crate::push::api::not_enabled());
     }
     Ok(())
 }
 
-/// Runs `method` with `params`; the result is the method's result object.
-pub async fn call(
-    state: &AppState,
-    method: &str,
-    params: &RawValue,
-) -> Result<Box<RawValue>, ApiError> {
-    let node = &state.node;
-    match method {
-        "disconnect" => {
-            let params: DisconnectParams = parse(params)?;
-            require_user(&params.user)?;
-            let code = params.disconnect.map(|d| d.code);
-            let reason = disconnect_reason(code).map_err(node_err)?;
-            let command = ControlCommand::Disconnect {
-                user: params.user,
-                client: params.client,
-                whitelist: params.whitelist,
-                code: reason.code,
-            };
-            apply_everywhere(state, command).await.map_err(node_err)?;
-            encode(&EmptyResult {})
-        }
-        "revoke_token" => {
-            let params: RevokeTokenParams = parse(params)?;
-            if params.uid.is_empty() {
-                return Err(node_err(HeraldError::bad_request(
-                    "uid (the token's jti) is required",
-                )));
-            }
-            let now = herald_core::time::now_ms() / 1000;
-            let until = params.expire_at.unwrap_or(now + DEFAULT_REVOCATION_SECS);
-            let command = ControlCommand::RevokeToken {
-                uid: params.uid,
-                until,
-            };
-            apply_everywhere(state, command).await.map_err(node_err)?;
-            encode(&EmptyResult {})
-        }
-        "invalidate_user_tokens" => {
-            let params: InvalidateUserTokensParams = parse(params)?;
-            require_user(&params.user)?;
-            let now = herald_core::time::now_ms() / 1000;
-            let command = ControlCommand::InvalidateUser {
-                user: params.user,
-                before: params.issued_before.unwrap_or(now),
-                until: params.expire_at.unwrap_or(now + DEFAULT_REVOCATION_SECS),
-            };
-            apply_everywhere(state, command).await.map_err(node_err)?;
-            encode(&EmptyResult {})
-        }
-        "unsubscribe" => {
-            let params: UnsubscribeParams = parse(params)?;
-            require_user(&params.user)?;
-            require_channel(&params.channel)?;
-            // An unknown channel is the caller's mistake: say so rather than doing nothing.
-            node.resolve(&params.channel).map_err(node_err)?;
-            let command = ControlCommand::Unsubscribe {
-                user: params.user,
-                client: params.client,
-                channel: params.channel,
-            };
-            apply_everywhere(state, command).await.map_err(node_err)?;
-            encode(&EmptyResult {})
-        }
-        "publish" => {
-            let params: PublishParams = parse(params)?;
-            require_push_if_asked(state, params.push.is_some())?;
-            publish(node, params).await
-        }
-        "broadcast" => {
-            let params: BroadcastParams = parse(params)?;
-            require_push_if_asked(state, params.push.is_some())?;
-            broadcast(node, params).await
-        }
-        "history" => history(node, parse(params)?).await,
-        "history_remove" => {
-            let params: ChannelParams = parse(params)?;
-            require_channel(&params.channel)?;
-            node.remove_history(&params.channel)
-                .await
-                .map_err(node_err)?;
-            encode(&EmptyResult {})
-        }
-        "presence" => {
-            let params: ChannelParams = parse(params)?;
-            require_channel(&params.channel)?;
-            let presence = node.presence(&params.channel).await.map_err(node_err)?;
-            encode(&PresenceResult { presence })
-        }
-        "presence_stats" => {
-            let params: ChannelParams = parse(params)?;
-            require_channel(&params.channel)?;
-            let stats = node
-                .presence_stats(&params.channel)
-                .await
-                .map_err(node_err)?;
-            encode(&PresenceStatsResult::from(stats))
-        }
-        "channels" => {
-            let params: ChannelsParams = parse(params)?;
-            let pattern = params.pattern.as_deref();
-            #[allow(unused_mut)]
-            let mut counts = crate::cluster::channel_counts(state, pattern);
-            #[cfg(feature = "redis")]
-            if let Some(cluster) = &state.cluster {
-                counts = cluster.channels(state, pattern).await.map_err(node_err)?;
-            }
-            let channels: BTreeMap<String, ChannelInfo> = counts
-                .into_iter()
-                .map(|(name, num_clients)| (name, ChannelInfo { num_clients }))
-                .collect();
-            encode(&ChannelsResult { channels })
-        }
-        "info" => {
-            let _: EmptyParams = parse(params)?;
-            let mut result = NodeResult::from(node.info());
-            result.num_clients = state
-                .realtime
-                .connections
-                .load(std::sync::atomic::Ordering::Relaxed);
-            result.num_users = state.realtime.sessions.user_count() as u64;
-            #[allow(unused_mut)]
-            let mut nodes = vec![result];
-            #[cfg(feature = "redis")]
-            if let Some(cluster) = &state.cluster {
-                nodes = cluster
-                    .nodes(state)
-                    .await
-                    .into_iter()
-                    .map(NodeResult::from)
-                    .collect();
-            }
-            encode(&InfoResult { nodes })
-        }
-        push if crate::push::api::is_method(push) => {
-            crate::push::api::call(state, push, params).await
-        }
-        webhook if crate::webhook::api::is_method(webhook) => {
-            crate::webhook::api::call(state, webhook, params).await
-        }
-        other => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::MethodNotFound,
-            format!("no API method {other:?}"),
-        )),
-    }
+pub async fn disconnect(state: &AppState, params: DisconnectParams) -> Result<Reply, HeraldError> {
+    require_user(&params.user)?;
+    let code = params.disconnect.map(|d| d.code);
+    let reason = disconnect_reason(code)?;
+    let command = ControlCommand::Disconnect {
+        user: params.user,
+        client: params.client,
+        whitelist: params.whitelist,
+        code: reason.code,
+    };
+    apply_everywhere(state, command).await?;
+    Ok(Reply::Empty(EmptyResult {}))
 }
 
-/// Decodes `data`/`b64data` and applies the publication size limit (413 when over it).
+pub async fn revoke_token(
+    state: &AppState,
+    params: RevokeTokenParams,
+) -> Result<Reply, HeraldError> {
+    if params.uid.is_empty() {
+        return Err(HeraldError::bad_request(
+            "uid (the token's jti) is required",
+        ));
+    }
+    let now = herald_core::time::now_ms() / 1000;
+    let until = params.expire_at.unwrap_or(now + DEFAULT_REVOCATION_SECS);
+    let command = ControlCommand::RevokeToken {
+        uid: params.uid,
+        until,
+    };
+    apply_everywhere(state, command).await?;
+    Ok(Reply::Empty(EmptyResult {}))
+}
+
+pub async fn invalidate_user_tokens(
+    state: &AppState,
+    params: InvalidateUserTokensParams,
+) -> Result<Reply, HeraldError> {
+    require_user(&params.user)?;
+    let now = herald_core::time::now_ms() / 1000;
+    let command = ControlCommand::InvalidateUser {
+        user: params.user,
+        before: params.issued_before.unwrap_or(now),
+        until: params.expire_at.unwrap_or(now + DEFAULT_REVOCATION_SECS),
+    };
+    apply_everywhere(state, command).await?;
+    Ok(Reply::Empty(EmptyResult {}))
+}
+
+pub async fn unsubscribe(
+    state: &AppState,
+    params: UnsubscribeParams,
+) -> Result<Reply, HeraldError> {
+    require_user(&params.user)?;
+    require_channel(&params.channel)?;
+    // An unknown channel is the caller's mistake: say so rather than doing nothing.
+    state.node.resolve(&params.channel)?;
+    let command = ControlCommand::Unsubscribe {
+        user: params.user,
+        client: params.client,
+        channel: params.channel,
+    };
+    apply_everywhere(state, command).await?;
+    Ok(Reply::Empty(EmptyResult {}))
+}
+
+pub async fn history_remove(state: &AppState, params: ChannelParams) -> Result<Reply, HeraldError> {
+    require_channel(&params.channel)?;
+    state.node.remove_history(&params.channel).await?;
+    Ok(Reply::Empty(EmptyResult {}))
+}
+
+pub async fn presence(state: &AppState, params: ChannelParams) -> Result<Reply, HeraldError> {
+    require_channel(&params.channel)?;
+    let presence = state.node.presence(&params.channel).await?;
+    Ok(Reply::Presence(PresenceResult { presence }))
+}
+
+pub async fn presence_stats(state: &AppState, params: ChannelParams) -> Result<Reply, HeraldError> {
+    require_channel(&params.channel)?;
+    let stats = state.node.presence_stats(&params.channel).await?;
+    Ok(Reply::PresenceStats(PresenceStatsResult::from(stats)))
+}
+
+pub async fn channels(state: &AppState, params: ChannelsParams) -> Result<Reply, HeraldError> {
+    let pattern = params.pattern.as_deref();
+    #[allow(unused_mut)]
+    let mut counts = crate::cluster::channel_counts(state, pattern);
+    #[cfg(feature = "redis")]
+    if let Some(cluster) = &state.cluster {
+        counts = cluster.channels(state, pattern).await?;
+    }
+    let channels: BTreeMap<String, ChannelInfo> = counts
+        .into_iter()
+        .map(|(name, num_clients)| (name, ChannelInfo { num_clients }))
+        .collect();
+    Ok(Reply::Channels(ChannelsResult { channels }))
+}
+
+pub async fn info(state: &AppState) -> Result<Reply, HeraldError> {
+    let mut result = NodeResult::from(state.node.info());
+    result.num_clients = state
+        .realtime
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    result.num_users = state.realtime.sessions.user_count() as u64;
+    #[allow(unused_mut)]
+    let mut nodes = vec![result];
+    #[cfg(feature = "redis")]
+    if let Some(cluster) = &state.cluster {
+        nodes = cluster
+            .nodes(state)
+            .await
+            .into_iter()
+            .map(NodeResult::from)
+            .collect();
+    }
+    Ok(Reply::Info(InfoResult { nodes }))
+}
+
+/// Decodes `data`/`b64data` and applies the publication size limit (a
+/// [`Fault::TooLarge`](super::Fault::TooLarge) when over it).
 fn checked_payload(
     node: &Node,
     data: Option<Box<RawValue>>,
     b64data: Option<String>,
-) -> Result<herald_core::Payload, ApiError> {
-    let payload = payload(data, b64data).map_err(|e| node_err(HeraldError::bad_request(e)))?;
+) -> Result<herald_core::Payload, CallError> {
+    let payload = payload(data, b64data).map_err(HeraldError::bad_request)?;
     let limit = node.config().max_publication_size;
     if payload.len() > limit {
-        return Err(ApiError::payload_too_large(payload.len(), limit));
+        return Err(CallError::too_large(format!(
+            "publication data is {} bytes; the limit is {limit}",
+            payload.len()
+        )));
     }
     Ok(payload)
 }
 
-async fn publish(node: &Node, params: PublishParams) -> Result<Box<RawValue>, ApiError> {
+pub async fn publish(state: &AppState, params: PublishParams) -> Result<Reply, CallError> {
+    require_push_if_asked(state, params.push.is_some())?;
     require_channel(&params.channel)?;
+    let node = &state.node;
     let data = checked_payload(node, params.data, params.b64data)?;
     let request = PublishRequest {
         channel: params.channel,
@@ -257,36 +196,26 @@ async fn publish(node: &Node, params: PublishParams) -> Result<Box<RawValue>, Ap
         info: None,
         push: params.push.map(std::sync::Arc::new),
     };
-    let result = node.publish(request).await.map_err(node_err)?;
-    encode(&PublishResult::from(result))
-}
-
-#[derive(Serialize)]
-struct BroadcastReply {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    result: Option<PublishResult>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<super::ErrorBody>,
-}
-
-#[derive(Serialize)]
-struct BroadcastResult {
-    responses: Vec<BroadcastReply>,
+    let result = node.publish(request).await?;
+    Ok(Reply::Publish(PublishResult::from(result)))
 }
 
 /// Most channels in one broadcast.
 pub const MAX_BROADCAST_CHANNELS: usize = 10_000;
 
-async fn broadcast(node: &Node, params: BroadcastParams) -> Result<Box<RawValue>, ApiError> {
+pub async fn broadcast(state: &AppState, params: BroadcastParams) -> Result<Reply, CallError> {
+    require_push_if_asked(state, params.push.is_some())?;
     if params.channels.is_empty() {
-        return Err(node_err(HeraldError::bad_request("channels is required")));
+        return Err(HeraldError::bad_request("channels is required").into());
     }
     if params.channels.len() > MAX_BROADCAST_CHANNELS {
-        return Err(node_err(HeraldError::new(
+        return Err(HeraldError::new(
             ErrorCode::LimitExceeded,
             format!("a broadcast reaches at most {MAX_BROADCAST_CHANNELS} channels"),
-        )));
+        )
+        .into());
     }
+    let node = &state.node;
     let data = checked_payload(node, params.data, params.b64data)?;
     let idempotency_key = params.idempotency_key.filter(|k| !k.is_empty());
     let push = params.push.map(std::sync::Arc::new);
@@ -317,17 +246,17 @@ async fn broadcast(node: &Node, params: BroadcastParams) -> Result<Box<RawValue>
             },
             Err(err) => BroadcastReply {
                 result: None,
-                error: Some(super::ErrorBody::from(&err)),
+                error: Some(ErrorBody::from(&err)),
             },
         })
         .collect();
-    encode(&BroadcastResult { responses })
+    Ok(Reply::Broadcast(BroadcastResult { responses }))
 }
 
 /// Most publications returned by one history call.
 pub const MAX_HISTORY_LIMIT: usize = 10_000;
 
-async fn history(node: &Node, params: HistoryParams) -> Result<Box<RawValue>, ApiError> {
+pub async fn history(state: &AppState, params: HistoryParams) -> Result<Reply, HeraldError> {
     require_channel(&params.channel)?;
     let limit = match usize::try_from(params.limit) {
         Ok(n) => Some(n.min(MAX_HISTORY_LIMIT)),
@@ -338,17 +267,10 @@ async fn history(node: &Node, params: HistoryParams) -> Result<Box<RawValue>, Ap
         limit,
         reverse: params.reverse,
     };
-    let page = node
-        .history(&params.channel, query)
-        .await
-        .map_err(node_err)?;
-    encode(&HistoryResult {
-        publications: page
-            .publications
-            .into_iter()
-            .map(ApiPublication::from)
-            .collect(),
+    let page = state.node.history(&params.channel, query).await?;
+    Ok(Reply::History(HistoryResult {
+        publications: page.publications,
         offset: page.position.offset,
         epoch: page.position.epoch,
-    })
+    }))
 }

@@ -1,76 +1,101 @@
-//! The server HTTP API: `POST /api/<method>` with an API key, Centrifugo's server API shape.
+//! The server API as one typed layer: methods named once ([`Method`]), requests and results
+//! typed ([`Request`], [`Reply`]), errors as codes with a [`Fault`] saying what kind of
+//! failure it is — never an HTTP status — and key scopes and the publish rate decided here
+//! ([`admit`]). The adapters are thin: [`http`] (`POST /api/<method>`, Centrifugo's HTTP API
+//! shape) and [`crate::grpc`] (Centrifugo's `CentrifugoApi` gRPC service) decode their wire
+//! format into a [`Request`], call [`admit`] and [`execute`] (or [`call`], both in one), and
+//! encode the [`Reply`] or [`CallError`] back.
 //!
-//! Owns request authentication, body limits, JSON decoding, the mapping from
-//! [`HeraldError`] to HTTP responses, and `/api/batch`. Method bodies live in
-//! [`methods`]; they only call the [`herald_core::Node`] facade.
+//! Method bodies: the core ones in [`methods`], push in [`crate::push::api`], webhooks in
+//! [`crate::webhook::api`]; they only call the node facade and the services in the app state.
 //!
-//! Status codes: API-level errors are `200` with `{"error":{code,message,detail}}` (what
-//! Centrifugo's clients expect); malformed JSON is `400`, a bad or missing key `401`, an
-//! unknown method `404`, a body or publication over the limit `413` — each with the same
-//! JSON error body.
+//! May touch: the app state (node facade, publish rate limiter, API keys) it is given.
 
+pub mod http;
+pub mod method;
 pub mod methods;
+pub mod request;
 pub mod types;
 
-use std::sync::Arc;
-use std::time::Instant;
-
-use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use herald_core::error::{ErrorCode, HeraldError};
 use serde::Serialize;
-use serde_json::value::RawValue;
+use serde::ser::SerializeMap;
+
+pub(crate) use http::read_body;
+pub use http::{ApiError, handle, json_response};
+pub use method::Method;
+pub use request::{BatchCommand, BatchRequest, BatchResult, Reply, Request};
 
 use crate::app::AppState;
 use crate::auth::{ApiKeys, KeyMatch};
 
-/// An error on its way to the HTTP client.
+/// What kind of failure a [`CallError`] is; each adapter maps it to its own status (HTTP
+/// status code, gRPC status or the response's `error` field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The method ran (or checked its parameters) and failed: the error is the answer.
+    Method,
+    /// The request could not be decoded (malformed JSON, a wrong type, an unknown field).
+    Malformed,
+    /// The request or the publication in it is over a size limit.
+    TooLarge,
+    /// No API key, or not a valid one.
+    Unauthenticated,
+    /// No such method.
+    UnknownMethod,
+    /// The key's scope does not allow the method.
+    OutOfScope,
+    /// Over `api.publish_rate_per_key`.
+    RateLimited,
+}
+
+/// A failed call: the error (code, detail) and its kind.
 #[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
+pub struct CallError {
+    pub fault: Fault,
     pub error: HeraldError,
 }
 
-impl ApiError {
-    pub fn new(status: StatusCode, code: ErrorCode, detail: impl Into<String>) -> Self {
+impl From<HeraldError> for CallError {
+    fn from(error: HeraldError) -> Self {
         Self {
-            status,
+            fault: Fault::Method,
+            error,
+        }
+    }
+}
+
+impl CallError {
+    pub fn new(fault: Fault, code: ErrorCode, detail: impl Into<String>) -> Self {
+        Self {
+            fault,
             error: HeraldError::new(code, detail),
         }
     }
 
-    /// API-level errors keep HTTP 200 (what Centrifugo's clients expect), except an
-    /// unreachable engine: 503, so load balancers and retrying clients see it for what it is.
-    pub fn from_node(error: HeraldError) -> Self {
-        let status = if error.unavailable {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::OK
-        };
-        Self { status, error }
-    }
-
-    /// Publication data over `server.max_publication_size`: 413, like an oversized body.
-    pub fn payload_too_large(size: usize, limit: usize) -> Self {
-        Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::LimitExceeded,
-            format!("publication data is {size} bytes; the limit is {limit}"),
-        )
-    }
-
-    pub fn bad_json(err: &serde_json::Error) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest,
-            format!("malformed JSON: {err}"),
-        )
+    pub fn too_large(detail: impl Into<String>) -> Self {
+        Self::new(Fault::TooLarge, ErrorCode::LimitExceeded, detail)
     }
 }
 
-/// The body every error uses.
+/// Parameters that do not decode.
+pub fn malformed(err: &dyn std::fmt::Display) -> CallError {
+    CallError::new(
+        Fault::Malformed,
+        ErrorCode::BadRequest,
+        format!("malformed JSON: {err}"),
+    )
+}
+
+pub fn unknown_method(name: &str) -> CallError {
+    CallError::new(
+        Fault::UnknownMethod,
+        ErrorCode::MethodNotFound,
+        format!("no API method {name:?}"),
+    )
+}
+
+/// The body every error has on the wire: `{code, message, detail}`.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody {
     pub code: u32,
@@ -89,89 +114,21 @@ impl From<&HeraldError> for ErrorBody {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorEnvelope<'a> {
-    error: &'a ErrorBody,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = ErrorBody::from(&self.error);
-        let mut response = json_response(self.status, &ErrorEnvelope { error: &body });
-        if matches!(
-            self.status,
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-        ) {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        }
-        response
-    }
-}
-
-/// Whether `key` may publish now (`api.publish_rate_per_key`), for `publish` and `broadcast`.
-fn publish_allowed(state: &AppState, key: &KeyMatch, method: &str) -> bool {
-    !matches!(method, "publish" | "broadcast")
-        || state
-            .publish_rate
-            .try_take(&*key.name, std::time::Instant::now())
-}
-
-fn rate_limited() -> HeraldError {
-    HeraldError::new(
-        ErrorCode::TooManyRequests,
-        "over api.publish_rate_per_key for this key",
-    )
-}
-
-pub fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(bytes) => Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(bytes))
-            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
-/// Extracts the API key from `X-API-Key`, `Authorization: apikey <key>` or `?api_key=`.
-fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
-    if let Some(value) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
-        return Some(value.trim());
-    }
-    if let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let mut parts = value.trim().splitn(2, ' ');
-        if let (Some(scheme), Some(key)) = (parts.next(), parts.next())
-            && scheme.eq_ignore_ascii_case("apikey")
-        {
-            return Some(key.trim());
-        }
-    }
-    query?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("api_key="))
-}
-
-/// The key the request presents, checked: its scope and name.
-pub fn authorize(
+/// Checks the key a request presents; `how` tells a caller without one how to send it.
+pub fn authenticate(
     keys: &ApiKeys,
-    headers: &HeaderMap,
-    query: Option<&str>,
-) -> Result<KeyMatch, ApiError> {
-    match presented_key(headers, query) {
-        None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
+    presented: Option<&str>,
+    how: &str,
+) -> Result<KeyMatch, CallError> {
+    match presented {
+        None => Err(CallError::new(
+            Fault::Unauthenticated,
             ErrorCode::Unauthorized,
-            "missing API key: send X-API-Key or Authorization: apikey <key>",
+            format!("missing API key: {how}"),
         )),
         Some(key) => keys.verify(key).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
+            CallError::new(
+                Fault::Unauthenticated,
                 ErrorCode::Unauthorized,
                 "invalid API key",
             )
@@ -179,202 +136,159 @@ pub fn authorize(
     }
 }
 
-/// A method outside the key's scope: HTTP 403 with error 103.
-fn out_of_scope(key: &KeyMatch, method: &str) -> HeraldError {
-    HeraldError::new(
-        ErrorCode::PermissionDenied,
-        format!(
-            "the API key {:?} has the {} scope, which does not allow {method:?}",
-            key.name, key.scope
-        ),
-    )
+/// Whether `key` may call `method` now: its scope first, then (for `publish` and
+/// `broadcast`) a token of `api.publish_rate_per_key`. The one place both are decided.
+pub fn admit(state: &AppState, key: &KeyMatch, method: Method) -> Result<(), CallError> {
+    if !method.allowed_for(key.scope) {
+        return Err(CallError::new(
+            Fault::OutOfScope,
+            ErrorCode::PermissionDenied,
+            format!(
+                "the API key {:?} has the {} scope, which does not allow {:?}",
+                key.name,
+                key.scope,
+                method.name()
+            ),
+        ));
+    }
+    if method.is_rate_limited()
+        && !state
+            .publish_rate
+            .try_take(&*key.name, std::time::Instant::now())
+    {
+        return Err(CallError::new(
+            Fault::RateLimited,
+            ErrorCode::TooManyRequests,
+            "over api.publish_rate_per_key for this key",
+        ));
+    }
+    Ok(())
 }
 
-/// Reads the body up to the configured limit.
-pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|err| {
-        let too_large = std::error::Error::source(&err)
-            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::LimitExceeded,
-                format!("request body is larger than {limit} bytes"),
-            )
-        } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                format!("could not read body: {err}"),
-            )
+/// Whether the service behind `method` is on (`[push]`, `[webhooks]`): answered before the
+/// parameters are decoded, so a client of a switched-off service learns that first (108).
+pub fn available(state: &AppState, method: Method) -> Result<(), CallError> {
+    match method.service() {
+        method::Service::Push if state.push.is_none() => {
+            Err(crate::push::api::not_enabled().into())
         }
-    })
+        method::Service::Webhooks if state.webhooks.is_none() => {
+            Err(crate::webhook::api::not_enabled().into())
+        }
+        _ => Ok(()),
+    }
 }
 
-/// `POST /api/{method}`.
-pub async fn handle(
-    State(state): State<Arc<AppState>>,
-    Path(method): Path<String>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let started = Instant::now();
-    let response = handle_inner(&state, &method, uri.query(), &headers, body).await;
-    let response = match response {
-        Ok(response) => response,
-        Err(err) => err.into_response(),
-    };
-    state
-        .metrics
-        .api_request(&method, response.status().as_u16(), started.elapsed());
-    response
-}
-
-async fn handle_inner(
-    state: &AppState,
-    method: &str,
-    query: Option<&str>,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let key = authorize(&state.api_keys.read(), headers, query)?;
-    if !methods::is_known(method) && method != "batch" {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::MethodNotFound,
-            format!("no API method {method:?}"),
-        ));
-    }
-    if method != "batch" && !publish_allowed(state, &key, method) {
-        let error = rate_limited();
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            error.code,
-            error.detail,
-        ));
-    }
-    if method != "batch" && !key.scope.allows(method) {
-        let error = out_of_scope(&key, method);
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            error.code,
-            error.detail,
-        ));
-    }
-    let body = read_body(body, state.config.server.max_body_size).await?;
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        &body
-    };
-    if method == "batch" {
-        return batch(state, &key, body).await;
-    }
-    let params: &RawValue = serde_json::from_slice(body).map_err(|e| ApiError::bad_json(&e))?;
-    let result = methods::call(state, method, params).await?;
-    Ok(raw_envelope("result", &result))
-}
-
-fn raw_envelope(key: &str, raw: &RawValue) -> Response {
-    let mut out = Vec::with_capacity(raw.get().len() + key.len() + 8);
-    out.extend_from_slice(b"{\"");
-    out.extend_from_slice(key.as_bytes());
-    out.extend_from_slice(b"\":");
-    out.extend_from_slice(raw.get().as_bytes());
-    out.push(b'}');
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(out))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+/// [`admit`], then [`execute`].
+pub async fn call(state: &AppState, key: &KeyMatch, request: Request) -> Result<Reply, CallError> {
+    admit(state, key, request.method())?;
+    available(state, request.method())?;
+    execute(state, key, request).await
 }
 
 /// Most commands accepted in one batch.
 pub const MAX_BATCH_COMMANDS: usize = 1000;
 
-async fn batch(state: &AppState, key: &KeyMatch, body: &[u8]) -> Result<Response, ApiError> {
-    let params: types::BatchParams =
-        serde_json::from_slice(body).map_err(|e| ApiError::bad_json(&e))?;
-    if params.commands.len() > MAX_BATCH_COMMANDS {
-        return Err(ApiError::new(
-            StatusCode::OK,
+/// Runs an admitted request. A batch admits each of its commands on its own with `key`.
+pub async fn execute(
+    state: &AppState,
+    key: &KeyMatch,
+    request: Request,
+) -> Result<Reply, CallError> {
+    match request {
+        Request::Batch(batch) => batch_of(state, key, batch).await.map(Reply::Batch),
+        other => execute_one(state, other).await,
+    }
+}
+
+/// Runs one method. Boxed: the methods' futures are deep, and every adapter and `batch`
+/// await this one type instead of nesting them all (the compiler's query depth, and stack).
+fn execute_one(
+    state: &AppState,
+    request: Request,
+) -> futures::future::BoxFuture<'_, Result<Reply, CallError>> {
+    Box::pin(execute_method(state, request))
+}
+
+async fn execute_method(state: &AppState, request: Request) -> Result<Reply, CallError> {
+    Ok(match request {
+        Request::Publish(p) => return methods::publish(state, p).await,
+        Request::Broadcast(p) => return methods::broadcast(state, p).await,
+        Request::History(p) => methods::history(state, p).await?,
+        Request::HistoryRemove(p) => methods::history_remove(state, p).await?,
+        Request::Presence(p) => methods::presence(state, p).await?,
+        Request::PresenceStats(p) => methods::presence_stats(state, p).await?,
+        Request::Channels(p) => methods::channels(state, p).await?,
+        Request::Info(_) => methods::info(state).await?,
+        Request::Disconnect(p) => methods::disconnect(state, p).await?,
+        Request::Unsubscribe(p) => methods::unsubscribe(state, p).await?,
+        Request::RevokeToken(p) => methods::revoke_token(state, p).await?,
+        Request::InvalidateUserTokens(p) => methods::invalidate_user_tokens(state, p).await?,
+        Request::Push(_, p) => Reply::Push(crate::push::api::call(state, p).await?),
+        Request::Webhook(_, p) => Reply::Webhook(crate::webhook::api::call(state, p).await?),
+        Request::Batch(_) => return Err(unknown_method("batch")),
+    })
+}
+
+async fn batch_of(
+    state: &AppState,
+    key: &KeyMatch,
+    batch: BatchRequest,
+) -> Result<BatchResult, CallError> {
+    if batch.commands.len() > MAX_BATCH_COMMANDS {
+        return Err(HeraldError::new(
             ErrorCode::LimitExceeded,
             format!("a batch holds at most {MAX_BATCH_COMMANDS} commands"),
-        ));
+        )
+        .into());
     }
-    let run = |command: std::collections::HashMap<String, Box<RawValue>>| async move {
-        let mut entries = command.into_iter();
-        match (entries.next(), entries.next()) {
-            (Some((method, _)), None)
-                if methods::is_known(&method) && !key.scope.allows(&method) =>
-            {
-                Err(out_of_scope(key, &method))
-            }
-            (Some((method, _)), None) if !publish_allowed(state, key, &method) => {
-                Err(rate_limited())
-            }
-            (Some((method, params)), None) if method != "batch" && methods::is_known(&method) => {
-                match methods::call(state, &method, &params).await {
-                    Ok(result) => Ok((method, result)),
-                    Err(err) => Err(err.error),
-                }
-            }
-            (Some((method, _)), None) => Err(HeraldError::new(
-                ErrorCode::MethodNotFound,
-                format!("no API method {method:?}"),
-            )),
-            _ => Err(HeraldError::bad_request(
-                "each batch command is an object with exactly one method key",
-            )),
-        }
-    };
-    let replies: Vec<_> = if params.parallel {
-        futures::future::join_all(params.commands.into_iter().map(run)).await
+    let run = |command: BatchCommand| run_command(state, key, command);
+    let replies = if batch.parallel {
+        futures::future::join_all(batch.commands.into_iter().map(run)).await
     } else {
-        let mut replies = Vec::with_capacity(params.commands.len());
-        for command in params.commands {
+        let mut replies = Vec::with_capacity(batch.commands.len());
+        for command in batch.commands {
             replies.push(run(command).await);
         }
         replies
     };
-    let mut out = Vec::with_capacity(64 * replies.len() + 16);
-    out.extend_from_slice(b"{\"replies\":[");
-    for (i, reply) in replies.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        match reply {
-            Ok((method, raw)) => {
-                out.extend_from_slice(b"{\"");
-                out.extend_from_slice(method.as_bytes());
-                out.extend_from_slice(b"\":");
-                out.extend_from_slice(raw.get().as_bytes());
-                out.push(b'}');
-            }
-            Err(error) => {
-                let body = ErrorBody::from(error);
-                let encoded = serde_json::to_vec(&ErrorEnvelope { error: &body }).map_err(|e| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        ErrorCode::Internal,
-                        e.to_string(),
-                    )
-                })?;
-                out.extend_from_slice(&encoded);
-            }
-        }
+    Ok(BatchResult { replies })
+}
+
+/// One batch command: admitted on its own (scope, publish rate), then run.
+async fn run_command(
+    state: &AppState,
+    key: &KeyMatch,
+    command: BatchCommand,
+) -> Result<(Method, Reply), HeraldError> {
+    if let Some(method) = command.method {
+        admit(state, key, method).map_err(|e| e.error)?;
+        available(state, method).map_err(|e| e.error)?;
     }
-    out.extend_from_slice(b"]}");
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(out))
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                e.to_string(),
-            )
-        })
+    let request = command.request?;
+    let method = request.method();
+    match execute_one(state, request).await {
+        Ok(reply) => Ok((method, reply)),
+        Err(err) => Err(err.error),
+    }
+}
+
+/// `{"replies": [{"<method>": result} | {"error": {...}}, ...]}`.
+impl Serialize for BatchResult {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct One<'a>(&'a Result<(Method, Reply), HeraldError>);
+        impl Serialize for One<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut map = serializer.serialize_map(Some(1))?;
+                match self.0 {
+                    Ok((method, reply)) => map.serialize_entry(method.name(), reply)?,
+                    Err(error) => map.serialize_entry("error", &ErrorBody::from(error))?,
+                }
+                map.end()
+            }
+        }
+        let mut map = serializer.serialize_map(Some(1))?;
+        map.serialize_entry("replies", &self.replies.iter().map(One).collect::<Vec<_>>())?;
+        map.end()
+    }
 }

@@ -1,5 +1,6 @@
-//! Wire types of the server HTTP API (the shape of Centrifugo's server API, so that `cent`
-//! and `cent.js` work unchanged). Requests reject unknown fields so that a typo such as
+//! Typed parameters and results of the core server API methods, in the JSON shape of
+//! Centrifugo's server API (so that `cent` and `cent.js` work unchanged); the gRPC adapter
+//! maps the same types to and from Protobuf. Requests reject unknown fields so that a typo such as
 //! `skip_hisotry` is an error instead of a silently different publish.
 
 use std::collections::{BTreeMap, HashMap};
@@ -263,9 +264,32 @@ impl From<Publication> for ApiPublication {
 
 #[derive(Debug, Serialize)]
 pub struct HistoryResult {
-    pub publications: Vec<ApiPublication>,
+    #[serde(serialize_with = "api_publications")]
+    pub publications: Vec<Publication>,
     pub offset: u64,
     pub epoch: String,
+}
+
+/// Publications as the JSON API shows them ([`ApiPublication`]).
+fn api_publications<S: serde::Serializer>(
+    publications: &[Publication],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(publications.iter().cloned().map(ApiPublication::from))
+}
+
+/// One channel's outcome in a broadcast: its result or its error.
+#[derive(Debug, Serialize)]
+pub struct BroadcastReply {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<PublishResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<super::ErrorBody>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BroadcastResult {
+    pub responses: Vec<BroadcastReply>,
 }
 
 #[derive(Debug, Serialize)]

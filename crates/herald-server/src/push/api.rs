@@ -2,8 +2,9 @@
 //! call them unchanged: the device registry (`device_*`, `*_topic_*`), `send_push_notification`,
 //! `cancel_push`, `update_push_status` — and Herald's own `push_status` and `device_removals`.
 //!
-//! Owns: the wire types of these methods and their mapping to the registry and the
-//! [`PushService`](herald_outbound::push::PushService).
+//! Owns: the typed requests and results of these methods ([`PushRequest`], [`PushReply`])
+//! and their mapping to the registry and the [`PushService`](herald_outbound::push::PushService).
+//! Method names, decoding and scopes are the API layer's ([`crate::api`]).
 //!
 //! May touch: the push runtime in the application state.
 
@@ -18,32 +19,10 @@ use herald_core::outbound::{JobState, JobStatus, QueueError, StatusFilter};
 use herald_core::time::now_ms;
 use herald_outbound::push::{PushError, SendPush};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use super::PushRuntime;
-use crate::api::ApiError;
 use crate::api::types::integer;
 use crate::app::AppState;
-
-pub const METHODS: &[&str] = &[
-    "device_register",
-    "device_update",
-    "device_remove",
-    "device_list",
-    "device_topic_list",
-    "device_topic_update",
-    "user_topic_list",
-    "user_topic_update",
-    "send_push_notification",
-    "update_push_status",
-    "cancel_push",
-    "push_status",
-    "device_removals",
-];
-
-pub fn is_method(method: &str) -> bool {
-    METHODS.contains(&method)
-}
 
 pub(crate) fn device_error(error: DeviceError) -> HeraldError {
     match error {
@@ -81,21 +60,8 @@ pub(crate) fn not_enabled() -> HeraldError {
     )
 }
 
-fn parse<T: serde::de::DeserializeOwned>(params: &RawValue) -> Result<T, ApiError> {
-    serde_json::from_str(params.get()).map_err(|e| ApiError::bad_json(&e))
-}
-
-fn encode<T: Serialize>(value: &T) -> Result<Box<RawValue>, ApiError> {
-    serde_json::value::to_raw_value(value)
-        .map_err(|e| ApiError::from_node(HeraldError::internal(e.to_string())))
-}
-
-fn fail(error: HeraldError) -> ApiError {
-    ApiError::from_node(error)
-}
-
-#[derive(Serialize)]
-struct Empty {}
+#[derive(Debug, Serialize)]
+pub struct Empty {}
 
 // ---------------------------------------------------------------------------------------
 // Wire types
@@ -154,30 +120,30 @@ impl RegisterParams {
     }
 }
 
-#[derive(Serialize)]
-struct RegisterResult {
-    id: String,
+#[derive(Debug, Serialize)]
+pub struct RegisterResult {
+    pub id: String,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UserUpdate {
-    user: String,
+pub struct UserUpdate {
+    pub user: String,
 }
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TimezoneUpdate {
-    timezone: String,
+pub struct TimezoneUpdate {
+    pub timezone: String,
 }
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LocaleUpdate {
-    locale: String,
+pub struct LocaleUpdate {
+    pub locale: String,
 }
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MetaUpdate {
-    meta: BTreeMap<String, String>,
+pub struct MetaUpdate {
+    pub meta: BTreeMap<String, String>,
 }
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,45 +155,45 @@ pub struct TopicsUpdate {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UpdateParams {
+pub struct UpdateParams {
     #[serde(default)]
-    ids: Vec<String>,
+    pub ids: Vec<String>,
     #[serde(default)]
-    users: Vec<String>,
+    pub users: Vec<String>,
     #[serde(default)]
-    user_update: Option<UserUpdate>,
+    pub user_update: Option<UserUpdate>,
     #[serde(default)]
-    timezone_update: Option<TimezoneUpdate>,
+    pub timezone_update: Option<TimezoneUpdate>,
     #[serde(default)]
-    locale_update: Option<LocaleUpdate>,
+    pub locale_update: Option<LocaleUpdate>,
     #[serde(default)]
-    meta_update: Option<MetaUpdate>,
+    pub meta_update: Option<MetaUpdate>,
     #[serde(default)]
-    topics_update: Option<TopicsUpdate>,
+    pub topics_update: Option<TopicsUpdate>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RemoveParams {
+pub struct RemoveParams {
     #[serde(default)]
-    ids: Vec<String>,
+    pub ids: Vec<String>,
     #[serde(default)]
-    users: Vec<String>,
+    pub users: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FilterParams {
+pub struct FilterParams {
     #[serde(default)]
-    ids: Vec<String>,
+    pub ids: Vec<String>,
     #[serde(default)]
-    users: Vec<String>,
+    pub users: Vec<String>,
     #[serde(default)]
-    topics: Vec<String>,
+    pub topics: Vec<String>,
     #[serde(default)]
-    providers: Vec<String>,
+    pub providers: Vec<String>,
     #[serde(default)]
-    platforms: Vec<String>,
+    pub platforms: Vec<String>,
 }
 
 fn providers(names: &[String]) -> Result<Vec<Provider>, HeraldError> {
@@ -258,93 +224,93 @@ impl FilterParams {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListParams {
+pub struct ListParams {
     #[serde(default)]
-    filter: Option<FilterParams>,
+    pub filter: Option<FilterParams>,
     #[serde(default)]
-    include_total_count: bool,
+    pub include_total_count: bool,
     #[serde(default)]
-    include_meta: bool,
+    pub include_meta: bool,
     #[serde(default)]
-    include_topics: bool,
+    pub include_topics: bool,
     #[serde(default)]
-    cursor: String,
+    pub cursor: String,
     #[serde(default, deserialize_with = "integer::required")]
-    limit: u64,
+    pub limit: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeviceTopicFilterParams {
+pub struct DeviceTopicFilterParams {
     #[serde(default)]
-    device_ids: Vec<String>,
+    pub device_ids: Vec<String>,
     #[serde(default)]
-    device_providers: Vec<String>,
+    pub device_providers: Vec<String>,
     #[serde(default)]
-    device_platforms: Vec<String>,
+    pub device_platforms: Vec<String>,
     #[serde(default)]
-    device_users: Vec<String>,
+    pub device_users: Vec<String>,
     #[serde(default)]
-    topics: Vec<String>,
+    pub topics: Vec<String>,
     #[serde(default)]
-    topic_prefix: String,
+    pub topic_prefix: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeviceTopicListParams {
+pub struct DeviceTopicListParams {
     #[serde(default)]
-    filter: Option<DeviceTopicFilterParams>,
+    pub filter: Option<DeviceTopicFilterParams>,
     #[serde(default)]
-    include_total_count: bool,
+    pub include_total_count: bool,
     #[serde(default)]
-    include_device: bool,
+    pub include_device: bool,
     #[serde(default)]
-    cursor: String,
+    pub cursor: String,
     #[serde(default, deserialize_with = "integer::required")]
-    limit: u64,
+    pub limit: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UserTopicFilterParams {
+pub struct UserTopicFilterParams {
     #[serde(default)]
-    users: Vec<String>,
+    pub users: Vec<String>,
     #[serde(default)]
-    topics: Vec<String>,
+    pub topics: Vec<String>,
     #[serde(default)]
-    topic_prefix: String,
+    pub topic_prefix: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UserTopicListParams {
+pub struct UserTopicListParams {
     #[serde(default)]
-    filter: Option<UserTopicFilterParams>,
+    pub filter: Option<UserTopicFilterParams>,
     #[serde(default)]
-    include_total_count: bool,
+    pub include_total_count: bool,
     #[serde(default)]
-    cursor: String,
+    pub cursor: String,
     #[serde(default, deserialize_with = "integer::required")]
-    limit: u64,
+    pub limit: u64,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeviceTopicUpdateParams {
-    device_id: String,
-    op: String,
+pub struct DeviceTopicUpdateParams {
+    pub device_id: String,
+    pub op: String,
     #[serde(default)]
-    topics: Vec<String>,
+    pub topics: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UserTopicUpdateParams {
-    user: String,
-    op: String,
+pub struct UserTopicUpdateParams {
+    pub user: String,
+    pub op: String,
     #[serde(default)]
-    topics: Vec<String>,
+    pub topics: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -362,32 +328,32 @@ pub struct PushStatusUpdate {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CancelParams {
-    uid: String,
+pub struct CancelParams {
+    pub uid: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StatusParams {
+pub struct StatusParams {
     #[serde(default)]
-    uid: String,
+    pub uid: String,
     #[serde(default)]
-    device_id: String,
+    pub device_id: String,
     #[serde(default)]
-    states: Vec<String>,
+    pub states: Vec<String>,
     #[serde(default)]
-    cursor: String,
+    pub cursor: String,
     #[serde(default, deserialize_with = "integer::required")]
-    limit: u64,
+    pub limit: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PageParams {
+pub struct PageParams {
     #[serde(default)]
-    cursor: String,
+    pub cursor: String,
     #[serde(default, deserialize_with = "integer::required")]
-    limit: u64,
+    pub limit: u64,
 }
 
 /// A device on the wire (times in Unix seconds, like the rest of the API).
@@ -458,17 +424,17 @@ impl WireDevice {
     }
 }
 
-#[derive(Serialize)]
-struct ListResult<T> {
-    items: Vec<T>,
+#[derive(Debug, Serialize)]
+pub struct ListResult<T> {
+    pub items: Vec<T>,
     #[serde(skip_serializing_if = "String::is_empty")]
-    next_cursor: String,
+    pub next_cursor: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    total_count: Option<u64>,
+    pub total_count: Option<u64>,
 }
 
 impl<T> ListResult<T> {
-    fn from_page<U>(page: Page<U>, map: impl FnMut(U) -> T) -> Self {
+    pub fn from_page<U>(page: Page<U>, map: impl FnMut(U) -> T) -> Self {
         Self {
             items: page.items.into_iter().map(map).collect(),
             next_cursor: page.next_cursor,
@@ -477,31 +443,31 @@ impl<T> ListResult<T> {
     }
 }
 
-#[derive(Serialize)]
-struct WireDeviceTopic {
-    id: String,
-    topic: String,
-    device: WireDevice,
+#[derive(Debug, Serialize)]
+pub struct WireDeviceTopic {
+    pub id: String,
+    pub topic: String,
+    pub device: WireDevice,
 }
 
-#[derive(Serialize)]
-struct WireUserTopic {
-    id: String,
-    user: String,
-    topic: String,
+#[derive(Debug, Serialize)]
+pub struct WireUserTopic {
+    pub id: String,
+    pub user: String,
+    pub topic: String,
 }
 
-#[derive(Serialize)]
-struct WireStatus {
-    id: String,
-    uid: String,
-    kind: String,
-    recipient: String,
-    state: &'static str,
-    attempts: u32,
+#[derive(Debug, Serialize)]
+pub struct WireStatus {
+    pub id: String,
+    pub uid: String,
+    pub kind: String,
+    pub recipient: String,
+    pub state: &'static str,
+    pub attempts: u32,
     #[serde(skip_serializing_if = "String::is_empty")]
-    reason: String,
-    updated_at: u64,
+    pub reason: String,
+    pub updated_at: u64,
 }
 
 impl From<JobStatus> for WireStatus {
@@ -519,16 +485,16 @@ impl From<JobStatus> for WireStatus {
     }
 }
 
-#[derive(Serialize)]
-struct WireRemoval {
-    device: WireDevice,
-    reason: String,
-    removed_at: u64,
+#[derive(Debug, Serialize)]
+pub struct WireRemoval {
+    pub device: WireDevice,
+    pub reason: String,
+    pub removed_at: u64,
 }
 
-#[derive(Serialize)]
-struct SendResult {
-    uid: String,
+#[derive(Debug, Serialize)]
+pub struct SendResult {
+    pub uid: String,
 }
 
 fn page(cursor: String, limit: u64, include_total: bool) -> PageRequest {
@@ -557,31 +523,58 @@ fn selection(ids: Vec<String>, users: Vec<String>) -> Result<DeviceFilter, Heral
 // ---------------------------------------------------------------------------------------
 // Dispatch
 
-/// Runs push method `method` with `params`.
-pub async fn call(
-    state: &AppState,
-    method: &str,
-    params: &RawValue,
-) -> Result<Box<RawValue>, ApiError> {
-    let push = runtime(state).map_err(fail)?;
+/// A push method's request, decoded.
+#[derive(Debug)]
+pub enum PushRequest {
+    DeviceRegister(RegisterParams),
+    DeviceUpdate(UpdateParams),
+    DeviceRemove(RemoveParams),
+    DeviceList(ListParams),
+    DeviceTopicList(DeviceTopicListParams),
+    DeviceTopicUpdate(DeviceTopicUpdateParams),
+    UserTopicList(UserTopicListParams),
+    UserTopicUpdate(UserTopicUpdateParams),
+    // Boxed: far larger than the other requests.
+    SendPushNotification(Box<SendPush>),
+    CancelPush(CancelParams),
+    UpdatePushStatus(PushStatusUpdate),
+    PushStatus(StatusParams),
+    DeviceRemovals(PageParams),
+}
+
+/// A push method's result (JSON: the object itself).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum PushReply {
+    Empty(Empty),
+    DeviceRegister(RegisterResult),
+    DeviceList(ListResult<WireDevice>),
+    DeviceTopicList(ListResult<WireDeviceTopic>),
+    UserTopicList(ListResult<WireUserTopic>),
+    SendPushNotification(SendResult),
+    PushStatus(ListResult<WireStatus>),
+    DeviceRemovals(ListResult<WireRemoval>),
+}
+
+/// Runs a push method.
+pub async fn call(state: &AppState, request: PushRequest) -> Result<PushReply, HeraldError> {
+    let push = runtime(state)?;
     let devices = push.service.devices();
     let now = now_ms();
-    match method {
-        "device_register" => {
-            let params: RegisterParams = parse(params)?;
+    match request {
+        PushRequest::DeviceRegister(params) => {
             let device = devices
-                .register(params.registration().map_err(fail)?, now)
+                .register(params.registration()?, now)
                 .await
-                .map_err(|e| fail(device_error(e)))?;
-            encode(&RegisterResult { id: device.id })
+                .map_err(device_error)?;
+            Ok(PushReply::DeviceRegister(RegisterResult { id: device.id }))
         }
-        "device_update" => {
-            let params: UpdateParams = parse(params)?;
-            let filter = selection(params.ids, params.users).map_err(fail)?;
+        PushRequest::DeviceUpdate(params) => {
+            let filter = selection(params.ids, params.users)?;
             let topics = match params.topics_update {
                 Some(update) => {
-                    check_topics(&update.topics).map_err(fail)?;
-                    Some((topic_op(&update.op).map_err(fail)?, update.topics))
+                    check_topics(&update.topics)?;
+                    Some((topic_op(&update.op)?, update.topics))
                 }
                 None => None,
             };
@@ -595,21 +588,19 @@ pub async fn call(
             devices
                 .update(&filter, &update, now)
                 .await
-                .map_err(|e| fail(device_error(e)))?;
-            encode(&Empty {})
+                .map_err(device_error)?;
+            Ok(PushReply::Empty(Empty {}))
         }
-        "device_remove" => {
-            let params: RemoveParams = parse(params)?;
-            let filter = selection(params.ids, params.users).map_err(fail)?;
+        PushRequest::DeviceRemove(params) => {
+            let filter = selection(params.ids, params.users)?;
             devices
                 .remove(&filter, "api", now)
                 .await
-                .map_err(|e| fail(device_error(e)))?;
-            encode(&Empty {})
+                .map_err(device_error)?;
+            Ok(PushReply::Empty(Empty {}))
         }
-        "device_list" => {
-            let params: ListParams = parse(params)?;
-            let filter = params.filter.unwrap_or_default().filter().map_err(fail)?;
+        PushRequest::DeviceList(params) => {
+            let filter = params.filter.unwrap_or_default().filter()?;
             let found = devices
                 .list(
                     &filter,
@@ -617,18 +608,17 @@ pub async fn call(
                     &page(params.cursor, params.limit, params.include_total_count),
                 )
                 .await
-                .map_err(|e| fail(device_error(e)))?;
+                .map_err(device_error)?;
             let (meta, topics) = (params.include_meta, params.include_topics);
-            encode(&ListResult::from_page(found, |d| {
+            Ok(PushReply::DeviceList(ListResult::from_page(found, |d| {
                 WireDevice::new(d, meta, topics)
-            }))
+            })))
         }
-        "device_topic_list" => {
-            let params: DeviceTopicListParams = parse(params)?;
+        PushRequest::DeviceTopicList(params) => {
             let f = params.filter.unwrap_or_default();
             let filter = DeviceTopicFilter {
-                device_providers: providers(&f.device_providers).map_err(fail)?,
-                device_platforms: platforms(&f.device_platforms).map_err(fail)?,
+                device_providers: providers(&f.device_providers)?,
+                device_platforms: platforms(&f.device_platforms)?,
                 device_ids: f.device_ids,
                 device_users: f.device_users,
                 topics: f.topics,
@@ -640,37 +630,38 @@ pub async fn call(
                     &page(params.cursor, params.limit, params.include_total_count),
                 )
                 .await
-                .map_err(|e| fail(device_error(e)))?;
+                .map_err(device_error)?;
             let include_device = params.include_device;
-            encode(&ListResult::from_page(found, |t| WireDeviceTopic {
-                id: t.id,
-                topic: t.topic,
-                device: if include_device {
-                    WireDevice::new(t.device, true, false)
-                } else {
-                    WireDevice::id_only(t.device.id)
+            Ok(PushReply::DeviceTopicList(ListResult::from_page(
+                found,
+                |t| WireDeviceTopic {
+                    id: t.id,
+                    topic: t.topic,
+                    device: if include_device {
+                        WireDevice::new(t.device, true, false)
+                    } else {
+                        WireDevice::id_only(t.device.id)
+                    },
                 },
-            }))
+            )))
         }
-        "device_topic_update" => {
-            let params: DeviceTopicUpdateParams = parse(params)?;
+        PushRequest::DeviceTopicUpdate(params) => {
             if params.device_id.is_empty() {
-                return Err(fail(HeraldError::bad_request("device_id is required")));
+                return Err(HeraldError::bad_request("device_id is required"));
             }
-            check_topics(&params.topics).map_err(fail)?;
+            check_topics(&params.topics)?;
             devices
                 .update_device_topics(
                     &params.device_id,
-                    topic_op(&params.op).map_err(fail)?,
+                    topic_op(&params.op)?,
                     &params.topics,
                     now,
                 )
                 .await
-                .map_err(|e| fail(device_error(e)))?;
-            encode(&Empty {})
+                .map_err(device_error)?;
+            Ok(PushReply::Empty(Empty {}))
         }
-        "user_topic_list" => {
-            let params: UserTopicListParams = parse(params)?;
+        PushRequest::UserTopicList(params) => {
             let f = params.filter.unwrap_or_default();
             let filter = UserTopicFilter {
                 users: f.users,
@@ -683,67 +674,54 @@ pub async fn call(
                     &page(params.cursor, params.limit, params.include_total_count),
                 )
                 .await
-                .map_err(|e| fail(device_error(e)))?;
-            encode(&ListResult::from_page(found, |t| WireUserTopic {
-                id: t.id,
-                user: t.user,
-                topic: t.topic,
-            }))
+                .map_err(device_error)?;
+            Ok(PushReply::UserTopicList(ListResult::from_page(
+                found,
+                |t| WireUserTopic {
+                    id: t.id,
+                    user: t.user,
+                    topic: t.topic,
+                },
+            )))
         }
-        "user_topic_update" => {
-            let params: UserTopicUpdateParams = parse(params)?;
+        PushRequest::UserTopicUpdate(params) => {
             if params.user.is_empty() {
-                return Err(fail(HeraldError::bad_request("user is required")));
+                return Err(HeraldError::bad_request("user is required"));
             }
-            check_topics(&params.topics).map_err(fail)?;
+            check_topics(&params.topics)?;
             devices
-                .update_user_topics(
-                    &params.user,
-                    topic_op(&params.op).map_err(fail)?,
-                    &params.topics,
-                )
+                .update_user_topics(&params.user, topic_op(&params.op)?, &params.topics)
                 .await
-                .map_err(|e| fail(device_error(e)))?;
-            encode(&Empty {})
+                .map_err(device_error)?;
+            Ok(PushReply::Empty(Empty {}))
         }
-        "send_push_notification" => {
-            let request: SendPush = parse(params)?;
-            let uid = push
-                .service
-                .send(request)
-                .await
-                .map_err(|e| fail(push_error(e)))?;
-            encode(&SendResult { uid })
+        PushRequest::SendPushNotification(request) => {
+            let uid = push.service.send(*request).await.map_err(push_error)?;
+            Ok(PushReply::SendPushNotification(SendResult { uid }))
         }
-        "cancel_push" => {
-            let params: CancelParams = parse(params)?;
-            push.service
-                .cancel(&params.uid)
-                .await
-                .map_err(|e| fail(push_error(e)))?;
-            encode(&Empty {})
+        PushRequest::CancelPush(params) => {
+            push.service.cancel(&params.uid).await.map_err(push_error)?;
+            Ok(PushReply::Empty(Empty {}))
         }
-        "update_push_status" => {
-            let params: PushStatusUpdate = parse(params)?;
+        PushRequest::UpdatePushStatus(params) => {
             push.service
                 .report(&params.analytics_uid, &params.device_id, &params.status)
                 .await
-                .map_err(|e| fail(push_error(e)))?;
-            encode(&Empty {})
+                .map_err(push_error)?;
+            Ok(PushReply::Empty(Empty {}))
         }
-        "push_status" => {
-            let params: StatusParams = parse(params)?;
+        PushRequest::PushStatus(params) => {
             if params.uid.is_empty() && params.device_id.is_empty() && params.states.is_empty() {
-                return Err(fail(HeraldError::bad_request(
+                return Err(HeraldError::bad_request(
                     "uid, device_id or states is required",
-                )));
+                ));
             }
             let states = params
                 .states
                 .iter()
                 .map(|s| s.parse::<JobState>())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| fail(queue_error(e)))?;
+                .map_err(queue_error)?;
             let filter = StatusFilter {
                 group: params.uid,
                 recipient: params.device_id,
@@ -753,24 +731,25 @@ pub async fn call(
                 .service
                 .statuses(&filter, &page(params.cursor, params.limit, false))
                 .await
-                .map_err(|e| fail(push_error(e)))?;
-            encode(&ListResult::from_page(found, WireStatus::from))
+                .map_err(push_error)?;
+            Ok(PushReply::PushStatus(ListResult::from_page(
+                found,
+                WireStatus::from,
+            )))
         }
-        "device_removals" => {
-            let params: PageParams = parse(params)?;
+        PushRequest::DeviceRemovals(params) => {
             let found = devices
                 .removals(&page(params.cursor, params.limit, false))
                 .await
-                .map_err(|e| fail(device_error(e)))?;
-            encode(&ListResult::from_page(found, |r| WireRemoval {
-                device: WireDevice::new(r.device, true, true),
-                reason: r.reason,
-                removed_at: r.removed_at / 1000,
-            }))
+                .map_err(device_error)?;
+            Ok(PushReply::DeviceRemovals(ListResult::from_page(
+                found,
+                |r| WireRemoval {
+                    device: WireDevice::new(r.device, true, true),
+                    reason: r.reason,
+                    removed_at: r.removed_at / 1000,
+                },
+            )))
         }
-        other => Err(fail(HeraldError::new(
-            ErrorCode::MethodNotFound,
-            format!("no API method {other:?}"),
-        ))),
     }
 }

@@ -3,8 +3,9 @@
 //! statuses; `webhook_attempts`: one message's attempt log) and `webhook_replay` (dead
 //! letters sent again with their `webhook-id`).
 //!
-//! Owns: the typed request and response of each method (easy to move to a typed API layer)
+//! Owns: the typed request and result of each method ([`WebhookRequest`], [`WebhookReply`])
 //! and their mapping onto the [`WebhookService`](herald_outbound::webhook::WebhookService).
+//! Method names, decoding and scopes are the API layer's ([`crate::api`]).
 //!
 //! May touch: the webhook runtime in the application state.
 
@@ -18,56 +19,28 @@ use herald_outbound::webhook::endpoints::Entry;
 use herald_outbound::webhook::event::{KIND, rfc3339};
 use herald_outbound::webhook::sign::Secret;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use super::WebhookRuntime;
-use crate::api::ApiError;
 use crate::api::types::integer;
 use crate::app::AppState;
 
-pub const METHODS: &[&str] = &[
-    "webhook_endpoint_create",
-    "webhook_endpoint_update",
-    "webhook_endpoint_delete",
-    "webhook_endpoint_list",
-    "webhook_deliveries",
-    "webhook_attempts",
-    "webhook_replay",
-];
-
-pub fn is_method(method: &str) -> bool {
-    METHODS.contains(&method)
-}
-
-fn not_enabled() -> HeraldError {
+pub(crate) fn not_enabled() -> HeraldError {
     HeraldError::new(
         ErrorCode::NotAvailable,
         "webhooks are not enabled ([webhooks] enabled = true)",
     )
 }
 
-fn fail(error: HeraldError) -> ApiError {
-    ApiError::from_node(error)
-}
-
-fn queue_error(error: QueueError) -> ApiError {
-    fail(match error {
+fn queue_error(error: QueueError) -> HeraldError {
+    match error {
         QueueError::Invalid(detail) => HeraldError::bad_request(detail),
         QueueError::Unavailable(detail) => HeraldError::unavailable(detail),
         QueueError::Backend(detail) => HeraldError::internal(detail),
-    })
+    }
 }
 
-fn bad(detail: impl Into<String>) -> ApiError {
-    fail(HeraldError::bad_request(detail))
-}
-
-fn parse<T: serde::de::DeserializeOwned>(params: &RawValue) -> Result<T, ApiError> {
-    serde_json::from_str(params.get()).map_err(|e| ApiError::bad_json(&e))
-}
-
-fn encode<T: Serialize>(value: &T) -> Result<Box<RawValue>, ApiError> {
-    serde_json::value::to_raw_value(value).map_err(|e| fail(HeraldError::internal(e.to_string())))
+fn bad(detail: impl Into<String>) -> HeraldError {
+    HeraldError::bad_request(detail)
 }
 
 fn yes() -> bool {
@@ -202,31 +175,31 @@ impl WireEndpoint {
     }
 }
 
-#[derive(Serialize)]
-struct EndpointResult {
-    endpoint: WireEndpoint,
+#[derive(Debug, Serialize)]
+pub struct EndpointResult {
+    pub endpoint: WireEndpoint,
 }
 
-#[derive(Serialize)]
-struct Items<T> {
-    items: Vec<T>,
+#[derive(Debug, Serialize)]
+pub struct Items<T> {
+    pub items: Vec<T>,
     #[serde(skip_serializing_if = "String::is_empty")]
-    next_cursor: String,
+    pub next_cursor: String,
 }
 
-#[derive(Serialize)]
-struct WireDelivery {
+#[derive(Debug, Serialize)]
+pub struct WireDelivery {
     /// The `webhook-id`.
-    message: String,
+    pub message: String,
     /// The queue's job (the message id, or a replay of it).
-    job: String,
-    event: String,
-    endpoint: String,
-    state: &'static str,
-    attempts: u32,
+    pub job: String,
+    pub event: String,
+    pub endpoint: String,
+    pub state: &'static str,
+    pub attempts: u32,
     #[serde(skip_serializing_if = "String::is_empty")]
-    reason: String,
-    updated_at: String,
+    pub reason: String,
+    pub updated_at: String,
 }
 
 impl From<JobStatus> for WireDelivery {
@@ -249,16 +222,16 @@ impl From<JobStatus> for WireDelivery {
     }
 }
 
-#[derive(Serialize)]
-struct WireAttempt {
-    message: String,
-    endpoint: String,
-    attempt: u32,
-    at: String,
-    status: u16,
-    duration_ms: u64,
+#[derive(Debug, Serialize)]
+pub struct WireAttempt {
+    pub message: String,
+    pub endpoint: String,
+    pub attempt: u32,
+    pub at: String,
+    pub status: u16,
+    pub duration_ms: u64,
     #[serde(skip_serializing_if = "String::is_empty")]
-    error: String,
+    pub error: String,
 }
 
 impl From<AttemptRecord> for WireAttempt {
@@ -275,17 +248,17 @@ impl From<AttemptRecord> for WireAttempt {
     }
 }
 
-#[derive(Serialize)]
-struct ReplayResult {
-    replayed: u64,
+#[derive(Debug, Serialize)]
+pub struct ReplayResult {
+    pub replayed: u64,
 }
 
-#[derive(Serialize)]
-struct Nothing {}
+#[derive(Debug, Serialize)]
+pub struct Nothing {}
 
 /// Checks a definition against the server's rules: the endpoint's own, the lease, and the
 /// egress rule for IP literals (host names are checked when they are resolved).
-fn check(runtime: &WebhookRuntime, endpoint: &Endpoint) -> Result<(), ApiError> {
+fn check(runtime: &WebhookRuntime, endpoint: &Endpoint) -> Result<(), HeraldError> {
     endpoint.validate().map_err(bad)?;
     let max = runtime.config.max_endpoint_timeout();
     if endpoint.timeout.is_some_and(|t| t.as_duration() > max) {
@@ -304,7 +277,7 @@ fn check(runtime: &WebhookRuntime, endpoint: &Endpoint) -> Result<(), ApiError> 
     Ok(())
 }
 
-fn existing(runtime: &WebhookRuntime, id: &str) -> Result<std::sync::Arc<Entry>, ApiError> {
+fn existing(runtime: &WebhookRuntime, id: &str) -> Result<std::sync::Arc<Entry>, HeraldError> {
     runtime
         .service
         .endpoints
@@ -312,26 +285,43 @@ fn existing(runtime: &WebhookRuntime, id: &str) -> Result<std::sync::Arc<Entry>,
         .ok_or_else(|| bad(format!("webhook endpoint {id:?} not found")))
 }
 
-fn from_config_error(id: &str) -> ApiError {
+fn from_config_error(id: &str) -> HeraldError {
     bad(format!(
         "webhook endpoint {id:?} is defined in the config file; change it there (the API may \
          only re-enable it with {{\"enabled\": true}})"
     ))
 }
 
-pub async fn call(
-    state: &AppState,
-    method: &str,
-    params: &RawValue,
-) -> Result<Box<RawValue>, ApiError> {
-    let runtime = state
-        .webhooks
-        .as_deref()
-        .ok_or_else(|| fail(not_enabled()))?;
+/// A webhook method's request, decoded.
+#[derive(Debug)]
+pub enum WebhookRequest {
+    EndpointCreate(CreateParams),
+    EndpointUpdate(UpdateParams),
+    EndpointDelete(IdParams),
+    EndpointList(Empty),
+    Deliveries(DeliveriesParams),
+    Attempts(AttemptsParams),
+    Replay(ReplayParams),
+}
+
+/// A webhook method's result (JSON: the object itself).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum WebhookReply {
+    Endpoint(EndpointResult),
+    Nothing(Nothing),
+    Endpoints(Items<WireEndpoint>),
+    Deliveries(Items<WireDelivery>),
+    Attempts(Items<WireAttempt>),
+    Replay(ReplayResult),
+}
+
+/// Runs a webhook method.
+pub async fn call(state: &AppState, request: WebhookRequest) -> Result<WebhookReply, HeraldError> {
+    let runtime = state.webhooks.as_deref().ok_or_else(not_enabled)?;
     let endpoints = &runtime.service.endpoints;
-    match method {
-        "webhook_endpoint_create" => {
-            let p: CreateParams = parse(params)?;
+    match request {
+        WebhookRequest::EndpointCreate(p) => {
             validate_id(&p.id).map_err(bad)?;
             if endpoints.get(&p.id).is_some() {
                 return Err(bad(format!("webhook endpoint {:?} already exists", p.id)));
@@ -357,12 +347,11 @@ pub async fn call(
             let id = endpoint.id.clone();
             endpoints.put(endpoint, true).await.map_err(queue_error)?;
             let entry = existing(runtime, &id)?;
-            encode(&EndpointResult {
+            Ok(WebhookReply::Endpoint(EndpointResult {
                 endpoint: WireEndpoint::new(&entry, true),
-            })
+            }))
         }
-        "webhook_endpoint_update" => {
-            let p: UpdateParams = parse(params)?;
+        WebhookRequest::EndpointUpdate(p) => {
             let entry = existing(runtime, &p.id)?;
             let only_enabling = p.enabled == Some(true)
                 && p.url.is_none()
@@ -411,33 +400,30 @@ pub async fn call(
                 .await
                 .map_err(queue_error)?;
             let entry = existing(runtime, &p.id)?;
-            encode(&EndpointResult {
+            Ok(WebhookReply::Endpoint(EndpointResult {
                 endpoint: WireEndpoint::new(&entry, false),
-            })
+            }))
         }
-        "webhook_endpoint_delete" => {
-            let p: IdParams = parse(params)?;
+        WebhookRequest::EndpointDelete(p) => {
             let entry = existing(runtime, &p.id)?;
             if entry.from_config {
                 return Err(from_config_error(&p.id));
             }
             endpoints.delete(&p.id).await.map_err(queue_error)?;
-            encode(&Nothing {})
+            Ok(WebhookReply::Nothing(Nothing {}))
         }
-        "webhook_endpoint_list" => {
-            let _: Empty = parse(params)?;
+        WebhookRequest::EndpointList(Empty {}) => {
             let items = endpoints
                 .all()
                 .values()
                 .map(|entry| WireEndpoint::new(entry, false))
                 .collect();
-            encode(&Items {
+            Ok(WebhookReply::Endpoints(Items {
                 items,
                 next_cursor: String::new(),
-            })
+            }))
         }
-        "webhook_deliveries" => {
-            let p: DeliveriesParams = parse(params)?;
+        WebhookRequest::Deliveries(p) => {
             if p.endpoint.is_empty() && p.event.is_empty() {
                 return Err(bad("endpoint or event is required"));
             }
@@ -471,13 +457,12 @@ pub async fn call(
                 .filter(|s| s.kind == KIND)
                 .map(WireDelivery::from)
                 .collect();
-            encode(&Items {
+            Ok(WebhookReply::Deliveries(Items {
                 items,
                 next_cursor: found.next_cursor,
-            })
+            }))
         }
-        "webhook_attempts" => {
-            let p: AttemptsParams = parse(params)?;
+        WebhookRequest::Attempts(p) => {
             if p.message.is_empty() {
                 return Err(bad("message is required"));
             }
@@ -487,13 +472,12 @@ pub async fn call(
                 .attempts(&p.message)
                 .await
                 .map_err(queue_error)?;
-            encode(&Items {
+            Ok(WebhookReply::Attempts(Items {
                 items: attempts.into_iter().map(WireAttempt::from).collect(),
                 next_cursor: String::new(),
-            })
+            }))
         }
-        "webhook_replay" => {
-            let p: ReplayParams = parse(params)?;
+        WebhookRequest::Replay(p) => {
             existing(runtime, &p.endpoint)?;
             if p.message.as_deref() == Some("") {
                 return Err(bad(
@@ -505,11 +489,7 @@ pub async fn call(
                 .replay(&p.endpoint, p.message.as_deref())
                 .await
                 .map_err(queue_error)?;
-            encode(&ReplayResult { replayed })
+            Ok(WebhookReply::Replay(ReplayResult { replayed }))
         }
-        other => Err(fail(HeraldError::new(
-            ErrorCode::MethodNotFound,
-            format!("no API method {other:?}"),
-        ))),
     }
 }
