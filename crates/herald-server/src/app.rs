@@ -61,6 +61,8 @@ pub struct AppState {
     pub outbound: Option<crate::outbound::OutboundStores>,
     /// Delivery of publications to brokers, with enabled `[[sinks]]`.
     pub sinks: Option<Arc<crate::sink::SinkRuntime>>,
+    /// The MQTT listener, with `[mqtt] enabled = true`.
+    pub mqtt: Option<crate::mqtt::MqttRuntime>,
 }
 
 /// The OpenAPI document of the server API (also at `docs/openapi.json`).

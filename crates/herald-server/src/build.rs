@@ -61,6 +61,11 @@ pub enum BuildError {
     Webhooks(String),
     #[error("sinks: {0}")]
     Sink(String),
+    #[error("mqtt: cannot listen on {addr}: {error}")]
+    Mqtt {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 /// The objects that build without side effects (no file written, no socket, no runtime).
@@ -319,7 +324,22 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
             .with_proxy(parts.proxy)
             .with_client_methods(client_methods),
     );
+    let mqtt = if config.mqtt.enabled {
+        let runtime = crate::mqtt::MqttRuntime::bind(
+            &config.mqtt,
+            config.server.connection_limits(),
+            realtime.clone(),
+        )
+        .map_err(|error| BuildError::Mqtt {
+            addr: config.mqtt.listen,
+            error,
+        })?;
+        Some(runtime)
+    } else {
+        None
+    };
     let state = Arc::new(AppState {
+        mqtt,
         push,
         sources,
         webhooks,

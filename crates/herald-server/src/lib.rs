@@ -15,6 +15,7 @@ pub mod forwarded;
 pub mod jwt;
 pub mod listener;
 pub mod metrics;
+pub mod mqtt;
 pub mod origin;
 pub mod outbound;
 pub mod proxy;

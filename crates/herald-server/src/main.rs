@@ -514,6 +514,9 @@ async fn serve_command(config: Config, reload: Reload) -> anyhow::Result<ExitCod
         "Herald {} listening on {scheme}://{addr}",
         env!("CARGO_PKG_VERSION")
     );
+    if let Some(mqtt) = &server.state().mqtt {
+        println!("  mqtt:    mqtt://{}", mqtt.local_addr);
+    }
     println!("  storage: {storage}");
     let reloader = server.reloader();
     match reloader.generated_api_key() {

@@ -1,0 +1,594 @@
+"""Herald's MQTT listener (`[mqtt]`, docs/mqtt.md) judged by the ecosystem's own clients:
+Python `paho-mqtt` (MQTT 3.1.1 and MQTT 5 clients) and Debian's `mosquitto_pub` /
+`mosquitto_sub`, plus raw sockets where a test needs bytes no client sends (garbage, a
+silent keep-alive).
+
+Topics map to channels of the `mqtt` namespace (`sensors/1` is `mqtt:sensors/1`), so the
+cross-transport cases publish and read through the server API, the `centrifuge` SDK over the
+WebSocket and SSE. The listener binds port 0 (a Mosquitto broker already owns 1883 on the
+test machines); its address is read from `herald serve`'s banner (`  mqtt:    mqtt://ADDR`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import queue
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+import uuid
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import paho.mqtt.client as paho
+import pytest
+import requests
+import sseclient
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from conftest import HeraldInstance
+
+MQTT_CONFIG = """
+[client]
+allow_anonymous = true
+
+[mqtt]
+enabled = true
+listen = "127.0.0.1:0"
+namespace = "mqtt"
+max_packet_size = 4096
+max_subscriptions = 8
+
+# MQTT topics live here: history on, clients may publish; anonymous clients may do neither.
+[[namespaces]]
+name = "mqtt"
+history_size = 1000
+history_ttl = "1h"
+allow_publish_for_client = true
+"""
+WAIT = 10.0
+MOSQUITTO_PUB = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
+MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+
+
+def mqtt_address(instance: HeraldInstance) -> Tuple[str, int]:
+    """The MQTT listener's address from the banner `herald serve` prints."""
+    assert instance.process is not None
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        for line in list(instance.process.stdout_lines):
+            if "mqtt://" in line:
+                host, port = line.split("mqtt://", 1)[1].strip().rsplit(":", 1)
+                return host, int(port)
+        time.sleep(0.05)
+    raise AssertionError(f"no mqtt:// line in herald's banner{instance.process.diagnostics()}")
+
+
+def start(instance: HeraldInstance) -> HeraldInstance:
+    instance.start()
+    instance.mqtt = mqtt_address(instance)  # type: ignore[attr-defined]
+    return instance
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldInstance]:
+    instance = HeraldInstance(tmp_path_factory.mktemp("herald-mqtt"), extra_config=MQTT_CONFIG)
+    start(instance)
+    try:
+        yield instance
+    except BaseException:
+        instance.kill()
+        raise
+    instance.stop()
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def mint_token(secret: str, sub: str, ttl: int = 3600) -> str:
+    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    claims = {"sub": sub, "exp": int(time.time()) + ttl}
+    unsigned = f"{header}.{_b64url(json.dumps(claims).encode())}"
+    signature = hmac.new(secret.encode(), unsigned.encode(), hashlib.sha256).digest()
+    return f"{unsigned}.{_b64url(signature)}"
+
+
+def api(server: HeraldInstance, method: str, body: Dict[str, Any]) -> Dict[str, Any]:
+    response = requests.post(
+        f"{server.api_url}/{method}", json=body, headers={"X-API-Key": server.api_key}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert "error" not in reply, reply
+    return reply["result"]
+
+
+def history(server: HeraldInstance, channel: str) -> List[Dict[str, Any]]:
+    return api(server, "history", {"channel": channel, "limit": 10000})["publications"]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+class Mqtt:
+    """A paho client (3.1.1 or 5) whose callbacks feed queues the test takes from with a
+    time limit."""
+
+    def __init__(self, server: HeraldInstance, version: int, token: Optional[str], **connect: Any) -> None:
+        protocol = paho.MQTTv5 if version == 5 else paho.MQTTv311
+        self.version = version
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=unique("paho-"), protocol=protocol
+        )
+        if token is not None:
+            self.client.username_pw_set("ignored", token)
+        self.messages: "queue.Queue[paho.MQTTMessage]" = queue.Queue()
+        self.subacks: "queue.Queue[List[Any]]" = queue.Queue()
+        self.connacks: "queue.Queue[Any]" = queue.Queue()
+        self.disconnects: "queue.Queue[Any]" = queue.Queue()
+        self.acks: Dict[int, Any] = {}
+        self.client.on_connect = lambda c, u, flags, rc, props: self.connacks.put(rc)
+        self.client.on_subscribe = lambda c, u, mid, codes, props: self.subacks.put(list(codes))
+        self.client.on_message = lambda c, u, msg: self.messages.put(msg)
+        self.client.on_disconnect = lambda c, u, flags, rc, props: self.disconnects.put(rc)
+        self.client.on_publish = self._published
+        host, port = server.mqtt  # type: ignore[attr-defined]
+        self.client.connect(host, port, keepalive=30, **connect)
+        self.client.loop_start()
+
+    def _published(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        self.acks[mid] = rc
+
+    def connack(self) -> Any:
+        return self.connacks.get(timeout=WAIT)
+
+    def connected(self) -> "Mqtt":
+        rc = self.connack()
+        assert not rc.is_failure, f"CONNACK {rc}"
+        return self
+
+    def subscribe(self, *filters: Tuple[str, int]) -> List[Any]:
+        self.client.subscribe(list(filters))
+        return self.subacks.get(timeout=WAIT)
+
+    def publish(self, topic: str, payload: bytes, qos: int) -> Any:
+        """Publishes and waits for the acknowledgement (QoS 1/2); the reason code (MQTT 5)."""
+        info = self.client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(timeout=WAIT)
+        assert info.is_published(), f"no acknowledgement for {topic!r} QoS {qos}"
+        return self.acks.get(info.mid)
+
+    def take(self, what: str) -> paho.MQTTMessage:
+        try:
+            return self.messages.get(timeout=WAIT)
+        except queue.Empty:
+            raise AssertionError(f"timed out after {WAIT}s waiting for {what}")
+
+    def nothing_more(self, wait: float = 0.5) -> None:
+        time.sleep(wait)
+        assert self.messages.empty(), f"unexpected message: {self.messages.get().topic}"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def codes(suback: List[Any]) -> List[int]:
+    return [code.value for code in suback]
+
+
+# ---------------------------------------------------------------------------------------------
+# Both protocol levels with paho-mqtt
+
+
+@pytest.mark.parametrize("sub_version,pub_version", [(4, 5), (5, 4)])
+def test_paho_publishes_and_subscribes_at_every_qos(server: HeraldInstance, sub_version: int, pub_version: int) -> None:
+    user = unique("u")
+    token = mint_token(server.hmac_secret, user)
+    base = unique("plant/")
+    sub = Mqtt(server, sub_version, token).connected()
+    pub = Mqtt(server, pub_version, token).connected()
+    try:
+        assert codes(sub.subscribe((f"{base}/+/temp", 2), (f"{base}/exact", 1))) == [2, 1]
+        sent = []
+        for qos in (0, 1, 2):
+            payload = json.dumps({"qos": qos, "t": 20 + qos}).encode()
+            rc = pub.publish(f"{base}/{qos}/temp", payload, qos)
+            if pub_version == 5 and qos > 0:
+                assert rc.value == 0, f"QoS {qos} acknowledged with {rc}"
+            sent.append((f"{base}/{qos}/temp", payload, qos))
+        pub.publish(f"{base}/exact", b"binary \x00\xff", 1)
+        got = [sub.take(f"message {i}") for i in range(4)]
+        # Per topic the order holds; the publisher's QoS caps the delivery's.
+        assert [(m.topic, m.payload, m.qos) for m in got[:3]] == sent
+        assert (got[3].topic, got[3].payload, got[3].qos) == (f"{base}/exact", b"binary \x00\xff", 1)
+        sub.nothing_more()
+        # What was acknowledged is in history, as the channel of the topic.
+        stored = history(server, f"mqtt:{base}/2/temp")
+        assert [p["data"] for p in stored] == [{"qos": 2, "t": 22}]
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_wildcards_do_not_match_dollar_topics_and_unsubscribe_stops_delivery(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    client = Mqtt(server, 5, token).connected()
+    dollar = Mqtt(server, 4, token).connected()
+    try:
+        assert codes(client.subscribe(("#", 1))) == [1]
+        assert codes(dollar.subscribe(("$SYS/#", 1))) == [1]
+        # `$` topics cannot be published over MQTT (reserved), but a channel of the namespace
+        # can be published by the server API.
+        api(server, "publish", {"channel": "mqtt:$SYS/load", "data": {"load": 1}})
+        topic = unique("w/")
+        api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"n": 1}})
+        got = client.take("the plain topic")
+        assert (got.topic, json.loads(got.payload)) == (topic, {"n": 1})
+        client.nothing_more()
+        got = dollar.take("the $SYS topic")
+        assert got.topic == "$SYS/load"
+        # Channels of other namespaces and user-limited channels have no topic.
+        api(server, "publish", {"channel": "room:x", "data": {}})
+        api(server, "publish", {"channel": "mqtt:inbox#alice", "data": {}})
+        client.nothing_more()
+        client.client.unsubscribe("#")
+        time.sleep(0.3)
+        api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"n": 2}})
+        client.nothing_more()
+    finally:
+        client.close()
+        dollar.close()
+
+
+def test_admission_refuses_with_suback_and_puback_reason_codes(server: HeraldInstance) -> None:
+    # Anonymous connections are allowed ([client] allow_anonymous), but the `mqtt` namespace
+    # does not let anonymous clients subscribe or publish: the one admission path says no.
+    anon5 = Mqtt(server, 5, None).connected()
+    anon4 = Mqtt(server, 4, None).connected()
+    user = Mqtt(server, 5, mint_token(server.hmac_secret, unique("u"))).connected()
+    try:
+        assert codes(anon5.subscribe(("a/b", 1), ("a/#", 0))) == [0x87, 0x87]
+        assert codes(anon4.subscribe(("a/b", 1))) == [0x80]
+        rc = anon5.publish("a/b", b"{}", 1)
+        assert rc.value == 0x87, rc
+        assert history(server, "mqtt:a/b") == []
+        # Shared subscriptions and topics outside the channel alphabet are refused per filter.
+        assert codes(user.subscribe(("$share/g/a", 1), ("bad topic", 1), ("ok/1", 1))) == [0x9E, 0x8F, 1]
+        rc = user.publish("bad topic", b"{}", 1)
+        assert rc.value == 0x90, rc
+        rc = user.publish("$SYS/x", b"{}", 1)
+        assert rc.value == 0x90, rc
+        # At most 8 subscriptions per connection (config): the rest fail with quota exceeded.
+        asks = [(f"q/{i}", 0) for i in range(10)]
+        assert codes(user.subscribe(*asks)) == [0] * 7 + [0x97] * 3
+    finally:
+        anon5.close()
+        anon4.close()
+        user.close()
+
+
+@pytest.mark.parametrize("version,expected", [(5, 0x86), (4, 4)])
+def test_a_bad_token_is_refused_in_the_connack(server: HeraldInstance, version: int, expected: int) -> None:
+    client = Mqtt(server, version, "not-a-jwt")
+    try:
+        rc = client.connack()
+        assert rc.value == expected, rc
+    finally:
+        client.client.loop_stop()
+
+
+def test_retained_is_the_channels_latest_publication_and_an_empty_retained_publish_clears_it(server: HeraldInstance) -> None:
+    host, port = server.mqtt  # type: ignore[attr-defined]
+    token = mint_token(server.hmac_secret, unique("u"))
+    topic = unique("retained/")
+    for v in (1, 2):
+        api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"v": v}})
+    client = Mqtt(server, 5, token).connected()
+    never = Mqtt(server, 5, token).connected()
+    try:
+        assert codes(client.subscribe((topic, 1))) == [1]
+        got = client.take("the retained publication")
+        assert (json.loads(got.payload), got.retain) == ({"v": 2}, True)
+        # Retain handling 2: no retained publication on subscribe.
+        never.client.subscribe(topic, options=paho.SubscribeOptions(qos=1, retainHandling=2))
+        assert codes(never.subacks.get(timeout=WAIT)) == [1]
+        api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"v": 3}})
+        got = client.take("the live publication")
+        assert (json.loads(got.payload), got.retain) == ({"v": 3}, False)
+        got = never.take("the live publication")
+        assert json.loads(got.payload) == {"v": 3}
+        never.nothing_more()
+        # An empty retained publish (mosquitto_pub -r -n) clears it: it is delivered live as
+        # an empty message, and a new subscriber gets no retained publication.
+        result = subprocess.run(
+            [MOSQUITTO_PUB, "-h", host, "-p", str(port), "-u", "x", "-P", token, "-t", topic, "-r", "-n", "-q", "1"],
+            capture_output=True, text=True, timeout=WAIT,
+        )
+        assert result.returncode == 0, result.stderr
+        assert client.take("the empty publication").payload == b""
+    finally:
+        client.close()
+        never.close()
+    late = Mqtt(server, 4, token).connected()
+    try:
+        assert codes(late.subscribe((topic, 1))) == [1]
+        late.nothing_more()
+    finally:
+        late.close()
+
+
+def test_will_is_published_when_the_device_drops_not_when_it_disconnects(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    topic = unique("status/")
+    watcher = Mqtt(server, 5, token).connected()
+    try:
+        assert codes(watcher.subscribe((topic, 1))) == [1]
+        for version, clean in ((4, True), (5, False), (4, False)):
+            device = paho.Client(
+                paho.CallbackAPIVersion.VERSION2, client_id=unique("dev-"),
+                protocol=paho.MQTTv5 if version == 5 else paho.MQTTv311,
+            )
+            device.username_pw_set("x", token)
+            device.will_set(topic, json.dumps({"online": False, "v": version, "clean": clean}).encode(), qos=1)
+            connected = threading.Event()
+            device.on_connect = lambda c, u, f, rc, p: connected.set()
+            device.connect(*server.mqtt, keepalive=30)  # type: ignore[attr-defined]
+            device.loop_start()
+            assert connected.wait(WAIT)
+            if clean:
+                device.disconnect()
+                device.loop_stop()
+                watcher.nothing_more()
+            else:
+                device.loop_stop()
+                sock = device.socket()
+                sock.shutdown(socket.SHUT_RDWR)  # gone without a DISCONNECT
+                sock.close()
+                got = watcher.take(f"the will of the {version} device")
+                assert json.loads(got.payload) == {"online": False, "v": version, "clean": False}
+        history_data = [p["data"] for p in history(server, f"mqtt:{topic}")]
+        assert history_data == [{"online": False, "v": 5, "clean": False}, {"online": False, "v": 4, "clean": False}]
+    finally:
+        watcher.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# mosquitto_pub / mosquitto_sub and the other transports
+
+
+def test_http_publish_reaches_mosquitto_sub(server: HeraldInstance) -> None:
+    host, port = server.mqtt  # type: ignore[attr-defined]
+    token = mint_token(server.hmac_secret, unique("u"))
+    topic = unique("devices/") + "/cmd"
+    proc = subprocess.Popen(
+        [MOSQUITTO_SUB, "-h", host, "-p", str(port), "-V", "mqttv5", "-u", "x", "-P", token,
+         "-t", topic, "-q", "1", "-C", "3", "-v", "-d"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lines: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(l.rstrip("\n")) for l in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+        seen: List[str] = []
+        while not any("received SUBACK" in l for l in seen):
+            seen.append(lines.get(timeout=WAIT))
+        for n in range(3):
+            api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"cmd": "open", "n": n}})
+        assert proc.wait(timeout=WAIT) == 0, "\n".join(seen)
+        while not lines.empty():
+            seen.append(lines.get())
+        payloads = [l.split(" ", 1)[1] for l in seen if l.startswith(topic + " ")]
+        assert [json.loads(p) for p in payloads] == [{"cmd": "open", "n": n} for n in range(3)], seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_mosquitto_pub_reaches_the_centrifuge_sdk_and_sse(server: HeraldInstance) -> None:
+    from centrifuge import Client, PublicationContext, SubscriptionEventHandler
+
+    host, port = server.mqtt  # type: ignore[attr-defined]
+    user = unique("u")
+    token = mint_token(server.hmac_secret, user)
+    topic = unique("sensors/") + "/temp"
+    channel = f"mqtt:{topic}"
+    response = requests.get(
+        f"{server.url}/connection/sse", params={"channel": channel, "token": token},
+        headers={"Accept": "text/event-stream"}, stream=True, timeout=(5, 30),
+    )
+    assert response.status_code == 200, response.text
+    events: "queue.Queue[Any]" = queue.Queue()
+    threading.Thread(target=lambda: [events.put(e) for e in sseclient.SSEClient(response).events()], daemon=True).start()
+
+    class Pubs(SubscriptionEventHandler):
+        def __init__(self) -> None:
+            self.pubs: List[PublicationContext] = []
+
+        async def on_publication(self, ctx: PublicationContext) -> None:
+            self.pubs.append(ctx)
+
+    async def scenario() -> None:
+        pubs = Pubs()
+        client = Client(f"ws://{server.url.split('://', 1)[1]}/connection/websocket", token=token, proxy=None)
+        sub = client.new_subscription(channel, events=pubs)
+        await client.connect()
+        await sub.subscribe()
+        await sub.ready(5)
+        try:
+            for n in range(3):
+                result = subprocess.run(
+                    [MOSQUITTO_PUB, "-h", host, "-p", str(port), "-u", "x", "-P", token, "-t", topic,
+                     "-q", "1", "-m", json.dumps({"n": n})],
+                    capture_output=True, text=True, timeout=WAIT,
+                )
+                assert result.returncode == 0, result.stderr
+            deadline = time.monotonic() + WAIT
+            while len(pubs.pubs) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert [p.pub.data for p in pubs.pubs] == [{"n": n} for n in range(3)]
+            assert [p.pub.offset for p in pubs.pubs] == [1, 2, 3]
+        finally:
+            await client.disconnect()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    sse = []
+    deadline = time.monotonic() + WAIT
+    while len(sse) < 3 and time.monotonic() < deadline:
+        try:
+            event = events.get(timeout=1)
+        except queue.Empty:
+            continue
+        if event.event == "publication":
+            sse.append(json.loads(event.data))
+    response.close()
+    assert [p["data"] for p in sse] == [{"n": n} for n in range(3)], sse
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw bytes: keep-alive, bad packets, limits
+
+
+def raw_connect_v5(keep_alive: int, token: Optional[str] = None) -> bytes:
+    flags = 0x02
+    payload = struct.pack("!H", 6) + b"raw-v5"
+    if token is not None:
+        flags |= 0x80 | 0x40
+        payload += struct.pack("!H", 1) + b"x" + struct.pack("!H", len(token)) + token.encode()
+    variable = struct.pack("!H", 4) + b"MQTT" + bytes([5, flags]) + struct.pack("!H", keep_alive) + b"\x00"
+    body = variable + payload
+    return bytes([0x10]) + varint(len(body)) + body
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n % 128
+        n //= 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def read_packet(sock: socket.socket) -> Tuple[int, bytes]:
+    first = sock.recv(1)
+    if not first:
+        return 0, b""
+    length, shift = 0, 0
+    while True:
+        byte = sock.recv(1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        assert chunk, "closed mid-packet"
+        body += chunk
+    return first[0], body
+
+
+def raw_session(server: HeraldInstance, keep_alive: int = 30) -> socket.socket:
+    sock = socket.create_connection(server.mqtt, timeout=WAIT)  # type: ignore[attr-defined]
+    sock.sendall(raw_connect_v5(keep_alive, mint_token(server.hmac_secret, unique("u"))))
+    kind, body = read_packet(sock)
+    assert kind == 0x20 and body[1] == 0, f"CONNACK {kind:#x} {body!r}"
+    return sock
+
+
+def test_keep_alive_is_enforced_with_reason_0x8d(server: HeraldInstance) -> None:
+    sock = raw_session(server, keep_alive=1)
+    started = time.monotonic()
+    kind, body = read_packet(sock)
+    elapsed = time.monotonic() - started
+    assert kind == 0xE0 and body[0] == 0x8D, f"{kind:#x} {body!r}"
+    assert 1.2 < elapsed < 4, elapsed
+    assert sock.recv(1) == b"", "closed after the DISCONNECT"
+
+
+@pytest.mark.parametrize(
+    "garbage,reason",
+    [
+        (b"\x30\x04\x00\x09ab", 0x81),  # a topic length beyond the packet
+        (b"\xf0\x00", 0x81),  # packet type 15 (AUTH) has no place here: malformed for rumqttc
+        (bytes([0x30]) + varint(5000) + b"x" * 10, 0x95),  # larger than max_packet_size 4096
+        (raw_connect_v5(30), 0x82),  # a second CONNECT
+    ],
+)
+def test_bad_packets_close_with_the_right_reason(server: HeraldInstance, garbage: bytes, reason: int) -> None:
+    sock = raw_session(server)
+    sock.sendall(garbage)
+    kind, body = read_packet(sock)
+    assert kind == 0xE0, f"{kind:#x} {body!r}"
+    assert body[0] == reason, f"reason {body[0]:#x}, expected {reason:#x}: {body!r}"
+    assert sock.recv(1) == b""
+    # The server is fine: a new client works.
+    Mqtt(server, 4, mint_token(server.hmac_secret, "after")).connected().close()
+
+
+def test_unsupported_protocol_level_gets_connack_0x01(server: HeraldInstance) -> None:
+    sock = socket.create_connection(server.mqtt, timeout=WAIT)  # type: ignore[attr-defined]
+    sock.sendall(b"\x10\x0c\x00\x06MQIsdp\x03\x02\x00\x3c")  # MQTT 3.1
+    assert read_packet(sock) == (0x20, b"\x00\x01")
+    assert sock.recv(1) == b""
+
+
+# ---------------------------------------------------------------------------------------------
+# Durability: acknowledged QoS 1 publishes survive kill -9
+
+
+def test_acknowledged_qos1_publishes_survive_kill_9(herald_factory: Any) -> None:
+    instance = herald_factory()
+    # The factory's instance has the base config: add MQTT's.
+    instance.config.write_text(instance.config.read_text() + MQTT_CONFIG)
+    start(instance)
+    token = mint_token(instance.hmac_secret, "device")
+    topic = unique("meter/")
+    client = Mqtt(instance, 4, token).connected()
+    acked: List[int] = []
+    stop = threading.Event()
+
+    def publish_until_killed() -> None:
+        n = 0
+        while not stop.is_set():
+            info = client.client.publish(topic, json.dumps({"n": n}).encode(), qos=1)
+            try:
+                info.wait_for_publish(timeout=2)
+            except (RuntimeError, ValueError):
+                return
+            if not info.is_published():
+                return
+            acked.append(n)
+            n += 1
+
+    publisher = threading.Thread(target=publish_until_killed, daemon=True)
+    publisher.start()
+    deadline = time.monotonic() + WAIT
+    while len(acked) < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(acked) >= 200, f"only {len(acked)} acknowledged"
+    instance.process.proc.kill()  # SIGKILL, mid-stream
+    instance.process.proc.wait()
+    stop.set()
+    publisher.join(timeout=WAIT)
+    client.client.loop_stop()
+    confirmed = list(acked)
+    start(instance)
+    try:
+        stored = [p["data"]["n"] for p in history(instance, f"mqtt:{topic}")]
+        # Every acknowledged publish is there, once, in order; at most the one in flight
+        # when the process died is there without its acknowledgement.
+        assert stored[: len(confirmed)] == confirmed, (len(stored), len(confirmed))
+        assert len(stored) - len(confirmed) <= 1, (len(stored), len(confirmed))
+        assert stored == list(range(len(stored)))
+    finally:
+        instance.stop()
