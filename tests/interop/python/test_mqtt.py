@@ -277,12 +277,13 @@ def test_admission_refuses_with_suback_and_puback_reason_codes(server: HeraldIns
         user.close()
 
 
-@pytest.mark.parametrize("version,expected", [(5, 0x86), (4, 4)])
-def test_a_bad_token_is_refused_in_the_connack(server: HeraldInstance, version: int, expected: int) -> None:
+@pytest.mark.parametrize("version", [5, 4])
+def test_a_bad_token_is_refused_in_the_connack(server: HeraldInstance, version: int) -> None:
     client = Mqtt(server, version, "not-a-jwt")
     try:
         rc = client.connack()
-        assert rc.value == expected, rc
+        # MQTT 5's 0x86; paho reports 3.1.1's return code 4 as the same reason.
+        assert rc.value == 0x86 and rc.getName() == "Bad user name or password", rc
     finally:
         client.client.loop_stop()
 
@@ -370,8 +371,9 @@ def test_http_publish_reaches_mosquitto_sub(server: HeraldInstance) -> None:
     host, port = server.mqtt  # type: ignore[attr-defined]
     token = mint_token(server.hmac_secret, unique("u"))
     topic = unique("devices/") + "/cmd"
+    # stdbuf: mosquitto_sub's stdout is a pipe here, line-buffer it to see the SUBACK line.
     proc = subprocess.Popen(
-        [MOSQUITTO_SUB, "-h", host, "-p", str(port), "-V", "mqttv5", "-u", "x", "-P", token,
+        ["stdbuf", "-oL", MOSQUITTO_SUB, "-h", host, "-p", str(port), "-V", "mqttv5", "-u", "x", "-P", token,
          "-t", topic, "-q", "1", "-C", "3", "-v", "-d"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -407,7 +409,15 @@ def test_mosquitto_pub_reaches_the_centrifuge_sdk_and_sse(server: HeraldInstance
     )
     assert response.status_code == 200, response.text
     events: "queue.Queue[Any]" = queue.Queue()
-    threading.Thread(target=lambda: [events.put(e) for e in sseclient.SSEClient(response).events()], daemon=True).start()
+
+    def read_sse() -> None:
+        try:
+            for event in sseclient.SSEClient(response).events():
+                events.put(event)
+        except (AttributeError, OSError, requests.RequestException):
+            pass  # the response was closed under the reader at the end of the test
+
+    threading.Thread(target=read_sse, daemon=True).start()
 
     class Pubs(SubscriptionEventHandler):
         def __init__(self) -> None:
