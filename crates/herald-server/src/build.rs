@@ -329,6 +329,7 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
             &config.mqtt,
             config.server.connection_limits(),
             realtime.clone(),
+            outbound.as_ref().map(|stores| stores.webhooks.clone()),
         )
         .map_err(|error| BuildError::Mqtt {
             addr: config.mqtt.listen,
@@ -374,15 +375,16 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
     Ok(Built { state, reloader })
 }
 
-/// The one outbound queue of this server and the stores beside it, when push or webhooks
-/// need them: where history lives (the data folder's `outbound.db` with SQLite, memory with
+/// The one outbound queue of this server and the stores beside it, when push, webhooks,
+/// sinks or MQTT's persistent sessions need them: where history lives (the data folder's `outbound.db` with SQLite, memory with
 /// the memory engine, the cluster's Redis).
 fn build_outbound(
     config: &Config,
     cluster: Option<&Arc<Cluster>>,
 ) -> Result<Option<OutboundStores>, BuildError> {
     let sinks = config.sinks.iter().any(|sink| sink.enabled);
-    if !(config.push.enabled || config.webhooks.enabled || sinks) {
+    // MQTT keeps persistent sessions in the document store beside the queue.
+    if !(config.push.enabled || config.webhooks.enabled || sinks || config.mqtt.enabled) {
         return Ok(None);
     }
     let stores = match config.storage.engine {

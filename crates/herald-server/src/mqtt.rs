@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use herald_core::webhook_store::WebhookStore;
 use herald_transport::mqtt::{MqttConfig, MqttState};
 use herald_transport::realtime::RealtimeState;
 use parking_lot::Mutex;
@@ -60,18 +61,20 @@ impl std::fmt::Debug for MqttRuntime {
 }
 
 impl MqttRuntime {
-    /// Binds `[mqtt] listen`.
+    /// Binds `[mqtt] listen`; persistent sessions are kept in `sessions` (the document store
+    /// beside the outbound queue).
     pub fn bind(
         config: &MqttConfig,
         limits: ConnectionLimits,
         realtime: Arc<RealtimeState>,
+        sessions: Option<Arc<dyn WebhookStore>>,
     ) -> std::io::Result<Self> {
         let listener = std::net::TcpListener::bind(config.listen)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         tracing::info!(%local_addr, namespace = %config.namespace, "mqtt listening");
         Ok(Self {
-            state: Arc::new(MqttState::new(realtime, config.clone())),
+            state: Arc::new(MqttState::new(realtime, config.clone()).with_session_store(sessions)),
             local_addr,
             listener: Mutex::new(Some(listener)),
             limits,

@@ -364,6 +364,181 @@ def test_will_is_published_when_the_device_drops_not_when_it_disconnects(server:
 
 
 # ---------------------------------------------------------------------------------------------
+# Persistent sessions
+
+
+class Device:
+    """A paho client with a fixed client id and a persistent session."""
+
+    def __init__(self, server: HeraldInstance, version: int, token: str, client_id: str) -> None:
+        self.version = version
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+            protocol=paho.MQTTv5 if version == 5 else paho.MQTTv311,
+            clean_session=None if version == 5 else False,
+        )
+        self.client.username_pw_set("x", token)
+        self.messages: "queue.Queue[paho.MQTTMessage]" = queue.Queue()
+        self.connacks: "queue.Queue[Tuple[Any, Any, Any]]" = queue.Queue()
+        self.subacks: "queue.Queue[List[Any]]" = queue.Queue()
+        self.client.on_connect = lambda c, u, flags, rc, props: self.connacks.put((flags, rc, props))
+        self.client.on_message = lambda c, u, msg: self.messages.put(msg)
+        self.client.on_subscribe = lambda c, u, mid, codes, props: self.subacks.put(list(codes))
+        host, port = server.mqtt  # type: ignore[attr-defined]
+        if version == 5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 300
+            self.client.connect(host, port, keepalive=30, clean_start=False, properties=props)
+        else:
+            self.client.connect(host, port, keepalive=30)
+        self.client.loop_start()
+        flags, rc, props = self.connacks.get(timeout=WAIT)
+        assert not rc.is_failure, rc
+        self.session_present = flags.session_present
+        self.reason_string = getattr(props, "ReasonString", None) if props is not None else None
+
+    def take(self, what: str) -> paho.MQTTMessage:
+        try:
+            return self.messages.get(timeout=WAIT)
+        except queue.Empty:
+            raise AssertionError(f"timed out after {WAIT}s waiting for {what}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_persistent_session_resumes_from_history_after_the_device_was_away(server: HeraldInstance, version: int) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    client_id = unique("device-")
+    topic = unique("fleet/") + "/cmd"
+    channel = f"mqtt:{topic}"
+    device = Device(server, version, token, client_id)
+    assert not device.session_present, "a new session"
+    device.client.subscribe(topic, qos=1)
+    assert codes(device.subacks.get(timeout=WAIT)) == [1]
+    for n in range(2):
+        api(server, "publish", {"channel": channel, "data": {"n": n}})
+    assert [json.loads(device.take(f"live {n}").payload)["n"] for n in range(2)] == [0, 1]
+    time.sleep(0.2)  # the acknowledgements reach the server
+    device.close()
+    # Publications go on while the device is away.
+    for n in range(2, 7):
+        api(server, "publish", {"channel": channel, "data": {"n": n}})
+    device = Device(server, version, token, client_id)
+    try:
+        assert device.session_present, "the session was kept"
+        # Without subscribing again: what it missed, from history, in order, then live.
+        missed = [json.loads(device.take(f"missed {n}").payload)["n"] for n in range(2, 7)]
+        assert missed == [2, 3, 4, 5, 6]
+        api(server, "publish", {"channel": channel, "data": {"n": 7}})
+        assert json.loads(device.take("live 7").payload)["n"] == 7
+        time.sleep(0.3)
+        assert device.messages.empty(), "no repeat"
+    finally:
+        device.close()
+
+
+def test_a_session_whose_missed_publications_are_gone_starts_over_and_says_so(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    client_id = unique("device-")
+    topic = unique("gone/")
+    device = Device(server, 5, token, client_id)
+    device.client.subscribe(topic, qos=1)
+    assert codes(device.subacks.get(timeout=WAIT)) == [1]
+    api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"n": 0}})
+    device.take("live 0")
+    time.sleep(0.2)
+    device.close()
+    api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"n": 1}})
+    api(server, "history_remove", {"channel": f"mqtt:{topic}"})
+    device = Device(server, 5, token, client_id)
+    try:
+        assert not device.session_present, "history lost what it missed: the session starts over"
+        assert device.reason_string and "history no longer holds" in device.reason_string, device.reason_string
+        api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"n": 2}})
+        time.sleep(0.5)
+        assert device.messages.empty(), "no subscription left: nothing arrives until it subscribes again"
+    finally:
+        device.close()
+    stderr = server.process.log_path.read_text()  # type: ignore[union-attr]
+    assert "history no longer holds what the session missed" in stderr
+
+
+def raw_connect_v311(client_id: str, token: str, clean: bool) -> bytes:
+    flags = 0xC0 | (0x02 if clean else 0)
+    payload = struct.pack("!H", len(client_id)) + client_id.encode()
+    payload += struct.pack("!H", 1) + b"x" + struct.pack("!H", len(token)) + token.encode()
+    body = struct.pack("!H", 4) + b"MQTT" + bytes([4, flags]) + struct.pack("!H", 30) + payload
+    return bytes([0x10]) + varint(len(body)) + body
+
+
+def test_unacknowledged_qos1_deliveries_come_again_with_dup(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    client_id = unique("raw-")
+    topic = unique("dup/")
+    sock = socket.create_connection(server.mqtt, timeout=WAIT)  # type: ignore[attr-defined]
+    sock.sendall(raw_connect_v311(client_id, token, clean=False))
+    assert read_packet(sock) == (0x20, b"\x00\x00")
+    subscribe = struct.pack("!H", 1) + struct.pack("!H", len(topic)) + topic.encode() + b"\x01"
+    sock.sendall(bytes([0x82]) + varint(len(subscribe)) + subscribe)
+    assert read_packet(sock) == (0x90, b"\x00\x01\x01")
+    for n in range(3):
+        api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"n": n}})
+    first = [read_packet(sock) for _ in range(3)]
+    assert all(kind == 0x32 for kind, _ in first), first  # QoS 1, no DUP
+    # Acknowledge the first only, then vanish.
+    pkid = first[0][1][2 + len(topic): 4 + len(topic)]
+    sock.sendall(b"\x40\x02" + pkid)
+    time.sleep(1.5)  # past the session's save interval
+    sock.close()
+    sock = socket.create_connection(server.mqtt, timeout=WAIT)  # type: ignore[attr-defined]
+    try:
+        sock.sendall(raw_connect_v311(client_id, token, clean=False))
+        assert read_packet(sock) == (0x20, b"\x01\x00"), "session present"
+        again = [read_packet(sock) for _ in range(2)]
+        assert [kind for kind, _ in again] == [0x3A, 0x3A], again  # QoS 1 with DUP
+        assert [json.loads(body[4 + len(topic):]) for _, body in again] == [{"n": 1}, {"n": 2}]
+    finally:
+        sock.close()
+
+
+def test_a_session_survives_kill_9_and_resumes_on_the_restarted_node(herald_factory: Any) -> None:
+    instance = herald_factory()
+    instance.config.write_text(instance.config.read_text() + MQTT_CONFIG)
+    start(instance)
+    token = mint_token(instance.hmac_secret, "device")
+    client_id = unique("device-")
+    topic = unique("site/")
+    channel = f"mqtt:{topic}"
+    device = Device(instance, 4, token, client_id)
+    device.client.subscribe(topic, qos=1)
+    assert codes(device.subacks.get(timeout=WAIT)) == [1]
+    for n in range(5):
+        api(instance, "publish", {"channel": channel, "data": {"n": n}})
+    got = [json.loads(device.take(f"live {n}").payload)["n"] for n in range(5)]
+    assert got == list(range(5))
+    time.sleep(1.5)  # the positions are saved
+    instance.process.proc.kill()  # SIGKILL
+    instance.process.proc.wait()
+    device.client.loop_stop()
+    start(instance)  # the "other node": a new process on the same storage, a new port
+    for n in range(5, 10):
+        api(instance, "publish", {"channel": channel, "data": {"n": n}})
+    device = Device(instance, 4, token, client_id)
+    try:
+        assert device.session_present
+        resumed = [json.loads(device.take(f"resumed {n}").payload)["n"] for n in range(5, 10)]
+        assert resumed == list(range(5, 10)), resumed
+        time.sleep(0.3)
+        assert device.messages.empty()
+    finally:
+        device.close()
+        instance.stop()
+
+
+# ---------------------------------------------------------------------------------------------
 # mosquitto_pub / mosquitto_sub and the other transports
 
 

@@ -676,7 +676,7 @@ pub fn finished_size(template: &[u8], qos: u8) -> usize {
 }
 
 /// Appends the PUBLISH made from `template` at `qos` with `pkid` (ignored at QoS 0) and
-/// `dup` to `out`, keeping the template's retain flag. False if the template is not one of
+/// `dup` to `out`, keeping the template's retain flag (and its DUP flag: a redelivery). False if the template is not one of
 /// ours.
 pub fn finish_publish(out: &mut BytesMut, template: &[u8], qos: u8, pkid: u16, dup: bool) -> bool {
     let Ok(Some((header, remaining))) = fixed_header(template) else {
@@ -693,6 +693,7 @@ pub fn finish_publish(out: &mut BytesMut, template: &[u8], qos: u8, pkid: u16, d
         return false;
     };
     let retain = template[0] & 1;
+    let dup = dup || template[0] & 0x08 != 0;
     let byte1 = 0x30 | (u8::from(dup && qos > 0) << 3) | (qos << 1) | retain;
     out.put_u8(byte1);
     if qos == 0 {

@@ -22,6 +22,7 @@
 
 pub mod codec;
 mod delivery;
+pub mod persist;
 mod session;
 pub mod topic;
 
@@ -30,6 +31,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use herald_core::duration::HumanDuration;
+use herald_core::webhook_store::WebhookStore;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +60,9 @@ pub struct MqttConfig {
     pub max_inflight: u16,
     /// Most topic filters one connection may subscribe to.
     pub max_subscriptions: usize,
+    /// Longest a persistent session is kept after its connection ends (3.1.1 sessions, which
+    /// have no expiry of their own, and longer MQTT 5 session expiry intervals get this).
+    pub max_session_expiry: HumanDuration,
 }
 
 impl Default for MqttConfig {
@@ -68,6 +74,7 @@ impl Default for MqttConfig {
             max_packet_size: 256 * 1024,
             max_inflight: 32,
             max_subscriptions: 100,
+            max_session_expiry: HumanDuration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -84,6 +91,8 @@ pub struct MqttState {
     pub realtime: Arc<RealtimeState>,
     pub config: MqttConfig,
     pub topics: TopicMap,
+    /// Where persistent sessions are kept ([`persist`]); without it every session is clean.
+    pub sessions: Option<Arc<dyn WebhookStore>>,
     /// Connections by (user, client id): a new one with the same pair takes over (MQTT
     /// allows one connection per client id). Scoped by user, so nobody can push another
     /// user's device off by naming its client id.
@@ -109,9 +118,16 @@ impl MqttState {
             realtime,
             config,
             topics,
+            sessions: None,
             connected: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
         }
+    }
+
+    /// Keeps persistent sessions in `store` (the document store beside the outbound queue).
+    pub fn with_session_store(mut self, store: Option<Arc<dyn WebhookStore>>) -> Self {
+        self.sessions = store;
+        self
     }
 
     /// Records a connection of `client_id`, closing the one it takes over; returns the
@@ -135,7 +151,8 @@ impl MqttState {
             .contains_key(&(user.to_owned(), client_id.to_owned()))
     }
 
-    fn disconnected(&self, user: &str, client_id: &str, id: u64) {
+    /// Forgets connection `id` of `client_id`; false if another took it over meanwhile.
+    fn disconnected(&self, user: &str, client_id: &str, id: u64) -> bool {
         let mut connected = self.connected.lock();
         let key = (user.to_owned(), client_id.to_owned());
         if connected
@@ -143,6 +160,8 @@ impl MqttState {
             .is_some_and(|(current, _)| *current == id)
         {
             connected.remove(&key);
+            return true;
         }
+        false
     }
 }

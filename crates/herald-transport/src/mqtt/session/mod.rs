@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::codec::{self, Ack, ConnAckProperties, Connect, DecodeError, Level, Packet, reason};
 use super::delivery::{MqttEncoder, QOS_TAG, Table};
+use super::persist::{self, Positions, SessionDocument};
 use super::{MqttState, TAKEN_OVER};
 use crate::outbound::{CloseReason, Frame, Outbound};
 use crate::registry::Control;
@@ -188,8 +189,18 @@ struct GrantedExact {
     channel: Arc<str>,
     /// For a new subscription: the offset its held live publications continue after.
     last_offset: Option<u64>,
-    /// The retained publication, when one is sent.
-    retained: Option<Frame>,
+    /// What precedes the live publications: the retained publication, or those a resumed
+    /// session missed.
+    replies: Vec<Frame>,
+    /// Whether a resumed session's position was recovered (`None`: nothing to recover).
+    recovered: Option<bool>,
+}
+
+/// A delivery awaiting acknowledgement, and what it delivered.
+struct InFlight {
+    stage: Outgoing,
+    channel: Arc<str>,
+    offset: u64,
 }
 
 /// An exact-topic subscription.
@@ -213,7 +224,7 @@ struct Session {
     table: Arc<RwLock<Table>>,
     exact: HashMap<Arc<str>, ExactSub>,
     pattern: Option<SubscriberId>,
-    inflight: HashMap<u16, Outgoing>,
+    inflight: HashMap<u16, InFlight>,
     next_pkid: u16,
     receive_maximum: usize,
     client_max_packet: usize,
@@ -226,8 +237,23 @@ struct Session {
     keep_alive: Option<Duration>,
     last_packet: Instant,
     will: Option<codec::Will>,
+    /// Set for a persistent session (boxed: most connections are clean).
+    persistence: Option<Box<Persistence>>,
     _registration: Option<Box<crate::realtime::ClientRegistration>>,
 }
+
+/// A persistent session's store and progress.
+struct Persistence {
+    store: Arc<dyn herald_core::webhook_store::WebhookStore>,
+    key: String,
+    /// Kept this long after the connection ends; 0: removed then.
+    expiry_secs: u32,
+    positions: Positions,
+    last_save: Instant,
+}
+
+/// Saves at most this often while positions move.
+const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Session {
     /// Authenticates the CONNECT and answers it; `None` when refused (the CONNACK saying
@@ -266,7 +292,6 @@ impl Session {
                 return None;
             }
         };
-        let persistent = !connect.clean_start || connect.session_expiry > 0;
         let mut assigned = None;
         let client_id = if connect.client_id.is_empty() {
             if level == Level::V311 && !connect.clean_start {
@@ -283,14 +308,6 @@ impl Session {
         } else {
             connect.client_id.clone()
         };
-        if persistent {
-            // Sessions are not kept yet (docs/mqtt.md): MQTT 5 clients are told the session
-            // expires at once; 3.1.1 clients get `session present = 0` on every connect.
-            tracing::info!(
-                client_id = %client_id,
-                "mqtt: persistent sessions are not kept yet; the session starts clean"
-            );
-        }
         let info = Arc::new(ClientInfo {
             client: uuid::Uuid::new_v4().to_string(),
             user: credentials.user.clone(),
@@ -312,22 +329,38 @@ impl Session {
         let receive_maximum = connect
             .receive_maximum
             .map_or(max_inflight, |m| usize::from(m).min(max_inflight));
-        let properties = ConnAckProperties {
-            receive_maximum: Some(state.config.max_inflight.max(1)),
-            max_packet_size: Some(u32::try_from(state.config.max_packet_size).unwrap_or(u32::MAX)),
-            assigned_client_id: assigned,
-            session_expiry: (connect.session_expiry > 0).then_some(0),
-            retain_available: true,
-            wildcards_available: realtime.node.hub().sees_every_channel(),
-            reason_string: None,
+        // Sessions: kept after the connection for `session_expiry` (capped), resumed unless
+        // the client starts clean.
+        let max_expiry = u32::try_from(state.config.max_session_expiry.as_duration().as_secs())
+            .unwrap_or(u32::MAX);
+        let expiry = connect.session_expiry.min(max_expiry);
+        let key = persist::session_key(&credentials.user, &client_id);
+        let mut saved = None;
+        let persistence = match state.sessions.clone() {
+            Some(store) => {
+                if connect.clean_start {
+                    persist::remove(&*store, &key).await;
+                } else {
+                    saved = persist::load(&*store, &key, herald_core::time::now_ms()).await;
+                }
+                (expiry > 0 || saved.is_some()).then(|| {
+                    Box::new(Persistence {
+                        store,
+                        key,
+                        expiry_secs: expiry,
+                        positions: Positions::default(),
+                        last_save: Instant::now(),
+                    })
+                })
+            }
+            None => None,
         };
-        codec::connack(out, level, false, reason::SUCCESS, &properties);
-        tracing::debug!(client_id = %client_id, user = %credentials.user, ?level, "mqtt: connected");
+        let wildcards_available = realtime.node.hub().sees_every_channel();
         let encoder = Arc::new(MqttEncoder {
             level,
             topics: state.topics.clone(),
         });
-        Some(Self {
+        let mut session = Self {
             level,
             info,
             mqtt_client_id: client_id,
@@ -350,10 +383,31 @@ impl Session {
                 .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
             last_packet: Instant::now(),
             will: connect.will,
+            persistence,
             _registration: registration,
             credentials,
             state,
-        })
+        };
+        let (session_present, reason_string) = match saved {
+            Some(saved) => session.resume(saved).await,
+            None => (false, None),
+        };
+        let kept = session.persistence.as_ref().map_or(0, |p| p.expiry_secs);
+        let properties = ConnAckProperties {
+            receive_maximum: Some(session.state.config.max_inflight.max(1)),
+            max_packet_size: Some(
+                u32::try_from(session.state.config.max_packet_size).unwrap_or(u32::MAX),
+            ),
+            assigned_client_id: assigned,
+            // Told when it differs from what the client asked (capped, or no store).
+            session_expiry: (connect.session_expiry != kept).then_some(kept),
+            retain_available: true,
+            wildcards_available,
+            reason_string,
+        };
+        codec::connack(out, level, session_present, reason::SUCCESS, &properties);
+        tracing::debug!(client_id = %session.mqtt_client_id, user = %session.credentials.user, ?level, session_present, "mqtt: connected");
+        Some(session)
     }
 
     /// Runs the connection until it ends; returns why.
@@ -376,6 +430,7 @@ impl Session {
                 .keep_alive
                 .map(|interval| tokio::time::Instant::from_std(self.last_packet + interval));
             let outbound = self.outbound.clone();
+            let next_save = self.next_save();
             tokio::select! {
                 biased;
                 () = state.realtime.shutdown.wait() => {
@@ -413,6 +468,7 @@ impl Session {
                         self.in_buf.reserve(READ_CHUNK);
                     }
                 }
+                () = sleep_until(next_save) => self.save_session().await,
                 () = sleep_until(keep_alive) => {
                     return Close::new(
                         reason::KEEP_ALIVE_TIMEOUT,
@@ -452,13 +508,10 @@ impl Session {
         match packet {
             Packet::Publish(publish) => self.publish(publish).await?,
             Packet::PubAck(pkid) => {
-                if self.inflight.get(&pkid) == Some(&Outgoing::AwaitingAck) {
-                    self.inflight.remove(&pkid);
-                }
+                self.acknowledged(pkid, Outgoing::AwaitingAck);
             }
             Packet::PubRec(pkid) => {
-                if self.inflight.get(&pkid) == Some(&Outgoing::AwaitingRec) {
-                    self.inflight.insert(pkid, Outgoing::AwaitingComp);
+                if self.acknowledged(pkid, Outgoing::AwaitingRec) {
                     codec::ack(
                         &mut self.out_buf,
                         self.level,
@@ -469,7 +522,11 @@ impl Session {
                 }
             }
             Packet::PubComp(pkid) => {
-                if self.inflight.get(&pkid) == Some(&Outgoing::AwaitingComp) {
+                if self
+                    .inflight
+                    .get(&pkid)
+                    .is_some_and(|f| f.stage == Outgoing::AwaitingComp)
+                {
                     self.inflight.remove(&pkid);
                 }
             }
@@ -493,8 +550,12 @@ impl Session {
                     ));
                 }
                 self.subscribe(pkid, filters).await;
+                self.save_session().await;
             }
-            Packet::Unsubscribe { pkid, filters } => self.unsubscribe(pkid, filters).await,
+            Packet::Unsubscribe { pkid, filters } => {
+                self.unsubscribe(pkid, filters).await;
+                self.save_session().await;
+            }
             Packet::PingReq => codec::pingresp(&mut self.out_buf),
             Packet::Disconnect { reason, .. } => return Err(Close::disconnected(reason)),
             Packet::Unexpected(what) => {
@@ -690,11 +751,88 @@ impl Session {
                 } else {
                     Outgoing::AwaitingRec
                 };
-                self.inflight.insert(pkid, stage);
+                self.inflight.insert(
+                    pkid,
+                    InFlight {
+                        stage,
+                        channel: position.channel.clone(),
+                        offset: position.offset,
+                    },
+                );
                 pkid
             };
+            if let Some(persistence) = &mut self.persistence {
+                persistence.positions.sent(
+                    &position.channel,
+                    &position.epoch,
+                    position.offset,
+                    qos == 0,
+                );
+            }
             codec::finish_publish(&mut self.out_buf, &frame.bytes, qos, pkid, false);
         }
+    }
+
+    /// The client acknowledged delivery `pkid` (PUBACK for QoS 1, PUBREC for QoS 2): it
+    /// counts for the session's position. False if no delivery awaited that.
+    fn acknowledged(&mut self, pkid: u16, awaited: Outgoing) -> bool {
+        let Some(flight) = self.inflight.get_mut(&pkid).filter(|f| f.stage == awaited) else {
+            return false;
+        };
+        if let Some(persistence) = &mut self.persistence {
+            persistence
+                .positions
+                .acknowledged(&flight.channel, flight.offset);
+        }
+        if awaited == Outgoing::AwaitingRec {
+            flight.stage = Outgoing::AwaitingComp;
+        } else {
+            self.inflight.remove(&pkid);
+        }
+        true
+    }
+
+    /// The session as saved now.
+    fn session_document(&self, persistence: &Persistence) -> SessionDocument {
+        let table = self.table.read();
+        let mut subscriptions: Vec<(String, u8)> = table
+            .exact
+            .iter()
+            .filter_map(|(channel, qos)| Some((self.state.topics.topic(channel)?.to_owned(), *qos)))
+            .collect();
+        subscriptions.extend(
+            table
+                .wildcards
+                .iter()
+                .map(|(filter, qos)| (filter.as_str().to_owned(), *qos)),
+        );
+        let expiry_ms = u64::from(persistence.expiry_secs) * 1000;
+        SessionDocument {
+            expires_at_ms: herald_core::time::now_ms().saturating_add(expiry_ms),
+            subscriptions,
+            positions: persistence.positions.saved(),
+        }
+    }
+
+    /// Saves a persistent session (its subscriptions and positions).
+    async fn save_session(&mut self) {
+        let Some(mut persistence) = self.persistence.take() else {
+            return;
+        };
+        let document = self.session_document(&persistence);
+        persist::save(&*persistence.store, &persistence.key, &document).await;
+        persistence.positions.dirty = false;
+        persistence.last_save = Instant::now();
+        self.persistence = Some(persistence);
+    }
+
+    /// When positions that moved are saved next, if they moved.
+    fn next_save(&self) -> Option<tokio::time::Instant> {
+        let persistence = self.persistence.as_ref()?;
+        persistence
+            .positions
+            .dirty
+            .then(|| tokio::time::Instant::from_std(persistence.last_save + SAVE_INTERVAL))
     }
 
     fn next_free_pkid(&mut self) -> u16 {
@@ -738,11 +876,21 @@ impl Session {
             .await;
         }
         self.outbound.close_if_open(CloseReason::CONNECTION_CLOSED);
-        self.state.disconnected(
+        let current = self.state.disconnected(
             &self.credentials.user,
             &self.mqtt_client_id,
             self.connection,
         );
+        // A session taken over belongs to the new connection now: the old one's last save
+        // would overwrite it.
+        if current && let Some(persistence) = &self.persistence {
+            if persistence.expiry_secs > 0 {
+                let document = self.session_document(persistence);
+                persist::save(&*persistence.store, &persistence.key, &document).await;
+            } else {
+                persist::remove(&*persistence.store, &persistence.key).await;
+            }
+        }
         self.state
             .realtime
             .connections

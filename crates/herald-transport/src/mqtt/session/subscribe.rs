@@ -10,11 +10,12 @@ use std::sync::Arc;
 use herald_core::admission::{SubscribeAsk as AdmissionAsk, SubscriptionProof};
 use herald_core::channel::ChannelName;
 use herald_core::namespace::NamespaceOptions;
-use herald_core::publication::{ClientInfo, PublicationEvent};
+use herald_core::publication::{ClientInfo, PublicationEvent, StreamPosition};
 use herald_core::store::HistoryQuery;
 
 use super::super::codec::{self, reason};
 use super::super::delivery::PatternSink;
+use super::super::persist::{Positions, SessionDocument};
 use super::super::topic::Filter;
 use super::{ExactSub, GrantedExact, Session, refusal_reason};
 use crate::outbound::{Frame, FramePosition};
@@ -26,7 +27,7 @@ impl Session {
         let mut granted = Vec::new();
         for ask in asks {
             let qos = ask.qos.min(2);
-            let code = match self.subscribe_one(&ask, qos).await {
+            let code = match self.subscribe_one(&ask, qos, false).await {
                 Ok(exact) => {
                     granted.extend(exact);
                     qos
@@ -41,21 +42,29 @@ impl Session {
         codec::suback(&mut self.out_buf, self.level, pkid, &codes);
         // The SUBACK is buffered first; the retained publication, then the held live ones
         // follow it.
+        self.release(granted);
+    }
+
+    /// Queues each granted exact subscription's replies (retained or recovered
+    /// publications), then lets its held live publications follow.
+    fn release(&self, granted: Vec<GrantedExact>) {
         for exact in granted {
-            let retained_offset = exact
-                .retained
-                .as_ref()
-                .and_then(|f| f.position.as_ref())
-                .map_or(0, |p| p.offset);
+            let replied_offset = exact
+                .replies
+                .iter()
+                .filter_map(|f| f.position.as_ref())
+                .map(|p| p.offset)
+                .max()
+                .unwrap_or(0);
             match exact.last_offset {
                 Some(last_offset) => self.outbound.finish_recovery(
                     &exact.channel,
-                    exact.retained.into_iter().collect(),
-                    last_offset.max(retained_offset),
+                    exact.replies,
+                    last_offset.max(replied_offset),
                     &*self.encoder,
                 ),
                 None => {
-                    if let Some(frame) = exact.retained {
+                    for frame in exact.replies {
                         self.outbound.push(frame);
                     }
                 }
@@ -63,11 +72,86 @@ impl Session {
         }
     }
 
+    /// Restores a saved session: every subscription admitted again (one refused now is
+    /// dropped, logged), each exact topic recovered from history from its last acknowledged
+    /// offset (what was sent and not acknowledged comes again with DUP). When history no
+    /// longer holds what a channel missed, the session starts over instead — subscriptions
+    /// dropped, `session present = 0` (the client subscribes again and refetches state) and
+    /// a log line — never a silent gap. Returns `session present` and, when starting over,
+    /// the reason (an MQTT 5 reason string).
+    pub(super) async fn resume(&mut self, saved: SessionDocument) -> (bool, Option<String>) {
+        if let Some(persistence) = &mut self.persistence {
+            persistence.positions = Positions::restore(&saved.positions);
+        }
+        let mut granted = Vec::new();
+        let mut lost = Vec::new();
+        for (filter, qos) in saved.subscriptions {
+            let ask = codec::SubscribeAsk {
+                filter,
+                qos,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 2,
+            };
+            match self.subscribe_one(&ask, qos.min(2), true).await {
+                Ok(Some(exact)) => {
+                    if exact.recovered == Some(false) {
+                        lost.push(exact.channel.to_string());
+                    }
+                    granted.push(exact);
+                }
+                Ok(None) => {}
+                Err((code, why)) => tracing::warn!(
+                    client_id = %self.mqtt_client_id,
+                    filter = %ask.filter,
+                    code,
+                    why = %why,
+                    "mqtt: a subscription of the saved session is refused now; dropped"
+                ),
+            }
+        }
+        if lost.is_empty() {
+            self.release(granted);
+            return (true, None);
+        }
+        tracing::warn!(
+            client_id = %self.mqtt_client_id,
+            user = %self.credentials.user,
+            channels = ?lost,
+            "mqtt: history no longer holds what the session missed; the session starts over (session present = 0)"
+        );
+        drop(granted);
+        self.reset().await;
+        let reason = format!(
+            "history no longer holds what was missed on {}: the session starts over, subscribe again",
+            lost.join(", ")
+        );
+        (false, Some(reason))
+    }
+
+    /// Drops every subscription and position (a session that starts over).
+    async fn reset(&mut self) {
+        if let Some(id) = self.pattern.take() {
+            self.state.realtime.node.unsubscribe_pattern(id);
+        }
+        let channels: Vec<Arc<str>> = self.exact.keys().cloned().collect();
+        for channel in channels {
+            self.unsubscribe_exact(&channel).await;
+        }
+        self.table.write().wildcards.clear();
+        if let Some(persistence) = &mut self.persistence {
+            persistence.positions = Positions::default();
+            persistence.positions.dirty = true;
+        }
+    }
+
     /// Subscribes one filter; for an exact topic, what follows the SUBACK.
+    /// `resume`: restoring a saved session (recover from its position, no retained).
     async fn subscribe_one(
         &mut self,
         ask: &codec::SubscribeAsk,
         qos: u8,
+        resume: bool,
     ) -> Result<Option<GrantedExact>, (u8, String)> {
         let text = ask.filter.as_str();
         if text.starts_with("$share/") {
@@ -107,7 +191,7 @@ impl Session {
                     _ => false,
                 };
                 let granted = self
-                    .subscribe_exact(&topic, qos, already, send_retained)
+                    .subscribe_exact(&topic, qos, already, send_retained, resume)
                     .await?;
                 Ok(Some(granted))
             }
@@ -124,6 +208,7 @@ impl Session {
         qos: u8,
         already: bool,
         send_retained: bool,
+        resume: bool,
     ) -> Result<GrantedExact, (u8, String)> {
         let channel = self
             .state
@@ -159,7 +244,8 @@ impl Session {
             return Ok(GrantedExact {
                 channel: admitted.name.as_arc().clone(),
                 last_offset: None,
-                retained,
+                replies: retained.into_iter().collect(),
+                recovered: None,
             });
         }
         let info = match admitted.chan_info.clone() {
@@ -169,8 +255,15 @@ impl Session {
             }),
             None => self.info.clone(),
         };
+        // Resuming: from the last acknowledged offset; what was sent after it is a redelivery.
+        let resume_point = match (&self.persistence, resume) {
+            (Some(persistence), true) => persistence.positions.resume_point(admitted.name.as_str()),
+            _ => None,
+        };
         let start = StartFrom {
-            since: None,
+            since: resume_point
+                .as_ref()
+                .map(|(epoch, acked, _)| StreamPosition::new(*acked, epoch.to_string())),
             max_recovery: realtime.config.recovery_max_publications,
             max_recovery_bytes: realtime.config.max_recovery_bytes(),
             reject_unrecovered: false,
@@ -188,12 +281,26 @@ impl Session {
         let name = admitted.name.as_arc().clone();
         self.table.write().exact.insert(name.clone(), qos);
         let last_offset = subscribed.last_offset();
-        let retained = match send_retained {
-            true => {
-                self.retained(&admitted.name, &admitted.options, topic)
-                    .await
+        let replies = match &resume_point {
+            Some((_, _, sent)) => {
+                let epoch: Arc<str> = Arc::from(
+                    subscribed
+                        .position
+                        .as_ref()
+                        .map_or("", |p| p.epoch.as_str()),
+                );
+                subscribed
+                    .publications
+                    .into_iter()
+                    .map(|publication| self.redelivery(&name, &epoch, topic, publication, *sent))
+                    .collect()
             }
-            false => None,
+            None if send_retained && !resume => self
+                .retained(&admitted.name, &admitted.options, topic)
+                .await
+                .into_iter()
+                .collect(),
+            None => Vec::new(),
         };
         self.exact.insert(
             name.clone(),
@@ -207,8 +314,37 @@ impl Session {
         Ok(GrantedExact {
             channel: name,
             last_offset: Some(last_offset),
-            retained,
+            replies,
+            recovered: subscribed.recovered,
         })
+    }
+
+    /// A publication recovered for a resumed session; DUP when it was sent before.
+    fn redelivery(
+        &self,
+        channel: &Arc<str>,
+        epoch: &Arc<str>,
+        topic: &str,
+        publication: herald_core::Publication,
+        sent: u64,
+    ) -> Frame {
+        let offset = publication.offset;
+        let event = PublicationEvent::new(channel.clone(), epoch.clone(), publication);
+        let mut bytes = self.encoder.template(topic, &event, false);
+        if offset <= sent {
+            let mut marked = bytes::BytesMut::from(&bytes[..]);
+            marked[0] |= 0x08;
+            bytes = marked.freeze();
+        }
+        Frame {
+            bytes,
+            position: Some(FramePosition {
+                channel: channel.clone(),
+                offset,
+                epoch: epoch.clone(),
+            }),
+            conflate_key: None,
+        }
     }
 
     /// The channel's retained publication: its latest, unless that is empty (an empty
@@ -314,6 +450,9 @@ impl Session {
         };
         self.table.write().exact.remove(channel);
         self.outbound.forget(channel);
+        if let Some(persistence) = &mut self.persistence {
+            persistence.positions.forget(channel);
+        }
         end_subscription(
             &self.state.realtime.node,
             &sub.name,
