@@ -772,7 +772,7 @@ mod tests {
         // MQTT 3.1 ("MQIsdp", level 3).
         let mut v31 = BytesMut::from(&b"\x10\x0c\x00\x06MQIsdp\x03\x02\x00\x3c"[..]);
         assert_eq!(
-            decode_connect(&mut v31, 1024).unwrap_err(),
+            decode_connect(&mut v31, 1024).expect_err("an error"),
             DecodeError::UnsupportedLevel(3)
         );
         let mut huge = BytesMut::from(&[0x10u8, 0xff, 0xff, 0x7f][..]);
@@ -819,15 +819,17 @@ mod tests {
         publish.pkid = 7;
         publish.write(&mut buf).expect("written");
         v4::PingReq.write(&mut buf).expect("written");
-        let packet = decode(Level::V311, &mut buf, 1024).unwrap().unwrap();
+        let packet = decode(Level::V311, &mut buf, 1024)
+            .expect("decodes")
+            .expect("whole");
         assert!(
             matches!(&packet, Packet::Publish(p) if p.pkid == 7 && p.qos == 1 && p.topic == "a/b")
         );
         assert_eq!(
-            decode(Level::V311, &mut buf, 1024).unwrap(),
+            decode(Level::V311, &mut buf, 1024).expect("valid"),
             Some(Packet::PingReq)
         );
-        assert_eq!(decode(Level::V311, &mut buf, 1024).unwrap(), None);
+        assert_eq!(decode(Level::V311, &mut buf, 1024).expect("valid"), None);
 
         let mut buf = BytesMut::new();
         let mut filter = v5::Filter::new("s/+", rumqttc::v5::mqttbytes::QoS::ExactlyOnce);
@@ -837,7 +839,10 @@ mod tests {
             .expect("written");
         // A DISCONNECT of remaining length 0.
         buf.extend_from_slice(&[0xE0, 0]);
-        match decode(Level::V5, &mut buf, 1024).unwrap().unwrap() {
+        match decode(Level::V5, &mut buf, 1024)
+            .expect("decodes")
+            .expect("whole")
+        {
             Packet::Subscribe { filters, .. } => {
                 assert_eq!(filters[0].filter, "s/+");
                 assert_eq!(filters[0].qos, 2);
@@ -846,7 +851,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            decode(Level::V5, &mut buf, 1024).unwrap(),
+            decode(Level::V5, &mut buf, 1024).expect("valid"),
             Some(Packet::Disconnect { reason: 0, .. })
         ));
     }

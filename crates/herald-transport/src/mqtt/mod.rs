@@ -86,6 +86,9 @@ pub const TAKEN_OVER: CloseReason = CloseReason {
     reason: "session taken over",
 };
 
+/// (user, MQTT client id).
+type ClientKey = (String, String);
+
 /// What every MQTT connection shares.
 pub struct MqttState {
     pub realtime: Arc<RealtimeState>,
@@ -96,7 +99,7 @@ pub struct MqttState {
     /// Connections by (user, client id): a new one with the same pair takes over (MQTT
     /// allows one connection per client id). Scoped by user, so nobody can push another
     /// user's device off by naming its client id.
-    connected: Mutex<HashMap<(String, String), (u64, Arc<Outbound>)>>,
+    connected: Mutex<HashMap<ClientKey, (u64, Arc<Outbound>)>>,
     next_connection: AtomicU64,
 }
 

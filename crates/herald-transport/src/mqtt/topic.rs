@@ -188,11 +188,11 @@ mod tests {
     fn topics_map_to_channels_of_the_namespace_and_back() {
         let map = map();
         assert_eq!(
-            map.channel("sensors/1/temp").unwrap(),
+            map.channel("sensors/1/temp").expect("valid"),
             "mqtt:sensors/1/temp"
         );
         assert_eq!(map.topic("mqtt:sensors/1/temp"), Some("sensors/1/temp"));
-        assert_eq!(map.channel("$SYS/x").unwrap(), "mqtt:$SYS/x");
+        assert_eq!(map.channel("$SYS/x").expect("valid"), "mqtt:$SYS/x");
         assert_eq!(map.topic("other:sensors"), None, "another namespace");
         assert_eq!(
             map.topic("mqtt:inbox#alice"),
@@ -202,7 +202,7 @@ mod tests {
         assert_eq!(map.topic("mqtt:a+b"), None);
         assert_eq!(map.topic("mqtt:"), None);
         // Empty levels are levels (MQTT allows them).
-        assert_eq!(map.channel("/a//b").unwrap(), "mqtt:/a//b");
+        assert_eq!(map.channel("/a//b").expect("valid"), "mqtt:/a//b");
     }
 
     #[test]
@@ -219,14 +219,20 @@ mod tests {
 
     #[test]
     fn filters_parse_exact_and_wildcard() {
-        assert_eq!(Filter::parse("a/b").unwrap(), Filter::Exact("a/b".into()));
         assert_eq!(
-            Filter::parse("a/+/c").unwrap(),
+            Filter::parse("a/b").expect("valid"),
+            Filter::Exact("a/b".into())
+        );
+        assert_eq!(
+            Filter::parse("a/+/c").expect("valid"),
             Filter::Wildcard("a/+/c".into())
         );
-        assert_eq!(Filter::parse("#").unwrap(), Filter::Wildcard("#".into()));
         assert_eq!(
-            Filter::parse("a/#").unwrap(),
+            Filter::parse("#").expect("valid"),
+            Filter::Wildcard("#".into())
+        );
+        assert_eq!(
+            Filter::parse("a/#").expect("valid"),
             Filter::Wildcard("a/#".into())
         );
         for bad in ["", "a/#/b", "a+/b", "a/b#", "#/a", "x y"] {

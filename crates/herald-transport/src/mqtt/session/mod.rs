@@ -175,13 +175,13 @@ impl Close {
 
 /// A delivery awaiting the client's acknowledgement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outgoing {
-    /// QoS 1, awaiting PUBACK.
-    AwaitingAck,
-    /// QoS 2, awaiting PUBREC.
-    AwaitingRec,
-    /// QoS 2, PUBREL sent, awaiting PUBCOMP.
-    AwaitingComp,
+enum Awaiting {
+    /// QoS 1: PUBACK.
+    Ack,
+    /// QoS 2: PUBREC.
+    Rec,
+    /// QoS 2, PUBREL sent: PUBCOMP.
+    Comp,
 }
 
 /// What follows the SUBACK for a granted exact topic.
@@ -198,7 +198,7 @@ struct GrantedExact {
 
 /// A delivery awaiting acknowledgement, and what it delivered.
 struct InFlight {
-    stage: Outgoing,
+    stage: Awaiting,
     channel: Arc<str>,
     offset: u64,
 }
@@ -508,10 +508,10 @@ impl Session {
         match packet {
             Packet::Publish(publish) => self.publish(publish).await?,
             Packet::PubAck(pkid) => {
-                self.acknowledged(pkid, Outgoing::AwaitingAck);
+                self.acknowledged(pkid, Awaiting::Ack);
             }
             Packet::PubRec(pkid) => {
-                if self.acknowledged(pkid, Outgoing::AwaitingRec) {
+                if self.acknowledged(pkid, Awaiting::Rec) {
                     codec::ack(
                         &mut self.out_buf,
                         self.level,
@@ -525,7 +525,7 @@ impl Session {
                 if self
                     .inflight
                     .get(&pkid)
-                    .is_some_and(|f| f.stage == Outgoing::AwaitingComp)
+                    .is_some_and(|f| f.stage == Awaiting::Comp)
                 {
                     self.inflight.remove(&pkid);
                 }
@@ -747,9 +747,9 @@ impl Session {
                 }
                 let pkid = self.next_free_pkid();
                 let stage = if qos == 1 {
-                    Outgoing::AwaitingAck
+                    Awaiting::Ack
                 } else {
-                    Outgoing::AwaitingRec
+                    Awaiting::Rec
                 };
                 self.inflight.insert(
                     pkid,
@@ -775,7 +775,7 @@ impl Session {
 
     /// The client acknowledged delivery `pkid` (PUBACK for QoS 1, PUBREC for QoS 2): it
     /// counts for the session's position. False if no delivery awaited that.
-    fn acknowledged(&mut self, pkid: u16, awaited: Outgoing) -> bool {
+    fn acknowledged(&mut self, pkid: u16, awaited: Awaiting) -> bool {
         let Some(flight) = self.inflight.get_mut(&pkid).filter(|f| f.stage == awaited) else {
             return false;
         };
@@ -784,8 +784,8 @@ impl Session {
                 .positions
                 .acknowledged(&flight.channel, flight.offset);
         }
-        if awaited == Outgoing::AwaitingRec {
-            flight.stage = Outgoing::AwaitingComp;
+        if awaited == Awaiting::Rec {
+            flight.stage = Awaiting::Comp;
         } else {
             self.inflight.remove(&pkid);
         }
