@@ -325,17 +325,11 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
             .with_client_methods(client_methods),
     );
     let mqtt = if config.mqtt.enabled {
-        let runtime = crate::mqtt::MqttRuntime::bind(
-            &config.mqtt,
-            config.server.connection_limits(),
+        Some(crate::mqtt::MqttRuntime::bind(
+            &config,
             realtime.clone(),
             outbound.as_ref().map(|stores| stores.webhooks.clone()),
-        )
-        .map_err(|error| BuildError::Mqtt {
-            addr: config.mqtt.listen,
-            error,
-        })?;
-        Some(runtime)
+        )?)
     } else {
         None
     };

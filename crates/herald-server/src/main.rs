@@ -516,6 +516,9 @@ async fn serve_command(config: Config, reload: Reload) -> anyhow::Result<ExitCod
     );
     if let Some(mqtt) = &server.state().mqtt {
         println!("  mqtt:    mqtt://{}", mqtt.local_addr);
+        if let Some(tls) = mqtt.tls_local_addr {
+            println!("  mqtts:   mqtts://{tls}");
+        }
     }
     println!("  storage: {storage}");
     let reloader = server.reloader();

@@ -114,7 +114,7 @@ impl Server {
         let mut sink_tasks = state.sinks.as_ref().map(|sinks| sinks.start());
         #[cfg(feature = "redis")]
         let heartbeat = tokio::spawn(crate::cluster::Cluster::run(state.clone()));
-        let mqtt_task = state.mqtt.as_ref().and_then(|mqtt| mqtt.start());
+        let mut mqtt_tasks = state.mqtt.as_ref().map(|mqtt| mqtt.start());
         let mut serving = tokio::spawn(crate::app::serve(listener, state.clone(), stop));
         // Drain time counts from the end of the shutdown delay.
         let finished = tokio::select! {
@@ -132,9 +132,9 @@ impl Server {
             );
             serving.abort();
         }
-        if let Some(task) = mqtt_task {
-            // It stops accepting at the shutdown signal; its connections close with it.
-            let _ = task.await;
+        if let Some(tasks) = &mut mqtt_tasks {
+            // They stop accepting at the shutdown signal; their connections close with it.
+            while tasks.join_next().await.is_some() {}
         }
         #[cfg(feature = "redis")]
         {

@@ -639,6 +639,81 @@ def test_mosquitto_pub_reaches_the_centrifuge_sdk_and_sse(server: HeraldInstance
 
 
 # ---------------------------------------------------------------------------------------------
+# MQTT over TLS
+
+
+def make_certificates(folder: Any) -> Tuple[str, str, str]:
+    """A test CA and a certificate for 127.0.0.1 it signed, made at run time with openssl."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+            "-subj", "/CN=herald-mqtt-test-ca", "-keyout", "ca.key", "-out", "ca.pem")
+    (folder / "leaf.ext").write_text(
+        "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+    )
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", "key.pem", "-out", "leaf.csr")
+    openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "1", "-extfile", "leaf.ext", "-out", "cert.pem")
+    return str(folder / "ca.pem"), str(folder / "cert.pem"), str(folder / "key.pem")
+
+
+def test_mqtt_over_tls_with_mosquitto_and_paho(herald_factory: Any, tmp_path: Any) -> None:
+    ca, cert, key = make_certificates(tmp_path)
+    instance = herald_factory()
+    tls_config = MQTT_CONFIG.replace(
+        'namespace = "mqtt"\n',
+        f'namespace = "mqtt"\ntls_listen = "127.0.0.1:0"\ntls_cert_file = {json.dumps(cert)}\ntls_key_file = {json.dumps(key)}\n',
+        1,
+    )
+    instance.config.write_text(instance.config.read_text() + tls_config)
+    start(instance)
+    deadline = time.monotonic() + WAIT
+    tls_port = None
+    while tls_port is None and time.monotonic() < deadline:
+        for line in list(instance.process.stdout_lines):
+            if "mqtts://" in line:
+                tls_port = int(line.rsplit(":", 1)[1])
+        time.sleep(0.05)
+    assert tls_port, f"no mqtts:// line{instance.process.diagnostics()}"
+    token = mint_token(instance.hmac_secret, "tls-user")
+    topic = unique("secure/")
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=unique("tls-"), protocol=paho.MQTTv5)
+    client.tls_set(ca_certs=ca)
+    client.username_pw_set("x", token)
+    messages: "queue.Queue[paho.MQTTMessage]" = queue.Queue()
+    subacks: "queue.Queue[Any]" = queue.Queue()
+    client.on_message = lambda c, u, msg: messages.put(msg)
+    client.on_subscribe = lambda c, u, mid, rcs, props: subacks.put(rcs)
+    client.connect("127.0.0.1", tls_port, keepalive=30)
+    client.loop_start()
+    try:
+        client.subscribe(topic, qos=1)
+        assert codes(subacks.get(timeout=WAIT)) == [1]
+        result = subprocess.run(
+            [MOSQUITTO_PUB, "-h", "127.0.0.1", "-p", str(tls_port), "--cafile", ca, "-u", "x", "-P", token,
+             "-t", topic, "-q", "1", "-m", '{"sealed":true}'],
+            capture_output=True, text=True, timeout=WAIT,
+        )
+        assert result.returncode == 0, result.stderr
+        got = messages.get(timeout=WAIT)
+        assert json.loads(got.payload) == {"sealed": True}
+        # A client that does not trust the certificate cannot connect.
+        refused = subprocess.run(
+            [MOSQUITTO_PUB, "-h", "127.0.0.1", "-p", str(tls_port), "--capath", "/nonexistent", "-u", "x",
+             "-P", token, "-t", topic, "-m", "x"],
+            capture_output=True, text=True, timeout=WAIT,
+        )
+        assert refused.returncode != 0
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        instance.stop()
+
+
+# ---------------------------------------------------------------------------------------------
 # Raw bytes: keep-alive, bad packets, limits
 
 

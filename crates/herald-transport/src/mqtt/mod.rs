@@ -60,6 +60,12 @@ pub struct MqttConfig {
     pub max_inflight: u16,
     /// Most topic filters one connection may subscribe to.
     pub max_subscriptions: usize,
+    /// A second listener for MQTT over TLS (conventionally port 8883); unset: none.
+    pub tls_listen: Option<SocketAddr>,
+    /// The TLS certificate chain and key (PEM); empty: `[server] tls_cert_file` and
+    /// `tls_key_file`.
+    pub tls_cert_file: std::path::PathBuf,
+    pub tls_key_file: std::path::PathBuf,
     /// Longest a persistent session is kept after its connection ends (3.1.1 sessions, which
     /// have no expiry of their own, and longer MQTT 5 session expiry intervals get this).
     pub max_session_expiry: HumanDuration,
@@ -74,6 +80,9 @@ impl Default for MqttConfig {
             max_packet_size: 256 * 1024,
             max_inflight: 32,
             max_subscriptions: 100,
+            tls_listen: None,
+            tls_cert_file: std::path::PathBuf::new(),
+            tls_key_file: std::path::PathBuf::new(),
             max_session_expiry: HumanDuration::from_secs(7 * 24 * 3600),
         }
     }
