@@ -14,6 +14,10 @@
 //! `Node::publish` returned: after the publication is in history (when the namespace keeps
 //! history).
 //!
+//! Persistent sessions are kept in the document store beside the outbound queue and resume
+//! from history ([`persist`]). [`run_connection`] takes any byte stream, so the server hands
+//! it TCP and TLS sockets alike.
+//!
 //! Packets are decoded with the `rumqttc` crate's packet modules and encoded by us
 //! ([`codec`] says why).
 //!
