@@ -81,6 +81,23 @@ pub fn router(state: Arc<AppState>) -> Router {
             OriginPolicy::realtime(&state.config.client.allowed_origins),
             check_origin,
         ));
+    // MQTT over WebSocket, with `[mqtt] websocket_path` (behind the same origin check).
+    let mqtt = state
+        .mqtt
+        .as_ref()
+        .filter(|mqtt| !mqtt.state.config.websocket_path.is_empty())
+        .map(|mqtt| {
+            Router::new()
+                .route(
+                    &mqtt.state.config.websocket_path,
+                    get(herald_transport::mqtt::websocket::mqtt_websocket_handler),
+                )
+                .with_state(mqtt.state.clone())
+                .layer(axum::middleware::from_fn_with_state(
+                    OriginPolicy::realtime(&state.config.client.allowed_origins),
+                    check_origin,
+                ))
+        });
     let api = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -108,7 +125,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .with_state(state);
     // Real-time connections live long: the request timeout applies to the API only.
-    api.merge(realtime).fallback(not_found)
+    let app = api.merge(realtime);
+    match mqtt {
+        Some(mqtt) => app.merge(mqtt),
+        None => app,
+    }
+    .fallback(not_found)
 }
 
 async fn health() -> Response {

@@ -46,6 +46,28 @@ pub fn validate(config: &Config) -> Result<(), String> {
     if mqtt.max_subscriptions == 0 {
         return Err("mqtt.max_subscriptions must be above 0".into());
     }
+    let path = mqtt.websocket_path.as_str();
+    let taken = [
+        "/api",
+        "/connection",
+        "/client",
+        "/health",
+        "/ready",
+        "/metrics",
+    ];
+    if !path.is_empty()
+        && (!path.starts_with('/')
+            || path.contains(['{', '}', '*'])
+            || taken
+                .iter()
+                .any(|t| path == *t || path.starts_with(&format!("{t}/"))))
+    {
+        return Err(format!(
+            "mqtt.websocket_path {path:?} must start with '/', hold no '{{', '}}' or '*', and \
+             stay out of Herald's own routes (/api, /connection, /client, /health, /ready, \
+             /metrics); \"\" turns MQTT over WebSocket off"
+        ));
+    }
     if mqtt.tls_cert_file.as_os_str().is_empty() != mqtt.tls_key_file.as_os_str().is_empty() {
         return Err(
             "mqtt.tls_cert_file and mqtt.tls_key_file go together: set both or neither".into(),

@@ -713,6 +713,44 @@ def test_mqtt_over_tls_with_mosquitto_and_paho(herald_factory: Any, tmp_path: An
         instance.stop()
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_mqtt_over_websocket_with_paho(server: HeraldInstance, version: int) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    topic = unique("ws/")
+    port = int(server.url.rsplit(":", 1)[1])
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2, client_id=unique("ws-"), transport="websockets",
+        protocol=paho.MQTTv5 if version == 5 else paho.MQTTv311,
+    )
+    client.ws_set_options(path="/mqtt")
+    client.username_pw_set("x", token)
+    messages: "queue.Queue[paho.MQTTMessage]" = queue.Queue()
+    subacks: "queue.Queue[Any]" = queue.Queue()
+    client.on_message = lambda c, u, msg: messages.put(msg)
+    client.on_subscribe = lambda c, u, mid, rcs, props: subacks.put(rcs)
+    client.connect("127.0.0.1", port, keepalive=30)
+    client.loop_start()
+    tcp = Mqtt(server, 4, token).connected()
+    try:
+        client.subscribe(topic, qos=1)
+        assert codes(subacks.get(timeout=WAIT)) == [1]
+        # A payload bigger than one read, both ways: packets are framed from the bytes.
+        big = json.dumps({"blob": "x" * 3000}).encode()
+        tcp.publish(topic, big, 1)
+        got = messages.get(timeout=WAIT)
+        assert got.payload == big and got.qos == 1
+        assert codes(tcp.subscribe((topic + "/back", 1))) == [1]
+        info = client.publish(topic + "/back", b'{"from":"ws"}', qos=1)
+        info.wait_for_publish(timeout=WAIT)
+        assert info.is_published()
+        got = tcp.take("the WebSocket client's publication")
+        assert json.loads(got.payload) == {"from": "ws"}
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        tcp.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Raw bytes: keep-alive, bad packets, limits
 

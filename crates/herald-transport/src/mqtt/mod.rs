@@ -29,6 +29,7 @@ mod delivery;
 pub mod persist;
 mod session;
 pub mod topic;
+pub mod websocket;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -64,6 +65,9 @@ pub struct MqttConfig {
     pub max_inflight: u16,
     /// Most topic filters one connection may subscribe to.
     pub max_subscriptions: usize,
+    /// The HTTP path of MQTT over WebSocket (subprotocol `mqtt`) on the server's listener;
+    /// empty: none.
+    pub websocket_path: String,
     /// A second listener for MQTT over TLS (conventionally port 8883); unset: none.
     pub tls_listen: Option<SocketAddr>,
     /// The TLS certificate chain and key (PEM); empty: `[server] tls_cert_file` and
@@ -84,6 +88,7 @@ impl Default for MqttConfig {
             max_packet_size: 256 * 1024,
             max_inflight: 32,
             max_subscriptions: 100,
+            websocket_path: "/mqtt".into(),
             tls_listen: None,
             tls_cert_file: std::path::PathBuf::new(),
             tls_key_file: std::path::PathBuf::new(),
