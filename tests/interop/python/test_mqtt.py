@@ -38,6 +38,7 @@ from conftest import HeraldInstance
 MQTT_CONFIG = """
 [client]
 allow_anonymous = true
+max_queue_bytes = 65536
 
 [mqtt]
 enabled = true
@@ -359,6 +360,40 @@ def test_will_is_published_when_the_device_drops_not_when_it_disconnects(server:
                 assert json.loads(got.payload) == {"online": False, "v": version, "clean": False}
         history_data = [p["data"] for p in history(server, f"mqtt:{topic}")]
         assert history_data == [{"online": False, "v": 5, "clean": False}, {"online": False, "v": 4, "clean": False}]
+    finally:
+        watcher.close()
+
+
+def test_will_delay_waits_and_a_returning_client_cancels_it(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    topic = unique("delayed/")
+    client_id = unique("dev-")
+    watcher = Mqtt(server, 5, token).connected()
+
+    def device_that_drops(payload: bytes) -> None:
+        device = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        device.username_pw_set("x", token)
+        will = Properties(PacketTypes.WILLMESSAGE)
+        will.WillDelayInterval = 2
+        device.will_set(topic, payload, qos=1, properties=will)
+        connected = threading.Event()
+        device.on_connect = lambda c, u, f, rc, p: connected.set()
+        device.connect(*server.mqtt, keepalive=30)  # type: ignore[attr-defined]
+        device.loop_start()
+        assert connected.wait(WAIT)
+        device.loop_stop()
+        sock = device.socket()
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+    try:
+        assert codes(watcher.subscribe((topic, 1))) == [1]
+        device_that_drops(b'{"will":1}')
+        time.sleep(0.5)
+        device_that_drops(b'{"will":2}')  # back within the delay: will 1 is not published
+        got = watcher.take("the second will, after its delay")
+        assert json.loads(got.payload) == {"will": 2}
+        watcher.nothing_more(1.0)
     finally:
         watcher.close()
 
@@ -755,13 +790,14 @@ def test_mqtt_over_websocket_with_paho(server: HeraldInstance, version: int) -> 
 # Raw bytes: keep-alive, bad packets, limits
 
 
-def raw_connect_v5(keep_alive: int, token: Optional[str] = None) -> bytes:
+def raw_connect_v5(keep_alive: int, token: Optional[str] = None, properties: bytes = b"") -> bytes:
     flags = 0x02
     payload = struct.pack("!H", 6) + b"raw-v5"
     if token is not None:
         flags |= 0x80 | 0x40
         payload += struct.pack("!H", 1) + b"x" + struct.pack("!H", len(token)) + token.encode()
-    variable = struct.pack("!H", 4) + b"MQTT" + bytes([5, flags]) + struct.pack("!H", keep_alive) + b"\x00"
+    variable = struct.pack("!H", 4) + b"MQTT" + bytes([5, flags]) + struct.pack("!H", keep_alive)
+    variable += varint(len(properties)) + properties
     body = variable + payload
     return bytes([0x10]) + varint(len(body)) + body
 
@@ -795,9 +831,9 @@ def read_packet(sock: socket.socket) -> Tuple[int, bytes]:
     return first[0], body
 
 
-def raw_session(server: HeraldInstance, keep_alive: int = 30) -> socket.socket:
+def raw_session(server: HeraldInstance, keep_alive: int = 30, properties: bytes = b"") -> socket.socket:
     sock = socket.create_connection(server.mqtt, timeout=WAIT)  # type: ignore[attr-defined]
-    sock.sendall(raw_connect_v5(keep_alive, mint_token(server.hmac_secret, unique("u"))))
+    sock.sendall(raw_connect_v5(keep_alive, mint_token(server.hmac_secret, unique("u")), properties))
     kind, body = read_packet(sock)
     assert kind == 0x20 and body[1] == 0, f"CONNACK {kind:#x} {body!r}"
     return sock
@@ -831,6 +867,38 @@ def test_bad_packets_close_with_the_right_reason(server: HeraldInstance, garbage
     assert sock.recv(1) == b""
     # The server is fine: a new client works.
     Mqtt(server, 4, mint_token(server.hmac_secret, "after")).connected().close()
+
+
+def test_the_inflight_window_holds_deliveries_and_a_stalled_client_is_closed_as_slow(server: HeraldInstance) -> None:
+    # Receive Maximum 2 (MQTT 5 CONNECT property 0x21).
+    sock = raw_session(server, properties=b"\x21\x00\x02")
+    topic = unique("window/")
+    subscribe = struct.pack("!H", 1) + b"\x00" + struct.pack("!H", len(topic)) + topic.encode() + b"\x01"
+    sock.sendall(bytes([0x82]) + varint(len(subscribe)) + subscribe)
+    assert read_packet(sock)[0] == 0x90
+    for n in range(3):
+        api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"n": n}})
+    first = [read_packet(sock) for _ in range(2)]
+    assert [kind for kind, _ in first] == [0x32, 0x32]
+    sock.settimeout(1.0)
+    with pytest.raises(socket.timeout):
+        sock.recv(1)  # the third waits for an acknowledgement
+    sock.settimeout(WAIT)
+    pkid = first[0][1][2 + len(topic): 4 + len(topic)]
+    sock.sendall(b"\x40\x02" + pkid)
+    kind, body = read_packet(sock)
+    assert kind == 0x32 and json.loads(body[5 + len(topic):]) == {"n": 2}, body
+    # Never acknowledging again: publications pile up in the connection's queue (64 KiB in
+    # this config) until it is closed as slow, with reason 0x97, instead of growing.
+    blob = "x" * 4000
+    for n in range(40):
+        response = requests.post(
+            f"{server.api_url}/publish", json={"channel": f"mqtt:{topic}", "data": {"blob": blob}},
+            headers={"X-API-Key": server.api_key}, timeout=10,
+        )
+        assert response.status_code == 200
+    kind, body = read_packet(sock)
+    assert kind == 0xE0 and body[0] == 0x97, f"{kind:#x} {body[:40]!r}"
 
 
 def test_unsupported_protocol_level_gets_connack_0x01(server: HeraldInstance) -> None:

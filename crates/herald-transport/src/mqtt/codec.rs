@@ -1016,4 +1016,95 @@ mod tests {
         }
         assert!(!finish_publish(&mut BytesMut::new(), b"\x30", 0, 0, false));
     }
+    /// A CONNECT, a SUBSCRIBE and a PUBLISH of each level, to mutate.
+    fn valid_streams() -> Vec<(Level, BytesMut)> {
+        let mut v4_bytes = BytesMut::new();
+        let mut connect = v4::Connect::new("c");
+        connect.set_login("u", "p");
+        connect.write(&mut v4_bytes).expect("written");
+        v4::Subscribe::new("a/+", rumqttc::mqttbytes::QoS::AtLeastOnce)
+            .write(&mut v4_bytes)
+            .expect("written");
+        let mut publish =
+            v4::Publish::new("a/b", rumqttc::mqttbytes::QoS::ExactlyOnce, b"x".to_vec());
+        publish.pkid = 3;
+        publish.write(&mut v4_bytes).expect("written");
+        let mut v5_bytes = BytesMut::new();
+        let connect = v5::Connect {
+            keep_alive: 10,
+            client_id: "c".into(),
+            clean_start: true,
+            properties: Some(v5::ConnectProperties::new()),
+        };
+        connect
+            .write(&None, &Some(v5::Login::new("u", "p")), &mut v5_bytes)
+            .expect("written");
+        v5::Subscribe::new(
+            v5::Filter::new("a/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
+            None,
+        )
+        .write(&mut v5_bytes)
+        .expect("written");
+        vec![(Level::V311, v4_bytes), (Level::V5, v5_bytes)]
+    }
+
+    /// Decodes a whole stream as a connection does: a CONNECT, then packets until an error
+    /// or more bytes are needed. Must end, and never panic.
+    fn decode_stream(mut buf: BytesMut) {
+        let Ok(Some((level, _))) = decode_connect(&mut buf, 1024) else {
+            return;
+        };
+        while let Ok(Some(_)) = decode(level, &mut buf, 1024) {}
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            for level in [Level::V311, Level::V5] {
+                let mut buf = BytesMut::from(&bytes[..]);
+                while let Ok(Some(_)) = decode(level, &mut buf, 1024) {}
+            }
+            decode_stream(BytesMut::from(&bytes[..]));
+        }
+
+        #[test]
+        fn mutated_valid_packets_never_panic(
+            which in 0usize..2,
+            flips in proptest::collection::vec((proptest::num::usize::ANY, proptest::num::u8::ANY), 1..6),
+            cut in proptest::num::usize::ANY,
+        ) {
+            let (_, mut stream) = valid_streams().swap_remove(which);
+            for (at, byte) in flips {
+                let at = at % stream.len();
+                stream[at] = byte;
+            }
+            let keep = cut % (stream.len() + 1);
+            stream.truncate(keep);
+            decode_stream(stream);
+        }
+
+        #[test]
+        fn templates_decode_as_what_was_delivered(
+            topic in "[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,3}",
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..2000),
+            qos in 0u8..3,
+            pkid in 1u16..,
+            retain in proptest::bool::ANY,
+        ) {
+            let template = publish_template(Level::V311, &topic, &payload, 2, retain, &[]);
+            let mut out = BytesMut::new();
+            proptest::prop_assert!(finish_publish(&mut out, &template, qos, pkid, false));
+            proptest::prop_assert_eq!(out.len(), finished_size(&template, qos));
+            match v4::Packet::read(&mut out, 1 << 20).expect("rumqttc reads it") {
+                v4::Packet::Publish(p) => {
+                    proptest::prop_assert_eq!(p.topic, topic);
+                    proptest::prop_assert_eq!(&p.payload[..], &payload[..]);
+                    proptest::prop_assert_eq!(p.qos as u8, qos);
+                    proptest::prop_assert_eq!(p.retain, retain);
+                    proptest::prop_assert_eq!(p.pkid, if qos == 0 { 0 } else { pkid });
+                }
+                other => proptest::prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
 }

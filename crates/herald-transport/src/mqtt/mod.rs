@@ -118,6 +118,9 @@ pub struct MqttState {
     /// allows one connection per client id). Scoped by user, so nobody can push another
     /// user's device off by naming its client id.
     connected: Mutex<HashMap<ClientKey, (u64, Arc<Outbound>)>>,
+    /// Will messages waiting for their MQTT 5 will delay; a new connection of the client id
+    /// cancels its will (sets the flag).
+    pending_wills: Mutex<HashMap<ClientKey, Arc<std::sync::atomic::AtomicBool>>>,
     next_connection: AtomicU64,
 }
 
@@ -141,6 +144,7 @@ impl MqttState {
             topics,
             sessions: None,
             connected: Mutex::new(HashMap::new()),
+            pending_wills: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
         }
     }
@@ -155,6 +159,13 @@ impl MqttState {
     /// handle [`Self::disconnected`] needs.
     fn connected(&self, user: &str, client_id: &str, outbound: &Arc<Outbound>) -> u64 {
         let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        if let Some(cancelled) = self
+            .pending_wills
+            .lock()
+            .remove(&(user.to_owned(), client_id.to_owned()))
+        {
+            cancelled.store(true, Ordering::SeqCst);
+        }
         let previous = self.connected.lock().insert(
             (user.to_owned(), client_id.to_owned()),
             (id, outbound.clone()),
@@ -165,11 +176,33 @@ impl MqttState {
         id
     }
 
-    /// Whether a connection of `client_id` is open now.
-    fn is_connected(&self, user: &str, client_id: &str) -> bool {
-        self.connected
+    /// Registers a will waiting for its delay; the flag is set if the client connects
+    /// again meanwhile.
+    fn will_pending(&self, user: &str, client_id: &str) -> Arc<std::sync::atomic::AtomicBool> {
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let previous = self
+            .pending_wills
             .lock()
-            .contains_key(&(user.to_owned(), client_id.to_owned()))
+            .insert((user.to_owned(), client_id.to_owned()), flag.clone());
+        if let Some(previous) = previous {
+            previous.store(true, Ordering::SeqCst);
+        }
+        flag
+    }
+
+    /// The delay of the will behind `flag` is over: whether to publish it.
+    fn will_due(
+        &self,
+        user: &str,
+        client_id: &str,
+        flag: &Arc<std::sync::atomic::AtomicBool>,
+    ) -> bool {
+        let mut pending = self.pending_wills.lock();
+        let key = (user.to_owned(), client_id.to_owned());
+        if pending.get(&key).is_some_and(|f| Arc::ptr_eq(f, flag)) {
+            pending.remove(&key);
+        }
+        !flag.load(Ordering::SeqCst)
     }
 
     /// Forgets connection `id` of `client_id`; false if another took it over meanwhile.

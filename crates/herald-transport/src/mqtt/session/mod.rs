@@ -453,6 +453,14 @@ impl Session {
                         Err(close) => return Close::from_queue(close),
                     }
                 }
+                // While deliveries wait for the inflight window nothing is taken, but the
+                // queue may still be closed (over its bound: slow; the server API; takeover).
+                close = std::future::poll_fn(|cx| match outbound.poll_closed(cx) {
+                    Some(close) => std::task::Poll::Ready(close),
+                    None => std::task::Poll::Pending,
+                }), if !self.pending.is_empty() => {
+                    return Close::from_queue(close);
+                }
                 read = reader.read_buf(&mut self.in_buf),
                     if self.out_buf.len() < MAX_WRITE_BUFFER =>
                 {
@@ -906,13 +914,18 @@ impl Session {
             if message.delay == 0 {
                 publisher.publish(message).await;
             } else {
-                // MQTT 5 will delay: published later unless the client is back by then.
+                // MQTT 5 will delay: published later unless the client connected again.
+                let flag = publisher
+                    .state
+                    .will_pending(&publisher.credentials.user, &publisher.client_id);
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(message.delay))).await;
-                    if !publisher
-                        .state
-                        .is_connected(&publisher.credentials.user, &publisher.client_id)
-                    {
+                    let due = publisher.state.will_due(
+                        &publisher.credentials.user,
+                        &publisher.client_id,
+                        &flag,
+                    );
+                    if due {
                         publisher.publish(message).await;
                     }
                 });
