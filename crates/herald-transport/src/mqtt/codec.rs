@@ -244,14 +244,19 @@ fn malformed_v5(error: rumqttc::v5::mqttbytes::Error) -> DecodeError {
     DecodeError::Malformed(error.to_string())
 }
 
-fn connect_v4(connect: v4::Connect) -> Connect {
-    let (username, password) = match connect.login {
-        Some(login) => (
-            Some(login.username).filter(|u| !u.is_empty()),
-            Some(login.password).filter(|p| !p.is_empty()),
+/// A CONNECT's username and password; empty ones count as absent.
+fn login_parts(login: Option<(String, String)>) -> (Option<String>, Option<String>) {
+    match login {
+        Some((username, password)) => (
+            Some(username).filter(|u| !u.is_empty()),
+            Some(password).filter(|p| !p.is_empty()),
         ),
         None => (None, None),
-    };
+    }
+}
+
+fn connect_v4(connect: v4::Connect) -> Connect {
+    let (username, password) = login_parts(connect.login.map(|l| (l.username, l.password)));
     Connect {
         client_id: connect.client_id,
         clean_start: connect.clean_session,
@@ -276,13 +281,7 @@ fn connect_v5(
     will: Option<v5::LastWill>,
     login: Option<v5::Login>,
 ) -> Result<Connect, DecodeError> {
-    let (username, password) = match login {
-        Some(login) => (
-            Some(login.username).filter(|u| !u.is_empty()),
-            Some(login.password).filter(|p| !p.is_empty()),
-        ),
-        None => (None, None),
-    };
+    let (username, password) = login_parts(login.map(|l| (l.username, l.password)));
     let properties = connect.properties.unwrap_or_default();
     let will = match will {
         Some(will) => Some(Will {

@@ -769,7 +769,11 @@ impl Session {
                 );
                 pkid
             };
-            if let Some(persistence) = &mut self.persistence {
+            // Positions are kept for exact topics only: they are what a session recovers,
+            // and a `#` subscriber would otherwise save a position for every channel.
+            if let Some(persistence) = &mut self.persistence
+                && self.exact.contains_key(&position.channel)
+            {
                 persistence.positions.sent(
                     &position.channel,
                     &position.epoch,
