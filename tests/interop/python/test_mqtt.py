@@ -252,6 +252,24 @@ def test_wildcards_do_not_match_dollar_topics_and_unsubscribe_stops_delivery(ser
         dollar.close()
 
 
+def test_no_local_keeps_a_clients_own_publications_from_it(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    topic = unique("nolocal/")
+    me = Mqtt(server, 5, token).connected()
+    other = Mqtt(server, 5, token).connected()
+    try:
+        me.client.subscribe(topic, options=paho.SubscribeOptions(qos=1, noLocal=True))
+        assert codes(me.subacks.get(timeout=WAIT)) == [1]
+        me.publish(topic, b'{"from":"me"}', 1)
+        other.publish(topic, b'{"from":"other"}', 1)
+        got = me.take("the other client's publication")
+        assert json.loads(got.payload) == {"from": "other"}
+        me.nothing_more()
+    finally:
+        me.close()
+        other.close()
+
+
 def test_admission_refuses_with_suback_and_puback_reason_codes(server: HeraldInstance) -> None:
     # Anonymous connections are allowed ([client] allow_anonymous), but the `mqtt` namespace
     # does not let anonymous clients subscribe or publish: the one admission path says no.

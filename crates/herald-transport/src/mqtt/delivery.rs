@@ -34,6 +34,9 @@ const V5_SLOT: usize = 5;
 pub struct MqttEncoder {
     pub level: Level,
     pub topics: TopicMap,
+    /// The connection's own client id and subscriptions, for MQTT 5 no-local: its own
+    /// publications are not delivered where every matching subscription asked so.
+    pub own: Option<(String, Arc<RwLock<Table>>)>,
 }
 
 impl MqttEncoder {
@@ -65,6 +68,16 @@ impl MqttEncoder {
     /// The frame of a live publication, `None` for other events or channels without a topic.
     pub fn frame(&self, event: &Arc<PublicationEvent>) -> Option<Frame> {
         let topic = self.topics.topic(&event.channel)?;
+        if let Some((client, table)) = &self.own
+            && event
+                .publication
+                .info
+                .as_ref()
+                .is_some_and(|info| info.client == *client)
+            && table.read().no_local_only(&event.channel, topic)
+        {
+            return None;
+        }
         let slot = match self.level {
             Level::V311 => V311_SLOT,
             Level::V5 => V5_SLOT,
@@ -99,6 +112,8 @@ pub struct Table {
     pub exact: HashMap<Arc<str>, u8>,
     /// Wildcard filters with the granted QoS.
     pub wildcards: Vec<(Filter, u8)>,
+    /// Filters (exact topics and wildcards) subscribed with MQTT 5 no-local.
+    pub no_local: std::collections::HashSet<String>,
 }
 
 impl Table {
@@ -114,6 +129,22 @@ impl Table {
             .map(|(_, qos)| *qos)
             .max();
         exact.max(wildcard)
+    }
+
+    /// Whether every subscription matching the channel asked for no-local (so the
+    /// connection's own publications on it are not delivered back).
+    pub fn no_local_only(&self, channel: &str, topic: &str) -> bool {
+        if self.no_local.is_empty() {
+            return false;
+        }
+        let exact = self.exact.contains_key(channel).then_some(topic);
+        let wildcards = self
+            .wildcards
+            .iter()
+            .filter(|(filter, _)| filter.matches(topic))
+            .map(|(filter, _)| filter.as_str());
+        let mut matching = exact.into_iter().chain(wildcards).peekable();
+        matching.peek().is_some() && matching.all(|filter| self.no_local.contains(filter))
     }
 
     /// Number of filters subscribed.
@@ -205,10 +236,29 @@ mod tests {
     }
 
     #[test]
+    fn no_local_applies_only_where_every_matching_subscription_asked() {
+        let mut table = Table::default();
+        table.exact.insert(Arc::from("mqtt:a/b"), 1);
+        table.no_local.insert("a/b".into());
+        assert!(table.no_local_only("mqtt:a/b", "a/b"));
+        table
+            .wildcards
+            .push((Filter::parse("a/+").expect("valid"), 1));
+        assert!(!table.no_local_only("mqtt:a/b", "a/b"), "a/+ wants them");
+        table.no_local.insert("a/+".into());
+        assert!(table.no_local_only("mqtt:a/b", "a/b"));
+        assert!(
+            !table.no_local_only("mqtt:x", "x"),
+            "no subscription matches"
+        );
+    }
+
+    #[test]
     fn frames_carry_the_publishers_qos_and_the_position() {
         let encoder = MqttEncoder {
             level: Level::V311,
             topics: TopicMap::new("mqtt", 255),
+            own: None,
         };
         let frame = encoder
             .frame(&event("mqtt:s/1", Some("1")))
@@ -232,6 +282,7 @@ mod tests {
             encoder: Arc::new(MqttEncoder {
                 level: Level::V5,
                 topics: TopicMap::new("mqtt", 255),
+                own: None,
             }),
         };
         table

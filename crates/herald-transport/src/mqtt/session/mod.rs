@@ -356,9 +356,11 @@ impl Session {
             None => None,
         };
         let wildcards_available = realtime.node.hub().sees_every_channel();
+        let table = Arc::new(RwLock::new(Table::default()));
         let encoder = Arc::new(MqttEncoder {
             level,
             topics: state.topics.clone(),
+            own: (level == Level::V5).then(|| (info.client.clone(), table.clone())),
         });
         let mut session = Self {
             level,
@@ -368,7 +370,7 @@ impl Session {
             context,
             outbound,
             encoder,
-            table: Arc::new(RwLock::new(Table::default())),
+            table,
             exact: HashMap::new(),
             pattern: None,
             inflight: HashMap::new(),

@@ -182,7 +182,7 @@ impl Session {
                 ),
             ));
         }
-        match filter {
+        let granted = match filter {
             Filter::Exact(topic) => {
                 // Retain handling (MQTT 5): 0 always, 1 for a new subscription, 2 never.
                 let send_retained = match ask.retain_handling {
@@ -193,13 +193,20 @@ impl Session {
                 let granted = self
                     .subscribe_exact(&topic, qos, already, send_retained, resume)
                     .await?;
-                Ok(Some(granted))
+                Some(granted)
             }
             Filter::Wildcard(_) => {
                 self.subscribe_wildcard(filter, qos)?;
-                Ok(None)
+                None
             }
+        };
+        let mut table = self.table.write();
+        if ask.no_local {
+            table.no_local.insert(text.to_owned());
+        } else {
+            table.no_local.remove(text);
         }
+        Ok(granted)
     }
 
     async fn subscribe_exact(
@@ -430,6 +437,7 @@ impl Session {
                 }
                 Err(_) => false,
             };
+            self.table.write().no_local.remove(&text);
             codes.push(if removed {
                 reason::SUCCESS
             } else {
