@@ -270,6 +270,30 @@ def test_no_local_keeps_a_clients_own_publications_from_it(server: HeraldInstanc
         other.close()
 
 
+def test_user_properties_are_the_publications_tags(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    topic = unique("props/")
+    sub = Mqtt(server, 5, token).connected()
+    pub = Mqtt(server, 5, token).connected()
+    try:
+        assert codes(sub.subscribe((topic, 1))) == [1]
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("unit", "celsius"), ("sensor", "t-1")]
+        info = pub.client.publish(topic, b'{"c":21}', qos=1, properties=props)
+        info.wait_for_publish(timeout=WAIT)
+        got = sub.take("the publication")
+        assert sorted(got.properties.UserProperty) == [("sensor", "t-1"), ("unit", "celsius")]
+        stored = history(server, f"mqtt:{topic}")
+        assert stored[0]["tags"] == {"sensor": "t-1", "unit": "celsius", "mqtt_qos": "1"}, stored
+        # Tags published over HTTP come to MQTT 5 subscribers as user properties.
+        api(server, "publish", {"channel": f"mqtt:{topic}", "data": {}, "tags": {"origin": "api"}})
+        got = sub.take("the API publication")
+        assert got.properties.UserProperty == [("origin", "api")]
+    finally:
+        sub.close()
+        pub.close()
+
+
 def test_admission_refuses_with_suback_and_puback_reason_codes(server: HeraldInstance) -> None:
     # Anonymous connections are allowed ([client] allow_anonymous), but the `mqtt` namespace
     # does not let anonymous clients subscribe or publish: the one admission path says no.
@@ -921,6 +945,17 @@ def test_the_inflight_window_holds_deliveries_and_a_stalled_client_is_closed_as_
         assert response.status_code == 200
     kind, body = read_packet(sock)
     assert kind == 0xE0 and body[0] == 0x97, f"{kind:#x} {body[:40]!r}"
+
+
+def test_the_server_api_disconnects_an_mqtt_client_with_0x98(server: HeraldInstance) -> None:
+    user = unique("u")
+    sock = socket.create_connection(server.mqtt, timeout=WAIT)  # type: ignore[attr-defined]
+    sock.sendall(raw_connect_v5(30, mint_token(server.hmac_secret, user)))
+    assert read_packet(sock)[0] == 0x20
+    api(server, "disconnect", {"user": user})
+    kind, body = read_packet(sock)
+    assert kind == 0xE0 and body[0] == 0x98, f"{kind:#x} {body!r}"
+    assert sock.recv(1) == b""
 
 
 def test_unsupported_protocol_level_gets_connack_0x01(server: HeraldInstance) -> None:
