@@ -43,8 +43,10 @@ mod will;
 
 use will::WillPublisher;
 
-/// Bytes read from the socket at a time.
+/// Bytes read at a time while waiting for the CONNECT.
 const READ_CHUNK: usize = 4096;
+/// A buffer larger than this is dropped once empty.
+const IDLE_BUFFER: usize = 256;
 /// Replies and deliveries buffered for the socket before reading pauses (a client that
 /// sends without reading cannot grow this).
 const MAX_WRITE_BUFFER: usize = 64 * 1024;
@@ -59,7 +61,7 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut in_buf = BytesMut::with_capacity(256);
+    let mut in_buf = BytesMut::with_capacity(IDLE_BUFFER);
     let connect = tokio::time::timeout(
         state.realtime.config.connect_timeout,
         read_connect(&mut reader, &mut in_buf, state.config.max_packet_size),
@@ -92,14 +94,18 @@ where
         }
     };
     let mut out = BytesMut::new();
-    let Some(mut session) = Session::connect(state, level, connect, in_buf, &mut out).await else {
+    let Some(mut session) =
+        Box::pin(Session::connect(state, level, connect, in_buf, &mut out)).await
+    else {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.write_all(&out)).await;
         return;
     };
     session.out_buf = out;
     let close = session.drive(&mut reader, &mut writer).await;
-    session.close(&mut writer, &close).await;
-    session.end(close.will).await;
+    // Boxed, like the connect and the packets the loop runs: a connection's future is held
+    // for its whole life, and would otherwise be as large as the largest of them.
+    Box::pin(session.close(&mut writer, &close)).await;
+    Box::pin(session.end(close.will)).await;
 }
 
 async fn read_connect<R: AsyncRead + Unpin>(
@@ -419,7 +425,7 @@ impl Session {
         W: AsyncWrite + Unpin,
     {
         // Packets that arrived with the CONNECT.
-        if let Err(close) = self.handle_buffered().await {
+        if let Err(close) = Box::pin(self.handle_buffered()).await {
             return close;
         }
         let state = self.state.clone();
@@ -444,7 +450,14 @@ impl Session {
                 written = writer.write(&self.out_buf), if !self.out_buf.is_empty() => {
                     match written {
                         Ok(0) | Err(_) => return Close::by_client(),
-                        Ok(n) => self.out_buf.advance(n),
+                        Ok(n) => {
+                            self.out_buf.advance(n);
+                            // An idle connection keeps no write buffer (most connections are
+                            // idle most of the time).
+                            if self.out_buf.is_empty() && self.out_buf.capacity() > IDLE_BUFFER {
+                                self.out_buf = BytesMut::new();
+                            }
+                        }
                     }
                 }
                 taken = std::future::poll_fn(|cx| outbound.poll_take(cx, MAX_TAKE)),
@@ -469,16 +482,14 @@ impl Session {
                     match read {
                         Ok(0) | Err(_) => return Close::by_client(),
                         Ok(_) => {
-                            if let Err(close) = self.handle_buffered().await {
+                            if let Err(close) = Box::pin(self.handle_buffered()).await {
                                 return close;
                             }
                         }
                     }
-                    if self.in_buf.capacity() - self.in_buf.len() < 64 {
-                        self.in_buf.reserve(READ_CHUNK);
-                    }
+                    self.size_read_buffer();
                 }
-                () = sleep_until(next_save) => self.save_session().await,
+                () = sleep_until(next_save) => Box::pin(self.save_session()).await,
                 () = sleep_until(keep_alive) => {
                     return Close::new(
                         reason::KEEP_ALIVE_TIMEOUT,
@@ -486,6 +497,26 @@ impl Session {
                     );
                 }
             }
+        }
+    }
+
+    /// Sizes the read buffer for what comes next: nothing kept while idle, room for the
+    /// rest of a packet whose header is in, a small chunk otherwise.
+    fn size_read_buffer(&mut self) {
+        if self.in_buf.is_empty() && self.in_buf.capacity() > IDLE_BUFFER {
+            self.in_buf = BytesMut::new();
+            return;
+        }
+        let needed = match codec::fixed_header(&self.in_buf) {
+            Ok(Some((header, remaining))) => (header + remaining)
+                .min(self.state.config.max_packet_size)
+                .saturating_sub(self.in_buf.len()),
+            _ => 0,
+        };
+        // A burst of small packets is read 512 bytes at a time at least.
+        let want = needed.max(512);
+        if self.in_buf.capacity() - self.in_buf.len() < want {
+            self.in_buf.reserve(want);
         }
     }
 
