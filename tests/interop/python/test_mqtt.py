@@ -616,6 +616,72 @@ def test_a_session_survives_kill_9_and_resumes_on_the_restarted_node(herald_fact
         instance.stop()
 
 
+def test_username_and_password_checked_by_the_backend_proxy(herald_factory: Any) -> None:
+    """With `[proxy] connect_endpoint`, a password that is not a JWT goes to the backend with
+    the username and client id; its answer names the user (or refuses)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: List[Dict[str, Any]] = []
+
+    class Backend(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            asked.append(body)
+            data = body.get("data") or {}
+            if data.get("username") == "meter-7" and data.get("password") == "s3cret":
+                reply = {"result": {"user": "meter-7"}}
+            else:
+                reply = {"error": {"code": 4001, "message": "unknown device"}}
+            payload = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    instance = herald_factory()
+    instance.config.write_text(
+        instance.config.read_text()
+        + MQTT_CONFIG
+        + f"""
+[proxy]
+connect_endpoint = "http://127.0.0.1:{backend.server_address[1]}/connect"
+"""
+    )
+    start(instance)
+    try:
+        def connect(username: str, password: str) -> Tuple[Any, Optional[Mqtt]]:
+            client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=unique("m-"), protocol=paho.MQTTv5)
+            client.username_pw_set(username, password)
+            connacks: "queue.Queue[Any]" = queue.Queue()
+            client.on_connect = lambda c, u, f, rc, props: connacks.put(rc)
+            client.connect(*instance.mqtt, keepalive=30)  # type: ignore[attr-defined]
+            client.loop_start()
+            rc = connacks.get(timeout=WAIT)
+            client.disconnect()
+            client.loop_stop()
+            return rc, None
+
+        rc, _ = connect("meter-7", "s3cret")
+        assert not rc.is_failure, rc
+        assert asked[-1]["transport"] == "mqtt" and asked[-1]["data"]["username"] == "meter-7", asked[-1]
+        rc, _ = connect("meter-7", "wrong")
+        assert rc.value == 0x87, rc
+        # A JWT password is still verified by Herald, without asking the backend.
+        before = len(asked)
+        rc, _ = connect("x", mint_token(instance.hmac_secret, "jwt-user"))
+        assert not rc.is_failure, rc
+        assert len(asked) == before
+    finally:
+        instance.stop()
+        backend.shutdown()
+
+
 # ---------------------------------------------------------------------------------------------
 # mosquitto_pub / mosquitto_sub and the other transports
 

@@ -280,21 +280,11 @@ impl Session {
             codec::connack(out, level, false, code, &properties);
         };
         let realtime = &state.realtime;
-        let credentials = match &connect.password {
-            Some(token) => match realtime.authenticator.authenticate(token).await {
-                Ok(credentials) => credentials,
-                Err(error) => {
-                    refuse(out, reason::BAD_USERNAME_OR_PASSWORD, &error.to_string());
-                    return None;
-                }
-            },
-            None if realtime.config.allow_anonymous => Credentials::anonymous(),
-            None => {
-                refuse(
-                    out,
-                    reason::NOT_AUTHORIZED,
-                    "the connection token is the CONNECT password",
-                );
+        let herald_client = uuid::Uuid::new_v4().to_string();
+        let credentials = match authenticate(realtime, &connect, &herald_client).await {
+            Ok(credentials) => credentials,
+            Err((code, why)) => {
+                refuse(out, code, &why);
                 return None;
             }
         };
@@ -315,7 +305,7 @@ impl Session {
             connect.client_id.clone()
         };
         let info = Arc::new(ClientInfo {
-            client: uuid::Uuid::new_v4().to_string(),
+            client: herald_client,
             user: credentials.user.clone(),
             conn_info: credentials.info.clone(),
             chan_info: None,
@@ -968,6 +958,73 @@ impl Session {
                 });
             }
         }
+    }
+}
+
+/// Who a CONNECT is. A password shaped like a JWT (three dot-separated parts) is the
+/// connection token, verified like the WebSocket's. Otherwise, with `[proxy]
+/// connect_endpoint`, the application's backend decides: it gets the username, password and
+/// MQTT client id as the connect request's `data` and answers as it does for WebSocket
+/// connects (user, expiry, info, channels). Otherwise no password means anonymous where the
+/// config allows it. Refusals are an MQTT 5 CONNACK reason and a text.
+async fn authenticate(
+    realtime: &crate::realtime::RealtimeState,
+    connect: &Connect,
+    herald_client: &str,
+) -> Result<Credentials, (u8, String)> {
+    let token = connect
+        .password
+        .as_deref()
+        .filter(|p| p.split('.').count() == 3);
+    let backend = realtime.proxy.as_ref().filter(|p| p.handles_connect());
+    if let Some(token) = token {
+        return realtime
+            .authenticator
+            .authenticate(token)
+            .await
+            .map_err(|error| (reason::BAD_USERNAME_OR_PASSWORD, error.to_string()));
+    }
+    if let Some(proxy) = backend
+        && (connect.username.is_some() || connect.password.is_some())
+    {
+        let data = serde_json::json!({
+            "username": connect.username,
+            "password": connect.password,
+            "client_id": connect.client_id,
+        });
+        let data = Payload::Json(bytes::Bytes::from(data.to_string()));
+        let context = ProxyContext {
+            client: herald_client.to_owned(),
+            user: String::new(),
+            transport: "mqtt",
+            protocol: "mqtt",
+            headers: Vec::new(),
+        };
+        let answer = proxy.connect(&context, Some(&data)).await;
+        return match herald_core::admission::backend_decision(answer) {
+            Ok(grant) => Ok(Credentials {
+                user: grant.user,
+                expires_at: grant.expire_at,
+                info: grant.info,
+                channels: grant.channels,
+            }),
+            Err(Refusal::Unavailable) => Err((
+                reason::SERVER_UNAVAILABLE,
+                "the backend could not be asked".into(),
+            )),
+            Err(refusal) => Err((reason::NOT_AUTHORIZED, refusal.message())),
+        };
+    }
+    match &connect.password {
+        Some(_) => Err((
+            reason::BAD_USERNAME_OR_PASSWORD,
+            "the password is not a connection token (JWT)".into(),
+        )),
+        None if realtime.config.allow_anonymous => Ok(Credentials::anonymous()),
+        None => Err((
+            reason::NOT_AUTHORIZED,
+            "the connection token is the CONNECT password".into(),
+        )),
     }
 }
 
