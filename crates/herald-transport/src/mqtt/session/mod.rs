@@ -10,6 +10,9 @@
 //! not acknowledge leaves its publications in the queue, whose byte bound closes it as slow
 //! (guarantee 5) — memory never grows past the queue's bound and one take.
 //!
+//! The CONNECT is in `connect`, SUBSCRIBE/UNSUBSCRIBE and session resumption in `subscribe`,
+//! a persistent session's progress and saves in `progress`, the will in `will`.
+//!
 //! May touch: the socket it is handed, the node and admission through [`MqttState`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -32,12 +35,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::codec::{self, Ack, ConnAckProperties, Connect, DecodeError, Level, Packet, reason};
 use super::delivery::{MqttEncoder, QOS_TAG, Table};
-use super::persist::{self, Positions, SessionDocument};
+use super::persist::{self, Positions};
 use super::{MqttState, TAKEN_OVER};
 use crate::outbound::{CloseReason, Frame, Outbound};
-use crate::registry::Control;
 use crate::subscription::end_subscription;
 
+mod connect;
+mod progress;
 mod subscribe;
 mod will;
 
@@ -262,152 +266,6 @@ struct Persistence {
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Session {
-    /// Authenticates the CONNECT and answers it; `None` when refused (the CONNACK saying
-    /// why is in `out`).
-    async fn connect(
-        state: Arc<MqttState>,
-        level: Level,
-        connect: Connect,
-        in_buf: BytesMut,
-        out: &mut BytesMut,
-    ) -> Option<Self> {
-        let refuse = |out: &mut BytesMut, code: u8, why: &str| {
-            tracing::debug!(code, why, "mqtt: connect refused");
-            let properties = ConnAckProperties {
-                reason_string: Some(why.to_owned()),
-                ..ConnAckProperties::default()
-            };
-            codec::connack(out, level, false, code, &properties);
-        };
-        let realtime = &state.realtime;
-        let herald_client = uuid::Uuid::new_v4().to_string();
-        let credentials = match authenticate(realtime, &connect, &herald_client).await {
-            Ok(credentials) => credentials,
-            Err((code, why)) => {
-                refuse(out, code, &why);
-                return None;
-            }
-        };
-        let mut assigned = None;
-        let client_id = if connect.client_id.is_empty() {
-            if level == Level::V311 && !connect.clean_start {
-                refuse(
-                    out,
-                    reason::CLIENT_ID_NOT_VALID,
-                    "a persistent session needs a client id",
-                );
-                return None;
-            }
-            let id = format!("herald-{}", uuid::Uuid::new_v4().simple());
-            assigned = Some(id.clone());
-            id
-        } else {
-            connect.client_id.clone()
-        };
-        let info = Arc::new(ClientInfo {
-            client: herald_client,
-            user: credentials.user.clone(),
-            conn_info: credentials.info.clone(),
-            chan_info: None,
-        });
-        let context = ProxyContext {
-            client: info.client.clone(),
-            user: credentials.user.clone(),
-            transport: "mqtt",
-            protocol: "mqtt",
-            headers: Vec::new(),
-        };
-        realtime.connections.fetch_add(1, Ordering::Relaxed);
-        let outbound = realtime.new_outbound();
-        let registration = realtime.register(&info, "mqtt", Control::new(outbound.clone(), None));
-        let connection = state.connected(&credentials.user, &client_id, &outbound);
-        let max_inflight = usize::from(state.config.max_inflight.max(1));
-        let receive_maximum = connect
-            .receive_maximum
-            .map_or(max_inflight, |m| usize::from(m).min(max_inflight));
-        // Sessions: kept after the connection for `session_expiry` (capped), resumed unless
-        // the client starts clean.
-        let max_expiry = u32::try_from(state.config.max_session_expiry.as_duration().as_secs())
-            .unwrap_or(u32::MAX);
-        let expiry = connect.session_expiry.min(max_expiry);
-        let key = persist::session_key(&credentials.user, &client_id);
-        let mut saved = None;
-        let persistence = match state.sessions.clone() {
-            Some(store) => {
-                if connect.clean_start {
-                    persist::remove(&*store, &key).await;
-                } else {
-                    saved = persist::load(&*store, &key, herald_core::time::now_ms()).await;
-                }
-                (expiry > 0 || saved.is_some()).then(|| {
-                    Box::new(Persistence {
-                        store,
-                        key,
-                        expiry_secs: expiry,
-                        positions: Positions::default(),
-                        last_save: Instant::now(),
-                    })
-                })
-            }
-            None => None,
-        };
-        let wildcards_available = realtime.node.hub().sees_every_channel();
-        let table = Arc::new(RwLock::new(Table::default()));
-        let encoder = Arc::new(MqttEncoder {
-            level,
-            topics: state.topics.clone(),
-            own: (level == Level::V5).then(|| (info.client.clone(), table.clone())),
-        });
-        let mut session = Self {
-            level,
-            info,
-            mqtt_client_id: client_id,
-            connection,
-            context,
-            outbound,
-            encoder,
-            table,
-            exact: HashMap::new(),
-            pattern: None,
-            inflight: HashMap::new(),
-            next_pkid: 0,
-            receive_maximum,
-            client_max_packet: connect.max_packet_size.map_or(usize::MAX, |m| m as usize),
-            awaiting_rel: HashSet::new(),
-            pending: VecDeque::new(),
-            in_buf,
-            out_buf: BytesMut::new(),
-            keep_alive: (connect.keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
-            last_packet: Instant::now(),
-            will: connect.will,
-            persistence,
-            _registration: registration,
-            credentials,
-            state,
-        };
-        let (session_present, reason_string) = match saved {
-            Some(saved) => session.resume(saved).await,
-            None => (false, None),
-        };
-        let kept = session.persistence.as_ref().map_or(0, |p| p.expiry_secs);
-        let properties = ConnAckProperties {
-            receive_maximum: Some(session.state.config.max_inflight.max(1)),
-            max_packet_size: Some(
-                u32::try_from(session.state.config.max_packet_size).unwrap_or(u32::MAX),
-            ),
-            assigned_client_id: assigned,
-            // Told when it differs from what the client asked (capped, or no store).
-            session_expiry: (connect.session_expiry != kept).then_some(kept),
-            retain_available: true,
-            wildcards_available,
-            reason_string,
-        };
-        codec::connack(out, level, session_present, reason::SUCCESS, &properties);
-        tracing::debug!(client_id = %session.mqtt_client_id, user = %session.credentials.user, ?level, session_present, "mqtt: connected");
-        Some(session)
-    }
-
     /// Runs the connection until it ends; returns why.
     async fn drive<R, W>(&mut self, reader: &mut R, writer: &mut W) -> Close
     where
@@ -808,68 +666,6 @@ impl Session {
         }
     }
 
-    /// The client acknowledged delivery `pkid` (PUBACK for QoS 1, PUBREC for QoS 2): it
-    /// counts for the session's position. False if no delivery awaited that.
-    fn acknowledged(&mut self, pkid: u16, awaited: Awaiting) -> bool {
-        let Some(flight) = self.inflight.get_mut(&pkid).filter(|f| f.stage == awaited) else {
-            return false;
-        };
-        if let Some(persistence) = &mut self.persistence {
-            persistence
-                .positions
-                .acknowledged(&flight.channel, flight.offset);
-        }
-        if awaited == Awaiting::Rec {
-            flight.stage = Awaiting::Comp;
-        } else {
-            self.inflight.remove(&pkid);
-        }
-        true
-    }
-
-    /// The session as saved now.
-    fn session_document(&self, persistence: &Persistence) -> SessionDocument {
-        let table = self.table.read();
-        let mut subscriptions: Vec<(String, u8)> = table
-            .exact
-            .iter()
-            .filter_map(|(channel, qos)| Some((self.state.topics.topic(channel)?.to_owned(), *qos)))
-            .collect();
-        subscriptions.extend(
-            table
-                .wildcards
-                .iter()
-                .map(|(filter, qos)| (filter.as_str().to_owned(), *qos)),
-        );
-        let expiry_ms = u64::from(persistence.expiry_secs) * 1000;
-        SessionDocument {
-            expires_at_ms: herald_core::time::now_ms().saturating_add(expiry_ms),
-            subscriptions,
-            positions: persistence.positions.saved(),
-        }
-    }
-
-    /// Saves a persistent session (its subscriptions and positions).
-    async fn save_session(&mut self) {
-        let Some(mut persistence) = self.persistence.take() else {
-            return;
-        };
-        let document = self.session_document(&persistence);
-        persist::save(&*persistence.store, &persistence.key, &document).await;
-        persistence.positions.dirty = false;
-        persistence.last_save = Instant::now();
-        self.persistence = Some(persistence);
-    }
-
-    /// When positions that moved are saved next, if they moved.
-    fn next_save(&self) -> Option<tokio::time::Instant> {
-        let persistence = self.persistence.as_ref()?;
-        persistence
-            .positions
-            .dirty
-            .then(|| tokio::time::Instant::from_std(persistence.last_save + SAVE_INTERVAL))
-    }
-
     fn next_free_pkid(&mut self) -> u16 {
         // The window is at most 65,535 wide (a u16 receive maximum): a free id exists.
         loop {
@@ -958,73 +754,6 @@ impl Session {
                 });
             }
         }
-    }
-}
-
-/// Who a CONNECT is. A password shaped like a JWT (three dot-separated parts) is the
-/// connection token, verified like the WebSocket's. Otherwise, with `[proxy]
-/// connect_endpoint`, the application's backend decides: it gets the username, password and
-/// MQTT client id as the connect request's `data` and answers as it does for WebSocket
-/// connects (user, expiry, info, channels). Otherwise no password means anonymous where the
-/// config allows it. Refusals are an MQTT 5 CONNACK reason and a text.
-async fn authenticate(
-    realtime: &crate::realtime::RealtimeState,
-    connect: &Connect,
-    herald_client: &str,
-) -> Result<Credentials, (u8, String)> {
-    let token = connect
-        .password
-        .as_deref()
-        .filter(|p| p.split('.').count() == 3);
-    let backend = realtime.proxy.as_ref().filter(|p| p.handles_connect());
-    if let Some(token) = token {
-        return realtime
-            .authenticator
-            .authenticate(token)
-            .await
-            .map_err(|error| (reason::BAD_USERNAME_OR_PASSWORD, error.to_string()));
-    }
-    if let Some(proxy) = backend
-        && (connect.username.is_some() || connect.password.is_some())
-    {
-        let data = serde_json::json!({
-            "username": connect.username,
-            "password": connect.password,
-            "client_id": connect.client_id,
-        });
-        let data = Payload::Json(bytes::Bytes::from(data.to_string()));
-        let context = ProxyContext {
-            client: herald_client.to_owned(),
-            user: String::new(),
-            transport: "mqtt",
-            protocol: "mqtt",
-            headers: Vec::new(),
-        };
-        let answer = proxy.connect(&context, Some(&data)).await;
-        return match herald_core::admission::backend_decision(answer) {
-            Ok(grant) => Ok(Credentials {
-                user: grant.user,
-                expires_at: grant.expire_at,
-                info: grant.info,
-                channels: grant.channels,
-            }),
-            Err(Refusal::Unavailable) => Err((
-                reason::SERVER_UNAVAILABLE,
-                "the backend could not be asked".into(),
-            )),
-            Err(refusal) => Err((reason::NOT_AUTHORIZED, refusal.message())),
-        };
-    }
-    match &connect.password {
-        Some(_) => Err((
-            reason::BAD_USERNAME_OR_PASSWORD,
-            "the password is not a connection token (JWT)".into(),
-        )),
-        None if realtime.config.allow_anonymous => Ok(Credentials::anonymous()),
-        None => Err((
-            reason::NOT_AUTHORIZED,
-            "the connection token is the CONNECT password".into(),
-        )),
     }
 }
 
