@@ -15,6 +15,14 @@
 //!    temporary refusal);
 //! 6. otherwise the namespace's permission rules ([`auth::check`]).
 //!
+//! A *pattern* subscription (an MQTT wildcard filter: every channel of a namespace that the
+//! filter matches, now and later) is decided once, for the namespace, by
+//! [`Admission::subscribe_pattern`]: only where the rules alone decide (no
+//! `require_subscription_token`, no `proxy_subscribe` — those decide one channel at a time,
+//! so their channels must be subscribed one by one), and as the rules decide for a channel
+//! of the namespace. The caller never delivers user-limited channels (`#` in the name) to a
+//! pattern: they admit only their own users, one channel at a time.
+//!
 //! May touch: the node (name and namespace resolution), the [`Authenticator`] port for
 //! subscription tokens and the [`BackendProxy`] port. Nothing else.
 
@@ -227,6 +235,28 @@ impl Admission<'_> {
         }
         auth::check(ask.credentials, &name, &options, Action::Subscribe, false)?;
         Ok(granted(DecidedBy::Rules, None, None))
+    }
+
+    /// Decides a pattern subscription to the channels of `namespace` (see the module
+    /// header); the namespace's options when granted.
+    pub fn subscribe_pattern(
+        &self,
+        credentials: &Credentials,
+        namespace: &str,
+    ) -> Result<Arc<NamespaceOptions>, Refusal> {
+        // Any plain channel of the namespace stands for all of them: the rules that apply
+        // to a pattern do not depend on the rest of the name.
+        let (sample, options) = self.node.resolve(&format!("{namespace}:_"))?;
+        if options.proxy_subscribe || options.require_subscription_token {
+            return Err(HeraldError::new(
+                ErrorCode::PermissionDenied,
+                "channels of this namespace are granted one at a time (subscription tokens or \
+                 the backend): subscribe to each one, without wildcards",
+            )
+            .into());
+        }
+        auth::check(credentials, &sample, &options, Action::Subscribe, false)?;
+        Ok(options)
     }
 
     /// Decides a client publication on `channel`: the backend where the namespace has

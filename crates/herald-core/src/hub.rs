@@ -6,6 +6,13 @@
 //! The channel's first subscriber and its last one leaving (however it left: unsubscribed or
 //! found closed) are told to the [`ChannelInterest`] under the channel's lock, so those calls
 //! reach the engine in the order they happened.
+//!
+//! Besides subscribers of one channel, the hub holds *pattern* subscribers
+//! ([`PatternSubscriber`]): each says which channels it wants (MQTT's wildcard filters) and
+//! gets every run of events of a matching channel, after the channel's own subscribers. They
+//! see only what reaches this node's hub, which is every channel with a single-node engine;
+//! with a [`ChannelInterest`] (a cluster) a node receives only channels it has subscribers
+//! of, so [`Hub::sees_every_channel`] is false and callers refuse patterns there.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -94,6 +101,13 @@ pub trait Subscriber: Send + Sync + 'static {
     }
 }
 
+/// A subscriber of every channel it matches (an MQTT connection's wildcard filters).
+pub trait PatternSubscriber: Subscriber {
+    /// Whether the subscriber wants the events of `channel`. Called for every broadcast
+    /// run while the subscriber is registered: keep it cheap and non-blocking.
+    fn matches(&self, channel: &str) -> bool;
+}
+
 /// One channel's local subscribers, and (with a [`ChannelInterest`]) what each of them waits
 /// for before counting on events from other nodes.
 #[derive(Default)]
@@ -112,6 +126,10 @@ pub struct Hub {
     hasher: RandomState,
     next_id: AtomicU64,
     interest: Option<Arc<dyn ChannelInterest>>,
+    /// Pattern subscribers; `pattern_count` lets a broadcast skip the lock when there are
+    /// none (the common case).
+    patterns: RwLock<Vec<(SubscriberId, Arc<dyn PatternSubscriber>)>>,
+    pattern_count: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Hub {
@@ -147,6 +165,8 @@ impl Hub {
             hasher: RandomState::new(),
             next_id: AtomicU64::new(1),
             interest,
+            patterns: RwLock::new(Vec::new()),
+            pattern_count: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -213,19 +233,60 @@ impl Hub {
         let mut closed = Vec::new();
         {
             let shard = self.shard(channel).read();
-            let Some(entry) = shard.get(&**channel) else {
-                return outcome;
-            };
-            for (id, sub) in &entry.subs {
-                if !sub.deliver_many(events, &mut outcome) {
-                    closed.push(*id);
+            if let Some(entry) = shard.get(&**channel) {
+                for (id, sub) in &entry.subs {
+                    if !sub.deliver_many(events, &mut outcome) {
+                        closed.push(*id);
+                    }
                 }
             }
         }
         for id in closed {
             self.unsubscribe(channel, id);
         }
+        if self.pattern_count.load(Ordering::Acquire) > 0 {
+            self.broadcast_to_patterns(channel, events, &mut outcome);
+        }
         outcome
+    }
+
+    fn broadcast_to_patterns(
+        &self,
+        channel: &str,
+        events: &[ChannelEvent],
+        outcome: &mut BroadcastOutcome,
+    ) {
+        let mut closed = Vec::new();
+        for (id, sub) in self.patterns.read().iter() {
+            if sub.matches(channel) && !sub.deliver_many(events, outcome) {
+                closed.push(*id);
+            }
+        }
+        for id in closed {
+            self.unsubscribe_pattern(id);
+        }
+    }
+
+    /// Whether every channel's events reach this hub, so that a pattern subscriber misses
+    /// nothing: true without a [`ChannelInterest`] (a single node), false in a cluster.
+    pub fn sees_every_channel(&self) -> bool {
+        self.interest.is_none()
+    }
+
+    /// Adds a pattern subscriber (see [`PatternSubscriber`]).
+    pub fn subscribe_pattern(&self, subscriber: Arc<dyn PatternSubscriber>) -> SubscriberId {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut patterns = self.patterns.write();
+        patterns.push((id, subscriber));
+        self.pattern_count.store(patterns.len(), Ordering::Release);
+        id
+    }
+
+    /// Removes a pattern subscriber.
+    pub fn unsubscribe_pattern(&self, id: SubscriberId) {
+        let mut patterns = self.patterns.write();
+        patterns.retain(|(sid, _)| *sid != id);
+        self.pattern_count.store(patterns.len(), Ordering::Release);
     }
 
     /// Number of local subscribers of `channel`.
@@ -339,6 +400,51 @@ mod tests {
         );
         assert_eq!(hub.num_subscribers("a"), 1, "closed subscriber removed");
         assert_eq!(hub.broadcast(&[]), BroadcastOutcome::default());
+    }
+
+    struct Prefix {
+        prefix: &'static str,
+        inner: Arc<Recorder>,
+    }
+
+    impl Subscriber for Prefix {
+        fn deliver(&self, event: &ChannelEvent) -> Delivery {
+            self.inner.deliver(event)
+        }
+    }
+
+    impl PatternSubscriber for Prefix {
+        fn matches(&self, channel: &str) -> bool {
+            channel.starts_with(self.prefix)
+        }
+    }
+
+    #[test]
+    fn pattern_subscribers_get_every_matching_channel_and_closed_ones_are_removed() {
+        let hub = Hub::new();
+        assert!(hub.sees_every_channel());
+        let seen = recorder(Delivery::Queued);
+        let id = hub.subscribe_pattern(Arc::new(Prefix {
+            prefix: "mqtt:",
+            inner: seen.clone(),
+        }));
+        let gone = recorder(Delivery::Closed);
+        hub.subscribe_pattern(Arc::new(Prefix {
+            prefix: "mqtt:",
+            inner: gone.clone(),
+        }));
+        // No channel subscriber of `mqtt:a`: the pattern still gets it.
+        hub.broadcast(&[join("mqtt:a"), join("mqtt:a")]);
+        hub.subscribe(&Arc::from("mqtt:b"), recorder(Delivery::Queued));
+        let outcome = hub.broadcast(&[join("mqtt:b")]);
+        assert_eq!(outcome.queued, 2, "the channel subscriber and the pattern");
+        hub.broadcast(&[join("other")]);
+        assert_eq!(seen.seen.lock().len(), 3);
+        assert_eq!(gone.seen.lock().len(), 1, "removed after its closed answer");
+        hub.unsubscribe_pattern(id);
+        hub.broadcast(&[join("mqtt:a")]);
+        assert_eq!(seen.seen.lock().len(), 3);
+        assert!(!Hub::with_interest(Some(Arc::new(Interest::default()))).sees_every_channel());
     }
 
     /// Records what the hub tells the engine, in order.

@@ -549,6 +549,27 @@ impl Node {
         Ok(id)
     }
 
+    /// Adds a subscriber of every channel it matches (MQTT wildcard filters; admitted with
+    /// [`crate::admission::Admission::subscribe_pattern`]). Refused with `not available`
+    /// where this node does not receive every channel's events (a cluster): a pattern there
+    /// would miss channels without a local subscriber, silently.
+    pub fn subscribe_pattern(
+        &self,
+        subscriber: Arc<dyn crate::hub::PatternSubscriber>,
+    ) -> Result<SubscriberId, HeraldError> {
+        if !self.inner.hub.sees_every_channel() {
+            return Err(HeraldError::new(
+                ErrorCode::NotAvailable,
+                "wildcard subscriptions need a single-node engine",
+            ));
+        }
+        Ok(self.inner.hub.subscribe_pattern(subscriber))
+    }
+
+    pub fn unsubscribe_pattern(&self, id: SubscriberId) {
+        self.inner.hub.unsubscribe_pattern(id);
+    }
+
     /// The users with a live subscription to `channel` on any node, from presence (tracked
     /// where [`NamespaceOptions::tracks_presence`]).
     pub async fn live_users(&self, channel: &str) -> Result<Vec<String>, HeraldError> {

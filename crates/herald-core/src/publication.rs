@@ -97,7 +97,7 @@ pub struct Publication {
 }
 
 /// Number of per-format encoding slots a [`PublicationEvent`] carries.
-pub const ENCODING_SLOTS: usize = 4;
+pub const ENCODING_SLOTS: usize = 6;
 
 /// A publication on its way to subscribers, with encode-once caches.
 #[derive(Debug)]

@@ -61,6 +61,8 @@ pub struct AppState {
     pub outbound: Option<crate::outbound::OutboundStores>,
     /// Delivery of publications to brokers, with enabled `[[sinks]]`.
     pub sinks: Option<Arc<crate::sink::SinkRuntime>>,
+    /// The MQTT listener, with `[mqtt] enabled = true`.
+    pub mqtt: Option<crate::mqtt::MqttRuntime>,
 }
 
 /// The OpenAPI document of the server API (also at `docs/openapi.json`).
@@ -81,6 +83,23 @@ pub fn router(state: Arc<AppState>) -> Router {
             OriginPolicy::realtime(&state.config.client.allowed_origins),
             check_origin,
         ));
+    // MQTT over WebSocket, with `[mqtt] websocket_path` (behind the same origin check).
+    let mqtt = state
+        .mqtt
+        .as_ref()
+        .filter(|mqtt| !mqtt.state.config.websocket_path.is_empty())
+        .map(|mqtt| {
+            Router::new()
+                .route(
+                    &mqtt.state.config.websocket_path,
+                    get(herald_transport::mqtt::websocket::mqtt_websocket_handler),
+                )
+                .with_state(mqtt.state.clone())
+                .layer(axum::middleware::from_fn_with_state(
+                    OriginPolicy::realtime(&state.config.client.allowed_origins),
+                    check_origin,
+                ))
+        });
     let api = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -109,6 +128,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state);
     // Real-time connections live long: the request timeout applies to the API only.
     let router = api.merge(realtime);
+    let router = match mqtt {
+        Some(mqtt) => router.merge(mqtt),
+        None => router,
+    };
     // gRPC answers its own errors (as statuses) and is not a browser API: outside the
     // timeout and origin layers.
     let router = if grpc_enabled {

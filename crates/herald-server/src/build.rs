@@ -61,6 +61,11 @@ pub enum BuildError {
     Webhooks(String),
     #[error("sinks: {0}")]
     Sink(String),
+    #[error("mqtt: cannot listen on {addr}: {error}")]
+    Mqtt {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 /// The objects that build without side effects (no file written, no socket, no runtime).
@@ -319,7 +324,17 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
             .with_proxy(parts.proxy)
             .with_client_methods(client_methods),
     );
+    let mqtt = if config.mqtt.enabled {
+        Some(crate::mqtt::MqttRuntime::bind(
+            &config,
+            realtime.clone(),
+            outbound.as_ref().map(|stores| stores.webhooks.clone()),
+        )?)
+    } else {
+        None
+    };
     let state = Arc::new(AppState {
+        mqtt,
         push,
         sources,
         webhooks,
@@ -354,15 +369,16 @@ pub async fn server(mut config: Config) -> Result<Built, BuildError> {
     Ok(Built { state, reloader })
 }
 
-/// The one outbound queue of this server and the stores beside it, when push or webhooks
-/// need them: where history lives (the data folder's `outbound.db` with SQLite, memory with
+/// The one outbound queue of this server and the stores beside it, when push, webhooks,
+/// sinks or MQTT's persistent sessions need them: where history lives (the data folder's `outbound.db` with SQLite, memory with
 /// the memory engine, the cluster's Redis).
 fn build_outbound(
     config: &Config,
     cluster: Option<&Arc<Cluster>>,
 ) -> Result<Option<OutboundStores>, BuildError> {
     let sinks = config.sinks.iter().any(|sink| sink.enabled);
-    if !(config.push.enabled || config.webhooks.enabled || sinks) {
+    // MQTT keeps persistent sessions in the document store beside the queue.
+    if !(config.push.enabled || config.webhooks.enabled || sinks || config.mqtt.enabled) {
         return Ok(None);
     }
     let stores = match config.storage.engine {

@@ -47,6 +47,8 @@ pub struct Config {
     pub sinks: Vec<crate::sink::SinkConfig>,
     /// The server API over gRPC, on the HTTP listener (`[grpc_api]`, docs/grpc.md).
     pub grpc_api: crate::grpc::GrpcApiConfig,
+    /// MQTT 3.1.1 and 5 over TCP (`docs/mqtt.md`).
+    pub mqtt: herald_transport::mqtt::MqttConfig,
 }
 
 /// `[proxy]`: HTTP endpoints of the application's backend (Centrifugo's proxy format). An
@@ -562,6 +564,7 @@ impl Config {
         crate::bridge::config::validate(&self.sources).map_err(ConfigError::Invalid)?;
         self.webhooks.validate().map_err(ConfigError::Invalid)?;
         crate::sink::config::validate(&self.sinks).map_err(ConfigError::Invalid)?;
+        crate::mqtt::validate(self).map_err(ConfigError::Invalid)?;
         let cert = !self.server.tls_cert_file.as_os_str().is_empty();
         let key = !self.server.tls_key_file.as_os_str().is_empty();
         if cert != key {

@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod jwt;
 pub mod listener;
 pub mod metrics;
+pub mod mqtt;
 pub mod origin;
 pub mod outbound;
 pub mod proxy;

@@ -514,6 +514,12 @@ async fn serve_command(config: Config, reload: Reload) -> anyhow::Result<ExitCod
         "Herald {} listening on {scheme}://{addr}",
         env!("CARGO_PKG_VERSION")
     );
+    if let Some(mqtt) = &server.state().mqtt {
+        println!("  mqtt:    mqtt://{}", mqtt.local_addr);
+        if let Some(tls) = mqtt.tls_local_addr {
+            println!("  mqtts:   mqtts://{tls}");
+        }
+    }
     println!("  storage: {storage}");
     let reloader = server.reloader();
     match reloader.generated_api_key() {

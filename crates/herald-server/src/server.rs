@@ -114,6 +114,7 @@ impl Server {
         let mut sink_tasks = state.sinks.as_ref().map(|sinks| sinks.start());
         #[cfg(feature = "redis")]
         let heartbeat = tokio::spawn(crate::cluster::Cluster::run(state.clone()));
+        let mut mqtt_tasks = state.mqtt.as_ref().map(|mqtt| mqtt.start());
         let mut serving = tokio::spawn(crate::app::serve(listener, state.clone(), stop));
         // Drain time counts from the end of the shutdown delay.
         let finished = tokio::select! {
@@ -130,6 +131,10 @@ impl Server {
                 "in-flight requests did not finish in time; closing them"
             );
             serving.abort();
+        }
+        if let Some(tasks) = &mut mqtt_tasks {
+            // They stop accepting at the shutdown signal; their connections close with it.
+            while tasks.join_next().await.is_some() {}
         }
         #[cfg(feature = "redis")]
         {

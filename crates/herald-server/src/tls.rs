@@ -28,6 +28,8 @@ pub enum TlsError {
 pub struct Tls {
     cert_file: PathBuf,
     key_file: PathBuf,
+    /// The ALPN protocols offered (HTTP's, or MQTT's).
+    alpn: Vec<Vec<u8>>,
     acceptor: RwLock<TlsAcceptor>,
 }
 
@@ -45,7 +47,7 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn build(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsError> {
+fn build(cert_file: &Path, key_file: &Path, alpn: &[Vec<u8>]) -> Result<TlsAcceptor, TlsError> {
     let shown = |p: &Path| p.display().to_string();
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
         .map_err(|e| TlsError::Certificate {
@@ -74,14 +76,29 @@ fn build(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsError> {
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.to_vec();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 impl Tls {
     pub fn load(cert_file: &Path, key_file: &Path) -> Result<Arc<Self>, TlsError> {
-        let acceptor = build(cert_file, key_file)?;
+        Self::load_with_alpn(
+            cert_file,
+            key_file,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )
+    }
+
+    /// [`Self::load`] offering `alpn` (MQTT offers `mqtt`; a client that asks for no
+    /// protocol is served too).
+    pub fn load_with_alpn(
+        cert_file: &Path,
+        key_file: &Path,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<Arc<Self>, TlsError> {
+        let acceptor = build(cert_file, key_file, &alpn)?;
         Ok(Arc::new(Self {
+            alpn,
             cert_file: cert_file.to_owned(),
             key_file: key_file.to_owned(),
             acceptor: RwLock::new(acceptor),
@@ -90,7 +107,7 @@ impl Tls {
 
     /// Reads the files again; on error the acceptor in use stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let acceptor = build(&self.cert_file, &self.key_file)?;
+        let acceptor = build(&self.cert_file, &self.key_file, &self.alpn)?;
         *self.acceptor.write() = acceptor;
         Ok(())
     }

@@ -1,0 +1,305 @@
+//! What an MQTT connection delivers: publications of its channels as PUBLISH templates
+//! ([`MqttEncoder`]), its subscription table (exact topics and wildcard filters with their
+//! granted QoS, read by the writer and by the hub), and the hub's pattern subscriber for
+//! its wildcard filters ([`PatternSink`]).
+//!
+//! A publication carries the highest QoS it may be delivered at: the MQTT publisher's QoS
+//! (kept in the tag [`QOS_TAG`] for QoS 0 and 1), or 2 for everything else — a publication
+//! from the HTTP API, a WebSocket client or a bridge is durable in history, so it is
+//! delivered at whatever QoS the subscription was granted.
+//!
+//! May touch: the connection's outbound queue.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use herald_core::hub::{Delivery, PatternSubscriber, Subscriber};
+use herald_core::publication::{ChannelEvent, PublicationEvent};
+use parking_lot::RwLock;
+
+use super::codec::{self, Level};
+use super::topic::{Filter, TopicMap};
+use crate::outbound::{EventEncoder, Frame, FramePosition, Outbound};
+
+/// Tag holding an MQTT publisher's QoS when below 2.
+pub const QOS_TAG: &str = "mqtt_qos";
+
+/// Encoding slots of a publication's PUBLISH templates (see
+/// [`herald_core::publication::ENCODING_SLOTS`]).
+const V311_SLOT: usize = 4;
+const V5_SLOT: usize = 5;
+
+/// Encodes publications as PUBLISH templates of one protocol level (once per publication,
+/// shared by every MQTT subscriber of that level).
+pub struct MqttEncoder {
+    pub level: Level,
+    pub topics: TopicMap,
+    /// The connection's own client id and subscriptions, for MQTT 5 no-local: its own
+    /// publications are not delivered where every matching subscription asked so.
+    pub own: Option<(String, Arc<RwLock<Table>>)>,
+}
+
+impl MqttEncoder {
+    /// The template of `publication` on `topic`, `retain` set (recovered or retained
+    /// deliveries are encoded per connection, live ones once).
+    pub fn template(&self, topic: &str, event: &PublicationEvent, retain: bool) -> bytes::Bytes {
+        let publication = &event.publication;
+        let max_qos = publication
+            .tags
+            .get(QOS_TAG)
+            .and_then(|q| q.parse::<u8>().ok())
+            .unwrap_or(2);
+        let properties: Vec<(&str, &str)> = publication
+            .tags
+            .iter()
+            .filter(|(key, _)| key.as_str() != QOS_TAG)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        codec::publish_template(
+            self.level,
+            topic,
+            publication.data.bytes(),
+            max_qos,
+            retain,
+            &properties,
+        )
+    }
+
+    /// The frame of a live publication, `None` for other events or channels without a topic.
+    pub fn frame(&self, event: &Arc<PublicationEvent>) -> Option<Frame> {
+        let topic = self.topics.topic(&event.channel)?;
+        if let Some((client, table)) = &self.own
+            && event
+                .publication
+                .info
+                .as_ref()
+                .is_some_and(|info| info.client == *client)
+            && table.read().no_local_only(&event.channel, topic)
+        {
+            return None;
+        }
+        let slot = match self.level {
+            Level::V311 => V311_SLOT,
+            Level::V5 => V5_SLOT,
+        };
+        let bytes = event.encoded(slot, |event| self.template(topic, event, false));
+        Some(Frame {
+            bytes,
+            position: Some(FramePosition {
+                channel: event.channel.clone(),
+                offset: event.publication.offset,
+                epoch: event.epoch.clone(),
+            }),
+            conflate_key: None,
+        })
+    }
+}
+
+impl EventEncoder for MqttEncoder {
+    fn encode(&self, event: &ChannelEvent) -> Option<Frame> {
+        match event {
+            ChannelEvent::Publication(publication) => self.frame(publication),
+            // Join/leave have no MQTT form; an unrecoverable channel closes the queue.
+            _ => None,
+        }
+    }
+}
+
+/// A connection's subscriptions as deliveries need them.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// Channels subscribed by exact topic, with the granted QoS.
+    pub exact: HashMap<Arc<str>, u8>,
+    /// Wildcard filters with the granted QoS.
+    pub wildcards: Vec<(Filter, u8)>,
+    /// Filters (exact topics and wildcards) subscribed with MQTT 5 no-local.
+    pub no_local: std::collections::HashSet<String>,
+}
+
+impl Table {
+    /// The QoS a publication of `channel` (topic `topic`) is delivered at, before the
+    /// publication's own maximum: the highest of the matching subscriptions; `None` when
+    /// none matches (anymore).
+    pub fn granted(&self, channel: &str, topic: &str) -> Option<u8> {
+        let exact = self.exact.get(channel).copied();
+        let wildcard = self
+            .wildcards
+            .iter()
+            .filter(|(filter, _)| filter.matches(topic))
+            .map(|(_, qos)| *qos)
+            .max();
+        exact.max(wildcard)
+    }
+
+    /// Whether every subscription matching the channel asked for no-local (so the
+    /// connection's own publications on it are not delivered back).
+    pub fn no_local_only(&self, channel: &str, topic: &str) -> bool {
+        if self.no_local.is_empty() {
+            return false;
+        }
+        let exact = self.exact.contains_key(channel).then_some(topic);
+        let wildcards = self
+            .wildcards
+            .iter()
+            .filter(|(filter, _)| filter.matches(topic))
+            .map(|(filter, _)| filter.as_str());
+        let mut matching = exact.into_iter().chain(wildcards).peekable();
+        matching.peek().is_some() && matching.all(|filter| self.no_local.contains(filter))
+    }
+
+    /// Number of filters subscribed.
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcards.len()
+    }
+}
+
+/// The hub's pattern subscriber for one connection's wildcard filters. A channel the
+/// connection also subscribes to by exact topic is left to that subscription (one delivery
+/// per publication, at the highest granted QoS).
+pub struct PatternSink {
+    pub table: Arc<RwLock<Table>>,
+    pub outbound: Arc<Outbound>,
+    pub encoder: Arc<MqttEncoder>,
+}
+
+impl Subscriber for PatternSink {
+    fn deliver(&self, event: &ChannelEvent) -> Delivery {
+        let ChannelEvent::Publication(publication) = event else {
+            return Delivery::Queued;
+        };
+        let Some(frame) = self.encoder.frame(publication) else {
+            return Delivery::Queued;
+        };
+        if self.outbound.push(frame) {
+            Delivery::Queued
+        } else if self.outbound.closed().is_some() {
+            Delivery::Closed
+        } else {
+            Delivery::Dropped
+        }
+    }
+}
+
+impl PatternSubscriber for PatternSink {
+    fn matches(&self, channel: &str) -> bool {
+        let Some(topic) = self.encoder.topics.topic(channel) else {
+            return false;
+        };
+        let table = self.table.read();
+        !table.exact.contains_key(channel)
+            && table
+                .wildcards
+                .iter()
+                .any(|(filter, _)| filter.matches(topic))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use herald_core::publication::{Payload, Publication};
+
+    fn event(channel: &str, qos_tag: Option<&str>) -> Arc<PublicationEvent> {
+        let mut publication = Publication {
+            offset: 3,
+            time_ms: 0,
+            data: Payload::Json(Bytes::from_static(b"{\"t\":1}")),
+            tags: Default::default(),
+            info: None,
+        };
+        if let Some(q) = qos_tag {
+            publication.tags.insert(QOS_TAG.into(), q.into());
+        }
+        Arc::new(PublicationEvent::new(
+            Arc::from(channel),
+            Arc::from("ep"),
+            publication,
+        ))
+    }
+
+    #[test]
+    fn the_table_grants_the_highest_matching_qos() {
+        let mut table = Table::default();
+        table.exact.insert(Arc::from("mqtt:a/b"), 0);
+        table
+            .wildcards
+            .push((Filter::parse("a/+").expect("valid"), 2));
+        table
+            .wildcards
+            .push((Filter::parse("#").expect("valid"), 1));
+        assert_eq!(table.granted("mqtt:a/b", "a/b"), Some(2));
+        assert_eq!(table.granted("mqtt:x", "x"), Some(1));
+        assert_eq!(table.len(), 3);
+        table.wildcards.clear();
+        assert_eq!(table.granted("mqtt:x", "x"), None);
+    }
+
+    #[test]
+    fn no_local_applies_only_where_every_matching_subscription_asked() {
+        let mut table = Table::default();
+        table.exact.insert(Arc::from("mqtt:a/b"), 1);
+        table.no_local.insert("a/b".into());
+        assert!(table.no_local_only("mqtt:a/b", "a/b"));
+        table
+            .wildcards
+            .push((Filter::parse("a/+").expect("valid"), 1));
+        assert!(!table.no_local_only("mqtt:a/b", "a/b"), "a/+ wants them");
+        table.no_local.insert("a/+".into());
+        assert!(table.no_local_only("mqtt:a/b", "a/b"));
+        assert!(
+            !table.no_local_only("mqtt:x", "x"),
+            "no subscription matches"
+        );
+    }
+
+    #[test]
+    fn frames_carry_the_publishers_qos_and_the_position() {
+        let encoder = MqttEncoder {
+            level: Level::V311,
+            topics: TopicMap::new("mqtt", 255),
+            own: None,
+        };
+        let frame = encoder
+            .frame(&event("mqtt:s/1", Some("1")))
+            .expect("a topic");
+        assert_eq!(codec::template_qos(&frame.bytes), 1);
+        let position = frame.position.expect("a position");
+        assert_eq!((&*position.channel, position.offset), ("mqtt:s/1", 3));
+        let frame = encoder.frame(&event("mqtt:s/1", None)).expect("a topic");
+        assert_eq!(codec::template_qos(&frame.bytes), 2, "durable: any QoS");
+        assert!(encoder.frame(&event("other:s", None)).is_none());
+        assert!(encoder.frame(&event("mqtt:inbox#alice", None)).is_none());
+    }
+
+    #[test]
+    fn the_pattern_sink_leaves_exact_channels_to_their_subscription() {
+        let table = Arc::new(RwLock::new(Table::default()));
+        let outbound = Outbound::new(1 << 20);
+        let sink = PatternSink {
+            table: table.clone(),
+            outbound: outbound.clone(),
+            encoder: Arc::new(MqttEncoder {
+                level: Level::V5,
+                topics: TopicMap::new("mqtt", 255),
+                own: None,
+            }),
+        };
+        table
+            .write()
+            .wildcards
+            .push((Filter::parse("s/#").expect("valid"), 1));
+        assert!(sink.matches("mqtt:s/1"));
+        assert!(!sink.matches("mqtt:t/1"));
+        assert!(!sink.matches("other:s/1"));
+        assert!(!sink.matches("mqtt:s/#alice"), "user-limited: never");
+        table.write().exact.insert(Arc::from("mqtt:s/1"), 0);
+        assert!(!sink.matches("mqtt:s/1"));
+        let delivered = sink.deliver(&ChannelEvent::Publication(event("mqtt:s/2", None)));
+        assert_eq!(delivered, Delivery::Queued);
+        assert!(outbound.queued_bytes() > 0);
+        outbound.close(crate::outbound::CloseReason::SHUTDOWN);
+        let delivered = sink.deliver(&ChannelEvent::Publication(event("mqtt:s/2", None)));
+        assert_eq!(delivered, Delivery::Closed);
+    }
+}

@@ -1,0 +1,790 @@
+//! One MQTT connection: CONNECT and authentication, then one task that reads packets, runs
+//! them, and writes replies and deliveries.
+//!
+//! The loop (`Session::drive`) selects over the socket's read side, the write of what is
+//! buffered, taking frames from the connection's [`Outbound`] queue, the keep-alive deadline,
+//! the token's expiry and the server's shutdown. A packet runs to its end before the next is
+//! read (a QoS 1 publish is acknowledged once `Node::publish` returned, so acknowledgements
+//! keep the publishes' order). Deliveries are taken from the queue only when the previous
+//! take is written and, for QoS 1/2, while the inflight window has room: a client that does
+//! not acknowledge leaves its publications in the queue, whose byte bound closes it as slow
+//! (guarantee 5) — memory never grows past the queue's bound and one take.
+//!
+//! The CONNECT is in `connect`, SUBSCRIBE/UNSUBSCRIBE and session resumption in `subscribe`,
+//! a persistent session's progress and saves in `progress`, the will in `will`.
+//!
+//! May touch: the socket it is handed, the node and admission through [`MqttState`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use herald_core::admission::Refusal;
+use herald_core::auth::Credentials;
+use herald_core::channel::ChannelName;
+use herald_core::hub::SubscriberId;
+use herald_core::namespace::NamespaceOptions;
+use herald_core::node::PublishRequest;
+use herald_core::proxy::ProxyContext;
+use herald_core::publication::{ClientInfo, Payload};
+use herald_core::{ErrorCode, HeraldError};
+use parking_lot::RwLock;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::codec::{self, Ack, ConnAckProperties, Connect, DecodeError, Level, Packet, reason};
+use super::delivery::{MqttEncoder, QOS_TAG, Table};
+use super::persist::{self, Positions};
+use super::{MqttState, TAKEN_OVER};
+use crate::outbound::{CloseReason, Frame, Outbound};
+use crate::subscription::end_subscription;
+
+mod connect;
+mod progress;
+mod subscribe;
+mod will;
+
+use will::WillPublisher;
+
+/// Bytes read at a time while waiting for the CONNECT.
+const READ_CHUNK: usize = 4096;
+/// A buffer larger than this is dropped once empty.
+const IDLE_BUFFER: usize = 256;
+/// Replies and deliveries buffered for the socket before reading pauses (a client that
+/// sends without reading cannot grow this).
+const MAX_WRITE_BUFFER: usize = 64 * 1024;
+/// Bytes taken from the outbound queue at once.
+const MAX_TAKE: usize = 64 * 1024;
+/// How long the last packets (a DISCONNECT with its reason) may take to write.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves one MQTT connection on `stream` until it ends.
+pub async fn run_connection<S>(stream: S, state: Arc<MqttState>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut in_buf = BytesMut::with_capacity(IDLE_BUFFER);
+    let connect = tokio::time::timeout(
+        state.realtime.config.connect_timeout,
+        read_connect(&mut reader, &mut in_buf, state.config.max_packet_size),
+    )
+    .await;
+    let (level, connect) = match connect {
+        Ok(Ok(Some(connect))) => connect,
+        Ok(Ok(None)) => return,
+        Ok(Err(DecodeError::UnsupportedLevel(level))) => {
+            // MQTT-3.1.2-2: CONNACK 0x01 (the 3.1.1 form every level can read), then close.
+            tracing::debug!(level, "mqtt: unsupported protocol level");
+            let mut out = BytesMut::new();
+            codec::connack(
+                &mut out,
+                Level::V311,
+                false,
+                reason::UNSUPPORTED_PROTOCOL_VERSION,
+                &ConnAckProperties::default(),
+            );
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.write_all(&out)).await;
+            return;
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "mqtt: bad CONNECT; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("mqtt: no CONNECT within the connect timeout; closing");
+            return;
+        }
+    };
+    let mut out = BytesMut::new();
+    let Some(mut session) =
+        Box::pin(Session::connect(state, level, connect, in_buf, &mut out)).await
+    else {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.write_all(&out)).await;
+        return;
+    };
+    session.out_buf = out;
+    let close = session.drive(&mut reader, &mut writer).await;
+    // Boxed, like the connect and the packets the loop runs: a connection's future is held
+    // for its whole life, and would otherwise be as large as the largest of them.
+    Box::pin(session.close(&mut writer, &close)).await;
+    Box::pin(session.end(close.will)).await;
+}
+
+async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max_packet_size: usize,
+) -> Result<Option<(Level, Connect)>, DecodeError> {
+    loop {
+        if let Some(connect) = codec::decode_connect(buf, max_packet_size)? {
+            return Ok(Some(connect));
+        }
+        buf.reserve(READ_CHUNK);
+        match reader.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Why the connection ends: an MQTT 5 reason with its text, and whether the will is sent.
+#[derive(Clone, Debug)]
+struct Close {
+    code: u8,
+    reason: String,
+    /// Write a DISCONNECT (MQTT 5 only; not when the client ended it).
+    send_disconnect: bool,
+    /// Publish the will: every end but a client's DISCONNECT with reason 0.
+    will: bool,
+}
+
+impl Close {
+    fn new(code: u8, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+            send_disconnect: true,
+            will: true,
+        }
+    }
+
+    /// The client went: its socket closed or failed (the will is published).
+    fn by_client() -> Self {
+        Self {
+            code: reason::SUCCESS,
+            reason: String::new(),
+            send_disconnect: false,
+            will: true,
+        }
+    }
+
+    /// The client sent DISCONNECT: the will is published only for MQTT 5's reason 0x04.
+    fn disconnected(reason: u8) -> Self {
+        Self {
+            will: reason == 0x04,
+            ..Self::by_client()
+        }
+    }
+
+    /// The MQTT form of a queue's close reason.
+    fn from_queue(close: CloseReason) -> Self {
+        let code = match close {
+            CloseReason::SHUTDOWN => reason::SERVER_SHUTTING_DOWN,
+            CloseReason::SLOW => reason::QUOTA_EXCEEDED,
+            CloseReason::EXPIRED => reason::MAXIMUM_CONNECT_TIME,
+            CloseReason::FORCE_DISCONNECT => reason::ADMINISTRATIVE_ACTION,
+            TAKEN_OVER => reason::SESSION_TAKEN_OVER,
+            CloseReason::CONNECTION_CLOSED => return Self::by_client(),
+            _ => reason::UNSPECIFIED,
+        };
+        Self::new(code, close.reason)
+    }
+}
+
+/// A delivery awaiting the client's acknowledgement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Awaiting {
+    /// QoS 1: PUBACK.
+    Ack,
+    /// QoS 2: PUBREC.
+    Rec,
+    /// QoS 2, PUBREL sent: PUBCOMP.
+    Comp,
+}
+
+/// What follows the SUBACK for a granted exact topic.
+struct GrantedExact {
+    channel: Arc<str>,
+    /// For a new subscription: the offset its held live publications continue after.
+    last_offset: Option<u64>,
+    /// What precedes the live publications: the retained publication, or those a resumed
+    /// session missed.
+    replies: Vec<Frame>,
+    /// Whether a resumed session's position was recovered (`None`: nothing to recover).
+    recovered: Option<bool>,
+}
+
+/// A delivery awaiting acknowledgement, and what it delivered.
+struct InFlight {
+    stage: Awaiting,
+    channel: Arc<str>,
+    offset: u64,
+}
+
+/// An exact-topic subscription.
+struct ExactSub {
+    name: ChannelName,
+    options: Arc<NamespaceOptions>,
+    id: SubscriberId,
+    info: Arc<ClientInfo>,
+}
+
+struct Session {
+    state: Arc<MqttState>,
+    level: Level,
+    credentials: Credentials,
+    info: Arc<ClientInfo>,
+    mqtt_client_id: String,
+    connection: u64,
+    context: ProxyContext,
+    outbound: Arc<Outbound>,
+    encoder: Arc<MqttEncoder>,
+    table: Arc<RwLock<Table>>,
+    exact: HashMap<Arc<str>, ExactSub>,
+    pattern: Option<SubscriberId>,
+    inflight: HashMap<u16, InFlight>,
+    next_pkid: u16,
+    receive_maximum: usize,
+    client_max_packet: usize,
+    /// QoS 2 publishes of the client that were published, awaiting PUBREL.
+    awaiting_rel: HashSet<u16>,
+    /// Frames taken from the queue, waiting for inflight room.
+    pending: VecDeque<Frame>,
+    in_buf: BytesMut,
+    out_buf: BytesMut,
+    keep_alive: Option<Duration>,
+    last_packet: Instant,
+    will: Option<codec::Will>,
+    /// Set for a persistent session (boxed: most connections are clean).
+    persistence: Option<Box<Persistence>>,
+    _registration: Option<Box<crate::realtime::ClientRegistration>>,
+}
+
+/// A persistent session's store and progress.
+struct Persistence {
+    store: Arc<dyn herald_core::webhook_store::WebhookStore>,
+    key: String,
+    /// Kept this long after the connection ends; 0: removed then.
+    expiry_secs: u32,
+    positions: Positions,
+    last_save: Instant,
+}
+
+/// Saves at most this often while positions move.
+const SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Session {
+    /// Runs the connection until it ends; returns why.
+    async fn drive<R, W>(&mut self, reader: &mut R, writer: &mut W) -> Close
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        // Packets that arrived with the CONNECT.
+        if let Err(close) = Box::pin(self.handle_buffered()).await {
+            return close;
+        }
+        let state = self.state.clone();
+        let expires_at = self.credentials.expires_at;
+        let expiry = crate::realtime::expiry(expires_at);
+        tokio::pin!(expiry);
+        loop {
+            self.fill_writes();
+            let keep_alive = self
+                .keep_alive
+                .map(|interval| tokio::time::Instant::from_std(self.last_packet + interval));
+            let outbound = self.outbound.clone();
+            let next_save = self.next_save();
+            tokio::select! {
+                biased;
+                () = state.realtime.shutdown.wait() => {
+                    return Close::new(reason::SERVER_SHUTTING_DOWN, "shutdown");
+                }
+                () = &mut expiry => {
+                    return Close::new(reason::MAXIMUM_CONNECT_TIME, "the connection token expired");
+                }
+                written = writer.write(&self.out_buf), if !self.out_buf.is_empty() => {
+                    match written {
+                        Ok(0) | Err(_) => return Close::by_client(),
+                        Ok(n) => {
+                            self.out_buf.advance(n);
+                            // An idle connection keeps no write buffer (most connections are
+                            // idle most of the time).
+                            if self.out_buf.is_empty() && self.out_buf.capacity() > IDLE_BUFFER {
+                                self.out_buf = BytesMut::new();
+                            }
+                        }
+                    }
+                }
+                taken = std::future::poll_fn(|cx| outbound.poll_take(cx, MAX_TAKE)),
+                    if self.pending.is_empty() =>
+                {
+                    match taken {
+                        Ok(frames) => self.pending.extend(frames),
+                        Err(close) => return Close::from_queue(close),
+                    }
+                }
+                // While deliveries wait for the inflight window nothing is taken, but the
+                // queue may still be closed (over its bound: slow; the server API; takeover).
+                close = std::future::poll_fn(|cx| match outbound.poll_closed(cx) {
+                    Some(close) => std::task::Poll::Ready(close),
+                    None => std::task::Poll::Pending,
+                }), if !self.pending.is_empty() => {
+                    return Close::from_queue(close);
+                }
+                read = reader.read_buf(&mut self.in_buf),
+                    if self.out_buf.len() < MAX_WRITE_BUFFER =>
+                {
+                    match read {
+                        Ok(0) | Err(_) => return Close::by_client(),
+                        Ok(_) => {
+                            if let Err(close) = Box::pin(self.handle_buffered()).await {
+                                return close;
+                            }
+                        }
+                    }
+                    self.size_read_buffer();
+                }
+                () = sleep_until(next_save) => Box::pin(self.save_session()).await,
+                () = sleep_until(keep_alive) => {
+                    return Close::new(
+                        reason::KEEP_ALIVE_TIMEOUT,
+                        "no packet within 1.5 times the keep-alive",
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sizes the read buffer for what comes next: nothing kept while idle, room for the
+    /// rest of a packet whose header is in, a small chunk otherwise.
+    fn size_read_buffer(&mut self) {
+        if self.in_buf.is_empty() && self.in_buf.capacity() > IDLE_BUFFER {
+            self.in_buf = BytesMut::new();
+            return;
+        }
+        let needed = match codec::fixed_header(&self.in_buf) {
+            Ok(Some((header, remaining))) => (header + remaining)
+                .min(self.state.config.max_packet_size)
+                .saturating_sub(self.in_buf.len()),
+            _ => 0,
+        };
+        // A burst of small packets is read 512 bytes at a time at least.
+        let want = needed.max(512);
+        if self.in_buf.capacity() - self.in_buf.len() < want {
+            self.in_buf.reserve(want);
+        }
+    }
+
+    /// Runs every whole packet in the read buffer.
+    async fn handle_buffered(&mut self) -> Result<(), Close> {
+        loop {
+            let packet = match codec::decode(
+                self.level,
+                &mut self.in_buf,
+                self.state.config.max_packet_size,
+            ) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => return Ok(()),
+                Err(DecodeError::TooLarge { size, limit }) => {
+                    return Err(Close::new(
+                        reason::PACKET_TOO_LARGE,
+                        format!("the packet is {size} bytes; the limit is {limit}"),
+                    ));
+                }
+                Err(error) => {
+                    return Err(Close::new(reason::MALFORMED_PACKET, error.to_string()));
+                }
+            };
+            self.last_packet = Instant::now();
+            self.handle(packet).await?;
+        }
+    }
+
+    async fn handle(&mut self, packet: Packet) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(publish) => self.publish(publish).await?,
+            Packet::PubAck(pkid) => {
+                self.acknowledged(pkid, Awaiting::Ack);
+            }
+            Packet::PubRec(pkid) => {
+                if self.acknowledged(pkid, Awaiting::Rec) {
+                    codec::ack(
+                        &mut self.out_buf,
+                        self.level,
+                        Ack::PubRel,
+                        pkid,
+                        reason::SUCCESS,
+                    );
+                }
+            }
+            Packet::PubComp(pkid) => {
+                if self
+                    .inflight
+                    .get(&pkid)
+                    .is_some_and(|f| f.stage == Awaiting::Comp)
+                {
+                    self.inflight.remove(&pkid);
+                }
+            }
+            Packet::PubRel(pkid) => {
+                let code = if self.awaiting_rel.remove(&pkid) {
+                    reason::SUCCESS
+                } else {
+                    0x92 // packet identifier not found
+                };
+                codec::ack(&mut self.out_buf, self.level, Ack::PubComp, pkid, code);
+            }
+            Packet::Subscribe {
+                pkid,
+                filters,
+                subscription_id,
+            } => {
+                if subscription_id.is_some() {
+                    return Err(Close::new(
+                        reason::SUBSCRIPTION_IDS_NOT_SUPPORTED,
+                        "subscription identifiers are not supported",
+                    ));
+                }
+                self.subscribe(pkid, filters).await;
+                self.save_session().await;
+            }
+            Packet::Unsubscribe { pkid, filters } => {
+                self.unsubscribe(pkid, filters).await;
+                self.save_session().await;
+            }
+            Packet::PingReq => codec::pingresp(&mut self.out_buf),
+            Packet::Disconnect { reason, .. } => return Err(Close::disconnected(reason)),
+            Packet::Unexpected(what) => {
+                return Err(Close::new(
+                    reason::PROTOCOL_ERROR,
+                    format!("unexpected packet: {what}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the connection for a refused publish: MQTT 5 acknowledges QoS 1/2 with the
+    /// reason; otherwise (QoS 0, or 3.1.1, which has no negative acknowledgement) the
+    /// connection closes with it, so the refusal is never silent.
+    fn refuse_publish(&mut self, qos: u8, pkid: u16, code: u8, why: String) -> Result<(), Close> {
+        tracing::debug!(code, why = %why, "mqtt: publish refused");
+        if self.level == Level::V5 && qos > 0 {
+            let kind = if qos == 1 { Ack::PubAck } else { Ack::PubRec };
+            codec::ack(&mut self.out_buf, self.level, kind, pkid, code);
+            return Ok(());
+        }
+        Err(Close::new(code, why))
+    }
+
+    async fn publish(&mut self, publish: codec::Publish) -> Result<(), Close> {
+        let codec::Publish {
+            qos,
+            pkid,
+            topic,
+            payload,
+            topic_alias,
+            user_properties,
+            ..
+        } = publish;
+        if topic_alias.is_some() {
+            return Err(Close::new(
+                reason::TOPIC_ALIAS_INVALID,
+                "the server allows no topic aliases",
+            ));
+        }
+        if qos == 2 && self.awaiting_rel.contains(&pkid) {
+            // A resent QoS 2 publish already published: acknowledge again, publish nothing.
+            codec::ack(
+                &mut self.out_buf,
+                self.level,
+                Ack::PubRec,
+                pkid,
+                reason::SUCCESS,
+            );
+            return Ok(());
+        }
+        if topic.starts_with('$') {
+            return self.refuse_publish(
+                qos,
+                pkid,
+                reason::TOPIC_NAME_INVALID,
+                "topics starting with '$' are reserved".into(),
+            );
+        }
+        let channel = match self.state.topics.channel(&topic) {
+            Ok(channel) => channel,
+            Err(error) => {
+                return self.refuse_publish(qos, pkid, reason::TOPIC_NAME_INVALID, error.0);
+            }
+        };
+        if !self.take_publish_token() {
+            return self.refuse_publish(
+                qos,
+                pkid,
+                reason::QUOTA_EXCEEDED,
+                "publications_per_second_per_user".into(),
+            );
+        }
+        let data = publication_data(payload);
+        let subscribed = self.exact.contains_key(channel.as_str());
+        let admitted = match self
+            .state
+            .realtime
+            .admission()
+            .publish(&self.credentials, &channel, data, subscribed, &self.context)
+            .await
+        {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                let code = match refusal_reason(&refusal) {
+                    reason::TOPIC_FILTER_INVALID => reason::TOPIC_NAME_INVALID,
+                    code => code,
+                };
+                return self.refuse_publish(qos, pkid, code, refusal.message());
+            }
+        };
+        let mut request = PublishRequest::new(admitted.name.as_str(), admitted.data);
+        request.skip_history = admitted.skip_history;
+        request.info = Some(
+            self.exact
+                .get(admitted.name.as_str())
+                .map_or_else(|| self.info.clone(), |sub| sub.info.clone()),
+        );
+        for (key, value) in user_properties {
+            if key != QOS_TAG {
+                request.tags.insert(key, value);
+            }
+        }
+        if qos < 2 {
+            request.tags.insert(QOS_TAG.into(), qos.to_string());
+        }
+        match self.state.realtime.node.publish(request).await {
+            Ok(_) => {
+                match qos {
+                    1 => codec::ack(
+                        &mut self.out_buf,
+                        self.level,
+                        Ack::PubAck,
+                        pkid,
+                        reason::SUCCESS,
+                    ),
+                    2 => {
+                        self.awaiting_rel.insert(pkid);
+                        codec::ack(
+                            &mut self.out_buf,
+                            self.level,
+                            Ack::PubRec,
+                            pkid,
+                            reason::SUCCESS,
+                        );
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+            Err(error) => {
+                let code = match error.code {
+                    ErrorCode::LimitExceeded => reason::PACKET_TOO_LARGE,
+                    ErrorCode::BadRequest | ErrorCode::UnknownChannel => reason::TOPIC_NAME_INVALID,
+                    _ => reason::UNSPECIFIED,
+                };
+                tracing::warn!(error = %error, channel = admitted.name.as_str(), "mqtt: publish failed");
+                self.refuse_publish(qos, pkid, code, error.to_string())
+            }
+        }
+    }
+
+    /// `publications_per_second_per_user`: per user, or per connection when anonymous.
+    fn take_publish_token(&self) -> bool {
+        let who = if self.credentials.user.is_empty() {
+            self.info.client.as_str()
+        } else {
+            self.credentials.user.as_str()
+        };
+        self.state
+            .realtime
+            .publish_rate
+            .try_take(who, Instant::now())
+    }
+
+    /// Moves taken frames into the write buffer as PUBLISH packets, while the inflight
+    /// window and the buffer have room.
+    fn fill_writes(&mut self) {
+        while self.out_buf.len() < MAX_WRITE_BUFFER {
+            let Some(frame) = self.pending.pop_front() else {
+                return;
+            };
+            let Some(position) = &frame.position else {
+                continue;
+            };
+            let granted = self
+                .state
+                .topics
+                .topic(&position.channel)
+                .and_then(|topic| self.table.read().granted(&position.channel, topic));
+            let Some(granted) = granted else {
+                // Unsubscribed since it was queued.
+                continue;
+            };
+            let qos = granted.min(codec::template_qos(&frame.bytes));
+            if codec::finished_size(&frame.bytes, qos) > self.client_max_packet {
+                // MQTT 5: a packet larger than the client accepts is not sent (MQTT-3.1.2-25).
+                tracing::debug!(channel = %position.channel, "mqtt: publication larger than the client's maximum packet size; skipped");
+                continue;
+            }
+            let pkid = if qos == 0 {
+                0
+            } else {
+                if self.inflight.len() >= self.receive_maximum {
+                    // Waits for an acknowledgement; nothing more is taken from the queue.
+                    self.pending.push_front(frame);
+                    return;
+                }
+                let pkid = self.next_free_pkid();
+                let stage = if qos == 1 {
+                    Awaiting::Ack
+                } else {
+                    Awaiting::Rec
+                };
+                self.inflight.insert(
+                    pkid,
+                    InFlight {
+                        stage,
+                        channel: position.channel.clone(),
+                        offset: position.offset,
+                    },
+                );
+                pkid
+            };
+            // Positions are kept for exact topics only: they are what a session recovers,
+            // and a `#` subscriber would otherwise save a position for every channel.
+            if let Some(persistence) = &mut self.persistence
+                && self.exact.contains_key(&position.channel)
+            {
+                persistence.positions.sent(
+                    &position.channel,
+                    &position.epoch,
+                    position.offset,
+                    qos == 0,
+                );
+            }
+            codec::finish_publish(&mut self.out_buf, &frame.bytes, qos, pkid, false);
+        }
+    }
+
+    fn next_free_pkid(&mut self) -> u16 {
+        // The window is at most 65,535 wide (a u16 receive maximum): a free id exists.
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1);
+            if self.next_pkid != 0 && !self.inflight.contains_key(&self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
+    }
+
+    /// Writes what is buffered and, for MQTT 5, a DISCONNECT saying why, then closes.
+    async fn close<W: AsyncWrite + Unpin>(&mut self, writer: &mut W, close: &Close) {
+        if close.send_disconnect {
+            tracing::debug!(code = close.code, reason = %close.reason, "mqtt: closing");
+            if self.level == Level::V5 {
+                codec::disconnect(&mut self.out_buf, close.code, &close.reason);
+            }
+        }
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = writer.write_all(&self.out_buf).await;
+            let _ = writer.shutdown().await;
+        })
+        .await;
+    }
+
+    /// Leaves every subscription, and publishes the will when `will` says so.
+    async fn end(mut self, will: bool) {
+        if let Some(id) = self.pattern.take() {
+            self.state.realtime.node.unsubscribe_pattern(id);
+        }
+        for (_, sub) in self.exact.drain() {
+            end_subscription(
+                &self.state.realtime.node,
+                &sub.name,
+                &sub.options,
+                sub.id,
+                Some(sub.info),
+            )
+            .await;
+        }
+        self.outbound.close_if_open(CloseReason::CONNECTION_CLOSED);
+        let current = self.state.disconnected(
+            &self.credentials.user,
+            &self.mqtt_client_id,
+            self.connection,
+        );
+        // A session taken over belongs to the new connection now: the old one's last save
+        // would overwrite it.
+        if current && let Some(persistence) = &self.persistence {
+            if persistence.expiry_secs > 0 {
+                let document = self.session_document(persistence);
+                persist::save(&*persistence.store, &persistence.key, &document).await;
+            } else {
+                persist::remove(&*persistence.store, &persistence.key).await;
+            }
+        }
+        self.state
+            .realtime
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+        if let Some(message) = self.will.take().filter(|_| will) {
+            let publisher = WillPublisher {
+                state: self.state.clone(),
+                credentials: self.credentials,
+                info: self.info,
+                context: self.context,
+                client_id: self.mqtt_client_id,
+            };
+            if message.delay == 0 {
+                publisher.publish(message).await;
+            } else {
+                // MQTT 5 will delay: published later unless the client connected again.
+                let flag = publisher
+                    .state
+                    .will_pending(&publisher.credentials.user, &publisher.client_id);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(message.delay))).await;
+                    let due = publisher.state.will_due(
+                        &publisher.credentials.user,
+                        &publisher.client_id,
+                        &flag,
+                    );
+                    if due {
+                        publisher.publish(message).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// An MQTT payload as publication data: JSON when it parses as JSON, bytes otherwise.
+fn publication_data(bytes: bytes::Bytes) -> Payload {
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
+        Payload::Json(bytes)
+    } else {
+        Payload::Binary(bytes)
+    }
+}
+
+/// The MQTT 5 reason for a refused subscription or publication.
+fn refusal_reason(refusal: &Refusal) -> u8 {
+    match refusal {
+        Refusal::Denied(HeraldError { code, .. }) => match code {
+            ErrorCode::PermissionDenied | ErrorCode::Unauthorized | ErrorCode::TokenExpired => {
+                reason::NOT_AUTHORIZED
+            }
+            ErrorCode::UnknownChannel | ErrorCode::BadRequest => reason::TOPIC_FILTER_INVALID,
+            ErrorCode::LimitExceeded | ErrorCode::TooManyRequests => reason::QUOTA_EXCEEDED,
+            _ => reason::UNSPECIFIED,
+        },
+        Refusal::Backend { .. } | Refusal::Disconnect { .. } => reason::NOT_AUTHORIZED,
+        Refusal::Unavailable => reason::IMPLEMENTATION_SPECIFIC,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

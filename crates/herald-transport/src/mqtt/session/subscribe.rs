@@ -1,0 +1,474 @@
+//! SUBSCRIBE and UNSUBSCRIBE of one MQTT connection: each filter admitted through the one
+//! admission path (exact topics) or as a pattern (wildcards), exact topics subscribed
+//! through the one subscribe-with-recovery step, the retained publication (the channel's
+//! latest) queued after the SUBACK and before the held live ones.
+//!
+//! May touch: the node and admission through the session's state, the connection's queue.
+
+use std::sync::Arc;
+
+use herald_core::admission::{SubscribeAsk as AdmissionAsk, SubscriptionProof};
+use herald_core::channel::ChannelName;
+use herald_core::namespace::NamespaceOptions;
+use herald_core::publication::{ClientInfo, PublicationEvent, StreamPosition};
+use herald_core::store::HistoryQuery;
+
+use super::super::codec::{self, reason};
+use super::super::delivery::PatternSink;
+use super::super::persist::{Positions, SessionDocument};
+use super::super::topic::Filter;
+use super::{ExactSub, GrantedExact, Session, refusal_reason};
+use crate::outbound::{Frame, FramePosition};
+use crate::subscription::{StartFrom, end_subscription, subscribe_with_recovery};
+
+impl Session {
+    pub(super) async fn subscribe(&mut self, pkid: u16, asks: Vec<codec::SubscribeAsk>) {
+        let mut codes = Vec::with_capacity(asks.len());
+        let mut granted = Vec::new();
+        for ask in asks {
+            let qos = ask.qos.min(2);
+            let code = match self.subscribe_one(&ask, qos, false).await {
+                Ok(exact) => {
+                    granted.extend(exact);
+                    qos
+                }
+                Err((code, why)) => {
+                    tracing::debug!(filter = %ask.filter, code, why = %why, "mqtt: subscription refused");
+                    code
+                }
+            };
+            codes.push(code);
+        }
+        codec::suback(&mut self.out_buf, self.level, pkid, &codes);
+        // The SUBACK is buffered first; the retained publication, then the held live ones
+        // follow it.
+        self.release(granted);
+    }
+
+    /// Queues each granted exact subscription's replies (retained or recovered
+    /// publications), then lets its held live publications follow.
+    fn release(&self, granted: Vec<GrantedExact>) {
+        for exact in granted {
+            let replied_offset = exact
+                .replies
+                .iter()
+                .filter_map(|f| f.position.as_ref())
+                .map(|p| p.offset)
+                .max()
+                .unwrap_or(0);
+            match exact.last_offset {
+                Some(last_offset) => self.outbound.finish_recovery(
+                    &exact.channel,
+                    exact.replies,
+                    last_offset.max(replied_offset),
+                    &*self.encoder,
+                ),
+                None => {
+                    for frame in exact.replies {
+                        self.outbound.push(frame);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Restores a saved session: every subscription admitted again (one refused now is
+    /// dropped, logged), each exact topic recovered from history from its last acknowledged
+    /// offset (what was sent and not acknowledged comes again with DUP). When history no
+    /// longer holds what a channel missed, the session starts over instead — subscriptions
+    /// dropped, `session present = 0` (the client subscribes again and refetches state) and
+    /// a log line — never a silent gap. Returns `session present` and, when starting over,
+    /// the reason (an MQTT 5 reason string).
+    pub(super) async fn resume(&mut self, saved: SessionDocument) -> (bool, Option<String>) {
+        if let Some(persistence) = &mut self.persistence {
+            persistence.positions = Positions::restore(&saved.positions);
+        }
+        let mut granted = Vec::new();
+        let mut lost = Vec::new();
+        for (filter, qos) in saved.subscriptions {
+            let ask = codec::SubscribeAsk {
+                filter,
+                qos,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 2,
+            };
+            match self.subscribe_one(&ask, qos.min(2), true).await {
+                Ok(Some(exact)) => {
+                    if exact.recovered == Some(false) {
+                        lost.push(exact.channel.to_string());
+                    }
+                    granted.push(exact);
+                }
+                Ok(None) => {}
+                Err((code, why)) => tracing::warn!(
+                    client_id = %self.mqtt_client_id,
+                    filter = %ask.filter,
+                    code,
+                    why = %why,
+                    "mqtt: a subscription of the saved session is refused now; dropped"
+                ),
+            }
+        }
+        if lost.is_empty() {
+            self.release(granted);
+            return (true, None);
+        }
+        tracing::warn!(
+            client_id = %self.mqtt_client_id,
+            user = %self.credentials.user,
+            channels = ?lost,
+            "mqtt: history no longer holds what the session missed; the session starts over (session present = 0)"
+        );
+        drop(granted);
+        self.reset().await;
+        let reason = format!(
+            "history no longer holds what was missed on {}: the session starts over, subscribe again",
+            lost.join(", ")
+        );
+        (false, Some(reason))
+    }
+
+    /// Drops every subscription and position (a session that starts over).
+    async fn reset(&mut self) {
+        if let Some(id) = self.pattern.take() {
+            self.state.realtime.node.unsubscribe_pattern(id);
+        }
+        let channels: Vec<Arc<str>> = self.exact.keys().cloned().collect();
+        for channel in channels {
+            self.unsubscribe_exact(&channel).await;
+        }
+        self.table.write().wildcards.clear();
+        if let Some(persistence) = &mut self.persistence {
+            persistence.positions = Positions::default();
+            persistence.positions.dirty = true;
+        }
+    }
+
+    /// Subscribes one filter; for an exact topic, what follows the SUBACK.
+    /// `resume`: restoring a saved session (recover from its position, no retained).
+    async fn subscribe_one(
+        &mut self,
+        ask: &codec::SubscribeAsk,
+        qos: u8,
+        resume: bool,
+    ) -> Result<Option<GrantedExact>, (u8, String)> {
+        let text = ask.filter.as_str();
+        if text.starts_with("$share/") {
+            return Err((
+                reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
+                "shared subscriptions are not supported".into(),
+            ));
+        }
+        let filter = Filter::parse(text).map_err(|e| (reason::TOPIC_FILTER_INVALID, e.0))?;
+        let already = {
+            let table = self.table.read();
+            match &filter {
+                Filter::Exact(topic) => self
+                    .state
+                    .topics
+                    .channel(topic)
+                    .ok()
+                    .is_some_and(|c| table.exact.contains_key(c.as_str())),
+                Filter::Wildcard(_) => table.wildcards.iter().any(|(f, _)| *f == filter),
+            }
+        };
+        if !already && self.table.read().len() >= self.state.config.max_subscriptions {
+            return Err((
+                reason::QUOTA_EXCEEDED,
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.state.config.max_subscriptions
+                ),
+            ));
+        }
+        let granted = match filter {
+            Filter::Exact(topic) => {
+                // Retain handling (MQTT 5): 0 always, 1 for a new subscription, 2 never.
+                let send_retained = match ask.retain_handling {
+                    0 => true,
+                    1 => !already,
+                    _ => false,
+                };
+                let granted = self
+                    .subscribe_exact(&topic, qos, already, send_retained, resume)
+                    .await?;
+                Some(granted)
+            }
+            Filter::Wildcard(_) => {
+                self.subscribe_wildcard(filter, qos)?;
+                None
+            }
+        };
+        let mut table = self.table.write();
+        if ask.no_local {
+            table.no_local.insert(text.to_owned());
+        } else {
+            table.no_local.remove(text);
+        }
+        Ok(granted)
+    }
+
+    async fn subscribe_exact(
+        &mut self,
+        topic: &str,
+        qos: u8,
+        already: bool,
+        send_retained: bool,
+        resume: bool,
+    ) -> Result<GrantedExact, (u8, String)> {
+        let channel = self
+            .state
+            .topics
+            .channel(topic)
+            .map_err(|e| (reason::TOPIC_FILTER_INVALID, e.0))?;
+        let realtime = self.state.realtime.clone();
+        let ask = AdmissionAsk {
+            credentials: &self.credentials,
+            channel: &channel,
+            proof: SubscriptionProof::None,
+            data: None,
+            context: &self.context,
+        };
+        let admitted = realtime
+            .admission()
+            .subscribe(ask)
+            .await
+            .map_err(|refusal| (refusal_reason(&refusal), refusal.message()))?;
+        if already {
+            // A repeated subscription replaces the old one's options (its QoS).
+            self.table
+                .write()
+                .exact
+                .insert(admitted.name.as_arc().clone(), qos);
+            let retained = match send_retained {
+                true => {
+                    self.retained(&admitted.name, &admitted.options, topic)
+                        .await
+                }
+                false => None,
+            };
+            return Ok(GrantedExact {
+                channel: admitted.name.as_arc().clone(),
+                last_offset: None,
+                replies: retained.into_iter().collect(),
+                recovered: None,
+            });
+        }
+        let info = match admitted.chan_info.clone() {
+            Some(chan_info) => Arc::new(ClientInfo {
+                chan_info: Some(chan_info),
+                ..(*self.info).clone()
+            }),
+            None => self.info.clone(),
+        };
+        // Resuming: from the last acknowledged offset; what was sent after it is a redelivery.
+        let resume_point = match (&self.persistence, resume) {
+            (Some(persistence), true) => persistence.positions.resume_point(admitted.name.as_str()),
+            _ => None,
+        };
+        let start = StartFrom {
+            since: resume_point
+                .as_ref()
+                .map(|(epoch, acked, _)| StreamPosition::new(*acked, epoch.to_string())),
+            max_recovery: realtime.config.recovery_max_publications,
+            max_recovery_bytes: realtime.config.max_recovery_bytes(),
+            reject_unrecovered: false,
+        };
+        let subscribed = subscribe_with_recovery(
+            &realtime.node,
+            &self.outbound,
+            &admitted,
+            self.encoder.clone(),
+            &start,
+            Some(info.clone()),
+        )
+        .await
+        .map_err(|error| (reason::UNSPECIFIED, error.to_string()))?;
+        let name = admitted.name.as_arc().clone();
+        self.table.write().exact.insert(name.clone(), qos);
+        let last_offset = subscribed.last_offset();
+        let replies = match &resume_point {
+            Some((_, _, sent)) => {
+                let epoch: Arc<str> = Arc::from(
+                    subscribed
+                        .position
+                        .as_ref()
+                        .map_or("", |p| p.epoch.as_str()),
+                );
+                subscribed
+                    .publications
+                    .into_iter()
+                    .map(|publication| self.redelivery(&name, &epoch, topic, publication, *sent))
+                    .collect()
+            }
+            None if send_retained && !resume => self
+                .retained(&admitted.name, &admitted.options, topic)
+                .await
+                .into_iter()
+                .collect(),
+            None => Vec::new(),
+        };
+        self.exact.insert(
+            name.clone(),
+            ExactSub {
+                name: admitted.name,
+                options: admitted.options,
+                id: subscribed.id,
+                info,
+            },
+        );
+        Ok(GrantedExact {
+            channel: name,
+            last_offset: Some(last_offset),
+            replies,
+            recovered: subscribed.recovered,
+        })
+    }
+
+    /// A publication recovered for a resumed session; DUP when it was sent before.
+    fn redelivery(
+        &self,
+        channel: &Arc<str>,
+        epoch: &Arc<str>,
+        topic: &str,
+        publication: herald_core::Publication,
+        sent: u64,
+    ) -> Frame {
+        let offset = publication.offset;
+        let event = PublicationEvent::new(channel.clone(), epoch.clone(), publication);
+        let mut bytes = self.encoder.template(topic, &event, false);
+        if offset <= sent {
+            let mut marked = bytes::BytesMut::from(&bytes[..]);
+            marked[0] |= 0x08;
+            bytes = marked.freeze();
+        }
+        Frame {
+            bytes,
+            position: Some(FramePosition {
+                channel: channel.clone(),
+                offset,
+                epoch: epoch.clone(),
+            }),
+            conflate_key: None,
+        }
+    }
+
+    /// The channel's retained publication: its latest, unless that is empty (an empty
+    /// retained publish clears it) or the namespace keeps no history.
+    async fn retained(
+        &self,
+        name: &ChannelName,
+        options: &NamespaceOptions,
+        topic: &str,
+    ) -> Option<Frame> {
+        if !options.history_enabled() {
+            return None;
+        }
+        let query = HistoryQuery {
+            since: None,
+            limit: Some(1),
+            reverse: true,
+        };
+        let page = match self.state.realtime.node.history(name.as_str(), query).await {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::warn!(channel = name.as_str(), %error, "mqtt: reading the retained publication failed");
+                return None;
+            }
+        };
+        let publication = page.publications.into_iter().next()?;
+        if publication.data.is_empty() {
+            return None;
+        }
+        let epoch: Arc<str> = Arc::from(page.position.epoch.as_str());
+        let offset = publication.offset;
+        let event = PublicationEvent::new(name.as_arc().clone(), epoch.clone(), publication);
+        Some(Frame {
+            bytes: self.encoder.template(topic, &event, true),
+            position: Some(FramePosition {
+                channel: name.as_arc().clone(),
+                offset,
+                epoch,
+            }),
+            conflate_key: None,
+        })
+    }
+
+    fn subscribe_wildcard(&mut self, filter: Filter, qos: u8) -> Result<(), (u8, String)> {
+        let realtime = &self.state.realtime;
+        realtime
+            .admission()
+            .subscribe_pattern(&self.credentials, &self.state.config.namespace)
+            .map_err(|refusal| (refusal_reason(&refusal), refusal.message()))?;
+        if self.pattern.is_none() {
+            let sink = Arc::new(PatternSink {
+                table: self.table.clone(),
+                outbound: self.outbound.clone(),
+                encoder: self.encoder.clone(),
+            });
+            let id = realtime
+                .node
+                .subscribe_pattern(sink)
+                .map_err(|e| (reason::WILDCARDS_NOT_SUPPORTED, e.to_string()))?;
+            self.pattern = Some(id);
+        }
+        let mut table = self.table.write();
+        match table.wildcards.iter_mut().find(|(f, _)| *f == filter) {
+            Some(entry) => entry.1 = qos,
+            None => table.wildcards.push((filter, qos)),
+        }
+        Ok(())
+    }
+
+    pub(super) async fn unsubscribe(&mut self, pkid: u16, filters: Vec<String>) {
+        let mut codes = Vec::with_capacity(filters.len());
+        for text in filters {
+            let removed = match Filter::parse(&text) {
+                Ok(Filter::Exact(topic)) => match self.state.topics.channel(&topic) {
+                    Ok(channel) => self.unsubscribe_exact(&channel).await,
+                    Err(_) => false,
+                },
+                Ok(filter @ Filter::Wildcard(_)) => {
+                    let mut table = self.table.write();
+                    let before = table.wildcards.len();
+                    table.wildcards.retain(|(f, _)| *f != filter);
+                    before != table.wildcards.len()
+                }
+                Err(_) => false,
+            };
+            self.table.write().no_local.remove(&text);
+            codes.push(if removed {
+                reason::SUCCESS
+            } else {
+                reason::NO_SUBSCRIPTION_EXISTED
+            });
+        }
+        if self.table.read().wildcards.is_empty()
+            && let Some(id) = self.pattern.take()
+        {
+            self.state.realtime.node.unsubscribe_pattern(id);
+        }
+        codec::unsuback(&mut self.out_buf, self.level, pkid, &codes);
+    }
+
+    async fn unsubscribe_exact(&mut self, channel: &str) -> bool {
+        let Some(sub) = self.exact.remove(channel) else {
+            return false;
+        };
+        self.table.write().exact.remove(channel);
+        self.outbound.forget(channel);
+        if let Some(persistence) = &mut self.persistence {
+            persistence.positions.forget(channel);
+        }
+        end_subscription(
+            &self.state.realtime.node,
+            &sub.name,
+            &sub.options,
+            sub.id,
+            Some(sub.info),
+        )
+        .await;
+        true
+    }
+}
