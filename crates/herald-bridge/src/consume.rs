@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::mapping::{Mapping, Received};
-use crate::source::{Outcome, Source};
+use crate::source::{Outcome, PartitionLag, Source};
 
 /// How one source's loop runs.
 #[derive(Clone, Debug)]
@@ -73,6 +74,8 @@ pub struct SourceStats {
     pub reconnects: AtomicU64,
     /// Messages waiting, as the broker last said; `u64::MAX` when it cannot tell.
     pub lag: AtomicU64,
+    /// Each partition's share of `lag`, for sources with partitions.
+    pub partition_lags: Mutex<Vec<PartitionLag>>,
     pub connected: AtomicBool,
 }
 
@@ -85,6 +88,7 @@ impl Default for SourceStats {
             failed: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             lag: AtomicU64::new(u64::MAX),
+            partition_lags: Mutex::new(Vec::new()),
             connected: AtomicBool::new(false),
         }
     }
@@ -94,6 +98,14 @@ impl SourceStats {
     /// The lag, when the broker reports one.
     pub fn lag(&self) -> Option<u64> {
         Some(self.lag.load(Ordering::Relaxed)).filter(|lag| *lag != u64::MAX)
+    }
+
+    /// Each partition's lag, as last measured.
+    pub fn partition_lags(&self) -> Vec<PartitionLag> {
+        self.partition_lags
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 
@@ -199,8 +211,16 @@ impl<S: Source> Loop<S> {
             }
             if lag_asked.is_none_or(|at| at.elapsed() >= self.config.lag_interval) {
                 lag_asked = Some(Instant::now());
-                let lag = self.source.lag().await.unwrap_or(u64::MAX);
-                self.stats.lag.store(lag, Ordering::Relaxed);
+                let lag = self.source.lag().await;
+                self.stats.lag.store(lag.unwrap_or(u64::MAX), Ordering::Relaxed);
+                if lag.is_some() {
+                    *self
+                        .stats
+                        .partition_lags
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                        self.source.partition_lags();
+                }
             }
             let received = tokio::select! {
                 result = self.source.receive(self.config.batch) => result,

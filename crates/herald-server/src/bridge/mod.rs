@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_bridge::amqp::{AmqpConfig, AmqpSource};
+use herald_bridge::kafka::{KafkaConfig, KafkaSource};
 use herald_bridge::nats::{NatsConfig, NatsSource};
 use herald_bridge::outbox::{OutboxConfig, OutboxSource};
 use herald_bridge::redis_streams::{RedisStreamConfig, RedisStreamSource};
@@ -50,6 +51,7 @@ fn plan_one(config: &SourceConfig, node_uid: &str) -> Result<PlannedSource, Stri
         SourceKind::Nats => herald_bridge::nats::ATTRIBUTES,
         SourceKind::Rabbitmq => herald_bridge::amqp::ATTRIBUTES,
         SourceKind::Redis => herald_bridge::redis_streams::ATTRIBUTES,
+        SourceKind::Kafka => herald_bridge::kafka::ATTRIBUTES,
         SourceKind::Postgres => herald_bridge::outbox::ATTRIBUTES,
     };
     let mapping = Mapping::new(
@@ -85,6 +87,16 @@ fn plan_one(config: &SourceConfig, node_uid: &str) -> Result<PlannedSource, Stri
             start: config.start.clone(),
             claim_idle: config.claim_idle.as_duration(),
             connection_name: connection_name(config),
+        })),
+        SourceKind::Kafka => planned(KafkaSource::new(KafkaConfig {
+            brokers: herald_outbound::sink::kafka::bootstrap_servers(&config.url)
+                .map_err(|e| at(&e))?,
+            topics: config.topics.clone(),
+            group: config.consumer.clone(),
+            from_beginning: config.start == "0",
+            commit_interval: config.commit_interval.as_duration(),
+            client_id: connection_name(config),
+            options: config.kafka_options.clone(),
         })),
         SourceKind::Postgres => planned(
             OutboxSource::new(OutboxConfig {
