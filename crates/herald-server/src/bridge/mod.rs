@@ -270,6 +270,63 @@ mod tests {
     }
 
     #[test]
+    fn kafka_needs_topics_and_keeps_its_offset_settings() {
+        let kafka = || SourceConfig {
+            kind: SourceKind::Kafka,
+            url: "kafka://127.0.0.1:9092,127.0.0.1:9093".into(),
+            stream: String::new(),
+            topics: vec!["clicks".into()],
+            ..nats()
+        };
+        assert!(check(&[kafka()]).is_ok());
+        let error = |config: SourceConfig| check(&[config]).err().unwrap_or_default();
+        assert!(
+            error(SourceConfig {
+                topics: Vec::new(),
+                ..kafka()
+            })
+            .contains("needs `topics`")
+        );
+        assert!(
+            error(SourceConfig {
+                url: "kafka://nohost".into(),
+                ..kafka()
+            })
+            .contains("host:port")
+        );
+        assert!(
+            error(SourceConfig {
+                topics: vec!["bad topic".into()],
+                ..kafka()
+            })
+            .contains("not a Kafka topic name")
+        );
+        assert!(
+            error(SourceConfig {
+                start: "latest".into(),
+                ..kafka()
+            })
+            .contains("start must be")
+        );
+        let mut reserved = kafka();
+        reserved
+            .kafka_options
+            .insert("enable.auto.offset.store".into(), "true".into());
+        assert!(error(reserved).contains("may not set"));
+        let mut allowed = kafka();
+        allowed
+            .kafka_options
+            .insert("session.timeout.ms".into(), "6000".into());
+        assert!(check(&[allowed]).is_ok());
+        let mut on_nats = nats();
+        on_nats.topics = vec!["t".into()];
+        assert!(error(on_nats).contains("`topics` is not used"));
+        let mut templated = kafka();
+        templated.mapping.channel = Some("clicks:{key}-{header.region}-{partition}".into());
+        assert!(check(&[templated]).is_ok());
+    }
+
+    #[test]
     fn the_outbox_defaults_to_the_channel_column() {
         let outbox = SourceConfig {
             kind: SourceKind::Postgres,
