@@ -1,10 +1,11 @@
 //! The one consume loop every source runs: receive a batch → map and publish each message →
-//! settle only what `Node::publish` returned for → again; reconnect with jittered, capped
+//! settle only what `Node::publish_many` returned for → again; reconnect with jittered, capped
 //! backoff when the source fails; refresh the lag now and then; count everything.
 //!
-//! Order: a batch's messages of one channel are published one after another (the next only
-//! after the previous is durable), so a channel's publications keep the source's order
-//! whatever the engine; different channels of a batch publish concurrently.
+//! Order: a batch's messages of one channel go to the node in one `Node::publish_many`, which
+//! stores them in the order given (with one durable write where the engine can), so a
+//! channel's publications keep the source's order whatever the engine; different channels
+//! of a batch publish concurrently.
 //!
 //! A message that cannot become a publication (bad envelope, unknown namespace or channel,
 //! too large, a key over 256 bytes) is settled as [`Outcome::Rejected`] with a log line and
@@ -315,16 +316,22 @@ impl Publisher {
         BatchResult { settled, retry }
     }
 
-    /// Publishes one channel's requests in order; stops at the first error that may pass.
+    /// Publishes one channel's requests in order, in one `publish_many` (one durable write
+    /// where the engine can); settles up to the first error that may pass.
     async fn publish_channel(
         &self,
         group: Vec<(usize, PublishRequest)>,
     ) -> (Vec<(usize, Outcome)>, Option<HeraldError>) {
         let name = self.name.as_str();
         let mut done = Vec::with_capacity(group.len());
-        for (index, request) in group {
-            let channel = request.channel.clone();
-            match self.node.publish(request).await {
+        let (indexes, requests): (Vec<usize>, Vec<PublishRequest>) = group.into_iter().unzip();
+        let channel = requests
+            .first()
+            .map(|request| request.channel.clone())
+            .unwrap_or_default();
+        let results = self.node.publish_many(requests).await;
+        for (index, result) in indexes.into_iter().zip(results) {
+            match result {
                 Ok(result) => {
                     let counter = if result.duplicate {
                         &self.stats.duplicates
@@ -340,6 +347,10 @@ impl Publisher {
                     done.push((index, Outcome::Rejected));
                 }
                 Err(error) => {
+                    // Later messages of the channel may have been stored (a later group
+                    // commit succeeded): they stay unsettled, come again and are recognised
+                    // by their idempotency keys — the failed one then lands after them, the
+                    // reordering a redelivery may cause (docs/integrations.md, Order).
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
                     return (done, Some(error));
                 }
