@@ -77,6 +77,8 @@ pub struct SourceStats {
     pub lag: AtomicU64,
     /// Each partition's share of `lag`, for sources with partitions.
     pub partition_lags: Mutex<Vec<PartitionLag>>,
+    /// Partitions this node holds (Kafka); `u64::MAX` for sources without partitions.
+    pub assigned_partitions: AtomicU64,
     pub connected: AtomicBool,
 }
 
@@ -90,6 +92,7 @@ impl Default for SourceStats {
             reconnects: AtomicU64::new(0),
             lag: AtomicU64::new(u64::MAX),
             partition_lags: Mutex::new(Vec::new()),
+            assigned_partitions: AtomicU64::new(u64::MAX),
             connected: AtomicBool::new(false),
         }
     }
@@ -99,6 +102,11 @@ impl SourceStats {
     /// The lag, when the broker reports one.
     pub fn lag(&self) -> Option<u64> {
         Some(self.lag.load(Ordering::Relaxed)).filter(|lag| *lag != u64::MAX)
+    }
+
+    /// Partitions this node holds, for sources with partitions.
+    pub fn assigned_partitions(&self) -> Option<u64> {
+        Some(self.assigned_partitions.load(Ordering::Relaxed)).filter(|n| *n != u64::MAX)
     }
 
     /// Each partition's lag, as last measured.
@@ -212,6 +220,10 @@ impl<S: Source> Loop<S> {
             }
             if lag_asked.is_none_or(|at| at.elapsed() >= self.config.lag_interval) {
                 lag_asked = Some(Instant::now());
+                let assigned = self.source.assigned_partitions().unwrap_or(u64::MAX);
+                self.stats
+                    .assigned_partitions
+                    .store(assigned, Ordering::Relaxed);
                 let lag = self.source.lag().await;
                 self.stats.lag.store(lag.unwrap_or(u64::MAX), Ordering::Relaxed);
                 if lag.is_some() {

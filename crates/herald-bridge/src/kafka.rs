@@ -513,6 +513,14 @@ impl Source for KafkaSource {
         self.partition_lags.clone()
     }
 
+    fn assigned_partitions(&self) -> Option<u64> {
+        let consumer = self.consumer.as_ref()?;
+        consumer
+            .assignment()
+            .ok()
+            .map(|assignment| assignment.count() as u64)
+    }
+
     async fn disconnect(&mut self) {
         self.in_flight.clear();
         if let Some(consumer) = self.consumer.take() {

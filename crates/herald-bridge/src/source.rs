@@ -77,6 +77,12 @@ pub trait Source: Send + 'static {
         Vec::new()
     }
 
+    /// Partitions this node holds now, for sources whose broker hands partitions to the
+    /// members of a group (Kafka); `None` for the others.
+    fn assigned_partitions(&self) -> Option<u64> {
+        None
+    }
+
     /// Drops the connection (after an error, or on stop), giving unsettled messages back
     /// where the broker allows it.
     async fn disconnect(&mut self) {}

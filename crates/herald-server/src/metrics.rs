@@ -287,6 +287,9 @@ impl Metrics {
             if let Some(lag) = stats.lag() {
                 gauge("herald_source_lag").set(lag as f64);
             }
+            if let Some(assigned) = stats.assigned_partitions() {
+                gauge("herald_source_assigned_partitions").set(assigned as f64);
+            }
             for partition in stats.partition_lags() {
                 let labels = vec![
                     label(),

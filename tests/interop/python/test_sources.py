@@ -146,6 +146,9 @@ class Broker:
     def restore(self) -> None:
         """Undoes `drop_connections` where it holds the broker away."""
 
+    def wait_shared(self, instances: List[HeraldInstance]) -> None:
+        """Waits until every node takes part, where the broker hands out work in a rebalance."""
+
 
 def toml_table(fields: Dict[str, Any]) -> str:
     lines = ["[[sources]]"]
@@ -472,6 +475,15 @@ class KafkaBroker(Broker):
         self._produce([(b"a", b"{not json"), (b"a", json.dumps({"channel": "nope:x", "data": 1}).encode())])
         return 2
 
+    def wait_shared(self, instances: List[HeraldInstance]) -> None:
+        # The group forms in a rebalance after the second node joins: until then the first
+        # holds every partition (and would take the whole stream).
+        def shared() -> bool:
+            held = [metric_value(i, "herald_source_assigned_partitions", self.name) for i in instances]
+            return all(h is not None and h > 0 for h in held) and sum(held) == 3
+
+        wait_for("the group to share the partitions", timeout=WAIT, predicate=shared)
+
     def drop_connections(self) -> None:
         # The broker itself goes: SIGKILL, down a moment, back on the same port and data.
         self.tansu.kill()
@@ -662,6 +674,7 @@ def test_two_nodes_on_one_source_publish_each_message_once(broker: Broker, nodes
     for node in (first, second):
         wait_for("both nodes connected", timeout=WAIT, predicate=lambda: metric(node, "herald_source_connected", broker.name) == 1.0,
                    details=node.process.diagnostics)
+    broker.wait_shared([first, second])
     messages = stream(STREAM_SIZE)
     broker.write(messages)
     wait_for("every message on one node or the other", timeout=WAIT, predicate=lambda: total(broker, [first, second]) >= len(messages))
