@@ -478,9 +478,8 @@ async fn nats_phase(
             args.channels,
         )
         .await?;
-        let bare =
-            bridgesrc::nats_bare(&args.nats_url, &stream, "bare", args.messages, args.batch)
-                .await?;
+        let bare = bridgesrc::nats_bare(&args.nats_url, &stream, "bare", args.messages, args.batch)
+            .await?;
         let source = format!(
             r#"[[sources]]
 name = "bench"

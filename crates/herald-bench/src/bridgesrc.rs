@@ -148,7 +148,9 @@ pub async fn nats_fill(
     messages: u64,
     channels: u64,
 ) -> anyhow::Result<f64> {
-    let client = async_nats::connect(url).await.context("connecting to NATS")?;
+    let client = async_nats::connect(url)
+        .await
+        .context("connecting to NATS")?;
     let jetstream = async_nats::jetstream::new(client);
     jetstream
         .create_stream(async_nats::jetstream::stream::Config {
@@ -191,7 +193,9 @@ pub async fn nats_bare(
     batch: usize,
 ) -> anyhow::Result<f64> {
     use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
-    let client = async_nats::connect(url).await.context("connecting to NATS")?;
+    let client = async_nats::connect(url)
+        .await
+        .context("connecting to NATS")?;
     let jetstream = async_nats::jetstream::new(client.clone());
     let stream = jetstream.get_stream(stream).await.context("the stream")?;
     let pull_consumer: PullConsumer = stream

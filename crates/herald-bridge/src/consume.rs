@@ -225,7 +225,9 @@ impl<S: Source> Loop<S> {
                     .assigned_partitions
                     .store(assigned, Ordering::Relaxed);
                 let lag = self.source.lag().await;
-                self.stats.lag.store(lag.unwrap_or(u64::MAX), Ordering::Relaxed);
+                self.stats
+                    .lag
+                    .store(lag.unwrap_or(u64::MAX), Ordering::Relaxed);
                 if lag.is_some() {
                     *self
                         .stats

@@ -129,7 +129,9 @@ impl ConsumerContext for GroupContext {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Commits what `settle` stored, waiting for the broker. Nothing stored is not an error.
@@ -232,14 +234,19 @@ impl KafkaSource {
         }
     }
 
-    fn received(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> (KafkaReceipt, Received) {
+    fn received(
+        &mut self,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> (KafkaReceipt, Received) {
         let topic = self.topic_name(message.topic());
         let (partition, offset) = (message.partition(), message.offset());
-        let mut out = Received::new(Bytes::copy_from_slice(message.payload().unwrap_or_default()))
-            .with("topic", topic.to_string())
-            .with("partition", partition.to_string())
-            .with("offset", offset.to_string())
-            .with_id(format!("{topic}:{partition}:{offset}"));
+        let mut out = Received::new(Bytes::copy_from_slice(
+            message.payload().unwrap_or_default(),
+        ))
+        .with("topic", topic.to_string())
+        .with("partition", partition.to_string())
+        .with("offset", offset.to_string())
+        .with_id(format!("{topic}:{partition}:{offset}"));
         if let Some(key) = message.key().and_then(|key| std::str::from_utf8(key).ok()) {
             out.attributes.push(("key".into(), key.to_owned()));
         }
@@ -453,35 +460,38 @@ impl Source for KafkaSource {
         let consumer = self.consumer.clone()?;
         let topics = self.config.topics.clone();
         let from_beginning = self.config.from_beginning;
-        let measured = blocking(move || -> Result<Vec<(String, i32, i64, i64)>, KafkaError> {
-            let mut partitions = TopicPartitionList::new();
-            let mut watermarks = HashMap::new();
-            for topic in &topics {
-                let metadata = consumer.fetch_metadata(Some(topic), CALL_TIMEOUT)?;
-                for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-                    for p in t.partitions() {
-                        partitions.add_partition(topic, p.id());
-                        let (low, high) = consumer.fetch_watermarks(topic, p.id(), CALL_TIMEOUT)?;
-                        watermarks.insert((topic.clone(), p.id()), (low, high));
+        let measured = blocking(
+            move || -> Result<Vec<(String, i32, i64, i64)>, KafkaError> {
+                let mut partitions = TopicPartitionList::new();
+                let mut watermarks = HashMap::new();
+                for topic in &topics {
+                    let metadata = consumer.fetch_metadata(Some(topic), CALL_TIMEOUT)?;
+                    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+                        for p in t.partitions() {
+                            partitions.add_partition(topic, p.id());
+                            let (low, high) =
+                                consumer.fetch_watermarks(topic, p.id(), CALL_TIMEOUT)?;
+                            watermarks.insert((topic.clone(), p.id()), (low, high));
+                        }
                     }
                 }
-            }
-            let committed = consumer.committed_offsets(partitions, CALL_TIMEOUT)?;
-            Ok(committed
-                .elements()
-                .iter()
-                .filter_map(|element| {
-                    let key = (element.topic().to_owned(), element.partition());
-                    let (low, high) = *watermarks.get(&key)?;
-                    let position = match element.offset() {
-                        Offset::Offset(n) => n,
-                        _ if from_beginning => low,
-                        _ => high,
-                    };
-                    Some((key.0, key.1, position, high))
-                })
-                .collect())
-        });
+                let committed = consumer.committed_offsets(partitions, CALL_TIMEOUT)?;
+                Ok(committed
+                    .elements()
+                    .iter()
+                    .filter_map(|element| {
+                        let key = (element.topic().to_owned(), element.partition());
+                        let (low, high) = *watermarks.get(&key)?;
+                        let position = match element.offset() {
+                            Offset::Offset(n) => n,
+                            _ if from_beginning => low,
+                            _ => high,
+                        };
+                        Some((key.0, key.1, position, high))
+                    })
+                    .collect())
+            },
+        );
         let measured = match tokio::time::timeout(CALL_TIMEOUT * 3, measured).await {
             Ok(Ok(Ok(measured))) => measured,
             Ok(Ok(Err(error))) => {

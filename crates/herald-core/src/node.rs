@@ -404,7 +404,11 @@ impl Node {
     }
 
     /// Counts a publish the engine took and hands it to the observers that want it.
-    async fn finish(&self, prepared: Prepared, published: crate::engine::Published) -> PublishResult {
+    async fn finish(
+        &self,
+        prepared: Prepared,
+        published: crate::engine::Published,
+    ) -> PublishResult {
         let stats = &self.inner.stats;
         if published.duplicate {
             stats.duplicate_publications.fetch_add(1, Ordering::Relaxed);

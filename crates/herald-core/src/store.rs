@@ -88,10 +88,7 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// Stores several publications as consecutive `append`s would (a channel's offsets in the
     /// order given), one result per request. Stores that can put them in one write (one group
     /// commit) override it; the default appends one after another.
-    async fn append_many(
-        &self,
-        requests: Vec<AppendRequest>,
-    ) -> Vec<Result<Appended, StoreError>> {
+    async fn append_many(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, StoreError>> {
         let mut results = Vec::with_capacity(requests.len());
         for request in requests {
             results.push(self.append(request).await);

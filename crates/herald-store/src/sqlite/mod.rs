@@ -228,14 +228,14 @@ impl HistoryStore for SqliteHistoryStore {
 
     /// Every command is queued before any reply is awaited: the writer takes them in order
     /// (offsets in the order given) and into the same group commit.
-    async fn append_many(
-        &self,
-        requests: Vec<AppendRequest>,
-    ) -> Vec<Result<Appended, StoreError>> {
+    async fn append_many(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, StoreError>> {
         let mut pending = Vec::with_capacity(requests.len());
         for request in requests {
             let (reply, result) = oneshot::channel();
-            pending.push(self.send(Command::Append { request, reply }).map(|()| result));
+            pending.push(
+                self.send(Command::Append { request, reply })
+                    .map(|()| result),
+            );
         }
         let mut results = Vec::with_capacity(pending.len());
         for queued in pending {
