@@ -82,6 +82,8 @@ pub const RESERVED_OPTIONS: &[&str] = &[
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `receive` waits for a first message.
 const RECEIVE_WAIT: Duration = Duration::from_secs(1);
+/// How long `receive` waits for more once the records librdkafka held are taken.
+const BATCH_LINGER: Duration = Duration::from_millis(5);
 
 /// A received message's place, for settling.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -158,6 +160,9 @@ pub struct KafkaSource {
     stored: HashMap<(Arc<str>, i32), i64>,
     topic_names: HashMap<String, Arc<str>>,
     partition_lags: Vec<PartitionLag>,
+    last_lag: Option<u64>,
+    /// A lag measurement running in the background.
+    lag_task: Option<tokio::task::JoinHandle<Measured>>,
 }
 
 impl KafkaSource {
@@ -170,6 +175,8 @@ impl KafkaSource {
             stored: HashMap::new(),
             topic_names: HashMap::new(),
             partition_lags: Vec::new(),
+            last_lag: None,
+            lag_task: None,
         }
     }
 
@@ -202,6 +209,27 @@ impl KafkaSource {
             .set("partition.assignment.strategy", "range,roundrobin")
             .set("enable.partition.eof", "false");
         client
+    }
+
+    /// Keeps a measurement: each partition's lag from the committed offset or, when fresher,
+    /// the one this node stored.
+    fn record_lag(&mut self, measured: Vec<(String, i32, i64, i64)>) {
+        let mut lags = Vec::with_capacity(measured.len());
+        for (topic, partition, committed, high) in measured {
+            let name = self.topic_name(&topic);
+            let position = self
+                .stored
+                .get(&(name, partition))
+                .map_or(committed, |stored| (*stored).max(committed));
+            lags.push(PartitionLag {
+                topic,
+                partition,
+                lag: u64::try_from(high - position).unwrap_or(0),
+            });
+        }
+        lags.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        self.last_lag = Some(lags.iter().map(|p| p.lag).sum());
+        self.partition_lags = lags;
     }
 
     fn topic_name(&mut self, topic: &str) -> Arc<str> {
@@ -309,6 +337,51 @@ fn is_fatal(error: &KafkaError) -> bool {
     }
 }
 
+/// Per partition of `topics`: (topic, partition, committed offset, high watermark).
+type Measured = Result<Vec<(String, i32, i64, i64)>, String>;
+
+/// Asks the brokers for every partition's high watermark and the group's committed offsets
+/// (off the async threads: librdkafka's calls block).
+async fn measure_lag(
+    consumer: Arc<GroupConsumer>,
+    topics: Vec<String>,
+    from_beginning: bool,
+) -> Measured {
+    let measured = blocking(
+        move || -> Result<Vec<(String, i32, i64, i64)>, KafkaError> {
+            let mut partitions = TopicPartitionList::new();
+            let mut watermarks = HashMap::new();
+            for topic in &topics {
+                let metadata = consumer.fetch_metadata(Some(topic), CALL_TIMEOUT)?;
+                for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+                    for p in t.partitions() {
+                        partitions.add_partition(topic, p.id());
+                        let (low, high) = consumer.fetch_watermarks(topic, p.id(), CALL_TIMEOUT)?;
+                        watermarks.insert((topic.clone(), p.id()), (low, high));
+                    }
+                }
+            }
+            let committed = consumer.committed_offsets(partitions, CALL_TIMEOUT)?;
+            Ok(committed
+                .elements()
+                .iter()
+                .filter_map(|element| {
+                    let key = (element.topic().to_owned(), element.partition());
+                    let (low, high) = *watermarks.get(&key)?;
+                    let position = match element.offset() {
+                        Offset::Offset(n) => n,
+                        _ if from_beginning => low,
+                        _ => high,
+                    };
+                    Some((key.0, key.1, position, high))
+                })
+                .collect())
+        },
+    )
+    .await?;
+    measured.map_err(|e| e.to_string())
+}
+
 fn consume_error(error: &KafkaError) -> SourceError {
     SourceError::Receive(format!("Kafka: {error}"))
 }
@@ -343,6 +416,10 @@ impl Source for KafkaSource {
         self.revoked = Arc::default();
         self.in_flight.clear();
         self.stored.clear();
+        self.last_lag = None;
+        if let Some(task) = self.lag_task.take() {
+            task.abort();
+        }
         let context = GroupContext {
             revoked: self.revoked.clone(),
             group: self.config.group.clone(),
@@ -393,6 +470,7 @@ impl Source for KafkaSource {
         let max = max.max(1);
         let deadline = Instant::now() + RECEIVE_WAIT;
         let mut batch = Vec::new();
+        let mut lingering: Option<Instant> = None;
         while batch.len() < max {
             let next = if batch.is_empty() {
                 // Wait for the first message (rebalances and errors come this way too).
@@ -400,11 +478,17 @@ impl Source for KafkaSource {
                     Ok(next) => next,
                     Err(_) => break,
                 }
+            } else if let Some(next) = consumer.recv().now_or_never() {
+                // Then take what librdkafka already holds,
+                next
             } else {
-                // Then take what librdkafka already holds, without waiting.
-                match consumer.recv().now_or_never() {
-                    Some(next) => next,
-                    None => break,
+                // and what the next fetch responses bring within a short linger: records
+                // come a fetch response (one partition's slice) at a time, and every batch
+                // costs a durable write, so a batch per response would cap the rate.
+                let linger = *lingering.get_or_insert_with(|| Instant::now() + BATCH_LINGER);
+                match tokio::time::timeout_at(linger.into(), consumer.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
                 }
             };
             match next {
@@ -456,67 +540,41 @@ impl Source for KafkaSource {
     /// The group's lag over every partition of its topics: the high watermark minus the
     /// committed offset (or the offset this node stored, when fresher). With several nodes
     /// each reports the whole group's lag, as JetStream and Redis do.
+    /// The first call after a connect measures and waits; later ones start a measurement in
+    /// the background and report the last finished one, so the brokers' answers (several
+    /// requests per topic) never hold up the stream.
     async fn lag(&mut self) -> Option<u64> {
         let consumer = self.consumer.clone()?;
-        let topics = self.config.topics.clone();
-        let from_beginning = self.config.from_beginning;
-        let measured = blocking(
-            move || -> Result<Vec<(String, i32, i64, i64)>, KafkaError> {
-                let mut partitions = TopicPartitionList::new();
-                let mut watermarks = HashMap::new();
-                for topic in &topics {
-                    let metadata = consumer.fetch_metadata(Some(topic), CALL_TIMEOUT)?;
-                    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-                        for p in t.partitions() {
-                            partitions.add_partition(topic, p.id());
-                            let (low, high) =
-                                consumer.fetch_watermarks(topic, p.id(), CALL_TIMEOUT)?;
-                            watermarks.insert((topic.clone(), p.id()), (low, high));
-                        }
-                    }
-                }
-                let committed = consumer.committed_offsets(partitions, CALL_TIMEOUT)?;
-                Ok(committed
-                    .elements()
-                    .iter()
-                    .filter_map(|element| {
-                        let key = (element.topic().to_owned(), element.partition());
-                        let (low, high) = *watermarks.get(&key)?;
-                        let position = match element.offset() {
-                            Offset::Offset(n) => n,
-                            _ if from_beginning => low,
-                            _ => high,
-                        };
-                        Some((key.0, key.1, position, high))
-                    })
-                    .collect())
-            },
-        );
-        let measured = match tokio::time::timeout(CALL_TIMEOUT * 3, measured).await {
-            Ok(Ok(Ok(measured))) => measured,
-            Ok(Ok(Err(error))) => {
-                tracing::debug!(group = %self.config.group, %error, "Kafka lag not measured");
-                return None;
+        let finished = match self.lag_task.take() {
+            None if self.last_lag.is_none() => {
+                let task = tokio::spawn(measure_lag(
+                    consumer.clone(),
+                    self.config.topics.clone(),
+                    self.config.from_beginning,
+                ));
+                Some(tokio::time::timeout(CALL_TIMEOUT * 3, task).await)
             }
-            _ => return None,
+            Some(task) if task.is_finished() => Some(Ok(task.await)),
+            running => {
+                self.lag_task = running;
+                None
+            }
         };
-        let mut lags = Vec::with_capacity(measured.len());
-        for (topic, partition, committed, high) in measured {
-            let name = self.topic_name(&topic);
-            let position = self
-                .stored
-                .get(&(name, partition))
-                .map_or(committed, |stored| (*stored).max(committed));
-            lags.push(PartitionLag {
-                topic,
-                partition,
-                lag: u64::try_from(high - position).unwrap_or(0),
-            });
+        match finished {
+            Some(Ok(Ok(Ok(measured)))) => self.record_lag(measured),
+            Some(Ok(Ok(Err(error)))) => {
+                tracing::debug!(group = %self.config.group, %error, "Kafka lag not measured");
+            }
+            _ => {}
         }
-        lags.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-        let total = lags.iter().map(|p| p.lag).sum();
-        self.partition_lags = lags;
-        Some(total)
+        if self.lag_task.is_none() {
+            self.lag_task = Some(tokio::spawn(measure_lag(
+                consumer,
+                self.config.topics.clone(),
+                self.config.from_beginning,
+            )));
+        }
+        self.last_lag
     }
 
     fn partition_lags(&self) -> Vec<PartitionLag> {
