@@ -3,9 +3,12 @@
 //! Owns the command line, CPU pinning and the runtime the scenario runs on. Scenarios live in
 //! their own modules and only talk to a server over the network.
 
+mod bridgebench;
+mod bridgesrc;
 mod ceiling;
 mod compare;
 mod fanout;
+mod hookrecv;
 mod idle;
 mod mqtt;
 mod peerpub;
@@ -76,6 +79,9 @@ enum Command {
     Push(Box<pushbench::PushArgs>),
     /// The Markdown table of the push section from `push --json` lines (several runs).
     PushTable(pushtable::PushTableArgs),
+    /// Webhook deliveries/s to a local receiver and messages/s from Kafka and JetStream into
+    /// durable channels, each beside the bare receiver's / broker consumer's rate.
+    Bridge(Box<bridgebench::BridgeArgs>),
     /// One process of `fanout`/`idle` subscribers (started by them, not by hand).
     #[command(hide = true)]
     FanoutWorker(worker::WorkerArgs),
@@ -188,6 +194,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 pushtable::print(&report);
+            }
+            Ok(())
+        }
+        Command::Bridge(args) => {
+            let report = runtime(2)?.block_on(bridgebench::run(&args))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                report.print_text();
             }
             Ok(())
         }

@@ -43,7 +43,7 @@ use crate::pushwire::{Control, MockStats, Provider};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Cpu(pub Option<usize>);
 
-fn parse_cpu(text: &str) -> Result<Cpu, String> {
+pub fn parse_cpu(text: &str) -> Result<Cpu, String> {
     match text {
         "none" => Ok(Cpu(None)),
         n => n

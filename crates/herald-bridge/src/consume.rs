@@ -1,10 +1,11 @@
 //! The one consume loop every source runs: receive a batch → map and publish each message →
-//! settle only what `Node::publish` returned for → again; reconnect with jittered, capped
+//! settle only what `Node::publish_many` returned for → again; reconnect with jittered, capped
 //! backoff when the source fails; refresh the lag now and then; count everything.
 //!
-//! Order: a batch's messages of one channel are published one after another (the next only
-//! after the previous is durable), so a channel's publications keep the source's order
-//! whatever the engine; different channels of a batch publish concurrently.
+//! Order: a batch's messages of one channel go to the node in one `Node::publish_many`, which
+//! stores them in the order given (with one durable write where the engine can), so a
+//! channel's publications keep the source's order whatever the engine; different channels
+//! of a batch publish concurrently.
 //!
 //! A message that cannot become a publication (bad envelope, unknown namespace or channel,
 //! too large, a key over 256 bytes) is settled as [`Outcome::Rejected`] with a log line and
@@ -19,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -30,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::mapping::{Mapping, Received};
-use crate::source::{Outcome, Source};
+use crate::source::{Outcome, PartitionLag, Source};
 
 /// How one source's loop runs.
 #[derive(Clone, Debug)]
@@ -73,6 +75,10 @@ pub struct SourceStats {
     pub reconnects: AtomicU64,
     /// Messages waiting, as the broker last said; `u64::MAX` when it cannot tell.
     pub lag: AtomicU64,
+    /// Each partition's share of `lag`, for sources with partitions.
+    pub partition_lags: Mutex<Vec<PartitionLag>>,
+    /// Partitions this node holds (Kafka); `u64::MAX` for sources without partitions.
+    pub assigned_partitions: AtomicU64,
     pub connected: AtomicBool,
 }
 
@@ -85,6 +91,8 @@ impl Default for SourceStats {
             failed: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             lag: AtomicU64::new(u64::MAX),
+            partition_lags: Mutex::new(Vec::new()),
+            assigned_partitions: AtomicU64::new(u64::MAX),
             connected: AtomicBool::new(false),
         }
     }
@@ -94,6 +102,19 @@ impl SourceStats {
     /// The lag, when the broker reports one.
     pub fn lag(&self) -> Option<u64> {
         Some(self.lag.load(Ordering::Relaxed)).filter(|lag| *lag != u64::MAX)
+    }
+
+    /// Partitions this node holds, for sources with partitions.
+    pub fn assigned_partitions(&self) -> Option<u64> {
+        Some(self.assigned_partitions.load(Ordering::Relaxed)).filter(|n| *n != u64::MAX)
+    }
+
+    /// Each partition's lag, as last measured.
+    pub fn partition_lags(&self) -> Vec<PartitionLag> {
+        self.partition_lags
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 
@@ -199,8 +220,22 @@ impl<S: Source> Loop<S> {
             }
             if lag_asked.is_none_or(|at| at.elapsed() >= self.config.lag_interval) {
                 lag_asked = Some(Instant::now());
-                let lag = self.source.lag().await.unwrap_or(u64::MAX);
-                self.stats.lag.store(lag, Ordering::Relaxed);
+                let assigned = self.source.assigned_partitions().unwrap_or(u64::MAX);
+                self.stats
+                    .assigned_partitions
+                    .store(assigned, Ordering::Relaxed);
+                let lag = self.source.lag().await;
+                self.stats
+                    .lag
+                    .store(lag.unwrap_or(u64::MAX), Ordering::Relaxed);
+                if lag.is_some() {
+                    *self
+                        .stats
+                        .partition_lags
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                        self.source.partition_lags();
+                }
             }
             let received = tokio::select! {
                 result = self.source.receive(self.config.batch) => result,
@@ -295,16 +330,22 @@ impl Publisher {
         BatchResult { settled, retry }
     }
 
-    /// Publishes one channel's requests in order; stops at the first error that may pass.
+    /// Publishes one channel's requests in order, in one `publish_many` (one durable write
+    /// where the engine can); settles up to the first error that may pass.
     async fn publish_channel(
         &self,
         group: Vec<(usize, PublishRequest)>,
     ) -> (Vec<(usize, Outcome)>, Option<HeraldError>) {
         let name = self.name.as_str();
         let mut done = Vec::with_capacity(group.len());
-        for (index, request) in group {
-            let channel = request.channel.clone();
-            match self.node.publish(request).await {
+        let (indexes, requests): (Vec<usize>, Vec<PublishRequest>) = group.into_iter().unzip();
+        let channel = requests
+            .first()
+            .map(|request| request.channel.clone())
+            .unwrap_or_default();
+        let results = self.node.publish_many(requests).await;
+        for (index, result) in indexes.into_iter().zip(results) {
+            match result {
                 Ok(result) => {
                     let counter = if result.duplicate {
                         &self.stats.duplicates
@@ -320,6 +361,10 @@ impl Publisher {
                     done.push((index, Outcome::Rejected));
                 }
                 Err(error) => {
+                    // Later messages of the channel may have been stored (a later group
+                    // commit succeeded): they stay unsettled, come again and are recognised
+                    // by their idempotency keys — the failed one then lands after them, the
+                    // reordering a redelivery may cause (docs/integrations.md, Order).
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
                     return (done, Some(error));
                 }

@@ -2,7 +2,8 @@
 //! publications.
 //!
 //! One [`Source`] per broker (`nats` JetStream pull consumer, `amqp` RabbitMQ queue,
-//! `redis_streams` consumer group, `outbox` PostgreSQL table) only receives and settles;
+//! `redis_streams` consumer group, `kafka` consumer group, `outbox` PostgreSQL table) only
+//! receives and settles;
 //! [`mapping`] turns a received message into a channel, data and idempotency key; and the one
 //! loop in [`consume`] does the rest for all of them: receive a batch, publish each message
 //! through [`herald_core::Node::publish`] (which returns once the publication is durable in
@@ -13,6 +14,7 @@
 
 pub mod amqp;
 pub mod consume;
+pub mod kafka;
 pub mod mapping;
 pub mod nats;
 pub mod outbox;
@@ -21,4 +23,4 @@ mod source;
 
 pub use consume::{ConsumeConfig, SourceHandle, SourceStats, spawn_source};
 pub use mapping::{Mapping, MappingError, Received};
-pub use source::{Outcome, Source, SourceError};
+pub use source::{Outcome, PartitionLag, Source, SourceError};

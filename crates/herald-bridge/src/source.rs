@@ -19,6 +19,14 @@ pub enum Outcome {
     Rejected,
 }
 
+/// One partition's lag, for sources whose broker partitions the stream (Kafka).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    pub lag: u64,
+}
+
 /// Why a source call failed. Every error is treated the same way by the loop (drop the
 /// connection, back off, connect again); the text is for the log.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +68,18 @@ pub trait Source: Send + 'static {
 
     /// Messages waiting for this consumer, when the broker tells it.
     async fn lag(&mut self) -> Option<u64> {
+        None
+    }
+
+    /// Each partition's lag as the last `lag` call measured it (empty for sources without
+    /// partitions).
+    fn partition_lags(&self) -> Vec<PartitionLag> {
+        Vec::new()
+    }
+
+    /// Partitions this node holds now, for sources whose broker hands partitions to the
+    /// members of a group (Kafka); `None` for the others.
+    fn assigned_partitions(&self) -> Option<u64> {
         None
     }
 

@@ -63,6 +63,17 @@ pub trait Engine: Send + Sync + 'static {
     /// the same idempotency key makes harmless.
     async fn publish(&self, publish: Publish) -> Result<Published, StoreError>;
 
+    /// Publishes several publications as consecutive `publish`es would: a channel's offsets
+    /// and deliveries in the order given, one result per publish. Engines that can store them
+    /// in one write override it; the default publishes one after another.
+    async fn publish_many(&self, publishes: Vec<Publish>) -> Vec<Result<Published, StoreError>> {
+        let mut results = Vec::with_capacity(publishes.len());
+        for publish in publishes {
+            results.push(self.publish(publish).await);
+        }
+        results
+    }
+
     /// Delivers an event that is not stored (join, leave) to every node subscribed to its
     /// channel.
     async fn announce(&self, event: ChannelEvent) -> Result<(), StoreError>;
@@ -167,6 +178,40 @@ impl Engine for LocalEngine {
         self.feed
             .deliver(ChannelEvent::Publication(Arc::new(event)));
         Ok(Published::default())
+    }
+
+    /// Publications that are all stored go to the history store in one `append_many` (one
+    /// group commit with SQLite); any other mix is published one after another.
+    async fn publish_many(&self, publishes: Vec<Publish>) -> Vec<Result<Published, StoreError>> {
+        if publishes.iter().any(|publish| publish.history.is_none()) {
+            let mut results = Vec::with_capacity(publishes.len());
+            for publish in publishes {
+                results.push(self.publish(publish).await);
+            }
+            return results;
+        }
+        let appends = publishes
+            .into_iter()
+            .filter_map(|publish| {
+                Some(AppendRequest {
+                    retention: publish.history?,
+                    channel: publish.channel,
+                    publication: publish.publication,
+                    idempotency: publish.idempotency,
+                })
+            })
+            .collect();
+        self.history
+            .append_many(appends)
+            .await
+            .into_iter()
+            .map(|appended| {
+                appended.map(|appended| Published {
+                    position: Some(appended.position),
+                    duplicate: appended.duplicate,
+                })
+            })
+            .collect()
     }
 
     async fn announce(&self, event: ChannelEvent) -> Result<(), StoreError> {

@@ -114,6 +114,16 @@ pub trait PublishObserver: Send + Sync + 'static {
     async fn published(&self, published: Published<'_>);
 }
 
+/// A checked publish waiting for the engine: what its observers need afterwards.
+struct Prepared {
+    channel: ChannelName,
+    options: Arc<NamespaceOptions>,
+    wanting: Vec<Arc<dyn PublishObserver>>,
+    observed: Option<Publication>,
+    stored: bool,
+    push: Option<Arc<serde_json::Value>>,
+}
+
 /// Where a publication landed; `position` is `None` when it was not stored in history.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PublishResult {
@@ -287,6 +297,55 @@ impl Node {
     }
 
     async fn publish_inner(&self, request: PublishRequest) -> Result<PublishResult, HeraldError> {
+        let (prepared, publish) = self.prepare(request)?;
+        let published = self.inner.backends.engine.publish(publish).await?;
+        Ok(self.finish(prepared, published).await)
+    }
+
+    /// Publishes several publications as consecutive [`Node::publish`] calls would — a
+    /// channel's offsets and deliveries in the order given, each checked on its own — but
+    /// stored with one durable write where the engine can (one group commit with SQLite).
+    /// One result per request, in order; a request that fails does not stop the others.
+    pub async fn publish_many(
+        &self,
+        requests: Vec<PublishRequest>,
+    ) -> Vec<Result<PublishResult, HeraldError>> {
+        let mut results: Vec<Option<Result<PublishResult, HeraldError>>> =
+            (0..requests.len()).map(|_| None).collect();
+        let mut prepared = Vec::with_capacity(requests.len());
+        let mut publishes = Vec::with_capacity(requests.len());
+        for (index, request) in requests.into_iter().enumerate() {
+            match self.prepare(request) {
+                Ok((ready, publish)) => {
+                    prepared.push((index, ready));
+                    publishes.push(publish);
+                }
+                Err(error) => results[index] = Some(Err(error)),
+            }
+        }
+        let published = self.inner.backends.engine.publish_many(publishes).await;
+        for ((index, ready), outcome) in prepared.into_iter().zip(published) {
+            results[index] = Some(match outcome {
+                Ok(published) => Ok(self.finish(ready, published).await),
+                Err(error) => Err(error.into()),
+            });
+        }
+        results
+            .into_iter()
+            .map(|result| {
+                let result = result.unwrap_or_else(|| {
+                    Err(HeraldError::new(
+                        ErrorCode::Internal,
+                        "the engine returned fewer results than publications",
+                    ))
+                });
+                self.count_error(result)
+            })
+            .collect()
+    }
+
+    /// Checks a request and builds what the engine stores; what `finish` needs afterwards.
+    fn prepare(&self, request: PublishRequest) -> Result<(Prepared, Publish), HeraldError> {
         let (channel, options) = self.resolve(&request.channel)?;
         let max = self.inner.config.max_publication_size;
         if request.data.len() > max {
@@ -313,60 +372,74 @@ impl Node {
             info: request.info,
         };
         let observers = self.inner.observers.read().clone();
-        let mut wanting: Vec<&Arc<dyn PublishObserver>> = Vec::new();
+        let mut wanting: Vec<Arc<dyn PublishObserver>> = Vec::new();
         for observer in observers.iter() {
             if observer.wants(&channel, &options, request.push.as_deref())? {
-                wanting.push(observer);
+                wanting.push(observer.clone());
             }
         }
         let observed = (!wanting.is_empty()).then(|| publication.clone());
         let window = options.idempotency_window.as_duration();
         let stored = options.history_enabled() && !request.skip_history;
-        let published = self
-            .inner
-            .backends
-            .engine
-            .publish(Publish {
-                channel: channel.as_arc().clone(),
-                publication,
-                history: stored.then(|| Retention {
-                    size: options.history_size,
-                    ttl: options.history_ttl.as_duration(),
-                }),
-                idempotency: request.idempotency_key.map(|key| (key, window)),
-            })
-            .await?;
+        let publish = Publish {
+            channel: channel.as_arc().clone(),
+            publication,
+            history: stored.then(|| Retention {
+                size: options.history_size,
+                ttl: options.history_ttl.as_duration(),
+            }),
+            idempotency: request.idempotency_key.map(|key| (key, window)),
+        };
+        Ok((
+            Prepared {
+                channel,
+                options,
+                wanting,
+                observed,
+                stored,
+                push: request.push,
+            },
+            publish,
+        ))
+    }
+
+    /// Counts a publish the engine took and hands it to the observers that want it.
+    async fn finish(
+        &self,
+        prepared: Prepared,
+        published: crate::engine::Published,
+    ) -> PublishResult {
         let stats = &self.inner.stats;
         if published.duplicate {
             stats.duplicate_publications.fetch_add(1, Ordering::Relaxed);
         } else {
             stats.publications.fetch_add(1, Ordering::Relaxed);
-            if stored {
+            if prepared.stored {
                 stats.history_writes.fetch_add(1, Ordering::Relaxed);
             }
-            if let Some(mut publication) = observed {
+            if let Some(mut publication) = prepared.observed {
                 if let Some(position) = &published.position {
                     publication.offset = position.offset;
                 }
                 // Awaited before the publish returns: what the publisher saw acknowledged has
                 // been handed to every observer (which enqueue durably).
-                for observer in wanting {
+                for observer in &prepared.wanting {
                     observer
                         .published(Published {
-                            channel: &channel,
-                            options: &options,
+                            channel: &prepared.channel,
+                            options: &prepared.options,
                             position: published.position.as_ref(),
                             publication: &publication,
-                            push: request.push.as_deref(),
+                            push: prepared.push.as_deref(),
                         })
                         .await;
                 }
             }
         }
-        Ok(PublishResult {
+        PublishResult {
             position: published.position,
             duplicate: published.duplicate,
-        })
+        }
     }
 
     /// Reads history; `not available` if the namespace keeps none.

@@ -85,6 +85,17 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// Stores a publication, assigning the next offset (see the module contract).
     async fn append(&self, request: AppendRequest) -> Result<Appended, StoreError>;
 
+    /// Stores several publications as consecutive `append`s would (a channel's offsets in the
+    /// order given), one result per request. Stores that can put them in one write (one group
+    /// commit) override it; the default appends one after another.
+    async fn append_many(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, StoreError>> {
+        let mut results = Vec::with_capacity(requests.len());
+        for request in requests {
+            results.push(self.append(request).await);
+        }
+        results
+    }
+
     /// Reads a page of a stream. An epoch mismatch or an offset ahead of the top is
     /// [`StoreError::UnrecoverablePosition`].
     async fn read(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError>;

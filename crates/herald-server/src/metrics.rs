@@ -279,7 +279,7 @@ impl Metrics {
 
 impl Metrics {
     /// Each source's messages by result, its reconnects, whether it is connected, and its lag
-    /// where the broker reports one.
+    /// where the broker reports one (per partition too, for Kafka).
     pub fn record_sources(&self, sources: &[(String, Arc<herald_bridge::SourceStats>)]) {
         let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         for (name, stats) in sources {
@@ -309,6 +309,22 @@ impl Metrics {
             });
             if let Some(lag) = stats.lag() {
                 gauge("herald_source_lag").set(lag as f64);
+            }
+            if let Some(assigned) = stats.assigned_partitions() {
+                gauge("herald_source_assigned_partitions").set(assigned as f64);
+            }
+            for partition in stats.partition_lags() {
+                let labels = vec![
+                    label(),
+                    Label::new("topic", partition.topic),
+                    Label::new("partition", partition.partition.to_string()),
+                ];
+                self.recorder
+                    .register_gauge(
+                        &Key::from_parts("herald_source_partition_lag", labels),
+                        &METADATA,
+                    )
+                    .set(partition.lag as f64);
             }
         }
     }

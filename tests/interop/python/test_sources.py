@@ -1,6 +1,7 @@
-"""Bridges in (`[[sources]]`): messages written into NATS JetStream, RabbitMQ, a Redis stream and
-a PostgreSQL outbox table by each ecosystem's own client (`nats-py`, `pika`, `redis-py`, `psql`)
-become publications, checked through the history API and a `centrifuge-python` subscriber.
+"""Bridges in (`[[sources]]`): messages written into NATS JetStream, RabbitMQ, a Redis stream,
+Kafka topics and a PostgreSQL outbox table by each ecosystem's own client (`nats-py`, `pika`,
+`redis-py`, `kafka-python`, `psql`) become publications, checked through the history API and a
+`centrifuge-python` subscriber.
 
 For every source the same four scenarios run against the real services on this machine:
 - order, mapping and rejection: messages reach history in order per channel; unmappable ones are
@@ -8,12 +9,15 @@ For every source the same four scenarios run against the real services on this m
 - kill -9 of Herald mid-stream, then a restart: every message exactly once in history (and the
   lag metric shows the backlog, then 0); the same after a graceful stop (SIGTERM) mid-stream;
 - the source's connection dropped mid-stream (without restarting shared services: a TCP proxy cut
-  for NATS, `rabbitmqctl close_connection`, `CLIENT KILL`, `pg_terminate_backend`): the consumer
-  reconnects and nothing is lost or duplicated;
+  for NATS, `rabbitmqctl close_connection`, `CLIENT KILL`, `pg_terminate_backend`; for Kafka the
+  test's own broker is killed with SIGKILL and restarted): the consumer reconnects and nothing
+  is lost or duplicated;
 - two Herald nodes (each with its own history) on the same source: every message published by
   exactly one of them.
 
-Every test uses its own stream/queue/table/channel names and removes them afterwards.
+Every test uses its own stream/queue/table/topic/channel names and removes them afterwards. Kafka
+is tansu (a Kafka-protocol broker built by scripts/install-test-tools), one per test, started
+and restarted the way test_sinks does.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -39,6 +45,7 @@ from conftest import HeraldInstance, herald_bin
 from cutproxy import CutProxy
 from push_fixtures import wait_for
 from test_centrifuge_python import api, mint_token
+from test_sinks import Tansu
 
 NAMESPACE = """
 [[namespaces]]
@@ -138,6 +145,9 @@ class Broker:
 
     def restore(self) -> None:
         """Undoes `drop_connections` where it holds the broker away."""
+
+    def wait_shared(self, instances: List[HeraldInstance]) -> None:
+        """Waits until every node takes part, where the broker hands out work in a rebalance."""
 
 
 def toml_table(fields: Dict[str, Any]) -> str:
@@ -404,7 +414,84 @@ class OutboxBroker(Broker):
         assert int(killed.strip()) >= 1, f"no PostgreSQL backend named {self.connection_name}"
 
 
-BROKERS = [NatsBroker, RabbitBroker, RedisBroker, OutboxBroker]
+class KafkaBroker(Broker):
+    """A 3-partition topic on a tansu broker of the test's own; JSON envelopes keyed by channel
+    (so a channel lives in one partition and keeps its order), written with kafka-python."""
+
+    kind = "kafka"
+
+    def setup(self) -> None:
+        from kafka.admin import KafkaAdminClient, NewTopic
+
+        self.root = Path(tempfile.mkdtemp(prefix="herald-src-tansu-"))
+        self.tansu = Tansu(self.root)
+        self.tansu.start()
+        self.topic = f"t-{self.id}"
+        admin = KafkaAdminClient(bootstrap_servers=self.tansu.bootstrap, request_timeout_ms=10000)
+        try:
+            admin.create_topics([NewTopic(self.topic, num_partitions=3, replication_factor=1)])
+        finally:
+            admin.close()
+
+    def cleanup(self) -> None:
+        self.tansu.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def source_toml(self, **extra: Any) -> str:
+        return toml_table(
+            {
+                "name": self.name,
+                "kind": "kafka",
+                "url": f"kafka://{self.tansu.bootstrap}",
+                "topics": [self.topic],
+                "consumer": "herald",
+                "start": "0",
+                **extra,
+            }
+        )
+
+    def _produce(self, records: List[Tuple[bytes, bytes]]) -> None:
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(bootstrap_servers=self.tansu.bootstrap, acks="all", linger_ms=5,
+                                 request_timeout_ms=30000)
+        try:
+            sent = [producer.send(self.topic, key=key, value=value) for key, value in records]
+            producer.flush(timeout=60)
+            for future in sent:
+                future.get(timeout=60)  # raises when the broker did not take the record
+        finally:
+            producer.close(timeout=10)
+
+    def write(self, messages: List[Tuple[str, int]]) -> None:
+        self._produce([
+            (key.encode(), json.dumps({"channel": self.channel(key), "data": {"n": n}}).encode())
+            for key, n in messages
+        ])
+
+    def write_bad(self) -> int:
+        # Malformed JSON, and an envelope naming a namespace Herald does not have; keyed like
+        # channel "a", so they sit in the same partition between its good messages.
+        self._produce([(b"a", b"{not json"), (b"a", json.dumps({"channel": "nope:x", "data": 1}).encode())])
+        return 2
+
+    def wait_shared(self, instances: List[HeraldInstance]) -> None:
+        # The group forms in a rebalance after the second node joins: until then the first
+        # holds every partition (and would take the whole stream).
+        def shared() -> bool:
+            held = [metric_value(i, "herald_source_assigned_partitions", self.name) for i in instances]
+            return all(h is not None and h > 0 for h in held) and sum(held) == 3
+
+        wait_for("the group to share the partitions", timeout=WAIT, predicate=shared)
+
+    def drop_connections(self) -> None:
+        # The broker itself goes: SIGKILL, down a moment, back on the same port and data.
+        self.tansu.kill()
+        time.sleep(2.0)
+        self.tansu.start()
+
+
+BROKERS = [NatsBroker, RabbitBroker, RedisBroker, KafkaBroker, OutboxBroker]
 
 
 @pytest.fixture(params=BROKERS, ids=lambda b: b.kind)
@@ -587,6 +674,7 @@ def test_two_nodes_on_one_source_publish_each_message_once(broker: Broker, nodes
     for node in (first, second):
         wait_for("both nodes connected", timeout=WAIT, predicate=lambda: metric(node, "herald_source_connected", broker.name) == 1.0,
                    details=node.process.diagnostics)
+    broker.wait_shared([first, second])
     messages = stream(STREAM_SIZE)
     broker.write(messages)
     wait_for("every message on one node or the other", timeout=WAIT, predicate=lambda: total(broker, [first, second]) >= len(messages))

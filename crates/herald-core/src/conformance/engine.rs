@@ -37,6 +37,8 @@ const NOT_REDELIVERED: &str = "engine: a duplicate is not delivered";
 const PER_CHANNEL: &str = "engine: idempotency keys are per channel";
 const REMOVE: &str = "engine: remove deletes publications and keeps offset and epoch";
 const HEALTHY: &str = "engine: an engine that serves requests reports healthy";
+const MANY: &str =
+    "engine: publish_many stores and delivers as consecutive publishes would, one result each";
 
 /// Concurrent publishes in the concurrency rule (to one channel; half as many to a second).
 const CONCURRENT: u64 = 200;
@@ -59,7 +61,9 @@ const CONCURRENT: u64 = 200;
 /// - an idempotency key (with or without history) returns the first result the second time
 ///   and delivers nothing; a key is per channel;
 /// - reads (all, paged, reverse) match what publish returned; `remove` empties a stream and
-///   keeps its offset and epoch; `flush` succeeds; the engine reports healthy.
+///   keeps its offset and epoch; `flush` succeeds; the engine reports healthy;
+/// - `publish_many` gives each channel's publications offsets in the order given, delivers
+///   them in that order, and dedupes a key repeated inside the same call.
 ///
 /// Panics with a message that starts with the broken rule.
 pub async fn run_engine_suite<F, Fut>(factory: F)
@@ -87,6 +91,50 @@ where
     idempotency(engine, probe).await;
     let (engine, probe) = fresh().await;
     remove_and_flush(engine, probe).await;
+    let (engine, probe) = fresh().await;
+    publish_many(engine, probe).await;
+}
+
+/// Several publications of two channels in one call, a key repeated inside it.
+async fn publish_many(engine: Arc<dyn Engine>, mut probe: Probe) {
+    let (a, b) = ("conf:many-a", "conf:many-b");
+    subscribe(&*engine, "the node", a, MANY).await;
+    subscribe(&*engine, "the node", b, MANY).await;
+    let results = engine
+        .publish_many(vec![
+            stored(a, "a1"),
+            stored(b, "b1"),
+            keyed(stored(a, "a2"), "k"),
+            stored(a, "a3"),
+            keyed(stored(a, "again"), "k"),
+            stored(b, "b2"),
+        ])
+        .await;
+    let results: Vec<crate::engine::Published> = results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|err| panic!("{MANY}: a publish failed: {err}")))
+        .collect();
+    let positions: Vec<Option<u64>> = results
+        .iter()
+        .map(|r| r.position.as_ref().map(|p| p.offset))
+        .collect();
+    assert_eq!(
+        positions,
+        [Some(1), Some(1), Some(2), Some(3), Some(2), Some(2)],
+        "{MANY}: offsets in the order given (the duplicate returns the first position)"
+    );
+    let duplicates: Vec<bool> = results.iter().map(|r| r.duplicate).collect();
+    assert_eq!(
+        duplicates,
+        [false, false, false, false, true, false],
+        "{MANY}: only the repeated key is a duplicate"
+    );
+    probe
+        .expect(a, &[(1, "a1"), (2, "a2"), (3, "a3")], None, MANY)
+        .await;
+    probe.expect(b, &[(1, "b1"), (2, "b2")], None, MANY).await;
+    let page = read(&*engine, a, HistoryQuery::default()).await;
+    assert_eq!(offsets(&page), [1, 2, 3], "{MANY}: reads agree");
 }
 
 fn offsets(page: &crate::store::HistoryPage) -> Vec<u64> {

@@ -2,6 +2,8 @@
 //! flat table per source: the keys its `kind` uses (the others must stay unset), the mapping,
 //! and how the loop runs. Checks here need nothing built; [`super::build_sources`] builds.
 
+use std::collections::BTreeMap;
+
 use herald_core::duration::HumanDuration;
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +18,8 @@ pub enum SourceKind {
     Rabbitmq,
     /// A Redis stream, through a consumer group.
     Redis,
+    /// Kafka topics, through a consumer group.
+    Kafka,
     /// A PostgreSQL outbox table.
     Postgres,
 }
@@ -26,6 +30,7 @@ impl SourceKind {
             Self::Nats => "nats",
             Self::Rabbitmq => "rabbitmq",
             Self::Redis => "redis",
+            Self::Kafka => "kafka",
             Self::Postgres => "postgres",
         }
     }
@@ -50,12 +55,12 @@ pub struct SourceConfig {
     pub name: String,
     pub kind: SourceKind,
     pub enabled: bool,
-    /// `nats://…`, `amqp://…`, `redis://…`, `postgres://…`.
+    /// `nats://…`, `amqp://…`, `redis://…`, `kafka://host:port[,host:port…]`, `postgres://…`.
     pub url: String,
     /// nats: the JetStream stream (must exist). redis: the stream key.
     pub stream: String,
-    /// nats: the durable consumer's name; redis: the consumer group. Default `herald`; the
-    /// same on every node that shares the work.
+    /// nats: the durable consumer's name; redis, kafka: the consumer group. Default `herald`;
+    /// the same on every node that shares the work.
     pub consumer: String,
     /// nats: only these subjects of the stream (empty: all).
     pub subject: String,
@@ -68,8 +73,17 @@ pub struct SourceConfig {
     pub prefetch: Option<u16>,
     /// redis: the entry field holding the body.
     pub body_field: String,
-    /// redis: where a new group starts, `$` (new entries) or `0` (the whole stream).
+    /// redis, kafka: where a new group starts, `$` (new entries) or `0` (the whole
+    /// stream; Kafka's `earliest`).
     pub start: String,
+    /// kafka: the topics (must exist).
+    pub topics: Vec<String>,
+    /// kafka: how often the offsets of published messages are committed (and always before
+    /// partitions are handed to another node, and at stop).
+    pub commit_interval: HumanDuration,
+    /// kafka: more librdkafka consumer properties (`security.protocol`, `sasl.*`,
+    /// `session.timeout.ms`, …); the offset and group settings Herald relies on are refused.
+    pub kafka_options: BTreeMap<String, String>,
     /// redis: entries another consumer has held unacknowledged this long are claimed.
     pub claim_idle: HumanDuration,
     /// postgres: the outbox table (`name` or `schema.name`).
@@ -101,6 +115,9 @@ impl Default for SourceConfig {
             prefetch: None,
             body_field: "data".into(),
             start: "$".into(),
+            topics: Vec::new(),
+            commit_interval: HumanDuration::from_secs(1),
+            kafka_options: BTreeMap::new(),
             claim_idle: HumanDuration::from_secs(30),
             table: String::new(),
             notify_channel: String::new(),
@@ -165,6 +182,7 @@ impl SourceConfig {
             SourceKind::Nats => &["nats://", "tls://"][..],
             SourceKind::Rabbitmq => &["amqp://", "amqps://"][..],
             SourceKind::Redis => &["redis://", "rediss://", "unix://"][..],
+            SourceKind::Kafka => &["kafka://"][..],
             SourceKind::Postgres => &["postgres://", "postgresql://"][..],
         };
         if !scheme.iter().any(|s| self.url.starts_with(s)) {
@@ -188,12 +206,19 @@ impl SourceConfig {
             ));
         }
         let set = |value: &str| !value.is_empty();
+        let topics = !self.topics.is_empty();
+        let kafka_options = !self.kafka_options.is_empty();
         // (key, whether it is set): keys the kind needs, and keys it does not use.
         type Keys<'a> = &'a [(&'static str, bool)];
         let (needs, unused): (Keys<'_>, Keys<'_>) = match self.kind {
             SourceKind::Nats => (
                 &[("stream", set(&self.stream))],
-                &[("queue", set(&self.queue)), ("table", set(&self.table))],
+                &[
+                    ("queue", set(&self.queue)),
+                    ("table", set(&self.table)),
+                    ("topics", topics),
+                    ("kafka_options", kafka_options),
+                ],
             ),
             SourceKind::Rabbitmq => (
                 &[("queue", set(&self.queue))],
@@ -201,11 +226,24 @@ impl SourceConfig {
                     ("stream", set(&self.stream)),
                     ("subject", set(&self.subject)),
                     ("table", set(&self.table)),
+                    ("topics", topics),
+                    ("kafka_options", kafka_options),
                 ],
             ),
             SourceKind::Redis => (
                 &[("stream", set(&self.stream))],
                 &[
+                    ("queue", set(&self.queue)),
+                    ("subject", set(&self.subject)),
+                    ("table", set(&self.table)),
+                    ("topics", topics),
+                    ("kafka_options", kafka_options),
+                ],
+            ),
+            SourceKind::Kafka => (
+                &[("topics", topics)],
+                &[
+                    ("stream", set(&self.stream)),
                     ("queue", set(&self.queue)),
                     ("subject", set(&self.subject)),
                     ("table", set(&self.table)),
@@ -217,6 +255,8 @@ impl SourceConfig {
                     ("stream", set(&self.stream)),
                     ("queue", set(&self.queue)),
                     ("subject", set(&self.subject)),
+                    ("topics", topics),
+                    ("kafka_options", kafka_options),
                 ],
             ),
         };
@@ -229,11 +269,47 @@ impl SourceConfig {
                 self.kind.as_str()
             ));
         }
-        if self.kind == SourceKind::Redis && !matches!(self.start.as_str(), "$" | "0") {
+        if matches!(self.kind, SourceKind::Redis | SourceKind::Kafka)
+            && !matches!(self.start.as_str(), "$" | "0")
+        {
             return Err(format!("{at}: start must be \"$\" or \"0\""));
+        }
+        if self.kind == SourceKind::Kafka {
+            self.validate_kafka(&at)?;
         }
         if self.consumer.is_empty() {
             return Err(format!("{at}: consumer must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+impl SourceConfig {
+    fn validate_kafka(&self, at: &str) -> Result<(), String> {
+        herald_outbound::sink::kafka::bootstrap_servers(&self.url)
+            .map_err(|e| format!("{at}: url: {e}"))?;
+        if let Some(topic) = self.topics.iter().find(|t| {
+            t.is_empty()
+                || t.len() > 249
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        }) {
+            return Err(format!(
+                "{at}: topic {topic:?} is not a Kafka topic name (letters, digits, `_`, `-`, `.`)"
+            ));
+        }
+        if let Some(key) = self
+            .kafka_options
+            .keys()
+            .find(|key| herald_bridge::kafka::RESERVED_OPTIONS.contains(&key.as_str()))
+        {
+            return Err(format!(
+                "{at}: kafka_options may not set {key:?} (Herald manages the group and its offsets)"
+            ));
+        }
+        if self.commit_interval.as_duration() < std::time::Duration::from_millis(10) {
+            return Err(format!("{at}: commit_interval must be at least 10ms"));
         }
         Ok(())
     }

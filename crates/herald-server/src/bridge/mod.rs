@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_bridge::amqp::{AmqpConfig, AmqpSource};
+use herald_bridge::kafka::{KafkaConfig, KafkaSource};
 use herald_bridge::nats::{NatsConfig, NatsSource};
 use herald_bridge::outbox::{OutboxConfig, OutboxSource};
 use herald_bridge::redis_streams::{RedisStreamConfig, RedisStreamSource};
@@ -50,6 +51,7 @@ fn plan_one(config: &SourceConfig, node_uid: &str) -> Result<PlannedSource, Stri
         SourceKind::Nats => herald_bridge::nats::ATTRIBUTES,
         SourceKind::Rabbitmq => herald_bridge::amqp::ATTRIBUTES,
         SourceKind::Redis => herald_bridge::redis_streams::ATTRIBUTES,
+        SourceKind::Kafka => herald_bridge::kafka::ATTRIBUTES,
         SourceKind::Postgres => herald_bridge::outbox::ATTRIBUTES,
     };
     let mapping = Mapping::new(
@@ -85,6 +87,16 @@ fn plan_one(config: &SourceConfig, node_uid: &str) -> Result<PlannedSource, Stri
             start: config.start.clone(),
             claim_idle: config.claim_idle.as_duration(),
             connection_name: connection_name(config),
+        })),
+        SourceKind::Kafka => planned(KafkaSource::new(KafkaConfig {
+            brokers: herald_outbound::sink::kafka::bootstrap_servers(&config.url)
+                .map_err(|e| at(&e))?,
+            topics: config.topics.clone(),
+            group: config.consumer.clone(),
+            from_beginning: config.start == "0",
+            commit_interval: config.commit_interval.as_duration(),
+            client_id: connection_name(config),
+            options: config.kafka_options.clone(),
         })),
         SourceKind::Postgres => planned(
             OutboxSource::new(OutboxConfig {
@@ -255,6 +267,63 @@ mod tests {
                 .map(|p| p.is_empty())
                 .unwrap_or(false)
         );
+    }
+
+    #[test]
+    fn kafka_needs_topics_and_keeps_its_offset_settings() {
+        let kafka = || SourceConfig {
+            kind: SourceKind::Kafka,
+            url: "kafka://127.0.0.1:9092,127.0.0.1:9093".into(),
+            stream: String::new(),
+            topics: vec!["clicks".into()],
+            ..nats()
+        };
+        assert!(check(&[kafka()]).is_ok());
+        let error = |config: SourceConfig| check(&[config]).err().unwrap_or_default();
+        assert!(
+            error(SourceConfig {
+                topics: Vec::new(),
+                ..kafka()
+            })
+            .contains("needs `topics`")
+        );
+        assert!(
+            error(SourceConfig {
+                url: "kafka://nohost".into(),
+                ..kafka()
+            })
+            .contains("host:port")
+        );
+        assert!(
+            error(SourceConfig {
+                topics: vec!["bad topic".into()],
+                ..kafka()
+            })
+            .contains("not a Kafka topic name")
+        );
+        assert!(
+            error(SourceConfig {
+                start: "latest".into(),
+                ..kafka()
+            })
+            .contains("start must be")
+        );
+        let mut reserved = kafka();
+        reserved
+            .kafka_options
+            .insert("enable.auto.offset.store".into(), "true".into());
+        assert!(error(reserved).contains("may not set"));
+        let mut allowed = kafka();
+        allowed
+            .kafka_options
+            .insert("session.timeout.ms".into(), "6000".into());
+        assert!(check(&[allowed]).is_ok());
+        let mut on_nats = nats();
+        on_nats.topics = vec!["t".into()];
+        assert!(error(on_nats).contains("`topics` is not used"));
+        let mut templated = kafka();
+        templated.mapping.channel = Some("clicks:{key}-{header.region}-{partition}".into());
+        assert!(check(&[templated]).is_ok());
     }
 
     #[test]

@@ -226,6 +226,27 @@ impl HistoryStore for SqliteHistoryStore {
         result.await.map_err(|_| self.stopped())?
     }
 
+    /// Every command is queued before any reply is awaited: the writer takes them in order
+    /// (offsets in the order given) and into the same group commit.
+    async fn append_many(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, StoreError>> {
+        let mut pending = Vec::with_capacity(requests.len());
+        for request in requests {
+            let (reply, result) = oneshot::channel();
+            pending.push(
+                self.send(Command::Append { request, reply })
+                    .map(|()| result),
+            );
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for queued in pending {
+            results.push(match queued {
+                Ok(result) => result.await.map_err(|_| self.stopped()).and_then(|r| r),
+                Err(error) => Err(error),
+            });
+        }
+        results
+    }
+
     async fn read(&self, channel: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError> {
         self.readers.read(channel, query).await
     }
