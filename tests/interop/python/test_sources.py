@@ -55,6 +55,8 @@ history_ttl = "1h"
 """
 # Enough messages that a kill or a cut lands in the middle of the stream.
 STREAM_SIZE = 1200
+# The kill test's stream: 2,000 per channel, within the namespace's history_size.
+KILL_STREAM_SIZE = 6000
 CHANNELS = ("a", "b", "c")
 WAIT = 90.0
 
@@ -601,12 +603,16 @@ def test_messages_reach_history_and_a_subscriber_in_order_and_bad_ones_are_rejec
 
 
 def test_kill9_mid_stream_then_restart_publishes_every_message_once(broker: Broker, nodes) -> None:
-    messages = stream(STREAM_SIZE)
+    # Long enough, in small batches, that the kill lands mid-stream: a channel's batch is one
+    # group commit, so 1,200 messages in batches of 50 were all through before the first look.
+    # Progress is read from the metric (one request), not from history.
+    messages = stream(KILL_STREAM_SIZE)
     broker.write(messages)
-    herald = nodes(broker.source_toml(batch=50))
+    herald = nodes(broker.source_toml(batch=10))
     herald.start()
-    at_kill = wait_for("part of the stream published", timeout=WAIT, predicate=lambda: total(broker, [herald]) or None,
-                         details=herald.process.diagnostics)
+    at_kill = wait_for("part of the stream published", timeout=WAIT,
+                       predicate=lambda: metric(herald, "herald_source_messages_total", broker.name, "published"),
+                       interval=0.01, details=herald.process.diagnostics)
     herald.kill()  # SIGKILL: batches in flight are neither finished nor acknowledged
     assert at_kill < len(messages), "the kill must land mid-stream"
     herald.start()
