@@ -505,6 +505,12 @@ async fn serve_command(config: Config, reload: Reload) -> anyhow::Result<ExitCod
             config.redis.prefix
         ),
     };
+    // Watch the signals before the banner: whoever starts Herald may signal it as soon as the
+    // banner appears, and a signal nobody watches yet terminates the process at once.
+    let signals = ShutdownSignals::watch()?;
+    #[cfg(unix)]
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot watch SIGHUP")?;
     let scheme = if server.state().tls.is_some() {
         "https"
     } else {
@@ -534,8 +540,6 @@ async fn serve_command(config: Config, reload: Reload) -> anyhow::Result<ExitCod
     tracing::info!(%addr, "herald started");
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 match Config::load(reload.path.as_deref(), &reload.overrides) {
@@ -547,21 +551,9 @@ async fn serve_command(config: Config, reload: Reload) -> anyhow::Result<ExitCod
             }
         });
     }
-    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<&'static str>();
-    tokio::spawn(async move {
-        match wait_for_signal().await {
-            Ok(signal) => {
-                let _ = signal_tx.send(signal);
-            }
-            Err(error) => tracing::error!(error = %error, "cannot watch signals"),
-        }
-    });
     let shutdown = async move {
-        if let Ok(signal) = signal_rx.await {
-            tracing::info!(signal, "signal received");
-        } else {
-            std::future::pending::<()>().await;
-        }
+        let signal = signals.recv().await;
+        tracing::info!(signal, "signal received");
     };
     match server.run(listener, shutdown).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
@@ -572,23 +564,47 @@ async fn serve_command(config: Config, reload: Reload) -> anyhow::Result<ExitCod
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
+/// SIGTERM and SIGINT (Ctrl-C elsewhere), watched from [`ShutdownSignals::watch`] on.
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-        tokio::select! {
-            _ = term.recv() => Ok("SIGTERM"),
-            _ = int.recv() => Ok("SIGINT"),
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn watch() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c()
-            .await
-            .context("cannot watch Ctrl-C")?;
-        Ok("Ctrl-C")
+
+    /// The first signal's name.
+    async fn recv(mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            match tokio::signal::ctrl_c().await {
+                Ok(()) => "Ctrl-C",
+                Err(error) => {
+                    tracing::error!(error = %error, "cannot watch Ctrl-C");
+                    std::future::pending().await
+                }
+            }
+        }
     }
 }
 

@@ -704,3 +704,22 @@ async fn token_keys_rotate_on_sighup() {
     server.signal(SIGTERM);
     assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
 }
+
+/// Whoever starts Herald may signal it the moment the banner appears: the signals are watched
+/// before the banner is printed, so SIGHUP then reloads (the process stays) and SIGTERM is a
+/// graceful exit 0 — never the default action, which kills the process.
+#[test]
+fn signals_sent_as_soon_as_the_banner_appears_are_handled() {
+    const SIGHUP: i32 = 1;
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = ServerProcess::start(&["--listen", "127.0.0.1:0"], dir.path());
+        server.signal(SIGHUP);
+        server.signal(SIGTERM);
+        assert_eq!(
+            server.wait(Duration::from_secs(10)),
+            Some(0),
+            "SIGHUP then SIGTERM right after the banner: a reload, then a graceful exit"
+        );
+    }
+}
