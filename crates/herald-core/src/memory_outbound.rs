@@ -18,7 +18,8 @@ use parking_lot::Mutex;
 use crate::device::{Page, PageRequest};
 use crate::memory_devices::paged;
 use crate::outbound::{
-    Finished, Job, JobState, JobStatus, NewJob, OutboundQueue, Outcome, QueueError, StatusFilter,
+    Finished, Job, JobState, JobStatus, MemberFinished, NewJob, OutboundQueue, Outcome, QueueError,
+    StatusFilter,
 };
 
 /// Whole milliseconds, saturating.
@@ -40,6 +41,8 @@ struct Entry {
     attempts: u32,
     /// While [`JobState::Sending`]: when the lease runs out.
     lease_until: u64,
+    /// A batch's member not yet settled: queued, but never claimable itself.
+    held: bool,
     /// Last retry reason while queued; the final reason (or the provider's message id) after.
     reason: String,
     updated_at: u64,
@@ -79,7 +82,7 @@ impl State {
 
     fn due_key(&self, id: &str, entry: &Entry) -> Option<DueKey> {
         let due = match entry.state {
-            JobState::Queued if self.first_in_line(id, entry) => entry.not_before,
+            JobState::Queued if !entry.held && self.first_in_line(id, entry) => entry.not_before,
             JobState::Sending => entry.lease_until,
             _ => return None,
         };
@@ -128,6 +131,51 @@ impl State {
         }
     }
 
+    /// Adds `job` unless its id is known (`held`: a batch member); true when added.
+    fn insert(&mut self, job: NewJob, held: bool, written: u64) -> bool {
+        if self.jobs.contains_key(&job.id) {
+            return false;
+        }
+        self.next_seq += 1;
+        let entry = Entry {
+            seq: self.next_seq,
+            kind: job.kind,
+            group: job.group,
+            recipient: job.recipient,
+            payload: job.payload,
+            not_before: job.not_before,
+            expire_at: job.expire_at,
+            order_key: job.order_key,
+            state: JobState::Queued,
+            attempts: 0,
+            lease_until: 0,
+            held,
+            reason: String::new(),
+            updated_at: written,
+        };
+        if let Some(key) = &entry.order_key {
+            self.lines
+                .entry(key.clone())
+                .or_default()
+                .push_back(job.id.clone());
+        }
+        if let Some(key) = self.due_key(&job.id, &entry) {
+            self.claimable.insert(key);
+        }
+        self.groups
+            .entry(entry.group.clone())
+            .or_default()
+            .insert(job.id.clone());
+        self.jobs.insert(job.id, entry);
+        true
+    }
+
+    fn is_held(&self, id: &str) -> bool {
+        self.jobs
+            .get(id)
+            .is_some_and(|e| e.held && e.state == JobState::Queued)
+    }
+
     fn status(id: &str, entry: &Entry) -> JobStatus {
         JobStatus {
             id: id.to_owned(),
@@ -168,46 +216,80 @@ impl OutboundQueue for MemoryOutboundQueue {
         // `enqueue` takes no `now`: a new job's status shows when it was written.
         let written = crate::time::now_ms();
         let mut state = self.state.lock();
-        let mut added = 0;
-        for job in jobs {
-            if state.jobs.contains_key(&job.id) {
-                continue;
-            }
-            state.next_seq += 1;
-            let entry = Entry {
-                seq: state.next_seq,
-                kind: job.kind,
-                group: job.group,
-                recipient: job.recipient,
-                payload: job.payload,
-                not_before: job.not_before,
-                expire_at: job.expire_at,
-                order_key: job.order_key,
-                state: JobState::Queued,
-                attempts: 0,
-                lease_until: 0,
-                reason: String::new(),
-                updated_at: written,
-            };
-            if let Some(key) = &entry.order_key {
-                state
-                    .lines
-                    .entry(key.clone())
-                    .or_default()
-                    .push_back(job.id.clone());
-            }
-            if let Some(key) = state.due_key(&job.id, &entry) {
-                state.claimable.insert(key);
-            }
-            state
-                .groups
-                .entry(entry.group.clone())
-                .or_default()
-                .insert(job.id.clone());
-            state.jobs.insert(job.id, entry);
-            added += 1;
+        Ok(jobs
+            .into_iter()
+            .filter(|job| state.insert(job.clone(), false, written))
+            .count())
+    }
+
+    async fn enqueue_batch(
+        &self,
+        batch: NewJob,
+        members: Vec<NewJob>,
+    ) -> Result<usize, QueueError> {
+        let written = crate::time::now_ms();
+        let mut state = self.state.lock();
+        if state.jobs.contains_key(&batch.id) {
+            return Ok(0);
+        }
+        let added = members
+            .into_iter()
+            .filter(|member| {
+                let member = NewJob {
+                    payload: Bytes::new(),
+                    order_key: None,
+                    ..member.clone()
+                };
+                state.insert(member, true, written)
+            })
+            .count();
+        if added > 0 {
+            state.insert(batch, false, written);
         }
         Ok(added)
+    }
+
+    async fn held(&self, ids: Vec<String>) -> Result<Vec<String>, QueueError> {
+        let state = self.state.lock();
+        Ok(ids.into_iter().filter(|id| state.is_held(id)).collect())
+    }
+
+    async fn finish_members(
+        &self,
+        finished: Vec<MemberFinished>,
+        now: u64,
+    ) -> Result<(), QueueError> {
+        let mut state = self.state.lock();
+        for done in finished {
+            if !state.is_held(&done.id) {
+                continue;
+            }
+            state.modify(&done.id, |entry| {
+                entry.held = false;
+                entry.attempts = 1;
+                entry.updated_at = now;
+                match done.outcome {
+                    Outcome::Sent { detail } => {
+                        entry.state = JobState::Sent;
+                        entry.reason = detail;
+                    }
+                    Outcome::Retry { at, reason } => {
+                        entry.not_before = at;
+                        entry.reason = reason;
+                        entry.payload = done.payload;
+                    }
+                    Outcome::Failed { reason } => {
+                        entry.state = JobState::Failed;
+                        entry.reason = reason;
+                    }
+                    Outcome::Expired { reason } => {
+                        entry.state = JobState::Expired;
+                        entry.reason = reason;
+                    }
+                }
+            });
+        }
+        Ok(())
     }
 
     async fn claim(

@@ -22,7 +22,15 @@
 //! - jobs with the same `order_key` are handed out one at a time in enqueue order: the next is
 //!   claimable only once the one before has finished (sent, failed, expired or cancelled);
 //! - finished jobs keep their final state and reason (queryable by group and recipient) until
-//!   [`OutboundQueue::purge`] removes them.
+//!   [`OutboundQueue::purge`] removes them;
+//! - a **batch** ([`OutboundQueue::enqueue_batch`]) is an ordinary job that stands for many
+//!   *member* jobs, so sending N deliveries costs one claim and one finish instead of N. Its
+//!   members are held: never handed out by a claim, reported as queued, cancelled with their
+//!   group, and settled by whoever holds the batch ([`OutboundQueue::finish_members`]); the
+//!   first settle of a member wins and later ones change nothing. A member settled for a
+//!   retry becomes an ordinary queued job of its kind (with the payload the settle gives), so
+//!   retries, dead letters and statuses work as for any job. A batch whose holder died is
+//!   claimed again and sends only the members still held ([`OutboundQueue::held`]).
 //!
 //! Times are milliseconds since the Unix epoch.
 //!
@@ -165,6 +173,17 @@ pub struct Finished {
     pub outcome: Outcome,
 }
 
+/// How a held member of a batch was settled ([`OutboundQueue::finish_members`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberFinished {
+    pub id: String,
+    /// `Retry` makes the member an ordinary queued job due at `at`, its first attempt counted.
+    pub outcome: Outcome,
+    /// For a retry: what the member is sent with on its own (members are stored without a
+    /// payload; their batch carries it). Ignored otherwise.
+    pub payload: Bytes,
+}
+
 /// A job's state, for status queries and the dead-letter list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobStatus {
@@ -225,6 +244,24 @@ pub trait OutboundQueue: Send + Sync + 'static {
 
     /// Records how attempts ended (fenced by attempt; see the module header).
     async fn finish(&self, finished: Vec<Finished>, now: u64) -> Result<(), QueueError>;
+
+    /// Adds `batch` (an ordinary job) and its `members` (held; see the module header) in one
+    /// durable step. Members with a known id are skipped, and the batch is added only when at
+    /// least one member was new (a known batch id adds nothing). Members' `payload` and
+    /// `order_key` are not stored. Returns how many members were new.
+    async fn enqueue_batch(&self, batch: NewJob, members: Vec<NewJob>)
+    -> Result<usize, QueueError>;
+
+    /// Of `ids`, those of members still held (neither settled nor cancelled), in no
+    /// particular order: what a claimed batch has left to send.
+    async fn held(&self, ids: Vec<String>) -> Result<Vec<String>, QueueError>;
+
+    /// Settles held members (see [`MemberFinished`]); ids not held are left alone.
+    async fn finish_members(
+        &self,
+        finished: Vec<MemberFinished>,
+        now: u64,
+    ) -> Result<(), QueueError>;
 
     /// Cancels every job of `group` that is still queued (not one being sent); returns how
     /// many.

@@ -247,22 +247,33 @@ pub async fn run_worker(
 
 /// Turns a handler's result into the queue's outcome (retry time, dead letter).
 fn outcome(job: &Job, result: JobResult, retry: &Retry) -> Outcome {
+    outcome_of(job.attempt, job.expire_at, result, retry)
+}
+
+/// The queue's outcome of attempt `attempt` (1-based) of a job expiring at `expire_at`
+/// that ended with `result`: also what a batch's handler records for each of its members.
+pub fn outcome_of(
+    attempt: u32,
+    expire_at: Option<u64>,
+    result: JobResult,
+    retry: &Retry,
+) -> Outcome {
     let (reason, delay) = match result {
         JobResult::Done { detail } => return Outcome::Sent { detail },
         JobResult::Failed { reason } => return Outcome::Failed { reason },
         JobResult::Defer { reason, after } => (reason, after),
         JobResult::Retry { reason, after } => {
-            if job.attempt >= retry.attempts() {
+            if attempt >= retry.attempts() {
                 return Outcome::Failed {
-                    reason: format!("gave up after {} attempts: {reason}", job.attempt),
+                    reason: format!("gave up after {attempt} attempts: {reason}"),
                 };
             }
-            let delay = after.unwrap_or_else(|| retry.delay(job.attempt));
+            let delay = after.unwrap_or_else(|| retry.delay(attempt));
             (reason, delay)
         }
     };
     let at = now_ms().saturating_add(delay.as_millis() as u64);
-    if job.expire_at.is_some_and(|expire| at >= expire) {
+    if expire_at.is_some_and(|expire| at >= expire) {
         return Outcome::Expired {
             reason: format!("expires before the next attempt: {reason}"),
         };

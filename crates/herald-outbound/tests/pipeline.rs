@@ -14,8 +14,11 @@ use herald_core::device::{
 };
 use herald_core::memory_devices::MemoryDeviceStore;
 use herald_core::memory_outbound::MemoryOutboundQueue;
-use herald_core::outbound::{JobState, JobStatus, OutboundQueue, StatusFilter};
+use herald_core::outbound::{
+    JobState, JobStatus, MemberFinished, OutboundQueue, Outcome, StatusFilter,
+};
 use herald_core::time::now_ms;
+use herald_outbound::push::batch::{Batch, BatchHandler, Member, batch_jobs, batch_kind};
 use herald_outbound::push::deliver::DeliveryHandler;
 use herald_outbound::push::fanout::FanoutHandler;
 use herald_outbound::push::request::{
@@ -25,7 +28,9 @@ use herald_outbound::push::{FANOUT_KIND, PushService, PushStats, SendPush, deliv
 use herald_outbound::sender::{
     ApnsNotification, Destination, EmailNotification, SendError, Sender, Sent, Target,
 };
-use herald_outbound::worker::{Backoff, JobHandler, Wakeup, WorkerConfig, run_worker};
+use herald_outbound::worker::{
+    Backoff, JobHandler, JobResult, Retry, Wakeup, WorkerConfig, run_worker,
+};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
@@ -122,6 +127,8 @@ impl Pipeline {
             queue: queue.clone(),
             devices: devices.clone(),
             wakeup: wakeup.clone(),
+            // Small batches, so fan-outs to a few devices go through batches too.
+            batch_size: 2,
         });
         let mut workers: Vec<(Arc<dyn JobHandler>, WorkerConfig)> =
             vec![(fanout, config(FANOUT_KIND))];
@@ -129,13 +136,20 @@ impl Pipeline {
             (Provider::Apns, apns.clone()),
             (Provider::Email, email.clone()),
         ] {
-            let handler: Arc<dyn JobHandler> = Arc::new(DeliveryHandler {
+            let handler = Arc::new(DeliveryHandler {
                 provider,
                 sender: Some(sender),
                 devices: devices.clone(),
                 stats: stats.clone(),
                 events: None,
+                slots: None,
             });
+            let batches: Arc<dyn JobHandler> = Arc::new(BatchHandler {
+                queue: queue.clone(),
+                delivery: handler.clone(),
+                retry: config(delivery_kind(provider)).retry,
+            });
+            workers.push((batches, config(batch_kind(provider))));
             workers.push((handler, config(delivery_kind(provider))));
         }
         for (handler, config) in workers {
@@ -198,13 +212,14 @@ impl Pipeline {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let all = self.statuses(uid).await;
-            // No push.fanout entry: the request was expanded when it was accepted.
+            // No push.fanout entry: the request was expanded when it was accepted. Batches
+            // (`push.<provider>.batch`) stand for deliveries, which have statuses of their own.
+            let is_delivery = |s: &JobStatus| s.kind != FANOUT_KIND && !s.kind.ends_with(".batch");
             let fanout_done = all
                 .iter()
-                .filter(|s| s.kind == FANOUT_KIND)
+                .filter(|s| !is_delivery(s))
                 .all(|s| s.state.is_final());
-            let deliveries: Vec<JobStatus> =
-                all.into_iter().filter(|s| s.kind != FANOUT_KIND).collect();
+            let deliveries: Vec<JobStatus> = all.into_iter().filter(is_delivery).collect();
             if fanout_done && deliveries.iter().all(|s| s.state.is_final()) {
                 return deliveries;
             }
@@ -529,4 +544,123 @@ async fn a_push_past_its_expiry_is_not_sent() {
     let deliveries = p.settled("u7").await;
     assert_eq!(deliveries[0].state, JobState::Expired, "{deliveries:?}");
     assert!(p.apns.sent_to().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_claimed_again_sends_only_the_devices_not_yet_settled_and_hands_retries_on() {
+    // What a node that died mid-batch leaves: a batch whose first member was settled.
+    let queue = Arc::new(MemoryOutboundQueue::new());
+    let apns = Arc::new(ScriptedSender::default());
+    let delivery = Arc::new(DeliveryHandler {
+        provider: Provider::Apns,
+        sender: Some(apns.clone()),
+        devices: Arc::new(MemoryDeviceStore::new()),
+        stats: Arc::new(PushStats::default()),
+        events: None,
+        slots: None,
+    });
+    let retry: Retry = Backoff {
+        base: Duration::from_millis(20),
+        max: Duration::from_millis(100),
+        attempts: 3,
+    }
+    .into();
+    let handler = BatchHandler {
+        queue: queue.clone(),
+        delivery,
+        retry,
+    };
+    let member = |token: &str| Member {
+        id: format!("b:{token}"),
+        target: Target {
+            provider: Provider::Apns,
+            app: String::new(),
+            to: Destination::Token(token.into()),
+        },
+        device: None,
+    };
+    let batch = Batch {
+        provider: Provider::Apns,
+        notification: serde_json::value::RawValue::from_string(r#"{"aps":{"alert":"hi"}}"#.into())
+            .expect("raw"),
+        expire_at: None,
+        members: vec![member("t1"), member("t2"), member("t3")],
+    };
+    let now = now_ms();
+    let recipients = vec!["t1".into(), "t2".into(), "t3".into()];
+    let (job, members) = batch_jobs("b", &batch, recipients, now).expect("batch jobs");
+    assert_eq!(queue.enqueue_batch(job, members).await.expect("enqueue"), 3);
+    queue
+        .finish_members(
+            vec![MemberFinished {
+                id: "b:t1".into(),
+                outcome: Outcome::Sent {
+                    detail: "sent before the crash".into(),
+                },
+                payload: bytes::Bytes::new(),
+            }],
+            now,
+        )
+        .await
+        .expect("settle t1");
+    apns.answer(
+        "t3",
+        SendError::Retry {
+            reason: "503".into(),
+            after: Some(Duration::from_millis(10)),
+        },
+    );
+    let claimed = queue
+        .claim(batch_kind(Provider::Apns), 10, Duration::from_secs(30), now)
+        .await
+        .expect("claim the batch");
+    assert_eq!(claimed.len(), 1);
+    let result = handler.run(&claimed[0]).await;
+    assert!(
+        matches!(&result, JobResult::Done { detail } if detail.contains("1 sent, 1 to retry")),
+        "{result:?}"
+    );
+    assert_eq!(
+        apns.sent_to(),
+        vec!["t2"],
+        "t1 was settled before, t3 is retried"
+    );
+
+    // t3 goes on as an ordinary delivery job, with its own payload.
+    let retried = queue
+        .claim(
+            delivery_kind(Provider::Apns),
+            10,
+            Duration::from_secs(30),
+            now_ms() + 1_000,
+        )
+        .await
+        .expect("claim the retry");
+    assert_eq!(retried.len(), 1, "{retried:?}");
+    assert_eq!(retried[0].id, "b:t3");
+    assert_eq!(retried[0].attempt, 2);
+    let delivery: herald_outbound::push::Delivery =
+        serde_json::from_slice(&retried[0].payload).expect("a delivery payload");
+    assert_eq!(delivery.target.to, Destination::Token("t3".into()));
+    let filter = StatusFilter {
+        group: "b".into(),
+        ..StatusFilter::default()
+    };
+    let statuses = queue
+        .statuses(&filter, &PageRequest::default())
+        .await
+        .expect("statuses")
+        .items;
+    let state = |id: &str| {
+        statuses
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| (s.state, s.reason.clone()))
+    };
+    assert_eq!(
+        state("b:t1"),
+        Some((JobState::Sent, "sent before the crash".into()))
+    );
+    assert_eq!(state("b:t2"), Some((JobState::Sent, "id-t2".into())));
+    assert_eq!(state("b:t3").map(|s| s.0), Some(JobState::Sending));
 }

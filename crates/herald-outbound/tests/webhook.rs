@@ -169,7 +169,7 @@ async fn harness(endpoints: &[Endpoint], options: Options) -> Harness {
             attempts: schedule.attempts(),
         },
     });
-    let (handler, log) = WebhookHandler::new(service.clone()).expect("handler");
+    let (handler, log) = WebhookHandler::new(service.clone(), 8).expect("handler");
     let (stop, _) = watch::channel(false);
     let mut stopped = stop.subscribe();
     tokio::spawn(run_worker(

@@ -35,6 +35,7 @@ mod engine;
 mod fake;
 mod history;
 mod outbound;
+mod outbound_batch;
 mod outbound_status;
 mod presence;
 mod webhook_store;

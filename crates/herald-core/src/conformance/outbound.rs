@@ -172,6 +172,7 @@ where
     expiry_rules(&fresh().await).await;
     order_key_rules(&fresh().await).await;
     racing_claimers(Arc::new(fresh().await)).await;
+    super::outbound_batch::batch_rules(&fresh().await).await;
     outbound_status::cancel_rules(&fresh().await).await;
     outbound_status::report_rules(&fresh().await).await;
     outbound_status::status_rules(&fresh().await).await;

@@ -74,31 +74,14 @@ pub struct DeliveryHandler {
     pub stats: Arc<PushStats>,
     /// Told of failures (webhooks), when anyone listens.
     pub events: Option<Arc<dyn PushEvents>>,
+    /// The provider's sends in flight, shared with its batches (`None`: only the worker's
+    /// concurrency bounds them).
+    pub slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 #[async_trait]
 impl JobHandler for DeliveryHandler {
     async fn run(&self, job: &Job) -> JobResult {
-        let result = self.deliver(job).await;
-        if let (Some(events), JobResult::Failed { reason }) = (&self.events, &result) {
-            let delivery: Option<Delivery> = serde_json::from_slice(&job.payload).ok();
-            events
-                .push_failed(PushFailure {
-                    uid: job.group.clone(),
-                    device: delivery.as_ref().and_then(|d| d.device.clone()),
-                    provider: self.provider,
-                    app: delivery.map(|d| d.target.app).unwrap_or_default(),
-                    reason: reason.clone(),
-                    device_removed: reason.ends_with("; device removed"),
-                })
-                .await;
-        }
-        result
-    }
-}
-
-impl DeliveryHandler {
-    async fn deliver(&self, job: &Job) -> JobResult {
         let delivery: Delivery = match serde_json::from_slice(&job.payload) {
             Ok(delivery) => delivery,
             Err(error) => {
@@ -107,16 +90,64 @@ impl DeliveryHandler {
                 };
             }
         };
+        self.deliver(
+            &job.group,
+            &delivery.target,
+            delivery.device.as_deref(),
+            &delivery.notification,
+        )
+        .await
+    }
+}
+
+impl DeliveryHandler {
+    /// One attempt to hand `notification` (of push `uid`) to `target`, and what follows
+    /// from the answer; failures are told to [`PushEvents`] before this returns. The
+    /// `push.<provider>` jobs and the members of `push.<provider>.batch` jobs both come here.
+    pub async fn deliver(
+        &self,
+        uid: &str,
+        target: &Target,
+        device: Option<&str>,
+        notification: &RawValue,
+    ) -> JobResult {
+        let result = self.send(target, device, notification).await;
+        if let (Some(events), JobResult::Failed { reason }) = (&self.events, &result) {
+            events
+                .push_failed(PushFailure {
+                    uid: uid.to_owned(),
+                    device: device.map(str::to_owned),
+                    provider: self.provider,
+                    app: target.app.clone(),
+                    reason: reason.clone(),
+                    device_removed: reason.ends_with("; device removed"),
+                })
+                .await;
+        }
+        result
+    }
+
+    async fn send(
+        &self,
+        target: &Target,
+        device: Option<&str>,
+        notification: &RawValue,
+    ) -> JobResult {
         let Some(sender) = &self.sender else {
             PushStats::count(&self.stats.failed, self.provider);
             return JobResult::Failed {
                 reason: format!("no {} credentials are configured", self.provider),
             };
         };
-        match sender
-            .send_json(&delivery.target, &delivery.notification)
-            .await
-        {
+        let sent = {
+            // Batches and single deliveries of a provider share its sends in flight.
+            let _slot = match &self.slots {
+                Some(slots) => slots.acquire().await.ok(),
+                None => None,
+            };
+            sender.send_json(target, notification).await
+        };
+        match sent {
             Ok(sent) => {
                 PushStats::count(&self.stats.sent, self.provider);
                 JobResult::Done {
@@ -129,7 +160,7 @@ impl DeliveryHandler {
             }
             Err(SendError::Unregistered { reason, since }) => {
                 PushStats::count(&self.stats.failed, self.provider);
-                let reason = self.forget(&delivery, &reason, since).await;
+                let reason = self.forget(target, device, &reason, since).await;
                 JobResult::Failed { reason }
             }
             Err(SendError::Rejected { reason } | SendError::NotConfigured { reason }) => {
@@ -141,10 +172,14 @@ impl DeliveryHandler {
 
     /// Removes the registered device whose token the provider declared dead (unless it
     /// re-registered after `since`); returns the reason to record.
-    async fn forget(&self, delivery: &Delivery, reason: &str, since: Option<u64>) -> String {
-        let (Some(_), crate::sender::Destination::Token(token)) =
-            (&delivery.device, &delivery.target.to)
-        else {
+    async fn forget(
+        &self,
+        target: &Target,
+        device: Option<&str>,
+        reason: &str,
+        since: Option<u64>,
+    ) -> String {
+        let (Some(_), crate::sender::Destination::Token(token)) = (device, &target.to) else {
             return format!("unregistered: {reason}");
         };
         match self

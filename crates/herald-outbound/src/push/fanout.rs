@@ -1,5 +1,7 @@
 //! The `push.fanout` job: expands one accepted push into one delivery job per device (or raw
-//! token), applying the request's limits.
+//! token), applying the request's limits. Deliveries due now go in batches of `batch_size`
+//! per provider (`push.<provider>.batch`, see [`super::batch`]), each delivery still a member
+//! job of its own; deliveries a limit holds back are single `push.<provider>` jobs.
 //!
 //! Owns: recipient expansion, the email fallback rule, and the ids of delivery jobs. Delivery
 //! ids are `<uid>:<device id>` (raw tokens: `<uid>:<provider>:<token hash>`), so re-running an
@@ -22,6 +24,7 @@ use herald_core::time::now_ms;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
+use super::batch::{Batch, Member, batch_jobs};
 use super::request::{LimitStrategy, SendPush};
 use super::{Delivery, delivery_kind, limits};
 use crate::sender::{Destination, Target};
@@ -34,6 +37,8 @@ pub struct FanoutHandler {
     pub queue: Arc<dyn OutboundQueue>,
     pub devices: Arc<dyn DeviceStore>,
     pub wakeup: Arc<Wakeup>,
+    /// Deliveries due now per `push.<provider>.batch` job (1: one job per delivery).
+    pub batch_size: usize,
 }
 
 /// What an expansion produced.
@@ -55,8 +60,11 @@ pub(crate) async fn expand(
     request: &SendPush,
     uid: &str,
     expire_at: Option<u64>,
+    batch_size: usize,
 ) -> Result<Counts, String> {
     let mut expansion = Expansion {
+        batch_size,
+        batches: Default::default(),
         queue,
         devices,
         wakeup,
@@ -84,6 +92,11 @@ struct Expansion<'a> {
     expire_at: Option<u64>,
     now: u64,
     pending: Vec<NewJob>,
+    /// Deliveries per batch (1: none are batched).
+    batch_size: usize,
+    /// Per provider (index of [`Provider::ALL`]): deliveries due now waiting for their
+    /// batch, with their recipients.
+    batches: [Vec<(Member, String)>; 4],
     counts: Counts,
 }
 
@@ -105,6 +118,7 @@ impl JobHandler for FanoutHandler {
             &request,
             &job.group,
             job.expire_at,
+            self.batch_size,
         )
         .await;
         match expanded {
@@ -297,23 +311,48 @@ impl Expansion<'_> {
         device: Option<String>,
         not_before: u64,
     ) -> Result<(), String> {
-        let part = Provider::ALL
-            .iter()
-            .position(|p| *p == target.provider)
-            .and_then(|index| self.parts[index].clone());
-        let Some(notification) = part else {
-            self.counts.skipped += 1;
+        let Some(index) = Provider::ALL.iter().position(|p| *p == target.provider) else {
             return Ok(());
         };
-        let kind = delivery_kind(target.provider);
+        if self.parts[index].is_none() {
+            self.counts.skipped += 1;
+            return Ok(());
+        }
+        self.counts.deliveries += 1;
+        if self.batch_size > 1 && not_before <= self.now {
+            self.batches[index].push((Member { id, target, device }, recipient));
+            if self.batches[index].len() >= self.batch_size {
+                self.flush_batch(index).await?;
+            }
+            return Ok(());
+        }
+        self.single(Member { id, target, device }, recipient, index, not_before)?;
+        if self.pending.len() >= PAGE {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Adds the `push.<provider>` job of one delivery to what the next flush enqueues.
+    fn single(
+        &mut self,
+        member: Member,
+        recipient: String,
+        index: usize,
+        not_before: u64,
+    ) -> Result<(), String> {
+        let Some(notification) = self.parts[index].clone() else {
+            return Ok(());
+        };
+        let kind = delivery_kind(member.target.provider);
         let delivery = Delivery {
-            target,
-            device,
+            target: member.target,
+            device: member.device,
             notification,
         };
         let payload = serde_json::to_vec(&delivery).map_err(|e| e.to_string())?;
         self.pending.push(NewJob {
-            id,
+            id: member.id,
             kind: kind.to_string(),
             group: self.uid.to_string(),
             recipient,
@@ -322,14 +361,42 @@ impl Expansion<'_> {
             expire_at: self.expire_at,
             order_key: None,
         });
-        self.counts.deliveries += 1;
-        if self.pending.len() >= PAGE {
-            self.flush().await?;
+        Ok(())
+    }
+
+    /// Enqueues the waiting deliveries of provider `index` as one batch (a lone one as a
+    /// single delivery: a batch of one costs more than it saves).
+    async fn flush_batch(&mut self, index: usize) -> Result<(), String> {
+        let waiting = std::mem::take(&mut self.batches[index]);
+        let Some(notification) = self.parts[index].clone() else {
+            return Ok(());
+        };
+        if waiting.len() <= 1 {
+            for (member, recipient) in waiting {
+                self.single(member, recipient, index, self.now)?;
+            }
+            return Ok(());
         }
+        let (members, recipients): (Vec<Member>, Vec<String>) = waiting.into_iter().unzip();
+        let batch = Batch {
+            provider: Provider::ALL[index],
+            notification,
+            expire_at: self.expire_at,
+            members,
+        };
+        let (job, members) = batch_jobs(self.uid, &batch, recipients, self.now)?;
+        self.queue
+            .enqueue_batch(job, members)
+            .await
+            .map_err(|e| format!("enqueueing a batch of deliveries: {e}"))?;
+        self.wakeup.wake();
         Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), String> {
+        for index in 0..self.batches.len() {
+            self.flush_batch(index).await?;
+        }
         if self.pending.is_empty() {
             return Ok(());
         }

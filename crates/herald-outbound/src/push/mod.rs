@@ -11,6 +11,7 @@
 //!
 //! May touch: the [`OutboundQueue`] and [`DeviceStore`] it is given, and the senders.
 
+pub mod batch;
 pub mod deliver;
 pub mod fanout;
 pub mod limits;
@@ -91,6 +92,8 @@ pub struct PushService {
     devices: Arc<dyn DeviceStore>,
     wakeup: Arc<Wakeup>,
     stats: Arc<PushStats>,
+    /// Deliveries per batch when a push is expanded as it is accepted.
+    batch_size: usize,
 }
 
 impl std::fmt::Debug for PushService {
@@ -111,7 +114,15 @@ impl PushService {
             devices,
             wakeup,
             stats,
+            batch_size: 1,
         }
+    }
+
+    /// Deliveries per `push.<provider>.batch` job for the pushes this service expands when
+    /// accepting them (default 1: no batches); the fan-out handler has its own setting.
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
     }
 
     pub fn queue(&self) -> &Arc<dyn OutboundQueue> {
@@ -163,6 +174,7 @@ impl PushService {
                 &request,
                 &uid,
                 expire_at,
+                self.batch_size,
             )
             .await
             .map_err(|reason| PushError::Queue(QueueError::Unavailable(reason)))?;

@@ -59,14 +59,18 @@ enum Answer {
 
 impl WebhookHandler {
     /// The handler and the channel its attempt log goes through (drain it with
-    /// [`record_attempts`]).
+    /// [`record_attempts`]). `concurrency` is the deliveries in flight: as many connections
+    /// per endpoint host are kept open between deliveries, so a busy endpoint is not
+    /// reconnected to for every request (HTTP/1.1 needs one connection per request in
+    /// flight).
     pub fn new(
         service: Arc<WebhookService>,
+        concurrency: usize,
     ) -> Result<(Self, mpsc::UnboundedReceiver<AttemptRecord>), String> {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("Herald-Webhooks/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(64);
+            .pool_max_idle_per_host(concurrency.max(1));
         if !service.settings.allow_private_addresses {
             builder = builder.dns_resolver(Arc::new(PublicOnlyResolver));
         }

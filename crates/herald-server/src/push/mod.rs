@@ -17,6 +17,7 @@ use std::sync::Arc;
 use herald_core::device::{DeviceStore, Provider};
 use herald_core::outbound::OutboundQueue;
 use herald_core::time::now_ms;
+use herald_outbound::push::batch::{BatchHandler, batch_kind};
 use herald_outbound::push::deliver::{AnySender, DeliveryHandler};
 use herald_outbound::push::fanout::FanoutHandler;
 use herald_outbound::push::{FANOUT_KIND, PushService, PushStats, delivery_kind};
@@ -108,7 +109,8 @@ impl PushRuntime {
     ) -> Self {
         let wakeup = Arc::new(Wakeup::default());
         let stats = Arc::new(PushStats::default());
-        let service = PushService::new(queue, devices, wakeup.clone(), stats);
+        let service =
+            PushService::new(queue, devices, wakeup.clone(), stats).with_batch_size(config.batch);
         Self {
             service,
             config,
@@ -146,6 +148,7 @@ impl PushRuntime {
             queue: queue.clone(),
             devices: devices.clone(),
             wakeup: self.wakeup.clone(),
+            batch_size: self.config.batch,
         });
         let c = &self.config.concurrency;
         let mut kinds: Vec<(Arc<dyn JobHandler>, WorkerConfig)> =
@@ -156,17 +159,29 @@ impl PushRuntime {
             (Provider::Webpush, c.webpush),
             (Provider::Email, c.email),
         ] {
-            let handler: Arc<dyn JobHandler> = Arc::new(DeliveryHandler {
+            // The provider's sends in flight, shared by its single deliveries and batches.
+            let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+            let delivery = Arc::new(DeliveryHandler {
                 provider,
                 sender: self.senders.get(provider),
                 devices: devices.clone(),
                 stats: stats.clone(),
                 events: self.events.clone(),
+                slots: Some(slots),
             });
+            let single = self.worker_config(delivery_kind(provider), concurrency);
+            let batches: Arc<dyn JobHandler> = Arc::new(BatchHandler {
+                queue: queue.clone(),
+                delivery: delivery.clone(),
+                retry: single.retry.clone(),
+            });
+            // Enough batches at once to keep the sends in flight busy while one settles.
+            let batch_concurrency = (2 * concurrency).div_ceil(self.config.batch).max(2);
             kinds.push((
-                handler,
-                self.worker_config(delivery_kind(provider), concurrency),
+                batches,
+                self.worker_config(batch_kind(provider), batch_concurrency),
             ));
+            kinds.push((delivery as Arc<dyn JobHandler>, single));
         }
         for (handler, config) in kinds {
             let stop = self.stopped();

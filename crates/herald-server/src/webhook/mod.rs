@@ -98,7 +98,7 @@ impl WebhookRuntime {
     /// Starts the worker and the background tasks; they run until [`WebhookRuntime::stop`].
     pub fn start(self: &Arc<Self>) -> Result<JoinSet<()>, String> {
         let mut tasks = JoinSet::new();
-        let (handler, log) = WebhookHandler::new(self.service.clone())?;
+        let (handler, log) = WebhookHandler::new(self.service.clone(), self.config.concurrency)?;
         let handler: Arc<dyn JobHandler> = Arc::new(handler);
         let c = &self.config;
         let worker = WorkerConfig {

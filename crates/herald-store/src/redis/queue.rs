@@ -37,15 +37,16 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use herald_core::device::{Page, PageRequest};
 use herald_core::outbound::{
-    Finished, Job, JobState, JobStatus, NewJob, OutboundQueue, Outcome, QueueError, StatusFilter,
+    Finished, Job, JobState, JobStatus, MemberFinished, NewJob, OutboundQueue, Outcome, QueueError,
+    StatusFilter,
 };
 use herald_core::store::StoreError;
 use redis::{FromRedisValue, ScriptInvocation, Value};
 
 use super::conn::Link;
 use super::queue_scripts::{
-    CANCEL, CLAIM, CLAIM_FIELDS, DUE, ENQUEUE, FINISH, PURGE, REPORT, STATUS_FIELDS, STATUSES,
-    TAKE_RATE,
+    CANCEL, CLAIM, CLAIM_FIELDS, DUE, ENQUEUE, FINISH, FINISH_MEMBERS, HELD, PURGE, REPORT,
+    STATUS_FIELDS, STATUSES, TAKE_RATE,
 };
 
 /// Jobs per `enqueue` script call (a push fan-out writes batches of about this size).
@@ -281,6 +282,29 @@ impl RedisOutboundQueue {
     }
 }
 
+/// The 8 [`ENQUEUE`] arguments of `job`, with `order` as its order key argument.
+fn job_args(invocation: &mut ScriptInvocation<'static>, job: &NewJob, order: String) {
+    invocation
+        .arg(&job.id)
+        .arg(&job.kind)
+        .arg(&job.group)
+        .arg(&job.recipient)
+        .arg(&job.payload[..])
+        .arg(job.not_before)
+        .arg(job.expire_at.map(|at| at.to_string()).unwrap_or_default())
+        .arg(order);
+}
+
+/// An outcome as the finish scripts take it: its name, reason and retry time.
+fn outcome_args(outcome: &Outcome) -> (&'static str, &String, u64) {
+    match outcome {
+        Outcome::Sent { detail } => ("sent", detail, 0),
+        Outcome::Retry { at, reason } => ("retry", reason, *at),
+        Outcome::Failed { reason } => ("failed", reason, 0),
+        Outcome::Expired { reason } => ("expired", reason, 0),
+    }
+}
+
 fn parse_claimed(kind: &str, reply: Vec<Vec<u8>>) -> Result<Vec<Job>, QueueError> {
     if !reply.len().is_multiple_of(CLAIM_FIELDS) {
         return Err(malformed("a claim reply with a partial job"));
@@ -325,24 +349,75 @@ impl OutboundQueue for RedisOutboundQueue {
         let mut added = 0;
         for chunk in jobs.chunks(ENQUEUE_CHUNK) {
             let mut invocation = ENQUEUE.key(&self.base);
-            invocation.arg(written);
+            invocation.arg(written).arg("jobs");
             for job in chunk {
-                invocation
-                    .arg(&job.id)
-                    .arg(&job.kind)
-                    .arg(&job.group)
-                    .arg(&job.recipient)
-                    .arg(&job.payload[..])
-                    .arg(job.not_before)
-                    .arg(job.expire_at.map(|at| at.to_string()).unwrap_or_default());
-                match &job.order_key {
-                    Some(key) => invocation.arg(format!("+{key}")),
-                    None => invocation.arg("-"),
+                let order = match &job.order_key {
+                    Some(key) => format!("+{key}"),
+                    None => "-".to_owned(),
                 };
+                job_args(&mut invocation, job, order);
             }
             added += self.enqueue_chunk(invocation).await?;
         }
         Ok(added)
+    }
+
+    async fn enqueue_batch(
+        &self,
+        batch: NewJob,
+        members: Vec<NewJob>,
+    ) -> Result<usize, QueueError> {
+        if members.is_empty() {
+            return Ok(0);
+        }
+        // One script for the batch and every member: a batch is never stored without the
+        // members it stands for, nor members without their batch.
+        let mut invocation = ENQUEUE.key(&self.base);
+        invocation.arg(herald_core::time::now_ms()).arg("batch");
+        job_args(&mut invocation, &batch, "-".to_owned());
+        for member in &members {
+            let member = NewJob {
+                payload: Bytes::new(),
+                ..member.clone()
+            };
+            job_args(&mut invocation, &member, "=".to_owned());
+        }
+        self.enqueue_chunk(invocation).await
+    }
+
+    async fn held(&self, ids: Vec<String>) -> Result<Vec<String>, QueueError> {
+        let mut held = Vec::new();
+        for chunk in ids.chunks(FINISH_CHUNK) {
+            let mut invocation = HELD.key(&self.base);
+            for id in chunk {
+                invocation.arg(id);
+            }
+            let found: Vec<String> = self.run(invocation).await?;
+            held.extend(found);
+        }
+        Ok(held)
+    }
+
+    async fn finish_members(
+        &self,
+        finished: Vec<MemberFinished>,
+        now: u64,
+    ) -> Result<(), QueueError> {
+        for chunk in finished.chunks(FINISH_CHUNK) {
+            let mut invocation = FINISH_MEMBERS.key(&self.base);
+            invocation.arg(now);
+            for done in chunk {
+                let (outcome, reason, at) = outcome_args(&done.outcome);
+                invocation
+                    .arg(&done.id)
+                    .arg(outcome)
+                    .arg(reason)
+                    .arg(at)
+                    .arg(&done.payload[..]);
+            }
+            self.run::<()>(invocation).await?;
+        }
+        Ok(())
     }
 
     async fn claim(
@@ -380,12 +455,7 @@ impl OutboundQueue for RedisOutboundQueue {
             let mut invocation = FINISH.key(&self.base);
             invocation.arg(now);
             for done in chunk {
-                let (outcome, reason, at) = match &done.outcome {
-                    Outcome::Sent { detail } => ("sent", detail, 0),
-                    Outcome::Retry { at, reason } => ("retry", reason, *at),
-                    Outcome::Failed { reason } => ("failed", reason, 0),
-                    Outcome::Expired { reason } => ("expired", reason, 0),
-                };
+                let (outcome, reason, at) = outcome_args(&done.outcome);
                 invocation
                     .arg(&done.id)
                     .arg(done.attempt)

@@ -7,7 +7,8 @@
 //!
 //! Key layout under the base `B`:
 //! - `B:j:<id>` hash, one per job: `d` the fields a job never changes (kind, group,
-//!   recipient, expire_at (`''`: none), order key (`-`: none, `+<key>`), packed with
+//!   recipient, expire_at (`''`: none), order key (`-`: none, `+<key>`, `=`: a batch's
+//!   held member, never in `ready` until settled for a retry), packed with
 //!   `cmsgpack`: one field instead of five makes the hash cheaper to write and read), `p`
 //!   payload (emptied once final), `nb` not_before, `s` state name, `a` attempts, `e` reason,
 //!   `u` updated_at;
@@ -94,14 +95,18 @@ fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}{body}"))
 }
 
-/// ARGV: now, then 8 per job: id, kind, group, recipient, payload, not_before, expire_at
-/// (`''`: none), order key (`-`: none, `+<key>`). Returns how many jobs were new.
+/// ARGV: now, mode (`jobs`, or `batch`: the first job is a batch, the rest its held members
+/// with order key `=`; nothing is added when the batch is known, and the batch only when a
+/// member was new), then 8 per job: id, kind, group, recipient, payload, not_before,
+/// expire_at (`''`: none), order key (`-`: none, `+<key>`, `=`). Returns how many jobs (in
+/// batch mode: members) were new.
 pub(crate) static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local now = ARGV[1]
+local now, batch = ARGV[1], ARGV[2] == 'batch'
 local ids = {}
-for i = 2, #ARGV, 8 do ids[#ids + 1] = ARGV[i] end
+for i = 3, #ARGV, 8 do ids[#ids + 1] = ARGV[i] end
+if batch and redis.call('ZSCORE', base .. ':all', ids[1]) then return 0 end
 -- Which ids are known, in one call per thousand (`all` holds exactly the existing jobs).
 local known = {}
 for i = 1, #ids, 1000 do
@@ -109,25 +114,31 @@ for i = 1, #ids, 1000 do
   for k = 1, #scores do known[i + k - 1] = scores[k] end
 end
 local added, all, groups, ready, seen = 0, {}, {}, {}, {}
-for j, id in ipairs(ids) do
-  if not known[j] and not seen[id] then
-    seen[id] = true
-    local i = 2 + (j - 1) * 8
-    local kind, group, recipient, nb, order = ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+5], ARGV[i+7]
-    redis.call('HSET', jk(id), 'd', cmsgpack.pack(kind, group, recipient, ARGV[i+6], order),
-      'p', ARGV[i+4], 'nb', nb, 's', 'queued', 'a', 0, 'e', '', 'u', now)
-    redis.call('ZADD', base .. ':r:' .. recipient, 0, id)
-    all[#all + 1] = 0
-    all[#all + 1] = id
-    push(groups, group, 0, id)
-    local first = true
-    if string.sub(order, 1, 1) == '+' then
-      first = redis.call('RPUSH', base .. ':line:' .. string.sub(order, 2), id) == 1
-    end
-    if first then push(ready, kind, nb, id) end
-    added = added + 1
+local function add(j)
+  local id = ids[j]
+  if known[j] or seen[id] then return false end
+  seen[id] = true
+  local i = 3 + (j - 1) * 8
+  local kind, group, recipient, nb, order = ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+5], ARGV[i+7]
+  redis.call('HSET', jk(id), 'd', cmsgpack.pack(kind, group, recipient, ARGV[i+6], order),
+    'p', ARGV[i+4], 'nb', nb, 's', 'queued', 'a', 0, 'e', '', 'u', now)
+  redis.call('ZADD', base .. ':r:' .. recipient, 0, id)
+  all[#all + 1] = 0
+  all[#all + 1] = id
+  push(groups, group, 0, id)
+  local first = order ~= '='
+  if string.sub(order, 1, 1) == '+' then
+    first = redis.call('RPUSH', base .. ':line:' .. string.sub(order, 2), id) == 1
   end
+  if first then push(ready, kind, nb, id) end
+  return true
 end
+local from = 1
+if batch then from = 2 end
+for j = from, #ids do
+  if add(j) then added = added + 1 end
+end
+if batch and added > 0 then add(1) end
 if #all > 0 then bulk('ZADD', base .. ':all', all) end
 for group, list in pairs(groups) do bulk('ZADD', base .. ':g:' .. group, list) end
 for kind, list in pairs(ready) do
@@ -135,6 +146,60 @@ for kind, list in pairs(ready) do
   redis.call('SADD', base .. ':kinds', kind)
 end
 return added
+"#,
+    )
+});
+
+/// ARGV: ids. Returns those of batch members still held (queued with order key `=`).
+pub(crate) static HELD: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local out = {}
+for _, id in ipairs(ARGV) do
+  local f = redis.call('HMGET', jk(id), 's', 'd')
+  if f[1] == 'queued' then
+    local _, _, _, _, order = cmsgpack.unpack(f[2])
+    if order == '=' then out[#out + 1] = id end
+  end
+end
+return out
+"#,
+    )
+});
+
+/// ARGV: now, then 5 per member: id, outcome (`sent`, `retry`, `failed`, `expired`), reason,
+/// retry time, payload (for a retry). Settles members that are still held: a retry makes the
+/// member an ordinary queued job (order key `-`) in `ready` at its retry time with the
+/// payload; anything else makes it final. The first attempt is counted either way.
+pub(crate) static FINISH_MEMBERS: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local now = ARGV[1]
+local ready = {}
+for i = 2, #ARGV, 5 do
+  local id = ARGV[i]
+  local key = jk(id)
+  local f = redis.call('HMGET', key, 's', 'd')
+  if f[1] == 'queued' then
+    local kind, group, recipient, expire_at, order = cmsgpack.unpack(f[2])
+    if order == '=' then
+      if ARGV[i + 1] == 'retry' then
+        redis.call('HSET', key, 'd', cmsgpack.pack(kind, group, recipient, expire_at, '-'),
+          'nb', ARGV[i + 3], 'e', ARGV[i + 2], 'a', 1, 'u', now, 'p', ARGV[i + 4])
+        push(ready, kind, ARGV[i + 3], id)
+      else
+        redis.call('HSET', key, 'a', 1)
+        finalize(id, order, ARGV[i + 1], ARGV[i + 2], now)
+      end
+    end
+  end
+end
+for kind, list in pairs(ready) do
+  bulk('ZADD', base .. ':ready:' .. kind, list)
+  redis.call('SADD', base .. ':kinds', kind)
+end
+flush_done()
+return 0
 "#,
     )
 });

@@ -11,7 +11,8 @@
 //! jobs held behind their `order_key` never slow it down. `order_key` costs nothing when
 //! unused: a job with a key that has an earlier unfinished job is stored as `HELD`
 //! (outside the claimable index), and the job that finishes releases the next of its key,
-//! one indexed update.
+//! one indexed update. A batch's members are `HELD` rows without an `order_key` (so no line
+//! ever releases them) and without a payload; settling one is one update by id.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -20,7 +21,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use herald_core::device::{Page, PageRequest};
 use herald_core::outbound::{
-    Finished, Job, JobState, JobStatus, NewJob, OutboundQueue, Outcome, QueueError, StatusFilter,
+    Finished, Job, JobState, JobStatus, MemberFinished, NewJob, OutboundQueue, Outcome, QueueError,
+    StatusFilter,
 };
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 
@@ -88,6 +90,84 @@ fn enqueue_all(conn: &Connection, jobs: &[NewJob]) -> Result<usize, DbError> {
         ])?;
     }
     Ok(added)
+}
+
+fn enqueue_batch_all(
+    conn: &Connection,
+    batch: &NewJob,
+    members: &[NewJob],
+) -> Result<usize, DbError> {
+    let known: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM jobs WHERE id = ?1)")?
+        .query_row(params![batch.id], |row| row.get(0))?;
+    if known {
+        return Ok(0);
+    }
+    let written = to_i64(herald_core::time::now_ms());
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO jobs (id, kind, grp, recipient, payload, not_before, expire_at, order_key,
+                           state, attempts, due_at, reason, updated_at)
+         VALUES (?1, ?2, ?3, ?4, x'', ?5, ?6, NULL, ?7, 0, ?5, '', ?8)
+         ON CONFLICT (id) DO NOTHING",
+    )?;
+    let mut added = 0;
+    for member in members {
+        added += insert.execute(params![
+            member.id,
+            member.kind,
+            member.group,
+            member.recipient,
+            to_i64(member.not_before),
+            member.expire_at.map(to_i64),
+            HELD,
+            written,
+        ])?;
+    }
+    if added > 0 {
+        enqueue_all(conn, std::slice::from_ref(batch))?;
+    }
+    Ok(added)
+}
+
+fn finish_members_all(
+    conn: &Connection,
+    finished: &[MemberFinished],
+    now: u64,
+) -> Result<(), DbError> {
+    // Only held members (HELD without an order key) change: the first settle wins.
+    let mut settle = conn.prepare_cached(
+        "UPDATE jobs SET state = ?2, reason = ?3, attempts = 1, updated_at = ?4
+         WHERE id = ?1 AND state = ?5 AND order_key IS NULL",
+    )?;
+    let mut retry = conn.prepare_cached(
+        "UPDATE jobs SET state = ?2, reason = ?3, attempts = 1, updated_at = ?4, due_at = ?6,
+             not_before = ?6, payload = ?7
+         WHERE id = ?1 AND state = ?5 AND order_key IS NULL",
+    )?;
+    let now = to_i64(now);
+    for done in finished {
+        match &done.outcome {
+            Outcome::Retry { at, reason } => retry.execute(params![
+                done.id,
+                QUEUED,
+                reason,
+                now,
+                HELD,
+                to_i64(*at),
+                &done.payload[..]
+            ])?,
+            Outcome::Sent { detail } => {
+                settle.execute(params![done.id, SENT, detail, now, HELD])?
+            }
+            Outcome::Failed { reason } => {
+                settle.execute(params![done.id, FAILED, reason, now, HELD])?
+            }
+            Outcome::Expired { reason } => {
+                settle.execute(params![done.id, EXPIRED, reason, now, HELD])?
+            }
+        };
+    }
+    Ok(())
 }
 
 /// Whether `order_key` has a job that is not final (so a new one must wait).
@@ -425,6 +505,51 @@ impl OutboundQueue for SqliteOutboundQueue {
         Ok(self
             .db
             .write(move |conn| finish_all(conn, &finished, now))
+            .await?)
+    }
+
+    async fn enqueue_batch(
+        &self,
+        batch: NewJob,
+        members: Vec<NewJob>,
+    ) -> Result<usize, QueueError> {
+        if members.is_empty() {
+            return Ok(0);
+        }
+        Ok(self
+            .db
+            .write(move |conn| enqueue_batch_all(conn, &batch, &members))
+            .await?)
+    }
+
+    async fn held(&self, ids: Vec<String>) -> Result<Vec<String>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .db
+            .read(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1))
+                         AND state = ?2 AND order_key IS NULL",
+                )?;
+                let rows = stmt.query_map(params![json_list(&ids)?, HELD], |row| row.get(0))?;
+                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            })
+            .await?)
+    }
+
+    async fn finish_members(
+        &self,
+        finished: Vec<MemberFinished>,
+        now: u64,
+    ) -> Result<(), QueueError> {
+        if finished.is_empty() {
+            return Ok(());
+        }
+        Ok(self
+            .db
+            .write(move |conn| finish_members_all(conn, &finished, now))
             .await?)
     }
 
