@@ -9,6 +9,7 @@
 //! the device registry). Never the node's stores directly.
 
 pub mod apns;
+pub mod batch;
 pub mod clock;
 pub mod egress;
 pub mod email;

@@ -15,13 +15,14 @@ use base64::Engine as _;
 use herald_core::memory_outbound::MemoryOutboundQueue;
 use herald_core::outbound::{JobState, JobStatus, OutboundQueue, StatusFilter};
 use herald_core::webhook_store::{MemoryWebhookStore, WebhookStore};
+use herald_outbound::webhook::batch::{BATCH_KIND, WebhookBatchHandler};
 use herald_outbound::webhook::deliver::{WebhookHandler, record_attempts};
 use herald_outbound::webhook::endpoint::Endpoint;
 use herald_outbound::webhook::endpoints::Endpoints;
 use herald_outbound::webhook::event::{Event, EventType, KIND};
 use herald_outbound::webhook::sign::Secret;
 use herald_outbound::webhook::{WebhookService, WebhookSettings, WebhookStats};
-use herald_outbound::worker::{Retry, RetrySchedule, Wakeup, WorkerConfig, run_worker};
+use herald_outbound::worker::{JobHandler, Retry, RetrySchedule, Wakeup, WorkerConfig, run_worker};
 use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
 use sha2::Sha256;
@@ -167,27 +168,42 @@ async fn harness(endpoints: &[Endpoint], options: Options) -> Harness {
             timeout: Duration::from_secs(5),
             disable_after: options.disable_after,
             attempts: schedule.attempts(),
+            batch: 4,
         },
     });
     let (handler, log) = WebhookHandler::new(service.clone(), 8).expect("handler");
+    let handler = Arc::new(handler);
     let (stop, _) = watch::channel(false);
-    let mut stopped = stop.subscribe();
-    tokio::spawn(run_worker(
-        queue.clone(),
-        Arc::new(handler),
-        WorkerConfig {
-            kind: KIND.into(),
-            concurrency: 16,
-            batch: 16,
-            lease: Duration::from_secs(30),
-            poll_interval: Duration::from_millis(20),
-            retry: Retry::Schedule(schedule),
-        },
-        service.wakeup.clone(),
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        },
-    ));
+    let retry = Retry::Schedule(schedule);
+    // Single deliveries, and batches of several events to an endpoint (the harness's
+    // `batch = 4`), as the server runs them.
+    let batches: Arc<dyn JobHandler> = Arc::new(WebhookBatchHandler {
+        queue: queue.clone(),
+        handler: handler.clone(),
+        retry: retry.clone(),
+    });
+    for (kind, handler) in [
+        (KIND, handler.clone() as Arc<dyn JobHandler>),
+        (BATCH_KIND, batches),
+    ] {
+        let mut stopped = stop.subscribe();
+        tokio::spawn(run_worker(
+            queue.clone(),
+            handler,
+            WorkerConfig {
+                kind: kind.into(),
+                concurrency: 16,
+                batch: 16,
+                lease: Duration::from_secs(30),
+                poll_interval: Duration::from_millis(20),
+                retry: retry.clone(),
+            },
+            service.wakeup.clone(),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+    }
     tokio::spawn(record_attempts(store.clone(), log));
     Harness {
         service,

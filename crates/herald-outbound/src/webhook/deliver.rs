@@ -41,6 +41,8 @@ pub struct WebhookHandler {
     service: Arc<WebhookService>,
     client: reqwest::Client,
     attempts: mpsc::UnboundedSender<AttemptRecord>,
+    /// Requests in flight, shared by single deliveries and the members of batches.
+    slots: tokio::sync::Semaphore,
 }
 
 /// How one attempt went.
@@ -83,6 +85,7 @@ impl WebhookHandler {
                 service,
                 client,
                 attempts,
+                slots: tokio::sync::Semaphore::new(concurrency.max(1)),
             },
             log,
         ))
@@ -107,6 +110,7 @@ impl WebhookHandler {
         let timeout = endpoint
             .timeout
             .map_or(self.service.settings.timeout, |t| t.as_duration());
+        let _slot = self.slots.acquire().await.ok();
         let sent = self
             .client
             .post(url)

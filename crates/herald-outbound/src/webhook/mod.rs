@@ -10,6 +10,7 @@
 //! May touch: the [`OutboundQueue`] and [`WebhookStore`] it is given; the endpoints' URLs
 //! (through [`deliver`] only, behind the egress check).
 
+pub mod batch;
 pub mod deliver;
 pub mod endpoint;
 pub mod endpoints;
@@ -50,6 +51,8 @@ pub struct WebhookSettings {
     pub disable_after: Duration,
     /// Attempts per delivery (the retry schedule's, for knowing the last one).
     pub attempts: u32,
+    /// Deliveries to one endpoint queued together as one `webhook.batch` job (1: none).
+    pub batch: usize,
 }
 
 /// Counters exported as metrics.
@@ -104,11 +107,13 @@ impl std::fmt::Debug for WebhookService {
 }
 
 impl WebhookService {
-    /// Queues one job per (event, endpoint that wants it), durably, in one call; returns how
-    /// many were new.
+    /// Queues one delivery per (event, endpoint that wants it), durably; returns how many
+    /// were new. Several deliveries to an endpoint that is neither ordered nor rate limited
+    /// go as `webhook.batch` jobs of up to `batch` deliveries ([`batch`]).
     pub async fn enqueue(&self, events: &[Event]) -> Result<usize, QueueError> {
         let now = now_ms();
         let mut jobs: Vec<NewJob> = Vec::new();
+        let mut batchable: std::collections::BTreeMap<String, Vec<NewJob>> = Default::default();
         for event in events {
             let targets = self
                 .endpoints
@@ -119,16 +124,37 @@ impl WebhookService {
             let body = event
                 .body()
                 .map_err(|e| QueueError::Invalid(format!("webhook body: {e}")))?;
-            jobs.extend(
-                targets
-                    .iter()
-                    .map(|entry| event.job(&body, &entry.endpoint, now)),
-            );
+            for entry in &targets {
+                let job = event.job(&body, &entry.endpoint, now);
+                let endpoint = &entry.endpoint;
+                if self.settings.batch > 1 && !endpoint.ordered && endpoint.rate_limit == 0 {
+                    batchable.entry(endpoint.id.clone()).or_default().push(job);
+                } else {
+                    jobs.push(job);
+                }
+            }
         }
-        if jobs.is_empty() {
+        let mut added = 0;
+        for (endpoint, mut waiting) in batchable {
+            while !waiting.is_empty() {
+                let rest = waiting.split_off(waiting.len().min(self.settings.batch));
+                let chunk = std::mem::replace(&mut waiting, rest);
+                if chunk.len() == 1 {
+                    jobs.extend(chunk);
+                    continue;
+                }
+                match batch::batch_jobs(&endpoint, chunk.clone(), now) {
+                    Some((job, members)) => added += self.queue.enqueue_batch(job, members).await?,
+                    None => jobs.extend(chunk),
+                }
+            }
+        }
+        if !jobs.is_empty() {
+            added += self.queue.enqueue(jobs).await?;
+        }
+        if added == 0 {
             return Ok(0);
         }
-        let added = self.queue.enqueue(jobs).await?;
         WebhookStats::add(&self.stats.enqueued, added as u64);
         self.wakeup.wake();
         Ok(added)

@@ -19,9 +19,10 @@ use herald_core::node::{PublishObserver, Published};
 use herald_core::outbound::QueueError;
 use herald_core::publication::Payload;
 use herald_core::time::now_ms;
+use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::event::{Event, EventType, random_key};
 use super::{WebhookService, WebhookStats};
@@ -51,12 +52,50 @@ struct PublicationData<'a> {
     info: Option<&'a herald_core::publication::ClientInfo>,
 }
 
-/// Queues a `publication` event per publication an endpoint wants.
+/// Queues a `publication` event per publication an endpoint wants. Publications that happen
+/// at once (a batch publish, many publishers) are queued together: while one enqueue is being
+/// written, the events that arrive wait and go in the next, one call for all of them, so
+/// deliveries to the same endpoint become batches ([`super::batch`]). Each publisher still
+/// hears back only once its own event is durable.
 pub struct PublicationWebhooks {
-    pub service: Arc<WebhookService>,
+    service: Arc<WebhookService>,
+    waiting: Arc<Mutex<Waiting>>,
+}
+
+/// Events waiting for the next enqueue, and whether a task is writing them.
+#[derive(Default)]
+struct Waiting {
+    events: Vec<(Event, oneshot::Sender<Result<(), QueueError>>)>,
+    writing: bool,
 }
 
 impl PublicationWebhooks {
+    pub fn new(service: Arc<WebhookService>) -> Self {
+        Self {
+            service,
+            waiting: Arc::default(),
+        }
+    }
+
+    /// Queues `event` with whatever else is waiting; resolves once it is durable.
+    async fn enqueue(&self, event: Event) -> Result<(), QueueError> {
+        let (done, result) = oneshot::channel();
+        let start_writer = {
+            let mut waiting = self.waiting.lock();
+            waiting.events.push((event, done));
+            !std::mem::replace(&mut waiting.writing, true)
+        };
+        if start_writer {
+            // A task of its own, so that no publisher waits for others' events.
+            tokio::spawn(write_waiting(self.service.clone(), self.waiting.clone()));
+        }
+        result.await.unwrap_or_else(|_| {
+            Err(QueueError::Unavailable(
+                "the webhook writer stopped".to_owned(),
+            ))
+        })
+    }
+
     fn event(published: &Published<'_>) -> Result<Event, String> {
         let publication = published.publication;
         let channel = published.channel.as_str();
@@ -133,8 +172,8 @@ impl PublishObserver for PublicationWebhooks {
         let deadline = tokio::time::Instant::now() + ENQUEUE_PATIENCE;
         let mut delay = Duration::from_millis(50);
         loop {
-            match self.service.enqueue(std::slice::from_ref(&event)).await {
-                Ok(_) => return,
+            match self.enqueue(event.clone()).await {
+                Ok(()) => return,
                 Err(QueueError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
@@ -145,6 +184,25 @@ impl PublishObserver for PublicationWebhooks {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Enqueues what waits, in rounds, until nothing does.
+async fn write_waiting(service: Arc<WebhookService>, waiting: Arc<Mutex<Waiting>>) {
+    loop {
+        let round = {
+            let mut waiting = waiting.lock();
+            if waiting.events.is_empty() {
+                waiting.writing = false;
+                return;
+            }
+            std::mem::take(&mut waiting.events)
+        };
+        let (events, done): (Vec<Event>, Vec<_>) = round.into_iter().unzip();
+        let result = service.enqueue(&events).await.map(|_| ());
+        for done in done {
+            let _ = done.send(result.clone());
         }
     }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use herald_core::Node;
 use herald_core::time::now_ms;
+use herald_outbound::webhook::batch::{BATCH_KIND, WebhookBatchHandler};
 use herald_outbound::webhook::deliver::{WebhookHandler, record_attempts};
 use herald_outbound::webhook::endpoints::Endpoints;
 use herald_outbound::webhook::event::KIND;
@@ -73,11 +74,10 @@ impl WebhookRuntime {
                 timeout: config.timeout.as_duration(),
                 disable_after: config.disable_after.as_duration(),
                 attempts: schedule.attempts(),
+                batch: config.batch,
             },
         });
-        node.observe_publications(Arc::new(PublicationWebhooks {
-            service: service.clone(),
-        }));
+        node.observe_publications(Arc::new(PublicationWebhooks::new(service.clone())));
         let (observer, drain) = ClientEventWebhooks::new(service.clone(), config.event_buffer);
         node.observe_client_events(Arc::new(observer));
         Ok(Arc::new(Self {
@@ -99,24 +99,38 @@ impl WebhookRuntime {
     pub fn start(self: &Arc<Self>) -> Result<JoinSet<()>, String> {
         let mut tasks = JoinSet::new();
         let (handler, log) = WebhookHandler::new(self.service.clone(), self.config.concurrency)?;
-        let handler: Arc<dyn JobHandler> = Arc::new(handler);
+        let handler = Arc::new(handler);
         let c = &self.config;
-        let worker = WorkerConfig {
-            kind: KIND.to_owned(),
-            concurrency: c.concurrency,
-            batch: c.batch,
-            lease: c.lease.as_duration(),
-            poll_interval: c.poll_interval.as_duration(),
-            retry: herald_outbound::worker::Retry::Schedule(schedule(c)),
-        };
-        tasks.spawn(run_worker(
-            self.service.queue.clone(),
-            handler,
-            worker,
-            self.service.wakeup.clone(),
-            self.stopped(),
-        ));
-        // Ends when the handler (its only sender) is dropped with the worker.
+        let retry = herald_outbound::worker::Retry::Schedule(schedule(c));
+        let batches: Arc<dyn JobHandler> = Arc::new(WebhookBatchHandler {
+            queue: self.service.queue.clone(),
+            handler: handler.clone(),
+            retry: retry.clone(),
+        });
+        // Single deliveries, and batches: enough of those at once to keep the requests in
+        // flight busy while one settles.
+        let batch_concurrency = (2 * c.concurrency).div_ceil(c.batch).max(2);
+        for (kind, handler, concurrency) in [
+            (KIND, handler as Arc<dyn JobHandler>, c.concurrency),
+            (BATCH_KIND, batches, batch_concurrency),
+        ] {
+            let worker = WorkerConfig {
+                kind: kind.to_owned(),
+                concurrency,
+                batch: c.batch,
+                lease: c.lease.as_duration(),
+                poll_interval: c.poll_interval.as_duration(),
+                retry: retry.clone(),
+            };
+            tasks.spawn(run_worker(
+                self.service.queue.clone(),
+                handler,
+                worker,
+                self.service.wakeup.clone(),
+                self.stopped(),
+            ));
+        }
+        // Ends when the handler (its only sender) is dropped with the workers.
         tasks.spawn(record_attempts(self.service.store.clone(), log));
         if let Some(drain) = self.client_events.lock().take() {
             let stop = self.stopped();
