@@ -1,5 +1,5 @@
 """The client protocol over a gRPC bidirectional stream, `herald.stream.ClientStream.Connect`
-(docs/grpc.md), judged by `grpcio` with stubs generated at test time from
+(docs/grpc.md), judged by `grpcio` with messages generated at test time from
 `proto/herald/client_stream.proto` and `proto/centrifugal/client.proto`: the full command set,
 server pings and pongs, recovery after a forced disconnect, a consumer that stops reading
 closed as slow (3008), malformed and oversized messages answered with statuses, protocol
@@ -23,6 +23,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import grpc
@@ -35,17 +36,36 @@ SLOW, NO_PONG, BAD_REQUEST, SIZE_LIMIT = 3008, 3012, 3501, 3511
 METHOD = "/herald.stream.ClientStream/Connect"
 
 
-def compile_protos(out: Path) -> Tuple[Any, Any, Any, Any]:
+def compile_protos(out: Path) -> Tuple[Any, Any, Any]:
+    """The client protocol's message classes (from a descriptor set protoc writes, loaded in
+    a pool of their own: centrifuge-python, which other test modules import into this
+    process, registers the same package in protobuf's default pool), and the uni stream's
+    generated modules."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
     from grpc_tools import protoc
 
     include = Path(protoc.__file__).parent / "_proto"
+    descriptors = out / "client_stream.pb"
+    args = ["protoc", f"-I{REPO / 'proto'}", f"-I{include}", f"--descriptor_set_out={descriptors}",
+            "--include_imports", "herald/client_stream.proto"]
+    assert protoc.main(args) == 0, "protoc failed on proto/herald/client_stream.proto"
     args = ["protoc", f"-I{REPO / 'proto'}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}",
-            "centrifugal/client.proto", "herald/client_stream.proto", "centrifugo/unistream.proto"]
-    assert protoc.main(args) == 0, "protoc failed on proto/"
+            "centrifugo/unistream.proto"]
+    assert protoc.main(args) == 0, "protoc failed on proto/centrifugo/unistream.proto"
+    pool = descriptor_pool.DescriptorPool()
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptors.read_bytes()).file
+    for file in files:
+        pool.Add(file)
+    method = pool.FindServiceByName("herald.stream.ClientStream").methods_by_name["Connect"]
+    assert method.client_streaming and method.server_streaming
+    assert method.input_type.full_name == "centrifugal.centrifuge.protocol.Command"
+    assert method.output_type.full_name == "centrifugal.centrifuge.protocol.Reply"
+    protocol = next(f for f in files if f.package == "centrifugal.centrifuge.protocol")
+    pb = SimpleNamespace(**{
+        m.name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{protocol.package}.{m.name}"))
+        for m in protocol.message_type})
     sys.path.insert(0, str(out))
-    return (importlib.import_module("centrifugal.client_pb2"),
-            importlib.import_module("herald.client_stream_pb2_grpc"),
-            importlib.import_module("centrifugo.unistream_pb2"),
+    return (pb, importlib.import_module("centrifugo.unistream_pb2"),
             importlib.import_module("centrifugo.unistream_pb2_grpc"))
 
 
@@ -96,7 +116,7 @@ class Conn:
         self.error: Optional[grpc.RpcError] = None
         self.ended = threading.Event()
         self.next_id = 0
-        self.call = stack.stub.Connect(self._requests(), timeout=timeout)
+        self.call = stack.connect_call(self._requests(), timeout=timeout)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _requests(self) -> Iterator[Any]:
@@ -142,11 +162,14 @@ class Conn:
 
 
 class Stack:
-    def __init__(self, herald: HeraldInstance, protos: Tuple[Any, Any, Any, Any]) -> None:
+    def __init__(self, herald: HeraldInstance, protos: Tuple[Any, Any, Any]) -> None:
         self.herald = herald
-        self.pb, stream_grpc, self.uni_pb, uni_grpc = protos
+        self.pb, self.uni_pb, uni_grpc = protos
         self.channel = grpc.insecure_channel(herald.url.removeprefix("http://"))
-        self.stub = stream_grpc.ClientStreamStub(self.channel)
+        # What a generated ClientStreamStub's Connect is.
+        self.connect_call = self.channel.stream_stream(
+            METHOD, request_serializer=lambda command: command.SerializeToString(),
+            response_deserializer=self.pb.Reply.FromString)
         self.uni = uni_grpc.CentrifugoUniStreamStub(self.channel)
 
     def token(self, user: str, **claims: Any) -> str:
@@ -168,18 +191,18 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def protos(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Any, Any, Any, Any]:
+def protos(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Any, Any, Any]:
     return compile_protos(tmp_path_factory.mktemp("stubs"))
 
 
-def start_stack(root: Path, protos: Tuple[Any, Any, Any, Any], extra: str) -> Stack:
+def start_stack(root: Path, protos: Tuple[Any, Any, Any], extra: str) -> Stack:
     herald = HeraldInstance(root, extra_config=extra)
     herald.start()
     return Stack(herald, protos)
 
 
 @pytest.fixture(scope="module")
-def quiet(tmp_path_factory: pytest.TempPathFactory, protos: Tuple[Any, Any, Any, Any]) -> Iterator[Stack]:
+def quiet(tmp_path_factory: pytest.TempPathFactory, protos: Tuple[Any, Any, Any]) -> Iterator[Stack]:
     """A server with the default ping interval (25 s), so that only the queue bound can
     close a consumer that stops reading."""
     stack = start_stack(tmp_path_factory.mktemp("quiet"), protos, "[grpc_api]\nenabled = true\n\n"
@@ -190,7 +213,7 @@ def quiet(tmp_path_factory: pytest.TempPathFactory, protos: Tuple[Any, Any, Any,
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, protos: Tuple[Any, Any, Any, Any]) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, protos: Tuple[Any, Any, Any]) -> Iterator[Stack]:
     backend = Backend()
     extra = f"""
 [[namespaces]]
@@ -348,7 +371,7 @@ def test_a_consumer_that_stops_reading_is_closed_as_slow(quiet: Stack) -> None:
     commands: "queue.Queue[Any]" = queue.Queue()
     commands.put(pb.Command(id=1, connect=pb.ConnectRequest(token=stack.token("slow"))))
     commands.put(pb.Command(id=2, subscribe=pb.SubscribeRequest(channel=ch)))
-    call = stack.stub.Connect(iter(commands.get, None), timeout=120)
+    call = stack.connect_call(iter(commands.get, None), timeout=120)
     assert next(call).id == 1 and next(call).id == 2
     blob = "x" * 60_000
     for i in range(300):  # ~18 MB, far past HTTP/2 windows and the 64 KiB queue
