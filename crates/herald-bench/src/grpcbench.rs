@@ -477,6 +477,23 @@ fn succeeded(api: Api, batch: usize, status: u16, body: &[u8]) -> Result<u64, St
     }
 }
 
+/// How many publications a response says succeeded, once its body is read.
+async fn judge(
+    response: Result<hyper::Response<hyper::body::Incoming>, hyper::Error>,
+    api: Api,
+    batch: usize,
+) -> Result<u64, String> {
+    let response = response.map_err(|error| error.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|error| error.to_string())?
+        .to_bytes();
+    succeeded(api, batch, status, &body)
+}
+
 struct Tally {
     requests: u64,
     publications: u64,
@@ -534,33 +551,16 @@ async fn measure_publish(
                 let body = bodies[i % bodies.len()].clone();
                 i += 1;
                 let sent = Instant::now();
-                let outcome = match (&mut h1, &mut h2) {
+                let response = match (&mut h1, &mut h2) {
                     (Some(sender), _) => {
-                        match sender.send_request(http_request(&setup, path, body)).await {
-                            Ok(response) => {
-                                let status = response.status().as_u16();
-                                let body =
-                                    response.into_body().collect().await.map(|b| b.to_bytes());
-                                body.map_err(|e| e.to_string())
-                                    .and_then(|b| succeeded(api, batch, status, &b))
-                            }
-                            Err(error) => Err(error.to_string()),
-                        }
+                        sender.send_request(http_request(&setup, path, body)).await
                     }
                     (_, Some(sender)) => {
-                        match sender.send_request(grpc_request(&setup, path, body)).await {
-                            Ok(response) => {
-                                let status = response.status().as_u16();
-                                let body =
-                                    response.into_body().collect().await.map(|b| b.to_bytes());
-                                body.map_err(|e| e.to_string())
-                                    .and_then(|b| succeeded(api, batch, status, &b))
-                            }
-                            Err(error) => Err(error.to_string()),
-                        }
+                        sender.send_request(grpc_request(&setup, path, body)).await
                     }
                     _ => bail!("no connection"),
                 };
+                let outcome = judge(response, api, batch).await;
                 if sent < measure_from {
                     continue;
                 }
