@@ -415,6 +415,20 @@ def test_malformed_and_oversized_messages_are_statuses(stack: Stack) -> None:
     assert replies[-1].push.disconnect.code == SIZE_LIMIT and not replies[-1].push.disconnect.reconnect
 
 
+def test_an_invalid_token_is_unauthenticated_and_an_expired_one_error_109(stack: Stack) -> None:
+    pb = stack.pb
+    forged = pb.Command(id=1, connect=pb.ConnectRequest(token=stack.token("x") + "x")).SerializeToString()
+    replies, error = raw_call(stack, [forged])
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "3500" in error.details()
+    assert replies[-1].push.disconnect.code == 3500 and not replies[-1].push.disconnect.reconnect
+    conn = Conn(stack)
+    expired = stack.token("late", exp=int(time.time()) - 60)
+    reply = conn.request(connect=pb.ConnectRequest(token=expired))
+    assert reply.error.code == 109, reply
+    conn.ok(connect=pb.ConnectRequest(token=stack.token("late")))
+    conn.close()
+
+
 def test_cancellation_and_deadlines_end_the_session_on_the_server(stack: Stack) -> None:
     pb, ch = stack.pb, chan()
     cancelled, _ = stack.connect("cancelled")

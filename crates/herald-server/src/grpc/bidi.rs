@@ -12,8 +12,8 @@
 //!
 //! The stream ends with a `disconnect` push (close code, reason, reconnect), then status OK,
 //! `INVALID_ARGUMENT` (a message that is not a `Command`, 3501), `RESOURCE_EXHAUSTED` (a
-//! message over `client.max_message_size`, 3511) or `DEADLINE_EXCEEDED` (the call's
-//! `grpc-timeout` passed). A cancelled call ends the session at once.
+//! message over `client.max_message_size`, 3511), `UNAUTHENTICATED` (a connection or refresh
+//! token that is not valid, 3500) or `DEADLINE_EXCEEDED` (the call's `grpc-timeout` passed). A cancelled call ends the session at once.
 //!
 //! May touch: the real-time state (through the session).
 
@@ -297,6 +297,8 @@ fn last_messages(reason: CloseReason) -> Last {
         last.push(Err(Status::invalid_argument(detail)));
     } else if reason == CloseReason::MESSAGE_SIZE_LIMIT {
         last.push(Err(Status::resource_exhausted(detail)));
+    } else if reason == CloseReason::INVALID_TOKEN {
+        last.push(Err(Status::unauthenticated(detail)));
     }
     last
 }
