@@ -10,7 +10,7 @@
 //!    publications/s: publish-to-receive latency (p50, p99, max) and deliveries missed.
 //!
 //! gRPC is spoken directly over a hyper HTTP/2 connection, messages encoded by hand (a few
-//! fields), so the client costs little and needs no generated code. A publication's data
+//! fields, [`crate::grpcwire`]), so the client costs little and needs no generated code. A publication's data
 //! carries its send time (`{"t":<µs since the run started>,…}`), found in the received bytes
 //! with a substring search, without decoding.
 //!
@@ -22,7 +22,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
+
+use crate::grpcwire::{
+    batch_request, consume_request, fields, grpc_frame, next_message, publish_request,
+};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
@@ -225,113 +229,6 @@ enum Transport {
 
 fn data_of_size(payload: usize) -> String {
     format!("{{\"n\":\"{}\"}}", "x".repeat(payload.saturating_sub(8)))
-}
-
-// --- Protobuf, by hand: the few fields this scenario writes and reads -----------------------
-
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-/// A length-delimited field (strings, bytes, messages).
-fn put_field(out: &mut Vec<u8>, number: u32, bytes: &[u8]) {
-    put_varint(out, u64::from(number << 3 | 2));
-    put_varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
-}
-
-fn publish_request(channel: &str, data: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    put_field(&mut out, 1, channel.as_bytes());
-    put_field(&mut out, 2, data.as_bytes());
-    out
-}
-
-/// `BatchRequest { commands: [Command { publish }], parallel: true }`.
-fn batch_request(channels: &[String], data: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    for channel in channels {
-        let mut command = Vec::new();
-        put_field(&mut command, 4, &publish_request(channel, data));
-        put_field(&mut out, 1, &command);
-    }
-    out.extend_from_slice(&[2 << 3, 1]);
-    out
-}
-
-/// `ConnectRequest { token, subs: { channel: SubscribeRequest {} } }`.
-fn consume_request(token: &str, channel: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    if !token.is_empty() {
-        put_field(&mut out, 1, token.as_bytes());
-    }
-    let mut entry = Vec::new();
-    put_field(&mut entry, 1, channel.as_bytes());
-    put_field(&mut entry, 2, &[]);
-    put_field(&mut out, 3, &entry);
-    out
-}
-
-fn get_varint(buf: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = buf.split_first()?;
-        *buf = rest;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte < 0x80 {
-            return Some(value);
-        }
-    }
-    None
-}
-
-/// The numbers of a message's top-level fields, and the bytes of length-delimited ones.
-fn fields(mut buf: &[u8]) -> Option<Vec<(u32, &[u8])>> {
-    let mut out = Vec::new();
-    while !buf.is_empty() {
-        let key = get_varint(&mut buf)?;
-        let number = (key >> 3) as u32;
-        match key & 7 {
-            0 => {
-                get_varint(&mut buf)?;
-                out.push((number, &[][..]));
-            }
-            2 => {
-                let len = usize::try_from(get_varint(&mut buf)?).ok()?;
-                let (value, rest) = (buf.get(..len)?, buf.get(len..)?);
-                buf = rest;
-                out.push((number, value));
-            }
-            _ => return None,
-        }
-    }
-    Some(out)
-}
-
-/// The gRPC message framing: uncompressed, 4-byte big-endian length.
-fn grpc_frame(message: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(message.len() + 5);
-    out.extend_from_slice(&[0]);
-    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    out.extend_from_slice(message);
-    out.freeze()
-}
-
-/// Splits whole gRPC messages off the front of `buf`.
-fn next_message(buf: &mut BytesMut) -> Option<Bytes> {
-    if buf.len() < 5 {
-        return None;
-    }
-    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-    if buf.len() < 5 + len {
-        return None;
-    }
-    buf.advance(5);
-    Some(buf.split_to(len).freeze())
 }
 
 // --- Publishing ------------------------------------------------------------------------------
@@ -614,7 +511,7 @@ async fn measure_publish(
 // --- Fan-out ---------------------------------------------------------------------------------
 
 /// The send time a publication's data carries, in µs since `epoch`.
-fn sent_at(bytes: &[u8]) -> Option<u64> {
+pub(crate) fn sent_at(bytes: &[u8]) -> Option<u64> {
     let at = memchr::memmem::find(bytes, b"\"t\":")? + 4;
     let digits = bytes[at..]
         .iter()
@@ -838,20 +735,11 @@ fn uuid_like() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::sent_at;
 
     #[test]
-    fn hand_encoded_messages_read_back() {
-        let request = publish_request("news", "{\"a\":1}");
-        let top = fields(&request).expect("decodes");
-        assert_eq!(top, vec![(1, &b"news"[..]), (2, &b"{\"a\":1}"[..])]);
-        let batch = batch_request(&["a".into(), "b".into()], "1");
-        let top = fields(&batch).expect("decodes");
-        assert_eq!(top.iter().filter(|(n, _)| *n == 1).count(), 2);
-        assert!(top.iter().any(|(n, _)| *n == 2));
-        let mut framed = BytesMut::from(&grpc_frame(&request)[..]);
-        assert_eq!(next_message(&mut framed).as_deref(), Some(&request[..]));
-        assert!(framed.is_empty());
+    fn the_send_time_is_read_from_the_received_bytes() {
         assert_eq!(sent_at(b"{\"t\":12345,\"pad\":\"x\"}"), Some(12345));
+        assert_eq!(sent_at(b"{\"end\":true}"), None);
     }
 }

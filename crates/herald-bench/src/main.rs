@@ -9,6 +9,7 @@ mod ceiling;
 mod compare;
 mod fanout;
 mod grpcbench;
+mod grpcwire;
 mod hookrecv;
 mod idle;
 mod mqtt;
