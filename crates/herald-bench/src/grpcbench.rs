@@ -27,6 +27,7 @@ use bytes::{Bytes, BytesMut};
 use crate::grpcwire::{
     batch_request, consume_request, fields, grpc_frame, next_message, publish_request,
 };
+use crate::publish::data_of_size;
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
@@ -225,10 +226,6 @@ enum Api {
 enum Transport {
     WebSocket,
     UniGrpc,
-}
-
-fn data_of_size(payload: usize) -> String {
-    format!("{{\"n\":\"{}\"}}", "x".repeat(payload.saturating_sub(8)))
 }
 
 // --- Publishing ------------------------------------------------------------------------------
