@@ -8,6 +8,8 @@ mod bridgesrc;
 mod ceiling;
 mod compare;
 mod fanout;
+mod grpcbench;
+mod grpcwire;
 mod hookrecv;
 mod idle;
 mod mqtt;
@@ -54,6 +56,9 @@ struct Cli {
 enum Command {
     /// Sustained publishes over the HTTP server API (`POST /api/publish`).
     Publish(publish::PublishArgs),
+    /// Publishes/s over gRPC (unary and batch) beside the HTTP API, and fan-out latency to
+    /// uni gRPC stream subscribers beside WebSocket subscribers, in one run.
+    Grpc(Box<grpcbench::GrpcArgs>),
     /// Print the Markdown table header used by `summarize`.
     SummaryHeader,
     /// Turn JSON lines from several `publish --json` runs into one Markdown table row.
@@ -135,6 +140,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sysstat::pin_current_thread(cpu)?;
             }
             let report = runtime(args.threads)?.block_on(publish::run(&args))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                report.print_text();
+            }
+            Ok(())
+        }
+        Command::Grpc(args) => {
+            let report = runtime(args.threads)?.block_on(grpcbench::run(&args))?;
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

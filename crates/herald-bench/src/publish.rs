@@ -266,7 +266,7 @@ enum Failure {
 }
 
 /// The JSON `data` of every publication: `{"n":"xxxx…"}`, `payload` bytes long (at least 8).
-fn data_of_size(payload: usize) -> String {
+pub(crate) fn data_of_size(payload: usize) -> String {
     let pad = payload.saturating_sub(8);
     format!("{{\"n\":\"{}\"}}", "x".repeat(pad))
 }

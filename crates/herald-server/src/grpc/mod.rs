@@ -1,8 +1,10 @@
 //! The server API over gRPC: Centrifugo's `CentrifugoApi` service (`proto/centrifugo/api.proto`,
 //! package `centrifugal.centrifugo.api`), a thin adapter over the typed API layer
 //! ([`crate::api`]); the server-streaming subscription `CentrifugoUniStream.Consume`
-//! ([`unistream`], `proto/centrifugo/unistream.proto`); `grpc.health.v1` health checking and
-//! server reflection.
+//! ([`unistream`], `proto/centrifugo/unistream.proto`); the client protocol over a
+//! bidirectional stream, `herald.stream.ClientStream.Connect` ([`bidi`],
+//! `proto/herald/client_stream.proto`); `grpc.health.v1` health checking and server
+//! reflection.
 //!
 //! Served on the HTTP listener itself (`[grpc_api] enabled = true`): gRPC is HTTP/2 with its
 //! own paths (`/centrifugal.centrifugo.api.CentrifugoApi/<Method>`), which the listener
@@ -18,6 +20,7 @@
 //!
 //! May touch: the app state, through the API layer.
 
+pub mod bidi;
 pub mod codec;
 mod convert;
 mod service;
@@ -46,10 +49,19 @@ pub mod uniproto {
     tonic::include_proto!("centrifugal.centrifugo.unistream");
 }
 
+/// The code generated from `proto/herald/client_stream.proto` (its messages are
+/// [`bidi::raw`]).
+pub mod streamproto {
+    #![allow(clippy::all, missing_docs, unreachable_pub)]
+    tonic::include_proto!("herald.stream");
+}
+
 /// The gRPC service name clients and health checks use.
 pub const API_SERVICE: &str = "centrifugal.centrifugo.api.CentrifugoApi";
 /// The server-streaming subscription service.
 pub const UNI_STREAM_SERVICE: &str = "centrifugal.centrifugo.unistream.CentrifugoUniStream";
+/// The bidirectional client-protocol stream.
+pub const CLIENT_STREAM_SERVICE: &str = "herald.stream.ClientStream";
 
 /// `[grpc_api]`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -69,9 +81,14 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         proto::centrifugo_api_server::CentrifugoApiServer::new(service::ApiService::new(state))
             .max_decoding_message_size(limit);
     let stream = uniproto::centrifugo_uni_stream_server::CentrifugoUniStreamServer::new(
-        unistream::UniStreamService::new(realtime),
+        unistream::UniStreamService::new(realtime.clone()),
     )
     .max_decoding_message_size(limit);
+    // A command is a client message: the WebSocket's limit.
+    let client_stream = streamproto::client_stream_server::ClientStreamServer::new(
+        bidi::ClientStreamService::new(realtime.clone()),
+    )
+    .max_decoding_message_size(realtime.config.max_message_size);
     let (health, health_service) = tonic_health::server::health_reporter();
     // Not serving until the server is ready; then in step with `/ready` (see below).
     futures::executor::block_on(set_health(&health, false));
@@ -80,6 +97,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
     }
     let mut routes = tonic::service::Routes::new(api)
         .add_service(stream)
+        .add_service(client_stream)
         .add_service(health_service);
     // Both reflection versions: grpcurl asks v1 first, older tools only know v1alpha.
     let reflection = || {
@@ -97,7 +115,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
 }
 
 /// The services health checks name (`""` is the server as a whole).
-const HEALTH_SERVICES: [&str; 3] = [API_SERVICE, UNI_STREAM_SERVICE, ""];
+const HEALTH_SERVICES: [&str; 4] = [API_SERVICE, UNI_STREAM_SERVICE, CLIENT_STREAM_SERVICE, ""];
 
 /// How often the health statuses are brought in step with readiness.
 const READINESS_POLL: std::time::Duration = std::time::Duration::from_millis(200);
@@ -135,6 +153,29 @@ async fn track_readiness(
     }
 }
 
+/// How long the call may last, from its `grpc-timeout` (at most 8 digits and a unit: `H`,
+/// `M`, `S`, `m`, `u`, `n`); `None` without one or when it is malformed (the gRPC spec says
+/// to ignore what cannot be parsed). The streams end with `DEADLINE_EXCEEDED` when it passes;
+/// unary calls answer long before any deadline.
+pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
 /// What a failure that is not the method's own answer looks like to a gRPC client.
 pub fn status(error: CallError) -> tonic::Status {
     let detail = error.error.detail;
@@ -151,5 +192,37 @@ pub fn status(error: CallError) -> tonic::Status {
             tonic::Status::resource_exhausted(detail)
         }
         Fault::Method => tonic::Status::invalid_argument(detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic::metadata::MetadataMap;
+
+    use super::deadline;
+
+    fn timeout(value: &str) -> Option<Duration> {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().expect("ascii"));
+        deadline(&metadata)
+    }
+
+    #[test]
+    fn grpc_timeouts_in_every_unit_and_malformed_ones_ignored() {
+        assert_eq!(timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout("15S"), Some(Duration::from_secs(15)));
+        assert_eq!(timeout("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(timeout("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "S", "123456789S", "10x", "-1S", "1.5S"] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(deadline(&MetadataMap::new()), None);
     }
 }

@@ -10,10 +10,16 @@
 //! memory like a WebSocket: the queue overflows and the session closes with 3008 (slow),
 //! which the client reads as the `disconnect` push once it reads again.
 //!
+//! Keep-alive: an empty `Push` every `client.ping_interval` (as Centrifugo does on this
+//! stream), so a consumer notices a dead server and proxies see traffic; the `connect` push
+//! says how often (`ping`). A call with a `grpc-timeout` ends with `DEADLINE_EXCEEDED` when
+//! it passes; a cancelled call ends the session at once.
+//!
 //! May touch: the real-time state (through the one-way session).
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
@@ -56,6 +62,7 @@ impl pb::centrifugo_uni_stream_server::CentrifugoUniStream for UniStreamService 
         request: Request<pb::ConnectRequest>,
     ) -> Result<Response<PushStream>, Status> {
         let headers = request.metadata().clone().into_headers();
+        let deadline = super::deadline(request.metadata());
         let connect = request.into_inner();
         let mut one_way = one_way_request(connect)?;
         one_way.proxy_headers = self.realtime.proxy_headers(&headers);
@@ -64,7 +71,7 @@ impl pb::centrifugo_uni_stream_server::CentrifugoUniStream for UniStreamService 
                 .await
                 .map_err(|refusal| refusal_status(&refusal))?;
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(run(started, tx));
+        tokio::spawn(run(started, tx, deadline));
         let stream = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|push| (push, rx))
         });
@@ -202,7 +209,7 @@ fn encoder(options: &NamespaceOptions) -> Arc<dyn EventEncoder> {
     })
 }
 
-fn connect_push(started: &Started) -> pb::Push {
+fn connect_push(started: &Started, ping: Option<Duration>) -> pb::Push {
     let subs = started
         .starts
         .iter()
@@ -224,6 +231,9 @@ fn connect_push(started: &Started) -> pb::Push {
             client: started.session.info.client.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             subs,
+            ping: ping.map_or(0, |every| {
+                u32::try_from(every.as_secs()).unwrap_or(u32::MAX)
+            }),
             ..pb::Connect::default()
         }),
         ..pb::Push::default()
@@ -242,15 +252,28 @@ fn disconnect_push(reason: CloseReason) -> pb::Push {
 }
 
 /// The `connect` push, then the session's queue until it closes (its reason is the final
-/// `disconnect` push) or the client goes away.
-async fn run(mut started: Started, tx: tokio::sync::mpsc::Sender<Result<pb::Push, Status>>) {
-    if tx.send(Ok(connect_push(&started))).await.is_err() {
+/// `disconnect` push), the call's deadline passes or the client goes away; an empty push
+/// every `ping_interval` meanwhile.
+async fn run(
+    mut started: Started,
+    tx: tokio::sync::mpsc::Sender<Result<pb::Push, Status>>,
+    deadline: Option<Duration>,
+) {
+    let ping_every = started.session.state.config.ping_interval;
+    let ping = (!ping_every.is_zero()).then_some(ping_every);
+    if tx.send(Ok(connect_push(&started, ping))).await.is_err() {
         return;
     }
     started.release();
     let session = started.session;
     let state = session.state.clone();
     let mut frames = Vec::new();
+    // One year stands for "never" (no ping, no deadline).
+    let never = Duration::from_secs(365 * 24 * 3600);
+    let every = ping.unwrap_or(never);
+    let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let deadline = tokio::time::sleep(deadline.unwrap_or(never));
+    tokio::pin!(deadline);
     loop {
         frames.clear();
         tokio::select! {
@@ -272,6 +295,14 @@ async fn run(mut started: Started, tx: tokio::sync::mpsc::Sender<Result<pb::Push
             _ = state.shutdown.wait() => session.outbound.close(CloseReason::SHUTDOWN),
             _ = herald_transport::realtime::expiry(session.expires_at), if session.expires_at.is_some() => {
                 session.outbound.close(CloseReason::EXPIRED);
+            }
+            _ = pings.tick(), if ping.is_some() => {
+                // A consumer that is not reading needs no ping: its queue closes it as slow.
+                let _ = tx.try_send(Ok(pb::Push::default()));
+            }
+            _ = &mut deadline => {
+                let _ = tx.try_send(Err(Status::deadline_exceeded("the call's deadline passed")));
+                return;
             }
             _ = tx.closed() => return,
         }

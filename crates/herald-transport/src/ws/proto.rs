@@ -226,6 +226,19 @@ pub struct Push {
     pub leave: Option<JoinLeave>,
     #[prost(message, optional, tag = "7")]
     pub unsubscribe: Option<Unsubscribe>,
+    #[prost(message, optional, tag = "11")]
+    pub disconnect: Option<Disconnect>,
+}
+
+/// The last push of a connection whose transport has no close frame of its own (gRPC).
+#[derive(Clone, PartialEq, Message)]
+pub struct Disconnect {
+    #[prost(uint32, tag = "1")]
+    pub code: u32,
+    #[prost(string, tag = "2")]
+    pub reason: String,
+    #[prost(bool, tag = "3")]
+    pub reconnect: bool,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -350,6 +363,22 @@ pub fn decode_commands(mut frame: &[u8]) -> Result<Vec<neutral::Command>, prost:
         commands.push(command.into());
     }
     Ok(commands)
+}
+
+/// One command that is a whole message of its own (a gRPC stream's message), not
+/// length-delimited. An empty message is a pong.
+pub fn decode_command(message: &[u8]) -> Result<neutral::Command, prost::DecodeError> {
+    Command::decode(message).map(Into::into)
+}
+
+/// A queued frame (one length-delimited `Reply`, see [`encode_reply`]) as the `Reply` message
+/// alone, for transports that frame messages themselves (gRPC). Shares the frame's bytes.
+/// `None` for a frame that is not one whole reply.
+pub fn reply_message(frame: &Bytes) -> Option<Bytes> {
+    let mut rest = &frame[..];
+    let len = prost::decode_length_delimiter(&mut rest).ok()?;
+    let start = frame.len() - rest.len();
+    (rest.len() == len).then(|| frame.slice(start..))
 }
 
 /// One reply, length-delimited, ready to be concatenated with others into a frame.
@@ -576,6 +605,17 @@ pub fn push_reply(channel: &str, push: PushBody) -> Bytes {
                 reason: reason.to_owned(),
             });
         }
+        PushBody::Disconnect {
+            code,
+            reason,
+            reconnect,
+        } => {
+            body.disconnect = Some(Disconnect {
+                code,
+                reason: reason.to_owned(),
+                reconnect,
+            });
+        }
     }
     encode_reply(&Reply {
         push: Some(body),
@@ -587,7 +627,15 @@ pub enum PushBody {
     Publication(Publication),
     Join(ClientInfo),
     Leave(ClientInfo),
-    Unsubscribe { code: u32, reason: &'static str },
+    Unsubscribe {
+        code: u32,
+        reason: &'static str,
+    },
+    Disconnect {
+        code: u32,
+        reason: &'static str,
+        reconnect: bool,
+    },
 }
 
 #[cfg(test)]
@@ -621,6 +669,30 @@ mod tests {
         assert!(sub.recover);
         assert_eq!(commands[1].id, 0);
         assert!(commands[1].connect.is_none() && commands[1].subscribe.is_none());
+    }
+
+    #[test]
+    fn a_reply_frame_is_its_message_after_the_length_prefix() {
+        let frame = push_reply(
+            "news",
+            PushBody::Unsubscribe {
+                code: 2000,
+                reason: "server unsubscribe",
+            },
+        );
+        let message = reply_message(&frame).expect("one reply");
+        let reply = Reply::decode(message.clone()).expect("decode");
+        assert_eq!(reply.push.expect("push").channel, "news");
+        assert_eq!(message.len() + 1, frame.len());
+        assert_eq!(
+            reply_message(&Bytes::from_static(PING))
+                .expect("ping")
+                .len(),
+            0
+        );
+        assert!(reply_message(&frame.slice(..frame.len() - 1)).is_none());
+        let command = decode_command(&[]).expect("an empty command is a pong");
+        assert!(command.id == 0 && command.connect.is_none());
     }
 
     #[test]

@@ -22,7 +22,7 @@ impl Session {
         ProxyContext {
             client: self.client_id.clone(),
             user: self.user().to_owned(),
-            transport: "websocket",
+            transport: self.transport,
             protocol: self.encoding.name(),
             headers: self.proxy_headers.clone(),
         }

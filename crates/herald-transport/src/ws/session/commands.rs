@@ -18,7 +18,7 @@ use super::{FLAG_REJECT_UNRECOVERED, Session, Subscription, UNSUBSCRIBE_EXPIRED}
 use crate::outbound::{CloseReason, EventEncoder, Frame};
 use crate::registry::{Control, Inbox};
 use crate::subscription::{StartFrom, subscribe_with_recovery};
-use crate::ws::codec::{Malformed, PushEncoder};
+use crate::ws::codec::PushEncoder;
 use crate::ws::protocol::{
     self, Command, ResultBody, SubscribeRequest, SubscribeResult, WirePublication,
 };
@@ -28,9 +28,8 @@ impl Session {
     /// Protobuf) closes the connection as a bad request, after nothing in it was applied.
     pub(super) async fn handle_commands(
         &mut self,
-        commands: Result<Vec<Command>, Malformed>,
+        commands: Vec<Command>,
     ) -> Result<(), CloseReason> {
-        let commands = commands.map_err(|_| CloseReason::BAD_REQUEST)?;
         for command in commands {
             self.handle_command(command).await?;
         }
@@ -230,7 +229,7 @@ impl Session {
         if let Some(info) = &self.info {
             self.registration = self.state.register(
                 info,
-                "websocket",
+                self.transport,
                 Control::new(self.outbound.clone(), inbox.clone()),
             );
         }

@@ -1,5 +1,5 @@
-//! One WebSocket connection speaking the Centrifugo protocol (JSON or Protobuf, see
-//! [`super::codec`]): connect, subscribe with recovery, unsubscribe, publish, history,
+//! One connection speaking the Centrifugo protocol (JSON or Protobuf, see [`super::codec`])
+//! over a WebSocket or any other [`FrameIo`] (the gRPC bidirectional stream): connect, subscribe with recovery, unsubscribe, publish, history,
 //! presence, presence_stats, refresh, rpc, send, server pings with pong checks, and
 //! disconnects with the protocol's close codes.
 //!
@@ -7,14 +7,17 @@
 //! of, so their size is the server's memory): [`Session::drive`] reads and handles commands,
 //! owns the subscriptions, and polls the [`writer`] that writes the connection's [`Outbound`]
 //! queue, next to one timer for every deadline. Command handling lives in `commands`, the
-//! backend proxy glue in `backend`.
+//! backend proxy glue in `backend`, the seam to what carries the messages in `frames`.
 //!
-//! May touch: the socket, the node (subscribe, publish, history, presence), the
+//! May touch: the connection's [`FrameIo`], the node (subscribe, publish, history, presence), the
 //! authenticator, the registry of sessions and the backend proxy.
 
 mod backend;
 mod commands;
+mod frames;
 mod writer;
+
+pub use frames::{FrameIo, Incoming, WriteFailed, WsFrames};
 
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -24,10 +27,9 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::http::Uri;
 use axum::response::Response;
-use futures::StreamExt;
 use herald_core::ChannelName;
 use herald_core::auth::Credentials;
 use herald_core::hub::SubscriberId;
@@ -65,7 +67,10 @@ pub async fn websocket_handler(
         .max_write_buffer_size(state.config.max_queue_bytes.max(64 * 1024))
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| run_connection(socket, state, encoding, proxy_headers))
+        .on_upgrade(move |socket| {
+            let frames = WsFrames { socket, encoding };
+            run_session(frames, state, encoding, proxy_headers, "websocket")
+        })
 }
 
 /// Subscribe flag: the SDK prefers error 112 to `recovered: false`.
@@ -93,6 +98,8 @@ const UNSUBSCRIBE_EXPIRED: (u32, &str) = (2501, "subscription expired");
 struct Session {
     state: Arc<RealtimeState>,
     encoding: Encoding,
+    /// The transport's name for the backend proxy and the registry (`websocket`, `grpc`).
+    transport: &'static str,
     outbound: Arc<Outbound>,
     client_id: String,
     credentials: Option<Credentials>,
@@ -112,15 +119,19 @@ struct Session {
     refresh_via_backend: bool,
 }
 
+/// Runs one connection to its end: the session over `socket` (a WebSocket, a gRPC stream),
+/// speaking `encoding`, named `transport` to the backend proxy and the registry.
+///
 /// Not an `async fn`: its parameters would be moved into locals, keeping a second copy of the
 /// socket's space in every connection's future. The `async move` block uses the captured
 /// socket in place.
 #[allow(clippy::manual_async_fn)]
-fn run_connection(
-    mut socket: WebSocket,
+pub fn run_session<F: FrameIo>(
+    mut socket: F,
     state: Arc<RealtimeState>,
     encoding: Encoding,
     proxy_headers: Vec<(String, String)>,
+    transport: &'static str,
 ) -> impl Future<Output = ()> + Send {
     async move {
         state.connections.fetch_add(1, Ordering::Relaxed);
@@ -128,6 +139,7 @@ fn run_connection(
         let mut session = Session {
             state: state.clone(),
             encoding,
+            transport,
             outbound: outbound.clone(),
             client_id: uuid::Uuid::new_v4().to_string(),
             credentials: None,
@@ -145,7 +157,7 @@ fn run_connection(
                 ))
             }),
         };
-        let mut writer = SocketWriter::new(encoding);
+        let mut writer = SocketWriter::new();
         let reason = session.drive(&mut socket, &mut writer).await;
         // Stops deliveries into the queue; a reason set earlier (with replies to flush) wins.
         outbound.close(reason);
@@ -167,15 +179,15 @@ enum Wake {
     Shutdown,
     Control(ControlMessage),
     Timer,
-    Read(Option<Result<Message, axum::Error>>),
+    Read(Incoming),
 }
 
 /// Runs `work` (a command, a backend call) while the socket keeps writing what is queued,
 /// so replies and deliveries do not wait for it. Reads wait: commands apply in order.
-async fn while_writing<T>(
+async fn while_writing<T, F: FrameIo>(
     work: Pin<Box<dyn Future<Output = T> + Send + '_>>,
     writer: &mut SocketWriter,
-    socket: &mut WebSocket,
+    socket: &mut F,
     outbound: &Outbound,
 ) -> T {
     let mut work = work;
@@ -191,7 +203,11 @@ impl Session {
     /// The connection's one loop: reads commands, writes the queue, sends pings and checks
     /// pongs, and enforces the connect, token and subscription deadlines, on one timer.
     /// Returns why the connection ends.
-    async fn drive(&mut self, socket: &mut WebSocket, writer: &mut SocketWriter) -> CloseReason {
+    async fn drive<F: FrameIo>(
+        &mut self,
+        socket: &mut F,
+        writer: &mut SocketWriter,
+    ) -> CloseReason {
         let state = self.state.clone();
         let config = &state.config;
         let outbound = self.outbound.clone();
@@ -276,7 +292,7 @@ impl Session {
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Wake::Timer);
                 }
-                socket.poll_next_unpin(cx).map(Wake::Read)
+                socket.poll_read(cx).map(Wake::Read)
             })
             .await;
             match wake {
@@ -297,20 +313,10 @@ impl Session {
                 Wake::Read(message) => {
                     writer.flush_soon();
                     let commands = match message {
-                        Some(Ok(Message::Text(text))) => self.encoding.decode_text(text.as_str()),
-                        Some(Ok(Message::Binary(bytes))) => self.encoding.decode_binary(&bytes),
-                        Some(Ok(Message::Close(_))) | None => {
-                            return CloseReason::CONNECTION_CLOSED;
-                        }
-                        Some(Ok(_)) => continue,
-                        Some(Err(err)) => {
-                            let text = err.to_string();
-                            return if text.contains("too long") || text.contains("Space limit") {
-                                CloseReason::MESSAGE_SIZE_LIMIT
-                            } else {
-                                CloseReason::BAD_REQUEST
-                            };
-                        }
+                        Incoming::Commands(commands) => commands,
+                        Incoming::Nothing => continue,
+                        Incoming::Closed => return CloseReason::CONNECTION_CLOSED,
+                        Incoming::Refused(reason) => return reason,
                     };
                     // Boxed: the commands' futures are large, and stored inline they would
                     // make every idle connection's task as large as the largest of them.

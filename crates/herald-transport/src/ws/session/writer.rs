@@ -1,24 +1,20 @@
-//! The write half of a WebSocket connection, driven from the connection's one task: takes
-//! everything queued in the connection's [`Outbound`] and writes it as one WebSocket message
-//! (newline-separated JSON or back-to-back length-delimited Protobuf, as the protocol allows),
-//! and tracks whether the last server ping has reached the socket, so the pong deadline starts
+//! The write half of a connection, driven from the connection's one task: takes everything
+//! queued in the connection's [`Outbound`] and hands it to the [`FrameIo`] as one batch (one
+//! WebSocket message: newline-separated JSON or back-to-back length-delimited Protobuf, as the
+//! protocol allows), and tracks whether the last server ping has reached the socket, so the pong deadline starts
 //! when the client could first see the ping rather than when it was queued.
 //!
 //! Reading and writing share one task (no `split`, no second task): every wait of the
 //! connection polls [`SocketWriter::poll_write`] next to whatever else it waits for, so writes
 //! keep flowing while a command is being handled and a stalled write never stops reads.
 //!
-//! May touch: the socket's write side and the connection's queue.
+//! May touch: the connection's write side and its queue.
 
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::{Sink, SinkExt};
-
+use super::frames::FrameIo;
 use crate::outbound::{CloseReason, MAX_TAKE_BYTES, Outbound};
-use crate::ws::codec::Encoding;
 
 /// Batches written in one poll before giving other work of the connection a turn.
 const BATCHES_PER_POLL: usize = 16;
@@ -63,7 +59,6 @@ impl PongDeadline {
 }
 
 pub(super) struct SocketWriter {
-    encoding: Encoding,
     /// A message was handed to the socket and not flushed yet.
     flushing: bool,
     ping: PingState,
@@ -71,9 +66,8 @@ pub(super) struct SocketWriter {
 }
 
 impl SocketWriter {
-    pub(super) fn new(encoding: Encoding) -> Self {
+    pub(super) fn new() -> Self {
         Self {
-            encoding,
             flushing: false,
             ping: PingState::Idle,
             ended: None,
@@ -118,10 +112,10 @@ impl SocketWriter {
 
     /// Writes what is queued. Pending while there is nothing to write or the socket is
     /// full; ready once the write side has ended (and from then on, with the same end).
-    pub(super) fn poll_write(
+    pub(super) fn poll_write<F: FrameIo>(
         &mut self,
         cx: &mut Context<'_>,
-        socket: &mut WebSocket,
+        socket: &mut F,
         outbound: &Outbound,
     ) -> Poll<WriteEnd> {
         if let Some(end) = self.ended {
@@ -129,7 +123,7 @@ impl SocketWriter {
         }
         for _ in 0..BATCHES_PER_POLL {
             if self.flushing {
-                match Pin::new(&mut *socket).poll_flush(cx) {
+                match socket.poll_flush(cx) {
                     Poll::Ready(Ok(())) => {
                         self.flushing = false;
                         if let PingState::Writing(_) = self.ping {
@@ -140,7 +134,7 @@ impl SocketWriter {
                     Poll::Pending => return self.stalled(cx, outbound),
                 }
             }
-            match Pin::new(&mut *socket).poll_ready(cx) {
+            match socket.poll_ready(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => return self.end(WriteEnd::Failed),
                 Poll::Pending => return self.stalled(cx, outbound),
@@ -154,10 +148,10 @@ impl SocketWriter {
                 // Everything queued so far is in this batch, the ping included.
                 self.ping = PingState::Writing(at);
             }
-            let message = self.encoding.message(frames.make_contiguous());
+            let sent = socket.start_send(frames.make_contiguous());
             // Freed before the write: an idle connection keeps no queue capacity.
             drop(frames);
-            if Pin::new(&mut *socket).start_send(message).is_err() {
+            if sent.is_err() {
                 return self.end(WriteEnd::Failed);
             }
             self.flushing = true;
@@ -183,23 +177,12 @@ impl SocketWriter {
     }
 
     /// After the connection's loop: writes what is still queued (the queue must be closed),
-    /// then the close frame with the queue's reason. Nothing is written after a write
-    /// failure or when the client closed the connection first.
-    pub(super) async fn finish(&mut self, socket: &mut WebSocket, outbound: &Outbound) {
+    /// then the close with the queue's reason ([`FrameIo::close`]). Nothing is written after
+    /// a write failure.
+    pub(super) async fn finish<F: FrameIo>(&mut self, socket: &mut F, outbound: &Outbound) {
         let end = std::future::poll_fn(|cx| self.poll_write(cx, socket, outbound)).await;
         match end {
-            WriteEnd::Closed(CloseReason::CONNECTION_CLOSED) => {
-                // tungstenite has queued its answer to the client's close; send it.
-                let _ = socket.flush().await;
-            }
-            WriteEnd::Closed(reason) => {
-                let frame = CloseFrame {
-                    code: reason.code,
-                    reason: Utf8Bytes::from_static(reason.reason),
-                };
-                let _ = socket.send(Message::Close(Some(frame))).await;
-                let _ = socket.close().await;
-            }
+            WriteEnd::Closed(reason) => socket.close(reason).await,
             WriteEnd::Failed => {}
         }
     }
