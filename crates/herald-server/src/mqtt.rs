@@ -216,19 +216,28 @@ async fn accept_loop(
         let tls = tls
             .as_ref()
             .map(|(tls, timeout)| (tls.acceptor(), *timeout));
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tls {
-                None => herald_transport::mqtt::run_connection(socket, state).await,
-                Some((acceptor, timeout)) => {
-                    match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
+        // Two spawns, not one future for both: a TCP connection's task would otherwise be
+        // as large as a TLS handshake and stream (idle connections are most of the memory).
+        match tls {
+            None => {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    herald_transport::mqtt::run_connection(socket, state).await;
+                });
+            }
+            Some((acceptor, timeout)) => {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let accepted =
+                        Box::pin(tokio::time::timeout(timeout, acceptor.accept(socket))).await;
+                    match accepted {
                         Ok(Ok(stream)) => {
                             herald_transport::mqtt::run_connection(stream, state).await;
                         }
                         _ => tracing::debug!(%peer, "mqtt: TLS handshake failed or timed out"),
                     }
-                }
+                });
             }
-        });
+        }
     }
 }

@@ -1024,6 +1024,39 @@ def test_the_server_api_disconnects_an_mqtt_client_with_0x98(server: HeraldInsta
     assert sock.recv(1) == b""
 
 
+def test_the_server_api_unsubscribes_an_mqtt_session(server: HeraldInstance) -> None:
+    user = unique("u")
+    token = mint_token(server.hmac_secret, user)
+    client_id = unique("device-")
+    kept, ended = unique("keep/"), unique("ended/")
+    device = Device(server, 5, token, client_id)
+    try:
+        device.client.subscribe([(kept, 1), (ended, 1)])
+        assert codes(device.subacks.get(timeout=WAIT)) == [1, 1]
+        api(server, "unsubscribe", {"user": user, "channel": f"mqtt:{ended}"})
+        time.sleep(0.3)
+        api(server, "publish", {"channel": f"mqtt:{ended}", "data": {"n": "ended"}})
+        api(server, "publish", {"channel": f"mqtt:{kept}", "data": {"n": "kept"}})
+        message = device.take("the kept topic's publication")
+        assert message.topic == kept, message.topic
+        time.sleep(0.3)
+        assert device.messages.empty(), "the ended subscription delivers nothing"
+    finally:
+        device.close()
+    # The persistent session forgot the topic too: back, it gets only the kept topic.
+    api(server, "publish", {"channel": f"mqtt:{ended}", "data": {"n": "away"}})
+    api(server, "publish", {"channel": f"mqtt:{kept}", "data": {"n": "away"}})
+    device = Device(server, 5, token, client_id)
+    try:
+        assert device.session_present
+        message = device.take("the kept topic's missed publication")
+        assert (message.topic, json.loads(message.payload)["n"]) == (kept, "away")
+        time.sleep(0.3)
+        assert device.messages.empty(), "nothing from the ended topic"
+    finally:
+        device.close()
+
+
 def test_unsupported_protocol_level_gets_connack_0x01(server: HeraldInstance) -> None:
     sock = socket.create_connection(server.mqtt, timeout=WAIT)  # type: ignore[attr-defined]
     sock.sendall(b"\x10\x0c\x00\x06MQIsdp\x03\x02\x00\x3c")  # MQTT 3.1

@@ -31,13 +31,18 @@ use herald_core::proxy::ProxyContext;
 use herald_core::publication::{ClientInfo, Payload};
 use herald_core::{ErrorCode, HeraldError};
 use parking_lot::RwLock;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::codec::{self, Ack, ConnAckProperties, Connect, DecodeError, Level, Packet, reason};
 use super::delivery::{MqttEncoder, QOS_TAG, Table};
 use super::persist::{self, Positions};
 use super::{MqttState, TAKEN_OVER};
 use crate::outbound::{CloseReason, Frame, Outbound};
+use crate::registry::{ControlMessage, Inbox};
 use crate::subscription::end_subscription;
 
 mod connect;
@@ -47,10 +52,9 @@ mod will;
 
 use will::WillPublisher;
 
-/// Bytes read at a time while waiting for the CONNECT.
-const READ_CHUNK: usize = 4096;
-/// A buffer larger than this is dropped once empty.
-const IDLE_BUFFER: usize = 256;
+/// Bytes read at once, into the stack: the connection's read buffer keeps only a partial
+/// packet, so an idle connection holds none.
+const READ_SCRATCH: usize = 4096;
 /// Replies and deliveries buffered for the socket before reading pauses (a client that
 /// sends without reading cannot grow this).
 const MAX_WRITE_BUFFER: usize = 64 * 1024;
@@ -60,56 +64,68 @@ const MAX_TAKE: usize = 64 * 1024;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves one MQTT connection on `stream` until it ends.
-pub async fn run_connection<S>(stream: S, state: Arc<MqttState>)
+///
+/// Not an `async fn`: its parameters would be moved into locals, keeping a second copy of the
+/// socket's space in every connection's future. The `async move` block uses the captured
+/// stream in place. The stream is never split: one future polls both its sides.
+#[allow(clippy::manual_async_fn)]
+pub fn run_connection<S>(stream: S, state: Arc<MqttState>) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut in_buf = BytesMut::with_capacity(IDLE_BUFFER);
-    let connect = tokio::time::timeout(
-        state.realtime.config.connect_timeout,
-        read_connect(&mut reader, &mut in_buf, state.config.max_packet_size),
-    )
-    .await;
-    let (level, connect) = match connect {
-        Ok(Ok(Some(connect))) => connect,
-        Ok(Ok(None)) => return,
-        Ok(Err(DecodeError::UnsupportedLevel(level))) => {
-            // MQTT-3.1.2-2: CONNACK 0x01 (the 3.1.1 form every level can read), then close.
-            tracing::debug!(level, "mqtt: unsupported protocol level");
-            let mut out = BytesMut::new();
-            codec::connack(
-                &mut out,
-                Level::V311,
-                false,
-                reason::UNSUPPORTED_PROTOCOL_VERSION,
-                &ConnAckProperties::default(),
-            );
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.write_all(&out)).await;
+    async move {
+        let mut stream = stream;
+        let mut in_buf = BytesMut::new();
+        // Boxed, like the connect and the packets the loop runs: a connection's future is
+        // held for its whole life, and would otherwise be as large as the largest of them.
+        let connect = Box::pin(tokio::time::timeout(
+            state.realtime.config.connect_timeout,
+            read_connect(&mut stream, &mut in_buf, state.config.max_packet_size),
+        ))
+        .await;
+        let (level, connect) = match connect {
+            Ok(Ok(Some(connect))) => connect,
+            Ok(Ok(None)) => return,
+            Ok(Err(DecodeError::UnsupportedLevel(level))) => {
+                // MQTT-3.1.2-2: CONNACK 0x01 (the 3.1.1 form every level can read), then close.
+                tracing::debug!(level, "mqtt: unsupported protocol level");
+                let mut out = BytesMut::new();
+                codec::connack(
+                    &mut out,
+                    Level::V311,
+                    false,
+                    reason::UNSUPPORTED_PROTOCOL_VERSION,
+                    &ConnAckProperties::default(),
+                );
+                write_last(&mut stream, &out).await;
+                return;
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "mqtt: bad CONNECT; closing");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("mqtt: no CONNECT within the connect timeout; closing");
+                return;
+            }
+        };
+        let mut out = BytesMut::new();
+        let Some(mut session) =
+            Box::pin(Session::connect(state, level, connect, in_buf, &mut out)).await
+        else {
+            write_last(&mut stream, &out).await;
             return;
-        }
-        Ok(Err(error)) => {
-            tracing::debug!(%error, "mqtt: bad CONNECT; closing");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!("mqtt: no CONNECT within the connect timeout; closing");
-            return;
-        }
-    };
-    let mut out = BytesMut::new();
-    let Some(mut session) =
-        Box::pin(Session::connect(state, level, connect, in_buf, &mut out)).await
-    else {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.write_all(&out)).await;
-        return;
-    };
-    session.out_buf = out;
-    let close = session.drive(&mut reader, &mut writer).await;
-    // Boxed, like the connect and the packets the loop runs: a connection's future is held
-    // for its whole life, and would otherwise be as large as the largest of them.
-    Box::pin(session.close(&mut writer, &close)).await;
-    Box::pin(session.end(close.will)).await;
+        };
+        session.out_buf = out;
+        let close = session.drive(&mut stream).await;
+        Box::pin(session.close(&mut stream, &close)).await;
+        Box::pin(session.end(close.will)).await;
+    }
+}
+
+/// Writes the last bytes of a connection refused before its session started, within bounds.
+async fn write_last<S: AsyncWrite + Unpin>(stream: &mut S, out: &[u8]) {
+    let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, stream.write_all(out))).await;
 }
 
 async fn read_connect<R: AsyncRead + Unpin>(
@@ -121,12 +137,34 @@ async fn read_connect<R: AsyncRead + Unpin>(
         if let Some(connect) = codec::decode_connect(buf, max_packet_size)? {
             return Ok(Some(connect));
         }
-        buf.reserve(READ_CHUNK);
-        match reader.read_buf(buf).await {
+        match std::future::poll_fn(|cx| poll_read_into(reader, cx, buf)).await {
             Ok(0) | Err(_) => return Ok(None),
             Ok(_) => {}
         }
     }
+}
+
+/// Reads what the socket has into `buf` through a scratch buffer on the stack.
+fn poll_read_into<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); READ_SCRATCH];
+    let mut read = ReadBuf::uninit(&mut scratch);
+    ready!(Pin::new(stream).poll_read(cx, &mut read))?;
+    buf.extend_from_slice(read.filled());
+    Poll::Ready(Ok(read.filled().len()))
+}
+
+/// What woke the connection's loop.
+enum Wake {
+    Shutdown,
+    Timer,
+    Written(std::io::Result<usize>),
+    Taken(Result<VecDeque<Frame>, CloseReason>),
+    Control(ControlMessage),
+    Read(std::io::Result<usize>),
 }
 
 /// Why the connection ends: an MQTT 5 reason with its text, and whether the will is sent.
@@ -250,6 +288,8 @@ struct Session {
     /// Set for a persistent session (boxed: most connections are clean).
     persistence: Option<Box<Persistence>>,
     _registration: Option<Box<crate::realtime::ClientRegistration>>,
+    /// Handed to the registry at connect, so the server API can reach this connection.
+    control: Option<Arc<Inbox>>,
 }
 
 /// A persistent session's store and progress.
@@ -266,105 +306,133 @@ struct Persistence {
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Session {
-    /// Runs the connection until it ends; returns why.
-    async fn drive<R, W>(&mut self, reader: &mut R, writer: &mut W) -> Close
+    /// The connection's one loop: reads and runs packets, writes replies and deliveries,
+    /// takes frames from the queue, runs the server API's requests, and keeps the
+    /// keep-alive, token and session-save deadlines on one timer. Returns why it ends.
+    async fn drive<S>(&mut self, stream: &mut S) -> Close
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         // Packets that arrived with the CONNECT.
         if let Err(close) = Box::pin(self.handle_buffered()).await {
             return close;
         }
+        self.release_read_buffer();
         let state = self.state.clone();
-        let expires_at = self.credentials.expires_at;
-        let expiry = crate::realtime::expiry(expires_at);
-        tokio::pin!(expiry);
+        let outbound = self.outbound.clone();
+        let inbox = self.control.clone();
+        let token_expiry = self
+            .credentials
+            .expires_at
+            .map(|at| crate::realtime::instant_of_unix(at, Instant::now()));
+        let mut timer = pin!(tokio::time::sleep(Duration::from_secs(3600)));
+        let mut shutdown = pin!(state.realtime.shutdown.wait());
         loop {
             self.fill_writes();
-            let keep_alive = self
-                .keep_alive
-                .map(|interval| tokio::time::Instant::from_std(self.last_packet + interval));
-            let outbound = self.outbound.clone();
-            let next_save = self.next_save();
-            tokio::select! {
-                biased;
-                () = state.realtime.shutdown.wait() => {
-                    return Close::new(reason::SERVER_SHUTTING_DOWN, "shutdown");
+            // Deadlines: whatever is due now ends the loop or runs, the earliest other one
+            // sets the timer.
+            let now = Instant::now();
+            let mut next = now + Duration::from_secs(3600);
+            if let Some(at) = token_expiry {
+                if at <= now {
+                    return Close::new(
+                        reason::MAXIMUM_CONNECT_TIME,
+                        "the connection token expired",
+                    );
                 }
-                () = &mut expiry => {
-                    return Close::new(reason::MAXIMUM_CONNECT_TIME, "the connection token expired");
-                }
-                written = writer.write(&self.out_buf), if !self.out_buf.is_empty() => {
-                    match written {
-                        Ok(0) | Err(_) => return Close::by_client(),
-                        Ok(n) => {
-                            self.out_buf.advance(n);
-                            // An idle connection keeps no write buffer (most connections are
-                            // idle most of the time).
-                            if self.out_buf.is_empty() && self.out_buf.capacity() > IDLE_BUFFER {
-                                self.out_buf = BytesMut::new();
-                            }
-                        }
-                    }
-                }
-                taken = std::future::poll_fn(|cx| outbound.poll_take(cx, MAX_TAKE)),
-                    if self.pending.is_empty() =>
-                {
-                    match taken {
-                        Ok(frames) => self.pending.extend(frames),
-                        Err(close) => return Close::from_queue(close),
-                    }
-                }
-                // While deliveries wait for the inflight window nothing is taken, but the
-                // queue may still be closed (over its bound: slow; the server API; takeover).
-                close = std::future::poll_fn(|cx| match outbound.poll_closed(cx) {
-                    Some(close) => std::task::Poll::Ready(close),
-                    None => std::task::Poll::Pending,
-                }), if !self.pending.is_empty() => {
-                    return Close::from_queue(close);
-                }
-                read = reader.read_buf(&mut self.in_buf),
-                    if self.out_buf.len() < MAX_WRITE_BUFFER =>
-                {
-                    match read {
-                        Ok(0) | Err(_) => return Close::by_client(),
-                        Ok(_) => {
-                            if let Err(close) = Box::pin(self.handle_buffered()).await {
-                                return close;
-                            }
-                        }
-                    }
-                    self.size_read_buffer();
-                }
-                () = sleep_until(next_save) => Box::pin(self.save_session()).await,
-                () = sleep_until(keep_alive) => {
+                next = next.min(at);
+            }
+            if let Some(interval) = self.keep_alive {
+                let at = self.last_packet + interval;
+                if at <= now {
                     return Close::new(
                         reason::KEEP_ALIVE_TIMEOUT,
                         "no packet within 1.5 times the keep-alive",
                     );
                 }
+                next = next.min(at);
+            }
+            if let Some(at) = self.next_save() {
+                if at <= now {
+                    Box::pin(self.save_session()).await;
+                    continue;
+                }
+                next = next.min(at);
+            }
+            let next = tokio::time::Instant::from_std(next);
+            // Re-armed only when it must fire sooner (or has fired): a packet moves the
+            // keep-alive deadline later, and a timer left earlier than needed just wakes the
+            // loop once to recompute.
+            if timer.is_elapsed() || next < timer.deadline() {
+                timer.as_mut().reset(next);
+            }
+            let may_read = self.out_buf.len() < MAX_WRITE_BUFFER;
+            let wake = std::future::poll_fn(|cx| {
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Shutdown);
+                }
+                if !self.out_buf.is_empty()
+                    && let Poll::Ready(written) =
+                        Pin::new(&mut *stream).poll_write(cx, &self.out_buf)
+                {
+                    return Poll::Ready(Wake::Written(written));
+                }
+                if self.pending.is_empty() {
+                    if let Poll::Ready(taken) = outbound.poll_take(cx, MAX_TAKE) {
+                        return Poll::Ready(Wake::Taken(taken));
+                    }
+                } else if let Some(close) = outbound.poll_closed(cx) {
+                    // While deliveries wait for the inflight window nothing is taken, but the
+                    // queue may still be closed (over its bound: slow; the server API;
+                    // takeover).
+                    return Poll::Ready(Wake::Taken(Err(close)));
+                }
+                if let Some(Poll::Ready(message)) = inbox.as_deref().map(|i| i.poll_next(cx)) {
+                    return Poll::Ready(Wake::Control(message));
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+                if may_read {
+                    return poll_read_into(stream, cx, &mut self.in_buf).map(Wake::Read);
+                }
+                Poll::Pending
+            })
+            .await;
+            match wake {
+                Wake::Shutdown => return Close::new(reason::SERVER_SHUTTING_DOWN, "shutdown"),
+                Wake::Timer => {}
+                Wake::Written(Ok(0) | Err(_)) | Wake::Read(Ok(0) | Err(_)) => {
+                    return Close::by_client();
+                }
+                Wake::Written(Ok(n)) => {
+                    self.out_buf.advance(n);
+                    // An idle connection keeps no write buffer (most connections are idle
+                    // most of the time).
+                    if self.out_buf.is_empty() {
+                        self.out_buf = BytesMut::new();
+                    }
+                }
+                Wake::Taken(Ok(frames)) => self.pending = frames,
+                Wake::Taken(Err(close)) => return Close::from_queue(close),
+                Wake::Control(ControlMessage::Unsubscribe { channel }) => {
+                    Box::pin(self.unsubscribed_by_server(&channel)).await;
+                }
+                Wake::Read(Ok(_)) => {
+                    let handled = Box::pin(self.handle_buffered()).await;
+                    if let Err(close) = handled {
+                        return close;
+                    }
+                    self.release_read_buffer();
+                }
             }
         }
     }
 
-    /// Sizes the read buffer for what comes next: nothing kept while idle, room for the
-    /// rest of a packet whose header is in, a small chunk otherwise.
-    fn size_read_buffer(&mut self) {
-        if self.in_buf.is_empty() && self.in_buf.capacity() > IDLE_BUFFER {
+    /// Nothing is kept while idle; a partial packet keeps what it has.
+    fn release_read_buffer(&mut self) {
+        if self.in_buf.is_empty() {
             self.in_buf = BytesMut::new();
-            return;
-        }
-        let needed = match codec::fixed_header(&self.in_buf) {
-            Ok(Some((header, remaining))) => (header + remaining)
-                .min(self.state.config.max_packet_size)
-                .saturating_sub(self.in_buf.len()),
-            _ => 0,
-        };
-        // A burst of small packets is read 512 bytes at a time at least.
-        let want = needed.max(512);
-        if self.in_buf.capacity() - self.in_buf.len() < want {
-            self.in_buf.reserve(want);
         }
     }
 
@@ -606,6 +674,8 @@ impl Session {
     fn fill_writes(&mut self) {
         while self.out_buf.len() < MAX_WRITE_BUFFER {
             let Some(frame) = self.pending.pop_front() else {
+                // The queue handed its frames over whole; nothing is kept while idle.
+                self.pending = VecDeque::new();
                 return;
             };
             let Some(position) = &frame.position else {
@@ -779,12 +849,5 @@ fn refusal_reason(refusal: &Refusal) -> u8 {
         },
         Refusal::Backend { .. } | Refusal::Disconnect { .. } => reason::NOT_AUTHORIZED,
         Refusal::Unavailable => reason::IMPLEMENTATION_SPECIFIC,
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }

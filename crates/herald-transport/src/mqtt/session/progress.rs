@@ -64,11 +64,11 @@ impl Session {
     }
 
     /// When positions that moved are saved next, if they moved.
-    pub(super) fn next_save(&self) -> Option<tokio::time::Instant> {
+    pub(super) fn next_save(&self) -> Option<Instant> {
         let persistence = self.persistence.as_ref()?;
         persistence
             .positions
             .dirty
-            .then(|| tokio::time::Instant::from_std(persistence.last_save + SAVE_INTERVAL))
+            .then(|| persistence.last_save + SAVE_INTERVAL)
     }
 }

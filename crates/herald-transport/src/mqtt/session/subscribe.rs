@@ -452,6 +452,20 @@ impl Session {
         codec::unsuback(&mut self.out_buf, self.level, pkid, &codes);
     }
 
+    /// The server API ended the subscription to `channel` (a channel name as the API got
+    /// it). MQTT has no server-side unsubscribe packet: deliveries stop, and a persistent
+    /// session forgets the topic. Only exact subscriptions are ended; a wildcard filter that
+    /// covers the channel stays.
+    pub(super) async fn unsubscribed_by_server(&mut self, channel: &str) {
+        let Ok((name, _)) = self.state.realtime.node.resolve(channel) else {
+            return;
+        };
+        if self.unsubscribe_exact(name.as_str()).await {
+            tracing::debug!(channel = name.as_str(), client_id = %self.mqtt_client_id, "mqtt: unsubscribed by the server API");
+            self.save_session().await;
+        }
+    }
+
     async fn unsubscribe_exact(&mut self, channel: &str) -> bool {
         let Some(sub) = self.exact.remove(channel) else {
             return false;
