@@ -158,6 +158,7 @@ impl MqttRuntime {
     /// Starts accepting (once); the loops end when the server shuts down.
     pub fn start(&self) -> tokio::task::JoinSet<()> {
         let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(self.state.clone().purge_sessions());
         let gate = Gate::new(self.limits.clone());
         let plain = self.listener.lock().take().map(|l| (l, None));
         let tls = self

@@ -448,7 +448,7 @@ def test_will_delay_waits_and_a_returning_client_cancels_it(server: HeraldInstan
 class Device:
     """A paho client with a fixed client id and a persistent session."""
 
-    def __init__(self, server: HeraldInstance, version: int, token: str, client_id: str) -> None:
+    def __init__(self, server: HeraldInstance, version: int, token: str, client_id: str, expiry: int = 300) -> None:
         self.version = version
         self.client = paho.Client(
             paho.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -465,7 +465,7 @@ class Device:
         host, port = server.mqtt  # type: ignore[attr-defined]
         if version == 5:
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 300
+            props.SessionExpiryInterval = expiry
             self.client.connect(host, port, keepalive=30, clean_start=False, properties=props)
         else:
             self.client.connect(host, port, keepalive=30)
@@ -614,6 +614,52 @@ def test_a_session_survives_kill_9_and_resumes_on_the_restarted_node(herald_fact
     finally:
         device.close()
         instance.stop()
+
+
+def stored_sessions(instance: HeraldInstance) -> List[str]:
+    """The session documents in the node's `outbound.db` (read-only, beside the server)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{instance.data_dir / 'outbound.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = db.execute("SELECT id FROM webhook_documents WHERE collection = 'mqtt_sessions'").fetchall()
+    finally:
+        db.close()
+    return [row[0] for row in rows]
+
+
+def test_sessions_that_expired_while_away_are_purged(herald_factory: Any) -> None:
+    instance = herald_factory()
+    config = MQTT_CONFIG.replace("max_subscriptions = 8", 'max_subscriptions = 8\nsession_purge_interval = "1s"')
+    instance.config.write_text(instance.config.read_text() + config)
+    start(instance)
+    try:
+        token = mint_token(instance.hmac_secret, "device")
+        short, long_, online = unique("short-"), unique("long-"), unique("online-")
+        devices = {
+            short: Device(instance, 5, token, short, expiry=2),
+            long_: Device(instance, 5, token, long_, expiry=3600),
+            online: Device(instance, 5, token, online, expiry=1),
+        }
+        for device in devices.values():
+            device.client.subscribe(unique("t/"), qos=1)
+            assert codes(device.subacks.get(timeout=WAIT)) == [1]
+        devices[short].close()
+        devices[long_].close()
+        time.sleep(0.5)
+        kept = " ".join(stored_sessions(instance))
+        assert short in kept and long_ in kept and online in kept, kept
+        deadline = time.monotonic() + 8
+        while short in " ".join(stored_sessions(instance)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kept = " ".join(stored_sessions(instance))
+        assert short not in kept, "the 2 s session was purged after it expired"
+        assert long_ in kept, "an unexpired session stays"
+        assert online in kept, "a connected session stays, however short its expiry"
+        devices[online].close()
+    finally:
+        instance.stop()
+    assert "expired sessions deleted" in instance.process.log_path.read_text()  # type: ignore[union-attr]
 
 
 def test_username_and_password_checked_by_the_backend_proxy(herald_factory: Any) -> None:

@@ -77,6 +77,8 @@ pub struct MqttConfig {
     /// Longest a persistent session is kept after its connection ends (3.1.1 sessions, which
     /// have no expiry of their own, and longer MQTT 5 session expiry intervals get this).
     pub max_session_expiry: HumanDuration,
+    /// How often sessions whose expiry passed while their device was away are deleted.
+    pub session_purge_interval: HumanDuration,
 }
 
 impl Default for MqttConfig {
@@ -93,6 +95,7 @@ impl Default for MqttConfig {
             tls_cert_file: std::path::PathBuf::new(),
             tls_key_file: std::path::PathBuf::new(),
             max_session_expiry: HumanDuration::from_secs(7 * 24 * 3600),
+            session_purge_interval: HumanDuration::from_secs(60),
         }
     }
 }
@@ -203,6 +206,36 @@ impl MqttState {
             pending.remove(&key);
         }
         !flag.load(Ordering::SeqCst)
+    }
+
+    /// Deletes the persistent sessions that expired while their device was away, every
+    /// `session_purge_interval`, until the server shuts down. Sessions connected to this
+    /// node are left alone (saved again when they end).
+    pub async fn purge_sessions(self: Arc<Self>) {
+        let Some(store) = self.sessions.clone() else {
+            return;
+        };
+        let interval = self.config.session_purge_interval.as_duration();
+        if interval.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = self.realtime.shutdown.wait() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let connected: std::collections::HashSet<String> = self
+                .connected
+                .lock()
+                .keys()
+                .map(|(user, client_id)| persist::session_key(user, client_id))
+                .collect();
+            let purged =
+                persist::purge_expired(&*store, herald_core::time::now_ms(), &connected).await;
+            if purged > 0 {
+                tracing::info!(purged, "mqtt: expired sessions deleted");
+            }
+        }
     }
 
     /// Forgets connection `id` of `client_id`; false if another took it over meanwhile.

@@ -93,6 +93,33 @@ pub async fn remove(store: &dyn WebhookStore, key: &str) {
     }
 }
 
+/// Deletes the sessions whose expiry passed while their device was away, except those in
+/// `connected` (keys of sessions connected here: their document is saved again when they
+/// end). Returns how many were deleted.
+pub async fn purge_expired(
+    store: &dyn WebhookStore,
+    now_ms: u64,
+    connected: &std::collections::HashSet<String>,
+) -> usize {
+    let documents = match store.documents(COLLECTION).await {
+        Ok(documents) => documents,
+        Err(error) => {
+            tracing::warn!(%error, "mqtt: listing sessions to purge failed");
+            return 0;
+        }
+    };
+    let mut purged = 0;
+    for (key, bytes) in documents {
+        let expired = serde_json::from_slice::<SessionDocument>(&bytes)
+            .is_ok_and(|document| document.expires_at_ms <= now_ms);
+        if expired && !connected.contains(&key) {
+            remove(store, &key).await;
+            purged += 1;
+        }
+    }
+    purged
+}
+
 /// One channel's delivery progress on a connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Progress {
