@@ -181,6 +181,7 @@ fn server_packets_decode_with_rumqttc() {
         session_expiry: Some(0),
         retain_available: true,
         wildcards_available: true,
+        topic_alias_maximum: 16,
         reason_string: Some("ok".into()),
     };
     connack(&mut out, Level::V5, false, reason::SUCCESS, &properties);
@@ -190,6 +191,11 @@ fn server_packets_decode_with_rumqttc() {
             assert_eq!(p.receive_max, Some(32));
             assert_eq!(p.assigned_client_identifier.as_deref(), Some("abc"));
             assert_eq!(p.shared_subscription_available, Some(0));
+            assert_eq!(p.topic_alias_max, Some(16));
+            assert_eq!(
+                p.subscription_identifiers_available, None,
+                "absent: available"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -258,10 +264,10 @@ fn server_packets_decode_with_rumqttc() {
 #[test]
 fn templates_become_each_subscribers_publish() {
     let payload = vec![b'x'; 200];
-    let template = publish_template(Level::V311, "t/1", &payload, 1, false, &[]);
+    let template = publish_template(Level::V311, "t/1", &payload, 1, false, &[], None);
     assert_eq!(template_qos(&template), 1);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &template, 0, 0, false));
+    assert!(finish_publish(&mut out, &template, 0, 0, false, &[]));
     assert_eq!(out.len(), finished_size(&template, 0));
     match read_v4(&out) {
         v4::Packet::Publish(p) => {
@@ -272,9 +278,9 @@ fn templates_become_each_subscribers_publish() {
         }
         other => panic!("{other:?}"),
     }
-    let retained = publish_template(Level::V311, "t/1", &payload, 1, true, &[]);
+    let retained = publish_template(Level::V311, "t/1", &payload, 1, true, &[], None);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &retained, 1, 77, true));
+    assert!(finish_publish(&mut out, &retained, 1, 77, true, &[]));
     assert_eq!(out.len(), finished_size(&retained, 1));
     match read_v4(&out) {
         v4::Packet::Publish(p) => {
@@ -287,9 +293,9 @@ fn templates_become_each_subscribers_publish() {
         }
         other => panic!("{other:?}"),
     }
-    let template = publish_template(Level::V5, "t/2", b"{}", 2, false, &[("k", "v")]);
+    let template = publish_template(Level::V5, "t/2", b"{}", 2, false, &[("k", "v")], None);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &template, 2, 3, false));
+    assert!(finish_publish(&mut out, &template, 2, 3, false, &[]));
     match read_v5(&out) {
         v5::Packet::Publish(p) => {
             assert_eq!(
@@ -302,7 +308,14 @@ fn templates_become_each_subscribers_publish() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(!finish_publish(&mut BytesMut::new(), b"\x30", 0, 0, false));
+    assert!(!finish_publish(
+        &mut BytesMut::new(),
+        b"\x30",
+        0,
+        0,
+        false,
+        &[]
+    ));
 }
 /// A CONNECT, a SUBSCRIBE and a PUBLISH of each level, to mutate.
 fn valid_streams() -> Vec<(Level, BytesMut)> {
@@ -378,9 +391,9 @@ proptest::proptest! {
         pkid in 1u16..,
         retain in proptest::bool::ANY,
     ) {
-        let template = publish_template(Level::V311, &topic, &payload, 2, retain, &[]);
+        let template = publish_template(Level::V311, &topic, &payload, 2, retain, &[], None);
         let mut out = BytesMut::new();
-        proptest::prop_assert!(finish_publish(&mut out, &template, qos, pkid, false));
+        proptest::prop_assert!(finish_publish(&mut out, &template, qos, pkid, false, &[]));
         proptest::prop_assert_eq!(out.len(), finished_size(&template, qos));
         match v4::Packet::read(&mut out, 1 << 20).expect("rumqttc reads it") {
             v4::Packet::Publish(p) => {
@@ -392,5 +405,31 @@ proptest::proptest! {
             }
             other => proptest::prop_assert!(false, "{:?}", other),
         }
+    }
+}
+
+#[test]
+fn message_expiry_and_subscription_identifiers_are_mqtt5_properties() {
+    let template = publish_template(Level::V5, "t/3", b"x", 1, false, &[("k", "v")], Some(30));
+    let mut extra = BytesMut::new();
+    subscription_identifier(&mut extra, 7);
+    subscription_identifier(&mut extra, 300);
+    let mut out = BytesMut::new();
+    assert!(finish_publish(&mut out, &template, 1, 9, false, &extra));
+    match read_v5(&out) {
+        v5::Packet::Publish(p) => {
+            assert_eq!(
+                (p.pkid, &p.topic[..], &p.payload[..]),
+                (9, &b"t/3"[..], &b"x"[..])
+            );
+            let props = p.properties.expect("properties");
+            assert_eq!(props.message_expiry_interval, Some(30));
+            assert_eq!(props.subscription_identifiers, vec![7, 300]);
+            assert_eq!(
+                props.user_properties,
+                vec![("k".to_owned(), "v".to_owned())]
+            );
+        }
+        other => panic!("{other:?}"),
     }
 }

@@ -8,6 +8,10 @@
 //! from the HTTP API, a WebSocket client or a bridge is durable in history, so it is
 //! delivered at whatever QoS the subscription was granted.
 //!
+//! A publication with the tag [`EXPIRY_TAG`] (an MQTT 5 publisher's Message Expiry
+//! Interval, or set by any publisher) expires that many seconds after it was published: it
+//! is not delivered afterwards, and MQTT 5 subscribers are sent what remains of the interval.
+//!
 //! May touch: the connection's outbound queue.
 
 use std::collections::HashMap;
@@ -23,6 +27,21 @@ use crate::outbound::{EventEncoder, Frame, FramePosition, Outbound};
 
 /// Tag holding an MQTT publisher's QoS when below 2.
 pub const QOS_TAG: &str = "mqtt_qos";
+
+/// Tag holding a publication's message expiry interval (seconds after its time).
+pub const EXPIRY_TAG: &str = "mqtt_expiry";
+
+/// Seconds left of `publication`'s message expiry interval at `now_ms`: `None` without
+/// one, `Some(0)` when it has expired.
+pub fn expiry_left(publication: &herald_core::Publication, now_ms: u64) -> Option<u32> {
+    let interval: u64 = publication.tags.get(EXPIRY_TAG)?.parse().ok()?;
+    let ends_ms = publication
+        .time_ms
+        .saturating_add(interval.saturating_mul(1000));
+    let left_ms = ends_ms.saturating_sub(now_ms);
+    // Rounded up: a message with 0.4 s left has not expired.
+    Some(u32::try_from(left_ms.div_ceil(1000)).unwrap_or(u32::MAX))
+}
 
 /// Encoding slots of a publication's PUBLISH templates (see
 /// [`herald_core::publication::ENCODING_SLOTS`]).
@@ -52,7 +71,7 @@ impl MqttEncoder {
         let properties: Vec<(&str, &str)> = publication
             .tags
             .iter()
-            .filter(|(key, _)| key.as_str() != QOS_TAG)
+            .filter(|(key, _)| key.as_str() != QOS_TAG && key.as_str() != EXPIRY_TAG)
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         codec::publish_template(
@@ -62,12 +81,16 @@ impl MqttEncoder {
             max_qos,
             retain,
             &properties,
+            expiry_left(publication, herald_core::time::now_ms()),
         )
     }
 
     /// The frame of a live publication, `None` for other events or channels without a topic.
     pub fn frame(&self, event: &Arc<PublicationEvent>) -> Option<Frame> {
         let topic = self.topics.topic(&event.channel)?;
+        if expiry_left(&event.publication, herald_core::time::now_ms()) == Some(0) {
+            return None;
+        }
         if let Some((client, table)) = &self.own
             && event
                 .publication
@@ -114,6 +137,8 @@ pub struct Table {
     pub wildcards: Vec<(Filter, u8)>,
     /// Filters (exact topics and wildcards) subscribed with MQTT 5 no-local.
     pub no_local: std::collections::HashSet<String>,
+    /// MQTT 5 subscription identifiers, by filter.
+    pub subscription_ids: Vec<(Filter, u32)>,
 }
 
 impl Table {
@@ -145,6 +170,28 @@ impl Table {
             .map(|(filter, _)| filter.as_str());
         let mut matching = exact.into_iter().chain(wildcards).peekable();
         matching.peek().is_some() && matching.all(|filter| self.no_local.contains(filter))
+    }
+
+    /// The subscription identifiers of the filters matching `topic`, as the properties of
+    /// a PUBLISH (empty: none).
+    pub fn subscription_id_properties(&self, topic: &str) -> bytes::BytesMut {
+        let mut properties = bytes::BytesMut::new();
+        for (_, id) in self
+            .subscription_ids
+            .iter()
+            .filter(|(f, _)| f.matches(topic))
+        {
+            codec::subscription_identifier(&mut properties, *id);
+        }
+        properties
+    }
+
+    /// Sets (or with `None` clears) the subscription identifier of `filter`.
+    pub fn set_subscription_id(&mut self, filter: &Filter, id: Option<u32>) {
+        self.subscription_ids.retain(|(f, _)| f != filter);
+        if let Some(id) = id {
+            self.subscription_ids.push((filter.clone(), id));
+        }
     }
 
     /// Number of filters subscribed.

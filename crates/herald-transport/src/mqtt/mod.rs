@@ -65,6 +65,9 @@ pub struct MqttConfig {
     pub max_inflight: u16,
     /// Most topic filters one connection may subscribe to.
     pub max_subscriptions: usize,
+    /// Topic aliases an MQTT 5 client may set in its PUBLISHes (the CONNACK's Topic Alias
+    /// Maximum); 0: none.
+    pub topic_alias_maximum: u16,
     /// The HTTP path of MQTT over WebSocket (subprotocol `mqtt`) on the server's listener;
     /// empty: none.
     pub websocket_path: String,
@@ -90,6 +93,7 @@ impl Default for MqttConfig {
             max_packet_size: 256 * 1024,
             max_inflight: 32,
             max_subscriptions: 100,
+            topic_alias_maximum: 16,
             websocket_path: "/mqtt".into(),
             tls_listen: None,
             tls_cert_file: std::path::PathBuf::new(),

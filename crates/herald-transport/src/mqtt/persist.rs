@@ -36,6 +36,9 @@ pub struct SessionDocument {
     pub subscriptions: Vec<(String, u8)>,
     /// Per channel, where the client is.
     pub positions: BTreeMap<String, SavedPosition>,
+    /// MQTT 5 subscription identifiers, by filter.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subscription_ids: BTreeMap<String, u32>,
 }
 
 /// A channel's position in a saved session.
@@ -284,6 +287,7 @@ mod tests {
                     sent: 4,
                 },
             )]),
+            subscription_ids: BTreeMap::from([("a/+".into(), 7)]),
         };
         save(&store, &key, &document).await;
         assert_eq!(load(&store, &key, 999).await, Some(document));

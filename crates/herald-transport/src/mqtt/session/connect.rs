@@ -152,6 +152,7 @@ impl Session {
             persistence,
             _registration: registration,
             control: Some(control),
+            topic_aliases: None,
             credentials,
             state,
         };
@@ -170,6 +171,7 @@ impl Session {
             session_expiry: (connect.session_expiry != kept).then_some(kept),
             retain_available: true,
             wildcards_available,
+            topic_alias_maximum: session.state.config.topic_alias_maximum,
             reason_string,
         };
         codec::connack(out, level, session_present, reason::SUCCESS, &properties);

@@ -38,7 +38,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::codec::{self, Ack, ConnAckProperties, Connect, DecodeError, Level, Packet, reason};
-use super::delivery::{MqttEncoder, QOS_TAG, Table};
+use super::delivery::{EXPIRY_TAG, MqttEncoder, QOS_TAG, Table};
 use super::persist::{self, Positions};
 use super::{MqttState, TAKEN_OVER};
 use crate::outbound::{CloseReason, Frame, Outbound};
@@ -290,6 +290,10 @@ struct Session {
     _registration: Option<Box<crate::realtime::ClientRegistration>>,
     /// Handed to the registry at connect, so the server API can reach this connection.
     control: Option<Arc<Inbox>>,
+    /// The client's MQTT 5 topic aliases (boxed: most clients set none, and an empty
+    /// `HashMap` inline would cost every connection 48 bytes rather than 8).
+    #[allow(clippy::box_collection)]
+    topic_aliases: Option<Box<HashMap<u16, String>>>,
 }
 
 /// A persistent session's store and progress.
@@ -495,17 +499,7 @@ impl Session {
                 };
                 codec::ack(&mut self.out_buf, self.level, Ack::PubComp, pkid, code);
             }
-            Packet::Subscribe {
-                pkid,
-                filters,
-                subscription_id,
-            } => {
-                if subscription_id.is_some() {
-                    return Err(Close::new(
-                        reason::SUBSCRIPTION_IDS_NOT_SUPPORTED,
-                        "subscription identifiers are not supported",
-                    ));
-                }
+            Packet::Subscribe { pkid, filters } => {
                 self.subscribe(pkid, filters).await;
                 self.save_session().await;
             }
@@ -542,18 +536,17 @@ impl Session {
         let codec::Publish {
             qos,
             pkid,
-            topic,
             payload,
+            topic,
             topic_alias,
+            message_expiry,
             user_properties,
             ..
         } = publish;
-        if topic_alias.is_some() {
-            return Err(Close::new(
-                reason::TOPIC_ALIAS_INVALID,
-                "the server allows no topic aliases",
-            ));
-        }
+        let topic = match topic_alias {
+            Some(alias) => self.resolve_alias(alias, topic)?,
+            None => topic,
+        };
         if qos == 2 && self.awaiting_rel.contains(&pkid) {
             // A resent QoS 2 publish already published: acknowledge again, publish nothing.
             codec::ack(
@@ -613,9 +606,12 @@ impl Session {
                 .map_or_else(|| self.info.clone(), |sub| sub.info.clone()),
         );
         for (key, value) in user_properties {
-            if key != QOS_TAG {
+            if key != QOS_TAG && key != EXPIRY_TAG {
                 request.tags.insert(key, value);
             }
+        }
+        if let Some(seconds) = message_expiry {
+            request.tags.insert(EXPIRY_TAG.into(), seconds.to_string());
         }
         if qos < 2 {
             request.tags.insert(QOS_TAG.into(), qos.to_string());
@@ -656,6 +652,30 @@ impl Session {
         }
     }
 
+    /// The topic of a PUBLISH with MQTT 5 topic alias `alias`: a topic given sets the alias,
+    /// an empty one uses it. An alias of 0 or above the CONNACK's Topic Alias Maximum closes
+    /// with 0x94, an empty topic with an alias never set with 0x82.
+    fn resolve_alias(&mut self, alias: u16, topic: String) -> Result<String, Close> {
+        let maximum = self.state.config.topic_alias_maximum;
+        if alias == 0 || alias > maximum {
+            return Err(Close::new(
+                reason::TOPIC_ALIAS_INVALID,
+                format!("topic alias {alias} is outside 1..={maximum}"),
+            ));
+        }
+        let aliases = self.topic_aliases.get_or_insert_with(Default::default);
+        if topic.is_empty() {
+            return aliases.get(&alias).cloned().ok_or_else(|| {
+                Close::new(
+                    reason::PROTOCOL_ERROR,
+                    format!("topic alias {alias} was never set"),
+                )
+            });
+        }
+        aliases.insert(alias, topic.clone());
+        Ok(topic)
+    }
+
     /// `publications_per_second_per_user`: per user, or per connection when anonymous.
     fn take_publish_token(&self) -> bool {
         let who = if self.credentials.user.is_empty() {
@@ -681,17 +701,20 @@ impl Session {
             let Some(position) = &frame.position else {
                 continue;
             };
-            let granted = self
-                .state
-                .topics
-                .topic(&position.channel)
-                .and_then(|topic| self.table.read().granted(&position.channel, topic));
+            let Some(topic) = self.state.topics.topic(&position.channel) else {
+                continue;
+            };
+            let granted = self.table.read().granted(&position.channel, topic);
             let Some(granted) = granted else {
                 // Unsubscribed since it was queued.
                 continue;
             };
             let qos = granted.min(codec::template_qos(&frame.bytes));
-            if codec::finished_size(&frame.bytes, qos) > self.client_max_packet {
+            let extra = match self.level {
+                Level::V5 => self.table.read().subscription_id_properties(topic),
+                Level::V311 => BytesMut::new(),
+            };
+            if codec::finished_size(&frame.bytes, qos) + extra.len() + 1 > self.client_max_packet {
                 // MQTT 5: a packet larger than the client accepts is not sent (MQTT-3.1.2-25).
                 tracing::debug!(channel = %position.channel, "mqtt: publication larger than the client's maximum packet size; skipped");
                 continue;
@@ -732,7 +755,7 @@ impl Session {
                     qos == 0,
                 );
             }
-            codec::finish_publish(&mut self.out_buf, &frame.bytes, qos, pkid, false);
+            codec::finish_publish(&mut self.out_buf, &frame.bytes, qos, pkid, false, &extra);
         }
     }
 

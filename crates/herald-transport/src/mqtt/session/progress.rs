@@ -48,6 +48,11 @@ impl Session {
             expires_at_ms: herald_core::time::now_ms().saturating_add(expiry_ms),
             subscriptions,
             positions: persistence.positions.saved(),
+            subscription_ids: table
+                .subscription_ids
+                .iter()
+                .map(|(filter, id)| (filter.as_str().to_owned(), *id))
+                .collect(),
         }
     }
 

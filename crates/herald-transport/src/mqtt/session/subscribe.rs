@@ -14,7 +14,7 @@ use herald_core::publication::{ClientInfo, PublicationEvent, StreamPosition};
 use herald_core::store::HistoryQuery;
 
 use super::super::codec::{self, reason};
-use super::super::delivery::PatternSink;
+use super::super::delivery::{PatternSink, expiry_left};
 use super::super::persist::{Positions, SessionDocument};
 use super::super::topic::Filter;
 use super::{ExactSub, GrantedExact, Session, refusal_reason};
@@ -86,12 +86,14 @@ impl Session {
         let mut granted = Vec::new();
         let mut lost = Vec::new();
         for (filter, qos) in saved.subscriptions {
+            let subscription_id = saved.subscription_ids.get(&filter).copied();
             let ask = codec::SubscribeAsk {
                 filter,
                 qos,
                 no_local: false,
                 retain_as_published: false,
                 retain_handling: 2,
+                subscription_id,
             };
             match self.subscribe_one(&ask, qos.min(2), true).await {
                 Ok(Some(exact)) => {
@@ -201,6 +203,9 @@ impl Session {
             }
         };
         let mut table = self.table.write();
+        if let Ok(filter) = Filter::parse(text) {
+            table.set_subscription_id(&filter, ask.subscription_id);
+        }
         if ask.no_local {
             table.no_local.insert(text.to_owned());
         } else {
@@ -288,6 +293,15 @@ impl Session {
         let name = admitted.name.as_arc().clone();
         self.table.write().exact.insert(name.clone(), qos);
         let last_offset = subscribed.last_offset();
+        // A new subscription of a persistent session starts where the channel is: what is
+        // published after it is missed if the device goes away before the first delivery.
+        if resume_point.is_none()
+            && let (Some(persistence), Some(position)) =
+                (&mut self.persistence, subscribed.position.as_ref())
+        {
+            let epoch: Arc<str> = Arc::from(position.epoch.as_str());
+            persistence.positions.sent(&name, &epoch, last_offset, true);
+        }
         let replies = match &resume_point {
             Some((_, _, sent)) => {
                 let epoch: Arc<str> = Arc::from(
@@ -296,9 +310,12 @@ impl Session {
                         .as_ref()
                         .map_or("", |p| p.epoch.as_str()),
                 );
+                let now_ms = herald_core::time::now_ms();
                 subscribed
                     .publications
                     .into_iter()
+                    // Expired while the device was away: not delivered (MQTT-3.3.2-5).
+                    .filter(|publication| expiry_left(publication, now_ms) != Some(0))
                     .map(|publication| self.redelivery(&name, &epoch, topic, publication, *sent))
                     .collect()
             }
@@ -378,7 +395,9 @@ impl Session {
             }
         };
         let publication = page.publications.into_iter().next()?;
-        if publication.data.is_empty() {
+        if publication.data.is_empty()
+            || expiry_left(&publication, herald_core::time::now_ms()) == Some(0)
+        {
             return None;
         }
         let epoch: Arc<str> = Arc::from(page.position.epoch.as_str());
@@ -437,7 +456,12 @@ impl Session {
                 }
                 Err(_) => false,
             };
-            self.table.write().no_local.remove(&text);
+            let mut table = self.table.write();
+            table.no_local.remove(&text);
+            if let Ok(filter) = Filter::parse(&text) {
+                table.set_subscription_id(&filter, None);
+            }
+            drop(table);
             codes.push(if removed {
                 reason::SUCCESS
             } else {

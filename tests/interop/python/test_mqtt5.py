@@ -1,0 +1,155 @@
+"""MQTT 5 properties of Herald's MQTT listener (docs/mqtt.md "MQTT 5"), judged by `paho-mqtt`'s
+MQTT 5 client (raw bytes only where a test needs a packet paho would not send): topic aliases,
+subscription identifiers and message expiry. The server and helpers are test_mqtt.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import struct
+import time
+from typing import Any, List
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from conftest import HeraldInstance
+from test_mqtt import (  # noqa: F401  (server: the module's fixture)
+    WAIT, Device, Mqtt, api, codes, mint_token, raw_session, read_packet, server, unique, varint,
+)
+
+
+def publish_properties(**values: Any) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    for name, value in values.items():
+        setattr(props, name, value)
+    return props
+
+
+def test_topic_aliases_set_and_used_and_a_bad_one_closes_with_0x94(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    topic = unique("alias/") + "/long/topic/name"
+    sub = Mqtt(server, 4, token).connected()
+    connacks: "queue.Queue[Any]" = queue.Queue()
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=unique("alias-"), protocol=paho.MQTTv5)
+    pub.username_pw_set("x", token)
+    pub.on_connect = lambda c, u, flags, rc, props: connacks.put(props)
+    host, port = server.mqtt  # type: ignore[attr-defined]
+    pub.connect(host, port, keepalive=30)
+    pub.loop_start()
+    try:
+        props = connacks.get(timeout=WAIT)
+        assert props.TopicAliasMaximum == 16, props
+        assert codes(sub.subscribe((topic, 1))) == [1]
+        first = pub.publish(topic, b'{"n":1}', qos=1, properties=publish_properties(TopicAlias=3))
+        first.wait_for_publish(timeout=WAIT)
+        # The alias alone: an empty topic.
+        second = pub.publish("", b'{"n":2}', qos=1, properties=publish_properties(TopicAlias=3))
+        second.wait_for_publish(timeout=WAIT)
+        got = [sub.take(f"publication {n}") for n in (1, 2)]
+        assert [(m.topic, json.loads(m.payload)["n"]) for m in got] == [(topic, 1), (topic, 2)]
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        sub.close()
+    # Above the Topic Alias Maximum (16), and an alias never set: raw packets paho would refuse.
+    for alias, topic_bytes, reason in ((17, b"t", 0x94), (0, b"t", 0x94), (5, b"", 0x82)):
+        sock = raw_session(server)
+        properties = bytes([0x23]) + struct.pack("!H", alias)
+        body = struct.pack("!H", len(topic_bytes)) + topic_bytes + varint(len(properties)) + properties + b"x"
+        sock.sendall(bytes([0x30]) + varint(len(body)) + body)
+        kind, reply = read_packet(sock)
+        assert (kind, reply[:1]) == (0xE0, bytes([reason])), f"alias {alias}: {kind:#x} {reply!r}"
+        sock.close()
+
+
+def test_subscription_identifiers_come_back_on_matching_publishes(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    base = unique("ids/")
+    client = Mqtt(server, 5, token).connected()
+    try:
+        for filter_, ident in ((f"{base}/+", 5), (f"{base}/a", 9)):
+            props = Properties(PacketTypes.SUBSCRIBE)
+            props.SubscriptionIdentifier = ident
+            client.client.subscribe(filter_, qos=1, properties=props)
+            assert codes(client.subacks.get(timeout=WAIT)) == [1]
+        client.client.subscribe(f"{base}/none/#", qos=1)  # no identifier
+        assert codes(client.subacks.get(timeout=WAIT)) == [1]
+        api(server, "publish", {"channel": f"mqtt:{base}/a", "data": {"n": 1}})
+        message = client.take("the publication on both filters")
+        assert sorted(message.properties.SubscriptionIdentifier) == [5, 9]
+        api(server, "publish", {"channel": f"mqtt:{base}/b", "data": {"n": 2}})
+        message = client.take("the publication on the wildcard")
+        assert message.properties.SubscriptionIdentifier == [5]
+        api(server, "publish", {"channel": f"mqtt:{base}/none/x", "data": {"n": 3}})
+        message = client.take("the publication without an identifier")
+        assert not hasattr(message.properties, "SubscriptionIdentifier"), message.properties
+        client.client.unsubscribe(f"{base}/a")
+        time.sleep(0.3)
+        api(server, "publish", {"channel": f"mqtt:{base}/a", "data": {"n": 4}})
+        message = client.take("the publication after unsubscribing the exact filter")
+        assert message.properties.SubscriptionIdentifier == [5]
+    finally:
+        client.close()
+
+
+def test_subscription_identifiers_are_kept_by_a_persistent_session(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    client_id = unique("device-")
+    topic = unique("kept-ids/")
+    device = Device(server, 5, token, client_id)
+    props = Properties(PacketTypes.SUBSCRIBE)
+    props.SubscriptionIdentifier = 42
+    device.client.subscribe(topic, qos=1, properties=props)
+    assert codes(device.subacks.get(timeout=WAIT)) == [1]
+    device.close()
+    api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"n": 1}})
+    device = Device(server, 5, token, client_id)
+    try:
+        assert device.session_present
+        message = device.take("the missed publication")
+        assert message.properties.SubscriptionIdentifier == [42]
+    finally:
+        device.close()
+
+
+def test_an_expired_message_is_not_delivered_and_the_rest_of_its_interval_is_sent(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    client_id = unique("device-")
+    topic = unique("expiry/")
+    device = Device(server, 5, token, client_id)
+    device.client.subscribe(topic, qos=1)
+    assert codes(device.subacks.get(timeout=WAIT)) == [1]
+    publisher = Mqtt(server, 5, token).connected()
+    try:
+        info = publisher.client.publish(
+            topic, b'{"n":"live"}', qos=1, properties=publish_properties(MessageExpiryInterval=60)
+        )
+        info.wait_for_publish(timeout=WAIT)
+        live = device.take("the live publication")
+        assert 58 <= live.properties.MessageExpiryInterval <= 60, live.properties
+        time.sleep(0.3)
+        device.close()
+        # While the device is away: one message that expires before it is back, one that does not.
+        for n, expiry in (("short", 1), ("long", 60)):
+            info = publisher.client.publish(
+                topic, json.dumps({"n": n}).encode(), qos=1,
+                properties=publish_properties(MessageExpiryInterval=expiry),
+            )
+            info.wait_for_publish(timeout=WAIT)
+        time.sleep(2.2)
+        device = Device(server, 5, token, client_id)
+        assert device.session_present
+        message = device.take("the unexpired missed publication")
+        assert json.loads(message.payload)["n"] == "long"
+        assert 55 <= message.properties.MessageExpiryInterval <= 58, message.properties
+        time.sleep(0.5)
+        assert device.messages.empty(), "the expired one is not delivered"
+        # The interval is not a user property of the publication seen by the other transports.
+        stored = api(server, "history", {"channel": f"mqtt:{topic}", "limit": 10})["publications"]
+        assert [p["tags"]["mqtt_expiry"] for p in stored] == ["60", "1", "60"]
+    finally:
+        device.close()
+        publisher.close()
