@@ -153,3 +153,36 @@ def test_an_expired_message_is_not_delivered_and_the_rest_of_its_interval_is_sen
     finally:
         device.close()
         publisher.close()
+
+
+def test_retain_as_published_keeps_the_publishers_retain_flag_on_live_deliveries(server: HeraldInstance) -> None:
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+
+    token = mint_token(server.hmac_secret, unique("u"))
+    topic = unique("rap/")
+    as_published = Mqtt(server, 5, token).connected()
+    plain = Mqtt(server, 5, token).connected()
+    old = Mqtt(server, 4, token).connected()
+    publisher = Mqtt(server, 5, token).connected()
+    try:
+        as_published.client.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
+        assert codes(as_published.subacks.get(timeout=WAIT)) == [1]
+        assert codes(plain.subscribe((topic, 1))) == [1]
+        assert codes(old.subscribe((topic, 1))) == [1]
+        for retain in (True, False):
+            info = publisher.client.publish(topic, json.dumps({"retain": retain}).encode(), qos=1, retain=retain)
+            info.wait_for_publish(timeout=WAIT)
+        assert [m.retain for m in (as_published.take("1"), as_published.take("2"))] == [True, False]
+        assert [m.retain for m in (plain.take("1"), plain.take("2"))] == [False, False]
+        assert [m.retain for m in (old.take("1"), old.take("2"))] == [False, False]
+        # The retained publication sent for a SUBSCRIBE has RETAIN set, with or without it.
+        late = Mqtt(server, 5, token).connected()
+        try:
+            assert codes(late.subscribe((topic, 1))) == [1]
+            retained = late.take("the retained publication")
+            assert retained.retain and json.loads(retained.payload) == {"retain": False}
+        finally:
+            late.close()
+    finally:
+        for client in (as_published, plain, old, publisher):
+            client.close()

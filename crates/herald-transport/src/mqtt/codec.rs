@@ -699,7 +699,8 @@ pub fn finished_size(template: &[u8], qos: u8) -> usize {
 }
 
 /// Appends the PUBLISH made from `template` at `qos` with `pkid` (ignored at QoS 0) and
-/// `dup` to `out`, keeping the template's retain flag (and its DUP flag: a redelivery).
+/// `dup` to `out`, keeping the template's DUP flag (a redelivery) and, with `keep_retain`,
+/// its retain flag (cleared otherwise).
 /// `extra` are MQTT 5 properties of this delivery (subscription identifiers) added to the
 /// template's; empty for 3.1.1. False if the template is not one of ours.
 pub fn finish_publish(
@@ -708,6 +709,7 @@ pub fn finish_publish(
     qos: u8,
     pkid: u16,
     dup: bool,
+    keep_retain: bool,
     extra: &[u8],
 ) -> bool {
     let Ok(Some((header, remaining))) = fixed_header(template) else {
@@ -737,7 +739,7 @@ pub fn finish_publish(
     let props_growth = props_len.map_or(0, |len| {
         varint_len(len + extra.len()) + extra.len() - varint_len(len)
     });
-    let retain = template[0] & 1;
+    let retain = template[0] & u8::from(keep_retain);
     let dup = dup || template[0] & 0x08 != 0;
     let byte1 = 0x30 | (u8::from(dup && qos > 0) << 3) | (qos << 1) | retain;
     out.put_u8(byte1);

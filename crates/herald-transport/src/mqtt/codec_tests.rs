@@ -267,7 +267,7 @@ fn templates_become_each_subscribers_publish() {
     let template = publish_template(Level::V311, "t/1", &payload, 1, false, &[], None);
     assert_eq!(template_qos(&template), 1);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &template, 0, 0, false, &[]));
+    assert!(finish_publish(&mut out, &template, 0, 0, false, true, &[]));
     assert_eq!(out.len(), finished_size(&template, 0));
     match read_v4(&out) {
         v4::Packet::Publish(p) => {
@@ -280,7 +280,7 @@ fn templates_become_each_subscribers_publish() {
     }
     let retained = publish_template(Level::V311, "t/1", &payload, 1, true, &[], None);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &retained, 1, 77, true, &[]));
+    assert!(finish_publish(&mut out, &retained, 1, 77, true, true, &[]));
     assert_eq!(out.len(), finished_size(&retained, 1));
     match read_v4(&out) {
         v4::Packet::Publish(p) => {
@@ -295,7 +295,7 @@ fn templates_become_each_subscribers_publish() {
     }
     let template = publish_template(Level::V5, "t/2", b"{}", 2, false, &[("k", "v")], None);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &template, 2, 3, false, &[]));
+    assert!(finish_publish(&mut out, &template, 2, 3, false, true, &[]));
     match read_v5(&out) {
         v5::Packet::Publish(p) => {
             assert_eq!(
@@ -314,6 +314,7 @@ fn templates_become_each_subscribers_publish() {
         0,
         0,
         false,
+        true,
         &[]
     ));
 }
@@ -393,7 +394,7 @@ proptest::proptest! {
     ) {
         let template = publish_template(Level::V311, &topic, &payload, 2, retain, &[], None);
         let mut out = BytesMut::new();
-        proptest::prop_assert!(finish_publish(&mut out, &template, qos, pkid, false, &[]));
+        proptest::prop_assert!(finish_publish(&mut out, &template, qos, pkid, false, true, &[]));
         proptest::prop_assert_eq!(out.len(), finished_size(&template, qos));
         match v4::Packet::read(&mut out, 1 << 20).expect("rumqttc reads it") {
             v4::Packet::Publish(p) => {
@@ -415,7 +416,9 @@ fn message_expiry_and_subscription_identifiers_are_mqtt5_properties() {
     subscription_identifier(&mut extra, 7);
     subscription_identifier(&mut extra, 300);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &template, 1, 9, false, &extra));
+    assert!(finish_publish(
+        &mut out, &template, 1, 9, false, true, &extra
+    ));
     match read_v5(&out) {
         v5::Packet::Publish(p) => {
             assert_eq!(
@@ -431,5 +434,18 @@ fn message_expiry_and_subscription_identifiers_are_mqtt5_properties() {
             );
         }
         other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_templates_retain_flag_is_kept_only_when_asked() {
+    let template = publish_template(Level::V5, "t/4", b"x", 0, true, &[], None);
+    for keep in [true, false] {
+        let mut out = BytesMut::new();
+        assert!(finish_publish(&mut out, &template, 0, 0, false, keep, &[]));
+        match read_v5(&out) {
+            v5::Packet::Publish(p) => assert_eq!(p.retain, keep),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -28,6 +28,10 @@ use crate::outbound::{EventEncoder, Frame, FramePosition, Outbound};
 /// Tag holding an MQTT publisher's QoS when below 2.
 pub const QOS_TAG: &str = "mqtt_qos";
 
+/// Tag set on a publication an MQTT publisher sent with RETAIN (what MQTT 5
+/// retain-as-published subscribers see on live deliveries).
+pub const RETAIN_TAG: &str = "mqtt_retain";
+
 /// Tag holding a publication's message expiry interval (seconds after its time).
 pub const EXPIRY_TAG: &str = "mqtt_expiry";
 
@@ -71,7 +75,7 @@ impl MqttEncoder {
         let properties: Vec<(&str, &str)> = publication
             .tags
             .iter()
-            .filter(|(key, _)| key.as_str() != QOS_TAG && key.as_str() != EXPIRY_TAG)
+            .filter(|(key, _)| ![QOS_TAG, EXPIRY_TAG, RETAIN_TAG].contains(&key.as_str()))
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         codec::publish_template(
@@ -105,7 +109,10 @@ impl MqttEncoder {
             Level::V311 => V311_SLOT,
             Level::V5 => V5_SLOT,
         };
-        let bytes = event.encoded(slot, |event| self.template(topic, event, false));
+        // The publisher's RETAIN, cleared as it is written unless a matching subscription
+        // asked for retain-as-published.
+        let retain = event.publication.tags.contains_key(RETAIN_TAG);
+        let bytes = event.encoded(slot, |event| self.template(topic, event, retain));
         Some(Frame {
             bytes,
             position: Some(FramePosition {
@@ -139,6 +146,8 @@ pub struct Table {
     pub no_local: std::collections::HashSet<String>,
     /// MQTT 5 subscription identifiers, by filter.
     pub subscription_ids: Vec<(Filter, u32)>,
+    /// Filters subscribed with MQTT 5 retain-as-published.
+    pub retain_as_published: Vec<Filter>,
 }
 
 impl Table {
@@ -184,6 +193,19 @@ impl Table {
             codec::subscription_identifier(&mut properties, *id);
         }
         properties
+    }
+
+    /// Whether a filter matching `topic` asked for retain-as-published.
+    pub fn retains_as_published(&self, topic: &str) -> bool {
+        self.retain_as_published.iter().any(|f| f.matches(topic))
+    }
+
+    /// Sets (or clears) retain-as-published for `filter`.
+    pub fn set_retain_as_published(&mut self, filter: &Filter, on: bool) {
+        self.retain_as_published.retain(|f| f != filter);
+        if on {
+            self.retain_as_published.push(filter.clone());
+        }
     }
 
     /// Sets (or with `None` clears) the subscription identifier of `filter`.

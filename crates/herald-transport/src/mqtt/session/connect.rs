@@ -153,6 +153,7 @@ impl Session {
             _registration: registration,
             control: Some(control),
             topic_aliases: None,
+            retained_replies: None,
             credentials,
             state,
         };

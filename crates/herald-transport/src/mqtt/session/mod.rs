@@ -38,7 +38,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::codec::{self, Ack, ConnAckProperties, Connect, DecodeError, Level, Packet, reason};
-use super::delivery::{EXPIRY_TAG, MqttEncoder, QOS_TAG, Table};
+use super::delivery::{EXPIRY_TAG, MqttEncoder, QOS_TAG, RETAIN_TAG, Table};
 use super::persist::{self, Positions};
 use super::{MqttState, TAKEN_OVER};
 use crate::outbound::{CloseReason, Frame, Outbound};
@@ -244,6 +244,9 @@ struct GrantedExact {
     recovered: Option<bool>,
 }
 
+/// A publication's place: its channel and offset.
+type ChannelOffset = (Arc<str>, u64);
+
 /// A delivery awaiting acknowledgement, and what it delivered.
 struct InFlight {
     stage: Awaiting,
@@ -294,6 +297,10 @@ struct Session {
     /// `HashMap` inline would cost every connection 48 bytes rather than 8).
     #[allow(clippy::box_collection)]
     topic_aliases: Option<Box<HashMap<u16, String>>>,
+    /// Retained publications queued for SUBSCRIBEs, by (channel, offset): written with
+    /// RETAIN, while live ones keep it only for retain-as-published (boxed: usually none).
+    #[allow(clippy::box_collection)]
+    retained_replies: Option<Box<HashSet<ChannelOffset>>>,
 }
 
 /// A persistent session's store and progress.
@@ -541,6 +548,7 @@ impl Session {
             topic_alias,
             message_expiry,
             user_properties,
+            retain,
             ..
         } = publish;
         let topic = match topic_alias {
@@ -606,9 +614,12 @@ impl Session {
                 .map_or_else(|| self.info.clone(), |sub| sub.info.clone()),
         );
         for (key, value) in user_properties {
-            if key != QOS_TAG && key != EXPIRY_TAG {
+            if ![QOS_TAG, EXPIRY_TAG, RETAIN_TAG].contains(&key.as_str()) {
                 request.tags.insert(key, value);
             }
+        }
+        if retain {
+            request.tags.insert(RETAIN_TAG.into(), "1".into());
         }
         if let Some(seconds) = message_expiry {
             request.tags.insert(EXPIRY_TAG.into(), seconds.to_string());
@@ -710,9 +721,14 @@ impl Session {
                 continue;
             };
             let qos = granted.min(codec::template_qos(&frame.bytes));
-            let extra = match self.level {
-                Level::V5 => self.table.read().subscription_id_properties(topic),
-                Level::V311 => BytesMut::new(),
+            let retained_reply = self.is_retained_reply(position);
+            let (extra, keep_retain) = match self.level {
+                Level::V5 => {
+                    let table = self.table.read();
+                    let keep_retain = retained_reply || table.retains_as_published(topic);
+                    (table.subscription_id_properties(topic), keep_retain)
+                }
+                Level::V311 => (BytesMut::new(), retained_reply),
             };
             if codec::finished_size(&frame.bytes, qos) + extra.len() + 1 > self.client_max_packet {
                 // MQTT 5: a packet larger than the client accepts is not sent (MQTT-3.1.2-25).
@@ -755,7 +771,35 @@ impl Session {
                     qos == 0,
                 );
             }
-            codec::finish_publish(&mut self.out_buf, &frame.bytes, qos, pkid, false, &extra);
+            codec::finish_publish(
+                &mut self.out_buf,
+                &frame.bytes,
+                qos,
+                pkid,
+                false,
+                keep_retain,
+                &extra,
+            );
+            if retained_reply {
+                self.forget_retained_reply(position);
+            }
+        }
+    }
+
+    /// Whether the frame at `position` is a retained publication sent for a SUBSCRIBE
+    /// (written with RETAIN), rather than a live one.
+    fn is_retained_reply(&self, position: &crate::outbound::FramePosition) -> bool {
+        self.retained_replies
+            .as_ref()
+            .is_some_and(|replies| replies.contains(&(position.channel.clone(), position.offset)))
+    }
+
+    fn forget_retained_reply(&mut self, position: &crate::outbound::FramePosition) {
+        if let Some(replies) = &mut self.retained_replies {
+            replies.remove(&(position.channel.clone(), position.offset));
+            if replies.is_empty() {
+                self.retained_replies = None;
+            }
         }
     }
 

@@ -205,6 +205,7 @@ impl Session {
         let mut table = self.table.write();
         if let Ok(filter) = Filter::parse(text) {
             table.set_subscription_id(&filter, ask.subscription_id);
+            table.set_retain_as_published(&filter, ask.retain_as_published);
         }
         if ask.no_local {
             table.no_local.insert(text.to_owned());
@@ -253,6 +254,7 @@ impl Session {
                 }
                 false => None,
             };
+            self.note_retained(retained.as_ref());
             return Ok(GrantedExact {
                 channel: admitted.name.as_arc().clone(),
                 last_offset: None,
@@ -319,11 +321,13 @@ impl Session {
                     .map(|publication| self.redelivery(&name, &epoch, topic, publication, *sent))
                     .collect()
             }
-            None if send_retained && !resume => self
-                .retained(&admitted.name, &admitted.options, topic)
-                .await
-                .into_iter()
-                .collect(),
+            None if send_retained && !resume => {
+                let retained = self
+                    .retained(&admitted.name, &admitted.options, topic)
+                    .await;
+                self.note_retained(retained.as_ref());
+                retained.into_iter().collect()
+            }
             None => Vec::new(),
         };
         self.exact.insert(
@@ -368,6 +372,15 @@ impl Session {
                 epoch: epoch.clone(),
             }),
             conflate_key: None,
+        }
+    }
+
+    /// Remembers a retained publication queued for a SUBSCRIBE: it is written with RETAIN.
+    fn note_retained(&mut self, frame: Option<&Frame>) {
+        if let Some(position) = frame.and_then(|f| f.position.as_ref()) {
+            self.retained_replies
+                .get_or_insert_with(Default::default)
+                .insert((position.channel.clone(), position.offset));
         }
     }
 
@@ -460,6 +473,7 @@ impl Session {
             table.no_local.remove(&text);
             if let Ok(filter) = Filter::parse(&text) {
                 table.set_subscription_id(&filter, None);
+                table.set_retain_as_published(&filter, false);
             }
             drop(table);
             codes.push(if removed {
