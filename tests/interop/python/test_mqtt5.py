@@ -186,3 +186,62 @@ def test_retain_as_published_keeps_the_publishers_retain_flag_on_live_deliveries
     finally:
         for client in (as_published, plain, old, publisher):
             client.close()
+
+
+def test_a_shared_subscription_delivers_each_publication_to_one_member(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    base = unique("jobs/")
+    shared = f"$share/workers/{base}/+"
+    members = [Mqtt(server, 5, token).connected(), Mqtt(server, 5, token).connected(), Mqtt(server, 4, token).connected()]
+    watcher = Mqtt(server, 5, token).connected()
+    other_group = Mqtt(server, 5, token).connected()
+    try:
+        for member in members:
+            assert codes(member.subscribe((shared, 1))) == [1]
+        assert codes(watcher.subscribe((f"{base}/+", 1))) == [1]
+        assert codes(other_group.subscribe((f"$share/auditors/{base}/+", 1))) == [1]
+
+        def drain(client: Mqtt) -> List[int]:
+            got = []
+            while True:
+                try:
+                    got.append(json.loads(client.messages.get(timeout=1.0).payload)["n"])
+                except queue.Empty:
+                    return got
+
+        for n in range(30):
+            api(server, "publish", {"channel": f"mqtt:{base}/{n % 3}", "data": {"n": n}})
+        got = [drain(member) for member in members]
+        assert sorted(sum(got, [])) == list(range(30)), got
+        assert all(len(g) == 10 for g in got), f"members take turns: {[len(g) for g in got]}"
+        assert drain(watcher) == list(range(30)), "a plain subscription gets everything"
+        assert sorted(drain(other_group)) == list(range(30)), "another group gets its own copy"
+        # A member that unsubscribes gets no more; the others share what follows.
+        members[0].client.unsubscribe(shared)
+        time.sleep(0.3)
+        for n in range(30, 40):
+            api(server, "publish", {"channel": f"mqtt:{base}/x", "data": {"n": n}})
+        got = [drain(member) for member in members]
+        assert got[0] == [] and sorted(got[1] + got[2]) == list(range(30, 40)), got
+        # One that disconnects too.
+        members[1].close()
+        time.sleep(0.3)
+        for n in range(40, 45):
+            api(server, "publish", {"channel": f"mqtt:{base}/x", "data": {"n": n}})
+        assert drain(members[2]) == list(range(40, 45))
+    finally:
+        for client in members + [watcher, other_group]:
+            client.close()
+
+
+def test_a_malformed_share_name_is_refused(server: HeraldInstance) -> None:
+    # paho checks filters itself: raw bytes.
+    sock = raw_session(server)
+    try:
+        for filter_ in (b"$share/a+b/t", b"$share/g"):
+            body = struct.pack("!H", 7) + varint(0) + struct.pack("!H", len(filter_)) + filter_ + b"\x01"
+            sock.sendall(bytes([0x82]) + varint(len(body)) + body)
+            kind, reply = read_packet(sock)
+            assert kind == 0x90 and reply[-1] == 0x8F, f"{filter_!r}: {kind:#x} {reply!r}"
+    finally:
+        sock.close()

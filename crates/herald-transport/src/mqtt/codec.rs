@@ -491,6 +491,8 @@ pub struct ConnAckProperties {
     pub session_expiry: Option<u32>,
     pub retain_available: bool,
     pub wildcards_available: bool,
+    /// Shared subscriptions (`$share/…`) are available.
+    pub shared_available: bool,
     /// Topic aliases the client may use in its PUBLISHes (0: none).
     pub topic_alias_maximum: u16,
     pub reason_string: Option<String>,
@@ -550,8 +552,8 @@ pub fn connack(
             props.put_u8(0x28);
             props.put_u8(u8::from(properties.wildcards_available));
             // Subscription identifiers: available (0x29 absent means 1).
-            props.put_u8(0x2A); // shared subscriptions: not available
-            props.put_u8(0);
+            props.put_u8(0x2A);
+            props.put_u8(u8::from(properties.shared_available));
             let remaining = 2 + varint_len(props.len()) + props.len();
             put_varint(out, remaining);
             out.put_u8(u8::from(session_present && code == 0));

@@ -182,6 +182,7 @@ fn server_packets_decode_with_rumqttc() {
         retain_available: true,
         wildcards_available: true,
         topic_alias_maximum: 16,
+        shared_available: false,
         reason_string: Some("ok".into()),
     };
     connack(&mut out, Level::V5, false, reason::SUCCESS, &properties);

@@ -148,6 +148,8 @@ pub struct Table {
     pub subscription_ids: Vec<(Filter, u32)>,
     /// Filters subscribed with MQTT 5 retain-as-published.
     pub retain_as_published: Vec<Filter>,
+    /// Shared subscriptions with the granted QoS (their groups deliver into the queue).
+    pub shared: Vec<(super::shared::SharedFilter, u8)>,
 }
 
 impl Table {
@@ -162,7 +164,13 @@ impl Table {
             .filter(|(filter, _)| filter.matches(topic))
             .map(|(_, qos)| *qos)
             .max();
-        exact.max(wildcard)
+        let shared = self
+            .shared
+            .iter()
+            .filter(|(shared, _)| shared.filter.matches(topic))
+            .map(|(_, qos)| *qos)
+            .max();
+        exact.max(wildcard).max(shared)
     }
 
     /// Whether every subscription matching the channel asked for no-local (so the
@@ -218,7 +226,7 @@ impl Table {
 
     /// Number of filters subscribed.
     pub fn len(&self) -> usize {
-        self.exact.len() + self.wildcards.len()
+        self.exact.len() + self.wildcards.len() + self.shared.len()
     }
 }
 

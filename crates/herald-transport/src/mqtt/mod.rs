@@ -28,6 +28,7 @@ pub mod codec;
 mod delivery;
 pub mod persist;
 mod session;
+pub mod shared;
 pub mod topic;
 pub mod websocket;
 
@@ -129,6 +130,8 @@ pub struct MqttState {
     /// cancels its will (sets the flag).
     pending_wills: Mutex<HashMap<ClientKey, Arc<std::sync::atomic::AtomicBool>>>,
     next_connection: AtomicU64,
+    /// Shared subscriptions' groups ([`shared`]).
+    shared: shared::SharedGroups,
 }
 
 impl std::fmt::Debug for MqttState {
@@ -153,6 +156,7 @@ impl MqttState {
             connected: Mutex::new(HashMap::new()),
             pending_wills: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
+            shared: shared::SharedGroups::default(),
         }
     }
 

@@ -172,6 +172,7 @@ impl Session {
             session_expiry: (connect.session_expiry != kept).then_some(kept),
             retain_available: true,
             wildcards_available,
+            shared_available: wildcards_available,
             topic_alias_maximum: session.state.config.topic_alias_maximum,
             reason_string,
         };

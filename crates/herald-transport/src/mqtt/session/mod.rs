@@ -830,6 +830,7 @@ impl Session {
 
     /// Leaves every subscription, and publishes the will when `will` says so.
     async fn end(mut self, will: bool) {
+        self.leave_shared();
         if let Some(id) = self.pattern.take() {
             self.state.realtime.node.unsubscribe_pattern(id);
         }

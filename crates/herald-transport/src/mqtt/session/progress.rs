@@ -43,6 +43,12 @@ impl Session {
                 .iter()
                 .map(|(filter, qos)| (filter.as_str().to_owned(), *qos)),
         );
+        subscriptions.extend(
+            table
+                .shared
+                .iter()
+                .map(|(shared, qos)| (shared.text(), *qos)),
+        );
         let expiry_ms = u64::from(persistence.expiry_secs) * 1000;
         SessionDocument {
             expires_at_ms: herald_core::time::now_ms().saturating_add(expiry_ms),

@@ -16,6 +16,7 @@ use herald_core::store::HistoryQuery;
 use super::super::codec::{self, reason};
 use super::super::delivery::{PatternSink, expiry_left};
 use super::super::persist::{Positions, SessionDocument};
+use super::super::shared::SharedFilter;
 use super::super::topic::Filter;
 use super::{ExactSub, GrantedExact, Session, refusal_reason};
 use crate::outbound::{Frame, FramePosition};
@@ -133,6 +134,7 @@ impl Session {
 
     /// Drops every subscription and position (a session that starts over).
     async fn reset(&mut self) {
+        self.leave_shared();
         if let Some(id) = self.pattern.take() {
             self.state.realtime.node.unsubscribe_pattern(id);
         }
@@ -156,11 +158,10 @@ impl Session {
         resume: bool,
     ) -> Result<Option<GrantedExact>, (u8, String)> {
         let text = ask.filter.as_str();
-        if text.starts_with("$share/") {
-            return Err((
-                reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
-                "shared subscriptions are not supported".into(),
-            ));
+        if let Some(shared) = SharedFilter::parse(text) {
+            let shared = shared.map_err(|why| (reason::TOPIC_FILTER_INVALID, why))?;
+            self.subscribe_shared(shared, qos)?;
+            return Ok(None);
         }
         let filter = Filter::parse(text).map_err(|e| (reason::TOPIC_FILTER_INVALID, e.0))?;
         let already = {
@@ -427,6 +428,53 @@ impl Session {
         })
     }
 
+    /// Joins the group of a shared subscription, admitted like a wildcard filter (once per
+    /// namespace, by its rules alone).
+    fn subscribe_shared(&mut self, shared: SharedFilter, qos: u8) -> Result<(), (u8, String)> {
+        let already = self.table.read().shared.iter().any(|(s, _)| *s == shared);
+        if !already && self.table.read().len() >= self.state.config.max_subscriptions {
+            return Err((
+                reason::QUOTA_EXCEEDED,
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.state.config.max_subscriptions
+                ),
+            ));
+        }
+        let realtime = &self.state.realtime;
+        realtime
+            .admission()
+            .subscribe_pattern(&self.credentials, &self.state.config.namespace)
+            .map_err(|refusal| (refusal_reason(&refusal), refusal.message()))?;
+        self.state
+            .shared
+            .join(
+                &realtime.node,
+                &self.state.topics,
+                &shared,
+                self.connection,
+                &self.outbound,
+                &self.encoder,
+            )
+            .map_err(|why| (reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED, why))?;
+        let mut table = self.table.write();
+        match table.shared.iter_mut().find(|(s, _)| *s == shared) {
+            Some(entry) => entry.1 = qos,
+            None => table.shared.push((shared, qos)),
+        }
+        Ok(())
+    }
+
+    /// Leaves every shared subscription's group (the connection ends).
+    pub(super) fn leave_shared(&mut self) {
+        let shared = std::mem::take(&mut self.table.write().shared);
+        for (shared, _) in shared {
+            self.state
+                .shared
+                .leave(&self.state.realtime.node, &shared, self.connection);
+        }
+    }
+
     fn subscribe_wildcard(&mut self, filter: Filter, qos: u8) -> Result<(), (u8, String)> {
         let realtime = &self.state.realtime;
         realtime
@@ -456,6 +504,24 @@ impl Session {
     pub(super) async fn unsubscribe(&mut self, pkid: u16, filters: Vec<String>) {
         let mut codes = Vec::with_capacity(filters.len());
         for text in filters {
+            if let Some(Ok(shared)) = SharedFilter::parse(&text) {
+                let mut table = self.table.write();
+                let before = table.shared.len();
+                table.shared.retain(|(s, _)| *s != shared);
+                let removed = before != table.shared.len();
+                drop(table);
+                if removed {
+                    self.state
+                        .shared
+                        .leave(&self.state.realtime.node, &shared, self.connection);
+                }
+                codes.push(if removed {
+                    reason::SUCCESS
+                } else {
+                    reason::NO_SUBSCRIPTION_EXISTED
+                });
+                continue;
+            }
             let removed = match Filter::parse(&text) {
                 Ok(Filter::Exact(topic)) => match self.state.topics.channel(&topic) {
                     Ok(channel) => self.unsubscribe_exact(&channel).await,
