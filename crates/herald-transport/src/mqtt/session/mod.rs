@@ -1,17 +1,22 @@
 //! One MQTT connection: CONNECT and authentication, then one task that reads packets, runs
 //! them, and writes replies and deliveries.
 //!
-//! The loop (`Session::drive`) selects over the socket's read side, the write of what is
-//! buffered, taking frames from the connection's [`Outbound`] queue, the keep-alive deadline,
-//! the token's expiry and the server's shutdown. A packet runs to its end before the next is
-//! read (a QoS 1 publish is acknowledged once `Node::publish` returned, so acknowledgements
-//! keep the publishes' order). Deliveries are taken from the queue only when the previous
-//! take is written and, for QoS 1/2, while the inflight window has room: a client that does
-//! not acknowledge leaves its publications in the queue, whose byte bound closes it as slow
-//! (guarantee 5) — memory never grows past the queue's bound and one take.
+//! A connection is one task and one future (idle connections are what a server holds most
+//! of, so their size is its memory): `Session::drive` is one `poll_fn` over the socket (read
+//! and write sides, never split), the connection's [`Outbound`] queue, the server API's
+//! inbox, the shutdown signal and one timer for every deadline (keep-alive, token expiry,
+//! the session's next save). Bytes are read through a scratch buffer on the stack and kept
+//! only while they are a partial packet; nothing is buffered while idle. A packet runs to
+//! its end before the next is read (a QoS 1 publish is acknowledged once `Node::publish`
+//! returned, so acknowledgements keep the publishes' order). Deliveries are taken from the
+//! queue only when the previous take is written and, for QoS 1/2, while the inflight window
+//! has room: a client that does not acknowledge leaves its publications in the queue, whose
+//! byte bound closes it as slow (guarantee 5) — memory never grows past the queue's bound
+//! and one take.
 //!
-//! The CONNECT is in `connect`, SUBSCRIBE/UNSUBSCRIBE and session resumption in `subscribe`,
-//! a persistent session's progress and saves in `progress`, the will in `will`.
+//! The CONNECT is in `connect`, PUBLISH in `publish`, SUBSCRIBE/UNSUBSCRIBE and session
+//! resumption in `subscribe`, a persistent session's progress and saves in `progress`, the
+//! will in `will`.
 //!
 //! May touch: the socket it is handed, the node and admission through [`MqttState`].
 
@@ -26,9 +31,8 @@ use herald_core::auth::Credentials;
 use herald_core::channel::ChannelName;
 use herald_core::hub::SubscriberId;
 use herald_core::namespace::NamespaceOptions;
-use herald_core::node::PublishRequest;
 use herald_core::proxy::ProxyContext;
-use herald_core::publication::{ClientInfo, Payload};
+use herald_core::publication::ClientInfo;
 use herald_core::{ErrorCode, HeraldError};
 use parking_lot::RwLock;
 use std::future::Future;
@@ -38,7 +42,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::codec::{self, Ack, ConnAckProperties, Connect, DecodeError, Level, Packet, reason};
-use super::delivery::{EXPIRY_TAG, MqttEncoder, QOS_TAG, RETAIN_TAG, Table};
+use super::delivery::{MqttEncoder, Table};
 use super::persist::{self, Positions};
 use super::{MqttState, TAKEN_OVER};
 use crate::outbound::{CloseReason, Frame, Outbound};
@@ -47,6 +51,7 @@ use crate::subscription::end_subscription;
 
 mod connect;
 mod progress;
+mod publish;
 mod subscribe;
 mod will;
 
@@ -526,180 +531,6 @@ impl Session {
         Ok(())
     }
 
-    /// Ends the connection for a refused publish: MQTT 5 acknowledges QoS 1/2 with the
-    /// reason; otherwise (QoS 0, or 3.1.1, which has no negative acknowledgement) the
-    /// connection closes with it, so the refusal is never silent.
-    fn refuse_publish(&mut self, qos: u8, pkid: u16, code: u8, why: String) -> Result<(), Close> {
-        tracing::debug!(code, why = %why, "mqtt: publish refused");
-        if self.level == Level::V5 && qos > 0 {
-            let kind = if qos == 1 { Ack::PubAck } else { Ack::PubRec };
-            codec::ack(&mut self.out_buf, self.level, kind, pkid, code);
-            return Ok(());
-        }
-        Err(Close::new(code, why))
-    }
-
-    async fn publish(&mut self, publish: codec::Publish) -> Result<(), Close> {
-        let codec::Publish {
-            qos,
-            pkid,
-            payload,
-            topic,
-            topic_alias,
-            message_expiry,
-            user_properties,
-            retain,
-            ..
-        } = publish;
-        let topic = match topic_alias {
-            Some(alias) => self.resolve_alias(alias, topic)?,
-            None => topic,
-        };
-        if qos == 2 && self.awaiting_rel.contains(&pkid) {
-            // A resent QoS 2 publish already published: acknowledge again, publish nothing.
-            codec::ack(
-                &mut self.out_buf,
-                self.level,
-                Ack::PubRec,
-                pkid,
-                reason::SUCCESS,
-            );
-            return Ok(());
-        }
-        if topic.starts_with('$') {
-            return self.refuse_publish(
-                qos,
-                pkid,
-                reason::TOPIC_NAME_INVALID,
-                "topics starting with '$' are reserved".into(),
-            );
-        }
-        let channel = match self.state.topics.channel(&topic) {
-            Ok(channel) => channel,
-            Err(error) => {
-                return self.refuse_publish(qos, pkid, reason::TOPIC_NAME_INVALID, error.0);
-            }
-        };
-        if !self.take_publish_token() {
-            return self.refuse_publish(
-                qos,
-                pkid,
-                reason::QUOTA_EXCEEDED,
-                "publications_per_second_per_user".into(),
-            );
-        }
-        let data = publication_data(payload);
-        let subscribed = self.exact.contains_key(channel.as_str());
-        let admitted = match self
-            .state
-            .realtime
-            .admission()
-            .publish(&self.credentials, &channel, data, subscribed, &self.context)
-            .await
-        {
-            Ok(admitted) => admitted,
-            Err(refusal) => {
-                let code = match refusal_reason(&refusal) {
-                    reason::TOPIC_FILTER_INVALID => reason::TOPIC_NAME_INVALID,
-                    code => code,
-                };
-                return self.refuse_publish(qos, pkid, code, refusal.message());
-            }
-        };
-        let mut request = PublishRequest::new(admitted.name.as_str(), admitted.data);
-        request.skip_history = admitted.skip_history;
-        request.info = Some(
-            self.exact
-                .get(admitted.name.as_str())
-                .map_or_else(|| self.info.clone(), |sub| sub.info.clone()),
-        );
-        for (key, value) in user_properties {
-            if ![QOS_TAG, EXPIRY_TAG, RETAIN_TAG].contains(&key.as_str()) {
-                request.tags.insert(key, value);
-            }
-        }
-        if retain {
-            request.tags.insert(RETAIN_TAG.into(), "1".into());
-        }
-        if let Some(seconds) = message_expiry {
-            request.tags.insert(EXPIRY_TAG.into(), seconds.to_string());
-        }
-        if qos < 2 {
-            request.tags.insert(QOS_TAG.into(), qos.to_string());
-        }
-        match self.state.realtime.node.publish(request).await {
-            Ok(_) => {
-                match qos {
-                    1 => codec::ack(
-                        &mut self.out_buf,
-                        self.level,
-                        Ack::PubAck,
-                        pkid,
-                        reason::SUCCESS,
-                    ),
-                    2 => {
-                        self.awaiting_rel.insert(pkid);
-                        codec::ack(
-                            &mut self.out_buf,
-                            self.level,
-                            Ack::PubRec,
-                            pkid,
-                            reason::SUCCESS,
-                        );
-                    }
-                    _ => {}
-                }
-                Ok(())
-            }
-            Err(error) => {
-                let code = match error.code {
-                    ErrorCode::LimitExceeded => reason::PACKET_TOO_LARGE,
-                    ErrorCode::BadRequest | ErrorCode::UnknownChannel => reason::TOPIC_NAME_INVALID,
-                    _ => reason::UNSPECIFIED,
-                };
-                tracing::warn!(error = %error, channel = admitted.name.as_str(), "mqtt: publish failed");
-                self.refuse_publish(qos, pkid, code, error.to_string())
-            }
-        }
-    }
-
-    /// The topic of a PUBLISH with MQTT 5 topic alias `alias`: a topic given sets the alias,
-    /// an empty one uses it. An alias of 0 or above the CONNACK's Topic Alias Maximum closes
-    /// with 0x94, an empty topic with an alias never set with 0x82.
-    fn resolve_alias(&mut self, alias: u16, topic: String) -> Result<String, Close> {
-        let maximum = self.state.config.topic_alias_maximum;
-        if alias == 0 || alias > maximum {
-            return Err(Close::new(
-                reason::TOPIC_ALIAS_INVALID,
-                format!("topic alias {alias} is outside 1..={maximum}"),
-            ));
-        }
-        let aliases = self.topic_aliases.get_or_insert_with(Default::default);
-        if topic.is_empty() {
-            return aliases.get(&alias).cloned().ok_or_else(|| {
-                Close::new(
-                    reason::PROTOCOL_ERROR,
-                    format!("topic alias {alias} was never set"),
-                )
-            });
-        }
-        aliases.insert(alias, topic.clone());
-        Ok(topic)
-    }
-
-    /// `publications_per_second_per_user`: per user, or per connection when anonymous.
-    fn take_publish_token(&self) -> bool {
-        let who = if self.credentials.user.is_empty() {
-            self.info.client.as_str()
-        } else {
-            self.credentials.user.as_str()
-        };
-        self.state
-            .realtime
-            .publish_rate
-            .try_take(who, Instant::now())
-    }
-
     /// Moves taken frames into the write buffer as PUBLISH packets, while the inflight
     /// window and the buffer have room.
     fn fill_writes(&mut self) {
@@ -892,15 +723,6 @@ impl Session {
                 });
             }
         }
-    }
-}
-
-/// An MQTT payload as publication data: JSON when it parses as JSON, bytes otherwise.
-fn publication_data(bytes: bytes::Bytes) -> Payload {
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
-        Payload::Json(bytes)
-    } else {
-        Payload::Binary(bytes)
     }
 }
 

@@ -176,15 +176,7 @@ impl Session {
                 Filter::Wildcard(_) => table.wildcards.iter().any(|(f, _)| *f == filter),
             }
         };
-        if !already && self.table.read().len() >= self.state.config.max_subscriptions {
-            return Err((
-                reason::QUOTA_EXCEEDED,
-                format!(
-                    "at most {} subscriptions per connection",
-                    self.state.config.max_subscriptions
-                ),
-            ));
-        }
+        self.room_for_subscription(already)?;
         let granted = match filter {
             Filter::Exact(topic) => {
                 // Retain handling (MQTT 5): 0 always, 1 for a new subscription, 2 never.
@@ -428,19 +420,23 @@ impl Session {
         })
     }
 
+    /// `max_subscriptions`: a new filter needs room (one already subscribed is replaced).
+    fn room_for_subscription(&self, already: bool) -> Result<(), (u8, String)> {
+        let max = self.state.config.max_subscriptions;
+        if !already && self.table.read().len() >= max {
+            return Err((
+                reason::QUOTA_EXCEEDED,
+                format!("at most {max} subscriptions per connection"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Joins the group of a shared subscription, admitted like a wildcard filter (once per
     /// namespace, by its rules alone).
     fn subscribe_shared(&mut self, shared: SharedFilter, qos: u8) -> Result<(), (u8, String)> {
         let already = self.table.read().shared.iter().any(|(s, _)| *s == shared);
-        if !already && self.table.read().len() >= self.state.config.max_subscriptions {
-            return Err((
-                reason::QUOTA_EXCEEDED,
-                format!(
-                    "at most {} subscriptions per connection",
-                    self.state.config.max_subscriptions
-                ),
-            ));
-        }
+        self.room_for_subscription(already)?;
         let realtime = &self.state.realtime;
         realtime
             .admission()
