@@ -245,3 +245,36 @@ def test_a_malformed_share_name_is_refused(server: HeraldInstance) -> None:
             assert kind == 0x90 and reply[-1] == 0x8F, f"{filter_!r}: {kind:#x} {reply!r}"
     finally:
         sock.close()
+
+
+def test_the_server_gives_topic_aliases_up_to_the_clients_maximum(server: HeraldInstance) -> None:
+    # paho passes aliases through (message.topic is empty when only the alias came).
+    token = mint_token(server.hmac_secret, unique("u"))
+    base = unique("out-alias/")
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=unique("alias-"), protocol=paho.MQTTv5)
+    client.username_pw_set("x", token)
+    messages: "queue.Queue[paho.MQTTMessage]" = queue.Queue()
+    subacks: "queue.Queue[Any]" = queue.Queue()
+    client.on_message = lambda c, u, msg: messages.put(msg)
+    client.on_subscribe = lambda c, u, mid, rcs, props: subacks.put(rcs)
+    props = Properties(PacketTypes.CONNECT)
+    props.TopicAliasMaximum = 2
+    host, port = server.mqtt  # type: ignore[attr-defined]
+    client.connect(host, port, keepalive=30, properties=props)
+    client.loop_start()
+    try:
+        client.subscribe(f"{base}/+", qos=0)
+        assert codes(subacks.get(timeout=WAIT)) == [0]
+        seen = []
+        for name in ("a", "b", "c", "a", "b", "c"):
+            api(server, "publish", {"channel": f"mqtt:{base}/{name}", "data": {"t": name}})
+            message = messages.get(timeout=WAIT)
+            alias = getattr(message.properties, "TopicAlias", None)
+            seen.append((message.topic, alias, json.loads(message.payload)["t"]))
+        assert seen == [
+            (f"{base}/a", 1, "a"), (f"{base}/b", 2, "b"), (f"{base}/c", None, "c"),  # the maximum is 2
+            ("", 1, "a"), ("", 2, "b"), (f"{base}/c", None, "c"),
+        ], seen
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -79,6 +79,8 @@ pub struct Connect {
     pub receive_maximum: Option<u16>,
     /// Largest packet the client accepts (MQTT 5).
     pub max_packet_size: Option<u32>,
+    /// Topic aliases the client accepts in the server's PUBLISHes (MQTT 5).
+    pub topic_alias_maximum: u16,
     pub will: Option<Will>,
 }
 
@@ -268,6 +270,7 @@ fn connect_v4(connect: v4::Connect) -> Connect {
         session_expiry: if connect.clean_session { 0 } else { u32::MAX },
         receive_maximum: None,
         max_packet_size: None,
+        topic_alias_maximum: 0,
         will: connect.last_will.map(|will| Will {
             topic: will.topic,
             payload: will.message,
@@ -311,6 +314,7 @@ fn connect_v5(
         session_expiry: properties.session_expiry_interval.unwrap_or(0),
         receive_maximum: properties.receive_maximum,
         max_packet_size: properties.max_packet_size,
+        topic_alias_maximum: properties.topic_alias_max.unwrap_or(0),
         will,
     })
 }
@@ -700,20 +704,31 @@ pub fn finished_size(template: &[u8], qos: u8) -> usize {
     }
 }
 
-/// Appends the PUBLISH made from `template` at `qos` with `pkid` (ignored at QoS 0) and
-/// `dup` to `out`, keeping the template's DUP flag (a redelivery) and, with `keep_retain`,
-/// its retain flag (cleared otherwise).
+/// How [`finish_publish`] makes one subscriber's PUBLISH of a template.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Finish {
+    pub qos: u8,
+    /// Ignored at QoS 0.
+    pub pkid: u16,
+    /// Set DUP (the template's own DUP flag, a redelivery, is kept anyway).
+    pub dup: bool,
+    /// Keep the template's RETAIN (cleared otherwise).
+    pub keep_retain: bool,
+    /// Write an empty topic: `extra` carries a topic alias the client knows (MQTT 5).
+    pub omit_topic: bool,
+}
+
+/// Appends the PUBLISH made from `template` as `finish` says to `out`.
 /// `extra` are MQTT 5 properties of this delivery (subscription identifiers) added to the
 /// template's; empty for 3.1.1. False if the template is not one of ours.
-pub fn finish_publish(
-    out: &mut BytesMut,
-    template: &[u8],
-    qos: u8,
-    pkid: u16,
-    dup: bool,
-    keep_retain: bool,
-    extra: &[u8],
-) -> bool {
+pub fn finish_publish(out: &mut BytesMut, template: &[u8], finish: &Finish, extra: &[u8]) -> bool {
+    let Finish {
+        qos,
+        pkid,
+        dup,
+        keep_retain,
+        omit_topic,
+    } = *finish;
     let Ok(Some((header, remaining))) = fixed_header(template) else {
         return false;
     };
@@ -746,8 +761,13 @@ pub fn finish_publish(
     let byte1 = 0x30 | (u8::from(dup && qos > 0) << 3) | (qos << 1) | retain;
     out.put_u8(byte1);
     let pkid_len = if qos == 0 { 0 } else { 2 };
-    put_varint(out, remaining + pkid_len + props_growth);
-    out.extend_from_slice(&body[..topic_end]);
+    let omitted = if omit_topic { topic_end - 2 } else { 0 };
+    put_varint(out, remaining + pkid_len + props_growth - omitted);
+    if omit_topic {
+        out.put_u16(0);
+    } else {
+        out.extend_from_slice(&body[..topic_end]);
+    }
     if qos > 0 {
         out.put_u16(pkid);
     }
@@ -760,6 +780,12 @@ pub fn finish_publish(
         out.extend_from_slice(&body[topic_end..]);
     }
     true
+}
+
+/// Appends an MQTT 5 Topic Alias property (for [`finish_publish`]'s `extra`).
+pub fn topic_alias(out: &mut BytesMut, alias: u16) {
+    out.put_u8(0x23);
+    out.put_u16(alias);
 }
 
 /// Appends an MQTT 5 Subscription Identifier property (for [`finish_publish`]'s `extra`).

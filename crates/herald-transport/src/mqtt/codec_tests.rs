@@ -268,7 +268,18 @@ fn templates_become_each_subscribers_publish() {
     let template = publish_template(Level::V311, "t/1", &payload, 1, false, &[], None);
     assert_eq!(template_qos(&template), 1);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &template, 0, 0, false, true, &[]));
+    assert!(finish_publish(
+        &mut out,
+        &template,
+        &Finish {
+            qos: 0,
+            pkid: 0,
+            dup: false,
+            keep_retain: true,
+            omit_topic: false
+        },
+        &[]
+    ));
     assert_eq!(out.len(), finished_size(&template, 0));
     match read_v4(&out) {
         v4::Packet::Publish(p) => {
@@ -281,7 +292,18 @@ fn templates_become_each_subscribers_publish() {
     }
     let retained = publish_template(Level::V311, "t/1", &payload, 1, true, &[], None);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &retained, 1, 77, true, true, &[]));
+    assert!(finish_publish(
+        &mut out,
+        &retained,
+        &Finish {
+            qos: 1,
+            pkid: 77,
+            dup: true,
+            keep_retain: true,
+            omit_topic: false
+        },
+        &[]
+    ));
     assert_eq!(out.len(), finished_size(&retained, 1));
     match read_v4(&out) {
         v4::Packet::Publish(p) => {
@@ -296,7 +318,18 @@ fn templates_become_each_subscribers_publish() {
     }
     let template = publish_template(Level::V5, "t/2", b"{}", 2, false, &[("k", "v")], None);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &template, 2, 3, false, true, &[]));
+    assert!(finish_publish(
+        &mut out,
+        &template,
+        &Finish {
+            qos: 2,
+            pkid: 3,
+            dup: false,
+            keep_retain: true,
+            omit_topic: false
+        },
+        &[]
+    ));
     match read_v5(&out) {
         v5::Packet::Publish(p) => {
             assert_eq!(
@@ -312,10 +345,13 @@ fn templates_become_each_subscribers_publish() {
     assert!(!finish_publish(
         &mut BytesMut::new(),
         b"\x30",
-        0,
-        0,
-        false,
-        true,
+        &Finish {
+            qos: 0,
+            pkid: 0,
+            dup: false,
+            keep_retain: true,
+            omit_topic: false
+        },
         &[]
     ));
 }
@@ -395,7 +431,14 @@ proptest::proptest! {
     ) {
         let template = publish_template(Level::V311, &topic, &payload, 2, retain, &[], None);
         let mut out = BytesMut::new();
-        proptest::prop_assert!(finish_publish(&mut out, &template, qos, pkid, false, true, &[]));
+        let finish = Finish {
+            qos,
+            pkid,
+            keep_retain: true,
+            ..Finish::default()
+        };
+        let finished = finish_publish(&mut out, &template, &finish, &[]);
+        proptest::prop_assert!(finished);
         proptest::prop_assert_eq!(out.len(), finished_size(&template, qos));
         match v4::Packet::read(&mut out, 1 << 20).expect("rumqttc reads it") {
             v4::Packet::Publish(p) => {
@@ -418,7 +461,16 @@ fn message_expiry_and_subscription_identifiers_are_mqtt5_properties() {
     subscription_identifier(&mut extra, 300);
     let mut out = BytesMut::new();
     assert!(finish_publish(
-        &mut out, &template, 1, 9, false, true, &extra
+        &mut out,
+        &template,
+        &Finish {
+            qos: 1,
+            pkid: 9,
+            dup: false,
+            keep_retain: true,
+            omit_topic: false
+        },
+        &extra
     ));
     match read_v5(&out) {
         v5::Packet::Publish(p) => {
@@ -443,10 +495,46 @@ fn a_templates_retain_flag_is_kept_only_when_asked() {
     let template = publish_template(Level::V5, "t/4", b"x", 0, true, &[], None);
     for keep in [true, false] {
         let mut out = BytesMut::new();
-        assert!(finish_publish(&mut out, &template, 0, 0, false, keep, &[]));
+        assert!(finish_publish(
+            &mut out,
+            &template,
+            &Finish {
+                qos: 0,
+                pkid: 0,
+                dup: false,
+                keep_retain: keep,
+                omit_topic: false
+            },
+            &[]
+        ));
         match read_v5(&out) {
             v5::Packet::Publish(p) => assert_eq!(p.retain, keep),
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[test]
+fn a_known_topic_is_left_out_for_its_alias() {
+    let template = publish_template(Level::V5, "a/long/topic", b"x", 1, false, &[], None);
+    let mut extra = BytesMut::new();
+    topic_alias(&mut extra, 3);
+    let finish = Finish {
+        qos: 1,
+        pkid: 5,
+        omit_topic: true,
+        ..Finish::default()
+    };
+    let mut out = BytesMut::new();
+    assert!(finish_publish(&mut out, &template, &finish, &extra));
+    match read_v5(&out) {
+        v5::Packet::Publish(p) => {
+            assert_eq!(
+                (&p.topic[..], p.pkid, &p.payload[..]),
+                (&b""[..], 5, &b"x"[..])
+            );
+            assert_eq!(p.properties.and_then(|p| p.topic_alias), Some(3));
+        }
+        other => panic!("{other:?}"),
     }
 }

@@ -154,6 +154,12 @@ impl Session {
             control: Some(control),
             topic_aliases: None,
             retained_replies: None,
+            out_aliases: (level == Level::V5 && connect.topic_alias_maximum > 0).then(|| {
+                Box::new(super::OutAliases {
+                    maximum: connect.topic_alias_maximum,
+                    by_channel: HashMap::new(),
+                })
+            }),
             credentials,
             state,
         };

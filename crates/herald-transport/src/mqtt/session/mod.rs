@@ -306,6 +306,15 @@ struct Session {
     /// RETAIN, while live ones keep it only for retain-as-published (boxed: usually none).
     #[allow(clippy::box_collection)]
     retained_replies: Option<Box<HashSet<ChannelOffset>>>,
+    /// Topic aliases given to the client's topics (MQTT 5 clients that accept some).
+    out_aliases: Option<Box<OutAliases>>,
+}
+
+/// The topic aliases of the server's PUBLISHes to one client.
+struct OutAliases {
+    /// The client's Topic Alias Maximum.
+    maximum: u16,
+    by_channel: HashMap<Arc<str>, u16>,
 }
 
 /// A persistent session's store and progress.
@@ -553,7 +562,7 @@ impl Session {
             };
             let qos = granted.min(codec::template_qos(&frame.bytes));
             let retained_reply = self.is_retained_reply(position);
-            let (extra, keep_retain) = match self.level {
+            let (mut extra, keep_retain) = match self.level {
                 Level::V5 => {
                     let table = self.table.read();
                     let keep_retain = retained_reply || table.retains_as_published(topic);
@@ -561,7 +570,8 @@ impl Session {
                 }
                 Level::V311 => (BytesMut::new(), retained_reply),
             };
-            if codec::finished_size(&frame.bytes, qos) + extra.len() + 1 > self.client_max_packet {
+            // + a topic alias (3 bytes) and a longer property length (1).
+            if codec::finished_size(&frame.bytes, qos) + extra.len() + 4 > self.client_max_packet {
                 // MQTT 5: a packet larger than the client accepts is not sent (MQTT-3.1.2-25).
                 tracing::debug!(channel = %position.channel, "mqtt: publication larger than the client's maximum packet size; skipped");
                 continue;
@@ -602,19 +612,40 @@ impl Session {
                     qos == 0,
                 );
             }
-            codec::finish_publish(
-                &mut self.out_buf,
-                &frame.bytes,
+            let omit_topic = self.topic_alias_for(&position.channel, &mut extra);
+            let finish = codec::Finish {
                 qos,
                 pkid,
-                false,
+                dup: false,
                 keep_retain,
-                &extra,
-            );
+                omit_topic,
+            };
+            codec::finish_publish(&mut self.out_buf, &frame.bytes, &finish, &extra);
             if retained_reply {
                 self.forget_retained_reply(position);
             }
         }
+    }
+
+    /// MQTT 5 topic aliases towards the client (as many as its Topic Alias Maximum, given to
+    /// the first topics delivered): adds the alias of `channel` to `extra`; true when the
+    /// client already knows it, so the topic is left out.
+    fn topic_alias_for(&mut self, channel: &Arc<str>, extra: &mut BytesMut) -> bool {
+        let Some(aliases) = &mut self.out_aliases else {
+            return false;
+        };
+        if let Some(alias) = aliases.by_channel.get(channel) {
+            codec::topic_alias(extra, *alias);
+            return true;
+        }
+        let next = aliases.by_channel.len() + 1;
+        if let Ok(alias) = u16::try_from(next)
+            && alias <= aliases.maximum
+        {
+            aliases.by_channel.insert(channel.clone(), alias);
+            codec::topic_alias(extra, alias);
+        }
+        false
     }
 
     /// Whether the frame at `position` is a retained publication sent for a SUBSCRIBE
