@@ -158,6 +158,7 @@ impl MqttRuntime {
     /// Starts accepting (once); the loops end when the server shuts down.
     pub fn start(&self) -> tokio::task::JoinSet<()> {
         let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(self.state.clone().purge_sessions());
         let gate = Gate::new(self.limits.clone());
         let plain = self.listener.lock().take().map(|l| (l, None));
         let tls = self
@@ -216,19 +217,28 @@ async fn accept_loop(
         let tls = tls
             .as_ref()
             .map(|(tls, timeout)| (tls.acceptor(), *timeout));
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tls {
-                None => herald_transport::mqtt::run_connection(socket, state).await,
-                Some((acceptor, timeout)) => {
-                    match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
+        // Two spawns, not one future for both: a TCP connection's task would otherwise be
+        // as large as a TLS handshake and stream (idle connections are most of the memory).
+        match tls {
+            None => {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    herald_transport::mqtt::run_connection(socket, state).await;
+                });
+            }
+            Some((acceptor, timeout)) => {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let accepted =
+                        Box::pin(tokio::time::timeout(timeout, acceptor.accept(socket))).await;
+                    match accepted {
                         Ok(Ok(stream)) => {
                             herald_transport::mqtt::run_connection(stream, state).await;
                         }
                         _ => tracing::debug!(%peer, "mqtt: TLS handshake failed or timed out"),
                     }
-                }
+                });
             }
-        });
+        }
     }
 }

@@ -249,6 +249,15 @@ impl Shutdown {
     }
 }
 
+/// The monotonic instant of a Unix time in seconds, given the monotonic `now` (`now` itself
+/// if the time is past, so that a due deadline compares as due).
+pub fn instant_of_unix(at: u64, now: std::time::Instant) -> std::time::Instant {
+    let wait_ms = at
+        .saturating_mul(1000)
+        .saturating_sub(herald_core::time::now_ms());
+    now + Duration::from_millis(wait_ms)
+}
+
 /// Resolves when credentials expire (never for tokens without `exp`).
 pub async fn expiry(expires_at: Option<u64>) {
     match expires_at {

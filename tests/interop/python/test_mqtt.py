@@ -301,20 +301,21 @@ def test_admission_refuses_with_suback_and_puback_reason_codes(server: HeraldIns
     anon4 = Mqtt(server, 4, None).connected()
     user = Mqtt(server, 5, mint_token(server.hmac_secret, unique("u"))).connected()
     try:
-        assert codes(anon5.subscribe(("a/b", 1), ("a/#", 0))) == [0x87, 0x87]
+        assert codes(anon5.subscribe(("a/b", 1), ("a/#", 0), ("$share/g/a/b", 1))) == [0x87] * 3
         assert codes(anon4.subscribe(("a/b", 1))) == [0x80]
         rc = anon5.publish("a/b", b"{}", 1)
         assert rc.value == 0x87, rc
         assert history(server, "mqtt:a/b") == []
-        # Shared subscriptions and topics outside the channel alphabet are refused per filter.
-        assert codes(user.subscribe(("$share/g/a", 1), ("bad topic", 1), ("ok/1", 1))) == [0x9E, 0x8F, 1]
+        # Topics outside the channel alphabet are refused per filter.
+        assert codes(user.subscribe(("$share/g/a", 1), ("bad topic", 1), ("ok/1", 1))) == [1, 0x8F, 1]
         rc = user.publish("bad topic", b"{}", 1)
         assert rc.value == 0x90, rc
         rc = user.publish("$SYS/x", b"{}", 1)
         assert rc.value == 0x90, rc
-        # At most 8 subscriptions per connection (config): the rest fail with quota exceeded.
+        # At most 8 subscriptions per connection (config, shared ones count): the rest fail
+        # with quota exceeded.
         asks = [(f"q/{i}", 0) for i in range(10)]
-        assert codes(user.subscribe(*asks)) == [0] * 7 + [0x97] * 3
+        assert codes(user.subscribe(*asks)) == [0] * 6 + [0x97] * 4
     finally:
         anon5.close()
         anon4.close()
@@ -448,7 +449,7 @@ def test_will_delay_waits_and_a_returning_client_cancels_it(server: HeraldInstan
 class Device:
     """A paho client with a fixed client id and a persistent session."""
 
-    def __init__(self, server: HeraldInstance, version: int, token: str, client_id: str) -> None:
+    def __init__(self, server: HeraldInstance, version: int, token: str, client_id: str, expiry: int = 300) -> None:
         self.version = version
         self.client = paho.Client(
             paho.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -465,7 +466,7 @@ class Device:
         host, port = server.mqtt  # type: ignore[attr-defined]
         if version == 5:
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 300
+            props.SessionExpiryInterval = expiry
             self.client.connect(host, port, keepalive=30, clean_start=False, properties=props)
         else:
             self.client.connect(host, port, keepalive=30)
@@ -614,6 +615,52 @@ def test_a_session_survives_kill_9_and_resumes_on_the_restarted_node(herald_fact
     finally:
         device.close()
         instance.stop()
+
+
+def stored_sessions(instance: HeraldInstance) -> List[str]:
+    """The session documents in the node's `outbound.db` (read-only, beside the server)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{instance.data_dir / 'outbound.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = db.execute("SELECT id FROM webhook_documents WHERE collection = 'mqtt_sessions'").fetchall()
+    finally:
+        db.close()
+    return [row[0] for row in rows]
+
+
+def test_sessions_that_expired_while_away_are_purged(herald_factory: Any) -> None:
+    instance = herald_factory()
+    config = MQTT_CONFIG.replace("max_subscriptions = 8", 'max_subscriptions = 8\nsession_purge_interval = "1s"')
+    instance.config.write_text(instance.config.read_text() + config)
+    start(instance)
+    try:
+        token = mint_token(instance.hmac_secret, "device")
+        short, long_, online = unique("short-"), unique("long-"), unique("online-")
+        devices = {
+            short: Device(instance, 5, token, short, expiry=2),
+            long_: Device(instance, 5, token, long_, expiry=3600),
+            online: Device(instance, 5, token, online, expiry=1),
+        }
+        for device in devices.values():
+            device.client.subscribe(unique("t/"), qos=1)
+            assert codes(device.subacks.get(timeout=WAIT)) == [1]
+        devices[short].close()
+        devices[long_].close()
+        time.sleep(0.5)
+        kept = " ".join(stored_sessions(instance))
+        assert short in kept and long_ in kept and online in kept, kept
+        deadline = time.monotonic() + 8
+        while short in " ".join(stored_sessions(instance)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kept = " ".join(stored_sessions(instance))
+        assert short not in kept, "the 2 s session was purged after it expired"
+        assert long_ in kept, "an unexpired session stays"
+        assert online in kept, "a connected session stays, however short its expiry"
+        devices[online].close()
+    finally:
+        instance.stop()
+    assert "expired sessions deleted" in instance.process.log_path.read_text()  # type: ignore[union-attr]
 
 
 def test_username_and_password_checked_by_the_backend_proxy(herald_factory: Any) -> None:
@@ -1022,6 +1069,39 @@ def test_the_server_api_disconnects_an_mqtt_client_with_0x98(server: HeraldInsta
     kind, body = read_packet(sock)
     assert kind == 0xE0 and body[0] == 0x98, f"{kind:#x} {body!r}"
     assert sock.recv(1) == b""
+
+
+def test_the_server_api_unsubscribes_an_mqtt_session(server: HeraldInstance) -> None:
+    user = unique("u")
+    token = mint_token(server.hmac_secret, user)
+    client_id = unique("device-")
+    kept, ended = unique("keep/"), unique("ended/")
+    device = Device(server, 5, token, client_id)
+    try:
+        device.client.subscribe([(kept, 1), (ended, 1)])
+        assert codes(device.subacks.get(timeout=WAIT)) == [1, 1]
+        api(server, "unsubscribe", {"user": user, "channel": f"mqtt:{ended}"})
+        time.sleep(0.3)
+        api(server, "publish", {"channel": f"mqtt:{ended}", "data": {"n": "ended"}})
+        api(server, "publish", {"channel": f"mqtt:{kept}", "data": {"n": "kept"}})
+        message = device.take("the kept topic's publication")
+        assert message.topic == kept, message.topic
+        time.sleep(0.3)
+        assert device.messages.empty(), "the ended subscription delivers nothing"
+    finally:
+        device.close()
+    # The persistent session forgot the topic too: back, it gets only the kept topic.
+    api(server, "publish", {"channel": f"mqtt:{ended}", "data": {"n": "away"}})
+    api(server, "publish", {"channel": f"mqtt:{kept}", "data": {"n": "away"}})
+    device = Device(server, 5, token, client_id)
+    try:
+        assert device.session_present
+        message = device.take("the kept topic's missed publication")
+        assert (message.topic, json.loads(message.payload)["n"]) == (kept, "away")
+        time.sleep(0.3)
+        assert device.messages.empty(), "nothing from the ended topic"
+    finally:
+        device.close()
 
 
 def test_unsupported_protocol_level_gets_connack_0x01(server: HeraldInstance) -> None:

@@ -79,6 +79,8 @@ pub struct Connect {
     pub receive_maximum: Option<u16>,
     /// Largest packet the client accepts (MQTT 5).
     pub max_packet_size: Option<u32>,
+    /// Topic aliases the client accepts in the server's PUBLISHes (MQTT 5).
+    pub topic_alias_maximum: u16,
     pub will: Option<Will>,
 }
 
@@ -102,8 +104,10 @@ pub struct Publish {
     pub pkid: u16,
     pub topic: String,
     pub payload: Bytes,
-    /// MQTT 5 topic alias (the server announces none, so any is an error).
+    /// MQTT 5 topic alias (up to the Topic Alias Maximum of the CONNACK).
     pub topic_alias: Option<u16>,
+    /// MQTT 5 message expiry interval, seconds.
+    pub message_expiry: Option<u32>,
     /// MQTT 5 user properties.
     pub user_properties: Vec<(String, String)>,
 }
@@ -118,6 +122,8 @@ pub struct SubscribeAsk {
     pub retain_as_published: bool,
     /// 0: send retained on subscribe, 1: only for a new subscription, 2: never.
     pub retain_handling: u8,
+    /// MQTT 5 subscription identifier (the SUBSCRIBE's, for each of its filters).
+    pub subscription_id: Option<u32>,
 }
 
 /// A packet a client sent after its CONNECT.
@@ -131,8 +137,6 @@ pub enum Packet {
     Subscribe {
         pkid: u16,
         filters: Vec<SubscribeAsk>,
-        /// MQTT 5 subscription identifier.
-        subscription_id: Option<usize>,
     },
     Unsubscribe {
         pkid: u16,
@@ -266,6 +270,7 @@ fn connect_v4(connect: v4::Connect) -> Connect {
         session_expiry: if connect.clean_session { 0 } else { u32::MAX },
         receive_maximum: None,
         max_packet_size: None,
+        topic_alias_maximum: 0,
         will: connect.last_will.map(|will| Will {
             topic: will.topic,
             payload: will.message,
@@ -309,6 +314,7 @@ fn connect_v5(
         session_expiry: properties.session_expiry_interval.unwrap_or(0),
         receive_maximum: properties.receive_maximum,
         max_packet_size: properties.max_packet_size,
+        topic_alias_maximum: properties.topic_alias_max.unwrap_or(0),
         will,
     })
 }
@@ -347,6 +353,7 @@ fn from_v4(packet: v4::Packet) -> Packet {
             topic: p.topic,
             payload: p.payload,
             topic_alias: None,
+            message_expiry: None,
             user_properties: Vec::new(),
         }),
         v4::Packet::PubAck(a) => Packet::PubAck(a.pkid),
@@ -364,9 +371,9 @@ fn from_v4(packet: v4::Packet) -> Packet {
                     no_local: false,
                     retain_as_published: false,
                     retain_handling: 0,
+                    subscription_id: None,
                 })
                 .collect(),
-            subscription_id: None,
         },
         v4::Packet::Unsubscribe(u) => Packet::Unsubscribe {
             pkid: u.pkid,
@@ -395,6 +402,7 @@ fn from_v5(packet: v5::Packet) -> Result<Packet, DecodeError> {
                     .map_err(|_| DecodeError::Malformed("the topic is not UTF-8".into()))?,
                 payload: p.payload,
                 topic_alias: properties.topic_alias,
+                message_expiry: properties.message_expiry_interval,
                 user_properties: properties.user_properties,
             })
         }
@@ -402,25 +410,36 @@ fn from_v5(packet: v5::Packet) -> Result<Packet, DecodeError> {
         v5::Packet::PubRec(a) => Packet::PubRec(a.pkid),
         v5::Packet::PubRel(a) => Packet::PubRel(a.pkid),
         v5::Packet::PubComp(a) => Packet::PubComp(a.pkid),
-        v5::Packet::Subscribe(s) => Packet::Subscribe {
-            pkid: s.pkid,
-            filters: s
-                .filters
-                .into_iter()
-                .map(|f| SubscribeAsk {
-                    filter: f.path,
-                    qos: f.qos as u8,
-                    no_local: f.nolocal,
-                    retain_as_published: f.preserve_retain,
-                    retain_handling: match f.retain_forward_rule {
-                        v5::RetainForwardRule::OnEverySubscribe => 0,
-                        v5::RetainForwardRule::OnNewSubscribe => 1,
-                        v5::RetainForwardRule::Never => 2,
-                    },
-                })
-                .collect(),
-            subscription_id: s.properties.and_then(|p| p.id),
-        },
+        v5::Packet::Subscribe(s) => {
+            let subscription_id = match s.properties.and_then(|p| p.id) {
+                Some(id @ 1..=268_435_455) => u32::try_from(id).ok(),
+                Some(_) => {
+                    return Err(DecodeError::Malformed(
+                        "a subscription identifier must be 1 to 268,435,455".into(),
+                    ));
+                }
+                None => None,
+            };
+            Packet::Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| SubscribeAsk {
+                        filter: f.path,
+                        qos: f.qos as u8,
+                        no_local: f.nolocal,
+                        retain_as_published: f.preserve_retain,
+                        retain_handling: match f.retain_forward_rule {
+                            v5::RetainForwardRule::OnEverySubscribe => 0,
+                            v5::RetainForwardRule::OnNewSubscribe => 1,
+                            v5::RetainForwardRule::Never => 2,
+                        },
+                        subscription_id,
+                    })
+                    .collect(),
+            }
+        }
         v5::Packet::Unsubscribe(u) => Packet::Unsubscribe {
             pkid: u.pkid,
             filters: u.filters,
@@ -476,6 +495,10 @@ pub struct ConnAckProperties {
     pub session_expiry: Option<u32>,
     pub retain_available: bool,
     pub wildcards_available: bool,
+    /// Shared subscriptions (`$share/…`) are available.
+    pub shared_available: bool,
+    /// Topic aliases the client may use in its PUBLISHes (0: none).
+    pub topic_alias_maximum: u16,
     pub reason_string: Option<String>,
 }
 
@@ -516,7 +539,10 @@ pub fn connack(
                 props.put_u8(0x21);
                 props.put_u16(max);
             }
-            // Topic aliases: none (0x22 absent means 0).
+            if properties.topic_alias_maximum > 0 {
+                props.put_u8(0x22);
+                props.put_u16(properties.topic_alias_maximum);
+            }
             props.put_u8(0x25);
             props.put_u8(u8::from(properties.retain_available));
             if let Some(max) = properties.max_packet_size {
@@ -529,10 +555,9 @@ pub fn connack(
             }
             props.put_u8(0x28);
             props.put_u8(u8::from(properties.wildcards_available));
-            props.put_u8(0x29); // subscription identifiers: not available
-            props.put_u8(0);
-            props.put_u8(0x2A); // shared subscriptions: not available
-            props.put_u8(0);
+            // Subscription identifiers: available (0x29 absent means 1).
+            props.put_u8(0x2A);
+            props.put_u8(u8::from(properties.shared_available));
             let remaining = 2 + varint_len(props.len()) + props.len();
             put_varint(out, remaining);
             out.put_u8(u8::from(session_present && code == 0));
@@ -634,9 +659,14 @@ pub fn publish_template(
     max_qos: u8,
     retain: bool,
     user_properties: &[(&str, &str)],
+    message_expiry: Option<u32>,
 ) -> Bytes {
     let mut props = BytesMut::new();
     if level == Level::V5 {
+        if let Some(seconds) = message_expiry {
+            props.put_u8(0x02);
+            props.put_u32(seconds);
+        }
         for (key, value) in user_properties {
             props.put_u8(0x26);
             put_string(&mut props, key);
@@ -674,10 +704,31 @@ pub fn finished_size(template: &[u8], qos: u8) -> usize {
     }
 }
 
-/// Appends the PUBLISH made from `template` at `qos` with `pkid` (ignored at QoS 0) and
-/// `dup` to `out`, keeping the template's retain flag (and its DUP flag: a redelivery). False if the template is not one of
-/// ours.
-pub fn finish_publish(out: &mut BytesMut, template: &[u8], qos: u8, pkid: u16, dup: bool) -> bool {
+/// How [`finish_publish`] makes one subscriber's PUBLISH of a template.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Finish {
+    pub qos: u8,
+    /// Ignored at QoS 0.
+    pub pkid: u16,
+    /// Set DUP (the template's own DUP flag, a redelivery, is kept anyway).
+    pub dup: bool,
+    /// Keep the template's RETAIN (cleared otherwise).
+    pub keep_retain: bool,
+    /// Write an empty topic: `extra` carries a topic alias the client knows (MQTT 5).
+    pub omit_topic: bool,
+}
+
+/// Appends the PUBLISH made from `template` as `finish` says to `out`.
+/// `extra` are MQTT 5 properties of this delivery (subscription identifiers) added to the
+/// template's; empty for 3.1.1. False if the template is not one of ours.
+pub fn finish_publish(out: &mut BytesMut, template: &[u8], finish: &Finish, extra: &[u8]) -> bool {
+    let Finish {
+        qos,
+        pkid,
+        dup,
+        keep_retain,
+        omit_topic,
+    } = *finish;
     let Ok(Some((header, remaining))) = fixed_header(template) else {
         return false;
     };
@@ -691,20 +742,68 @@ pub fn finish_publish(out: &mut BytesMut, template: &[u8], qos: u8, pkid: u16, d
     else {
         return false;
     };
-    let retain = template[0] & 1;
+    // With extra properties, the template's property length is read and rewritten.
+    let (props_at, props_len) = if extra.is_empty() {
+        (topic_end, None)
+    } else {
+        match read_varint(&body[topic_end..]) {
+            Some((len, size)) if topic_end + size + len <= body.len() => {
+                (topic_end + size, Some(len))
+            }
+            _ => return false,
+        }
+    };
+    let props_growth = props_len.map_or(0, |len| {
+        varint_len(len + extra.len()) + extra.len() - varint_len(len)
+    });
+    let retain = template[0] & u8::from(keep_retain);
     let dup = dup || template[0] & 0x08 != 0;
     let byte1 = 0x30 | (u8::from(dup && qos > 0) << 3) | (qos << 1) | retain;
     out.put_u8(byte1);
-    if qos == 0 {
-        put_varint(out, remaining);
-        out.extend_from_slice(body);
+    let pkid_len = if qos == 0 { 0 } else { 2 };
+    let omitted = if omit_topic { topic_end - 2 } else { 0 };
+    put_varint(out, remaining + pkid_len + props_growth - omitted);
+    if omit_topic {
+        out.put_u16(0);
     } else {
-        put_varint(out, remaining + 2);
         out.extend_from_slice(&body[..topic_end]);
+    }
+    if qos > 0 {
         out.put_u16(pkid);
+    }
+    if let Some(len) = props_len {
+        put_varint(out, len + extra.len());
+        out.extend_from_slice(&body[props_at..props_at + len]);
+        out.extend_from_slice(extra);
+        out.extend_from_slice(&body[props_at + len..]);
+    } else {
         out.extend_from_slice(&body[topic_end..]);
     }
     true
+}
+
+/// Appends an MQTT 5 Topic Alias property (for [`finish_publish`]'s `extra`).
+pub fn topic_alias(out: &mut BytesMut, alias: u16) {
+    out.put_u8(0x23);
+    out.put_u16(alias);
+}
+
+/// Appends an MQTT 5 Subscription Identifier property (for [`finish_publish`]'s `extra`).
+pub fn subscription_identifier(out: &mut BytesMut, id: u32) {
+    out.put_u8(0x0B);
+    put_varint(out, id as usize);
+}
+
+/// A variable byte integer at the start of `bytes`: its value and its size.
+fn read_varint(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut value = 0usize;
+    for (i, byte) in bytes.iter().take(4).enumerate() {
+        value |= usize::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

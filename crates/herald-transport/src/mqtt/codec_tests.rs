@@ -181,6 +181,8 @@ fn server_packets_decode_with_rumqttc() {
         session_expiry: Some(0),
         retain_available: true,
         wildcards_available: true,
+        topic_alias_maximum: 16,
+        shared_available: false,
         reason_string: Some("ok".into()),
     };
     connack(&mut out, Level::V5, false, reason::SUCCESS, &properties);
@@ -190,6 +192,11 @@ fn server_packets_decode_with_rumqttc() {
             assert_eq!(p.receive_max, Some(32));
             assert_eq!(p.assigned_client_identifier.as_deref(), Some("abc"));
             assert_eq!(p.shared_subscription_available, Some(0));
+            assert_eq!(p.topic_alias_max, Some(16));
+            assert_eq!(
+                p.subscription_identifiers_available, None,
+                "absent: available"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -258,10 +265,21 @@ fn server_packets_decode_with_rumqttc() {
 #[test]
 fn templates_become_each_subscribers_publish() {
     let payload = vec![b'x'; 200];
-    let template = publish_template(Level::V311, "t/1", &payload, 1, false, &[]);
+    let template = publish_template(Level::V311, "t/1", &payload, 1, false, &[], None);
     assert_eq!(template_qos(&template), 1);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &template, 0, 0, false));
+    assert!(finish_publish(
+        &mut out,
+        &template,
+        &Finish {
+            qos: 0,
+            pkid: 0,
+            dup: false,
+            keep_retain: true,
+            omit_topic: false
+        },
+        &[]
+    ));
     assert_eq!(out.len(), finished_size(&template, 0));
     match read_v4(&out) {
         v4::Packet::Publish(p) => {
@@ -272,9 +290,20 @@ fn templates_become_each_subscribers_publish() {
         }
         other => panic!("{other:?}"),
     }
-    let retained = publish_template(Level::V311, "t/1", &payload, 1, true, &[]);
+    let retained = publish_template(Level::V311, "t/1", &payload, 1, true, &[], None);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &retained, 1, 77, true));
+    assert!(finish_publish(
+        &mut out,
+        &retained,
+        &Finish {
+            qos: 1,
+            pkid: 77,
+            dup: true,
+            keep_retain: true,
+            omit_topic: false
+        },
+        &[]
+    ));
     assert_eq!(out.len(), finished_size(&retained, 1));
     match read_v4(&out) {
         v4::Packet::Publish(p) => {
@@ -287,9 +316,20 @@ fn templates_become_each_subscribers_publish() {
         }
         other => panic!("{other:?}"),
     }
-    let template = publish_template(Level::V5, "t/2", b"{}", 2, false, &[("k", "v")]);
+    let template = publish_template(Level::V5, "t/2", b"{}", 2, false, &[("k", "v")], None);
     let mut out = BytesMut::new();
-    assert!(finish_publish(&mut out, &template, 2, 3, false));
+    assert!(finish_publish(
+        &mut out,
+        &template,
+        &Finish {
+            qos: 2,
+            pkid: 3,
+            dup: false,
+            keep_retain: true,
+            omit_topic: false
+        },
+        &[]
+    ));
     match read_v5(&out) {
         v5::Packet::Publish(p) => {
             assert_eq!(
@@ -302,7 +342,18 @@ fn templates_become_each_subscribers_publish() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(!finish_publish(&mut BytesMut::new(), b"\x30", 0, 0, false));
+    assert!(!finish_publish(
+        &mut BytesMut::new(),
+        b"\x30",
+        &Finish {
+            qos: 0,
+            pkid: 0,
+            dup: false,
+            keep_retain: true,
+            omit_topic: false
+        },
+        &[]
+    ));
 }
 /// A CONNECT, a SUBSCRIBE and a PUBLISH of each level, to mutate.
 fn valid_streams() -> Vec<(Level, BytesMut)> {
@@ -378,9 +429,16 @@ proptest::proptest! {
         pkid in 1u16..,
         retain in proptest::bool::ANY,
     ) {
-        let template = publish_template(Level::V311, &topic, &payload, 2, retain, &[]);
+        let template = publish_template(Level::V311, &topic, &payload, 2, retain, &[], None);
         let mut out = BytesMut::new();
-        proptest::prop_assert!(finish_publish(&mut out, &template, qos, pkid, false));
+        let finish = Finish {
+            qos,
+            pkid,
+            keep_retain: true,
+            ..Finish::default()
+        };
+        let finished = finish_publish(&mut out, &template, &finish, &[]);
+        proptest::prop_assert!(finished);
         proptest::prop_assert_eq!(out.len(), finished_size(&template, qos));
         match v4::Packet::read(&mut out, 1 << 20).expect("rumqttc reads it") {
             v4::Packet::Publish(p) => {
@@ -392,5 +450,91 @@ proptest::proptest! {
             }
             other => proptest::prop_assert!(false, "{:?}", other),
         }
+    }
+}
+
+#[test]
+fn message_expiry_and_subscription_identifiers_are_mqtt5_properties() {
+    let template = publish_template(Level::V5, "t/3", b"x", 1, false, &[("k", "v")], Some(30));
+    let mut extra = BytesMut::new();
+    subscription_identifier(&mut extra, 7);
+    subscription_identifier(&mut extra, 300);
+    let mut out = BytesMut::new();
+    assert!(finish_publish(
+        &mut out,
+        &template,
+        &Finish {
+            qos: 1,
+            pkid: 9,
+            dup: false,
+            keep_retain: true,
+            omit_topic: false
+        },
+        &extra
+    ));
+    match read_v5(&out) {
+        v5::Packet::Publish(p) => {
+            assert_eq!(
+                (p.pkid, &p.topic[..], &p.payload[..]),
+                (9, &b"t/3"[..], &b"x"[..])
+            );
+            let props = p.properties.expect("properties");
+            assert_eq!(props.message_expiry_interval, Some(30));
+            assert_eq!(props.subscription_identifiers, vec![7, 300]);
+            assert_eq!(
+                props.user_properties,
+                vec![("k".to_owned(), "v".to_owned())]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_templates_retain_flag_is_kept_only_when_asked() {
+    let template = publish_template(Level::V5, "t/4", b"x", 0, true, &[], None);
+    for keep in [true, false] {
+        let mut out = BytesMut::new();
+        assert!(finish_publish(
+            &mut out,
+            &template,
+            &Finish {
+                qos: 0,
+                pkid: 0,
+                dup: false,
+                keep_retain: keep,
+                omit_topic: false
+            },
+            &[]
+        ));
+        match read_v5(&out) {
+            v5::Packet::Publish(p) => assert_eq!(p.retain, keep),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_known_topic_is_left_out_for_its_alias() {
+    let template = publish_template(Level::V5, "a/long/topic", b"x", 1, false, &[], None);
+    let mut extra = BytesMut::new();
+    topic_alias(&mut extra, 3);
+    let finish = Finish {
+        qos: 1,
+        pkid: 5,
+        omit_topic: true,
+        ..Finish::default()
+    };
+    let mut out = BytesMut::new();
+    assert!(finish_publish(&mut out, &template, &finish, &extra));
+    match read_v5(&out) {
+        v5::Packet::Publish(p) => {
+            assert_eq!(
+                (&p.topic[..], p.pkid, &p.payload[..]),
+                (&b""[..], 5, &b"x"[..])
+            );
+            assert_eq!(p.properties.and_then(|p| p.topic_alias), Some(3));
+        }
+        other => panic!("{other:?}"),
     }
 }

@@ -8,6 +8,10 @@
 //! from the HTTP API, a WebSocket client or a bridge is durable in history, so it is
 //! delivered at whatever QoS the subscription was granted.
 //!
+//! A publication with the tag [`EXPIRY_TAG`] (an MQTT 5 publisher's Message Expiry
+//! Interval, or set by any publisher) expires that many seconds after it was published: it
+//! is not delivered afterwards, and MQTT 5 subscribers are sent what remains of the interval.
+//!
 //! May touch: the connection's outbound queue.
 
 use std::collections::HashMap;
@@ -23,6 +27,25 @@ use crate::outbound::{EventEncoder, Frame, FramePosition, Outbound};
 
 /// Tag holding an MQTT publisher's QoS when below 2.
 pub const QOS_TAG: &str = "mqtt_qos";
+
+/// Tag set on a publication an MQTT publisher sent with RETAIN (what MQTT 5
+/// retain-as-published subscribers see on live deliveries).
+pub const RETAIN_TAG: &str = "mqtt_retain";
+
+/// Tag holding a publication's message expiry interval (seconds after its time).
+pub const EXPIRY_TAG: &str = "mqtt_expiry";
+
+/// Seconds left of `publication`'s message expiry interval at `now_ms`: `None` without
+/// one, `Some(0)` when it has expired.
+pub fn expiry_left(publication: &herald_core::Publication, now_ms: u64) -> Option<u32> {
+    let interval: u64 = publication.tags.get(EXPIRY_TAG)?.parse().ok()?;
+    let ends_ms = publication
+        .time_ms
+        .saturating_add(interval.saturating_mul(1000));
+    let left_ms = ends_ms.saturating_sub(now_ms);
+    // Rounded up: a message with 0.4 s left has not expired.
+    Some(u32::try_from(left_ms.div_ceil(1000)).unwrap_or(u32::MAX))
+}
 
 /// Encoding slots of a publication's PUBLISH templates (see
 /// [`herald_core::publication::ENCODING_SLOTS`]).
@@ -52,7 +75,7 @@ impl MqttEncoder {
         let properties: Vec<(&str, &str)> = publication
             .tags
             .iter()
-            .filter(|(key, _)| key.as_str() != QOS_TAG)
+            .filter(|(key, _)| ![QOS_TAG, EXPIRY_TAG, RETAIN_TAG].contains(&key.as_str()))
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         codec::publish_template(
@@ -62,12 +85,16 @@ impl MqttEncoder {
             max_qos,
             retain,
             &properties,
+            expiry_left(publication, herald_core::time::now_ms()),
         )
     }
 
     /// The frame of a live publication, `None` for other events or channels without a topic.
     pub fn frame(&self, event: &Arc<PublicationEvent>) -> Option<Frame> {
         let topic = self.topics.topic(&event.channel)?;
+        if expiry_left(&event.publication, herald_core::time::now_ms()) == Some(0) {
+            return None;
+        }
         if let Some((client, table)) = &self.own
             && event
                 .publication
@@ -82,7 +109,10 @@ impl MqttEncoder {
             Level::V311 => V311_SLOT,
             Level::V5 => V5_SLOT,
         };
-        let bytes = event.encoded(slot, |event| self.template(topic, event, false));
+        // The publisher's RETAIN, cleared as it is written unless a matching subscription
+        // asked for retain-as-published.
+        let retain = event.publication.tags.contains_key(RETAIN_TAG);
+        let bytes = event.encoded(slot, |event| self.template(topic, event, retain));
         Some(Frame {
             bytes,
             position: Some(FramePosition {
@@ -114,6 +144,12 @@ pub struct Table {
     pub wildcards: Vec<(Filter, u8)>,
     /// Filters (exact topics and wildcards) subscribed with MQTT 5 no-local.
     pub no_local: std::collections::HashSet<String>,
+    /// MQTT 5 subscription identifiers, by filter.
+    pub subscription_ids: Vec<(Filter, u32)>,
+    /// Filters subscribed with MQTT 5 retain-as-published.
+    pub retain_as_published: Vec<Filter>,
+    /// Shared subscriptions with the granted QoS (their groups deliver into the queue).
+    pub shared: Vec<(super::shared::SharedFilter, u8)>,
 }
 
 impl Table {
@@ -128,7 +164,13 @@ impl Table {
             .filter(|(filter, _)| filter.matches(topic))
             .map(|(_, qos)| *qos)
             .max();
-        exact.max(wildcard)
+        let shared = self
+            .shared
+            .iter()
+            .filter(|(shared, _)| shared.filter.matches(topic))
+            .map(|(_, qos)| *qos)
+            .max();
+        exact.max(wildcard).max(shared)
     }
 
     /// Whether every subscription matching the channel asked for no-local (so the
@@ -147,9 +189,44 @@ impl Table {
         matching.peek().is_some() && matching.all(|filter| self.no_local.contains(filter))
     }
 
+    /// The subscription identifiers of the filters matching `topic`, as the properties of
+    /// a PUBLISH (empty: none).
+    pub fn subscription_id_properties(&self, topic: &str) -> bytes::BytesMut {
+        let mut properties = bytes::BytesMut::new();
+        for (_, id) in self
+            .subscription_ids
+            .iter()
+            .filter(|(f, _)| f.matches(topic))
+        {
+            codec::subscription_identifier(&mut properties, *id);
+        }
+        properties
+    }
+
+    /// Whether a filter matching `topic` asked for retain-as-published.
+    pub fn retains_as_published(&self, topic: &str) -> bool {
+        self.retain_as_published.iter().any(|f| f.matches(topic))
+    }
+
+    /// Sets (or clears) retain-as-published for `filter`.
+    pub fn set_retain_as_published(&mut self, filter: &Filter, on: bool) {
+        self.retain_as_published.retain(|f| f != filter);
+        if on {
+            self.retain_as_published.push(filter.clone());
+        }
+    }
+
+    /// Sets (or with `None` clears) the subscription identifier of `filter`.
+    pub fn set_subscription_id(&mut self, filter: &Filter, id: Option<u32>) {
+        self.subscription_ids.retain(|(f, _)| f != filter);
+        if let Some(id) = id {
+            self.subscription_ids.push((filter.clone(), id));
+        }
+    }
+
     /// Number of filters subscribed.
     pub fn len(&self) -> usize {
-        self.exact.len() + self.wildcards.len()
+        self.exact.len() + self.wildcards.len() + self.shared.len()
     }
 }
 

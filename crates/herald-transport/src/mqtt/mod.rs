@@ -28,6 +28,7 @@ pub mod codec;
 mod delivery;
 pub mod persist;
 mod session;
+pub mod shared;
 pub mod topic;
 pub mod websocket;
 
@@ -65,6 +66,9 @@ pub struct MqttConfig {
     pub max_inflight: u16,
     /// Most topic filters one connection may subscribe to.
     pub max_subscriptions: usize,
+    /// Topic aliases an MQTT 5 client may set in its PUBLISHes (the CONNACK's Topic Alias
+    /// Maximum); 0: none.
+    pub topic_alias_maximum: u16,
     /// The HTTP path of MQTT over WebSocket (subprotocol `mqtt`) on the server's listener;
     /// empty: none.
     pub websocket_path: String,
@@ -77,6 +81,8 @@ pub struct MqttConfig {
     /// Longest a persistent session is kept after its connection ends (3.1.1 sessions, which
     /// have no expiry of their own, and longer MQTT 5 session expiry intervals get this).
     pub max_session_expiry: HumanDuration,
+    /// How often sessions whose expiry passed while their device was away are deleted.
+    pub session_purge_interval: HumanDuration,
 }
 
 impl Default for MqttConfig {
@@ -88,11 +94,13 @@ impl Default for MqttConfig {
             max_packet_size: 256 * 1024,
             max_inflight: 32,
             max_subscriptions: 100,
+            topic_alias_maximum: 16,
             websocket_path: "/mqtt".into(),
             tls_listen: None,
             tls_cert_file: std::path::PathBuf::new(),
             tls_key_file: std::path::PathBuf::new(),
             max_session_expiry: HumanDuration::from_secs(7 * 24 * 3600),
+            session_purge_interval: HumanDuration::from_secs(60),
         }
     }
 }
@@ -122,6 +130,8 @@ pub struct MqttState {
     /// cancels its will (sets the flag).
     pending_wills: Mutex<HashMap<ClientKey, Arc<std::sync::atomic::AtomicBool>>>,
     next_connection: AtomicU64,
+    /// Shared subscriptions' groups ([`shared`]).
+    shared: shared::SharedGroups,
 }
 
 impl std::fmt::Debug for MqttState {
@@ -146,6 +156,7 @@ impl MqttState {
             connected: Mutex::new(HashMap::new()),
             pending_wills: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
+            shared: shared::SharedGroups::default(),
         }
     }
 
@@ -203,6 +214,36 @@ impl MqttState {
             pending.remove(&key);
         }
         !flag.load(Ordering::SeqCst)
+    }
+
+    /// Deletes the persistent sessions that expired while their device was away, every
+    /// `session_purge_interval`, until the server shuts down. Sessions connected to this
+    /// node are left alone (saved again when they end).
+    pub async fn purge_sessions(self: Arc<Self>) {
+        let Some(store) = self.sessions.clone() else {
+            return;
+        };
+        let interval = self.config.session_purge_interval.as_duration();
+        if interval.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = self.realtime.shutdown.wait() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let connected: std::collections::HashSet<String> = self
+                .connected
+                .lock()
+                .keys()
+                .map(|(user, client_id)| persist::session_key(user, client_id))
+                .collect();
+            let purged =
+                persist::purge_expired(&*store, herald_core::time::now_ms(), &connected).await;
+            if purged > 0 {
+                tracing::info!(purged, "mqtt: expired sessions deleted");
+            }
+        }
     }
 
     /// Forgets connection `id` of `client_id`; false if another took it over meanwhile.

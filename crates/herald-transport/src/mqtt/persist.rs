@@ -36,6 +36,9 @@ pub struct SessionDocument {
     pub subscriptions: Vec<(String, u8)>,
     /// Per channel, where the client is.
     pub positions: BTreeMap<String, SavedPosition>,
+    /// MQTT 5 subscription identifiers, by filter.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subscription_ids: BTreeMap<String, u32>,
 }
 
 /// A channel's position in a saved session.
@@ -91,6 +94,33 @@ pub async fn remove(store: &dyn WebhookStore, key: &str) {
     if let Err(error) = store.delete_document(COLLECTION, key).await {
         tracing::warn!(%error, "mqtt: removing the session failed");
     }
+}
+
+/// Deletes the sessions whose expiry passed while their device was away, except those in
+/// `connected` (keys of sessions connected here: their document is saved again when they
+/// end). Returns how many were deleted.
+pub async fn purge_expired(
+    store: &dyn WebhookStore,
+    now_ms: u64,
+    connected: &std::collections::HashSet<String>,
+) -> usize {
+    let documents = match store.documents(COLLECTION).await {
+        Ok(documents) => documents,
+        Err(error) => {
+            tracing::warn!(%error, "mqtt: listing sessions to purge failed");
+            return 0;
+        }
+    };
+    let mut purged = 0;
+    for (key, bytes) in documents {
+        let expired = serde_json::from_slice::<SessionDocument>(&bytes)
+            .is_ok_and(|document| document.expires_at_ms <= now_ms);
+        if expired && !connected.contains(&key) {
+            remove(store, &key).await;
+            purged += 1;
+        }
+    }
+    purged
 }
 
 /// One channel's delivery progress on a connection.
@@ -257,6 +287,7 @@ mod tests {
                     sent: 4,
                 },
             )]),
+            subscription_ids: BTreeMap::from([("a/+".into(), 7)]),
         };
         save(&store, &key, &document).await;
         assert_eq!(load(&store, &key, 999).await, Some(document));

@@ -99,7 +99,7 @@ impl TopicMap {
 }
 
 /// A topic filter: an exact topic, or one with wildcards.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Filter {
     Exact(String),
     Wildcard(String),

@@ -22,7 +22,7 @@ use super::super::codec::{self, ConnAckProperties, Connect, Level, reason};
 use super::super::delivery::{MqttEncoder, Table};
 use super::super::persist::{self, Positions};
 use super::{Persistence, Session};
-use crate::registry::Control;
+use crate::registry::{Control, Inbox};
 
 impl Session {
     /// Authenticates the CONNECT and answers it; `None` when refused (the CONNACK saying
@@ -82,7 +82,12 @@ impl Session {
         };
         realtime.connections.fetch_add(1, Ordering::Relaxed);
         let outbound = realtime.new_outbound();
-        let registration = realtime.register(&info, "mqtt", Control::new(outbound.clone(), None));
+        let control = Arc::new(Inbox::default());
+        let registration = realtime.register(
+            &info,
+            "mqtt",
+            Control::new(outbound.clone(), Some(control.clone())),
+        );
         let connection = state.connected(&credentials.user, &client_id, &outbound);
         let max_inflight = usize::from(state.config.max_inflight.max(1));
         let receive_maximum = connect
@@ -146,6 +151,15 @@ impl Session {
             will: connect.will,
             persistence,
             _registration: registration,
+            control: Some(control),
+            topic_aliases: None,
+            retained_replies: None,
+            out_aliases: (level == Level::V5 && connect.topic_alias_maximum > 0).then(|| {
+                Box::new(super::OutAliases {
+                    maximum: connect.topic_alias_maximum,
+                    by_channel: HashMap::new(),
+                })
+            }),
             credentials,
             state,
         };
@@ -164,6 +178,8 @@ impl Session {
             session_expiry: (connect.session_expiry != kept).then_some(kept),
             retain_available: true,
             wildcards_available,
+            shared_available: wildcards_available,
+            topic_alias_maximum: session.state.config.topic_alias_maximum,
             reason_string,
         };
         codec::connack(out, level, session_present, reason::SUCCESS, &properties);

@@ -1,17 +1,22 @@
 //! One MQTT connection: CONNECT and authentication, then one task that reads packets, runs
 //! them, and writes replies and deliveries.
 //!
-//! The loop (`Session::drive`) selects over the socket's read side, the write of what is
-//! buffered, taking frames from the connection's [`Outbound`] queue, the keep-alive deadline,
-//! the token's expiry and the server's shutdown. A packet runs to its end before the next is
-//! read (a QoS 1 publish is acknowledged once `Node::publish` returned, so acknowledgements
-//! keep the publishes' order). Deliveries are taken from the queue only when the previous
-//! take is written and, for QoS 1/2, while the inflight window has room: a client that does
-//! not acknowledge leaves its publications in the queue, whose byte bound closes it as slow
-//! (guarantee 5) — memory never grows past the queue's bound and one take.
+//! A connection is one task and one future (idle connections are what a server holds most
+//! of, so their size is its memory): `Session::drive` is one `poll_fn` over the socket (read
+//! and write sides, never split), the connection's [`Outbound`] queue, the server API's
+//! inbox, the shutdown signal and one timer for every deadline (keep-alive, token expiry,
+//! the session's next save). Bytes are read through a scratch buffer on the stack and kept
+//! only while they are a partial packet; nothing is buffered while idle. A packet runs to
+//! its end before the next is read (a QoS 1 publish is acknowledged once `Node::publish`
+//! returned, so acknowledgements keep the publishes' order). Deliveries are taken from the
+//! queue only when the previous take is written and, for QoS 1/2, while the inflight window
+//! has room: a client that does not acknowledge leaves its publications in the queue, whose
+//! byte bound closes it as slow (guarantee 5) — memory never grows past the queue's bound
+//! and one take.
 //!
-//! The CONNECT is in `connect`, SUBSCRIBE/UNSUBSCRIBE and session resumption in `subscribe`,
-//! a persistent session's progress and saves in `progress`, the will in `will`.
+//! The CONNECT is in `connect`, PUBLISH in `publish`, SUBSCRIBE/UNSUBSCRIBE and session
+//! resumption in `subscribe`, a persistent session's progress and saves in `progress`, the
+//! will in `will`.
 //!
 //! May touch: the socket it is handed, the node and admission through [`MqttState`].
 
@@ -26,31 +31,35 @@ use herald_core::auth::Credentials;
 use herald_core::channel::ChannelName;
 use herald_core::hub::SubscriberId;
 use herald_core::namespace::NamespaceOptions;
-use herald_core::node::PublishRequest;
 use herald_core::proxy::ProxyContext;
-use herald_core::publication::{ClientInfo, Payload};
+use herald_core::publication::ClientInfo;
 use herald_core::{ErrorCode, HeraldError};
 use parking_lot::RwLock;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::codec::{self, Ack, ConnAckProperties, Connect, DecodeError, Level, Packet, reason};
-use super::delivery::{MqttEncoder, QOS_TAG, Table};
+use super::delivery::{MqttEncoder, Table};
 use super::persist::{self, Positions};
 use super::{MqttState, TAKEN_OVER};
 use crate::outbound::{CloseReason, Frame, Outbound};
+use crate::registry::{ControlMessage, Inbox};
 use crate::subscription::end_subscription;
 
 mod connect;
 mod progress;
+mod publish;
 mod subscribe;
 mod will;
 
 use will::WillPublisher;
 
-/// Bytes read at a time while waiting for the CONNECT.
-const READ_CHUNK: usize = 4096;
-/// A buffer larger than this is dropped once empty.
-const IDLE_BUFFER: usize = 256;
+/// Bytes read at once, into the stack: the connection's read buffer keeps only a partial
+/// packet, so an idle connection holds none.
+const READ_SCRATCH: usize = 4096;
 /// Replies and deliveries buffered for the socket before reading pauses (a client that
 /// sends without reading cannot grow this).
 const MAX_WRITE_BUFFER: usize = 64 * 1024;
@@ -60,56 +69,68 @@ const MAX_TAKE: usize = 64 * 1024;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves one MQTT connection on `stream` until it ends.
-pub async fn run_connection<S>(stream: S, state: Arc<MqttState>)
+///
+/// Not an `async fn`: its parameters would be moved into locals, keeping a second copy of the
+/// socket's space in every connection's future. The `async move` block uses the captured
+/// stream in place. The stream is never split: one future polls both its sides.
+#[allow(clippy::manual_async_fn)]
+pub fn run_connection<S>(stream: S, state: Arc<MqttState>) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut in_buf = BytesMut::with_capacity(IDLE_BUFFER);
-    let connect = tokio::time::timeout(
-        state.realtime.config.connect_timeout,
-        read_connect(&mut reader, &mut in_buf, state.config.max_packet_size),
-    )
-    .await;
-    let (level, connect) = match connect {
-        Ok(Ok(Some(connect))) => connect,
-        Ok(Ok(None)) => return,
-        Ok(Err(DecodeError::UnsupportedLevel(level))) => {
-            // MQTT-3.1.2-2: CONNACK 0x01 (the 3.1.1 form every level can read), then close.
-            tracing::debug!(level, "mqtt: unsupported protocol level");
-            let mut out = BytesMut::new();
-            codec::connack(
-                &mut out,
-                Level::V311,
-                false,
-                reason::UNSUPPORTED_PROTOCOL_VERSION,
-                &ConnAckProperties::default(),
-            );
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.write_all(&out)).await;
+    async move {
+        let mut stream = stream;
+        let mut in_buf = BytesMut::new();
+        // Boxed, like the connect and the packets the loop runs: a connection's future is
+        // held for its whole life, and would otherwise be as large as the largest of them.
+        let connect = Box::pin(tokio::time::timeout(
+            state.realtime.config.connect_timeout,
+            read_connect(&mut stream, &mut in_buf, state.config.max_packet_size),
+        ))
+        .await;
+        let (level, connect) = match connect {
+            Ok(Ok(Some(connect))) => connect,
+            Ok(Ok(None)) => return,
+            Ok(Err(DecodeError::UnsupportedLevel(level))) => {
+                // MQTT-3.1.2-2: CONNACK 0x01 (the 3.1.1 form every level can read), then close.
+                tracing::debug!(level, "mqtt: unsupported protocol level");
+                let mut out = BytesMut::new();
+                codec::connack(
+                    &mut out,
+                    Level::V311,
+                    false,
+                    reason::UNSUPPORTED_PROTOCOL_VERSION,
+                    &ConnAckProperties::default(),
+                );
+                write_last(&mut stream, &out).await;
+                return;
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "mqtt: bad CONNECT; closing");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("mqtt: no CONNECT within the connect timeout; closing");
+                return;
+            }
+        };
+        let mut out = BytesMut::new();
+        let Some(mut session) =
+            Box::pin(Session::connect(state, level, connect, in_buf, &mut out)).await
+        else {
+            write_last(&mut stream, &out).await;
             return;
-        }
-        Ok(Err(error)) => {
-            tracing::debug!(%error, "mqtt: bad CONNECT; closing");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!("mqtt: no CONNECT within the connect timeout; closing");
-            return;
-        }
-    };
-    let mut out = BytesMut::new();
-    let Some(mut session) =
-        Box::pin(Session::connect(state, level, connect, in_buf, &mut out)).await
-    else {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.write_all(&out)).await;
-        return;
-    };
-    session.out_buf = out;
-    let close = session.drive(&mut reader, &mut writer).await;
-    // Boxed, like the connect and the packets the loop runs: a connection's future is held
-    // for its whole life, and would otherwise be as large as the largest of them.
-    Box::pin(session.close(&mut writer, &close)).await;
-    Box::pin(session.end(close.will)).await;
+        };
+        session.out_buf = out;
+        let close = session.drive(&mut stream).await;
+        Box::pin(session.close(&mut stream, &close)).await;
+        Box::pin(session.end(close.will)).await;
+    }
+}
+
+/// Writes the last bytes of a connection refused before its session started, within bounds.
+async fn write_last<S: AsyncWrite + Unpin>(stream: &mut S, out: &[u8]) {
+    let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, stream.write_all(out))).await;
 }
 
 async fn read_connect<R: AsyncRead + Unpin>(
@@ -121,12 +142,34 @@ async fn read_connect<R: AsyncRead + Unpin>(
         if let Some(connect) = codec::decode_connect(buf, max_packet_size)? {
             return Ok(Some(connect));
         }
-        buf.reserve(READ_CHUNK);
-        match reader.read_buf(buf).await {
+        match std::future::poll_fn(|cx| poll_read_into(reader, cx, buf)).await {
             Ok(0) | Err(_) => return Ok(None),
             Ok(_) => {}
         }
     }
+}
+
+/// Reads what the socket has into `buf` through a scratch buffer on the stack.
+fn poll_read_into<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); READ_SCRATCH];
+    let mut read = ReadBuf::uninit(&mut scratch);
+    ready!(Pin::new(stream).poll_read(cx, &mut read))?;
+    buf.extend_from_slice(read.filled());
+    Poll::Ready(Ok(read.filled().len()))
+}
+
+/// What woke the connection's loop.
+enum Wake {
+    Shutdown,
+    Timer,
+    Written(std::io::Result<usize>),
+    Taken(Result<VecDeque<Frame>, CloseReason>),
+    Control(ControlMessage),
+    Read(std::io::Result<usize>),
 }
 
 /// Why the connection ends: an MQTT 5 reason with its text, and whether the will is sent.
@@ -206,6 +249,9 @@ struct GrantedExact {
     recovered: Option<bool>,
 }
 
+/// A publication's place: its channel and offset.
+type ChannelOffset = (Arc<str>, u64);
+
 /// A delivery awaiting acknowledgement, and what it delivered.
 struct InFlight {
     stage: Awaiting,
@@ -250,6 +296,25 @@ struct Session {
     /// Set for a persistent session (boxed: most connections are clean).
     persistence: Option<Box<Persistence>>,
     _registration: Option<Box<crate::realtime::ClientRegistration>>,
+    /// Handed to the registry at connect, so the server API can reach this connection.
+    control: Option<Arc<Inbox>>,
+    /// The client's MQTT 5 topic aliases (boxed: most clients set none, and an empty
+    /// `HashMap` inline would cost every connection 48 bytes rather than 8).
+    #[allow(clippy::box_collection)]
+    topic_aliases: Option<Box<HashMap<u16, String>>>,
+    /// Retained publications queued for SUBSCRIBEs, by (channel, offset): written with
+    /// RETAIN, while live ones keep it only for retain-as-published (boxed: usually none).
+    #[allow(clippy::box_collection)]
+    retained_replies: Option<Box<HashSet<ChannelOffset>>>,
+    /// Topic aliases given to the client's topics (MQTT 5 clients that accept some).
+    out_aliases: Option<Box<OutAliases>>,
+}
+
+/// The topic aliases of the server's PUBLISHes to one client.
+struct OutAliases {
+    /// The client's Topic Alias Maximum.
+    maximum: u16,
+    by_channel: HashMap<Arc<str>, u16>,
 }
 
 /// A persistent session's store and progress.
@@ -266,105 +331,133 @@ struct Persistence {
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Session {
-    /// Runs the connection until it ends; returns why.
-    async fn drive<R, W>(&mut self, reader: &mut R, writer: &mut W) -> Close
+    /// The connection's one loop: reads and runs packets, writes replies and deliveries,
+    /// takes frames from the queue, runs the server API's requests, and keeps the
+    /// keep-alive, token and session-save deadlines on one timer. Returns why it ends.
+    async fn drive<S>(&mut self, stream: &mut S) -> Close
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         // Packets that arrived with the CONNECT.
         if let Err(close) = Box::pin(self.handle_buffered()).await {
             return close;
         }
+        self.release_read_buffer();
         let state = self.state.clone();
-        let expires_at = self.credentials.expires_at;
-        let expiry = crate::realtime::expiry(expires_at);
-        tokio::pin!(expiry);
+        let outbound = self.outbound.clone();
+        let inbox = self.control.clone();
+        let token_expiry = self
+            .credentials
+            .expires_at
+            .map(|at| crate::realtime::instant_of_unix(at, Instant::now()));
+        let mut timer = pin!(tokio::time::sleep(Duration::from_secs(3600)));
+        let mut shutdown = pin!(state.realtime.shutdown.wait());
         loop {
             self.fill_writes();
-            let keep_alive = self
-                .keep_alive
-                .map(|interval| tokio::time::Instant::from_std(self.last_packet + interval));
-            let outbound = self.outbound.clone();
-            let next_save = self.next_save();
-            tokio::select! {
-                biased;
-                () = state.realtime.shutdown.wait() => {
-                    return Close::new(reason::SERVER_SHUTTING_DOWN, "shutdown");
+            // Deadlines: whatever is due now ends the loop or runs, the earliest other one
+            // sets the timer.
+            let now = Instant::now();
+            let mut next = now + Duration::from_secs(3600);
+            if let Some(at) = token_expiry {
+                if at <= now {
+                    return Close::new(
+                        reason::MAXIMUM_CONNECT_TIME,
+                        "the connection token expired",
+                    );
                 }
-                () = &mut expiry => {
-                    return Close::new(reason::MAXIMUM_CONNECT_TIME, "the connection token expired");
-                }
-                written = writer.write(&self.out_buf), if !self.out_buf.is_empty() => {
-                    match written {
-                        Ok(0) | Err(_) => return Close::by_client(),
-                        Ok(n) => {
-                            self.out_buf.advance(n);
-                            // An idle connection keeps no write buffer (most connections are
-                            // idle most of the time).
-                            if self.out_buf.is_empty() && self.out_buf.capacity() > IDLE_BUFFER {
-                                self.out_buf = BytesMut::new();
-                            }
-                        }
-                    }
-                }
-                taken = std::future::poll_fn(|cx| outbound.poll_take(cx, MAX_TAKE)),
-                    if self.pending.is_empty() =>
-                {
-                    match taken {
-                        Ok(frames) => self.pending.extend(frames),
-                        Err(close) => return Close::from_queue(close),
-                    }
-                }
-                // While deliveries wait for the inflight window nothing is taken, but the
-                // queue may still be closed (over its bound: slow; the server API; takeover).
-                close = std::future::poll_fn(|cx| match outbound.poll_closed(cx) {
-                    Some(close) => std::task::Poll::Ready(close),
-                    None => std::task::Poll::Pending,
-                }), if !self.pending.is_empty() => {
-                    return Close::from_queue(close);
-                }
-                read = reader.read_buf(&mut self.in_buf),
-                    if self.out_buf.len() < MAX_WRITE_BUFFER =>
-                {
-                    match read {
-                        Ok(0) | Err(_) => return Close::by_client(),
-                        Ok(_) => {
-                            if let Err(close) = Box::pin(self.handle_buffered()).await {
-                                return close;
-                            }
-                        }
-                    }
-                    self.size_read_buffer();
-                }
-                () = sleep_until(next_save) => Box::pin(self.save_session()).await,
-                () = sleep_until(keep_alive) => {
+                next = next.min(at);
+            }
+            if let Some(interval) = self.keep_alive {
+                let at = self.last_packet + interval;
+                if at <= now {
                     return Close::new(
                         reason::KEEP_ALIVE_TIMEOUT,
                         "no packet within 1.5 times the keep-alive",
                     );
                 }
+                next = next.min(at);
+            }
+            if let Some(at) = self.next_save() {
+                if at <= now {
+                    Box::pin(self.save_session()).await;
+                    continue;
+                }
+                next = next.min(at);
+            }
+            let next = tokio::time::Instant::from_std(next);
+            // Re-armed only when it must fire sooner (or has fired): a packet moves the
+            // keep-alive deadline later, and a timer left earlier than needed just wakes the
+            // loop once to recompute.
+            if timer.is_elapsed() || next < timer.deadline() {
+                timer.as_mut().reset(next);
+            }
+            let may_read = self.out_buf.len() < MAX_WRITE_BUFFER;
+            let wake = std::future::poll_fn(|cx| {
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Shutdown);
+                }
+                if !self.out_buf.is_empty()
+                    && let Poll::Ready(written) =
+                        Pin::new(&mut *stream).poll_write(cx, &self.out_buf)
+                {
+                    return Poll::Ready(Wake::Written(written));
+                }
+                if self.pending.is_empty() {
+                    if let Poll::Ready(taken) = outbound.poll_take(cx, MAX_TAKE) {
+                        return Poll::Ready(Wake::Taken(taken));
+                    }
+                } else if let Some(close) = outbound.poll_closed(cx) {
+                    // While deliveries wait for the inflight window nothing is taken, but the
+                    // queue may still be closed (over its bound: slow; the server API;
+                    // takeover).
+                    return Poll::Ready(Wake::Taken(Err(close)));
+                }
+                if let Some(Poll::Ready(message)) = inbox.as_deref().map(|i| i.poll_next(cx)) {
+                    return Poll::Ready(Wake::Control(message));
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+                if may_read {
+                    return poll_read_into(stream, cx, &mut self.in_buf).map(Wake::Read);
+                }
+                Poll::Pending
+            })
+            .await;
+            match wake {
+                Wake::Shutdown => return Close::new(reason::SERVER_SHUTTING_DOWN, "shutdown"),
+                Wake::Timer => {}
+                Wake::Written(Ok(0) | Err(_)) | Wake::Read(Ok(0) | Err(_)) => {
+                    return Close::by_client();
+                }
+                Wake::Written(Ok(n)) => {
+                    self.out_buf.advance(n);
+                    // An idle connection keeps no write buffer (most connections are idle
+                    // most of the time).
+                    if self.out_buf.is_empty() {
+                        self.out_buf = BytesMut::new();
+                    }
+                }
+                Wake::Taken(Ok(frames)) => self.pending = frames,
+                Wake::Taken(Err(close)) => return Close::from_queue(close),
+                Wake::Control(ControlMessage::Unsubscribe { channel }) => {
+                    Box::pin(self.unsubscribed_by_server(&channel)).await;
+                }
+                Wake::Read(Ok(_)) => {
+                    let handled = Box::pin(self.handle_buffered()).await;
+                    if let Err(close) = handled {
+                        return close;
+                    }
+                    self.release_read_buffer();
+                }
             }
         }
     }
 
-    /// Sizes the read buffer for what comes next: nothing kept while idle, room for the
-    /// rest of a packet whose header is in, a small chunk otherwise.
-    fn size_read_buffer(&mut self) {
-        if self.in_buf.is_empty() && self.in_buf.capacity() > IDLE_BUFFER {
+    /// Nothing is kept while idle; a partial packet keeps what it has.
+    fn release_read_buffer(&mut self) {
+        if self.in_buf.is_empty() {
             self.in_buf = BytesMut::new();
-            return;
-        }
-        let needed = match codec::fixed_header(&self.in_buf) {
-            Ok(Some((header, remaining))) => (header + remaining)
-                .min(self.state.config.max_packet_size)
-                .saturating_sub(self.in_buf.len()),
-            _ => 0,
-        };
-        // A burst of small packets is read 512 bytes at a time at least.
-        let want = needed.max(512);
-        if self.in_buf.capacity() - self.in_buf.len() < want {
-            self.in_buf.reserve(want);
         }
     }
 
@@ -427,17 +520,7 @@ impl Session {
                 };
                 codec::ack(&mut self.out_buf, self.level, Ack::PubComp, pkid, code);
             }
-            Packet::Subscribe {
-                pkid,
-                filters,
-                subscription_id,
-            } => {
-                if subscription_id.is_some() {
-                    return Err(Close::new(
-                        reason::SUBSCRIPTION_IDS_NOT_SUPPORTED,
-                        "subscription identifiers are not supported",
-                    ));
-                }
+            Packet::Subscribe { pkid, filters } => {
                 self.subscribe(pkid, filters).await;
                 self.save_session().await;
             }
@@ -457,171 +540,38 @@ impl Session {
         Ok(())
     }
 
-    /// Ends the connection for a refused publish: MQTT 5 acknowledges QoS 1/2 with the
-    /// reason; otherwise (QoS 0, or 3.1.1, which has no negative acknowledgement) the
-    /// connection closes with it, so the refusal is never silent.
-    fn refuse_publish(&mut self, qos: u8, pkid: u16, code: u8, why: String) -> Result<(), Close> {
-        tracing::debug!(code, why = %why, "mqtt: publish refused");
-        if self.level == Level::V5 && qos > 0 {
-            let kind = if qos == 1 { Ack::PubAck } else { Ack::PubRec };
-            codec::ack(&mut self.out_buf, self.level, kind, pkid, code);
-            return Ok(());
-        }
-        Err(Close::new(code, why))
-    }
-
-    async fn publish(&mut self, publish: codec::Publish) -> Result<(), Close> {
-        let codec::Publish {
-            qos,
-            pkid,
-            topic,
-            payload,
-            topic_alias,
-            user_properties,
-            ..
-        } = publish;
-        if topic_alias.is_some() {
-            return Err(Close::new(
-                reason::TOPIC_ALIAS_INVALID,
-                "the server allows no topic aliases",
-            ));
-        }
-        if qos == 2 && self.awaiting_rel.contains(&pkid) {
-            // A resent QoS 2 publish already published: acknowledge again, publish nothing.
-            codec::ack(
-                &mut self.out_buf,
-                self.level,
-                Ack::PubRec,
-                pkid,
-                reason::SUCCESS,
-            );
-            return Ok(());
-        }
-        if topic.starts_with('$') {
-            return self.refuse_publish(
-                qos,
-                pkid,
-                reason::TOPIC_NAME_INVALID,
-                "topics starting with '$' are reserved".into(),
-            );
-        }
-        let channel = match self.state.topics.channel(&topic) {
-            Ok(channel) => channel,
-            Err(error) => {
-                return self.refuse_publish(qos, pkid, reason::TOPIC_NAME_INVALID, error.0);
-            }
-        };
-        if !self.take_publish_token() {
-            return self.refuse_publish(
-                qos,
-                pkid,
-                reason::QUOTA_EXCEEDED,
-                "publications_per_second_per_user".into(),
-            );
-        }
-        let data = publication_data(payload);
-        let subscribed = self.exact.contains_key(channel.as_str());
-        let admitted = match self
-            .state
-            .realtime
-            .admission()
-            .publish(&self.credentials, &channel, data, subscribed, &self.context)
-            .await
-        {
-            Ok(admitted) => admitted,
-            Err(refusal) => {
-                let code = match refusal_reason(&refusal) {
-                    reason::TOPIC_FILTER_INVALID => reason::TOPIC_NAME_INVALID,
-                    code => code,
-                };
-                return self.refuse_publish(qos, pkid, code, refusal.message());
-            }
-        };
-        let mut request = PublishRequest::new(admitted.name.as_str(), admitted.data);
-        request.skip_history = admitted.skip_history;
-        request.info = Some(
-            self.exact
-                .get(admitted.name.as_str())
-                .map_or_else(|| self.info.clone(), |sub| sub.info.clone()),
-        );
-        for (key, value) in user_properties {
-            if key != QOS_TAG {
-                request.tags.insert(key, value);
-            }
-        }
-        if qos < 2 {
-            request.tags.insert(QOS_TAG.into(), qos.to_string());
-        }
-        match self.state.realtime.node.publish(request).await {
-            Ok(_) => {
-                match qos {
-                    1 => codec::ack(
-                        &mut self.out_buf,
-                        self.level,
-                        Ack::PubAck,
-                        pkid,
-                        reason::SUCCESS,
-                    ),
-                    2 => {
-                        self.awaiting_rel.insert(pkid);
-                        codec::ack(
-                            &mut self.out_buf,
-                            self.level,
-                            Ack::PubRec,
-                            pkid,
-                            reason::SUCCESS,
-                        );
-                    }
-                    _ => {}
-                }
-                Ok(())
-            }
-            Err(error) => {
-                let code = match error.code {
-                    ErrorCode::LimitExceeded => reason::PACKET_TOO_LARGE,
-                    ErrorCode::BadRequest | ErrorCode::UnknownChannel => reason::TOPIC_NAME_INVALID,
-                    _ => reason::UNSPECIFIED,
-                };
-                tracing::warn!(error = %error, channel = admitted.name.as_str(), "mqtt: publish failed");
-                self.refuse_publish(qos, pkid, code, error.to_string())
-            }
-        }
-    }
-
-    /// `publications_per_second_per_user`: per user, or per connection when anonymous.
-    fn take_publish_token(&self) -> bool {
-        let who = if self.credentials.user.is_empty() {
-            self.info.client.as_str()
-        } else {
-            self.credentials.user.as_str()
-        };
-        self.state
-            .realtime
-            .publish_rate
-            .try_take(who, Instant::now())
-    }
-
     /// Moves taken frames into the write buffer as PUBLISH packets, while the inflight
     /// window and the buffer have room.
     fn fill_writes(&mut self) {
         while self.out_buf.len() < MAX_WRITE_BUFFER {
             let Some(frame) = self.pending.pop_front() else {
+                // The queue handed its frames over whole; nothing is kept while idle.
+                self.pending = VecDeque::new();
                 return;
             };
             let Some(position) = &frame.position else {
                 continue;
             };
-            let granted = self
-                .state
-                .topics
-                .topic(&position.channel)
-                .and_then(|topic| self.table.read().granted(&position.channel, topic));
+            let Some(topic) = self.state.topics.topic(&position.channel) else {
+                continue;
+            };
+            let granted = self.table.read().granted(&position.channel, topic);
             let Some(granted) = granted else {
                 // Unsubscribed since it was queued.
                 continue;
             };
             let qos = granted.min(codec::template_qos(&frame.bytes));
-            if codec::finished_size(&frame.bytes, qos) > self.client_max_packet {
+            let retained_reply = self.is_retained_reply(position);
+            let (mut extra, keep_retain) = match self.level {
+                Level::V5 => {
+                    let table = self.table.read();
+                    let keep_retain = retained_reply || table.retains_as_published(topic);
+                    (table.subscription_id_properties(topic), keep_retain)
+                }
+                Level::V311 => (BytesMut::new(), retained_reply),
+            };
+            // + a topic alias (3 bytes) and a longer property length (1).
+            if codec::finished_size(&frame.bytes, qos) + extra.len() + 4 > self.client_max_packet {
                 // MQTT 5: a packet larger than the client accepts is not sent (MQTT-3.1.2-25).
                 tracing::debug!(channel = %position.channel, "mqtt: publication larger than the client's maximum packet size; skipped");
                 continue;
@@ -662,7 +612,56 @@ impl Session {
                     qos == 0,
                 );
             }
-            codec::finish_publish(&mut self.out_buf, &frame.bytes, qos, pkid, false);
+            let omit_topic = self.topic_alias_for(&position.channel, &mut extra);
+            let finish = codec::Finish {
+                qos,
+                pkid,
+                dup: false,
+                keep_retain,
+                omit_topic,
+            };
+            codec::finish_publish(&mut self.out_buf, &frame.bytes, &finish, &extra);
+            if retained_reply {
+                self.forget_retained_reply(position);
+            }
+        }
+    }
+
+    /// MQTT 5 topic aliases towards the client (as many as its Topic Alias Maximum, given to
+    /// the first topics delivered): adds the alias of `channel` to `extra`; true when the
+    /// client already knows it, so the topic is left out.
+    fn topic_alias_for(&mut self, channel: &Arc<str>, extra: &mut BytesMut) -> bool {
+        let Some(aliases) = &mut self.out_aliases else {
+            return false;
+        };
+        if let Some(alias) = aliases.by_channel.get(channel) {
+            codec::topic_alias(extra, *alias);
+            return true;
+        }
+        let next = aliases.by_channel.len() + 1;
+        if let Ok(alias) = u16::try_from(next)
+            && alias <= aliases.maximum
+        {
+            aliases.by_channel.insert(channel.clone(), alias);
+            codec::topic_alias(extra, alias);
+        }
+        false
+    }
+
+    /// Whether the frame at `position` is a retained publication sent for a SUBSCRIBE
+    /// (written with RETAIN), rather than a live one.
+    fn is_retained_reply(&self, position: &crate::outbound::FramePosition) -> bool {
+        self.retained_replies
+            .as_ref()
+            .is_some_and(|replies| replies.contains(&(position.channel.clone(), position.offset)))
+    }
+
+    fn forget_retained_reply(&mut self, position: &crate::outbound::FramePosition) {
+        if let Some(replies) = &mut self.retained_replies {
+            replies.remove(&(position.channel.clone(), position.offset));
+            if replies.is_empty() {
+                self.retained_replies = None;
+            }
         }
     }
 
@@ -693,6 +692,7 @@ impl Session {
 
     /// Leaves every subscription, and publishes the will when `will` says so.
     async fn end(mut self, will: bool) {
+        self.leave_shared();
         if let Some(id) = self.pattern.take() {
             self.state.realtime.node.unsubscribe_pattern(id);
         }
@@ -757,15 +757,6 @@ impl Session {
     }
 }
 
-/// An MQTT payload as publication data: JSON when it parses as JSON, bytes otherwise.
-fn publication_data(bytes: bytes::Bytes) -> Payload {
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
-        Payload::Json(bytes)
-    } else {
-        Payload::Binary(bytes)
-    }
-}
-
 /// The MQTT 5 reason for a refused subscription or publication.
 fn refusal_reason(refusal: &Refusal) -> u8 {
     match refusal {
@@ -779,12 +770,5 @@ fn refusal_reason(refusal: &Refusal) -> u8 {
         },
         Refusal::Backend { .. } | Refusal::Disconnect { .. } => reason::NOT_AUTHORIZED,
         Refusal::Unavailable => reason::IMPLEMENTATION_SPECIFIC,
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }

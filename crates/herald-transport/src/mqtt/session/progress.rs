@@ -43,11 +43,22 @@ impl Session {
                 .iter()
                 .map(|(filter, qos)| (filter.as_str().to_owned(), *qos)),
         );
+        subscriptions.extend(
+            table
+                .shared
+                .iter()
+                .map(|(shared, qos)| (shared.text(), *qos)),
+        );
         let expiry_ms = u64::from(persistence.expiry_secs) * 1000;
         SessionDocument {
             expires_at_ms: herald_core::time::now_ms().saturating_add(expiry_ms),
             subscriptions,
             positions: persistence.positions.saved(),
+            subscription_ids: table
+                .subscription_ids
+                .iter()
+                .map(|(filter, id)| (filter.as_str().to_owned(), *id))
+                .collect(),
         }
     }
 
@@ -64,11 +75,11 @@ impl Session {
     }
 
     /// When positions that moved are saved next, if they moved.
-    pub(super) fn next_save(&self) -> Option<tokio::time::Instant> {
+    pub(super) fn next_save(&self) -> Option<Instant> {
         let persistence = self.persistence.as_ref()?;
         persistence
             .positions
             .dirty
-            .then(|| tokio::time::Instant::from_std(persistence.last_save + SAVE_INTERVAL))
+            .then(|| persistence.last_save + SAVE_INTERVAL)
     }
 }

@@ -14,8 +14,9 @@ use herald_core::publication::{ClientInfo, PublicationEvent, StreamPosition};
 use herald_core::store::HistoryQuery;
 
 use super::super::codec::{self, reason};
-use super::super::delivery::PatternSink;
+use super::super::delivery::{PatternSink, expiry_left};
 use super::super::persist::{Positions, SessionDocument};
+use super::super::shared::SharedFilter;
 use super::super::topic::Filter;
 use super::{ExactSub, GrantedExact, Session, refusal_reason};
 use crate::outbound::{Frame, FramePosition};
@@ -86,12 +87,14 @@ impl Session {
         let mut granted = Vec::new();
         let mut lost = Vec::new();
         for (filter, qos) in saved.subscriptions {
+            let subscription_id = saved.subscription_ids.get(&filter).copied();
             let ask = codec::SubscribeAsk {
                 filter,
                 qos,
                 no_local: false,
                 retain_as_published: false,
                 retain_handling: 2,
+                subscription_id,
             };
             match self.subscribe_one(&ask, qos.min(2), true).await {
                 Ok(Some(exact)) => {
@@ -131,6 +134,7 @@ impl Session {
 
     /// Drops every subscription and position (a session that starts over).
     async fn reset(&mut self) {
+        self.leave_shared();
         if let Some(id) = self.pattern.take() {
             self.state.realtime.node.unsubscribe_pattern(id);
         }
@@ -154,11 +158,10 @@ impl Session {
         resume: bool,
     ) -> Result<Option<GrantedExact>, (u8, String)> {
         let text = ask.filter.as_str();
-        if text.starts_with("$share/") {
-            return Err((
-                reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
-                "shared subscriptions are not supported".into(),
-            ));
+        if let Some(shared) = SharedFilter::parse(text) {
+            let shared = shared.map_err(|why| (reason::TOPIC_FILTER_INVALID, why))?;
+            self.subscribe_shared(shared, qos)?;
+            return Ok(None);
         }
         let filter = Filter::parse(text).map_err(|e| (reason::TOPIC_FILTER_INVALID, e.0))?;
         let already = {
@@ -173,15 +176,7 @@ impl Session {
                 Filter::Wildcard(_) => table.wildcards.iter().any(|(f, _)| *f == filter),
             }
         };
-        if !already && self.table.read().len() >= self.state.config.max_subscriptions {
-            return Err((
-                reason::QUOTA_EXCEEDED,
-                format!(
-                    "at most {} subscriptions per connection",
-                    self.state.config.max_subscriptions
-                ),
-            ));
-        }
+        self.room_for_subscription(already)?;
         let granted = match filter {
             Filter::Exact(topic) => {
                 // Retain handling (MQTT 5): 0 always, 1 for a new subscription, 2 never.
@@ -201,6 +196,10 @@ impl Session {
             }
         };
         let mut table = self.table.write();
+        if let Ok(filter) = Filter::parse(text) {
+            table.set_subscription_id(&filter, ask.subscription_id);
+            table.set_retain_as_published(&filter, ask.retain_as_published);
+        }
         if ask.no_local {
             table.no_local.insert(text.to_owned());
         } else {
@@ -248,6 +247,7 @@ impl Session {
                 }
                 false => None,
             };
+            self.note_retained(retained.as_ref());
             return Ok(GrantedExact {
                 channel: admitted.name.as_arc().clone(),
                 last_offset: None,
@@ -288,6 +288,15 @@ impl Session {
         let name = admitted.name.as_arc().clone();
         self.table.write().exact.insert(name.clone(), qos);
         let last_offset = subscribed.last_offset();
+        // A new subscription of a persistent session starts where the channel is: what is
+        // published after it is missed if the device goes away before the first delivery.
+        if resume_point.is_none()
+            && let (Some(persistence), Some(position)) =
+                (&mut self.persistence, subscribed.position.as_ref())
+        {
+            let epoch: Arc<str> = Arc::from(position.epoch.as_str());
+            persistence.positions.sent(&name, &epoch, last_offset, true);
+        }
         let replies = match &resume_point {
             Some((_, _, sent)) => {
                 let epoch: Arc<str> = Arc::from(
@@ -296,17 +305,22 @@ impl Session {
                         .as_ref()
                         .map_or("", |p| p.epoch.as_str()),
                 );
+                let now_ms = herald_core::time::now_ms();
                 subscribed
                     .publications
                     .into_iter()
+                    // Expired while the device was away: not delivered (MQTT-3.3.2-5).
+                    .filter(|publication| expiry_left(publication, now_ms) != Some(0))
                     .map(|publication| self.redelivery(&name, &epoch, topic, publication, *sent))
                     .collect()
             }
-            None if send_retained && !resume => self
-                .retained(&admitted.name, &admitted.options, topic)
-                .await
-                .into_iter()
-                .collect(),
+            None if send_retained && !resume => {
+                let retained = self
+                    .retained(&admitted.name, &admitted.options, topic)
+                    .await;
+                self.note_retained(retained.as_ref());
+                retained.into_iter().collect()
+            }
             None => Vec::new(),
         };
         self.exact.insert(
@@ -354,6 +368,15 @@ impl Session {
         }
     }
 
+    /// Remembers a retained publication queued for a SUBSCRIBE: it is written with RETAIN.
+    fn note_retained(&mut self, frame: Option<&Frame>) {
+        if let Some(position) = frame.and_then(|f| f.position.as_ref()) {
+            self.retained_replies
+                .get_or_insert_with(Default::default)
+                .insert((position.channel.clone(), position.offset));
+        }
+    }
+
     /// The channel's retained publication: its latest, unless that is empty (an empty
     /// retained publish clears it) or the namespace keeps no history.
     async fn retained(
@@ -378,7 +401,9 @@ impl Session {
             }
         };
         let publication = page.publications.into_iter().next()?;
-        if publication.data.is_empty() {
+        if publication.data.is_empty()
+            || expiry_left(&publication, herald_core::time::now_ms()) == Some(0)
+        {
             return None;
         }
         let epoch: Arc<str> = Arc::from(page.position.epoch.as_str());
@@ -393,6 +418,57 @@ impl Session {
             }),
             conflate_key: None,
         })
+    }
+
+    /// `max_subscriptions`: a new filter needs room (one already subscribed is replaced).
+    fn room_for_subscription(&self, already: bool) -> Result<(), (u8, String)> {
+        let max = self.state.config.max_subscriptions;
+        if !already && self.table.read().len() >= max {
+            return Err((
+                reason::QUOTA_EXCEEDED,
+                format!("at most {max} subscriptions per connection"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Joins the group of a shared subscription, admitted like a wildcard filter (once per
+    /// namespace, by its rules alone).
+    fn subscribe_shared(&mut self, shared: SharedFilter, qos: u8) -> Result<(), (u8, String)> {
+        let already = self.table.read().shared.iter().any(|(s, _)| *s == shared);
+        self.room_for_subscription(already)?;
+        let realtime = &self.state.realtime;
+        realtime
+            .admission()
+            .subscribe_pattern(&self.credentials, &self.state.config.namespace)
+            .map_err(|refusal| (refusal_reason(&refusal), refusal.message()))?;
+        self.state
+            .shared
+            .join(
+                &realtime.node,
+                &self.state.topics,
+                &shared,
+                self.connection,
+                &self.outbound,
+                &self.encoder,
+            )
+            .map_err(|why| (reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED, why))?;
+        let mut table = self.table.write();
+        match table.shared.iter_mut().find(|(s, _)| *s == shared) {
+            Some(entry) => entry.1 = qos,
+            None => table.shared.push((shared, qos)),
+        }
+        Ok(())
+    }
+
+    /// Leaves every shared subscription's group (the connection ends).
+    pub(super) fn leave_shared(&mut self) {
+        let shared = std::mem::take(&mut self.table.write().shared);
+        for (shared, _) in shared {
+            self.state
+                .shared
+                .leave(&self.state.realtime.node, &shared, self.connection);
+        }
     }
 
     fn subscribe_wildcard(&mut self, filter: Filter, qos: u8) -> Result<(), (u8, String)> {
@@ -424,6 +500,24 @@ impl Session {
     pub(super) async fn unsubscribe(&mut self, pkid: u16, filters: Vec<String>) {
         let mut codes = Vec::with_capacity(filters.len());
         for text in filters {
+            if let Some(Ok(shared)) = SharedFilter::parse(&text) {
+                let mut table = self.table.write();
+                let before = table.shared.len();
+                table.shared.retain(|(s, _)| *s != shared);
+                let removed = before != table.shared.len();
+                drop(table);
+                if removed {
+                    self.state
+                        .shared
+                        .leave(&self.state.realtime.node, &shared, self.connection);
+                }
+                codes.push(if removed {
+                    reason::SUCCESS
+                } else {
+                    reason::NO_SUBSCRIPTION_EXISTED
+                });
+                continue;
+            }
             let removed = match Filter::parse(&text) {
                 Ok(Filter::Exact(topic)) => match self.state.topics.channel(&topic) {
                     Ok(channel) => self.unsubscribe_exact(&channel).await,
@@ -437,7 +531,13 @@ impl Session {
                 }
                 Err(_) => false,
             };
-            self.table.write().no_local.remove(&text);
+            let mut table = self.table.write();
+            table.no_local.remove(&text);
+            if let Ok(filter) = Filter::parse(&text) {
+                table.set_subscription_id(&filter, None);
+                table.set_retain_as_published(&filter, false);
+            }
+            drop(table);
             codes.push(if removed {
                 reason::SUCCESS
             } else {
@@ -450,6 +550,20 @@ impl Session {
             self.state.realtime.node.unsubscribe_pattern(id);
         }
         codec::unsuback(&mut self.out_buf, self.level, pkid, &codes);
+    }
+
+    /// The server API ended the subscription to `channel` (a channel name as the API got
+    /// it). MQTT has no server-side unsubscribe packet: deliveries stop, and a persistent
+    /// session forgets the topic. Only exact subscriptions are ended; a wildcard filter that
+    /// covers the channel stays.
+    pub(super) async fn unsubscribed_by_server(&mut self, channel: &str) {
+        let Ok((name, _)) = self.state.realtime.node.resolve(channel) else {
+            return;
+        };
+        if self.unsubscribe_exact(name.as_str()).await {
+            tracing::debug!(channel = name.as_str(), client_id = %self.mqtt_client_id, "mqtt: unsubscribed by the server API");
+            self.save_session().await;
+        }
     }
 
     async fn unsubscribe_exact(&mut self, channel: &str) -> bool {

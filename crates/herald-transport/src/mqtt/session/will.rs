@@ -14,7 +14,7 @@ use herald_core::publication::ClientInfo;
 use super::super::MqttState;
 use super::super::codec;
 use super::super::delivery::QOS_TAG;
-use super::publication_data;
+use super::publish::publication_data;
 
 /// Publishes a connection's will message after it is gone, through the same admission path
 /// as its publishes.
