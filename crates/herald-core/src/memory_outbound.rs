@@ -48,6 +48,23 @@ struct Entry {
     updated_at: u64,
 }
 
+impl Entry {
+    /// How an attempt ended: final with its reason, or queued again for `at`.
+    fn end_attempt(&mut self, outcome: Outcome) {
+        let (state, reason) = match outcome {
+            Outcome::Sent { detail } => (JobState::Sent, detail),
+            Outcome::Retry { at, reason } => {
+                self.not_before = at;
+                (JobState::Queued, reason)
+            }
+            Outcome::Failed { reason } => (JobState::Failed, reason),
+            Outcome::Expired { reason } => (JobState::Expired, reason),
+        };
+        self.state = state;
+        self.reason = reason;
+    }
+}
+
 /// A claimable job's place in [`State::claimable`]: kind, when it is due (`not_before`, or
 /// the end of its lease while sending), enqueue order, id.
 type DueKey = (String, u64, u64, String);
@@ -268,25 +285,10 @@ impl OutboundQueue for MemoryOutboundQueue {
                 entry.held = false;
                 entry.attempts = 1;
                 entry.updated_at = now;
-                match done.outcome {
-                    Outcome::Sent { detail } => {
-                        entry.state = JobState::Sent;
-                        entry.reason = detail;
-                    }
-                    Outcome::Retry { at, reason } => {
-                        entry.not_before = at;
-                        entry.reason = reason;
-                        entry.payload = done.payload;
-                    }
-                    Outcome::Failed { reason } => {
-                        entry.state = JobState::Failed;
-                        entry.reason = reason;
-                    }
-                    Outcome::Expired { reason } => {
-                        entry.state = JobState::Expired;
-                        entry.reason = reason;
-                    }
+                if matches!(done.outcome, Outcome::Retry { .. }) {
+                    entry.payload = done.payload;
                 }
+                entry.end_attempt(done.outcome);
             });
         }
         Ok(())
@@ -367,25 +369,7 @@ impl OutboundQueue for MemoryOutboundQueue {
             }
             state.modify(&done.id, |entry| {
                 entry.updated_at = now;
-                match done.outcome {
-                    Outcome::Sent { detail } => {
-                        entry.state = JobState::Sent;
-                        entry.reason = detail;
-                    }
-                    Outcome::Retry { at, reason } => {
-                        entry.state = JobState::Queued;
-                        entry.not_before = at;
-                        entry.reason = reason;
-                    }
-                    Outcome::Failed { reason } => {
-                        entry.state = JobState::Failed;
-                        entry.reason = reason;
-                    }
-                    Outcome::Expired { reason } => {
-                        entry.state = JobState::Expired;
-                        entry.reason = reason;
-                    }
-                }
+                entry.end_attempt(done.outcome);
             });
         }
         Ok(())

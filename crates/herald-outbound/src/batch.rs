@@ -5,9 +5,10 @@
 //! Owns: [`run_members`], the loop every batch kind (`push.<provider>.batch`,
 //! `webhook.batch`) runs; what a member is and how it is sent is the caller's.
 //!
-//! Crash safety: settling in chunks of [`SETTLE_CHUNK`] bounds what a node that dies
-//! mid-batch could send twice (the sends in flight plus one chunk per batch); the batch is
-//! claimed again when its lease runs out and sends only the members still held.
+//! Crash safety: answers are recorded as they come (what finished during one write goes in
+//! the next), and each send's slot is released only once its answer is written, so what a
+//! node that dies mid-batch could send twice is bounded by the slots, as for single jobs; the
+//! batch is claimed again when its lease runs out and sends only the members still held.
 //!
 //! May touch: the queue it is given (held members, settling them).
 
@@ -23,15 +24,15 @@ use herald_core::time::now_ms;
 
 use crate::worker::{JobResult, Retry, outcome_of};
 
-/// Members settled per queue call while a batch is sent.
-pub const SETTLE_CHUNK: usize = 64;
-
 /// Sends the members of a claimed batch that are still held — `members` are `(member job id,
-/// member)` — through `send`, which answers with the member's result and, when that is a retry
-/// or a deferral, the payload the member goes on with as a single job of its kind. Returns
-/// the batch's own result: done with counts, or a retry when the queue could not be read or
+/// member)` — through `send`, which answers with the member's result, the payload the member
+/// goes on with as a single job of its kind when that result is a retry or a deferral, and a
+/// guard (a send slot) kept until the result is recorded. Results are recorded as they come:
+/// whatever finished while the previous write was in flight goes in the next, so the sends not
+/// yet recorded — what a crash could send twice — are those the guards bound. Returns the
+/// batch's own result: done with counts, or a retry when the queue could not be read or
 /// written (the members not settled stay held for the next run).
-pub async fn run_members<M, F, Fut>(
+pub async fn run_members<M, G, F, Fut>(
     queue: &dyn OutboundQueue,
     retry: &Retry,
     expire_at: Option<u64>,
@@ -40,7 +41,7 @@ pub async fn run_members<M, F, Fut>(
 ) -> JobResult
 where
     F: Fn(M) -> Fut,
-    Fut: Future<Output = (JobResult, Bytes)>,
+    Fut: Future<Output = (JobResult, Bytes, Option<G>)>,
 {
     let total = members.len();
     let ids: Vec<String> = members.iter().map(|(id, _)| id.clone()).collect();
@@ -59,46 +60,60 @@ where
         .filter(|(id, _)| held.contains(id))
         .map(|(id, member)| async move {
             if expire_at.is_some_and(|at| at <= now_ms()) {
-                return MemberFinished {
+                let expired = MemberFinished {
                     id,
                     outcome: Outcome::Expired {
                         reason: "expired before it could be sent".to_owned(),
                     },
                     payload: Bytes::new(),
                 };
+                return (expired, None);
             }
-            let (result, payload) = send(member).await;
-            MemberFinished {
+            let (result, payload, guard) = send(member).await;
+            let finished = MemberFinished {
                 id,
                 outcome: outcome_of(1, expire_at, result, retry),
                 payload,
-            }
+            };
+            (finished, guard)
         })
         .collect();
     // Sent, to retry, failed or expired.
     let mut counts = [0usize; 3];
-    let mut settled = Vec::with_capacity(SETTLE_CHUNK);
-    while let Some(done) = sends.next().await {
-        counts[match done.outcome {
-            Outcome::Sent { .. } => 0,
-            Outcome::Retry { .. } => 1,
-            _ => 2,
-        }] += 1;
-        settled.push(done);
-        if settled.len() >= SETTLE_CHUNK
-            && let Err(reason) = settle(queue, std::mem::take(&mut settled)).await
-        {
-            return JobResult::Retry {
-                reason,
-                after: None,
-            };
+    let mut pending: Vec<MemberFinished> = Vec::new();
+    let mut guards: Vec<G> = Vec::new();
+    let mut writing = None;
+    loop {
+        if writing.is_none() && !pending.is_empty() {
+            let batch = std::mem::take(&mut pending);
+            let held_guards = std::mem::take(&mut guards);
+            writing = Some(Box::pin(async move {
+                let result = settle(queue, batch).await;
+                drop(held_guards);
+                result
+            }));
         }
-    }
-    if let Err(reason) = settle(queue, settled).await {
-        return JobResult::Retry {
-            reason,
-            after: None,
-        };
+        tokio::select! {
+            Some((done, guard)) = sends.next(), if !sends.is_empty() => {
+                counts[match done.outcome {
+                    Outcome::Sent { .. } => 0,
+                    Outcome::Retry { .. } => 1,
+                    _ => 2,
+                }] += 1;
+                pending.push(done);
+                guards.extend(guard);
+            }
+            Some(result) = async { match writing.as_mut() {
+                Some(write) => Some(write.await),
+                None => None,
+            } }, if writing.is_some() => {
+                writing = None;
+                if let Err(reason) = result {
+                    return JobResult::Retry { reason, after: None };
+                }
+            }
+            else => break,
+        }
     }
     JobResult::Done {
         detail: format!(

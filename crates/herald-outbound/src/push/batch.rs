@@ -140,6 +140,7 @@ impl JobHandler for BatchHandler {
             batch.expire_at,
             members,
             |member: &Member| async {
+                let slot = self.delivery.slot().await;
                 let result = self
                     .delivery
                     .deliver(
@@ -162,7 +163,7 @@ impl JobHandler for BatchHandler {
                 } else {
                     Bytes::new()
                 };
-                (result, payload)
+                (result, payload, slot)
             },
         )
         .await

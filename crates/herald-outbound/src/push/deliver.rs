@@ -90,6 +90,7 @@ impl JobHandler for DeliveryHandler {
                 };
             }
         };
+        let _slot = self.slot().await;
         self.deliver(
             &job.group,
             &delivery.target,
@@ -101,8 +102,18 @@ impl JobHandler for DeliveryHandler {
 }
 
 impl DeliveryHandler {
+    /// One of the provider's sends in flight (`None` when no slots are shared); a batch keeps
+    /// it until its member's answer is recorded.
+    pub async fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match &self.slots {
+            Some(slots) => slots.clone().acquire_owned().await.ok(),
+            None => None,
+        }
+    }
+
     /// One attempt to hand `notification` (of push `uid`) to `target`, and what follows
-    /// from the answer; failures are told to [`PushEvents`] before this returns. The
+    /// from the answer; failures are told to [`PushEvents`] before this returns. Takes no
+    /// send slot: the caller holds one ([`DeliveryHandler::slot`]). The
     /// `push.<provider>` jobs and the members of `push.<provider>.batch` jobs both come here.
     pub async fn deliver(
         &self,
@@ -139,15 +150,7 @@ impl DeliveryHandler {
                 reason: format!("no {} credentials are configured", self.provider),
             };
         };
-        let sent = {
-            // Batches and single deliveries of a provider share its sends in flight.
-            let _slot = match &self.slots {
-                Some(slots) => slots.acquire().await.ok(),
-                None => None,
-            };
-            sender.send_json(target, notification).await
-        };
-        match sent {
+        match sender.send_json(target, notification).await {
             Ok(sent) => {
                 PushStats::count(&self.stats.sent, self.provider);
                 JobResult::Done {

@@ -127,12 +127,13 @@ impl JobHandler for WebhookBatchHandler {
                     attempt: 1,
                     last_error: String::new(),
                 };
-                let result = self.handler.run(&single).await;
+                let slot = self.handler.slot().await;
+                let result = self.handler.deliver(&single).await;
                 let payload = match result {
                     JobResult::Retry { .. } | JobResult::Defer { .. } => single.payload,
                     _ => Bytes::new(),
                 };
-                (result, payload)
+                (result, payload, slot)
             },
         )
         .await

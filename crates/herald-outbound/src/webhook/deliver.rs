@@ -42,7 +42,7 @@ pub struct WebhookHandler {
     client: reqwest::Client,
     attempts: mpsc::UnboundedSender<AttemptRecord>,
     /// Requests in flight, shared by single deliveries and the members of batches.
-    slots: tokio::sync::Semaphore,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// How one attempt went.
@@ -85,7 +85,7 @@ impl WebhookHandler {
                 service,
                 client,
                 attempts,
-                slots: tokio::sync::Semaphore::new(concurrency.max(1)),
+                slots: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
             },
             log,
         ))
@@ -110,7 +110,6 @@ impl WebhookHandler {
         let timeout = endpoint
             .timeout
             .map_or(self.service.settings.timeout, |t| t.as_duration());
-        let _slot = self.slots.acquire().await.ok();
         let sent = self
             .client
             .post(url)
@@ -233,6 +232,21 @@ impl WebhookHandler {
 #[async_trait]
 impl JobHandler for WebhookHandler {
     async fn run(&self, job: &Job) -> JobResult {
+        let _slot = self.slot().await;
+        self.deliver(job).await
+    }
+}
+
+impl WebhookHandler {
+    /// One of the requests in flight (`None` only if the slots were closed, which they never
+    /// are); a batch keeps it until its member's answer is recorded.
+    pub async fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.clone().acquire_owned().await.ok()
+    }
+
+    /// One attempt of a `webhook` job (or a batch's member as the single job it would have
+    /// been), without taking a slot: the caller holds one.
+    pub async fn deliver(&self, job: &Job) -> JobResult {
         let Some((message, body)) = unframe(&job.payload) else {
             return JobResult::Failed {
                 reason: "unreadable webhook job".into(),
