@@ -421,8 +421,10 @@ class Api:
                 return items
 
     def deliveries(self, uid: str) -> List[Dict[str, Any]]:
-        """The per-recipient rows of push `uid` (not its fan-out job)."""
-        return [s for s in self.statuses(uid=uid) if s["kind"] != "push.fanout"]
+        """The per-recipient rows of push `uid` (not its fan-out job nor its batches, which
+        stand for deliveries that have rows of their own)."""
+        return [s for s in self.statuses(uid=uid)
+                if s["kind"] != "push.fanout" and not s["kind"].endswith(".batch")]
 
     def removals(self) -> List[Dict[str, Any]]:
         items: List[Dict[str, Any]] = []
