@@ -687,3 +687,60 @@ async fn an_endpoint_dropped_from_the_config_file_is_removed_and_api_ones_stay()
     assert!(second.get("keep").is_some_and(|e| e.from_config));
     assert!(second.get("api").is_some_and(|e| !e.from_config));
 }
+
+#[tokio::test]
+async fn events_queued_together_go_as_a_batch_and_a_failed_one_is_retried_on_its_own() {
+    let receiver = Receiver::default();
+    // The first request of the batch fails; the others are accepted.
+    receiver.script(&[(503, None)]);
+    let addr = receiver.start().await;
+    let h = harness(
+        &[endpoint(
+            "b",
+            format!("http://{addr}/hook"),
+            vec![Secret::generate()],
+        )],
+        Options {
+            schedule: vec![Duration::from_millis(50)],
+            ..Options::default()
+        },
+    )
+    .await;
+    let events: Vec<Event> = (1..=3).map(|n| event(n, "c")).collect();
+    assert_eq!(h.service.enqueue(&events).await.expect("enqueue"), 3);
+    until("three deliveries and one retry", || {
+        receiver.seen().len() == 4
+    })
+    .await;
+    let items = statuses_until(&h.queue, of_endpoint("b"), "all settled", |items| {
+        items.iter().filter(|s| s.kind == KIND).count() == 3
+            && items.iter().all(|s| s.state.is_final())
+    })
+    .await;
+    // One batch job stood for the three; each delivery has its own row, all sent.
+    let batches: Vec<_> = items.iter().filter(|s| s.kind == BATCH_KIND).collect();
+    assert_eq!(batches.len(), 1, "{items:?}");
+    let deliveries: Vec<_> = items.iter().filter(|s| s.kind == KIND).collect();
+    assert!(
+        deliveries.iter().all(|s| s.state == JobState::Sent),
+        "{items:?}"
+    );
+    let mut attempts: Vec<u32> = deliveries.iter().map(|s| s.attempts).collect();
+    attempts.sort_unstable();
+    assert_eq!(
+        attempts,
+        vec![1, 1, 2],
+        "the failed one went on as a single job"
+    );
+    // Every event arrived once under its own webhook-id, the retried one twice.
+    let seen = receiver.seen();
+    for e in &events {
+        let id = e.message_id("b");
+        assert!(seen.iter().any(|r| r.id == id), "{id} never arrived");
+    }
+    let retried = &seen[0].id;
+    assert_eq!(seen.iter().filter(|r| &r.id == retried).count(), 2);
+    let log = h.store.attempts(retried).await.expect("attempts");
+    let statuses: Vec<u16> = log.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, vec![503, 200], "both attempts are logged");
+}

@@ -49,12 +49,23 @@ pub struct WebhookMember {
 }
 
 /// The batch job of `jobs` (single `webhook` jobs of one endpoint, not ordered), and its
-/// members, for [`OutboundQueue::enqueue_batch`]; `None` when a body is not JSON (such jobs
-/// stay single).
-pub fn batch_jobs(endpoint: &str, jobs: Vec<NewJob>, now: u64) -> Option<(NewJob, Vec<NewJob>)> {
+/// members, for [`OutboundQueue::enqueue_batch`]; `Err` gives the jobs back when a body is not
+/// JSON (they stay single).
+pub fn batch_jobs(
+    endpoint: &str,
+    jobs: Vec<NewJob>,
+    now: u64,
+) -> Result<(NewJob, Vec<NewJob>), Vec<NewJob>> {
+    match batch_of(endpoint, &jobs, now) {
+        Some(batch) => Ok((batch, jobs)),
+        None => Err(jobs),
+    }
+}
+
+fn batch_of(endpoint: &str, jobs: &[NewJob], now: u64) -> Option<NewJob> {
     let mut members = Vec::with_capacity(jobs.len());
     let mut digest = Sha256::new();
-    for job in &jobs {
+    for job in jobs {
         let (message, body) = super::event::unframe(&job.payload)?;
         let body = std::str::from_utf8(&body).ok()?;
         let body = RawValue::from_string(body.to_owned()).ok()?;
@@ -71,7 +82,7 @@ pub fn batch_jobs(endpoint: &str, jobs: Vec<NewJob>, now: u64) -> Option<(NewJob
         members,
     };
     let payload = serde_json::to_vec(&batch).ok()?;
-    let job = NewJob {
+    Some(NewJob {
         id: format!("batch_{endpoint}_{}", hex::encode(&digest.finalize()[..12])),
         kind: BATCH_KIND.to_owned(),
         group: format!("batch:{endpoint}"),
@@ -80,8 +91,7 @@ pub fn batch_jobs(endpoint: &str, jobs: Vec<NewJob>, now: u64) -> Option<(NewJob
         not_before: now,
         expire_at: None,
         order_key: None,
-    };
-    Some((job, jobs))
+    })
 }
 
 /// Delivers `webhook.batch` jobs.

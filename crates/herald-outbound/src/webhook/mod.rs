@@ -143,9 +143,9 @@ impl WebhookService {
                     jobs.extend(chunk);
                     continue;
                 }
-                match batch::batch_jobs(&endpoint, chunk.clone(), now) {
-                    Some((job, members)) => added += self.queue.enqueue_batch(job, members).await?,
-                    None => jobs.extend(chunk),
+                match batch::batch_jobs(&endpoint, chunk, now) {
+                    Ok((job, members)) => added += self.queue.enqueue_batch(job, members).await?,
+                    Err(chunk) => jobs.extend(chunk),
                 }
             }
         }

@@ -166,29 +166,18 @@ impl PublishObserver for PublicationWebhooks {
             }
         };
         // The publication stands whatever happens here. A queue that is briefly unreachable
-        // (a Redis restart) is waited for, holding the publisher's answer back, so that what
-        // it hears acknowledged has its webhooks queued; past the patience the event's
-        // webhooks are lost, which the log says loudly.
-        let deadline = tokio::time::Instant::now() + ENQUEUE_PATIENCE;
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match self.enqueue(event.clone()).await {
-                Ok(()) => return,
-                Err(QueueError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                Err(error) => {
-                    WebhookStats::add(&self.service.stats.dropped_events, 1);
-                    tracing::error!(channel = published.channel.as_str(), %error, "queueing publication webhooks failed");
-                    return;
-                }
-            }
+        // (a Redis restart) is waited for by the writer, holding the publisher's answer back,
+        // so that what it hears acknowledged has its webhooks queued; past the patience the
+        // event's webhooks are lost, which the log says loudly.
+        if let Err(error) = self.enqueue(event).await {
+            WebhookStats::add(&self.service.stats.dropped_events, 1);
+            tracing::error!(channel = published.channel.as_str(), %error, "queueing publication webhooks failed");
         }
     }
 }
 
-/// Enqueues what waits, in rounds, until nothing does.
+/// Enqueues what waits, in rounds, until nothing does. A round the queue cannot take right
+/// now (unavailable) is tried again for up to [`ENQUEUE_PATIENCE`], once for all its events.
 async fn write_waiting(service: Arc<WebhookService>, waiting: Arc<Mutex<Waiting>>) {
     loop {
         let round = {
@@ -200,7 +189,17 @@ async fn write_waiting(service: Arc<WebhookService>, waiting: Arc<Mutex<Waiting>
             std::mem::take(&mut waiting.events)
         };
         let (events, done): (Vec<Event>, Vec<_>) = round.into_iter().unzip();
-        let result = service.enqueue(&events).await.map(|_| ());
+        let deadline = tokio::time::Instant::now() + ENQUEUE_PATIENCE;
+        let mut delay = Duration::from_millis(50);
+        let result = loop {
+            match service.enqueue(&events).await {
+                Err(QueueError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                other => break other.map(|_| ()),
+            }
+        };
         for done in done {
             let _ = done.send(result.clone());
         }

@@ -340,7 +340,10 @@ impl Session {
             self.state.config.expired_close_delay.as_secs()
         };
         let at = self.credentials.as_ref()?.expires_at?;
-        Some(instant_of_unix(at.saturating_add(grace), now))
+        Some(crate::realtime::instant_of_unix(
+            at.saturating_add(grace),
+            now,
+        ))
     }
 
     /// When the first subscription token runs out, with the same grace: the SDKs send
@@ -352,7 +355,10 @@ impl Session {
             .values()
             .filter_map(|s| s.expires_at)
             .min()?;
-        Some(instant_of_unix(at.saturating_add(grace), now))
+        Some(crate::realtime::instant_of_unix(
+            at.saturating_add(grace),
+            now,
+        ))
     }
 }
 
@@ -364,15 +370,6 @@ fn first_ping(ping_interval: Duration, client_id: &str) -> Duration {
     use std::hash::BuildHasher;
     let spread = std::hash::RandomState::new().hash_one(client_id) % 1000;
     ping_interval / 2 + ping_interval.mul_f64(spread as f64 / 2000.0)
-}
-
-/// The monotonic instant of a Unix time in seconds, given the monotonic `now` (`now` itself
-/// if the time is past, so that a due deadline compares as due).
-fn instant_of_unix(at: u64, now: Instant) -> Instant {
-    let wait_ms = at
-        .saturating_mul(1000)
-        .saturating_sub(herald_core::time::now_ms());
-    now + Duration::from_millis(wait_ms)
 }
 
 #[cfg(test)]
