@@ -1,13 +1,14 @@
 //! Compiles the published `.proto` files (`proto/` at the repository root) into the gRPC
-//! server code (`crate::grpc::proto`, `uniproto`, `streamproto`) with protox, a pure-Rust
+//! server code (`crate::grpc::proto`, `heraldproto`, `uniproto`, `streamproto`) with protox, a pure-Rust
 //! protobuf compiler, so building needs no system `protoc`. Also writes the encoded
 //! descriptor set that server reflection serves.
 
 use std::path::PathBuf;
 
 /// The files with services; their imports come along.
-const SERVICE_FILES: [&str; 3] = [
+const SERVICE_FILES: [&str; 4] = [
     "centrifugo/api.proto",
+    "herald/api.proto",
     "centrifugo/unistream.proto",
     "herald/client_stream.proto",
 ];

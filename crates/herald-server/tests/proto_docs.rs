@@ -14,8 +14,9 @@ use prost_types::{
 };
 
 /// The files with services; what they import is documented too.
-const FILES: [&str; 3] = [
+const FILES: [&str; 4] = [
     "centrifugo/api.proto",
+    "herald/api.proto",
     "centrifugo/unistream.proto",
     "herald/client_stream.proto",
 ];
@@ -119,6 +120,10 @@ fn field_type(field: &FieldDescriptorProto, message: &DescriptorProto, package: 
         Type::Message | Type::Enum | Type::Group => short_type(field.type_name(), package),
         kind => scalar(kind).to_owned(),
     };
+    if field.proto3_optional() {
+        // Presence is tracked: unset differs from the zero value.
+        return format!("optional {base}");
+    }
     if field.label() != Label::Repeated {
         return base;
     }

@@ -23,7 +23,7 @@ fn unsupported(field: &str) -> CallError {
     HeraldError::bad_request(format!("{field} is not supported by Herald")).into()
 }
 
-fn invalid(detail: impl Into<String>) -> CallError {
+pub(super) fn invalid(detail: impl Into<String>) -> CallError {
     CallError::new(Fault::Malformed, ErrorCode::BadRequest, detail)
 }
 
@@ -62,7 +62,7 @@ fn unix_seconds(value: i64, field: &str) -> Result<Option<u64>, CallError> {
     }
 }
 
-fn page_limit(limit: i32) -> Result<u64, CallError> {
+pub(super) fn page_limit(limit: i32) -> Result<u64, CallError> {
     u64::try_from(limit).map_err(|_| invalid("limit must not be negative"))
 }
 
@@ -540,7 +540,7 @@ fn small(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-fn signed(n: u64) -> i64 {
+pub(super) fn signed(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 

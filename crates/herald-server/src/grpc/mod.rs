@@ -1,7 +1,9 @@
 //! The server API over gRPC: Centrifugo's `CentrifugoApi` service (`proto/centrifugo/api.proto`,
 //! package `centrifugal.centrifugo.api`), a thin adapter over the typed API layer
-//! ([`crate::api`]); the server-streaming subscription `CentrifugoUniStream.Consume`
-//! ([`unistream`], `proto/centrifugo/unistream.proto`); the client protocol over a
+//! ([`crate::api`]), and beside it Herald's own methods that service has no rpc for,
+//! `herald.api.HeraldApi` ([`herald_api`], `proto/herald/api.proto`); the server-streaming
+//! subscription `CentrifugoUniStream.Consume` ([`unistream`],
+//! `proto/centrifugo/unistream.proto`); the client protocol over a
 //! bidirectional stream, `herald.stream.ClientStream.Connect` ([`bidi`],
 //! `proto/herald/client_stream.proto`); `grpc.health.v1` health checking and server
 //! reflection.
@@ -23,6 +25,8 @@
 pub mod bidi;
 pub mod codec;
 mod convert;
+mod herald_api;
+mod herald_convert;
 mod service;
 pub mod unistream;
 
@@ -49,6 +53,12 @@ pub mod uniproto {
     tonic::include_proto!("centrifugal.centrifugo.unistream");
 }
 
+/// The code generated from `proto/herald/api.proto`: Herald's own API methods.
+pub mod heraldproto {
+    #![allow(clippy::all, missing_docs, unreachable_pub)]
+    tonic::include_proto!("herald.api");
+}
+
 /// The code generated from `proto/herald/client_stream.proto` (its messages are
 /// [`bidi::raw`]).
 pub mod streamproto {
@@ -58,6 +68,8 @@ pub mod streamproto {
 
 /// The gRPC service name clients and health checks use.
 pub const API_SERVICE: &str = "centrifugal.centrifugo.api.CentrifugoApi";
+/// Herald's own API methods (`push_status`, `device_removals`, `webhook_*`).
+pub const HERALD_API_SERVICE: &str = "herald.api.HeraldApi";
 /// The server-streaming subscription service.
 pub const UNI_STREAM_SERVICE: &str = "centrifugal.centrifugo.unistream.CentrifugoUniStream";
 /// The bidirectional client-protocol stream.
@@ -77,6 +89,10 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
     let limit = state.config.server.max_body_size;
     let realtime = state.realtime.clone();
     let state_for_health = state.clone();
+    let herald_api = heraldproto::herald_api_server::HeraldApiServer::new(
+        herald_api::HeraldApiService::new(state.clone()),
+    )
+    .max_decoding_message_size(limit);
     let api =
         proto::centrifugo_api_server::CentrifugoApiServer::new(service::ApiService::new(state))
             .max_decoding_message_size(limit);
@@ -96,6 +112,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         runtime.spawn(track_readiness(Arc::downgrade(&state_for_health), health));
     }
     let mut routes = tonic::service::Routes::new(api)
+        .add_service(herald_api)
         .add_service(stream)
         .add_service(client_stream)
         .add_service(health_service);
@@ -115,7 +132,13 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
 }
 
 /// The services health checks name (`""` is the server as a whole).
-const HEALTH_SERVICES: [&str; 4] = [API_SERVICE, UNI_STREAM_SERVICE, CLIENT_STREAM_SERVICE, ""];
+const HEALTH_SERVICES: [&str; 5] = [
+    API_SERVICE,
+    HERALD_API_SERVICE,
+    UNI_STREAM_SERVICE,
+    CLIENT_STREAM_SERVICE,
+    "",
+];
 
 /// How often the health statuses are brought in step with readiness.
 const READINESS_POLL: std::time::Duration = std::time::Duration::from_millis(200);

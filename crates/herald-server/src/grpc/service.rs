@@ -80,7 +80,7 @@ impl ApiService {
 }
 
 /// The key in `authorization: apikey <key>` (or `x-api-key: <key>`).
-fn presented_key(metadata: &MetadataMap) -> Option<&str> {
+pub(super) fn presented_key(metadata: &MetadataMap) -> Option<&str> {
     if let Some(key) = metadata.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(key.trim());
     }
@@ -98,7 +98,7 @@ fn batch(request: pb::BatchRequest) -> Result<Request, CallError> {
 }
 
 /// A status code as a metrics label.
-fn code_name(code: tonic::Code) -> &'static str {
+pub(super) fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "ok",
