@@ -131,6 +131,10 @@ pub struct ServerConfig {
     pub connection_rate_per_ip: u32,
     /// Time a client has to send a request's headers (slowloris), and a TLS handshake.
     pub header_read_timeout: HumanDuration,
+    /// HTTP/2 PING to a connection silent this long (gRPC streams, h2 requests); 0: never.
+    pub http2_keepalive_interval: HumanDuration,
+    /// A PING not acknowledged in this time closes the connection (a dead peer).
+    pub http2_keepalive_timeout: HumanDuration,
     /// PEM certificate chain: with `tls_key_file`, the listener speaks HTTPS/WSS only.
     pub tls_cert_file: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `tls_cert_file`.
@@ -156,6 +160,8 @@ impl Default for ServerConfig {
             max_connections_per_ip: 0,
             connection_rate_per_ip: 0,
             header_read_timeout: HumanDuration::from_secs(10),
+            http2_keepalive_interval: HumanDuration::from_secs(30),
+            http2_keepalive_timeout: HumanDuration::from_secs(20),
             tls_cert_file: PathBuf::new(),
             tls_key_file: PathBuf::new(),
             trusted_proxies: Vec::new(),
@@ -423,6 +429,12 @@ impl ServerConfig {
             max_connections_per_ip: self.max_connections_per_ip,
             accepts_per_ip_per_second: self.connection_rate_per_ip,
             header_read_timeout: self.header_read_timeout.as_duration(),
+            http2_keepalive: (!self.http2_keepalive_interval.is_zero()).then(|| {
+                (
+                    self.http2_keepalive_interval.as_duration(),
+                    self.http2_keepalive_timeout.as_duration(),
+                )
+            }),
         }
     }
 }
@@ -548,6 +560,15 @@ impl Config {
                 "server.max_body_size ({}) must be at least server.max_publication_size ({})",
                 self.server.max_body_size, self.server.max_publication_size
             )));
+        }
+        if self.server.http2_keepalive_timeout.is_zero()
+            && !self.server.http2_keepalive_interval.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "server.http2_keepalive_timeout must be above 0 (http2_keepalive_interval = 0 \
+                 turns keep-alive off)"
+                    .into(),
+            ));
         }
         if self.api.keys.iter().any(|k| k.len() < 16) {
             return Err(ConfigError::Invalid(
@@ -761,6 +782,27 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("lisen"), "{text}");
         assert!(text.contains(&file.path().display().to_string()), "{text}");
+    }
+
+    #[test]
+    fn http2_keepalive_defaults_off_switch_and_zero_timeout() {
+        let limits = |text: &str| {
+            Config::load(Some(write(text).path()), &CliOverrides::default())
+                .map(|c| c.server.connection_limits().http2_keepalive)
+        };
+        let (s, d) = (
+            std::time::Duration::from_secs,
+            std::time::Duration::from_millis,
+        );
+        assert_eq!(limits("").expect("default"), Some((s(30), s(20))));
+        let text = "[server]\nhttp2_keepalive_interval = \"500ms\"\nhttp2_keepalive_timeout = 1\n";
+        assert_eq!(limits(text).expect("set"), Some((d(500), s(1))));
+        assert_eq!(
+            limits("[server]\nhttp2_keepalive_interval = 0\n").expect("off"),
+            None
+        );
+        let err = limits("[server]\nhttp2_keepalive_timeout = 0\n").expect_err("zero timeout");
+        assert!(err.to_string().contains("http2_keepalive_timeout"), "{err}");
     }
 
     #[test]

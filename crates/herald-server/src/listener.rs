@@ -1,6 +1,7 @@
 //! Accepting connections: the HTTP server loop (hyper, HTTP/1.1 and HTTP/2, upgrades) with the
 //! limits that must act before any request is parsed — total and per-IP open connections,
-//! new connections per second per IP, and a deadline for a request's headers (slowloris).
+//! new connections per second per IP, and a deadline for a request's headers (slowloris) —
+//! and HTTP/2 keep-alive PINGs, which close a connection whose peer stopped answering.
 //!
 //! A refused connection gets a short HTTP error (`503` when the server is full, `429` with
 //! `Retry-After` for one IP over its share) and is closed. An admitted connection carries its
@@ -55,6 +56,9 @@ pub struct ConnectionLimits {
     /// New connections per second one IP may open (burst: the same number).
     pub accepts_per_ip_per_second: u32,
     pub header_read_timeout: Duration,
+    /// HTTP/2 keep-alive: a PING after this long without a frame from the peer, and the
+    /// connection closed when it is not acknowledged within the second duration.
+    pub http2_keepalive: Option<(Duration, Duration)>,
 }
 
 /// Most IPs whose accept rate is tracked (see [`KeyedLimiter`] for what happens beyond).
@@ -377,6 +381,15 @@ pub async fn serve_connections(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(gate.limits.header_read_timeout);
+    // A dead peer of a long HTTP/2 stream (gRPC, SSE over h2) is found by PINGs it no longer
+    // answers; its streams end and their sessions are released.
+    if let Some((interval, timeout)) = gate.limits.http2_keepalive {
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(interval)
+            .keep_alive_timeout(timeout);
+    }
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

@@ -3,15 +3,18 @@
 webhook methods end to end (an endpoint created over gRPC, a delivery to a local receiver
 listed with its attempts, a failed one replayed), a push's statuses and the device removals
 (compared with the HTTP API's: one layer under both), keys and scopes, a bad argument in the
-`error` field, health and reflection.
+`error` field, health and reflection. Also the listener's HTTP/2 keep-alive: a raw h2 client
+that stops answering PINGs has its connection closed.
 
 One herald is shared by the module: gRPC, push (no provider credentials: a send ends `failed`)
-and webhooks on, and a `read` scoped key.
+and webhooks on, a `read` scoped key, and HTTP/2 keep-alive every second.
 """
 
 from __future__ import annotations
 
 import importlib
+import socket
+import struct
 import sys
 import time
 import uuid
@@ -69,6 +72,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     extra = f"""
 [grpc_api]
 enabled = true
+
+[server]
+http2_keepalive_interval = "1s"
+http2_keepalive_timeout = "1s"
 
 [push]
 enabled = true
@@ -272,3 +279,76 @@ def test_health_and_reflection_name_the_service(stack: Stack) -> None:
     described = database.FindFileContainingSymbol(SERVICE)
     assert described.package == "herald.api"
     assert "WebhookEndpointCreateRequest" in [m.name for m in described.message_type]
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP/2 keep-alive on the listener (server.http2_keepalive_interval / _timeout: 1 s here)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS, PING, GOAWAY = 4, 6, 7
+ACK = 1
+
+
+def frame(kind: int, flags: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", 0) + payload
+
+
+def read_frame(sock: socket.socket) -> Optional[Tuple[int, int, bytes]]:
+    """(type, flags, payload), or None at EOF."""
+    def exactly(n: int) -> Optional[bytes]:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    header = exactly(9)
+    if header is None:
+        return None
+    length = int.from_bytes(header[:3], "big")
+    payload = exactly(length) if length else b""
+    if payload is None:
+        return None
+    return header[3], header[4], payload
+
+
+def h2_connection(stack: Stack, answer_pings: bool, seconds: float) -> Tuple[int, Optional[float], bool]:
+    """A raw h2c connection that acknowledges SETTINGS and (or not) PINGs for up to `seconds`:
+    (PINGs received, seconds until the server closed it or None, whether a GOAWAY came)."""
+    host, port = stack.herald.url.removeprefix("http://").rsplit(":", 1)
+    started = time.monotonic()
+    pings, goaway = 0, False
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(PREFACE + frame(SETTINGS, 0))
+        while time.monotonic() - started < seconds:
+            sock.settimeout(max(0.05, seconds - (time.monotonic() - started)))
+            try:
+                received = read_frame(sock)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                received = None
+            if received is None:
+                return pings, time.monotonic() - started, goaway
+            kind, flags, payload = received
+            if kind == SETTINGS and not flags & ACK:
+                sock.sendall(frame(SETTINGS, ACK))
+            elif kind == PING and not flags & ACK:
+                pings += 1
+                if answer_pings:
+                    sock.sendall(frame(PING, ACK, payload))
+            elif kind == GOAWAY:
+                goaway = True
+    return pings, None, goaway
+
+
+def test_http2_keepalive_closes_a_peer_that_stops_answering_pings(stack: Stack) -> None:
+    pings, closed_after, _ = h2_connection(stack, answer_pings=False, seconds=6)
+    assert pings == 1, "one PING after a second of silence"
+    assert closed_after is not None and closed_after < 4, f"closed after {closed_after}"
+    # A peer that answers stays connected, pinged every second of silence.
+    pings, closed_after, goaway = h2_connection(stack, answer_pings=True, seconds=3.5)
+    assert closed_after is None and not goaway
+    assert pings >= 2
