@@ -28,12 +28,16 @@ use crate::app::AppState;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlCommand {
-    /// Close the user's connections (one, or all but `whitelist`) with `code`.
+    /// Close the user's connections (one, or all but `whitelist`) with `code` and `reason`
+    /// (empty: the code range's).
     Disconnect {
         user: String,
         client: Option<String>,
         whitelist: Vec<String>,
         code: u16,
+        // Absent in messages from nodes that predate it.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
     },
     /// End the user's subscriptions to `channel`.
     Unsubscribe {
@@ -65,9 +69,51 @@ struct ControlMessage {
     command: ControlCommand,
 }
 
-/// The close reason of a server API disconnect code (`None`: force disconnect). Codes from
-/// 3000 to 3499 make clients reconnect, from 3500 to 4999 not.
-pub fn disconnect_reason(code: Option<u16>) -> Result<CloseReason, HeraldError> {
+/// Longest reason a server API `disconnect` may give: what a WebSocket close frame holds.
+pub const MAX_DISCONNECT_REASON: usize = 123;
+
+/// Most distinct custom disconnect reasons a process keeps (see [`custom_reason`]).
+const MAX_CUSTOM_REASONS: usize = 1024;
+
+/// The close reason of a server API disconnect: its code (`None`: force disconnect) and the
+/// reason given (empty: the code range's). Codes from 3000 to 3499 make clients reconnect,
+/// from 3500 to 4999 not.
+pub fn disconnect_reason(code: Option<u16>, reason: &str) -> Result<CloseReason, HeraldError> {
+    if reason.len() > MAX_DISCONNECT_REASON {
+        return Err(HeraldError::bad_request(format!(
+            "disconnect.reason is longer than {MAX_DISCONNECT_REASON} bytes"
+        )));
+    }
+    let fixed = fixed_disconnect_reason(code)?;
+    Ok(CloseReason {
+        code: fixed.code,
+        reason: custom_reason(reason, fixed.reason),
+    })
+}
+
+/// `reason` as the `&'static str` every connection's close state holds (a [`CloseReason`] is
+/// copied into each queue it closes): the texts given to `disconnect` are kept for the
+/// process's life, each once, at most [`MAX_CUSTOM_REASONS`] of them (≤ 126 KiB); past that
+/// a new text falls back to `fixed`, the code range's reason. Empty: `fixed`.
+fn custom_reason(reason: &str, fixed: &'static str) -> &'static str {
+    static KEPT: std::sync::LazyLock<parking_lot::Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::LazyLock::new(Default::default);
+    if reason.is_empty() || reason == fixed {
+        return fixed;
+    }
+    let mut kept = KEPT.lock();
+    if let Some(known) = kept.get(reason) {
+        return known;
+    }
+    if kept.len() >= MAX_CUSTOM_REASONS {
+        return fixed;
+    }
+    let leaked: &'static str = Box::leak(reason.to_owned().into_boxed_str());
+    kept.insert(leaked);
+    leaked
+}
+
+fn fixed_disconnect_reason(code: Option<u16>) -> Result<CloseReason, HeraldError> {
     match code {
         None => Ok(CloseReason::FORCE_DISCONNECT),
         Some(code @ 3000..=3499) => Ok(CloseReason {
@@ -93,8 +139,9 @@ pub fn apply(state: &AppState, command: &ControlCommand) -> Result<(), HeraldErr
             client,
             whitelist,
             code,
+            reason,
         } => {
-            let reason = disconnect_reason(Some(*code))?;
+            let reason = disconnect_reason(Some(*code), reason)?;
             let closed =
                 state
                     .realtime
@@ -368,12 +415,34 @@ mod tests {
 
     #[test]
     fn disconnect_codes_outside_the_range_are_refused() {
-        assert_eq!(disconnect_reason(None).map(|r| r.code), Ok(3503));
+        assert_eq!(disconnect_reason(None, "").map(|r| r.code), Ok(3503));
         assert_eq!(
-            disconnect_reason(Some(3001)).map(|r| r.reason),
+            disconnect_reason(Some(3001), "").map(|r| r.reason),
             Ok("force reconnect")
         );
-        assert!(disconnect_reason(Some(2999)).is_err());
-        assert!(disconnect_reason(Some(5000)).is_err());
+        assert!(disconnect_reason(Some(2999), "").is_err());
+        assert!(disconnect_reason(Some(5000), "moved").is_err());
+    }
+
+    #[test]
+    fn a_given_reason_is_kept_once_and_bounded_in_length() {
+        let moved = disconnect_reason(Some(4000), "moved").expect("reason");
+        assert_eq!((moved.code, moved.reason), (4000, "moved"));
+        let again = disconnect_reason(Some(3000), "moved").expect("reason");
+        assert!(std::ptr::eq(moved.reason, again.reason), "kept once");
+        assert_eq!(
+            disconnect_reason(None, "bye").map(|r| (r.code, r.reason)),
+            Ok((3503, "bye"))
+        );
+        let longest = "x".repeat(MAX_DISCONNECT_REASON);
+        assert!(disconnect_reason(None, &longest).is_ok());
+        assert!(disconnect_reason(None, &format!("{longest}y")).is_err());
+    }
+
+    #[test]
+    fn disconnect_without_a_reason_decodes_from_older_nodes() {
+        let old = r#"{"op":"disconnect","user":"u","client":null,"whitelist":[],"code":3503}"#;
+        let command: ControlCommand = serde_json::from_str(old).expect("decode");
+        assert!(matches!(command, ControlCommand::Disconnect { reason, .. } if reason.is_empty()));
     }
 }

@@ -868,6 +868,10 @@ async fn the_server_api_disconnects_and_unsubscribes_users() {
     // Bad input: no user, a code out of range (API errors: 200 with the code, as cent
     // expects), an unknown field (a malformed request: 400), an unknown channel.
     server.err("disconnect", json!({}), 200, 107).await;
+    // A reason longer than a WebSocket close frame holds.
+    let long = "x".repeat(124);
+    let params = json!({"user": "bob", "disconnect": {"code": 3000, "reason": long}});
+    server.err("disconnect", params, 200, 107).await;
     server
         .err(
             "disconnect",

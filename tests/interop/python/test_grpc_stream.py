@@ -350,7 +350,7 @@ def test_recovers_after_a_forced_disconnect_without_loss_or_repeat(stack: Stack)
     last = conn.pushes.get(timeout=1)
     while not last.HasField("disconnect"):
         last = conn.pushes.get(timeout=1)
-    assert last.disconnect.code == 4000
+    assert (last.disconnect.code, last.disconnect.reason) == (4000, "moved")
     for i in range(3, 6):
         stack.api("publish", {"channel": ch, "data": i})
     again, _ = stack.connect(user)

@@ -114,6 +114,7 @@ def test_recovers_after_a_forced_disconnect_without_loss_or_repeat(stack: Stack)
     stack.api("disconnect", {"user": user, "disconnect": {"code": 4000, "reason": "moved"}})
     last = next_push(stream)
     assert last.HasField("disconnect") and last.disconnect.code == 4000, last
+    assert last.disconnect.reason == "moved", "the reason given to the server API"
     assert list(stream) == []
     # Missed while away.
     for i in range(3, 6):

@@ -47,13 +47,17 @@ fn require_push_if_asked(state: &AppState, asked: bool) -> Result<(), HeraldErro
 
 pub async fn disconnect(state: &AppState, params: DisconnectParams) -> Result<Reply, HeraldError> {
     require_user(&params.user)?;
-    let code = params.disconnect.map(|d| d.code);
-    let reason = disconnect_reason(code)?;
+    let (code, given) = match params.disconnect {
+        Some(d) => (Some(d.code), d.reason),
+        None => (None, String::new()),
+    };
+    let reason = disconnect_reason(code, &given)?;
     let command = ControlCommand::Disconnect {
         user: params.user,
         client: params.client,
         whitelist: params.whitelist,
         code: reason.code,
+        reason: given,
     };
     apply_everywhere(state, command).await?;
     Ok(Reply::Empty(EmptyResult {}))

@@ -112,7 +112,8 @@ pub struct DisconnectParams {
 pub struct DisconnectCode {
     #[serde(deserialize_with = "integer::required")]
     pub code: u16,
-    /// Accepted for compatibility; the close frame carries a fixed reason for the code range.
+    /// The reason the connections are closed with (WebSocket close frame, the disconnect
+    /// push of the other transports); empty: the code range's. At most 123 bytes.
     #[serde(default)]
     pub reason: String,
 }

@@ -217,7 +217,8 @@ impl Close {
             CloseReason::SHUTDOWN => reason::SERVER_SHUTTING_DOWN,
             CloseReason::SLOW => reason::QUOTA_EXCEEDED,
             CloseReason::EXPIRED => reason::MAXIMUM_CONNECT_TIME,
-            CloseReason::FORCE_DISCONNECT => reason::ADMINISTRATIVE_ACTION,
+            // By code: a server API disconnect may carry its own reason text.
+            _ if close.code == CloseReason::FORCE_DISCONNECT.code => reason::ADMINISTRATIVE_ACTION,
             TAKEN_OVER => reason::SESSION_TAKEN_OVER,
             CloseReason::CONNECTION_CLOSED => return Self::by_client(),
             _ => reason::UNSPECIFIED,
