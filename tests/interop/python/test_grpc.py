@@ -41,8 +41,9 @@ MAX_BODY = 256 * 1024  # server.max_body_size below
 SERVICE = "centrifugal.centrifugo.api.CentrifugoApi"
 
 
-def compile_stubs(out: Path) -> Tuple[Any, Any]:
-    """`api_pb2`, `api_pb2_grpc` from proto/ with grpcio-tools' bundled protoc."""
+def compile_stubs(out: Path, proto: str = "centrifugo/api.proto") -> Tuple[Any, Any]:
+    """The messages and stubs of `proto` (`centrifugo.api_pb2`, `centrifugo.api_pb2_grpc` by
+    default) from proto/ with grpcio-tools' bundled protoc."""
     from grpc_tools import protoc
 
     include = Path(protoc.__file__).parent / "_proto"
@@ -53,12 +54,13 @@ def compile_stubs(out: Path) -> Tuple[Any, Any]:
             f"-I{include}",
             f"--python_out={out}",
             f"--grpc_python_out={out}",
-            "centrifugo/api.proto",
+            proto,
         ]
     )
-    assert code == 0, "protoc failed on proto/centrifugo/api.proto"
+    assert code == 0, f"protoc failed on proto/{proto}"
     sys.path.insert(0, str(out))
-    return importlib.import_module("centrifugo.api_pb2"), importlib.import_module("centrifugo.api_pb2_grpc")
+    module = proto.removesuffix(".proto").replace("/", ".")
+    return importlib.import_module(f"{module}_pb2"), importlib.import_module(f"{module}_pb2_grpc")
 
 
 class Stack:

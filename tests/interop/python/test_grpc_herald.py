@@ -12,13 +12,10 @@ and webhooks on, a `read` scoped key, and HTTP/2 keep-alive every second.
 
 from __future__ import annotations
 
-import importlib
 import socket
 import struct
-import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 import grpc
@@ -26,25 +23,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from conftest import REPO, HeraldInstance, random_token
+from conftest import HeraldInstance, random_token
 from push_fixtures import Api
+from test_grpc import compile_stubs
 from test_webhooks import Receiver
 
 BAD_REQUEST = 107
 SERVICE = "herald.api.HeraldApi"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-
-def compile_stubs(out: Path) -> Tuple[Any, Any]:
-    """`herald.api_pb2`, `herald.api_pb2_grpc` from proto/ with grpcio-tools' bundled protoc."""
-    from grpc_tools import protoc
-
-    include = Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"-I{REPO / 'proto'}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}",
-            "herald/api.proto"]
-    assert protoc.main(args) == 0, "protoc failed on proto/herald/api.proto"
-    sys.path.insert(0, str(out))
-    return importlib.import_module("herald.api_pb2"), importlib.import_module("herald.api_pb2_grpc")
 
 
 class Stack:
@@ -67,7 +53,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    pb, pb_grpc = compile_stubs(tmp_path_factory.mktemp("stubs"))
+    pb, pb_grpc = compile_stubs(tmp_path_factory.mktemp("stubs"), "herald/api.proto")
     read_key = random_token(32)
     extra = f"""
 [grpc_api]
