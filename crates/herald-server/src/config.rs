@@ -785,27 +785,6 @@ mod tests {
     }
 
     #[test]
-    fn http2_keepalive_defaults_off_switch_and_zero_timeout() {
-        let limits = |text: &str| {
-            Config::load(Some(write(text).path()), &CliOverrides::default())
-                .map(|c| c.server.connection_limits().http2_keepalive)
-        };
-        let (s, d) = (
-            std::time::Duration::from_secs,
-            std::time::Duration::from_millis,
-        );
-        assert_eq!(limits("").expect("default"), Some((s(30), s(20))));
-        let text = "[server]\nhttp2_keepalive_interval = \"500ms\"\nhttp2_keepalive_timeout = 1\n";
-        assert_eq!(limits(text).expect("set"), Some((d(500), s(1))));
-        assert_eq!(
-            limits("[server]\nhttp2_keepalive_interval = 0\n").expect("off"),
-            None
-        );
-        let err = limits("[server]\nhttp2_keepalive_timeout = 0\n").expect_err("zero timeout");
-        assert!(err.to_string().contains("http2_keepalive_timeout"), "{err}");
-    }
-
-    #[test]
     fn unknown_namespace_option_is_rejected() {
         let file = write("[[namespaces]]\nname = \"chat\"\nhistroy_size = 5\n");
         let err = Config::load(Some(file.path()), &CliOverrides::default()).expect_err("typo");

@@ -473,6 +473,29 @@ pub async fn serve_connections(
 mod tests {
     use super::*;
 
+    /// `[server] http2_keepalive_*` as the listener gets them.
+    #[test]
+    fn http2_keepalive_defaults_off_switch_and_zero_timeout() {
+        use crate::config::{CliOverrides, Config};
+        let limits = |text: &str| {
+            let file = tempfile::Builder::new()
+                .suffix(".toml")
+                .tempfile()
+                .expect("temp file");
+            std::fs::write(file.path(), text).expect("write");
+            Config::load(Some(file.path()), &CliOverrides::default())
+                .map(|c| c.server.connection_limits().http2_keepalive)
+        };
+        let (s, ms) = (Duration::from_secs, Duration::from_millis);
+        assert_eq!(limits("").expect("default"), Some((s(30), s(20))));
+        let text = "[server]\nhttp2_keepalive_interval = \"500ms\"\nhttp2_keepalive_timeout = 1\n";
+        assert_eq!(limits(text).expect("set"), Some((ms(500), s(1))));
+        let off = limits("[server]\nhttp2_keepalive_interval = 0\n").expect("off");
+        assert_eq!(off, None);
+        let err = limits("[server]\nhttp2_keepalive_timeout = 0\n").expect_err("zero timeout");
+        assert!(err.to_string().contains("http2_keepalive_timeout"), "{err}");
+    }
+
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([127, 0, 0, last])
     }
