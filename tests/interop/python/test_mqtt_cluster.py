@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Tuple
 
 import conftest
 import redis
-from test_mqtt import MQTT_CONFIG, WAIT, Device, api, codes, mint_token, start, unique
+from test_mqtt import MQTT_CONFIG, WAIT, Device, Mqtt, api, codes, mint_token, start, unique
 
 REDIS_URL = "redis://127.0.0.1:6379"
 
@@ -38,7 +38,8 @@ prefix = "{prefix}"
     return start(instance)
 
 
-def test_a_device_whose_node_is_killed_resumes_on_another_node(herald_factory: Any) -> None:
+def two_nodes(herald_factory: Any) -> Tuple[Any, Any, str]:
+    """Nodes A and B on the shared Redis under a new prefix, once they see each other."""
     prefix = f"herald-mqtt-cluster-{uuid.uuid4().hex[:8]}"
     node_a = cluster_node(herald_factory, "node-a", prefix)
     node_b = cluster_node(herald_factory, "node-b", prefix, like=node_a)
@@ -46,6 +47,52 @@ def test_a_device_whose_node_is_killed_resumes_on_another_node(herald_factory: A
     while sorted(n["name"] for n in api(node_b, "info", {})["nodes"]) != ["node-a", "node-b"]:
         assert time.monotonic() < deadline, "the nodes did not find each other through Redis"
         time.sleep(0.1)
+    return node_a, node_b, prefix
+
+
+def drop_prefix(prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+
+
+def test_a_wildcard_subscriber_gets_what_other_nodes_publish(herald_factory: Any) -> None:
+    node_a, node_b, prefix = two_nodes(herald_factory)
+    token = mint_token(node_a.hmac_secret, unique("u"))
+    base = unique("plant/")
+    sub = Mqtt(node_b, 5, token).connected()
+    # Overlapping interests on B: `#`, an exact topic it also covers; one delivery each.
+    both = Mqtt(node_b, 5, token).connected()
+    pub = Mqtt(node_a, 5, token).connected()
+    try:
+        assert codes(sub.subscribe((f"{base}/+/c", 1))) == [1]
+        assert codes(both.subscribe(("#", 1), (f"{base}/x/c", 1))) == [1, 1]
+        # The SUBACK came after B receives the prefix from every node: no sleep needed.
+        pub.publish(f"{base}/x/c", b'{"via":"mqtt"}', 1)
+        api(node_a, "publish", {"channel": f"mqtt:{base}/y/c", "data": {"via": "http"}})
+        pub.publish(f"{base}/x/d", b'{"via":"other"}', 1)
+        got = sorted((m.topic, json.loads(m.payload)["via"]) for m in (sub.take("1"), sub.take("2")))
+        assert got == [(f"{base}/x/c", "mqtt"), (f"{base}/y/c", "http")]
+        got = sorted(json.loads(both.take(f"{n}").payload)["via"] for n in range(3))
+        assert got == ["http", "mqtt", "other"]
+        sub.nothing_more()
+        both.nothing_more(0.1)
+        # After UNSUBSCRIBE, nothing more.
+        sub.client.unsubscribe(f"{base}/+/c")
+        time.sleep(0.3)
+        api(node_a, "publish", {"channel": f"mqtt:{base}/z/c", "data": {"via": "late"}})
+        assert json.loads(both.take("late").payload)["via"] == "late"
+        sub.nothing_more()
+    finally:
+        for client in (sub, both, pub):
+            client.close()
+        assert node_a.stop() == 0
+        assert node_b.stop() == 0
+        drop_prefix(prefix)
+
+
+def test_a_device_whose_node_is_killed_resumes_on_another_node(herald_factory: Any) -> None:
+    node_a, node_b, prefix = two_nodes(herald_factory)
     token = mint_token(node_a.hmac_secret, unique("u"))
     client_id = unique("device-")
     topic = unique("fleet/") + "/cmd"
@@ -77,6 +124,4 @@ def test_a_device_whose_node_is_killed_resumes_on_another_node(herald_factory: A
     finally:
         device.close()
         assert node_b.stop() == 0
-        client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(f"{prefix}*"):
-            client.delete(key)
+        drop_prefix(prefix)

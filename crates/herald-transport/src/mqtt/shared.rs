@@ -130,9 +130,10 @@ impl SharedGroups {
                     members: RwLock::new(Vec::new()),
                     next: AtomicUsize::new(0),
                 });
-                let id = node
-                    .subscribe_pattern(group.clone())
-                    .map_err(|e| e.to_string())?;
+                if !node.hub().sees_every_channel() {
+                    return Err("shared subscriptions need a single-node engine".into());
+                }
+                let id = node.subscribe_pattern(group.clone());
                 groups.insert(shared.clone(), (group.clone(), id));
                 group
             }

@@ -29,7 +29,7 @@ use bytes::{Buf, BytesMut};
 use herald_core::admission::Refusal;
 use herald_core::auth::Credentials;
 use herald_core::channel::ChannelName;
-use herald_core::hub::SubscriberId;
+use herald_core::hub::{PrefixHold, SubscriberId};
 use herald_core::namespace::NamespaceOptions;
 use herald_core::proxy::ProxyContext;
 use herald_core::publication::ClientInfo;
@@ -44,6 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use super::codec::{self, Ack, ConnAckProperties, Connect, DecodeError, Level, Packet, reason};
 use super::delivery::{MqttEncoder, Table};
 use super::persist::{self, Positions};
+use super::topic::Filter;
 use super::{MqttState, TAKEN_OVER};
 use crate::outbound::{CloseReason, Frame, Outbound};
 use crate::registry::{ControlMessage, Inbox};
@@ -280,6 +281,9 @@ struct Session {
     table: Arc<RwLock<Table>>,
     exact: HashMap<Arc<str>, ExactSub>,
     pattern: Option<SubscriberId>,
+    /// What each wildcard filter needs this node to receive from the cluster
+    /// ([`herald_core::Node::want_prefix`]); released with the filter.
+    prefix_holds: Vec<(Filter, PrefixHold)>,
     inflight: HashMap<u16, InFlight>,
     next_pkid: u16,
     receive_maximum: usize,

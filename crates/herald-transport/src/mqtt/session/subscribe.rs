@@ -143,6 +143,7 @@ impl Session {
             self.unsubscribe_exact(&channel).await;
         }
         self.table.write().wildcards.clear();
+        self.prefix_holds.clear();
         if let Some(persistence) = &mut self.persistence {
             persistence.positions = Positions::default();
             persistence.positions.dirty = true;
@@ -191,7 +192,7 @@ impl Session {
                 Some(granted)
             }
             Filter::Wildcard(_) => {
-                self.subscribe_wildcard(filter, qos)?;
+                self.subscribe_wildcard(filter, qos).await?;
                 None
             }
         };
@@ -471,23 +472,30 @@ impl Session {
         }
     }
 
-    fn subscribe_wildcard(&mut self, filter: Filter, qos: u8) -> Result<(), (u8, String)> {
-        let realtime = &self.state.realtime;
+    /// Subscribes a wildcard filter: admitted as a pattern, and (in a cluster) its channels
+    /// reach this node from every node before the SUBACK.
+    async fn subscribe_wildcard(&mut self, filter: Filter, qos: u8) -> Result<(), (u8, String)> {
+        let realtime = self.state.realtime.clone();
         realtime
             .admission()
             .subscribe_pattern(&self.credentials, &self.state.config.namespace)
             .map_err(|refusal| (refusal_reason(&refusal), refusal.message()))?;
+        if !self.prefix_holds.iter().any(|(f, _)| *f == filter) {
+            let prefix = self.state.topics.channel_prefix(&filter);
+            let hold = realtime
+                .node
+                .want_prefix(&prefix)
+                .await
+                .map_err(|e| (reason::UNSPECIFIED, e.to_string()))?;
+            self.prefix_holds.push((filter.clone(), hold));
+        }
         if self.pattern.is_none() {
             let sink = Arc::new(PatternSink {
                 table: self.table.clone(),
                 outbound: self.outbound.clone(),
                 encoder: self.encoder.clone(),
             });
-            let id = realtime
-                .node
-                .subscribe_pattern(sink)
-                .map_err(|e| (reason::WILDCARDS_NOT_SUPPORTED, e.to_string()))?;
-            self.pattern = Some(id);
+            self.pattern = Some(realtime.node.subscribe_pattern(sink));
         }
         let mut table = self.table.write();
         match table.wildcards.iter_mut().find(|(f, _)| *f == filter) {
@@ -527,6 +535,7 @@ impl Session {
                     let mut table = self.table.write();
                     let before = table.wildcards.len();
                     table.wildcards.retain(|(f, _)| *f != filter);
+                    self.prefix_holds.retain(|(f, _)| *f != filter);
                     before != table.wildcards.len()
                 }
                 Err(_) => false,
