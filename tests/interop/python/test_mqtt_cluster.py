@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 import conftest
 import redis
@@ -124,4 +124,57 @@ def test_a_device_whose_node_is_killed_resumes_on_another_node(herald_factory: A
     finally:
         device.close()
         assert node_b.stop() == 0
+        drop_prefix(prefix)
+
+
+def drain(client: Mqtt) -> List[int]:
+    """Every `n` the client has received so far."""
+    got = []
+    while not client.messages.empty():
+        got.append(json.loads(client.messages.get().payload)["n"])
+    return got
+
+
+def test_a_shared_group_across_nodes_gets_each_publication_once(herald_factory: Any) -> None:
+    node_a, node_b, prefix = two_nodes(herald_factory)
+    token = mint_token(node_a.hmac_secret, unique("u"))
+    base = unique("jobs/")
+    group = f"$share/workers/{base}/+"
+    on_a = Mqtt(node_a, 5, token).connected()
+    on_b = Mqtt(node_b, 5, token).connected()
+    try:
+        assert codes(on_a.subscribe((group, 1))) == [1]
+        assert codes(on_b.subscribe((group, 1))) == [1]
+        # Every node reads the others' groups once a second: wait until both know both.
+        time.sleep(1.5)
+        sent = list(range(40))
+        for n in sent:
+            api(node_a, "publish", {"channel": f"mqtt:{base}/{n % 4}", "data": {"n": n}})
+        deadline = time.monotonic() + WAIT
+        got_a: List[int] = []
+        got_b: List[int] = []
+        while len(got_a) + len(got_b) < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            got_a += drain(on_a)
+            got_b += drain(on_b)
+        time.sleep(0.3)
+        got_a += drain(on_a)
+        got_b += drain(on_b)
+        assert sorted(got_a + got_b) == sent, "each publication once, to one member of the group"
+        assert got_a and got_b, f"both members get some: {len(got_a)} / {len(got_b)}"
+        # Node B dies without a word: after the membership TTL (3 s) and a read (1 s), node A
+        # delivers everything to its member.
+        node_b.process.proc.kill()
+        node_b.process.proc.wait()
+        on_b.client.loop_stop()
+        time.sleep(4.5)
+        later = list(range(100, 120))
+        for n in later:
+            api(node_a, "publish", {"channel": f"mqtt:{base}/{n % 4}", "data": {"n": n}})
+        got = sorted(json.loads(on_a.take(f"after the kill {i}").payload)["n"] for i in range(len(later)))
+        assert got == later
+        on_a.nothing_more(0.3)
+    finally:
+        on_a.close()
+        assert node_a.stop() == 0
         drop_prefix(prefix)

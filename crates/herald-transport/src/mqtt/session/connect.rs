@@ -119,7 +119,8 @@ impl Session {
             }
             None => None,
         };
-        let shared_available = realtime.node.hub().sees_every_channel();
+        let shared_available =
+            realtime.node.hub().sees_every_channel() || state.shared.membership().is_some();
         let table = Arc::new(RwLock::new(Table::default()));
         let encoder = Arc::new(MqttEncoder {
             level,

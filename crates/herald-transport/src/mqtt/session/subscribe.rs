@@ -16,7 +16,7 @@ use herald_core::store::HistoryQuery;
 use super::super::codec::{self, reason};
 use super::super::delivery::{PatternSink, expiry_left};
 use super::super::persist::{Positions, SessionDocument};
-use super::super::shared::SharedFilter;
+use super::super::shared::{Member, SharedFilter};
 use super::super::topic::Filter;
 use super::{ExactSub, GrantedExact, Session, refusal_reason};
 use crate::outbound::{Frame, FramePosition};
@@ -161,7 +161,7 @@ impl Session {
         let text = ask.filter.as_str();
         if let Some(shared) = SharedFilter::parse(text) {
             let shared = shared.map_err(|why| (reason::TOPIC_FILTER_INVALID, why))?;
-            self.subscribe_shared(shared, qos)?;
+            self.subscribe_shared(shared, qos).await?;
             return Ok(None);
         }
         let filter = Filter::parse(text).map_err(|e| (reason::TOPIC_FILTER_INVALID, e.0))?;
@@ -435,7 +435,11 @@ impl Session {
 
     /// Joins the group of a shared subscription, admitted like a wildcard filter (once per
     /// namespace, by its rules alone).
-    fn subscribe_shared(&mut self, shared: SharedFilter, qos: u8) -> Result<(), (u8, String)> {
+    async fn subscribe_shared(
+        &mut self,
+        shared: SharedFilter,
+        qos: u8,
+    ) -> Result<(), (u8, String)> {
         let already = self.table.read().shared.iter().any(|(s, _)| *s == shared);
         self.room_for_subscription(already)?;
         let realtime = &self.state.realtime;
@@ -449,10 +453,13 @@ impl Session {
                 &realtime.node,
                 &self.state.topics,
                 &shared,
-                self.connection,
-                &self.outbound,
-                &self.encoder,
+                Member {
+                    connection: self.connection,
+                    outbound: self.outbound.clone(),
+                    encoder: self.encoder.clone(),
+                },
             )
+            .await
             .map_err(|why| (reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED, why))?;
         let mut table = self.table.write();
         match table.shared.iter_mut().find(|(s, _)| *s == shared) {
