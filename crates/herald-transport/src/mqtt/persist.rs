@@ -39,6 +39,9 @@ pub struct SessionDocument {
     /// MQTT 5 subscription identifiers, by filter.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub subscription_ids: BTreeMap<String, u32>,
+    /// Filters subscribed with MQTT 5 no-local.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub no_local: BTreeSet<String>,
 }
 
 /// A channel's position in a saved session.
@@ -288,6 +291,7 @@ mod tests {
                 },
             )]),
             subscription_ids: BTreeMap::from([("a/+".into(), 7)]),
+            no_local: BTreeSet::from(["a/+".to_owned()]),
         };
         save(&store, &key, &document).await;
         assert_eq!(load(&store, &key, 999).await, Some(document));

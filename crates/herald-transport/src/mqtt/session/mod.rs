@@ -544,6 +544,20 @@ impl Session {
         Ok(())
     }
 
+    /// A persistent session's position moves past a delivery that was written (`done`: at
+    /// QoS 0, or not written because it expired). Positions are kept for exact topics only:
+    /// they are what a session recovers, and a `#` subscriber would otherwise save a
+    /// position for every channel.
+    fn note_sent(&mut self, position: &crate::outbound::FramePosition, done: bool) {
+        if let Some(persistence) = &mut self.persistence
+            && self.exact.contains_key(&position.channel)
+        {
+            persistence
+                .positions
+                .sent(&position.channel, &position.epoch, position.offset, done);
+        }
+    }
+
     /// Moves taken frames into the write buffer as PUBLISH packets, while the inflight
     /// window and the buffer have room.
     fn fill_writes(&mut self) {
@@ -564,6 +578,13 @@ impl Session {
                 // Unsubscribed since it was queued.
                 continue;
             };
+            let now_ms = herald_core::time::now_ms();
+            if frame.expires_at_ms != 0 && frame.expires_at_ms <= now_ms {
+                // Expired while it waited in the queue (MQTT-3.3.2-5): not written, and
+                // nothing to redeliver.
+                self.note_sent(position, true);
+                continue;
+            }
             let qos = granted.min(codec::template_qos(&frame.bytes));
             let retained_reply = self.is_retained_reply(position);
             let (mut extra, keep_retain) = match self.level {
@@ -604,18 +625,7 @@ impl Session {
                 );
                 pkid
             };
-            // Positions are kept for exact topics only: they are what a session recovers,
-            // and a `#` subscriber would otherwise save a position for every channel.
-            if let Some(persistence) = &mut self.persistence
-                && self.exact.contains_key(&position.channel)
-            {
-                persistence.positions.sent(
-                    &position.channel,
-                    &position.epoch,
-                    position.offset,
-                    qos == 0,
-                );
-            }
+            self.note_sent(position, qos == 0);
             let omit_topic = self.topic_alias_for(&position.channel, &mut extra);
             let finish = codec::Finish {
                 qos,
@@ -624,7 +634,13 @@ impl Session {
                 keep_retain,
                 omit_topic,
             };
+            let start = self.out_buf.len();
             codec::finish_publish(&mut self.out_buf, &frame.bytes, &finish, &extra);
+            if self.level == Level::V5 && frame.expires_at_ms != 0 {
+                // What is left of the interval now, not when the template was made.
+                let left = super::delivery::seconds_left(frame.expires_at_ms, now_ms);
+                codec::set_message_expiry(&mut self.out_buf[start..], left);
+            }
             if retained_reply {
                 self.forget_retained_reply(position);
             }

@@ -59,6 +59,7 @@ impl Session {
                 .iter()
                 .map(|(filter, id)| (filter.as_str().to_owned(), *id))
                 .collect(),
+            no_local: table.no_local.iter().cloned().collect(),
         }
     }
 

@@ -14,7 +14,7 @@ use herald_core::publication::{ClientInfo, PublicationEvent, StreamPosition};
 use herald_core::store::HistoryQuery;
 
 use super::super::codec::{self, reason};
-use super::super::delivery::{PatternSink, expiry_left};
+use super::super::delivery::{PatternSink, expires_at_ms, expiry_left};
 use super::super::persist::{Positions, SessionDocument};
 use super::super::shared::{Member, SharedFilter};
 use super::super::topic::Filter;
@@ -89,9 +89,9 @@ impl Session {
         for (filter, qos) in saved.subscriptions {
             let subscription_id = saved.subscription_ids.get(&filter).copied();
             let ask = codec::SubscribeAsk {
+                no_local: saved.no_local.contains(&filter),
                 filter,
                 qos,
-                no_local: false,
                 retain_as_published: false,
                 retain_handling: 2,
                 subscription_id,
@@ -366,6 +366,7 @@ impl Session {
                 epoch: epoch.clone(),
             }),
             conflate_key: None,
+            expires_at_ms: expires_at_ms(&event.publication).unwrap_or(0),
         }
     }
 
@@ -418,6 +419,7 @@ impl Session {
                 epoch,
             }),
             conflate_key: None,
+            expires_at_ms: expires_at_ms(&event.publication).unwrap_or(0),
         })
     }
 
