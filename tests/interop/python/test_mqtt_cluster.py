@@ -19,12 +19,14 @@ from test_mqtt import MQTT_CONFIG, WAIT, Device, Mqtt, api, codes, mint_token, s
 REDIS_URL = "redis://127.0.0.1:6379"
 
 
-def cluster_node(herald_factory: Any, name: str, prefix: str, like: Any = None) -> Any:
-    """A node on the shared Redis; `like`: a node whose API key and HMAC secret it shares."""
+def cluster_node(herald_factory: Any, name: str, prefix: str, like: Any = None, mqtt: str = "") -> Any:
+    """A node on the shared Redis; `like`: a node whose API key and HMAC secret it shares;
+    `mqtt`: more `[mqtt]` settings."""
     instance = herald_factory()
     if like is not None:
         instance.api_key, instance.hmac_secret = like.api_key, like.hmac_secret
-    extra = f"""{MQTT_CONFIG}
+    config = MQTT_CONFIG.replace("[mqtt]\n", f"[mqtt]\n{mqtt}\n", 1)
+    extra = f"""{config}
 [server]
 name = "{name}"
 
@@ -38,11 +40,11 @@ prefix = "{prefix}"
     return start(instance)
 
 
-def two_nodes(herald_factory: Any) -> Tuple[Any, Any, str]:
+def two_nodes(herald_factory: Any, mqtt: str = "") -> Tuple[Any, Any, str]:
     """Nodes A and B on the shared Redis under a new prefix, once they see each other."""
     prefix = f"herald-mqtt-cluster-{uuid.uuid4().hex[:8]}"
-    node_a = cluster_node(herald_factory, "node-a", prefix)
-    node_b = cluster_node(herald_factory, "node-b", prefix, like=node_a)
+    node_a = cluster_node(herald_factory, "node-a", prefix, mqtt=mqtt)
+    node_b = cluster_node(herald_factory, "node-b", prefix, like=node_a, mqtt=mqtt)
     deadline = time.monotonic() + WAIT
     while sorted(n["name"] for n in api(node_b, "info", {})["nodes"]) != ["node-a", "node-b"]:
         assert time.monotonic() < deadline, "the nodes did not find each other through Redis"
@@ -177,4 +179,31 @@ def test_a_shared_group_across_nodes_gets_each_publication_once(herald_factory: 
     finally:
         on_a.close()
         assert node_a.stop() == 0
+        drop_prefix(prefix)
+
+
+def test_a_session_connected_to_another_node_is_not_purged(herald_factory: Any) -> None:
+    """Node B's purge sweep runs every second; a device idle on node A, connected longer than
+    its session expiry (2 s), keeps its session document: node A saves it again every half
+    expiry while it is connected."""
+    node_a, node_b, prefix = two_nodes(herald_factory, mqtt='session_purge_interval = "1s"')
+    user = unique("u")
+    token = mint_token(node_a.hmac_secret, user)
+    client_id = unique("device-")
+    document_key = f"{len(user)}:{user}:{client_id}"
+    documents = f"{prefix}:{{push}}:wh:docs:mqtt_sessions"
+    client = redis.Redis.from_url(REDIS_URL)
+    device = Device(node_a, 5, token, client_id, expiry=2)
+    try:
+        device.client.subscribe(unique("idle/"), qos=1)
+        assert codes(device.subacks.get(timeout=WAIT)) == [1]
+        assert client.hexists(documents, document_key), "saved at SUBSCRIBE"
+        deadline = time.monotonic() + 4.5
+        while time.monotonic() < deadline:
+            assert client.hexists(documents, document_key), "purged while connected to node A"
+            time.sleep(0.25)
+    finally:
+        device.close()
+        assert node_a.stop() == 0
+        assert node_b.stop() == 0
         drop_prefix(prefix)

@@ -10,7 +10,8 @@
 //! publications sent but not acknowledged are redelivered from history with DUP.
 //!
 //! The positions are kept by [`Positions`] as deliveries are written and acknowledged, and
-//! saved at most once a second while they move, at every (un)subscribe and when the
+//! saved at most once a second while they move, at every (un)subscribe, every half session
+//! expiry while connected (so no node's purge deletes a live session) and when the
 //! connection ends: a node killed in between redelivers what was acknowledged in the last
 //! second (at least once), never less.
 //!
