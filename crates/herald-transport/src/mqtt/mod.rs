@@ -7,7 +7,9 @@
 //! path ([`herald_core::admission`]) and every exact subscription goes through the one
 //! subscribe-with-recovery step ([`crate::subscription`]). Wildcard filters are pattern
 //! subscriptions of the hub, admitted per namespace
-//! ([`herald_core::admission::Admission::subscribe_pattern`]). Deliveries are queued in the
+//! ([`herald_core::admission::Admission::subscribe_pattern`]), each holding the channel
+//! prefix it needs so that, in a cluster, other nodes' channels reach this one
+//! ([`herald_core::Node::want_prefix`]). Deliveries are queued in the
 //! connection's bounded [`Outbound`](crate::outbound::Outbound) queue (counted against the
 //! process budget) as PUBLISH templates, and get their QoS and packet id when written, as
 //! the inflight window allows ([`session`]). QoS 1 and 2 publishes are acknowledged after
