@@ -10,9 +10,12 @@
 //! Besides subscribers of one channel, the hub holds *pattern* subscribers
 //! ([`PatternSubscriber`]): each says which channels it wants (MQTT's wildcard filters) and
 //! gets every run of events of a matching channel, after the channel's own subscribers. They
-//! see only what reaches this node's hub, which is every channel with a single-node engine;
-//! with a [`ChannelInterest`] (a cluster) a node receives only channels it has subscribers
-//! of, so [`Hub::sees_every_channel`] is false and callers refuse patterns there.
+//! see only what reaches this node's hub: every channel with a single-node engine; with a
+//! [`ChannelInterest`] (a cluster) the channels this node has subscribers of, and those
+//! whose names start with a *prefix* the node wants ([`Hub::want_prefix`], counted like a
+//! channel's subscribers: the engine hears the first want of a prefix and the last release).
+//! A pattern subscriber holds a [`PrefixHold`] for every prefix it needs before it counts on
+//! other nodes' channels.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -67,6 +70,11 @@ pub trait ChannelInterest: Send + Sync + 'static {
     fn gained(&self, channel: &Arc<str>, ready: InterestReady);
     /// `channel` lost its last local subscriber.
     fn lost(&self, channel: &Arc<str>);
+    /// This node wants every channel whose name starts with `prefix` (a pattern subscriber
+    /// needs them): resolve `ready` once those channels' events reach the node.
+    fn gained_prefix(&self, prefix: &Arc<str>, ready: InterestReady);
+    /// Nothing on this node wants the channels of `prefix` any more.
+    fn lost_prefix(&self, prefix: &Arc<str>);
 }
 
 pub type SubscriberId = u64;
@@ -130,6 +138,35 @@ pub struct Hub {
     /// none (the common case).
     patterns: RwLock<Vec<(SubscriberId, Arc<dyn PatternSubscriber>)>>,
     pattern_count: std::sync::atomic::AtomicUsize,
+    /// Channel-name prefixes wanted by pattern subscribers (with a [`ChannelInterest`] only):
+    /// how many holds each has, and what they wait for.
+    prefixes: parking_lot::Mutex<HashMap<Arc<str>, (usize, InterestWait)>>,
+}
+
+/// A want of a channel-name prefix ([`Hub::want_prefix`]); released when dropped.
+pub struct PrefixHold {
+    hub: Option<Arc<Hub>>,
+    prefix: Arc<str>,
+}
+
+impl std::fmt::Debug for PrefixHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PrefixHold").field(&self.prefix).finish()
+    }
+}
+
+impl PrefixHold {
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+impl Drop for PrefixHold {
+    fn drop(&mut self) {
+        if let Some(hub) = &self.hub {
+            hub.release_prefix(&self.prefix);
+        }
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -167,6 +204,7 @@ impl Hub {
             interest,
             patterns: RwLock::new(Vec::new()),
             pattern_count: std::sync::atomic::AtomicUsize::new(0),
+            prefixes: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 
@@ -267,10 +305,66 @@ impl Hub {
         }
     }
 
-    /// Whether every channel's events reach this hub, so that a pattern subscriber misses
-    /// nothing: true without a [`ChannelInterest`] (a single node), false in a cluster.
+    /// Whether every channel's events reach this hub without asking: true without a
+    /// [`ChannelInterest`] (a single node), false in a cluster.
     pub fn sees_every_channel(&self) -> bool {
         self.interest.is_none()
+    }
+
+    /// Makes the channels whose names start with `prefix` reach this hub (for pattern
+    /// subscribers) for as long as the returned hold lives; with a [`ChannelInterest`], also
+    /// what to wait for before counting on them. The engine hears the first hold of a prefix
+    /// and the release of its last one (under the hub's lock of the prefixes, in order).
+    pub fn want_prefix(self: &Arc<Self>, prefix: &str) -> (PrefixHold, Option<InterestWait>) {
+        let prefix: Arc<str> = Arc::from(prefix);
+        let Some(interest) = &self.interest else {
+            return (PrefixHold { hub: None, prefix }, None);
+        };
+        let mut prefixes = self.prefixes.lock();
+        let wait = match prefixes.get_mut(&prefix) {
+            Some((count, wait)) => {
+                *count += 1;
+                wait.clone()
+            }
+            None => {
+                let (ready, wait) = interest_wait();
+                prefixes.insert(prefix.clone(), (1, wait.clone()));
+                interest.gained_prefix(&prefix, ready);
+                wait
+            }
+        };
+        drop(prefixes);
+        let hold = PrefixHold {
+            hub: Some(self.clone()),
+            prefix,
+        };
+        (hold, Some(wait))
+    }
+
+    fn release_prefix(&self, prefix: &Arc<str>) {
+        let mut prefixes = self.prefixes.lock();
+        let Some((count, _)) = prefixes.get_mut(prefix) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            prefixes.remove(prefix);
+            if let Some(interest) = &self.interest {
+                interest.lost_prefix(prefix);
+            }
+        }
+    }
+
+    /// The prefixes wanted now, with their hold counts.
+    pub fn prefixes(&self) -> Vec<(Arc<str>, usize)> {
+        let mut out: Vec<_> = self
+            .prefixes
+            .lock()
+            .iter()
+            .map(|(prefix, (count, _))| (prefix.clone(), *count))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Adds a pattern subscriber (see [`PatternSubscriber`]).
@@ -459,6 +553,38 @@ mod tests {
         fn lost(&self, channel: &Arc<str>) {
             self.0.lock().push(format!("-{channel}"));
         }
+        fn gained_prefix(&self, prefix: &Arc<str>, ready: InterestReady) {
+            self.0.lock().push(format!("+{prefix}*"));
+            ready.resolve(Ok(()));
+        }
+        fn lost_prefix(&self, prefix: &Arc<str>) {
+            self.0.lock().push(format!("-{prefix}*"));
+        }
+    }
+
+    #[tokio::test]
+    async fn prefix_interest_hears_the_first_hold_and_the_last_release() {
+        let interest = Arc::new(Interest::default());
+        let hub = Arc::new(Hub::with_interest(Some(interest.clone())));
+        let (a, wait) = hub.want_prefix("mqtt:a/");
+        assert!(interest_ready(wait.expect("waits")).await.is_ok());
+        let (b, wait) = hub.want_prefix("mqtt:a/");
+        assert!(wait.is_some(), "a later hold waits on the same want");
+        let (c, _) = hub.want_prefix("mqtt:");
+        assert_eq!(hub.prefixes().len(), 2);
+        drop(a);
+        drop(c);
+        drop(b);
+        let (_d, _) = hub.want_prefix("mqtt:a/");
+        assert_eq!(
+            *interest.0.lock(),
+            ["+mqtt:a/*", "+mqtt:*", "-mqtt:*", "-mqtt:a/*", "+mqtt:a/*"]
+        );
+        let single = Arc::new(Hub::new());
+        let (hold, wait) = single.want_prefix("mqtt:");
+        assert!(wait.is_none(), "a single node sees every channel");
+        assert_eq!(hold.prefix(), "mqtt:");
+        assert!(single.prefixes().is_empty());
     }
 
     #[test]

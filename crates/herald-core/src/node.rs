@@ -623,20 +623,28 @@ impl Node {
     }
 
     /// Adds a subscriber of every channel it matches (MQTT wildcard filters; admitted with
-    /// [`crate::admission::Admission::subscribe_pattern`]). Refused with `not available`
-    /// where this node does not receive every channel's events (a cluster): a pattern there
-    /// would miss channels without a local subscriber, silently.
+    /// [`crate::admission::Admission::subscribe_pattern`]). It gets what reaches this node:
+    /// in a cluster, hold a [`Node::want_prefix`] for every prefix it needs.
     pub fn subscribe_pattern(
         &self,
         subscriber: Arc<dyn crate::hub::PatternSubscriber>,
-    ) -> Result<SubscriberId, HeraldError> {
-        if !self.inner.hub.sees_every_channel() {
-            return Err(HeraldError::new(
-                ErrorCode::NotAvailable,
-                "wildcard subscriptions need a single-node engine",
-            ));
+    ) -> SubscriberId {
+        self.inner.hub.subscribe_pattern(subscriber)
+    }
+
+    /// Makes every channel whose name starts with `prefix` reach this node, from every node,
+    /// for as long as the hold lives (a pattern subscription's channels; see
+    /// [`Hub::want_prefix`]). Returns once they do: what is published after that reaches the
+    /// node's pattern subscribers.
+    pub async fn want_prefix(&self, prefix: &str) -> Result<crate::hub::PrefixHold, HeraldError> {
+        let (hold, wait) = self.inner.hub.want_prefix(prefix);
+        if let Some(wait) = wait
+            && let Err(err) = crate::hub::interest_ready(wait).await
+        {
+            self.inner.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(err.into());
         }
-        Ok(self.inner.hub.subscribe_pattern(subscriber))
+        Ok(hold)
     }
 
     pub fn unsubscribe_pattern(&self, id: SubscriberId) {

@@ -159,6 +159,7 @@ impl MqttRuntime {
     pub fn start(&self) -> tokio::task::JoinSet<()> {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(self.state.clone().purge_sessions());
+        tasks.spawn(self.state.clone().refresh_shared_groups());
         let gate = Gate::new(self.limits.clone());
         let plain = self.listener.lock().take().map(|l| (l, None));
         let tls = self

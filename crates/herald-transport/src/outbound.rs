@@ -131,6 +131,9 @@ pub struct Frame {
     /// Set on publications of conflating channels: when the queue is over budget, an older
     /// queued frame with the same key is superseded by a newer one.
     pub conflate_key: Option<Arc<str>>,
+    /// When the frame stops being worth writing (ms since the Unix epoch; 0: never): an
+    /// MQTT publication's message expiry, checked again when the frame is finally written.
+    pub expires_at_ms: u64,
 }
 
 impl From<Bytes> for Frame {
@@ -139,6 +142,7 @@ impl From<Bytes> for Frame {
             bytes,
             position: None,
             conflate_key: None,
+            expires_at_ms: 0,
         }
     }
 }

@@ -63,6 +63,7 @@ fn publication_frame(
         bytes,
         position,
         conflate_key: None,
+        expires_at_ms: 0,
     }
 }
 

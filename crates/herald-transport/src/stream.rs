@@ -79,6 +79,7 @@ pub(crate) fn publication_frame(
         bytes,
         position,
         conflate_key: None,
+        expires_at_ms: 0,
     }
 }
 

@@ -278,3 +278,72 @@ def test_the_server_gives_topic_aliases_up_to_the_clients_maximum(server: Herald
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_no_local_is_kept_by_a_persistent_session(server: HeraldInstance) -> None:
+    token = mint_token(server.hmac_secret, unique("u"))
+    client_id = unique("device-")
+    topic = unique("kept-nolocal/")
+    device = Device(server, 5, token, client_id)
+    device.client.subscribe(topic, options=paho.SubscribeOptions(qos=1, noLocal=True))
+    assert codes(device.subacks.get(timeout=WAIT)) == [1]
+    device.close()
+    device = Device(server, 5, token, client_id)
+    other = Mqtt(server, 5, token).connected()
+    try:
+        assert device.session_present
+        device.client.publish(topic, b'{"from":"me"}', qos=1).wait_for_publish(timeout=WAIT)
+        other.publish(topic, b'{"from":"other"}', 1)
+        got = device.take("the other client's publication")
+        assert json.loads(got.payload) == {"from": "other"}
+        time.sleep(0.5)
+        assert device.messages.empty(), "its own publication is not delivered back after the resume"
+    finally:
+        device.close()
+        other.close()
+
+
+def test_a_message_that_expires_while_queued_is_not_written(server: HeraldInstance) -> None:
+    """Receive Maximum 1 and an unacknowledged first delivery keep the next ones queued in
+    Herald; one whose expiry passes meanwhile is dropped, and another gets what is left of its
+    interval when it is finally written."""
+    token = mint_token(server.hmac_secret, unique("u"))
+    topic = unique("queued-expiry/")
+    messages: "queue.Queue[paho.MQTTMessage]" = queue.Queue()
+    connacks: "queue.Queue[Any]" = queue.Queue()
+    sub = paho.Client(
+        paho.CallbackAPIVersion.VERSION2, client_id=unique("slow-"), protocol=paho.MQTTv5, manual_ack=True
+    )
+    sub.username_pw_set("x", token)
+    sub.on_connect = lambda c, u, flags, rc, props: connacks.put(rc)
+    sub.on_message = lambda c, u, msg: messages.put(msg)
+    connect_props = Properties(PacketTypes.CONNECT)
+    connect_props.ReceiveMaximum = 1
+    host, port = server.mqtt  # type: ignore[attr-defined]
+    sub.connect(host, port, keepalive=30, properties=connect_props)
+    sub.loop_start()
+    publisher = Mqtt(server, 5, token).connected()
+    try:
+        assert not connacks.get(timeout=WAIT).is_failure
+        sub.subscribe(topic, qos=1)
+        time.sleep(0.3)
+        for n, expiry in (("first", None), ("short", 1), ("long", 30)):
+            props = publish_properties(MessageExpiryInterval=expiry) if expiry else None
+            publisher.client.publish(
+                topic, json.dumps({"n": n}).encode(), qos=1, properties=props
+            ).wait_for_publish(timeout=WAIT)
+        first = messages.get(timeout=WAIT)
+        assert json.loads(first.payload)["n"] == "first"
+        time.sleep(2.5)  # "short" expires while it waits behind the unacknowledged one
+        assert messages.empty()
+        sub.ack(first.mid, 1)
+        late = messages.get(timeout=WAIT)
+        assert json.loads(late.payload)["n"] == "long"
+        assert 26 <= late.properties.MessageExpiryInterval <= 28, late.properties
+        sub.ack(late.mid, 1)
+        time.sleep(0.3)
+        assert messages.empty(), "the expired one is not written"
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+        publisher.close()

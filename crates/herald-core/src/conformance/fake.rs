@@ -133,6 +133,14 @@ impl ChannelInterest for Interest {
             self.0.channels.lock().remove(channel);
         }
     }
+
+    fn gained_prefix(&self, _prefix: &Arc<str>, ready: InterestReady) {
+        ready.resolve(Err(StoreError::Unavailable(
+            "the fake engine has no prefix interest".into(),
+        )));
+    }
+
+    fn lost_prefix(&self, _prefix: &Arc<str>) {}
 }
 
 #[async_trait]

@@ -166,6 +166,7 @@ fn publication_frame(channel: &Arc<str>, epoch: &Arc<str>, publication: &Publica
             epoch: epoch.clone(),
         }),
         conflate_key: None,
+        expires_at_ms: 0,
     }
 }
 

@@ -66,7 +66,7 @@ mod engine {
     use bytes::Bytes;
     use herald_core::engine::{Engine, Publish, Published};
     use herald_core::fanout::FanoutFeed;
-    use herald_core::hub::{ChannelInterest, InterestReady};
+    use herald_core::hub::{ChannelInterest, InterestReady, interest_ready, interest_wait};
     use herald_core::publication::ChannelEvent;
     use herald_core::store::{HistoryPage, HistoryQuery, StoreError};
     use tokio::sync::mpsc;
@@ -148,6 +148,34 @@ mod engine {
         fn lost(&self, channel: &Arc<str>) {
             self.subscribers[shard_index(channel, self.subscribers.len())].lost(channel);
         }
+
+        /// A prefix's channels are on every shard: each shard's subscriber receives them,
+        /// and `ready` resolves once all of them do.
+        fn gained_prefix(&self, prefix: &Arc<str>, ready: InterestReady) {
+            if let [only] = self.subscribers.as_slice() {
+                only.gained_prefix(prefix, ready);
+                return;
+            }
+            let waits: Vec<_> = self
+                .subscribers
+                .iter()
+                .map(|subscriber| {
+                    let (shard_ready, wait) = interest_wait();
+                    subscriber.gained_prefix(prefix, shard_ready);
+                    wait
+                })
+                .collect();
+            tokio::spawn(async move {
+                let results = futures::future::join_all(waits.into_iter().map(interest_ready));
+                ready.resolve(results.await.into_iter().collect());
+            });
+        }
+
+        fn lost_prefix(&self, prefix: &Arc<str>) {
+            for subscriber in &self.subscribers {
+                subscriber.lost_prefix(prefix);
+            }
+        }
     }
 
     impl RedisEngine {
@@ -187,7 +215,7 @@ mod engine {
             let mut subscribers = Vec::new();
             let (control_tx, control_rx) = mpsc::unbounded_channel();
             let mut control_tx = Some(control_tx);
-            for store in &list {
+            for (index, store) in list.iter().enumerate() {
                 let (subscriber, connected) = Subscriber::spawn(
                     store.clone(),
                     feed.clone(),
@@ -197,6 +225,7 @@ mod engine {
                         command_timeout: timeouts.command,
                         outage_disconnect: config.outage_disconnect.as_duration(),
                     },
+                    (index, list.len()),
                 );
                 connected.await.unwrap_or_else(|_| {
                     Err(StoreError::Unavailable("pub/sub task stopped".into()))

@@ -10,12 +10,18 @@
 //! - probes an idle connection with PING; a connection that fails or stops answering is
 //!   replaced (through the sentinels, when configured), every channel subscribed again and
 //!   caught up from the stream, so nothing published meanwhile is missed;
-//! - says whether it is connected (`/ready`).
+//! - says whether it is connected (`/ready`);
+//! - receives, besides its channels, every channel whose name starts with a wanted *prefix*
+//!   (PSUBSCRIBE, for pattern subscribers): each such channel gets its [`ChannelOrder`] at its
+//!   first publication received and is healed from then on like the others. A channel that is
+//!   both subscribed and under a prefix is taken from its own subscription only, a channel
+//!   under several prefixes from the shortest one only, so each event is delivered once; its
+//!   order moves between the two when it gains or loses its own subscription.
 //!
 //! May touch: the shard's Redis (pub/sub connection, and reads through [`ShardStore`]), the
 //! node's [`FanoutFeed`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -32,6 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::codec;
+use super::engine::shard_index;
 use super::history::ShardStore;
 
 /// What the hub asks of a shard's subscriber, in the order it asked.
@@ -39,6 +46,8 @@ use super::history::ShardStore;
 pub(crate) enum Command {
     Gained(Arc<str>, InterestReady),
     Lost(Arc<str>),
+    GainedPrefix(Arc<str>, InterestReady),
+    LostPrefix(Arc<str>),
 }
 
 /// Counters of one shard's subscriber.
@@ -72,6 +81,7 @@ impl Subscriber {
         feed: FanoutFeed,
         control: Option<mpsc::UnboundedSender<Bytes>>,
         timing: Timing,
+        shard: (usize, usize),
     ) -> (Self, oneshot::Receiver<Result<(), StoreError>>) {
         let (commands, receiver) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));
@@ -84,6 +94,9 @@ impl Subscriber {
             control,
             commands: receiver,
             wanted: HashMap::new(),
+            prefixes: BTreeMap::new(),
+            seen: HashMap::new(),
+            shard,
             connected: connected.clone(),
             timing,
             stats: stats.clone(),
@@ -114,6 +127,21 @@ impl Subscriber {
         let _ = self.commands.send(Command::Lost(channel.clone()));
     }
 
+    pub(crate) fn gained_prefix(&self, prefix: &Arc<str>, ready: InterestReady) {
+        if let Err(mpsc::error::SendError(Command::GainedPrefix(_, ready))) = self
+            .commands
+            .send(Command::GainedPrefix(prefix.clone(), ready))
+        {
+            ready.resolve(Err(StoreError::Unavailable(
+                "the redis engine stopped".into(),
+            )));
+        }
+    }
+
+    pub(crate) fn lost_prefix(&self, prefix: &Arc<str>) {
+        let _ = self.commands.send(Command::LostPrefix(prefix.clone()));
+    }
+
     pub(crate) fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
@@ -128,6 +156,13 @@ struct Task {
     /// Channels this node wants, with what it delivered of each (`None` until the top was
     /// read after subscribing).
     wanted: HashMap<Arc<str>, Option<ChannelOrder>>,
+    /// Channel-name prefixes this node wants, with their pub/sub patterns.
+    prefixes: BTreeMap<Arc<str>, String>,
+    /// Channels received through a prefix (not in `wanted`), with what was delivered of each.
+    seen: HashMap<Arc<str>, ChannelOrder>,
+    /// This shard's index and the number of shards: a pattern may match channels of other
+    /// shards when shards share a server's pub/sub (databases of one Redis); those are theirs.
+    shard: (usize, usize),
     connected: Arc<AtomicBool>,
     timing: Timing,
     stats: Arc<PubSubStats>,
@@ -212,10 +247,49 @@ impl Task {
                 self.wanted.entry(channel).or_insert(None);
                 ack.resolve(Err(self.store.link.unavailable("no pub/sub connection")));
             }
-            Command::Lost(channel) => {
-                self.wanted.remove(&channel);
+            Command::Lost(channel) => self.lose(&channel),
+            Command::GainedPrefix(prefix, ack) => {
+                let pattern = self.store.keys.pubsub_pattern(&prefix);
+                self.prefixes.insert(prefix, pattern);
+                ack.resolve(Err(self.store.link.unavailable("no pub/sub connection")));
+            }
+            Command::LostPrefix(prefix) => {
+                self.prefixes.remove(&prefix);
+                self.forget_unwanted();
             }
         }
+    }
+
+    /// Forgets a channel's own subscription; when a prefix still covers it, its order goes
+    /// on from where it is.
+    fn lose(&mut self, channel: &Arc<str>) {
+        if let Some(Some(order)) = self.wanted.remove(channel)
+            && self.under_prefix(channel)
+        {
+            self.seen.insert(channel.clone(), order);
+        }
+    }
+
+    /// Whether a wanted prefix covers `channel`.
+    fn under_prefix(&self, channel: &str) -> bool {
+        self.prefixes.keys().any(|p| channel.starts_with(&**p))
+    }
+
+    /// The pattern a channel's events are taken from when they come through prefixes: the
+    /// shortest wanted prefix's.
+    fn pattern_of(&self, channel: &str) -> Option<&str> {
+        self.prefixes
+            .iter()
+            .filter(|(prefix, _)| channel.starts_with(&***prefix))
+            .min_by_key(|(prefix, _)| prefix.len())
+            .map(|(_, pattern)| pattern.as_str())
+    }
+
+    /// Drops the orders of channels no wanted prefix covers any more.
+    fn forget_unwanted(&mut self) {
+        let prefixes = &self.prefixes;
+        self.seen
+            .retain(|channel, _| prefixes.keys().any(|p| channel.starts_with(&**p)));
     }
 
     async fn timed<T>(
@@ -240,10 +314,18 @@ impl Task {
             Err(error) => return error,
         };
         let (mut sink, mut stream) = pubsub.split();
-        let channels: Vec<Arc<str>> = self.wanted.keys().cloned().collect();
+        let mut channels: Vec<Arc<str>> = self.wanted.keys().cloned().collect();
         if let Err(error) = self.subscribe(&mut sink, &channels).await {
             return error;
         }
+        let patterns: Vec<String> = self.prefixes.values().cloned().collect();
+        if !patterns.is_empty()
+            && let Err(error) = self.timed("psubscribe", sink.psubscribe(patterns)).await
+        {
+            return error;
+        }
+        // Channels received through prefixes before are caught up like the others.
+        channels.extend(self.seen.keys().cloned());
         if let Some((control, _)) = &self.control
             && let Err(error) = self.timed("subscribe", sink.subscribe(control)).await
         {
@@ -287,7 +369,8 @@ impl Task {
                     };
                     last_heard = Instant::now();
                     let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-                    self.on_message(message.get_channel_name(), payload).await;
+                    let pattern = message.from_pattern().then(|| message.get_pattern::<String>().ok()).flatten();
+                    self.on_message(message.get_channel_name(), pattern.as_deref(), payload).await;
                 }
                 _ = probe.tick() => {
                     if last_heard.elapsed() >= self.timing.ping_interval {
@@ -323,18 +406,21 @@ impl Task {
             .await;
             for (channel, top) in chunk.iter().zip(tops) {
                 let top = top?.position;
-                let Some(order) = self.wanted.get_mut(channel) else {
-                    continue;
-                };
-                match order {
-                    None => *order = Some(ChannelOrder::at(&top)),
-                    Some(order) => {
-                        let events = sequence::catch_up(&*self.store, channel, order, &top).await;
-                        self.count(&events, 0);
-                        for event in events {
-                            self.feed.push(event);
+                let order = match (self.wanted.get_mut(channel), self.seen.get_mut(channel)) {
+                    (Some(slot), _) => match slot {
+                        None => {
+                            *slot = Some(ChannelOrder::at(&top));
+                            continue;
                         }
-                    }
+                        Some(order) => order,
+                    },
+                    (None, Some(order)) => order,
+                    (None, None) => continue,
+                };
+                let events = sequence::catch_up(&*self.store, channel, order, &top).await;
+                self.count(&events, 0);
+                for event in events {
+                    self.feed.push(event);
                 }
             }
         }
@@ -344,6 +430,7 @@ impl Task {
     /// Applies a batch of hub commands: each channel ends as its last command left it.
     async fn apply(&mut self, sink: &mut PubSubSink, batch: Vec<Command>) -> Result<(), Lost> {
         let mut want: HashMap<Arc<str>, bool> = HashMap::new();
+        let mut want_prefixes: BTreeMap<Arc<str>, bool> = BTreeMap::new();
         let mut acks = Vec::new();
         for command in batch {
             match command {
@@ -354,7 +441,34 @@ impl Task {
                 Command::Lost(channel) => {
                     want.insert(channel, false);
                 }
+                Command::GainedPrefix(prefix, ack) => {
+                    want_prefixes.insert(prefix, true);
+                    acks.push(ack);
+                }
+                Command::LostPrefix(prefix) => {
+                    want_prefixes.insert(prefix, false);
+                }
             }
+        }
+        let mut gained_patterns = Vec::new();
+        let mut lost_patterns = Vec::new();
+        for (prefix, wanted) in want_prefixes {
+            match (wanted, self.prefixes.contains_key(&prefix)) {
+                (true, false) => {
+                    let pattern = self.store.keys.pubsub_pattern(&prefix);
+                    gained_patterns.push(pattern.clone());
+                    self.prefixes.insert(prefix, pattern);
+                }
+                (false, true) => {
+                    if let Some(pattern) = self.prefixes.remove(&prefix) {
+                        lost_patterns.push(pattern);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !lost_patterns.is_empty() {
+            self.forget_unwanted();
         }
         let mut gained = Vec::new();
         let mut lost = Vec::new();
@@ -366,16 +480,27 @@ impl Task {
             }
         }
         let result = async {
+            if !lost_patterns.is_empty() {
+                self.timed("punsubscribe", sink.punsubscribe(lost_patterns))
+                    .await?;
+            }
+            if !gained_patterns.is_empty() {
+                // Confirmed before the acks resolve: what is published from now on comes.
+                self.timed("psubscribe", sink.psubscribe(gained_patterns))
+                    .await?;
+            }
             if !lost.is_empty() {
                 for channel in &lost {
-                    self.wanted.remove(channel);
+                    self.lose(channel);
                 }
                 let names: Vec<String> = lost.iter().map(|c| self.store.keys.pubsub(c)).collect();
                 self.timed("unsubscribe", sink.unsubscribe(names)).await?;
             }
             if !gained.is_empty() {
                 for channel in &gained {
-                    self.wanted.insert(channel.clone(), None);
+                    // Received through a prefix until now: caught up from where it was.
+                    let order = self.seen.remove(channel);
+                    self.wanted.insert(channel.clone(), order);
                 }
                 self.subscribe(sink, &gained).await?;
                 self.catch_up(&gained).await?;
@@ -389,8 +514,10 @@ impl Task {
         result
     }
 
-    async fn on_message(&mut self, pubsub_channel: &str, payload: Bytes) {
-        if let Some((control, sender)) = &self.control
+    /// A message of `pubsub_channel`, received through `pattern` when it is a pmessage.
+    async fn on_message(&mut self, pubsub_channel: &str, pattern: Option<&str>, payload: Bytes) {
+        if pattern.is_none()
+            && let Some((control, sender)) = &self.control
             && pubsub_channel == control
         {
             let _ = sender.send(payload);
@@ -399,8 +526,24 @@ impl Task {
         let Some(name) = self.store.keys.channel_of(pubsub_channel) else {
             return;
         };
-        let Some(channel) = self.wanted.get_key_value(name).map(|(key, _)| key.clone()) else {
-            return;
+        let channel = match pattern {
+            None => match self.wanted.get_key_value(name) {
+                Some((key, _)) => key.clone(),
+                None => return,
+            },
+            // Once per event: the channel's own subscription takes it, or the shortest prefix.
+            Some(pattern) => {
+                if self.wanted.contains_key(name)
+                    || self.pattern_of(name) != Some(pattern)
+                    || shard_index(name, self.shard.1) != self.shard.0
+                {
+                    return;
+                }
+                match self.seen.get_key_value(name) {
+                    Some((key, _)) => key.clone(),
+                    None => Arc::from(name),
+                }
+            }
         };
         let event = match codec::decode_message(&channel, payload) {
             Ok(event) => event,
@@ -419,9 +562,20 @@ impl Task {
             return;
         }
         let publication = publication.clone();
-        let Some(Some(order)) = self.wanted.get_mut(&channel) else {
-            // Not possible: the top is read before a channel's messages are looked at.
-            return;
+        let order = if pattern.is_some() {
+            // The first publication received of the channel starts its order.
+            self.seen
+                .entry(channel.clone())
+                .or_insert_with(|| ChannelOrder {
+                    epoch: publication.epoch.clone(),
+                    last: publication.publication.offset - 1,
+                })
+        } else {
+            let Some(Some(order)) = self.wanted.get_mut(&channel) else {
+                // Not possible: the top is read before a channel's messages are looked at.
+                return;
+            };
+            order
         };
         let events = sequence::heal(&*self.store, order, publication).await;
         self.count(&events, 1);

@@ -47,6 +47,20 @@ impl Keys {
         format!("{}:c:{channel}", self.prefix)
     }
 
+    /// The pub/sub pattern (PSUBSCRIBE) of every channel whose name starts with `prefix`:
+    /// the glob's special characters of the names are escaped, `*` is appended.
+    pub(crate) fn pubsub_pattern(&self, prefix: &str) -> String {
+        let mut pattern = String::with_capacity(self.prefix.len() + prefix.len() + 5);
+        for c in self.pubsub(prefix).chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        pattern
+    }
+
     /// The channel name of a pub/sub channel, if it is one of ours.
     pub(crate) fn channel_of<'a>(&self, pubsub: &'a str) -> Option<&'a str> {
         pubsub
@@ -206,5 +220,7 @@ mod tests {
         assert_eq!(keys.channel_of(&keys.pubsub("a:b")), Some("a:b"));
         assert_eq!(keys.channel_of("other:c:a"), None);
         assert_eq!(keys.push(), "h:{push}");
+        assert_eq!(keys.pubsub_pattern("mqtt:a/"), "h:c:mqtt:a/*");
+        assert_eq!(keys.pubsub_pattern("x*?[]"), r"h:c:x\*\?\[\]*");
     }
 }

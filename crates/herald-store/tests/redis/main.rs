@@ -42,9 +42,20 @@ async fn node(config: &RedisConfig) -> (Arc<RedisEngine>, FanoutQueue) {
 }
 
 async fn want(engine: &RedisEngine, channel: &str) {
+    wait_for(engine, |interest, ready| {
+        interest.gained(&Arc::from(channel), ready)
+    })
+    .await;
+}
+
+/// Asks the engine's interest for something and waits until it is ready.
+async fn wait_for(
+    engine: &RedisEngine,
+    ask: impl FnOnce(&dyn herald_core::hub::ChannelInterest, herald_core::hub::InterestReady),
+) {
     let interest = engine.interest().expect("a cluster engine has interest");
     let (ready, wait) = herald_core::hub::interest_wait();
-    interest.gained(&Arc::from(channel), ready);
+    ask(&*interest, ready);
     herald_core::hub::interest_ready(wait)
         .await
         .expect("subscribed");
@@ -69,19 +80,11 @@ fn publish(channel: &str, n: u64) -> Publish {
 }
 
 async fn offsets(queue: &mut FanoutQueue, count: usize) -> Vec<u64> {
-    let mut out = Vec::new();
-    while out.len() < count {
-        let event = tokio::time::timeout(Duration::from_secs(5), queue.next_event())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {count} events arrived: {out:?}", out.len()))
-            .expect("feed open");
-        match event {
-            ChannelEvent::Publication(p) => out.push(p.publication.offset),
-            ChannelEvent::Unrecoverable { channel } => panic!("{channel} became unrecoverable"),
-            _ => {}
-        }
-    }
-    out
+    received(queue, count)
+        .await
+        .into_iter()
+        .map(|(_, offset)| offset)
+        .collect()
 }
 
 #[tokio::test]
@@ -109,7 +112,19 @@ async fn a_killed_pubsub_connection_is_healed_from_the_stream() {
     assert_eq!(offsets(&mut qb, 10).await, (1..=10).collect::<Vec<_>>());
     // Kill every pub/sub connection of this Redis: what is published until B is back on
     // pub/sub must still reach B, in order, from the stream.
-    let client = redis::Client::open(redis_url()).expect("url");
+    kill_pubsub_connections(&redis_url()).await;
+    for n in 11..=40 {
+        a.publish(publish("feed", n)).await.expect("publish");
+    }
+    assert_eq!(offsets(&mut qb, 30).await, (11..=40).collect::<Vec<_>>());
+    let (reconnects, _, unrecoverable) = b.pubsub_totals();
+    assert!(reconnects >= 1, "B noticed the lost connection");
+    assert_eq!(unrecoverable, 0);
+}
+
+/// Kills every pub/sub connection of the Redis at `url`.
+async fn kill_pubsub_connections(url: &str) {
+    let client = redis::Client::open(url).expect("url");
     let mut admin = client
         .get_multiplexed_async_connection()
         .await
@@ -121,13 +136,6 @@ async fn a_killed_pubsub_connection_is_healed_from_the_stream() {
         .query_async(&mut admin)
         .await
         .expect("client kill");
-    for n in 11..=40 {
-        a.publish(publish("feed", n)).await.expect("publish");
-    }
-    assert_eq!(offsets(&mut qb, 30).await, (11..=40).collect::<Vec<_>>());
-    let (reconnects, _, unrecoverable) = b.pubsub_totals();
-    assert!(reconnects >= 1, "B noticed the lost connection");
-    assert_eq!(unrecoverable, 0);
 }
 
 /// Nodes on one Redis under one fresh prefix.
@@ -352,4 +360,83 @@ async fn a_publication_no_replica_confirmed_is_not_acknowledged() {
         }
         other => panic!("expected unavailable, got {other:?}"),
     }
+}
+
+async fn want_prefix(engine: &RedisEngine, prefix: &str) {
+    wait_for(engine, |interest, ready| {
+        interest.gained_prefix(&Arc::from(prefix), ready);
+    })
+    .await;
+}
+
+/// Publications received, as (channel, offset), until `count` arrived; a channel that
+/// became unrecoverable fails the test.
+async fn received(queue: &mut FanoutQueue, count: usize) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let event = tokio::time::timeout(Duration::from_secs(5), queue.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {count} events arrived: {out:?}", out.len()))
+            .expect("feed open");
+        match event {
+            ChannelEvent::Publication(p) => {
+                out.push((p.channel.to_string(), p.publication.offset));
+            }
+            ChannelEvent::Unrecoverable { channel } => panic!("{channel} became unrecoverable"),
+            _ => {}
+        }
+    }
+    out
+}
+
+async fn nothing_more(queue: &mut FanoutQueue) {
+    if let Ok(event) = tokio::time::timeout(Duration::from_millis(300), queue.next_event()).await {
+        panic!("unexpected {event:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wanted_prefix_brings_every_shards_channels_once_each() {
+    // A Redis of its own: no other test kills its pub/sub connections (it kills them itself).
+    let server = server::RedisServer::start();
+    let mut cluster = fresh_sharded_cluster();
+    cluster.config.addresses = vec![format!("{}/1", server.url()), format!("{}/2", server.url())];
+    let (a, _qa) = node(&cluster.config).await;
+    let (b, mut qb) = node(&cluster.config).await;
+    let interest = b.interest().expect("interest");
+    want_prefix(&b, "p:").await;
+    // Overlapping interests: a shorter prefix and the channel itself; one delivery each.
+    want_prefix(&b, "p").await;
+    want(&b, "p:3").await;
+    for round in 1..=2 {
+        for n in 0..6 {
+            a.publish(publish(&format!("p:{n}"), round))
+                .await
+                .expect("publish");
+        }
+        a.publish(publish("q:0", round)).await.expect("publish");
+    }
+    let mut got = received(&mut qb, 12).await;
+    got.sort();
+    let expected: Vec<(String, u64)> = (0..6)
+        .flat_map(|n| [(format!("p:{n}"), 1), (format!("p:{n}"), 2)])
+        .collect();
+    assert_eq!(got, expected);
+    nothing_more(&mut qb).await;
+    // The channel loses its own subscription, the prefixes still bring it, without a gap.
+    interest.lost(&Arc::from("p:3"));
+    interest.lost_prefix(&Arc::from("p"));
+    a.publish(publish("p:3", 3)).await.expect("publish");
+    assert_eq!(received(&mut qb, 1).await, [("p:3".to_owned(), 3)]);
+    // A lost pub/sub connection: channels seen through the prefix are healed from history.
+    kill_pubsub_connections(&server.url()).await;
+    for n in 4..=6 {
+        a.publish(publish("p:3", n)).await.expect("publish");
+    }
+    let got = received(&mut qb, 3).await;
+    assert_eq!(got.iter().map(|(_, o)| *o).collect::<Vec<_>>(), [4, 5, 6]);
+    interest.lost_prefix(&Arc::from("p:"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.publish(publish("p:1", 3)).await.expect("publish");
+    nothing_more(&mut qb).await;
 }

@@ -782,6 +782,34 @@ pub fn finish_publish(out: &mut BytesMut, template: &[u8], finish: &Finish, extr
     true
 }
 
+/// Sets the Message Expiry Interval of a finished MQTT 5 PUBLISH `packet` (one
+/// [`finish_publish`] wrote) to `seconds`, when it has one: templates write it as the first
+/// property. False if it has none.
+pub fn set_message_expiry(packet: &mut [u8], seconds: u32) -> bool {
+    let Ok(Some((header, _))) = fixed_header(packet) else {
+        return false;
+    };
+    let qos = (packet[0] >> 1) & 0b11;
+    let Some(topic_len) = packet
+        .get(header..header + 2)
+        .map(|len| usize::from(u16::from_be_bytes([len[0], len[1]])))
+    else {
+        return false;
+    };
+    let at = header + 2 + topic_len + if qos > 0 { 2 } else { 0 };
+    let Some((_, size)) = packet.get(at..).and_then(read_varint) else {
+        return false;
+    };
+    let at = at + size;
+    match packet.get_mut(at..at + 5) {
+        Some(property) if property[0] == 0x02 => {
+            property[1..].copy_from_slice(&seconds.to_be_bytes());
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Appends an MQTT 5 Topic Alias property (for [`finish_publish`]'s `extra`).
 pub fn topic_alias(out: &mut BytesMut, alias: u16) {
     out.put_u8(0x23);

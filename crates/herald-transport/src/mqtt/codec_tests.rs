@@ -491,6 +491,33 @@ fn message_expiry_and_subscription_identifiers_are_mqtt5_properties() {
 }
 
 #[test]
+fn the_message_expiry_of_a_finished_publish_is_rewritten_in_place() {
+    let template = publish_template(Level::V5, "t/4", b"x", 1, false, &[("k", "v")], Some(30));
+    for qos in [0, 1] {
+        let mut out = BytesMut::new();
+        let finish = Finish {
+            qos,
+            pkid: 3,
+            ..Finish::default()
+        };
+        assert!(finish_publish(&mut out, &template, &finish, &[]));
+        assert!(set_message_expiry(&mut out, 12));
+        match read_v5(&out) {
+            v5::Packet::Publish(p) => {
+                let props = p.properties.expect("properties");
+                assert_eq!(props.message_expiry_interval, Some(12), "QoS {qos}");
+                assert_eq!(props.user_properties.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let plain = publish_template(Level::V5, "t/4", b"x", 0, false, &[], None);
+    let mut out = BytesMut::new();
+    assert!(finish_publish(&mut out, &plain, &Finish::default(), &[]));
+    assert!(!set_message_expiry(&mut out, 12), "no expiry to rewrite");
+}
+
+#[test]
 fn a_templates_retain_flag_is_kept_only_when_asked() {
     let template = publish_template(Level::V5, "t/4", b"x", 0, true, &[], None);
     for keep in [true, false] {

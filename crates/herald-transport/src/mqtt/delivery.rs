@@ -38,13 +38,25 @@ pub const EXPIRY_TAG: &str = "mqtt_expiry";
 /// Seconds left of `publication`'s message expiry interval at `now_ms`: `None` without
 /// one, `Some(0)` when it has expired.
 pub fn expiry_left(publication: &herald_core::Publication, now_ms: u64) -> Option<u32> {
+    let ends_ms = expires_at_ms(publication)?;
+    Some(seconds_left(ends_ms, now_ms))
+}
+
+/// When `publication`'s message expiry ends (ms since the Unix epoch), if it has one.
+pub fn expires_at_ms(publication: &herald_core::Publication) -> Option<u64> {
     let interval: u64 = publication.tags.get(EXPIRY_TAG)?.parse().ok()?;
-    let ends_ms = publication
-        .time_ms
-        .saturating_add(interval.saturating_mul(1000));
+    Some(
+        publication
+            .time_ms
+            .saturating_add(interval.saturating_mul(1000)),
+    )
+}
+
+/// Whole seconds from `now_ms` to `ends_ms`, rounded up: a message with 0.4 s left has not
+/// expired; 0 when it has.
+pub fn seconds_left(ends_ms: u64, now_ms: u64) -> u32 {
     let left_ms = ends_ms.saturating_sub(now_ms);
-    // Rounded up: a message with 0.4 s left has not expired.
-    Some(u32::try_from(left_ms.div_ceil(1000)).unwrap_or(u32::MAX))
+    u32::try_from(left_ms.div_ceil(1000)).unwrap_or(u32::MAX)
 }
 
 /// Encoding slots of a publication's PUBLISH templates (see
@@ -121,6 +133,7 @@ impl MqttEncoder {
                 epoch: event.epoch.clone(),
             }),
             conflate_key: None,
+            expires_at_ms: expires_at_ms(&event.publication).unwrap_or(0),
         })
     }
 }

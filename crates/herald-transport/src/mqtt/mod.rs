@@ -7,7 +7,9 @@
 //! path ([`herald_core::admission`]) and every exact subscription goes through the one
 //! subscribe-with-recovery step ([`crate::subscription`]). Wildcard filters are pattern
 //! subscriptions of the hub, admitted per namespace
-//! ([`herald_core::admission::Admission::subscribe_pattern`]). Deliveries are queued in the
+//! ([`herald_core::admission::Admission::subscribe_pattern`]), each holding the channel
+//! prefix it needs so that, in a cluster, other nodes' channels reach this one
+//! ([`herald_core::Node::want_prefix`]). Deliveries are queued in the
 //! connection's bounded [`Outbound`](crate::outbound::Outbound) queue (counted against the
 //! process budget) as PUBLISH templates, and get their QoS and packet id when written, as
 //! the inflight window allows ([`session`]). QoS 1 and 2 publishes are acknowledged after
@@ -26,6 +28,7 @@
 
 pub mod codec;
 mod delivery;
+pub mod membership;
 pub mod persist;
 mod session;
 pub mod shared;
@@ -161,9 +164,39 @@ impl MqttState {
     }
 
     /// Keeps persistent sessions in `store` (the document store beside the outbound queue).
+    /// In a cluster the same store keeps which nodes have members of which shared
+    /// subscription group ([`membership`]).
     pub fn with_session_store(mut self, store: Option<Arc<dyn WebhookStore>>) -> Self {
+        if let Some(store) = &store
+            && !self.realtime.node.hub().sees_every_channel()
+        {
+            self.shared =
+                shared::SharedGroups::clustered(membership::Membership::new(store.clone()));
+        }
         self.sessions = store;
         self
+    }
+
+    /// In a cluster: rewrites this node's shared subscription groups and reads the other
+    /// nodes' every [`membership::REFRESH`], until the server shuts down (then removes them).
+    pub async fn refresh_shared_groups(self: Arc<Self>) {
+        let Some(membership) = self.shared.membership().cloned() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = self.realtime.shutdown.wait() => break,
+                () = tokio::time::sleep(membership::REFRESH) => {}
+            }
+            let keys = self.shared.keys();
+            if keys.is_empty() {
+                continue;
+            }
+            if let Err(error) = membership.refresh(keys).await {
+                tracing::warn!(%error, "mqtt: could not refresh the shared subscription groups");
+            }
+        }
+        membership.leave_all().await;
     }
 
     /// Records a connection of `client_id`, closing the one it takes over; returns the

@@ -10,7 +10,8 @@
 //! publications sent but not acknowledged are redelivered from history with DUP.
 //!
 //! The positions are kept by [`Positions`] as deliveries are written and acknowledged, and
-//! saved at most once a second while they move, at every (un)subscribe and when the
+//! saved at most once a second while they move, at every (un)subscribe, every half session
+//! expiry while connected (so no node's purge deletes a live session) and when the
 //! connection ends: a node killed in between redelivers what was acknowledged in the last
 //! second (at least once), never less.
 //!
@@ -39,6 +40,9 @@ pub struct SessionDocument {
     /// MQTT 5 subscription identifiers, by filter.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub subscription_ids: BTreeMap<String, u32>,
+    /// Filters subscribed with MQTT 5 no-local.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub no_local: BTreeSet<String>,
 }
 
 /// A channel's position in a saved session.
@@ -288,6 +292,7 @@ mod tests {
                 },
             )]),
             subscription_ids: BTreeMap::from([("a/+".into(), 7)]),
+            no_local: BTreeSet::from(["a/+".to_owned()]),
         };
         save(&store, &key, &document).await;
         assert_eq!(load(&store, &key, 999).await, Some(document));

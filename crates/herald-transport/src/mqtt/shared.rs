@@ -4,21 +4,24 @@
 //! A group is one pattern subscriber of the hub ([`Group`]), made by its first member and
 //! removed with its last. A publication goes to the next member whose queue is open and
 //! takes it; one that no member can take (all gone or closed) is not delivered to the group.
-//! Pattern subscriptions see only the channels of their own node, so shared subscriptions
-//! are refused in a cluster (like wildcards).
+//! In a cluster a group of this node holds its filter's prefix (so the channels of every
+//! node reach it) and takes only the publications [`Membership`] says are this node's; the
+//! nodes with members are known through the document store ([`super::membership`]).
 //!
-//! May touch: the node's pattern subscriptions, the members' outbound queues.
+//! May touch: the node's pattern subscriptions and prefixes, the members' outbound queues,
+//! the membership.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use herald_core::Node;
-use herald_core::hub::{Delivery, PatternSubscriber, Subscriber, SubscriberId};
+use herald_core::hub::{Delivery, PatternSubscriber, PrefixHold, Subscriber, SubscriberId};
 use herald_core::publication::ChannelEvent;
 use parking_lot::{Mutex, RwLock};
 
 use super::delivery::MqttEncoder;
+use super::membership::Membership;
 use super::topic::{Filter, TopicMap};
 use crate::outbound::Outbound;
 
@@ -57,14 +60,19 @@ impl SharedFilter {
     }
 }
 
-struct Member {
-    connection: u64,
-    outbound: Arc<Outbound>,
-    encoder: Arc<MqttEncoder>,
+/// A connection in a group.
+pub struct Member {
+    pub connection: u64,
+    pub outbound: Arc<Outbound>,
+    pub encoder: Arc<MqttEncoder>,
 }
 
 /// One group's subscription: its members, taking turns.
 pub struct Group {
+    /// `$share/<group>/<filter>`.
+    key: String,
+    /// In a cluster: which publications are this node's.
+    membership: Option<Arc<Membership>>,
     filter: Filter,
     topics: TopicMap,
     members: RwLock<Vec<Member>>,
@@ -76,6 +84,11 @@ impl Subscriber for Group {
         let ChannelEvent::Publication(publication) = event else {
             return Delivery::Queued;
         };
+        if let Some(membership) = &self.membership
+            && !membership.delivers_here(&self.key, publication)
+        {
+            return Delivery::Queued;
+        }
         let members = self.members.read();
         let count = members.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -102,57 +115,102 @@ impl PatternSubscriber for Group {
     }
 }
 
+/// One group's hub subscription, and (in a cluster) the prefix it holds.
+type Subscribed = (Arc<Group>, SubscriberId, Option<PrefixHold>);
+
 /// Every group of the node, with its hub subscription.
 #[derive(Default)]
 pub struct SharedGroups {
-    groups: Mutex<HashMap<SharedFilter, (Arc<Group>, SubscriberId)>>,
+    groups: Mutex<HashMap<SharedFilter, Subscribed>>,
+    /// Set in a cluster.
+    membership: Option<Arc<Membership>>,
 }
 
 impl SharedGroups {
+    /// Groups of a node in a cluster, whose members are known to the others through
+    /// `membership`.
+    pub fn clustered(membership: Membership) -> Self {
+        Self {
+            groups: Mutex::new(HashMap::new()),
+            membership: Some(Arc::new(membership)),
+        }
+    }
+
+    pub fn membership(&self) -> Option<&Arc<Membership>> {
+        self.membership.as_ref()
+    }
+
+    /// The groups this node has members of.
+    pub fn keys(&self) -> std::collections::BTreeSet<String> {
+        self.groups.lock().keys().map(SharedFilter::text).collect()
+    }
+
     /// Adds connection `connection` to the group of `shared` (subscribing the group at its
-    /// first member); again for a member already in it changes nothing.
-    pub fn join(
+    /// first member); again for a member already in it changes nothing. In a cluster it
+    /// returns once the filter's channels reach this node and the other nodes can read
+    /// that this node has members.
+    pub async fn join(
         &self,
         node: &Node,
         topics: &TopicMap,
         shared: &SharedFilter,
-        connection: u64,
-        outbound: &Arc<Outbound>,
-        encoder: &Arc<MqttEncoder>,
+        member: Member,
     ) -> Result<(), String> {
+        let hold = if self.membership.is_some() {
+            let prefix = topics.channel_prefix(&shared.filter);
+            Some(node.want_prefix(&prefix).await.map_err(|e| e.to_string())?)
+        } else if node.hub().sees_every_channel() {
+            None
+        } else {
+            return Err("shared subscriptions in a cluster need the document store".into());
+        };
+        let connection = member.connection;
+        self.add_member(node, topics, shared, hold, member);
+        if let Some(membership) = &self.membership
+            && let Err(error) = membership.refresh(self.keys()).await
+        {
+            self.leave(node, shared, connection);
+            return Err(format!("the group membership could not be saved: {error}"));
+        }
+        Ok(())
+    }
+
+    fn add_member(
+        &self,
+        node: &Node,
+        topics: &TopicMap,
+        shared: &SharedFilter,
+        hold: Option<PrefixHold>,
+        member: Member,
+    ) {
         let mut groups = self.groups.lock();
         let group = match groups.get(shared) {
-            Some((group, _)) => group.clone(),
+            Some((group, _, _)) => group.clone(),
             None => {
                 let group = Arc::new(Group {
+                    key: shared.text(),
+                    membership: self.membership.clone(),
                     filter: shared.filter.clone(),
                     topics: topics.clone(),
                     members: RwLock::new(Vec::new()),
                     next: AtomicUsize::new(0),
                 });
-                let id = node
-                    .subscribe_pattern(group.clone())
-                    .map_err(|e| e.to_string())?;
-                groups.insert(shared.clone(), (group.clone(), id));
+                let id = node.subscribe_pattern(group.clone());
+                groups.insert(shared.clone(), (group.clone(), id, hold));
                 group
             }
         };
         let mut members = group.members.write();
-        if !members.iter().any(|m| m.connection == connection) {
-            members.push(Member {
-                connection,
-                outbound: outbound.clone(),
-                encoder: encoder.clone(),
-            });
+        if !members.iter().any(|m| m.connection == member.connection) {
+            members.push(member);
         }
-        Ok(())
     }
 
     /// Removes connection `connection` from the group of `shared` (unsubscribing the group
     /// with its last member); false if it was not a member.
     pub fn leave(&self, node: &Node, shared: &SharedFilter, connection: u64) -> bool {
         let mut groups = self.groups.lock();
-        let Some((group, id)) = groups.get(shared) else {
+        let Some((group, id, _)) = groups.get(shared) else {
             return false;
         };
         let mut members = group.members.write();
@@ -164,6 +222,16 @@ impl SharedGroups {
             drop(members);
             groups.remove(shared);
             node.unsubscribe_pattern(id);
+            if let Some(membership) = self.membership.clone() {
+                // The others stop choosing this node for the group at their next read.
+                let keys: std::collections::BTreeSet<String> =
+                    groups.keys().map(SharedFilter::text).collect();
+                tokio::spawn(async move {
+                    if let Err(error) = membership.refresh(keys).await {
+                        tracing::warn!(%error, "mqtt: could not update the shared subscription groups");
+                    }
+                });
+            }
         }
         left
     }

@@ -96,6 +96,27 @@ impl TopicMap {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
+
+    /// The longest channel-name prefix every channel `filter` matches starts with: the
+    /// levels before its first wildcard (`a/+/c` → `<namespace>:a/`; `a/#` → `<namespace>:a`,
+    /// since `a/#` matches `a` too; `#` → `<namespace>:`). What a node must receive from the
+    /// cluster for the filter.
+    pub fn channel_prefix(&self, filter: &Filter) -> String {
+        let text = filter.as_str();
+        let mut end = 0_usize;
+        for level in text.split('/') {
+            match level {
+                "+" => break,
+                "#" => {
+                    end = end.saturating_sub(1);
+                    break;
+                }
+                _ => end += level.len() + 1,
+            }
+        }
+        let end = end.min(text.len());
+        format!("{}{}", self.prefix, &text[..end])
+    }
 }
 
 /// A topic filter: an exact topic, or one with wildcards.
@@ -203,6 +224,30 @@ mod tests {
         assert_eq!(map.topic("mqtt:"), None);
         // Empty levels are levels (MQTT allows them).
         assert_eq!(map.channel("/a//b").expect("valid"), "mqtt:/a//b");
+    }
+
+    #[test]
+    fn a_filters_channel_prefix_is_what_precedes_its_first_wildcard() {
+        let map = map();
+        for (filter, prefix) in [
+            ("a/+/c", "mqtt:a/"),
+            ("a/b/#", "mqtt:a/b"),
+            ("a/#", "mqtt:a"),
+            ("#", "mqtt:"),
+            ("+/x", "mqtt:"),
+            ("/+", "mqtt:/"),
+            ("a/b", "mqtt:a/b"),
+        ] {
+            let filter = Filter::parse(filter).expect("valid");
+            assert_eq!(map.channel_prefix(&filter), prefix, "{filter:?}");
+        }
+        // Every channel a filter matches starts with its prefix.
+        for (filter, topic) in [("a/#", "a"), ("a/+/c", "a/b/c"), ("/+", "/x")] {
+            let filter = Filter::parse(filter).expect("valid");
+            assert!(filter.matches(topic));
+            let channel = map.channel(topic).expect("valid");
+            assert!(channel.starts_with(&map.channel_prefix(&filter)));
+        }
     }
 
     #[test]

@@ -119,7 +119,8 @@ impl Session {
             }
             None => None,
         };
-        let wildcards_available = realtime.node.hub().sees_every_channel();
+        let shared_available =
+            realtime.node.hub().sees_every_channel() || state.shared.membership().is_some();
         let table = Arc::new(RwLock::new(Table::default()));
         let encoder = Arc::new(MqttEncoder {
             level,
@@ -137,6 +138,7 @@ impl Session {
             table,
             exact: HashMap::new(),
             pattern: None,
+            prefix_holds: Vec::new(),
             inflight: HashMap::new(),
             next_pkid: 0,
             receive_maximum,
@@ -177,8 +179,8 @@ impl Session {
             // Told when it differs from what the client asked (capped, or no store).
             session_expiry: (connect.session_expiry != kept).then_some(kept),
             retain_available: true,
-            wildcards_available,
-            shared_available: wildcards_available,
+            wildcards_available: true,
+            shared_available,
             topic_alias_maximum: session.state.config.topic_alias_maximum,
             reason_string,
         };

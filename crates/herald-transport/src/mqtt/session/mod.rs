@@ -29,7 +29,7 @@ use bytes::{Buf, BytesMut};
 use herald_core::admission::Refusal;
 use herald_core::auth::Credentials;
 use herald_core::channel::ChannelName;
-use herald_core::hub::SubscriberId;
+use herald_core::hub::{PrefixHold, SubscriberId};
 use herald_core::namespace::NamespaceOptions;
 use herald_core::proxy::ProxyContext;
 use herald_core::publication::ClientInfo;
@@ -44,6 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use super::codec::{self, Ack, ConnAckProperties, Connect, DecodeError, Level, Packet, reason};
 use super::delivery::{MqttEncoder, Table};
 use super::persist::{self, Positions};
+use super::topic::Filter;
 use super::{MqttState, TAKEN_OVER};
 use crate::outbound::{CloseReason, Frame, Outbound};
 use crate::registry::{ControlMessage, Inbox};
@@ -281,6 +282,9 @@ struct Session {
     table: Arc<RwLock<Table>>,
     exact: HashMap<Arc<str>, ExactSub>,
     pattern: Option<SubscriberId>,
+    /// What each wildcard filter needs this node to receive from the cluster
+    /// ([`herald_core::Node::want_prefix`]); released with the filter.
+    prefix_holds: Vec<(Filter, PrefixHold)>,
     inflight: HashMap<u16, InFlight>,
     next_pkid: u16,
     receive_maximum: usize,
@@ -541,6 +545,20 @@ impl Session {
         Ok(())
     }
 
+    /// A persistent session's position moves past a delivery that was written (`done`: at
+    /// QoS 0, or not written because it expired). Positions are kept for exact topics only:
+    /// they are what a session recovers, and a `#` subscriber would otherwise save a
+    /// position for every channel.
+    fn note_sent(&mut self, position: &crate::outbound::FramePosition, done: bool) {
+        if let Some(persistence) = &mut self.persistence
+            && self.exact.contains_key(&position.channel)
+        {
+            persistence
+                .positions
+                .sent(&position.channel, &position.epoch, position.offset, done);
+        }
+    }
+
     /// Moves taken frames into the write buffer as PUBLISH packets, while the inflight
     /// window and the buffer have room.
     fn fill_writes(&mut self) {
@@ -561,6 +579,13 @@ impl Session {
                 // Unsubscribed since it was queued.
                 continue;
             };
+            let now_ms = herald_core::time::now_ms();
+            if frame.expires_at_ms != 0 && frame.expires_at_ms <= now_ms {
+                // Expired while it waited in the queue (MQTT-3.3.2-5): not written, and
+                // nothing to redeliver.
+                self.note_sent(position, true);
+                continue;
+            }
             let qos = granted.min(codec::template_qos(&frame.bytes));
             let retained_reply = self.is_retained_reply(position);
             let (mut extra, keep_retain) = match self.level {
@@ -601,18 +626,7 @@ impl Session {
                 );
                 pkid
             };
-            // Positions are kept for exact topics only: they are what a session recovers,
-            // and a `#` subscriber would otherwise save a position for every channel.
-            if let Some(persistence) = &mut self.persistence
-                && self.exact.contains_key(&position.channel)
-            {
-                persistence.positions.sent(
-                    &position.channel,
-                    &position.epoch,
-                    position.offset,
-                    qos == 0,
-                );
-            }
+            self.note_sent(position, qos == 0);
             let omit_topic = self.topic_alias_for(&position.channel, &mut extra);
             let finish = codec::Finish {
                 qos,
@@ -621,7 +635,13 @@ impl Session {
                 keep_retain,
                 omit_topic,
             };
+            let start = self.out_buf.len();
             codec::finish_publish(&mut self.out_buf, &frame.bytes, &finish, &extra);
+            if self.level == Level::V5 && frame.expires_at_ms != 0 {
+                // What is left of the interval now, not when the template was made.
+                let left = super::delivery::seconds_left(frame.expires_at_ms, now_ms);
+                codec::set_message_expiry(&mut self.out_buf[start..], left);
+            }
             if retained_reply {
                 self.forget_retained_reply(position);
             }

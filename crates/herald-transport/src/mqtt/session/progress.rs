@@ -1,10 +1,11 @@
 //! A persistent session's progress on a connection: acknowledgements move the channel
 //! positions, which are saved at most once a second while they move (see
-//! [`super::super::persist`]).
+//! [`super::super::persist`]), and an idle session is saved again every half expiry, so
+//! its saved expiry never passes while it is connected.
 //!
 //! May touch: the session store, through the session's persistence.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::super::persist::{self, SessionDocument};
 use super::{Awaiting, Persistence, SAVE_INTERVAL, Session};
@@ -59,6 +60,7 @@ impl Session {
                 .iter()
                 .map(|(filter, id)| (filter.as_str().to_owned(), *id))
                 .collect(),
+            no_local: table.no_local.iter().cloned().collect(),
         }
     }
 
@@ -74,12 +76,17 @@ impl Session {
         self.persistence = Some(persistence);
     }
 
-    /// When positions that moved are saved next, if they moved.
+    /// When the session is saved next: a second after the last save when positions moved;
+    /// otherwise half its expiry after it, so the saved expiry never passes while the
+    /// connection is alive — on whichever node — and no node's purge sweep deletes it.
     pub(super) fn next_save(&self) -> Option<Instant> {
         let persistence = self.persistence.as_ref()?;
-        persistence
-            .positions
-            .dirty
-            .then(|| persistence.last_save + SAVE_INTERVAL)
+        if persistence.positions.dirty {
+            return Some(persistence.last_save + SAVE_INTERVAL);
+        }
+        (persistence.expiry_secs > 0).then(|| {
+            let half = Duration::from_millis(u64::from(persistence.expiry_secs) * 500);
+            persistence.last_save + half.max(SAVE_INTERVAL)
+        })
     }
 }

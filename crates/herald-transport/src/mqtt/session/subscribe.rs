@@ -14,9 +14,9 @@ use herald_core::publication::{ClientInfo, PublicationEvent, StreamPosition};
 use herald_core::store::HistoryQuery;
 
 use super::super::codec::{self, reason};
-use super::super::delivery::{PatternSink, expiry_left};
+use super::super::delivery::{PatternSink, expires_at_ms, expiry_left};
 use super::super::persist::{Positions, SessionDocument};
-use super::super::shared::SharedFilter;
+use super::super::shared::{Member, SharedFilter};
 use super::super::topic::Filter;
 use super::{ExactSub, GrantedExact, Session, refusal_reason};
 use crate::outbound::{Frame, FramePosition};
@@ -89,9 +89,9 @@ impl Session {
         for (filter, qos) in saved.subscriptions {
             let subscription_id = saved.subscription_ids.get(&filter).copied();
             let ask = codec::SubscribeAsk {
+                no_local: saved.no_local.contains(&filter),
                 filter,
                 qos,
-                no_local: false,
                 retain_as_published: false,
                 retain_handling: 2,
                 subscription_id,
@@ -143,6 +143,7 @@ impl Session {
             self.unsubscribe_exact(&channel).await;
         }
         self.table.write().wildcards.clear();
+        self.prefix_holds.clear();
         if let Some(persistence) = &mut self.persistence {
             persistence.positions = Positions::default();
             persistence.positions.dirty = true;
@@ -160,7 +161,7 @@ impl Session {
         let text = ask.filter.as_str();
         if let Some(shared) = SharedFilter::parse(text) {
             let shared = shared.map_err(|why| (reason::TOPIC_FILTER_INVALID, why))?;
-            self.subscribe_shared(shared, qos)?;
+            self.subscribe_shared(shared, qos).await?;
             return Ok(None);
         }
         let filter = Filter::parse(text).map_err(|e| (reason::TOPIC_FILTER_INVALID, e.0))?;
@@ -191,7 +192,7 @@ impl Session {
                 Some(granted)
             }
             Filter::Wildcard(_) => {
-                self.subscribe_wildcard(filter, qos)?;
+                self.subscribe_wildcard(filter, qos).await?;
                 None
             }
         };
@@ -365,6 +366,7 @@ impl Session {
                 epoch: epoch.clone(),
             }),
             conflate_key: None,
+            expires_at_ms: expires_at_ms(&event.publication).unwrap_or(0),
         }
     }
 
@@ -417,6 +419,7 @@ impl Session {
                 epoch,
             }),
             conflate_key: None,
+            expires_at_ms: expires_at_ms(&event.publication).unwrap_or(0),
         })
     }
 
@@ -434,7 +437,11 @@ impl Session {
 
     /// Joins the group of a shared subscription, admitted like a wildcard filter (once per
     /// namespace, by its rules alone).
-    fn subscribe_shared(&mut self, shared: SharedFilter, qos: u8) -> Result<(), (u8, String)> {
+    async fn subscribe_shared(
+        &mut self,
+        shared: SharedFilter,
+        qos: u8,
+    ) -> Result<(), (u8, String)> {
         let already = self.table.read().shared.iter().any(|(s, _)| *s == shared);
         self.room_for_subscription(already)?;
         let realtime = &self.state.realtime;
@@ -448,10 +455,13 @@ impl Session {
                 &realtime.node,
                 &self.state.topics,
                 &shared,
-                self.connection,
-                &self.outbound,
-                &self.encoder,
+                Member {
+                    connection: self.connection,
+                    outbound: self.outbound.clone(),
+                    encoder: self.encoder.clone(),
+                },
             )
+            .await
             .map_err(|why| (reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED, why))?;
         let mut table = self.table.write();
         match table.shared.iter_mut().find(|(s, _)| *s == shared) {
@@ -471,23 +481,30 @@ impl Session {
         }
     }
 
-    fn subscribe_wildcard(&mut self, filter: Filter, qos: u8) -> Result<(), (u8, String)> {
-        let realtime = &self.state.realtime;
+    /// Subscribes a wildcard filter: admitted as a pattern, and (in a cluster) its channels
+    /// reach this node from every node before the SUBACK.
+    async fn subscribe_wildcard(&mut self, filter: Filter, qos: u8) -> Result<(), (u8, String)> {
+        let realtime = self.state.realtime.clone();
         realtime
             .admission()
             .subscribe_pattern(&self.credentials, &self.state.config.namespace)
             .map_err(|refusal| (refusal_reason(&refusal), refusal.message()))?;
+        if !self.prefix_holds.iter().any(|(f, _)| *f == filter) {
+            let prefix = self.state.topics.channel_prefix(&filter);
+            let hold = realtime
+                .node
+                .want_prefix(&prefix)
+                .await
+                .map_err(|e| (reason::UNSPECIFIED, e.to_string()))?;
+            self.prefix_holds.push((filter.clone(), hold));
+        }
         if self.pattern.is_none() {
             let sink = Arc::new(PatternSink {
                 table: self.table.clone(),
                 outbound: self.outbound.clone(),
                 encoder: self.encoder.clone(),
             });
-            let id = realtime
-                .node
-                .subscribe_pattern(sink)
-                .map_err(|e| (reason::WILDCARDS_NOT_SUPPORTED, e.to_string()))?;
-            self.pattern = Some(id);
+            self.pattern = Some(realtime.node.subscribe_pattern(sink));
         }
         let mut table = self.table.write();
         match table.wildcards.iter_mut().find(|(f, _)| *f == filter) {
@@ -527,6 +544,7 @@ impl Session {
                     let mut table = self.table.write();
                     let before = table.wildcards.len();
                     table.wildcards.retain(|(f, _)| *f != filter);
+                    self.prefix_holds.retain(|(f, _)| *f != filter);
                     before != table.wildcards.len()
                 }
                 Err(_) => false,
