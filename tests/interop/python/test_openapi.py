@@ -185,8 +185,11 @@ def test_server_answers_as_its_openapi_document_says(herald, tmp_path) -> None:
     for method in WEBHOOK_METHODS:
         answer = requests.post(f"{herald.api_url}/{method}", json={}, headers={"X-API-Key": herald.api_key}, timeout=10)
         assert answer.status_code == 200 and answer.json()["error"]["code"] == 108, (method, answer.text)
+    # Their answer here is that one error (checked just above); the push and webhook servers
+    # below run schemathesis on them with the feature on, where their real code answers.
+    off = "|".join(PUSH_METHODS + WEBHOOK_METHODS)
     try:
-        run_schemathesis(herald.url, herald.api_key, tmp_path)
+        run_schemathesis(herald.url, herald.api_key, tmp_path, selection=["--exclude-path-regex", f"^/api/({off})$"])
     except AssertionError as failure:
         raise AssertionError(f"{failure}{herald.process.diagnostics() if herald.process else ''}") from None
 
