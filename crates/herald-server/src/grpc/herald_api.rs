@@ -1,9 +1,8 @@
 //! The `HeraldApi` service (`proto/herald/api.proto`, package `herald.api`): Herald's own
 //! server API methods that Centrifugo's `CentrifugoApi` has no rpc for — `push_status`,
 //! `device_removals` and the `webhook_*` methods. The same adapter as [`super::service`]:
-//! the metadata's key goes through [`api::authenticate`], the method through [`api::admit`]
-//! (scopes) and [`api::available`], the decoded request ([`super::herald_convert`]) through
-//! [`api::execute`]; a method's own failure is the response's `error` field, anything else a
+//! one call path ([`super::service::call`]: the metadata's key, the method's scopes and
+//! availability, the decoded request ([`super::herald_convert`]) run by the API layer); a method's own failure is the response's `error` field, anything else a
 //! status ([`super::status`]). Counted in `herald_grpc_requests_total` like the others.
 //!
 //! May touch: the app state, through the API layer.
@@ -15,7 +14,7 @@ use tonic::{Request as GrpcRequest, Response, Status};
 
 use super::herald_convert as convert;
 use super::heraldproto as pb;
-use crate::api::{self, CallError, Fault, Method, Reply, Request};
+use crate::api::{CallError, Method, Reply, Request};
 use crate::app::AppState;
 
 pub struct HeraldApiService {
@@ -27,7 +26,7 @@ impl HeraldApiService {
         Self { state }
     }
 
-    /// [`call`], counted in `herald_grpc_requests_total`.
+    /// [`super::service::call`], counted in `herald_grpc_requests_total`.
     async fn run<T>(
         &self,
         request: GrpcRequest<T>,
@@ -35,7 +34,7 @@ impl HeraldApiService {
         decode: fn(T) -> Result<Request, CallError>,
     ) -> Result<Result<Reply, HeraldError>, Status> {
         let started = std::time::Instant::now();
-        let result = call(&self.state, request, method, decode).await;
+        let result = super::service::call(&self.state, request, method, decode).await;
         let outcome = match &result {
             Ok(Ok(_)) => "ok",
             Ok(Err(_)) => "error",
@@ -45,35 +44,6 @@ impl HeraldApiService {
             .metrics
             .grpc_request(method, outcome, started.elapsed());
         result
-    }
-}
-
-/// Authenticates the request's key, admits `method`, decodes and runs it: `Ok(Ok(reply))`,
-/// `Ok(Err(error))` for the method's own failure (the response's `error` field), or the
-/// status of a failure that is not the method's answer.
-pub(super) async fn call<T>(
-    state: &AppState,
-    request: GrpcRequest<T>,
-    method: Method,
-    decode: fn(T) -> Result<Request, CallError>,
-) -> Result<Result<Reply, HeraldError>, Status> {
-    let key = api::authenticate(
-        &state.api_keys.read(),
-        super::service::presented_key(request.metadata()),
-        "send the metadata authorization: apikey <key>",
-    )
-    .map_err(super::status)?;
-    api::admit(state, &key, method).map_err(super::status)?;
-    let outcome = match api::available(state, method).and_then(|()| decode(request.into_inner())) {
-        Ok(request) => api::execute(state, &key, request).await,
-        Err(error) => Err(error),
-    };
-    match outcome {
-        Ok(reply) => Ok(Ok(reply)),
-        Err(error) if error.fault == Fault::Method && !error.error.unavailable => {
-            Ok(Err(error.error))
-        }
-        Err(error) => Err(super::status(error)),
     }
 }
 

@@ -1,12 +1,14 @@
 //! The `CentrifugoApi` service: every rpc authenticates the metadata's key, decodes its
 //! message into the typed layer's request ([`super::convert`]), admits and runs it through
 //! [`crate::api`], and cuts its response from the proto `Reply`. The rpcs Herald has no
-//! method for answer UNIMPLEMENTED.
+//! method for answer UNIMPLEMENTED. [`call`] is that one path, shared with
+//! [`super::herald_api`].
 //!
 //! May touch: the app state, through the API layer.
 
 use std::sync::Arc;
 
+use herald_core::error::HeraldError;
 use tonic::metadata::MetadataMap;
 use tonic::{Request as GrpcRequest, Response, Status};
 
@@ -23,15 +25,6 @@ pub struct ApiService {
 impl ApiService {
     pub fn new(state: Arc<AppState>) -> Self {
         Self { state }
-    }
-
-    fn key(&self, metadata: &MetadataMap) -> Result<KeyMatch, Status> {
-        api::authenticate(
-            &self.state.api_keys.read(),
-            presented_key(metadata),
-            "send the metadata authorization: apikey <key>",
-        )
-        .map_err(super::status)
     }
 
     /// Authenticates, admits `method`, decodes and runs: the method's outcome as a proto
@@ -62,25 +55,47 @@ impl ApiService {
         method: Method,
         decode: fn(T) -> Result<Request, CallError>,
     ) -> Result<pb::Reply, Status> {
-        let key = self.key(request.metadata())?;
-        api::admit(&self.state, &key, method).map_err(super::status)?;
-        let outcome =
-            match api::available(&self.state, method).and_then(|()| decode(request.into_inner())) {
-                Ok(request) => api::execute(&self.state, &key, request).await,
-                Err(error) => Err(error),
-            };
-        match outcome {
-            Ok(reply) => Ok(convert::reply(method, Ok(reply))),
-            Err(error) if error.fault == Fault::Method && !error.error.unavailable => {
-                Ok(convert::reply(method, Err(error.error)))
-            }
-            Err(error) => Err(super::status(error)),
+        let outcome = call(&self.state, request, method, decode).await?;
+        Ok(convert::reply(method, outcome))
+    }
+}
+
+/// The metadata's API key, checked against the configured keys.
+fn authenticate(state: &AppState, metadata: &MetadataMap) -> Result<KeyMatch, Status> {
+    api::authenticate(
+        &state.api_keys.read(),
+        presented_key(metadata),
+        "send the metadata authorization: apikey <key>",
+    )
+    .map_err(super::status)
+}
+
+/// Authenticates the request's key, admits `method`, decodes and runs it: `Ok(Ok(reply))`,
+/// `Ok(Err(error))` for the method's own failure (the response's `error` field), or the
+/// status of a failure that is not the method's answer.
+pub(super) async fn call<T>(
+    state: &AppState,
+    request: GrpcRequest<T>,
+    method: Method,
+    decode: fn(T) -> Result<Request, CallError>,
+) -> Result<Result<Reply, HeraldError>, Status> {
+    let key = authenticate(state, request.metadata())?;
+    api::admit(state, &key, method).map_err(super::status)?;
+    let outcome = match api::available(state, method).and_then(|()| decode(request.into_inner())) {
+        Ok(request) => api::execute(state, &key, request).await,
+        Err(error) => Err(error),
+    };
+    match outcome {
+        Ok(reply) => Ok(Ok(reply)),
+        Err(error) if error.fault == Fault::Method && !error.error.unavailable => {
+            Ok(Err(error.error))
         }
+        Err(error) => Err(super::status(error)),
     }
 }
 
 /// The key in `authorization: apikey <key>` (or `x-api-key: <key>`).
-pub(super) fn presented_key(metadata: &MetadataMap) -> Option<&str> {
+fn presented_key(metadata: &MetadataMap) -> Option<&str> {
     if let Some(key) = metadata.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(key.trim());
     }
@@ -226,7 +241,7 @@ impl ApiService {
         &self,
         request: GrpcRequest<pb::BatchRequest>,
     ) -> Result<api::BatchResult, Status> {
-        let key = self.key(request.metadata())?;
+        let key = authenticate(&self.state, request.metadata())?;
         api::admit(&self.state, &key, Method::Batch).map_err(super::status)?;
         let request = batch(request.into_inner()).map_err(super::status)?;
         match api::execute(&self.state, &key, request).await {
