@@ -9,12 +9,11 @@
 
 use std::sync::Arc;
 
-use herald_core::error::HeraldError;
 use tonic::{Request as GrpcRequest, Response, Status};
 
 use super::herald_convert as convert;
 use super::heraldproto as pb;
-use crate::api::{CallError, Method, Reply, Request};
+use crate::api::Method;
 use crate::app::AppState;
 
 pub struct HeraldApiService {
@@ -24,26 +23,6 @@ pub struct HeraldApiService {
 impl HeraldApiService {
     pub fn new(state: Arc<AppState>) -> Self {
         Self { state }
-    }
-
-    /// [`super::service::call`], counted in `herald_grpc_requests_total`.
-    async fn run<T>(
-        &self,
-        request: GrpcRequest<T>,
-        method: Method,
-        decode: fn(T) -> Result<Request, CallError>,
-    ) -> Result<Result<Reply, HeraldError>, Status> {
-        let started = std::time::Instant::now();
-        let result = super::service::call(&self.state, request, method, decode).await;
-        let outcome = match &result {
-            Ok(Ok(_)) => "ok",
-            Ok(Err(_)) => "error",
-            Err(status) => super::service::code_name(status.code()),
-        };
-        self.state
-            .metrics
-            .grpc_request(method, outcome, started.elapsed());
-        result
     }
 }
 
@@ -57,7 +36,7 @@ macro_rules! herald_service {
                     &self,
                     request: GrpcRequest<pb::$req>,
                 ) -> Result<Response<pb::$resp>, Status> {
-                    let response = match self.run(request, Method::$method, $decode).await? {
+                    let response = match super::service::call(&self.state, request, Method::$method, $decode).await? {
                         Ok(reply) => pb::$resp {
                             error: None,
                             result: Some($result(reply)?),

@@ -27,29 +27,8 @@ impl ApiService {
         Self { state }
     }
 
-    /// Authenticates, admits `method`, decodes and runs: the method's outcome as a proto
-    /// `Reply`, or the status of a failure that is not the method's answer. Counted in
-    /// `herald_grpc_requests_total`.
+    /// [`call`], its outcome as a proto `Reply`.
     async fn run<T>(
-        &self,
-        request: GrpcRequest<T>,
-        method: Method,
-        decode: fn(T) -> Result<Request, CallError>,
-    ) -> Result<pb::Reply, Status> {
-        let started = std::time::Instant::now();
-        let result = self.run_uncounted(request, method, decode).await;
-        let outcome = match &result {
-            Ok(reply) if reply.error.is_some() => "error",
-            Ok(_) => "ok",
-            Err(status) => code_name(status.code()),
-        };
-        self.state
-            .metrics
-            .grpc_request(method, outcome, started.elapsed());
-        result
-    }
-
-    async fn run_uncounted<T>(
         &self,
         request: GrpcRequest<T>,
         method: Method,
@@ -73,7 +52,27 @@ fn authenticate(state: &AppState, metadata: &MetadataMap) -> Result<KeyMatch, St
 /// Authenticates the request's key, admits `method`, decodes and runs it: `Ok(Ok(reply))`,
 /// `Ok(Err(error))` for the method's own failure (the response's `error` field), or the
 /// status of a failure that is not the method's answer.
+/// Counted in `herald_grpc_requests_total`.
 pub(super) async fn call<T>(
+    state: &AppState,
+    request: GrpcRequest<T>,
+    method: Method,
+    decode: fn(T) -> Result<Request, CallError>,
+) -> Result<Result<Reply, HeraldError>, Status> {
+    let started = std::time::Instant::now();
+    let result = call_uncounted(state, request, method, decode).await;
+    let outcome = match &result {
+        Ok(Ok(_)) => "ok",
+        Ok(Err(_)) => "error",
+        Err(status) => code_name(status.code()),
+    };
+    state
+        .metrics
+        .grpc_request(method, outcome, started.elapsed());
+    result
+}
+
+async fn call_uncounted<T>(
     state: &AppState,
     request: GrpcRequest<T>,
     method: Method,
@@ -113,7 +112,7 @@ fn batch(request: pb::BatchRequest) -> Result<Request, CallError> {
 }
 
 /// A status code as a metrics label.
-pub(super) fn code_name(code: tonic::Code) -> &'static str {
+fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "ok",
