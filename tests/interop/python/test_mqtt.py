@@ -745,7 +745,8 @@ def test_http_publish_reaches_mosquitto_sub(server: HeraldInstance) -> None:
     )
     try:
         lines: "queue.Queue[str]" = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(l.rstrip("\n")) for l in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+        reader = threading.Thread(target=lambda: [lines.put(l.rstrip("\n")) for l in proc.stdout], daemon=True)  # type: ignore[union-attr]
+        reader.start()
         seen: List[str] = []
         while not any("received SUBACK" in l for l in seen):
             try:
@@ -755,6 +756,8 @@ def test_http_publish_reaches_mosquitto_sub(server: HeraldInstance) -> None:
         for n in range(3):
             api(server, "publish", {"channel": f"mqtt:{topic}", "data": {"cmd": "open", "n": n}})
         assert proc.wait(timeout=WAIT) == 0, "\n".join(seen)
+        # The process has exited; its last lines may still be in the reader thread, which ends at EOF.
+        reader.join(timeout=WAIT)
         while not lines.empty():
             seen.append(lines.get())
         payloads = [l.split(" ", 1)[1] for l in seen if l.startswith(topic + " ")]
