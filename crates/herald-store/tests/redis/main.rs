@@ -102,7 +102,11 @@ async fn publications_of_one_node_reach_the_other_in_order() {
 
 #[tokio::test]
 async fn a_killed_pubsub_connection_is_healed_from_the_stream() {
-    let config = config("heal");
+    // A Redis of its own: killing every pub/sub connection of the shared one would cut the
+    // connections of the tests running beside this one.
+    let server = server::RedisServer::start();
+    let mut config = config("heal");
+    config.addresses = vec![server.url()];
     let (a, _qa) = node(&config).await;
     let (b, mut qb) = node(&config).await;
     want(&b, "feed").await;
@@ -112,7 +116,7 @@ async fn a_killed_pubsub_connection_is_healed_from_the_stream() {
     assert_eq!(offsets(&mut qb, 10).await, (1..=10).collect::<Vec<_>>());
     // Kill every pub/sub connection of this Redis: what is published until B is back on
     // pub/sub must still reach B, in order, from the stream.
-    kill_pubsub_connections(&redis_url()).await;
+    kill_pubsub_connections(&server.url()).await;
     for n in 11..=40 {
         a.publish(publish("feed", n)).await.expect("publish");
     }
