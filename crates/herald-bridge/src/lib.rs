@@ -18,6 +18,7 @@ pub mod kafka;
 pub mod mapping;
 pub mod nats;
 pub mod outbox;
+pub mod pg_tls;
 pub mod redis_streams;
 mod source;
 

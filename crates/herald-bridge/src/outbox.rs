@@ -17,8 +17,8 @@
 //! Driver: `tokio-postgres` rather than `sqlx`: a source needs exactly one connection that
 //! holds a transaction open from claim to delete and also receives its notifications, which is
 //! what a `tokio_postgres::Client` and its `Connection` are; sqlx would add a pool, a second
-//! connection for its listener and a much larger dependency tree for no gain here. Plain TCP
-//! only for now (`sslmode` other than `disable`/`prefer` is not supported).
+//! connection for its listener and a much larger dependency tree for no gain here. TLS with
+//! libpq's `sslmode` meanings ([`crate::pg_tls`]).
 //!
 //! May touch: the configured PostgreSQL database (the outbox table only).
 
@@ -28,7 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::mapping::Received;
 use crate::source::{Outcome, Source, SourceError};
@@ -53,6 +53,22 @@ pub const ATTRIBUTES: &[&str] = &["table", "column.", "id"];
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "herald_outbox";
+
+/// An error with the errors under it ("error performing TLS handshake: invalid peer
+/// certificate: UnknownIssuer"): `tokio_postgres::Error` shows only its own kind.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let shown = next.to_string();
+        if !text.ends_with(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        cause = next.source();
+    }
+    text
+}
 
 /// The notify channel of a table when none is configured: its name, `.` → `_`.
 pub fn default_notify_channel(table: &str) -> String {
@@ -199,12 +215,14 @@ impl Source for OutboxSource {
     type Receipt = i64;
 
     async fn connect(&mut self) -> Result<(), SourceError> {
-        let fail = |e: tokio_postgres::Error| SourceError::Connect(e.to_string());
-        let mut options: tokio_postgres::Config = self.config.url.parse().map_err(fail)?;
+        let fail = |e: tokio_postgres::Error| SourceError::Connect(with_causes(&e));
+        let split = crate::pg_tls::split_url(&self.config.url).map_err(SourceError::Connect)?;
+        let mut options: tokio_postgres::Config = split.url.parse().map_err(fail)?;
         if options.get_application_name().is_none() {
             options.application_name(&self.config.connection_name);
         }
-        let (client, mut connection) = options.connect(NoTls).await.map_err(fail)?;
+        let tls = crate::pg_tls::connector(&split).map_err(SourceError::Connect)?;
+        let (client, mut connection) = options.connect(tls).await.map_err(fail)?;
         let notified = Arc::new(Notify::new());
         let signal = notified.clone();
         tokio::spawn(async move {

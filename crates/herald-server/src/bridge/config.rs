@@ -55,7 +55,8 @@ pub struct SourceConfig {
     pub name: String,
     pub kind: SourceKind,
     pub enabled: bool,
-    /// `nats://…`, `amqp://…`, `redis://…`, `kafka://host:port[,host:port…]`, `postgres://…`.
+    /// `nats://…`, `amqp://…`, `redis://…`, `kafka://host:port[,host:port…]`, `postgres://…`
+    /// (with libpq's `sslmode` and `sslrootcert`, docs/integrations.md).
     pub url: String,
     /// nats: the JetStream stream (must exist). redis: the stream key.
     pub stream: String,
@@ -191,6 +192,9 @@ impl SourceConfig {
                 scheme.join(" or "),
                 self.kind.as_str()
             ));
+        }
+        if matches!(self.kind, SourceKind::Postgres) {
+            herald_bridge::pg_tls::split_url(&self.url).map_err(|e| format!("{at}: url: {e}"))?;
         }
         if self.batch == 0 || self.batch > 10_000 {
             return Err(format!("{at}: batch must be 1 to 10000"));
