@@ -135,6 +135,9 @@ pub struct MqttState {
     next_connection: AtomicU64,
     /// Shared subscriptions' groups ([`shared`]).
     shared: shared::SharedGroups,
+    /// The encoder every MQTT 3.1.1 connection shares (one per connection would be an
+    /// allocation in every idle connection; only MQTT 5 no-local needs its own).
+    v311_encoder: Arc<delivery::MqttEncoder>,
 }
 
 impl std::fmt::Debug for MqttState {
@@ -151,10 +154,16 @@ impl MqttState {
             &config.namespace,
             realtime.node.config().channel_rules.max_length,
         );
+        let v311_encoder = Arc::new(delivery::MqttEncoder {
+            level: codec::Level::V311,
+            topics: topics.clone(),
+            own: None,
+        });
         Self {
             realtime,
             config,
             topics,
+            v311_encoder,
             sessions: None,
             connected: Mutex::new(HashMap::new()),
             pending_wills: Mutex::new(HashMap::new()),
