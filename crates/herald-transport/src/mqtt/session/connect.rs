@@ -159,7 +159,7 @@ impl Session {
                     by_channel: HashMap::new(),
                 })
             }),
-            credentials,
+            credentials: (!is_bare_anonymous(&credentials)).then(|| Box::new(credentials)),
             state,
         };
         let (session_present, reason_string) = match saved {
@@ -182,9 +182,17 @@ impl Session {
             reason_string,
         };
         codec::connack(out, level, session_present, reason::SUCCESS, &properties);
-        tracing::debug!(client_id = %session.mqtt_client_id, user = %session.credentials.user, ?level, session_present, "mqtt: connected");
+        tracing::debug!(client_id = %session.mqtt_client_id, user = %session.credentials().user, ?level, session_present, "mqtt: connected");
         Some(session)
     }
+}
+
+/// Anonymous credentials holding nothing: not kept (see `Session::credentials`).
+fn is_bare_anonymous(credentials: &Credentials) -> bool {
+    credentials.is_anonymous()
+        && credentials.expires_at.is_none()
+        && credentials.info.is_none()
+        && credentials.channels.is_empty()
 }
 
 /// Who a CONNECT is. A password shaped like a JWT (three dot-separated parts) is the

@@ -274,7 +274,9 @@ struct ExactSub {
 struct Session {
     state: Arc<MqttState>,
     level: Level,
-    credentials: Credentials,
+    /// `None` for an anonymous connection with nothing else in its credentials (most
+    /// idle connections of some deployments), see [`Session::credentials`].
+    credentials: Option<Box<Credentials>>,
     info: Arc<ClientInfo>,
     mqtt_client_id: String,
     connection: u64,
@@ -354,6 +356,14 @@ struct Persistence {
     last_save: Instant,
 }
 
+/// The credentials of an anonymous connection that were not kept ([`Session::credentials`]).
+static ANONYMOUS: Credentials = Credentials {
+    user: String::new(),
+    expires_at: None,
+    info: None,
+    channels: Vec::new(),
+};
+
 /// Saves at most this often while positions move.
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -372,7 +382,7 @@ impl Session {
         self.release_read_buffer();
         let state = self.state.clone();
         let token_expiry = self
-            .credentials
+            .credentials()
             .expires_at
             .map(|at| crate::realtime::instant_of_unix(at, Instant::now()));
         let mut timer = pin!(tokio::time::sleep(Duration::from_secs(3600)));
@@ -480,12 +490,17 @@ impl Session {
         }
     }
 
+    /// The connection's credentials.
+    fn credentials(&self) -> &Credentials {
+        self.credentials.as_deref().unwrap_or(&ANONYMOUS)
+    }
+
     /// Who the connection is, as the backend proxy is told (made when asked: most
     /// connections never need it).
     fn context(&self) -> ProxyContext {
         ProxyContext {
             client: self.info.client.clone(),
-            user: self.credentials.user.clone(),
+            user: self.credentials().user.clone(),
             transport: "mqtt",
             protocol: "mqtt",
             headers: Vec::new(),
@@ -609,7 +624,7 @@ impl Session {
         }
         self.outbound.close_if_open(CloseReason::CONNECTION_CLOSED);
         let current = self.state.disconnected(
-            &self.credentials.user,
+            &self.credentials().user,
             &self.mqtt_client_id,
             self.connection,
         );
@@ -632,7 +647,7 @@ impl Session {
             let publisher = WillPublisher {
                 state: self.state.clone(),
                 context: self.context(),
-                credentials: self.credentials,
+                credentials: self.credentials.map_or_else(Credentials::default, |c| *c),
                 info: self.info,
                 client_id: self.mqtt_client_id,
             };

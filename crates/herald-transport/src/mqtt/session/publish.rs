@@ -90,7 +90,7 @@ impl Session {
             .realtime
             .admission()
             .publish(
-                &self.credentials,
+                self.credentials(),
                 &channel,
                 data,
                 subscribed,
@@ -193,10 +193,10 @@ impl Session {
 
     /// `publications_per_second_per_user`: per user, or per connection when anonymous.
     fn take_publish_token(&self) -> bool {
-        let who = if self.credentials.user.is_empty() {
+        let who = if self.credentials().user.is_empty() {
             self.info.client.as_str()
         } else {
-            self.credentials.user.as_str()
+            self.credentials().user.as_str()
         };
         self.state
             .realtime

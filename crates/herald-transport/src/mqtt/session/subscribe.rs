@@ -119,7 +119,7 @@ impl Session {
         }
         tracing::warn!(
             client_id = %self.mqtt_client_id,
-            user = %self.credentials.user,
+            user = %self.credentials().user,
             channels = ?lost,
             "mqtt: history no longer holds what the session missed; the session starts over (session present = 0)"
         );
@@ -225,7 +225,7 @@ impl Session {
         let realtime = self.state.realtime.clone();
         let context = self.context();
         let ask = AdmissionAsk {
-            credentials: &self.credentials,
+            credentials: self.credentials(),
             channel: &channel,
             proof: SubscriptionProof::None,
             data: None,
@@ -448,7 +448,7 @@ impl Session {
         let realtime = &self.state.realtime;
         realtime
             .admission()
-            .subscribe_pattern(&self.credentials, &self.state.config.namespace)
+            .subscribe_pattern(self.credentials(), &self.state.config.namespace)
             .map_err(|refusal| (refusal_reason(&refusal), refusal.message()))?;
         self.state
             .shared
@@ -488,7 +488,7 @@ impl Session {
         let realtime = self.state.realtime.clone();
         realtime
             .admission()
-            .subscribe_pattern(&self.credentials, &self.state.config.namespace)
+            .subscribe_pattern(self.credentials(), &self.state.config.namespace)
             .map_err(|refusal| (refusal_reason(&refusal), refusal.message()))?;
         let held = self
             .wildcards
