@@ -84,10 +84,10 @@ impl Session {
             Control::new(outbound.clone(), control.clone()),
         );
         let connection = state.connected(&credentials.user, &client_id, &outbound);
-        let max_inflight = usize::from(state.config.max_inflight.max(1));
+        let max_inflight = state.config.max_inflight.max(1);
         let receive_maximum = connect
             .receive_maximum
-            .map_or(max_inflight, |m| usize::from(m).min(max_inflight));
+            .map_or(max_inflight, |m| m.min(max_inflight));
         // Sessions: kept after the connection for `session_expiry` (capped), resumed unless
         // the client starts clean.
         let max_expiry = u32::try_from(state.config.max_session_expiry.as_duration().as_secs())
@@ -130,7 +130,7 @@ impl Session {
         let mut session = Self {
             level,
             info,
-            mqtt_client_id: client_id,
+            mqtt_client_id: client_id.into_boxed_str(),
             connection,
             outbound,
             encoder,
@@ -140,7 +140,7 @@ impl Session {
             acks: None,
             next_pkid: 0,
             receive_maximum,
-            client_max_packet: connect.max_packet_size.map_or(usize::MAX, |m| m as usize),
+            client_max_packet: connect.max_packet_size.unwrap_or(u32::MAX),
             pending: VecDeque::new(),
             in_buf,
             out_buf: BytesMut::new(),

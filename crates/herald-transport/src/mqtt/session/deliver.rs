@@ -65,7 +65,8 @@ impl Session {
                 Level::V311 => (BytesMut::new(), retained_reply),
             };
             // + a topic alias (3 bytes) and a longer property length (1).
-            if codec::finished_size(&frame.bytes, qos) + extra.len() + 4 > self.client_max_packet {
+            let client_max = usize::try_from(self.client_max_packet).unwrap_or(usize::MAX);
+            if codec::finished_size(&frame.bytes, qos) + extra.len() + 4 > client_max {
                 // MQTT 5: a packet larger than the client accepts is not sent (MQTT-3.1.2-25).
                 tracing::debug!(channel = %position.channel, "mqtt: publication larger than the client's maximum packet size; skipped");
                 continue;
@@ -73,7 +74,8 @@ impl Session {
             let pkid = if qos == 0 {
                 0
             } else {
-                if self.acks.as_ref().map_or(0, |acks| acks.inflight.len()) >= self.receive_maximum
+                if self.acks.as_ref().map_or(0, |acks| acks.inflight.len())
+                    >= usize::from(self.receive_maximum)
                 {
                     // Waits for an acknowledgement; nothing more is taken from the queue.
                     self.pending.push_front(frame);

@@ -83,52 +83,65 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     async move {
-        let mut in_buf = BytesMut::new();
-        // Boxed, like the connect and the packets the loop runs: a connection's future is
-        // held for its whole life, and would otherwise be as large as the largest of them.
-        let connect = Box::pin(tokio::time::timeout(
-            state.realtime.config.connect_timeout,
-            read_connect(&mut stream, &mut in_buf, state.config.max_packet_size),
-        ))
-        .await;
-        let (level, connect) = match connect {
-            Ok(Ok(Some(connect))) => connect,
-            Ok(Ok(None)) => return,
-            Ok(Err(DecodeError::UnsupportedLevel(level))) => {
-                // MQTT-3.1.2-2: CONNACK 0x01 (the 3.1.1 form every level can read), then close.
-                tracing::debug!(level, "mqtt: unsupported protocol level");
-                let mut out = BytesMut::new();
-                codec::connack(
-                    &mut out,
-                    Level::V311,
-                    false,
-                    reason::UNSUPPORTED_PROTOCOL_VERSION,
-                    &ConnAckProperties::default(),
-                );
-                write_last(&mut stream, &out).await;
-                return;
-            }
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "mqtt: bad CONNECT; closing");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("mqtt: no CONNECT within the connect timeout; closing");
-                return;
-            }
-        };
-        let mut out = BytesMut::new();
-        let Some(mut session) =
-            Box::pin(Session::connect(state, level, connect, in_buf, &mut out)).await
-        else {
-            write_last(&mut stream, &out).await;
+        // The CONNECT and its answer run in their own boxed future: what they hold (the
+        // decoded CONNECT, the match over it) would otherwise keep its space in every
+        // connection's task for the connection's life.
+        let Some(mut session) = Box::pin(handshake(&mut stream, state)).await else {
             return;
         };
-        session.out_buf = out;
         let close = session.drive(&mut stream).await;
         Box::pin(session.close(&mut stream, &close)).await;
         Box::pin(session.end(close.will)).await;
     }
+}
+
+/// Reads the CONNECT and answers it: the session, or `None` when the connection ends here
+/// (its refusal written).
+async fn handshake<S>(stream: &mut S, state: Arc<MqttState>) -> Option<Session>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let mut in_buf = BytesMut::new();
+    let connect = tokio::time::timeout(
+        state.realtime.config.connect_timeout,
+        read_connect(stream, &mut in_buf, state.config.max_packet_size),
+    )
+    .await;
+    let (level, connect) = match connect {
+        Ok(Ok(Some(connect))) => connect,
+        Ok(Ok(None)) => return None,
+        Ok(Err(DecodeError::UnsupportedLevel(level))) => {
+            // MQTT-3.1.2-2: CONNACK 0x01 (the 3.1.1 form every level can read), then close.
+            tracing::debug!(level, "mqtt: unsupported protocol level");
+            let mut out = BytesMut::new();
+            codec::connack(
+                &mut out,
+                Level::V311,
+                false,
+                reason::UNSUPPORTED_PROTOCOL_VERSION,
+                &ConnAckProperties::default(),
+            );
+            write_last(stream, &out).await;
+            return None;
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "mqtt: bad CONNECT; closing");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!("mqtt: no CONNECT within the connect timeout; closing");
+            return None;
+        }
+    };
+    let mut out = BytesMut::new();
+    let Some(mut session) =
+        Box::pin(Session::connect(state, level, connect, in_buf, &mut out)).await
+    else {
+        write_last(stream, &out).await;
+        return None;
+    };
+    session.out_buf = out;
+    Some(session)
 }
 
 /// Writes the last bytes of a connection refused before its session started, within bounds.
@@ -278,7 +291,7 @@ struct Session {
     /// idle connections of some deployments), see [`Session::credentials`].
     credentials: Option<Box<Credentials>>,
     info: Arc<ClientInfo>,
-    mqtt_client_id: String,
+    mqtt_client_id: Box<str>,
     connection: u64,
     outbound: Arc<Outbound>,
     /// The shared encoder of the connection's protocol level, or its own where MQTT 5
@@ -292,8 +305,8 @@ struct Session {
     /// QoS 1 and 2 packet ids in use (`None` while there are none).
     acks: Option<Box<Acks>>,
     next_pkid: u16,
-    receive_maximum: usize,
-    client_max_packet: usize,
+    receive_maximum: u16,
+    client_max_packet: u32,
     /// Frames taken from the queue, waiting for inflight room.
     pending: VecDeque<Frame>,
     in_buf: BytesMut,
@@ -381,10 +394,6 @@ impl Session {
         }
         self.release_read_buffer();
         let state = self.state.clone();
-        let token_expiry = self
-            .credentials()
-            .expires_at
-            .map(|at| crate::realtime::instant_of_unix(at, Instant::now()));
         let mut timer = pin!(tokio::time::sleep(Duration::from_secs(3600)));
         let mut shutdown = pin!(state.realtime.shutdown.wait());
         loop {
@@ -393,6 +402,12 @@ impl Session {
             // sets the timer.
             let now = Instant::now();
             let mut next = now + Duration::from_secs(3600);
+            // Computed again each time rather than kept: the loop's state is in every idle
+            // connection.
+            let token_expiry = self
+                .credentials()
+                .expires_at
+                .map(|at| crate::realtime::instant_of_unix(at, now));
             if let Some(at) = token_expiry {
                 if at <= now {
                     return Close::new(
@@ -649,7 +664,7 @@ impl Session {
                 context: self.context(),
                 credentials: self.credentials.map_or_else(Credentials::default, |c| *c),
                 info: self.info,
-                client_id: self.mqtt_client_id,
+                client_id: self.mqtt_client_id.into(),
             };
             if message.delay == 0 {
                 publisher.publish(message).await;
