@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use herald_core::webhook_store::WebhookStore;
 use herald_transport::mqtt::MqttState;
 use herald_transport::realtime::RealtimeState;
@@ -222,10 +223,11 @@ async fn accept_loop(
         // as large as a TLS handshake and stream (idle connections are most of the memory).
         match tls {
             None => {
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    herald_transport::mqtt::run_connection(socket, state).await;
-                });
+                // The task is the connection's future itself, the permit dropped when it
+                // ends: an `async` block around it would keep a second copy of the socket
+                // (and of the permit) in every idle connection's task.
+                let connection = herald_transport::mqtt::run_connection(socket, state);
+                tokio::spawn(connection.map(move |()| drop(permit)));
             }
             Some((acceptor, timeout)) => {
                 tokio::spawn(async move {

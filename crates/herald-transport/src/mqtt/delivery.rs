@@ -14,7 +14,6 @@
 //!
 //! May touch: the connection's outbound queue.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use herald_core::hub::{Delivery, PatternSubscriber, Subscriber};
@@ -23,6 +22,7 @@ use parking_lot::RwLock;
 
 use super::codec::{self, Level};
 use super::topic::{Filter, TopicMap};
+use crate::chanmap::ChannelMap;
 use crate::outbound::{EventEncoder, Frame, FramePosition, Outbound};
 
 /// Tag holding an MQTT publisher's QoS when below 2.
@@ -151,18 +151,35 @@ impl EventEncoder for MqttEncoder {
 /// A connection's subscriptions as deliveries need them.
 #[derive(Debug, Default)]
 pub struct Table {
-    /// Channels subscribed by exact topic, with the granted QoS.
-    pub exact: HashMap<Arc<str>, u8>,
+    /// Channels subscribed by exact topic, with the granted QoS (a small map: most
+    /// connections have one or a few).
+    pub exact: ChannelMap<u8>,
     /// Wildcard filters with the granted QoS.
     pub wildcards: Vec<(Filter, u8)>,
-    /// Filters (exact topics and wildcards) subscribed with MQTT 5 no-local.
-    pub no_local: std::collections::HashSet<String>,
-    /// MQTT 5 subscription identifiers, by filter.
-    pub subscription_ids: Vec<(Filter, u32)>,
-    /// Filters subscribed with MQTT 5 retain-as-published.
-    pub retain_as_published: Vec<Filter>,
     /// Shared subscriptions with the granted QoS (their groups deliver into the queue).
     pub shared: Vec<(super::shared::SharedFilter, u8)>,
+    /// MQTT 5 subscription options (boxed, and only while one is set: most connections
+    /// have none, and the table is in every connection).
+    options: Option<Box<FilterOptions>>,
+}
+
+/// The MQTT 5 options of a connection's filters.
+#[derive(Debug, Default)]
+struct FilterOptions {
+    /// Filters (exact topics and wildcards) subscribed with no-local.
+    no_local: std::collections::HashSet<String>,
+    /// Subscription identifiers, by filter.
+    subscription_ids: Vec<(Filter, u32)>,
+    /// Filters subscribed with retain-as-published.
+    retain_as_published: Vec<Filter>,
+}
+
+impl FilterOptions {
+    fn is_empty(&self) -> bool {
+        self.no_local.is_empty()
+            && self.subscription_ids.is_empty()
+            && self.retain_as_published.is_empty()
+    }
 }
 
 impl Table {
@@ -189,9 +206,14 @@ impl Table {
     /// Whether every subscription matching the channel asked for no-local (so the
     /// connection's own publications on it are not delivered back).
     pub fn no_local_only(&self, channel: &str, topic: &str) -> bool {
-        if self.no_local.is_empty() {
+        let Some(no_local) = self
+            .options
+            .as_ref()
+            .map(|o| &o.no_local)
+            .filter(|n| !n.is_empty())
+        else {
             return false;
-        }
+        };
         let exact = self.exact.contains_key(channel).then_some(topic);
         let wildcards = self
             .wildcards
@@ -199,7 +221,7 @@ impl Table {
             .filter(|(filter, _)| filter.matches(topic))
             .map(|(filter, _)| filter.as_str());
         let mut matching = exact.into_iter().chain(wildcards).peekable();
-        matching.peek().is_some() && matching.all(|filter| self.no_local.contains(filter))
+        matching.peek().is_some() && matching.all(|filter| no_local.contains(filter))
     }
 
     /// The subscription identifiers of the filters matching `topic`, as the properties of
@@ -207,7 +229,7 @@ impl Table {
     pub fn subscription_id_properties(&self, topic: &str) -> bytes::BytesMut {
         let mut properties = bytes::BytesMut::new();
         for (_, id) in self
-            .subscription_ids
+            .subscription_ids()
             .iter()
             .filter(|(f, _)| f.matches(topic))
         {
@@ -218,23 +240,70 @@ impl Table {
 
     /// Whether a filter matching `topic` asked for retain-as-published.
     pub fn retains_as_published(&self, topic: &str) -> bool {
-        self.retain_as_published.iter().any(|f| f.matches(topic))
+        self.options
+            .as_ref()
+            .is_some_and(|o| o.retain_as_published.iter().any(|f| f.matches(topic)))
+    }
+
+    /// The MQTT 5 subscription identifiers, by filter.
+    pub fn subscription_ids(&self) -> &[(Filter, u32)] {
+        self.options
+            .as_ref()
+            .map_or(&[], |o| o.subscription_ids.as_slice())
+    }
+
+    /// The filters subscribed with MQTT 5 no-local.
+    pub fn no_local_filters(&self) -> impl Iterator<Item = &String> + '_ {
+        self.options.iter().flat_map(|o| o.no_local.iter())
+    }
+
+    /// Changes the MQTT 5 options: made when the first is set, dropped with the last.
+    fn change_options(&mut self, change: impl FnOnce(&mut FilterOptions)) {
+        let options = self.options.get_or_insert_with(Box::default);
+        change(options);
+        if options.is_empty() {
+            self.options = None;
+        }
+    }
+
+    /// Sets (or clears) no-local for `filter` (its text).
+    pub fn set_no_local(&mut self, filter: &str, on: bool) {
+        if !on && self.options.is_none() {
+            return;
+        }
+        self.change_options(|o| {
+            if on {
+                o.no_local.insert(filter.to_owned());
+            } else {
+                o.no_local.remove(filter);
+            }
+        });
     }
 
     /// Sets (or clears) retain-as-published for `filter`.
     pub fn set_retain_as_published(&mut self, filter: &Filter, on: bool) {
-        self.retain_as_published.retain(|f| f != filter);
-        if on {
-            self.retain_as_published.push(filter.clone());
+        if !on && self.options.is_none() {
+            return;
         }
+        self.change_options(|o| {
+            o.retain_as_published.retain(|f| f != filter);
+            if on {
+                o.retain_as_published.push(filter.clone());
+            }
+        });
     }
 
     /// Sets (or with `None` clears) the subscription identifier of `filter`.
     pub fn set_subscription_id(&mut self, filter: &Filter, id: Option<u32>) {
-        self.subscription_ids.retain(|(f, _)| f != filter);
-        if let Some(id) = id {
-            self.subscription_ids.push((filter.clone(), id));
+        if id.is_none() && self.options.is_none() {
+            return;
         }
+        self.change_options(|o| {
+            o.subscription_ids.retain(|(f, _)| f != filter);
+            if let Some(id) = id {
+                o.subscription_ids.push((filter.clone(), id));
+            }
+        });
     }
 
     /// Number of filters subscribed.
@@ -329,13 +398,13 @@ mod tests {
     fn no_local_applies_only_where_every_matching_subscription_asked() {
         let mut table = Table::default();
         table.exact.insert(Arc::from("mqtt:a/b"), 1);
-        table.no_local.insert("a/b".into());
+        table.set_no_local("a/b", true);
         assert!(table.no_local_only("mqtt:a/b", "a/b"));
         table
             .wildcards
             .push((Filter::parse("a/+").expect("valid"), 1));
         assert!(!table.no_local_only("mqtt:a/b", "a/b"), "a/+ wants them");
-        table.no_local.insert("a/+".into());
+        table.set_no_local("a/+", true);
         assert!(table.no_local_only("mqtt:a/b", "a/b"));
         assert!(
             !table.no_local_only("mqtt:x", "x"),

@@ -118,6 +118,9 @@ pub const TAKEN_OVER: CloseReason = CloseReason {
 /// (user, MQTT client id).
 type ClientKey = (String, String);
 
+/// A connection's handle in the takeover map, and its queue (closed when taken over).
+type Connected = (u64, Arc<Outbound>);
+
 /// What every MQTT connection shares.
 pub struct MqttState {
     pub realtime: Arc<RealtimeState>,
@@ -125,16 +128,20 @@ pub struct MqttState {
     pub topics: TopicMap,
     /// Where persistent sessions are kept ([`persist`]); without it every session is clean.
     pub sessions: Option<Arc<dyn WebhookStore>>,
-    /// Connections by (user, client id): a new one with the same pair takes over (MQTT
-    /// allows one connection per client id). Scoped by user, so nobody can push another
-    /// user's device off by naming its client id.
-    connected: Mutex<HashMap<ClientKey, (u64, Arc<Outbound>)>>,
+    /// Connections by (user, client id), as their session key ([`persist::session_key`]):
+    /// a new one with the same pair takes over (MQTT allows one connection per client id).
+    /// Scoped by user, so nobody can push another user's device off by naming its client
+    /// id. One string per entry: the map holds an entry for every connection.
+    connected: Mutex<HashMap<Box<str>, Connected>>,
     /// Will messages waiting for their MQTT 5 will delay; a new connection of the client id
     /// cancels its will (sets the flag).
     pending_wills: Mutex<HashMap<ClientKey, Arc<std::sync::atomic::AtomicBool>>>,
     next_connection: AtomicU64,
     /// Shared subscriptions' groups ([`shared`]).
     shared: shared::SharedGroups,
+    /// The encoder every MQTT 3.1.1 connection shares (one per connection would be an
+    /// allocation in every idle connection; only MQTT 5 no-local needs its own).
+    v311_encoder: Arc<delivery::MqttEncoder>,
 }
 
 impl std::fmt::Debug for MqttState {
@@ -151,10 +158,16 @@ impl MqttState {
             &config.namespace,
             realtime.node.config().channel_rules.max_length,
         );
+        let v311_encoder = Arc::new(delivery::MqttEncoder {
+            level: codec::Level::V311,
+            topics: topics.clone(),
+            own: None,
+        });
         Self {
             realtime,
             config,
             topics,
+            v311_encoder,
             sessions: None,
             connected: Mutex::new(HashMap::new()),
             pending_wills: Mutex::new(HashMap::new()),
@@ -210,10 +223,8 @@ impl MqttState {
         {
             cancelled.store(true, Ordering::SeqCst);
         }
-        let previous = self.connected.lock().insert(
-            (user.to_owned(), client_id.to_owned()),
-            (id, outbound.clone()),
-        );
+        let key = persist::session_key(user, client_id).into_boxed_str();
+        let previous = self.connected.lock().insert(key, (id, outbound.clone()));
         if let Some((_, previous)) = previous {
             previous.close_if_open(TAKEN_OVER);
         }
@@ -269,7 +280,7 @@ impl MqttState {
                 .connected
                 .lock()
                 .keys()
-                .map(|(user, client_id)| persist::session_key(user, client_id))
+                .map(|key| key.to_string())
                 .collect();
             let purged =
                 persist::purge_expired(&*store, herald_core::time::now_ms(), &connected).await;
@@ -281,13 +292,13 @@ impl MqttState {
 
     /// Forgets connection `id` of `client_id`; false if another took it over meanwhile.
     fn disconnected(&self, user: &str, client_id: &str, id: u64) -> bool {
+        let key = persist::session_key(user, client_id);
         let mut connected = self.connected.lock();
-        let key = (user.to_owned(), client_id.to_owned());
         if connected
-            .get(&key)
+            .get(key.as_str())
             .is_some_and(|(current, _)| *current == id)
         {
-            connected.remove(&key);
+            connected.remove(key.as_str());
             return true;
         }
         false

@@ -5,7 +5,7 @@
 //! May touch: the authenticator and the backend proxy, the session store, through the
 //! MQTT state.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use super::super::codec::{self, ConnAckProperties, Connect, Level, reason};
 use super::super::delivery::{MqttEncoder, Table};
 use super::super::persist::{self, Positions};
 use super::{Persistence, Session};
+use crate::chanmap::ChannelMap;
 use crate::registry::{Control, Inbox};
 
 impl Session {
@@ -73,26 +74,20 @@ impl Session {
             conn_info: credentials.info.clone(),
             chan_info: None,
         });
-        let context = ProxyContext {
-            client: info.client.clone(),
-            user: credentials.user.clone(),
-            transport: "mqtt",
-            protocol: "mqtt",
-            headers: Vec::new(),
-        };
         realtime.connections.fetch_add(1, Ordering::Relaxed);
         let outbound = realtime.new_outbound();
-        let control = Arc::new(Inbox::default());
+        // The registry lists no anonymous connection, so the server API cannot reach one.
+        let control = (!credentials.is_anonymous()).then(|| Arc::new(Inbox::default()));
         let registration = realtime.register(
             &info,
             "mqtt",
-            Control::new(outbound.clone(), Some(control.clone())),
+            Control::new(outbound.clone(), control.clone()),
         );
         let connection = state.connected(&credentials.user, &client_id, &outbound);
-        let max_inflight = usize::from(state.config.max_inflight.max(1));
+        let max_inflight = state.config.max_inflight.max(1);
         let receive_maximum = connect
             .receive_maximum
-            .map_or(max_inflight, |m| usize::from(m).min(max_inflight));
+            .map_or(max_inflight, |m| m.min(max_inflight));
         // Sessions: kept after the connection for `session_expiry` (capped), resumed unless
         // the client starts clean.
         let max_expiry = u32::try_from(state.config.max_session_expiry.as_duration().as_secs())
@@ -122,38 +117,40 @@ impl Session {
         let shared_available =
             realtime.node.hub().sees_every_channel() || state.shared.membership().is_some();
         let table = Arc::new(RwLock::new(Table::default()));
-        let encoder = Arc::new(MqttEncoder {
-            level,
-            topics: state.topics.clone(),
-            own: (level == Level::V5).then(|| (info.client.clone(), table.clone())),
-        });
+        // MQTT 5 no-local needs the connection's own encoder (its client id and table);
+        // 3.1.1 connections share one.
+        let encoder = match level {
+            Level::V311 => state.v311_encoder.clone(),
+            Level::V5 => Arc::new(MqttEncoder {
+                level,
+                topics: state.topics.clone(),
+                own: Some((info.client.clone(), table.clone())),
+            }),
+        };
         let mut session = Self {
             level,
             info,
-            mqtt_client_id: client_id,
+            mqtt_client_id: client_id.into_boxed_str(),
             connection,
-            context,
             outbound,
             encoder,
             table,
-            exact: HashMap::new(),
-            pattern: None,
-            prefix_holds: Vec::new(),
-            inflight: HashMap::new(),
+            exact: ChannelMap::new(),
+            wildcards: None,
+            acks: None,
             next_pkid: 0,
             receive_maximum,
-            client_max_packet: connect.max_packet_size.map_or(usize::MAX, |m| m as usize),
-            awaiting_rel: HashSet::new(),
+            client_max_packet: connect.max_packet_size.unwrap_or(u32::MAX),
             pending: VecDeque::new(),
             in_buf,
             out_buf: BytesMut::new(),
             keep_alive: (connect.keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
             last_packet: Instant::now(),
-            will: connect.will,
+            will: connect.will.map(Box::new),
             persistence,
             _registration: registration,
-            control: Some(control),
+            control,
             topic_aliases: None,
             retained_replies: None,
             out_aliases: (level == Level::V5 && connect.topic_alias_maximum > 0).then(|| {
@@ -162,7 +159,7 @@ impl Session {
                     by_channel: HashMap::new(),
                 })
             }),
-            credentials,
+            credentials: (!is_bare_anonymous(&credentials)).then(|| Box::new(credentials)),
             state,
         };
         let (session_present, reason_string) = match saved {
@@ -185,9 +182,17 @@ impl Session {
             reason_string,
         };
         codec::connack(out, level, session_present, reason::SUCCESS, &properties);
-        tracing::debug!(client_id = %session.mqtt_client_id, user = %session.credentials.user, ?level, session_present, "mqtt: connected");
+        tracing::debug!(client_id = %session.mqtt_client_id, user = %session.credentials().user, ?level, session_present, "mqtt: connected");
         Some(session)
     }
+}
+
+/// Anonymous credentials holding nothing: not kept (see `Session::credentials`).
+fn is_bare_anonymous(credentials: &Credentials) -> bool {
+    credentials.is_anonymous()
+        && credentials.expires_at.is_none()
+        && credentials.info.is_none()
+        && credentials.channels.is_empty()
 }
 
 /// Who a CONNECT is. A password shaped like a JWT (three dot-separated parts) is the

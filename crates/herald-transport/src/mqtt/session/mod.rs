@@ -14,9 +14,9 @@
 //! byte bound closes it as slow (guarantee 5) — memory never grows past the queue's bound
 //! and one take.
 //!
-//! The CONNECT is in `connect`, PUBLISH in `publish`, SUBSCRIBE/UNSUBSCRIBE and session
-//! resumption in `subscribe`, a persistent session's progress and saves in `progress`, the
-//! will in `will`.
+//! The CONNECT is in `connect`, PUBLISH in `publish`, deliveries written to the client in
+//! `deliver`, SUBSCRIBE/UNSUBSCRIBE and session resumption in `subscribe`, a persistent
+//! session's progress and saves in `progress`, the will in `will`.
 //!
 //! May touch: the socket it is handed, the node and admission through [`MqttState`].
 
@@ -46,11 +46,13 @@ use super::delivery::{MqttEncoder, Table};
 use super::persist::{self, Positions};
 use super::topic::Filter;
 use super::{MqttState, TAKEN_OVER};
+use crate::chanmap::ChannelMap;
 use crate::outbound::{CloseReason, Frame, Outbound};
 use crate::registry::{ControlMessage, Inbox};
 use crate::subscription::end_subscription;
 
 mod connect;
+mod deliver;
 mod progress;
 mod publish;
 mod subscribe;
@@ -73,60 +75,73 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 ///
 /// Not an `async fn`: its parameters would be moved into locals, keeping a second copy of the
 /// socket's space in every connection's future. The `async move` block uses the captured
-/// stream in place. The stream is never split: one future polls both its sides.
+/// stream in place (so it is never rebound: `let mut stream = stream` would be that second
+/// copy). The stream is never split: one future polls both its sides.
 #[allow(clippy::manual_async_fn)]
-pub fn run_connection<S>(stream: S, state: Arc<MqttState>) -> impl Future<Output = ()> + Send
+pub fn run_connection<S>(mut stream: S, state: Arc<MqttState>) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     async move {
-        let mut stream = stream;
-        let mut in_buf = BytesMut::new();
-        // Boxed, like the connect and the packets the loop runs: a connection's future is
-        // held for its whole life, and would otherwise be as large as the largest of them.
-        let connect = Box::pin(tokio::time::timeout(
-            state.realtime.config.connect_timeout,
-            read_connect(&mut stream, &mut in_buf, state.config.max_packet_size),
-        ))
-        .await;
-        let (level, connect) = match connect {
-            Ok(Ok(Some(connect))) => connect,
-            Ok(Ok(None)) => return,
-            Ok(Err(DecodeError::UnsupportedLevel(level))) => {
-                // MQTT-3.1.2-2: CONNACK 0x01 (the 3.1.1 form every level can read), then close.
-                tracing::debug!(level, "mqtt: unsupported protocol level");
-                let mut out = BytesMut::new();
-                codec::connack(
-                    &mut out,
-                    Level::V311,
-                    false,
-                    reason::UNSUPPORTED_PROTOCOL_VERSION,
-                    &ConnAckProperties::default(),
-                );
-                write_last(&mut stream, &out).await;
-                return;
-            }
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "mqtt: bad CONNECT; closing");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("mqtt: no CONNECT within the connect timeout; closing");
-                return;
-            }
-        };
-        let mut out = BytesMut::new();
-        let Some(mut session) =
-            Box::pin(Session::connect(state, level, connect, in_buf, &mut out)).await
-        else {
-            write_last(&mut stream, &out).await;
+        // The CONNECT and its answer run in their own boxed future: what they hold (the
+        // decoded CONNECT, the match over it) would otherwise keep its space in every
+        // connection's task for the connection's life.
+        let Some(mut session) = Box::pin(handshake(&mut stream, state)).await else {
             return;
         };
-        session.out_buf = out;
         let close = session.drive(&mut stream).await;
         Box::pin(session.close(&mut stream, &close)).await;
         Box::pin(session.end(close.will)).await;
     }
+}
+
+/// Reads the CONNECT and answers it: the session, or `None` when the connection ends here
+/// (its refusal written).
+async fn handshake<S>(stream: &mut S, state: Arc<MqttState>) -> Option<Session>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let mut in_buf = BytesMut::new();
+    let connect = tokio::time::timeout(
+        state.realtime.config.connect_timeout,
+        read_connect(stream, &mut in_buf, state.config.max_packet_size),
+    )
+    .await;
+    let (level, connect) = match connect {
+        Ok(Ok(Some(connect))) => connect,
+        Ok(Ok(None)) => return None,
+        Ok(Err(DecodeError::UnsupportedLevel(level))) => {
+            // MQTT-3.1.2-2: CONNACK 0x01 (the 3.1.1 form every level can read), then close.
+            tracing::debug!(level, "mqtt: unsupported protocol level");
+            let mut out = BytesMut::new();
+            codec::connack(
+                &mut out,
+                Level::V311,
+                false,
+                reason::UNSUPPORTED_PROTOCOL_VERSION,
+                &ConnAckProperties::default(),
+            );
+            write_last(stream, &out).await;
+            return None;
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "mqtt: bad CONNECT; closing");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!("mqtt: no CONNECT within the connect timeout; closing");
+            return None;
+        }
+    };
+    let mut out = BytesMut::new();
+    let Some(mut session) =
+        Box::pin(Session::connect(state, level, connect, in_buf, &mut out)).await
+    else {
+        write_last(stream, &out).await;
+        return None;
+    };
+    session.out_buf = out;
+    Some(session)
 }
 
 /// Writes the last bytes of a connection refused before its session started, within bounds.
@@ -272,36 +287,39 @@ struct ExactSub {
 struct Session {
     state: Arc<MqttState>,
     level: Level,
-    credentials: Credentials,
+    /// `None` for an anonymous connection with nothing else in its credentials (most
+    /// idle connections of some deployments), see [`Session::credentials`].
+    credentials: Option<Box<Credentials>>,
     info: Arc<ClientInfo>,
-    mqtt_client_id: String,
+    mqtt_client_id: Box<str>,
     connection: u64,
-    context: ProxyContext,
     outbound: Arc<Outbound>,
+    /// The shared encoder of the connection's protocol level, or its own where MQTT 5
+    /// no-local needs the connection's client id and table.
     encoder: Arc<MqttEncoder>,
     table: Arc<RwLock<Table>>,
-    exact: HashMap<Arc<str>, ExactSub>,
-    pattern: Option<SubscriberId>,
-    /// What each wildcard filter needs this node to receive from the cluster
-    /// ([`herald_core::Node::want_prefix`]); released with the filter.
-    prefix_holds: Vec<(Filter, PrefixHold)>,
-    inflight: HashMap<u16, InFlight>,
+    exact: ChannelMap<ExactSub>,
+    /// The hub's pattern subscription of the wildcard filters (boxed: most connections
+    /// have none).
+    wildcards: Option<Box<Wildcards>>,
+    /// QoS 1 and 2 packet ids in use (`None` while there are none).
+    acks: Option<Box<Acks>>,
     next_pkid: u16,
-    receive_maximum: usize,
-    client_max_packet: usize,
-    /// QoS 2 publishes of the client that were published, awaiting PUBREL.
-    awaiting_rel: HashSet<u16>,
+    receive_maximum: u16,
+    client_max_packet: u32,
     /// Frames taken from the queue, waiting for inflight room.
     pending: VecDeque<Frame>,
     in_buf: BytesMut,
     out_buf: BytesMut,
     keep_alive: Option<Duration>,
     last_packet: Instant,
-    will: Option<codec::Will>,
+    /// Boxed: most connections set none.
+    will: Option<Box<codec::Will>>,
     /// Set for a persistent session (boxed: most connections are clean).
     persistence: Option<Box<Persistence>>,
     _registration: Option<Box<crate::realtime::ClientRegistration>>,
-    /// Handed to the registry at connect, so the server API can reach this connection.
+    /// Handed to the registry at connect, so the server API can reach this connection
+    /// (none for anonymous connections, which the registry does not list).
     control: Option<Arc<Inbox>>,
     /// The client's MQTT 5 topic aliases (boxed: most clients set none, and an empty
     /// `HashMap` inline would cost every connection 48 bytes rather than 8).
@@ -313,6 +331,25 @@ struct Session {
     retained_replies: Option<Box<HashSet<ChannelOffset>>>,
     /// Topic aliases given to the client's topics (MQTT 5 clients that accept some).
     out_aliases: Option<Box<OutAliases>>,
+}
+
+/// A connection's wildcard subscriptions as the hub and the cluster hold them.
+#[derive(Default)]
+struct Wildcards {
+    pattern: Option<SubscriberId>,
+    /// What each wildcard filter needs this node to receive from the cluster
+    /// ([`herald_core::Node::want_prefix`]); released with the filter.
+    prefix_holds: Vec<(Filter, PrefixHold)>,
+}
+
+/// The packet ids a connection has in use: made on the first QoS 1 or 2 packet and dropped
+/// once none is left, so a QoS 0 connection, or an idle one, keeps none.
+#[derive(Default)]
+struct Acks {
+    /// Deliveries awaiting the client's acknowledgement.
+    inflight: HashMap<u16, InFlight>,
+    /// QoS 2 publishes of the client that were published, awaiting PUBREL.
+    awaiting_rel: HashSet<u16>,
 }
 
 /// The topic aliases of the server's PUBLISHes to one client.
@@ -332,6 +369,14 @@ struct Persistence {
     last_save: Instant,
 }
 
+/// The credentials of an anonymous connection that were not kept ([`Session::credentials`]).
+static ANONYMOUS: Credentials = Credentials {
+    user: String::new(),
+    expires_at: None,
+    info: None,
+    channels: Vec::new(),
+};
+
 /// Saves at most this often while positions move.
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -349,12 +394,6 @@ impl Session {
         }
         self.release_read_buffer();
         let state = self.state.clone();
-        let outbound = self.outbound.clone();
-        let inbox = self.control.clone();
-        let token_expiry = self
-            .credentials
-            .expires_at
-            .map(|at| crate::realtime::instant_of_unix(at, Instant::now()));
         let mut timer = pin!(tokio::time::sleep(Duration::from_secs(3600)));
         let mut shutdown = pin!(state.realtime.shutdown.wait());
         loop {
@@ -363,6 +402,12 @@ impl Session {
             // sets the timer.
             let now = Instant::now();
             let mut next = now + Duration::from_secs(3600);
+            // Computed again each time rather than kept: the loop's state is in every idle
+            // connection.
+            let token_expiry = self
+                .credentials()
+                .expires_at
+                .map(|at| crate::realtime::instant_of_unix(at, now));
             if let Some(at) = token_expiry {
                 if at <= now {
                     return Close::new(
@@ -408,16 +453,17 @@ impl Session {
                     return Poll::Ready(Wake::Written(written));
                 }
                 if self.pending.is_empty() {
-                    if let Poll::Ready(taken) = outbound.poll_take(cx, MAX_TAKE) {
+                    if let Poll::Ready(taken) = self.outbound.poll_take(cx, MAX_TAKE) {
                         return Poll::Ready(Wake::Taken(taken));
                     }
-                } else if let Some(close) = outbound.poll_closed(cx) {
+                } else if let Some(close) = self.outbound.poll_closed(cx) {
                     // While deliveries wait for the inflight window nothing is taken, but the
                     // queue may still be closed (over its bound: slow; the server API;
                     // takeover).
                     return Poll::Ready(Wake::Taken(Err(close)));
                 }
-                if let Some(Poll::Ready(message)) = inbox.as_deref().map(|i| i.poll_next(cx)) {
+                if let Some(Poll::Ready(message)) = self.control.as_deref().map(|i| i.poll_next(cx))
+                {
                     return Poll::Ready(Wake::Control(message));
                 }
                 if timer.as_mut().poll(cx).is_ready() {
@@ -456,6 +502,23 @@ impl Session {
                     self.release_read_buffer();
                 }
             }
+        }
+    }
+
+    /// The connection's credentials.
+    fn credentials(&self) -> &Credentials {
+        self.credentials.as_deref().unwrap_or(&ANONYMOUS)
+    }
+
+    /// Who the connection is, as the backend proxy is told (made when asked: most
+    /// connections never need it).
+    fn context(&self) -> ProxyContext {
+        ProxyContext {
+            client: self.info.client.clone(),
+            user: self.credentials().user.clone(),
+            transport: "mqtt",
+            protocol: "mqtt",
+            headers: Vec::new(),
         }
     }
 
@@ -509,16 +572,15 @@ impl Session {
                 }
             }
             Packet::PubComp(pkid) => {
-                if self
-                    .inflight
-                    .get(&pkid)
-                    .is_some_and(|f| f.stage == Awaiting::Comp)
-                {
-                    self.inflight.remove(&pkid);
-                }
+                self.acks_done(|acks| {
+                    acks.inflight
+                        .get(&pkid)
+                        .is_some_and(|f| f.stage == Awaiting::Comp)
+                        && acks.inflight.remove(&pkid).is_some()
+                });
             }
             Packet::PubRel(pkid) => {
-                let code = if self.awaiting_rel.remove(&pkid) {
+                let code = if self.acks_done(|acks| acks.awaiting_rel.remove(&pkid)) {
                     reason::SUCCESS
                 } else {
                     0x92 // packet identifier not found
@@ -545,157 +607,6 @@ impl Session {
         Ok(())
     }
 
-    /// A persistent session's position moves past a delivery that was written (`done`: at
-    /// QoS 0, or not written because it expired). Positions are kept for exact topics only:
-    /// they are what a session recovers, and a `#` subscriber would otherwise save a
-    /// position for every channel.
-    fn note_sent(&mut self, position: &crate::outbound::FramePosition, done: bool) {
-        if let Some(persistence) = &mut self.persistence
-            && self.exact.contains_key(&position.channel)
-        {
-            persistence
-                .positions
-                .sent(&position.channel, &position.epoch, position.offset, done);
-        }
-    }
-
-    /// Moves taken frames into the write buffer as PUBLISH packets, while the inflight
-    /// window and the buffer have room.
-    fn fill_writes(&mut self) {
-        while self.out_buf.len() < MAX_WRITE_BUFFER {
-            let Some(frame) = self.pending.pop_front() else {
-                // The queue handed its frames over whole; nothing is kept while idle.
-                self.pending = VecDeque::new();
-                return;
-            };
-            let Some(position) = &frame.position else {
-                continue;
-            };
-            let Some(topic) = self.state.topics.topic(&position.channel) else {
-                continue;
-            };
-            let granted = self.table.read().granted(&position.channel, topic);
-            let Some(granted) = granted else {
-                // Unsubscribed since it was queued.
-                continue;
-            };
-            let now_ms = herald_core::time::now_ms();
-            if frame.expires_at_ms != 0 && frame.expires_at_ms <= now_ms {
-                // Expired while it waited in the queue (MQTT-3.3.2-5): not written, and
-                // nothing to redeliver.
-                self.note_sent(position, true);
-                continue;
-            }
-            let qos = granted.min(codec::template_qos(&frame.bytes));
-            let retained_reply = self.is_retained_reply(position);
-            let (mut extra, keep_retain) = match self.level {
-                Level::V5 => {
-                    let table = self.table.read();
-                    let keep_retain = retained_reply || table.retains_as_published(topic);
-                    (table.subscription_id_properties(topic), keep_retain)
-                }
-                Level::V311 => (BytesMut::new(), retained_reply),
-            };
-            // + a topic alias (3 bytes) and a longer property length (1).
-            if codec::finished_size(&frame.bytes, qos) + extra.len() + 4 > self.client_max_packet {
-                // MQTT 5: a packet larger than the client accepts is not sent (MQTT-3.1.2-25).
-                tracing::debug!(channel = %position.channel, "mqtt: publication larger than the client's maximum packet size; skipped");
-                continue;
-            }
-            let pkid = if qos == 0 {
-                0
-            } else {
-                if self.inflight.len() >= self.receive_maximum {
-                    // Waits for an acknowledgement; nothing more is taken from the queue.
-                    self.pending.push_front(frame);
-                    return;
-                }
-                let pkid = self.next_free_pkid();
-                let stage = if qos == 1 {
-                    Awaiting::Ack
-                } else {
-                    Awaiting::Rec
-                };
-                self.inflight.insert(
-                    pkid,
-                    InFlight {
-                        stage,
-                        channel: position.channel.clone(),
-                        offset: position.offset,
-                    },
-                );
-                pkid
-            };
-            self.note_sent(position, qos == 0);
-            let omit_topic = self.topic_alias_for(&position.channel, &mut extra);
-            let finish = codec::Finish {
-                qos,
-                pkid,
-                dup: false,
-                keep_retain,
-                omit_topic,
-            };
-            let start = self.out_buf.len();
-            codec::finish_publish(&mut self.out_buf, &frame.bytes, &finish, &extra);
-            if self.level == Level::V5 && frame.expires_at_ms != 0 {
-                // What is left of the interval now, not when the template was made.
-                let left = super::delivery::seconds_left(frame.expires_at_ms, now_ms);
-                codec::set_message_expiry(&mut self.out_buf[start..], left);
-            }
-            if retained_reply {
-                self.forget_retained_reply(position);
-            }
-        }
-    }
-
-    /// MQTT 5 topic aliases towards the client (as many as its Topic Alias Maximum, given to
-    /// the first topics delivered): adds the alias of `channel` to `extra`; true when the
-    /// client already knows it, so the topic is left out.
-    fn topic_alias_for(&mut self, channel: &Arc<str>, extra: &mut BytesMut) -> bool {
-        let Some(aliases) = &mut self.out_aliases else {
-            return false;
-        };
-        if let Some(alias) = aliases.by_channel.get(channel) {
-            codec::topic_alias(extra, *alias);
-            return true;
-        }
-        let next = aliases.by_channel.len() + 1;
-        if let Ok(alias) = u16::try_from(next)
-            && alias <= aliases.maximum
-        {
-            aliases.by_channel.insert(channel.clone(), alias);
-            codec::topic_alias(extra, alias);
-        }
-        false
-    }
-
-    /// Whether the frame at `position` is a retained publication sent for a SUBSCRIBE
-    /// (written with RETAIN), rather than a live one.
-    fn is_retained_reply(&self, position: &crate::outbound::FramePosition) -> bool {
-        self.retained_replies
-            .as_ref()
-            .is_some_and(|replies| replies.contains(&(position.channel.clone(), position.offset)))
-    }
-
-    fn forget_retained_reply(&mut self, position: &crate::outbound::FramePosition) {
-        if let Some(replies) = &mut self.retained_replies {
-            replies.remove(&(position.channel.clone(), position.offset));
-            if replies.is_empty() {
-                self.retained_replies = None;
-            }
-        }
-    }
-
-    fn next_free_pkid(&mut self) -> u16 {
-        // The window is at most 65,535 wide (a u16 receive maximum): a free id exists.
-        loop {
-            self.next_pkid = self.next_pkid.wrapping_add(1);
-            if self.next_pkid != 0 && !self.inflight.contains_key(&self.next_pkid) {
-                return self.next_pkid;
-            }
-        }
-    }
-
     /// Writes what is buffered and, for MQTT 5, a DISCONNECT saying why, then closes.
     async fn close<W: AsyncWrite + Unpin>(&mut self, writer: &mut W, close: &Close) {
         if close.send_disconnect {
@@ -714,22 +625,21 @@ impl Session {
     /// Leaves every subscription, and publishes the will when `will` says so.
     async fn end(mut self, will: bool) {
         self.leave_shared();
-        if let Some(id) = self.pattern.take() {
-            self.state.realtime.node.unsubscribe_pattern(id);
-        }
-        for (_, sub) in self.exact.drain() {
+        self.leave_patterns();
+        let exact = std::mem::take(&mut self.exact);
+        for (_, sub) in exact.iter() {
             end_subscription(
                 &self.state.realtime.node,
                 &sub.name,
                 &sub.options,
                 sub.id,
-                Some(sub.info),
+                Some(sub.info.clone()),
             )
             .await;
         }
         self.outbound.close_if_open(CloseReason::CONNECTION_CLOSED);
         let current = self.state.disconnected(
-            &self.credentials.user,
+            &self.credentials().user,
             &self.mqtt_client_id,
             self.connection,
         );
@@ -748,12 +658,13 @@ impl Session {
             .connections
             .fetch_sub(1, Ordering::Relaxed);
         if let Some(message) = self.will.take().filter(|_| will) {
+            let message = *message;
             let publisher = WillPublisher {
                 state: self.state.clone(),
-                credentials: self.credentials,
+                context: self.context(),
+                credentials: self.credentials.map_or_else(Credentials::default, |c| *c),
                 info: self.info,
-                context: self.context,
-                client_id: self.mqtt_client_id,
+                client_id: self.mqtt_client_id.into(),
             };
             if message.delay == 0 {
                 publisher.publish(message).await;

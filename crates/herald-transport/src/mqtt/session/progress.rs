@@ -14,7 +14,12 @@ impl Session {
     /// The client acknowledged delivery `pkid` (PUBACK for QoS 1, PUBREC for QoS 2): it
     /// counts for the session's position. False if no delivery awaited that.
     pub(super) fn acknowledged(&mut self, pkid: u16, awaited: Awaiting) -> bool {
-        let Some(flight) = self.inflight.get_mut(&pkid).filter(|f| f.stage == awaited) else {
+        let Some(flight) = self
+            .acks
+            .as_mut()
+            .and_then(|acks| acks.inflight.get_mut(&pkid))
+            .filter(|f| f.stage == awaited)
+        else {
             return false;
         };
         if let Some(persistence) = &mut self.persistence {
@@ -25,7 +30,7 @@ impl Session {
         if awaited == Awaiting::Rec {
             flight.stage = Awaiting::Comp;
         } else {
-            self.inflight.remove(&pkid);
+            self.acks_done(|acks| acks.inflight.remove(&pkid).is_some());
         }
         true
     }
@@ -56,11 +61,11 @@ impl Session {
             subscriptions,
             positions: persistence.positions.saved(),
             subscription_ids: table
-                .subscription_ids
+                .subscription_ids()
                 .iter()
                 .map(|(filter, id)| (filter.as_str().to_owned(), *id))
                 .collect(),
-            no_local: table.no_local.iter().cloned().collect(),
+            no_local: table.no_local_filters().cloned().collect(),
         }
     }
 

@@ -45,7 +45,12 @@ impl Session {
             Some(alias) => self.resolve_alias(alias, topic)?,
             None => topic,
         };
-        if qos == 2 && self.awaiting_rel.contains(&pkid) {
+        if qos == 2
+            && self
+                .acks
+                .as_ref()
+                .is_some_and(|acks| acks.awaiting_rel.contains(&pkid))
+        {
             // A resent QoS 2 publish already published: acknowledge again, publish nothing.
             codec::ack(
                 &mut self.out_buf,
@@ -84,7 +89,13 @@ impl Session {
             .state
             .realtime
             .admission()
-            .publish(&self.credentials, &channel, data, subscribed, &self.context)
+            .publish(
+                self.credentials(),
+                &channel,
+                data,
+                subscribed,
+                &self.context(),
+            )
             .await
         {
             Ok(admitted) => admitted,
@@ -128,7 +139,10 @@ impl Session {
                         reason::SUCCESS,
                     ),
                     2 => {
-                        self.awaiting_rel.insert(pkid);
+                        self.acks
+                            .get_or_insert_with(Box::default)
+                            .awaiting_rel
+                            .insert(pkid);
                         codec::ack(
                             &mut self.out_buf,
                             self.level,
@@ -179,10 +193,10 @@ impl Session {
 
     /// `publications_per_second_per_user`: per user, or per connection when anonymous.
     fn take_publish_token(&self) -> bool {
-        let who = if self.credentials.user.is_empty() {
+        let who = if self.credentials().user.is_empty() {
             self.info.client.as_str()
         } else {
-            self.credentials.user.as_str()
+            self.credentials().user.as_str()
         };
         self.state
             .realtime

@@ -119,7 +119,7 @@ impl Session {
         }
         tracing::warn!(
             client_id = %self.mqtt_client_id,
-            user = %self.credentials.user,
+            user = %self.credentials().user,
             channels = ?lost,
             "mqtt: history no longer holds what the session missed; the session starts over (session present = 0)"
         );
@@ -132,18 +132,22 @@ impl Session {
         (false, Some(reason))
     }
 
+    /// Ends the hub's pattern subscription and releases the cluster prefixes.
+    pub(super) fn leave_patterns(&mut self) {
+        if let Some(id) = self.wildcards.take().and_then(|w| w.pattern) {
+            self.state.realtime.node.unsubscribe_pattern(id);
+        }
+    }
+
     /// Drops every subscription and position (a session that starts over).
     async fn reset(&mut self) {
         self.leave_shared();
-        if let Some(id) = self.pattern.take() {
-            self.state.realtime.node.unsubscribe_pattern(id);
-        }
+        self.leave_patterns();
         let channels: Vec<Arc<str>> = self.exact.keys().cloned().collect();
         for channel in channels {
             self.unsubscribe_exact(&channel).await;
         }
         self.table.write().wildcards.clear();
-        self.prefix_holds.clear();
         if let Some(persistence) = &mut self.persistence {
             persistence.positions = Positions::default();
             persistence.positions.dirty = true;
@@ -201,11 +205,7 @@ impl Session {
             table.set_subscription_id(&filter, ask.subscription_id);
             table.set_retain_as_published(&filter, ask.retain_as_published);
         }
-        if ask.no_local {
-            table.no_local.insert(text.to_owned());
-        } else {
-            table.no_local.remove(text);
-        }
+        table.set_no_local(text, ask.no_local);
         Ok(granted)
     }
 
@@ -223,12 +223,13 @@ impl Session {
             .channel(topic)
             .map_err(|e| (reason::TOPIC_FILTER_INVALID, e.0))?;
         let realtime = self.state.realtime.clone();
+        let context = self.context();
         let ask = AdmissionAsk {
-            credentials: &self.credentials,
+            credentials: self.credentials(),
             channel: &channel,
             proof: SubscriptionProof::None,
             data: None,
-            context: &self.context,
+            context: &context,
         };
         let admitted = realtime
             .admission()
@@ -447,7 +448,7 @@ impl Session {
         let realtime = &self.state.realtime;
         realtime
             .admission()
-            .subscribe_pattern(&self.credentials, &self.state.config.namespace)
+            .subscribe_pattern(self.credentials(), &self.state.config.namespace)
             .map_err(|refusal| (refusal_reason(&refusal), refusal.message()))?;
         self.state
             .shared
@@ -487,24 +488,32 @@ impl Session {
         let realtime = self.state.realtime.clone();
         realtime
             .admission()
-            .subscribe_pattern(&self.credentials, &self.state.config.namespace)
+            .subscribe_pattern(self.credentials(), &self.state.config.namespace)
             .map_err(|refusal| (refusal_reason(&refusal), refusal.message()))?;
-        if !self.prefix_holds.iter().any(|(f, _)| *f == filter) {
+        let held = self
+            .wildcards
+            .as_ref()
+            .is_some_and(|w| w.prefix_holds.iter().any(|(f, _)| *f == filter));
+        if !held {
             let prefix = self.state.topics.channel_prefix(&filter);
             let hold = realtime
                 .node
                 .want_prefix(&prefix)
                 .await
                 .map_err(|e| (reason::UNSPECIFIED, e.to_string()))?;
-            self.prefix_holds.push((filter.clone(), hold));
+            self.wildcards
+                .get_or_insert_with(Box::default)
+                .prefix_holds
+                .push((filter.clone(), hold));
         }
-        if self.pattern.is_none() {
+        let wildcards = self.wildcards.get_or_insert_with(Box::default);
+        if wildcards.pattern.is_none() {
             let sink = Arc::new(PatternSink {
                 table: self.table.clone(),
                 outbound: self.outbound.clone(),
                 encoder: self.encoder.clone(),
             });
-            self.pattern = Some(realtime.node.subscribe_pattern(sink));
+            wildcards.pattern = Some(realtime.node.subscribe_pattern(sink));
         }
         let mut table = self.table.write();
         match table.wildcards.iter_mut().find(|(f, _)| *f == filter) {
@@ -544,13 +553,15 @@ impl Session {
                     let mut table = self.table.write();
                     let before = table.wildcards.len();
                     table.wildcards.retain(|(f, _)| *f != filter);
-                    self.prefix_holds.retain(|(f, _)| *f != filter);
+                    if let Some(wildcards) = &mut self.wildcards {
+                        wildcards.prefix_holds.retain(|(f, _)| *f != filter);
+                    }
                     before != table.wildcards.len()
                 }
                 Err(_) => false,
             };
             let mut table = self.table.write();
-            table.no_local.remove(&text);
+            table.set_no_local(&text, false);
             if let Ok(filter) = Filter::parse(&text) {
                 table.set_subscription_id(&filter, None);
                 table.set_retain_as_published(&filter, false);
@@ -562,10 +573,8 @@ impl Session {
                 reason::NO_SUBSCRIPTION_EXISTED
             });
         }
-        if self.table.read().wildcards.is_empty()
-            && let Some(id) = self.pattern.take()
-        {
-            self.state.realtime.node.unsubscribe_pattern(id);
+        if self.table.read().wildcards.is_empty() {
+            self.leave_patterns();
         }
         codec::unsuback(&mut self.out_buf, self.level, pkid, &codes);
     }
