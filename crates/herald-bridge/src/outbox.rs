@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use herald_core::error::error_chain;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, Client};
 
@@ -53,22 +54,6 @@ pub const ATTRIBUTES: &[&str] = &["table", "column.", "id"];
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "herald_outbox";
-
-/// An error with the errors under it ("error performing TLS handshake: invalid peer
-/// certificate: UnknownIssuer"): `tokio_postgres::Error` shows only its own kind.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(next) = cause {
-        let shown = next.to_string();
-        if !text.ends_with(&shown) {
-            text.push_str(": ");
-            text.push_str(&shown);
-        }
-        cause = next.source();
-    }
-    text
-}
 
 /// The notify channel of a table when none is configured: its name, `.` → `_`.
 pub fn default_notify_channel(table: &str) -> String {
@@ -215,7 +200,7 @@ impl Source for OutboxSource {
     type Receipt = i64;
 
     async fn connect(&mut self) -> Result<(), SourceError> {
-        let fail = |e: tokio_postgres::Error| SourceError::Connect(with_causes(&e));
+        let fail = |e: tokio_postgres::Error| SourceError::Connect(error_chain(&e));
         let split = crate::pg_tls::split_url(&self.config.url).map_err(SourceError::Connect)?;
         let mut options: tokio_postgres::Config = split.url.parse().map_err(fail)?;
         if options.get_application_name().is_none() {

@@ -5,6 +5,23 @@
 
 use crate::store::StoreError;
 
+/// An error with the errors under it, for logs and stored reasons ("error performing TLS
+/// handshake: invalid peer certificate: UnknownIssuer"): many library errors show only their
+/// own kind. A cause whose text the line already ends with is not repeated.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let shown = next.to_string();
+        if !text.ends_with(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        cause = next.source();
+    }
+    text
+}
+
 /// Stable, machine-readable error codes (the Centrifugo protocol table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
@@ -109,5 +126,40 @@ impl From<StoreError> for HeraldError {
                 format!("history store error: {detail}"),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn the_chain_shows_every_cause_once() {
+        let root = Layer("UnknownIssuer", None);
+        let middle = Layer(
+            "invalid peer certificate: UnknownIssuer",
+            Some(Box::new(root)),
+        );
+        let top = Layer("error performing TLS handshake", Some(Box::new(middle)));
+        assert_eq!(
+            error_chain(&top),
+            "error performing TLS handshake: invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(error_chain(&Layer("alone", None)), "alone");
     }
 }

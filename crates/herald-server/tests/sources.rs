@@ -49,6 +49,10 @@ url = "postgres://nobody@127.0.0.1:1/db"
             "not a usable name",
         ),
         (
+            "[[sources]]\nname = \"p\"\nkind = \"postgres\"\nurl = \"postgres://h/db?sslmode=require&sslrootcert=/ca.pem\"\n",
+            "use sslmode=verify-ca or verify-full",
+        ),
+        (
             "[[sources]]\nname = \"n\"\nkind = \"kafka\"\nurl = \"x\"\n",
             "kafka",
         ),

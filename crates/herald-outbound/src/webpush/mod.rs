@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use herald_core::device::Provider;
 use herald_core::duration::HumanDuration;
+use herald_core::error::error_chain;
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, LOCATION, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
@@ -287,17 +288,6 @@ fn classify_error(err: reqwest::Error) -> SendError {
         reason,
         after: None,
     }
-}
-
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 /// The push service's answer, as RFC 8030 §5 and the services' documentation describe it.
